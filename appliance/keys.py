@@ -1,0 +1,139 @@
+"""API keys: created once, shown once, stored only as SHA-256 hashes.
+
+Keys are 256-bit random secrets, so a plain SHA-256 is a safe verifier (no password
+stretching needed) and is cheap enough to compute on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import sqlite_utils
+
+from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound
+
+ROLES = ("admin", "operator", "developer", "viewer")
+SECRET_PREFIX = "sk-ap-"
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    prefix: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def state(self, now: float | None = None) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now or time.time()):
+            return "expired"
+        return "active"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(
+    db: sqlite_utils.Database, name: str, *, role: str = "developer", expires_at: float | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key; returns it and its secret, which is never stored or shown again."""
+    if role not in ROLES:
+        raise InvalidRequest(f"unknown role {role!r}: choose one of {', '.join(ROLES)}", param="role")
+    if not name.strip():
+        raise InvalidRequest("a key needs a non-empty name", param="name")
+    if expires_at is not None and expires_at <= time.time():
+        raise InvalidRequest("the expiry must be in the future", param="expires_at")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id="key_" + uuid.uuid4().hex[:12],
+        name=name.strip(),
+        role=role,
+        prefix=secret[: len(SECRET_PREFIX) + 6],
+        created_at=time.time(),
+        expires_at=expires_at,
+    )
+    db["api_keys"].insert({**msgspec.structs.asdict(key), "key_hash": hash_secret(secret)})
+    return key, secret
+
+
+def list_keys(db: sqlite_utils.Database, *, include_revoked: bool = True) -> list[ApiKey]:
+    where = None if include_revoked else "revoked_at IS NULL"
+    columns = [f for f in ApiKey.__struct_fields__]
+    return [ApiKey(**{c: row[c] for c in columns}) for row in db["api_keys"].rows_where(where, order_by="created_at")]
+
+
+def revoke_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
+    """Revoke by id (key_...) or by the displayed prefix; idempotent for revoked keys."""
+    matches = [k for k in list_keys(db) if key_id in (k.id, k.prefix)]
+    if not matches:
+        raise NotFound(f"no API key with id or prefix {key_id!r}", param="key_id")
+    key = matches[0]
+    if key.revoked_at is None:
+        now = time.time()
+        db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [now, key.id])
+        key = msgspec.structs.replace(key, revoked_at=now)
+    return key
+
+
+def ensure_admin_key(db: sqlite_utils.Database, key_file: Path) -> str | None:
+    """On first start, create an admin key and write it to key_file (mode 0600).
+
+    Returns the new secret so the caller can print it once; None when an active admin
+    key already exists.
+    """
+    if any(k.role == "admin" and k.state() == "active" for k in list_keys(db)):
+        return None
+    _, secret = create_key(db, "admin (first start)", role="admin")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = key_file.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, key_file)
+    return secret
+
+
+class KeyCache:
+    """In-memory map of active key hashes, refreshed from the database off the request path."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, ApiKey] = {}
+        self._fingerprint: tuple | None = None
+
+    def refresh(self, db: sqlite_utils.Database) -> bool:
+        """Reload when the keys table changed; returns True if it reloaded. Blocking I/O."""
+        fingerprint = tuple(db.execute("SELECT count(*), max(created_at), max(revoked_at) FROM api_keys").fetchone())
+        if fingerprint == self._fingerprint:
+            return False
+        rows = db.execute(
+            "SELECT key_hash, id, name, role, prefix, created_at, expires_at, revoked_at FROM api_keys WHERE revoked_at IS NULL"
+        ).fetchall()
+        self._by_hash = {row[0]: ApiKey(*row[1:]) for row in rows}
+        self._fingerprint = fingerprint
+        return True
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        if not authorization:
+            raise AuthenticationFailed(
+                "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
+        key = self._by_hash.get(hash_secret(secret.strip()))
+        if key is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        return key

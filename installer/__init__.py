@@ -1,0 +1,1 @@
+"""Hardware probe, fit estimator, deployment renderers and offline bundles (see issue 3)."""

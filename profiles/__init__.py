@@ -1,0 +1,1 @@
+"""Built-in profiles (YAML), shipped inside the distribution as `appliance.profiles`."""

@@ -1,0 +1,1 @@
+"""The processes the appliance runs: gateway, engines and their supervisor."""

@@ -1,0 +1,1 @@
+"""Engine adapters (llama.cpp, vLLM, remote upstreams) and child-process control."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: a Litestar app served by Granian."""

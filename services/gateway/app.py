@@ -1,0 +1,334 @@
+"""The gateway's Litestar app: OpenAI-compatible routes, health, metrics, and the one
+place where exceptions become OpenAI error objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from time import perf_counter
+
+import aiohttp
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from appliance.db import open_db
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from appliance.home import state_db_path
+from appliance.keys import KeyCache
+from appliance.usage import UsageRecord, UsageRecorder
+from services.gateway import schemas
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.proxy import Call, Forwarder
+from services.gateway.replicas import ModelPool, watch_health
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, read_runtime
+
+log = logging.getLogger("appliance.gateway")
+
+KEY_REFRESH_S = 1.0
+UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
+
+
+class Gateway:
+    """Everything a request needs, built once at start: keys, replicas, metrics, metering."""
+
+    def __init__(self, runtime: GatewayRuntime):
+        self.runtime = runtime
+        self.config = runtime.gateway
+        self.db_path = state_db_path(Path(runtime.home))
+        self.keys = KeyCache()
+        self.metrics = GatewayMetrics()
+        self.recorder = UsageRecorder(self.db_path, self.config.metering_flush_s)
+        self.pools = {m.name: ModelPool(m) for m in runtime.models}
+        self.model_list = msgspec.json.encode(
+            {"object": "list", "data": [self._model_object(m.served) for m in self.pools.values()]}
+        )
+        self.forwarder: Forwarder | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._db = None
+
+    @staticmethod
+    def _model_object(served) -> dict:
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "appliance"}
+
+    async def start(self) -> None:
+        self._db = await asyncio.to_thread(open_db, self.db_path)
+        await asyncio.to_thread(self.keys.refresh, self._db)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False
+        )
+        self.forwarder = Forwarder(session)
+        for pool in self.pools.values():
+            self.metrics.child(self.metrics.replicas, pool.served.name).set(len(pool.replicas))
+        self._tasks = [
+            asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
+            asyncio.create_task(self.recorder.run()),
+            asyncio.create_task(self._refresh_keys()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.recorder.flush()
+        self.recorder.close()
+        if self.forwarder:
+            await self.forwarder.session.close()
+        if self._db is not None:
+            self._db.conn.close()
+
+    def _on_health(self, pool: ModelPool) -> None:
+        self.metrics.child(self.metrics.healthy_replicas, pool.served.name).set(pool.healthy_count)
+
+    async def _refresh_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_REFRESH_S)
+            try:
+                await asyncio.to_thread(self.keys.refresh, self._db)
+            except Exception:
+                log.exception("refreshing API keys failed; keeping the cached ones")
+
+    def unready_models(self) -> list[str]:
+        return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
+
+    # --- the OpenAI routes -------------------------------------------------
+
+    async def handle(self, request: Request, endpoint: str, schema: type[msgspec.Struct]) -> Response:
+        call = Call(new_request_id(), None, endpoint, perf_counter())
+        try:
+            call.key_id = self.keys.authenticate(request.headers.get("authorization")).id
+            body = await self._read_body(request)
+            parsed = schemas.decode(body, schema)
+            call.model = parsed.model
+            call.stream = getattr(parsed, "stream", False)
+            pool = self.pools.get(parsed.model)
+            if pool is None:
+                raise ModelNotFound(parsed.model)
+            if endpoint == "embeddings" and not pool.served.embeddings:
+                raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
+            body, hide_usage = self._rewrite(body, parsed, pool)
+            self.metrics.child(self.metrics.in_flight, call.model).inc()
+            try:
+                if call.stream:
+                    response = await self.forwarder.open_stream(pool, "/" + endpoint, body)
+                else:
+                    payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
+            except BaseException:
+                self.metrics.child(self.metrics.in_flight, call.model).dec()
+                raise
+        except ApplianceError as error:
+            call.status = error.status
+            self.finish(call, error.type)
+            error.request_id = call.request_id
+            raise
+        headers = {"x-request-id": call.request_id}
+        if call.stream:
+            headers["Cache-Control"] = "no-cache"
+            return Stream(
+                self.forwarder.relay(call, pool, response, hide_usage, self._finish_stream),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        self._finish_stream(call)
+        return Response(payload, media_type="application/json", headers=headers)
+
+    async def _read_body(self, request: Request) -> bytes:
+        try:
+            return await request.body()
+        except HTTPException as exc:
+            if exc.status_code == 413:
+                raise PayloadTooLarge(body_limit_message(self.config.max_body_bytes)) from None
+            raise InvalidRequest(exc.detail) from None
+
+    @staticmethod
+    def _rewrite(body: bytes, parsed, pool: ModelPool) -> tuple[bytes, bool]:
+        """Adjust the forwarded body only where needed; returns (body, hide_usage).
+
+        Streams always ask the engine for usage (metering needs it) and hide that extra
+        chunk from a client that did not ask for it.
+        """
+        want_usage = getattr(parsed, "stream", False) and not (parsed.stream_options and parsed.stream_options.include_usage)
+        rename = pool.served.upstream_model
+        if not want_usage and not rename:
+            return body, False
+        data = msgspec.json.decode(body)
+        if want_usage:
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        if rename:
+            data["model"] = rename
+        return msgspec.json.encode(data), want_usage
+
+    def _finish_stream(self, call: Call) -> None:
+        """Account for a call that reached an engine (success, or an error mid-stream)."""
+        self.metrics.child(self.metrics.in_flight, call.model).dec()
+        self.finish(call, None if call.status < 400 else "engine_error")
+
+    def finish(self, call: Call, error_type: str | None) -> None:
+        """Metrics and the usage row of one call; cheap and synchronous (no I/O)."""
+        elapsed = perf_counter() - call.started
+        m = self.metrics
+        model = call.model if call.model in self.pools else UNKNOWN_MODEL
+        m.child(m.requests, model, call.endpoint, str(call.status)).inc()
+        m.child(m.latency, model, call.endpoint).observe(elapsed)
+        if error_type:
+            m.child(m.errors, model, call.endpoint, error_type).inc()
+        if call.ttft is not None:
+            m.child(m.ttft, model, call.endpoint).observe(call.ttft)
+        usage = call.usage
+        if usage is not None:
+            m.child(m.tokens, model, "prompt").inc(usage.prompt_tokens)
+            m.child(m.tokens, model, "completion").inc(usage.completion_tokens)
+        if call.key_id is None:
+            return  # unauthenticated: counted in metrics, not metered against anyone
+        self.recorder.record(
+            UsageRecord(
+                ts=time.time(),
+                request_id=call.request_id,
+                key_id=call.key_id,
+                model=call.model or "",
+                endpoint=call.endpoint,
+                stream=call.stream,
+                status=call.status,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                total_tokens=usage.total_tokens if usage else None,
+                latency_ms=elapsed * 1000,
+                ttft_ms=call.ttft * 1000 if call.ttft is not None else None,
+            )
+        )
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def body_limit_message(limit: int) -> str:
+    return f"The request body is larger than the gateway's limit of {limit} bytes (gateway.max_body_bytes)."
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request) -> Response:
+    return await gateway_of(request).handle(request, "chat/completions", schemas.ChatCompletionRequest)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request) -> Response:
+    return await gateway_of(request).handle(request, "completions", schemas.CompletionRequest)
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request) -> Response:
+    return await gateway_of(request).handle(request, "embeddings", schemas.EmbeddingRequest)
+
+
+@get("/v1/models")
+async def list_models(request: Request) -> Response:
+    gateway = gateway_of(request)
+    gateway.keys.authenticate(request.headers.get("authorization"))
+    return Response(gateway.model_list, media_type="application/json")
+
+
+@get("/v1/models/{model:str}")
+async def get_model(request: Request, model: str) -> Response:
+    gateway = gateway_of(request)
+    gateway.keys.authenticate(request.headers.get("authorization"))
+    pool = gateway.pools.get(model)
+    if pool is None:
+        raise ModelNotFound(model)
+    return Response(msgspec.json.encode(gateway._model_object(pool.served)), media_type="application/json")
+
+
+@get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(request: Request) -> Response:
+    gateway = gateway_of(request)
+    models = {name: {"replicas": len(p.replicas), "healthy": p.healthy_count} for name, p in gateway.pools.items()}
+    unready = gateway.unready_models()
+    body = {"status": "ready" if not unready else "not ready", "models": models}
+    if unready:
+        body["waiting_for"] = unready
+    return Response(body, status_code=200 if not unready else 503)
+
+
+@get("/metrics")
+async def metrics(request: Request) -> Response:
+    gateway = gateway_of(request)
+    gateway.metrics.usage_pending.set(gateway.recorder.pending)
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- errors: the one place where exceptions become OpenAI error objects ----------
+
+_HTTP_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                     405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_response(message: str, type_: str, status: int, *, param=None, code=None, headers=None) -> Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
+    headers = exc.headers()
+    request_id = getattr(exc, "request_id", None)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return error_response(exc.message, exc.type, exc.status, param=exc.param, code=exc.code, headers=headers)
+
+
+def http_error_handler(request: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    if status == 413:
+        return error_response(body_limit_message(gateway_of(request).config.max_body_bytes),
+                              "invalid_request_error", 413, code="request_too_large")
+    message = exc.detail if status != 404 else f"Unknown path {request.url.path}"
+    return error_response(message, _HTTP_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                          status, code=None, headers=exc.headers)
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response("The gateway hit an internal error; see its log.", "internal_error", 500)
+
+
+def create_app(runtime: GatewayRuntime | None = None) -> Litestar:
+    """App factory; Granian calls it with no argument and the runtime file named by the env."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if runtime is None:
+        runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
+    gateway = Gateway(runtime)
+
+    async def on_startup(app: Litestar) -> None:
+        app.state.gateway = gateway
+        await gateway.start()
+
+    async def on_shutdown(app: Litestar) -> None:
+        await gateway.stop()
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, healthz, readyz, metrics],
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        exception_handlers={
+            ApplianceError: appliance_error_handler,
+            HTTPException: http_error_handler,
+            Exception: internal_error_handler,
+        },
+        request_max_body_size=runtime.gateway.max_body_bytes,
+    )

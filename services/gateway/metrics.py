@@ -1,0 +1,55 @@
+"""Prometheus metrics of the gateway, per model."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "appliance_requests", "Requests answered, by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"], registry=r,
+        )
+        self.errors = Counter(
+            "appliance_errors", "Requests that ended in an error, by model and error type.",
+            ["model", "endpoint", "type"], registry=r,
+        )
+        self.latency = Histogram(
+            "appliance_request_latency_seconds", "Time from request to the end of the answer.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "appliance_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
+            ["model", "endpoint"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "appliance_tokens", "Tokens processed, by model and kind (prompt or completion).",
+            ["model", "kind"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "appliance_requests_in_flight", "Requests being answered now.", ["model"], registry=r,
+        )
+        self.healthy_replicas = Gauge(
+            "appliance_replicas_healthy", "Engine replicas passing their health check.", ["model"], registry=r,
+        )
+        self.replicas = Gauge(
+            "appliance_replicas", "Engine replicas configured.", ["model"], registry=r,
+        )
+        self.usage_pending = Gauge(
+            "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
+        )
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """A labelled child, cached: labels() is too slow to call on every request."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child

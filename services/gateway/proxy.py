@@ -1,0 +1,192 @@
+"""Forwarding a validated request to an engine replica and relaying its answer.
+
+The client's original bytes are forwarded (unknown fields reach the engine unchanged).
+Streams are relayed event by event as they arrive; usage is read from the engine's own
+usage chunk, which the gateway asks for and hides again when the client did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from time import perf_counter
+
+import aiohttp
+import msgspec
+
+from appliance.errors import ApplianceError, EngineError, EngineRejected, EngineTimeout, ServiceUnavailable
+from services.gateway.replicas import ModelPool, Replica
+from services.gateway.schemas import HasUsage, StreamChunk, Usage
+
+log = logging.getLogger(__name__)
+
+_EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class Call:
+    """What the gateway knows about one request while it is being answered."""
+
+    __slots__ = ("request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status")
+
+    def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
+        self.request_id = request_id
+        self.key_id = key_id
+        self.endpoint = endpoint
+        self.model: str | None = None
+        self.stream = False
+        self.started = started
+        self.ttft: float | None = None
+        self.usage: Usage | None = None
+        self.status = 200
+
+
+def error_event(error: ApplianceError) -> bytes:
+    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    return b"data: " + msgspec.json.encode(body) + b"\n\n" + DONE_EVENT
+
+
+def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
+    """Turn an engine's error answer into one of ours, keeping its message and 4xx status."""
+    message = None
+    try:
+        decoded = msgspec.json.decode(payload)
+        err = decoded.get("error") if isinstance(decoded, dict) else None
+        if isinstance(err, dict):
+            message = err.get("message")
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(decoded, dict) and isinstance(decoded.get("detail"), str):
+            message = decoded["detail"]
+    except msgspec.DecodeError:
+        pass
+    message = message or payload[:500].decode(errors="replace") or f"HTTP {status}"
+    if 400 <= status < 500 and status not in (401, 403, 404):
+        return EngineRejected(f"The engine for '{model}' rejected the request: {message}", status=status)
+    return EngineError(f"The engine for '{model}' failed (HTTP {status}): {message}")
+
+
+def _timeout(pool: ModelPool) -> EngineTimeout:
+    return EngineTimeout(f"The engine for '{pool.served.name}' did not answer within {pool.timeout_s:g} s.")
+
+
+class Forwarder:
+    def __init__(self, session: aiohttp.ClientSession):
+        self.session = session
+
+    async def _open(self, pool: ModelPool, path: str, body: bytes, stream: bool) -> tuple[Replica, aiohttp.ClientResponse]:
+        """POST to a healthy replica; on a refused connection, mark it down and try another once."""
+        timeout = pool.stream_timeout if stream else pool.plain_timeout
+        replica = pool.pick()
+        for attempt in (1, 2):
+            try:
+                response = await self.session.post(replica.base_url + path, data=body, headers=replica.headers, timeout=timeout)
+                return replica, response
+            except aiohttp.ClientConnectorError:
+                replica.healthy = False
+                log.warning("%s refused the connection; marked unhealthy", replica)
+                if attempt == 2:
+                    break
+                try:
+                    replica = pool.pick(exclude=replica)
+                except ServiceUnavailable:
+                    break
+            except asyncio.TimeoutError:
+                raise _timeout(pool) from None
+            except aiohttp.ClientError as exc:
+                raise EngineError(f"The engine for '{pool.served.name}' failed: {exc}") from None
+        raise ServiceUnavailable(f"The model '{pool.served.name}' has no reachable replica right now; retry shortly.", retry_after=2)
+
+    async def complete(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
+        """Forward a non-streaming request; returns the engine's JSON answer."""
+        replica, response = await self._open(pool, path, body, stream=False)
+        replica.in_flight += 1
+        try:
+            payload = await response.read()
+        except asyncio.TimeoutError:
+            raise _timeout(pool) from None
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"The engine for '{pool.served.name}' failed mid-answer: {exc}") from None
+        finally:
+            replica.in_flight -= 1
+            response.release()
+        if response.status >= 400:
+            raise engine_error(response.status, payload, pool.served.name)
+        try:
+            call.usage = msgspec.json.decode(payload, type=HasUsage).usage
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            call.usage = None
+        return payload
+
+    async def open_stream(self, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """Start a streaming request; engine errors before the first byte raise as usual."""
+        _, response = await self._open(pool, path, body, stream=True)
+        if response.status >= 400:
+            try:
+                payload = await response.read()
+            finally:
+                response.release()
+            raise engine_error(response.status, payload, pool.served.name)
+        return response
+
+    async def relay(
+        self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, hide_usage: bool, finish: Callable[[Call], None]
+    ) -> AsyncIterator[bytes]:
+        """Yield the engine's SSE events as they arrive, then account for the call.
+
+        A failure mid-stream ends the stream with an error event and [DONE]; a client
+        that goes away cancels this generator, which closes the upstream connection so
+        the engine stops generating.
+        """
+        buffer = b""
+        done = False
+        try:
+            try:
+                async for data in response.content.iter_any():
+                    if call.ttft is None:
+                        call.ttft = perf_counter() - call.started
+                    buffer += data
+                    events = _EVENT_BOUNDARY.split(buffer)
+                    buffer = events.pop()
+                    out = []
+                    for event in events:
+                        if not event:
+                            continue
+                        if event.startswith(b"data: [DONE]"):
+                            done = True
+                        elif b'"usage"' in event and self._take_usage(call, event) and hide_usage:
+                            continue
+                        out.append(event + b"\n\n")
+                    if out:
+                        yield b"".join(out)
+                if not done:
+                    raise EngineError(f"The engine for '{call.model}' closed the stream before it finished.")
+            except asyncio.TimeoutError:
+                raise EngineTimeout(f"The engine for '{call.model}' sent nothing for {pool.timeout_s:g} s.") from None
+            except aiohttp.ClientError as exc:
+                raise EngineError(f"The engine for '{call.model}' failed mid-stream: {exc}") from None
+        except ApplianceError as error:
+            call.status = error.status
+            log.warning("stream %s ended with an error: %s", call.request_id, error.message)
+            yield error_event(error)
+        except (asyncio.CancelledError, GeneratorExit):
+            call.status = 499  # client closed the connection
+            raise
+        finally:
+            response.close()
+            finish(call)
+
+    @staticmethod
+    def _take_usage(call: Call, event: bytes) -> bool:
+        """Record usage from a usage chunk; True if the chunk carries nothing but usage."""
+        payload = event[event.find(b"{") :]
+        try:
+            chunk = msgspec.json.decode(payload, type=StreamChunk)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if chunk.usage is None:
+            return False
+        call.usage = chunk.usage
+        return not chunk.choices

@@ -1,0 +1,57 @@
+"""What the gateway process is told at start: rendered from the profile by whoever deploys it.
+
+`appliance up` writes it to $APPLIANCE_HOME/run/gateway.json (mode 0600: it holds the
+engines' internal keys); a systemd or k3s deployment renders the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from appliance.config import GatewayConfig
+
+RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"
+
+
+class ReplicaEndpoint(msgspec.Struct, kw_only=True):
+    base_url: str  # OpenAI API root of the replica, e.g. http://127.0.0.1:41234/v1
+    api_key: str | None = None
+    api_key_env: str | None = None  # for remote upstreams: read the key from this variable
+
+    def resolved_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        return self.api_key
+
+
+class ServedModel(msgspec.Struct, kw_only=True):
+    name: str
+    engine: str
+    replicas: list[ReplicaEndpoint]
+    upstream_model: str | None = None  # name the engine knows the model by, if different
+    embeddings: bool = False
+    request_timeout_s: float = 300.0
+    created: int = 0
+
+
+class GatewayRuntime(msgspec.Struct, kw_only=True):
+    home: str
+    profile: str
+    gateway: GatewayConfig
+    models: list[ServedModel]
+
+
+def write_runtime(runtime: GatewayRuntime, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.format(msgspec.json.encode(runtime)))
+    os.replace(tmp, path)
+
+
+def read_runtime(path: Path) -> GatewayRuntime:
+    return msgspec.json.decode(path.read_bytes(), type=GatewayRuntime)

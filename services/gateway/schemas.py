@@ -1,0 +1,105 @@
+"""The OpenAI request fields the gateway checks before forwarding.
+
+Only the fields the gateway needs or can validate cheaply are declared; every other
+field is ignored here and reaches the engine unchanged, because the gateway forwards
+the client's original bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+
+from appliance.errors import InvalidRequest
+
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Stop = str | list[str] | None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    max_tokens: PositiveInt | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
+    stop: Stop = None
+    seed: int | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | list  # text, texts, or token ids
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list  # text, texts, or token ids
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+_AT = re.compile(r" - at `\$(.*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def decode(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
+    """Parse and check a request body; a bad one raises InvalidRequest naming the field."""
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT.search(text)
+        param = match.group(1).lstrip(".") if match else None
+        message = _AT.sub("", text)
+        missing = _MISSING.search(text)
+        if missing:
+            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+            message = f"Missing required parameter '{param}'."
+            raise InvalidRequest(message, param=param, code="missing_required_parameter") from None
+        if param:
+            message = f"Invalid value for '{param}': {message}"
+        raise InvalidRequest(message, param=param, code="invalid_value") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class HasUsage(msgspec.Struct):
+    """Just the usage of an engine's answer, decoded without the rest."""
+
+    usage: Usage | None = None
+
+
+class StreamChunk(msgspec.Struct):
+    """The parts of a streamed chunk the gateway looks at."""
+
+    usage: Usage | None = None
+    choices: list = []

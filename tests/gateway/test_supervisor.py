@@ -1,0 +1,113 @@
+"""`appliance up` as a supervisor: restarts, clean stops, first-start admin key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, readiness, start_stack, wait_ready, write_profile
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """A stack of its own, with the default model only, for tests that hurt it."""
+    tmp = tmp_path_factory.mktemp("solo")
+    running = start_stack(tmp, write_profile(tmp / "profile.yaml", None))
+    yield running
+    if running.proc.poll() is None:
+        running.stop()
+
+
+def chat(stack, **extra):
+    return stack.client().chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=5, **extra)
+
+
+def test_first_start_prints_the_admin_key_once_and_saves_it_0600(solo):
+    banner = solo.output.read_text()
+    assert solo.admin_key in banner
+    assert f"http://127.0.0.1:{solo.port}/v1" in banner
+    mode = stat.S_IMODE(os.stat(solo.home / "admin.key").st_mode)
+    assert mode == 0o600
+
+
+def wait_restarted(solo, old_pid: int) -> int:
+    """Until a new engine process runs and the gateway sees it healthy again."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and solo.engine_pids() in ([], [old_pid]):
+        time.sleep(0.2)
+    [new_pid] = solo.engine_pids()
+    assert new_pid != old_pid
+    wait_ready(solo.root, 120, solo.proc)
+    return new_pid
+
+
+def test_killed_engine_is_restarted(solo):
+    [pid] = solo.engine_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_restarted(solo, pid)
+    assert chat(solo).choices[0].message.content
+    assert "restarted" in solo.output.read_text()
+
+
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error(solo):
+    wait_ready(solo.root, 120, solo.proc)
+    with httpx.stream("POST", solo.base_url + "/chat/completions",
+                      headers={"Authorization": f"Bearer {solo.admin_key}"},
+                      json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
+                            "max_tokens": 1500, "stream": True}, timeout=60) as response:
+        lines = response.iter_lines()
+        first = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert first
+        [pid] = solo.engine_pids()
+        os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert '"error"' in rest[-2]
+    wait_restarted(solo, pid)
+
+
+def test_unready_while_engine_down(solo):
+    [pid] = solo.engine_pids()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and readiness(solo.root)["status"] == "ready":
+        time.sleep(0.1)
+    assert readiness(solo.root)["status"] == "not ready"
+    wait_restarted(solo, pid)
+
+
+def test_sigterm_stops_everything(solo):
+    children = solo.descendants()
+    assert len(children) >= 2, "an engine and the gateway run as children"
+    solo.stop()  # asserts nothing is left
+    assert solo.proc.returncode == 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+    assert "stopped." in solo.output.read_text()
+
+
+def test_ctrl_c_stops_everything_and_restart_keeps_the_key(tmp_path):
+    profile = write_profile(tmp_path / "profile.yaml", None)
+    first = start_stack(tmp_path, profile)
+    key = first.admin_key
+    children = first.descendants()
+    first.proc.send_signal(signal.SIGINT)
+    assert first.proc.wait(60) == 0
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive
+    second = start_stack(tmp_path, profile)
+    try:
+        assert second.admin_key == key
+        banner = second.output.read_text()
+        assert key not in banner and "admin.key" in banner, "the key is printed only on first start"
+        assert chat(second).choices[0].message.content
+    finally:
+        second.stop()

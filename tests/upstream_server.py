@@ -1,0 +1,105 @@
+"""A real OpenAI-compatible upstream for tests of the `remote` engine, run as a subprocess.
+
+Its behaviour is chosen by the path prefix the profile's base_url names:
+  /ok/v1      answers at once; echoes the request body it received under "echo"
+  /slow/v1    waits 30 s before answering (engine timeouts)
+  /broken/v1  streams two chunks, then drops the connection (failure mid-stream)
+  /endless/v1 streams a chunk every 50 ms until the client goes away
+GET /stats reports how many /endless streams ended because the client disconnected.
+Usage: python upstream_server.py PORT EXPECTED_KEY
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from aiohttp import web
+
+STATS = {"disconnects": 0, "requests": 0}
+
+
+def completion(body: dict) -> dict:
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
+        "echo": body,
+    }
+
+
+def chunk(content: str | None, usage: dict | None = None, finish: str | None = None) -> bytes:
+    choices = [] if content is None else [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+    data = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": choices}
+    if usage is not None:
+        data["usage"] = usage
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def check_key(request: web.Request) -> web.Response | None:
+    if request.headers.get("Authorization") != f"Bearer {request.app['key']}":
+        return web.json_response({"error": {"message": "bad upstream key"}}, status=401)
+    return None
+
+
+async def models(request: web.Request) -> web.Response:
+    return check_key(request) or web.json_response({"object": "list", "data": [{"id": "upstream-model", "object": "model"}]})
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    if (denied := check_key(request)) is not None:
+        return denied
+    STATS["requests"] += 1
+    mode = request.match_info["mode"]
+    body = await request.json()
+    if mode == "slow":
+        await asyncio.sleep(30)
+    if not body.get("stream"):
+        if mode == "broken":
+            return web.json_response({"error": {"message": "upstream exploded"}}, status=500)
+        return web.json_response(completion(body))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if mode == "broken":
+        await response.write(chunk("po"))
+        await response.write(chunk("ng"))
+        request.transport.abort()
+        return response
+    if mode == "endless":
+        try:
+            while True:
+                await response.write(chunk("tick "))
+                await asyncio.sleep(0.05)
+        except (ConnectionResetError, asyncio.CancelledError):
+            STATS["disconnects"] += 1
+            raise
+    await response.write(chunk("po"))
+    await response.write(chunk("ng", finish="stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(chunk(None, usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(STATS)
+
+
+def make_app(key: str) -> web.Application:
+    app = web.Application()
+    app["key"] = key
+    app.add_routes([
+        web.get("/{mode}/v1/models", models),
+        web.post("/{mode}/v1/chat/completions", chat),
+        web.get("/stats", stats),
+    ])
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(make_app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), print=None, handler_cancellation=True)

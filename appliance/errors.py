@@ -107,3 +107,17 @@ class EngineRejected(ApplianceError):
     def __init__(self, message: str, *, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class MethodNotAllowed(ApplianceError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ClientGone(ApplianceError):
+    """The client closed its connection before the answer was sent."""
+
+    status = 499
+    type = "client_closed_request"
+    code = "client_closed_request"

@@ -13,13 +13,20 @@ from time import perf_counter
 
 import aiohttp
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.exceptions import HTTPException
-from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance.db import open_db
-from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from appliance.errors import (
+    ApplianceError,
+    ClientGone,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    PayloadTooLarge,
+)
 from appliance.home import state_db_path
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
@@ -99,13 +106,23 @@ class Gateway:
     def unready_models(self) -> list[str]:
         return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
 
-    # --- the OpenAI routes -------------------------------------------------
+    # --- the OpenAI routes: raw ASGI, the hot path -----------------------------
 
-    async def handle(self, request: Request, endpoint: str, schema: type[msgspec.Struct]) -> Response:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, endpoint: str, schema: type[msgspec.Struct]) -> None:
+        """Answer one OpenAI POST. Errors before the answer starts are raised to the
+        app's exception handlers; a client that goes away cancels the engine request."""
         call = Call(new_request_id(), None, endpoint, perf_counter())
         try:
-            call.key_id = self.keys.authenticate(request.headers.get("authorization")).id
-            body = await self._read_body(request)
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"Use POST for /v1/{endpoint}.")
+            authorization = content_length = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif name == b"content-length":
+                    content_length = value
+            call.key_id = self.keys.authenticate(authorization).id
+            body = await read_body(receive, content_length, self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
             call.model = parsed.model
             call.stream = getattr(parsed, "stream", False)
@@ -115,38 +132,52 @@ class Gateway:
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
             body, hide_usage = self._rewrite(body, parsed, pool)
-            self.metrics.child(self.metrics.in_flight, call.model).inc()
-            try:
-                if call.stream:
-                    response = await self.forwarder.open_stream(pool, "/" + endpoint, body)
-                else:
-                    payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
-            except BaseException:
-                self.metrics.child(self.metrics.in_flight, call.model).dec()
-                raise
         except ApplianceError as error:
-            call.status = error.status
-            self.finish(call, error.type)
+            self._fail(call, error)
+            raise
+        in_flight = self.metrics.child(self.metrics.in_flight, call.model)
+        in_flight.inc()
+        watcher = asyncio.create_task(cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            if call.stream:
+                await self._answer_stream(call, pool, body, hide_usage, send)
+            else:
+                payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, JSON)})
+                await send({"type": "http.response.body", "body": payload})
+        except ApplianceError as error:  # raised before the answer started
+            call.status, call.error_type = error.status, error.type
             error.request_id = call.request_id
             raise
-        headers = {"x-request-id": call.request_id}
-        if call.stream:
-            headers["Cache-Control"] = "no-cache"
-            return Stream(
-                self.forwarder.relay(call, pool, response, hide_usage, self._finish_stream),
-                media_type="text/event-stream",
-                headers=headers,
-            )
-        self._finish_stream(call)
-        return Response(payload, media_type="application/json", headers=headers)
+        except asyncio.CancelledError:
+            if not watcher.done():
+                call.status, call.error_type = 503, "shutdown"
+                raise  # the server is shutting down
+            asyncio.current_task().uncancel()
+            call.status, call.error_type = ClientGone.status, ClientGone.type
+        except Exception:
+            call.status, call.error_type = 500, "internal_error"
+            raise
+        finally:
+            watcher.cancel()
+            in_flight.dec()
+            self.finish(call)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _answer_stream(self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, send: Send) -> None:
+        response = await self.forwarder.open_stream(pool, "/" + call.endpoint, body)
+        events = self.forwarder.relay(call, pool, response, hide_usage)
         try:
-            return await request.body()
-        except HTTPException as exc:
-            if exc.status_code == 413:
-                raise PayloadTooLarge(body_limit_message(self.config.max_body_bytes)) from None
-            raise InvalidRequest(exc.detail) from None
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, SSE)})
+            async for piece in events:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await events.aclose()
+            response.close()  # idempotent; frees the engine connection whatever happened
+
+    @staticmethod
+    def _headers(call: Call, base: list) -> list:
+        return [*base, (b"x-request-id", call.request_id.encode())]
 
     @staticmethod
     def _rewrite(body: bytes, parsed, pool: ModelPool) -> tuple[bytes, bool]:
@@ -166,20 +197,20 @@ class Gateway:
             data["model"] = rename
         return msgspec.json.encode(data), want_usage
 
-    def _finish_stream(self, call: Call) -> None:
-        """Account for a call that reached an engine (success, or an error mid-stream)."""
-        self.metrics.child(self.metrics.in_flight, call.model).dec()
-        self.finish(call, None if call.status < 400 else "engine_error")
+    def _fail(self, call: Call, error: ApplianceError) -> None:
+        call.status, call.error_type = error.status, error.type
+        error.request_id = call.request_id
+        self.finish(call)
 
-    def finish(self, call: Call, error_type: str | None) -> None:
+    def finish(self, call: Call) -> None:
         """Metrics and the usage row of one call; cheap and synchronous (no I/O)."""
         elapsed = perf_counter() - call.started
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
         m.child(m.requests, model, call.endpoint, str(call.status)).inc()
         m.child(m.latency, model, call.endpoint).observe(elapsed)
-        if error_type:
-            m.child(m.errors, model, call.endpoint, error_type).inc()
+        if call.error_type:
+            m.child(m.errors, model, call.endpoint, call.error_type).inc()
         if call.ttft is not None:
             m.child(m.ttft, model, call.endpoint).observe(call.ttft)
         usage = call.usage
@@ -206,6 +237,37 @@ class Gateway:
         )
 
 
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading it all."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(body_limit_message(limit))
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("The client closed the connection while sending its request.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(body_limit_message(limit))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:
+    """Cancel `task` when the client disconnects (the request body is already read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
 def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
@@ -218,19 +280,19 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request) -> Response:
-    return await gateway_of(request).handle(request, "chat/completions", schemas.ChatCompletionRequest)
+@asgi("/v1/chat/completions", copy_scope=False)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["app"].state.gateway.serve(scope, receive, send, "chat/completions", schemas.ChatCompletionRequest)
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request) -> Response:
-    return await gateway_of(request).handle(request, "completions", schemas.CompletionRequest)
+@asgi("/v1/completions", copy_scope=False)
+async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["app"].state.gateway.serve(scope, receive, send, "completions", schemas.CompletionRequest)
 
 
-@post("/v1/embeddings", status_code=200)
-async def embeddings(request: Request) -> Response:
-    return await gateway_of(request).handle(request, "embeddings", schemas.EmbeddingRequest)
+@asgi("/v1/embeddings", copy_scope=False)
+async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["app"].state.gateway.serve(scope, receive, send, "embeddings", schemas.EmbeddingRequest)
 
 
 @get("/v1/models")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from time import perf_counter
 
 import aiohttp
@@ -29,7 +29,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 class Call:
     """What the gateway knows about one request while it is being answered."""
 
-    __slots__ = ("request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status")
+    __slots__ = ("request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type")
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
         self.request_id = request_id
@@ -41,6 +41,7 @@ class Call:
         self.ttft: float | None = None
         self.usage: Usage | None = None
         self.status = 200
+        self.error_type: str | None = None
 
 
 def error_event(error: ApplianceError) -> bytes:
@@ -131,14 +132,12 @@ class Forwarder:
             raise engine_error(response.status, payload, pool.served.name)
         return response
 
-    async def relay(
-        self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, hide_usage: bool, finish: Callable[[Call], None]
-    ) -> AsyncIterator[bytes]:
-        """Yield the engine's SSE events as they arrive, then account for the call.
+    async def relay(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, hide_usage: bool) -> AsyncIterator[bytes]:
+        """Yield the engine's SSE events as they arrive, reading usage on the way.
 
         A failure mid-stream ends the stream with an error event and [DONE]; a client
-        that goes away cancels this generator, which closes the upstream connection so
-        the engine stops generating.
+        that goes away closes this generator, which closes the engine connection so the
+        engine stops generating.
         """
         buffer = b""
         done = False
@@ -168,15 +167,11 @@ class Forwarder:
             except aiohttp.ClientError as exc:
                 raise EngineError(f"The engine for '{call.model}' failed mid-stream: {exc}") from None
         except ApplianceError as error:
-            call.status = error.status
+            call.status, call.error_type = error.status, error.type
             log.warning("stream %s ended with an error: %s", call.request_id, error.message)
             yield error_event(error)
-        except (asyncio.CancelledError, GeneratorExit):
-            call.status = 499  # client closed the connection
-            raise
         finally:
             response.close()
-            finish(call)
 
     @staticmethod
     def _take_usage(call: Call, event: bytes) -> bool:

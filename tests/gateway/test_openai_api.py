@@ -65,10 +65,10 @@ def test_stream_arrives_chunk_by_chunk(stack):
     """Each SSE event reaches the client as the engine produces it, not all at the end."""
     arrivals = []
     with httpx.stream(
-        "POST", stack.base_url + "/chat/completions",
+        "POST", stack.base_url + "/completions",
         headers={"Authorization": f"Bearer {stack.admin_key}"},
-        json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
-              "max_tokens": 60, "temperature": 0, "stream": True},
+        json={"model": DEFAULT_MODEL, "prompt": "Once upon a time, in a land far away,", "max_tokens": 60,
+              "temperature": 0, "stream": True},
         timeout=60,
     ) as response:
         assert response.status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -137,7 +138,7 @@ class Gateway:
             raise
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
-        watcher = asyncio.create_task(cancel_on_disconnect(receive, asyncio.current_task()))
+        watcher = watch_disconnect(receive, asyncio.current_task())
         try:
             if call.stream:
                 await self._answer_stream(call, pool, body, hide_usage, send)
@@ -259,17 +260,32 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             return b"".join(chunks)
 
 
-async def cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:
-    """Cancel `task` when the client disconnects (the request body is already read)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
+def watch_disconnect(receive: Receive, task: asyncio.Task) -> asyncio.Future:
+    """Cancel `task` when the client disconnects; cancel the returned future to stop watching.
+
+    Called once the request body is read, when the next ASGI message can only be
+    http.disconnect. Granian's receive() already returns a future, so this costs a
+    callback rather than a task per request.
+    """
+    waiter = receive()
+    if not asyncio.isfuture(waiter):
+        waiter = asyncio.ensure_future(waiter)
+
+    def on_message(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
             task.cancel()
-            return
+
+    waiter.add_done_callback(on_message)
+    return waiter
+
+
+_REQUEST_PREFIX = "req_" + os.urandom(6).hex()
+_request_numbers = itertools.count(1)
 
 
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """Unique per gateway process start, without a syscall per request."""
+    return f"{_REQUEST_PREFIX}{next(_request_numbers):010x}"
 
 
 def body_limit_message(limit: int) -> str:

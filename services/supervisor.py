@@ -114,7 +114,7 @@ class Supervisor:
                 self.say(f"starting {model.engine} engine {name} on {cmd.base_url}")
                 child.start()
                 self.engines.append(child)
-                endpoints.append(ReplicaEndpoint(base_url=cmd.base_url, api_key=key))
+                endpoints.append(ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key))
             served.append(
                 ServedModel(
                     name=model.name,

@@ -36,10 +36,11 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         "--n_threads", str(model.threads or default_threads()),
         "--n_gpu_layers", str(model.gpu_layers),
         "--embedding", "true" if model.embeddings else "false",
+        # Queue concurrent requests instead of cutting off the stream being generated.
+        "--interrupt_requests", "false",
         *model.extra_args,
     ]
-    base = f"http://{host}:{port}/v1"
-    return EngineCommand(argv=argv, base_url=base, health_url=base + "/models")
+    return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")
 
 
 def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> EngineCommand:

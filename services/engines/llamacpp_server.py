@@ -1,4 +1,4 @@
-"""llama-cpp-python's OpenAI server, with two fixes the gateway relies on.
+"""llama-cpp-python's OpenAI server, with three fixes the gateway relies on.
 
 - Streams: the stock server ignores `stream_options`, so a streamed answer carries no
   usage and could not be metered. Each generation's prompt and completion tokens are
@@ -6,6 +6,8 @@
   hides it from clients that did not ask for it.
 - Embeddings: the server cannot set a pooling type, and a chat model's GGUF names none,
   so /v1/embeddings would return one vector per token. Mean pooling gives one per input.
+- Health: every stock route waits for the model lock, so a busy engine looks dead to a
+  health probe. GET /health answers at once once the model is loaded.
 
 Everything else is the stock server: it takes the same flags as `python -m llama_cpp.server`.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import llama_cpp
+
+_stock_create_app = None
 
 
 class ServedLlama(llama_cpp.Llama):
@@ -63,9 +67,23 @@ class ServedLlama(llama_cpp.Llama):
         }
 
 
+def _create_app_with_health(*args, **kwargs):
+    app = _stock_create_app(*args, **kwargs)  # loads the model before returning
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    return app
+
+
 def main() -> None:
+    global _stock_create_app
+    import llama_cpp.server.app as server_app
+
     llama_cpp.Llama = ServedLlama  # the server's model loader builds llama_cpp.Llama
-    from llama_cpp.server.__main__ import main as serve
+    _stock_create_app, server_app.create_app = server_app.create_app, _create_app_with_health
+    from llama_cpp.server.__main__ import main as serve  # imports the patched create_app
 
     serve()
 

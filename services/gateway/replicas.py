@@ -14,6 +14,7 @@ from services.gateway.runtime import ReplicaEndpoint, ServedModel
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+FAILURES_TO_UNHEALTHY = 2  # one slow probe is not an outage; a refused connection is
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -21,12 +22,25 @@ class Replica:
     def __init__(self, model: str, endpoint: ReplicaEndpoint):
         self.model = model
         self.base_url = endpoint.base_url.rstrip("/")
+        self.health_url = endpoint.health_url or self.base_url + "/models"
         key = endpoint.resolved_key()
         self.headers = {"Content-Type": "application/json"}
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         self.healthy = False
+        self.failures = 0
         self.in_flight = 0
+
+    def record_probe(self, outcome: str) -> None:
+        """outcome: 'ok', 'refused' (nothing listens) or 'failed' (error or timeout)."""
+        if outcome == "ok":
+            self.failures, healthy = 0, True
+        else:
+            self.failures += 1
+            healthy = self.healthy and outcome != "refused" and self.failures < FAILURES_TO_UNHEALTHY
+        if healthy != self.healthy:
+            log.info("%s is now %s", self, "healthy" if healthy else f"unhealthy ({outcome})")
+        self.healthy = healthy
 
     def __repr__(self) -> str:
         return f"Replica({self.model} @ {self.base_url}, healthy={self.healthy})"
@@ -58,15 +72,17 @@ class ModelPool:
         )
 
 
-async def check_replica(session: aiohttp.ClientSession, replica: Replica) -> bool:
+async def probe(session: aiohttp.ClientSession, replica: Replica) -> str:
     try:
         async with session.get(
-            replica.base_url + "/models", headers=replica.headers, timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            replica.health_url, headers=replica.headers, timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
         ) as resp:
             await resp.read()
-            return resp.status == 200
+            return "ok" if resp.status == 200 else "failed"
+    except aiohttp.ClientConnectorError:
+        return "refused"
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        return False
+        return "failed"
 
 
 async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPool], interval_s: float, on_change) -> None:
@@ -74,11 +90,9 @@ async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPoo
     while True:
         for pool in pools.values():
             before = pool.healthy_count
-            results = await asyncio.gather(*(check_replica(session, r) for r in pool.replicas))
-            for replica, ok in zip(pool.replicas, results):
-                if ok != replica.healthy:
-                    log.info("%s is now %s", replica, "healthy" if ok else "unhealthy")
-                replica.healthy = ok
+            outcomes = await asyncio.gather(*(probe(session, r) for r in pool.replicas))
+            for replica, outcome in zip(pool.replicas, outcomes):
+                replica.record_probe(outcome)
             if pool.healthy_count != before:
                 on_change(pool)
         await asyncio.sleep(interval_s)

@@ -18,6 +18,7 @@ RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"
 
 class ReplicaEndpoint(msgspec.Struct, kw_only=True):
     base_url: str  # OpenAI API root of the replica, e.g. http://127.0.0.1:41234/v1
+    health_url: str | None = None  # answers 200 when ready; default: base_url + /models
     api_key: str | None = None
     api_key_env: str | None = None  # for remote upstreams: read the key from this variable
 

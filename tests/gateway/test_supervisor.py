@@ -111,3 +111,14 @@ def test_ctrl_c_stops_everything_and_restart_keeps_the_key(tmp_path):
         assert chat(second).choices[0].message.content
     finally:
         second.stop()
+
+
+def test_children_stop_when_the_supervisor_is_killed(tmp_path):
+    """SIGKILL gives the supervisor no chance to clean up; its children still go."""
+    running = start_stack(tmp_path, write_profile(tmp_path / "profile.yaml", None))
+    children = running.descendants()
+    assert children
+    running.proc.kill()
+    running.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"orphans: {[p.pid for p in alive]}"

@@ -1,0 +1,85 @@
+"""The CLI as a user meets it: help everywhere, clear errors and exit codes for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from tests.conftest import appliance
+
+
+def test_help_everywhere():
+    for args in ([], ["up"], ["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["models", "list"],
+                 ["usage"], ["profiles", "check"]):
+        out = appliance(*args, "--help").stdout
+        assert out.startswith("Usage: appliance"), args
+
+
+def test_keys_lifecycle(tmp_path):
+    created = json.loads(appliance("keys", "create", "ci-bot", "--role", "developer", "--expires-in", "30d", "--json", home=tmp_path).stdout)
+    assert created["key"].startswith("sk-ap-") and created["id"].startswith("key_")
+    listed = appliance("keys", "list", home=tmp_path).stdout
+    assert "ci-bot" in listed and created["key"] not in listed and "active" in listed
+    assert created["id"] in appliance("keys", "revoke", created["id"], home=tmp_path).stdout
+    assert "ci-bot" not in appliance("keys", "list", home=tmp_path).stdout
+    assert "revoked" in appliance("keys", "list", "--all", home=tmp_path).stdout
+    # the database stores only the hash
+    assert created["key"].encode() not in (tmp_path / "state.db").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["keys", "revoke", "key_nope"], 1, "no API key with id or prefix 'key_nope'"),
+        (["keys", "create", "x", "--role", "wizard"], 2, "'wizard' is not one of"),
+        (["keys", "create", "x", "--expires-in", "soon"], 2, "invalid duration 'soon'"),
+        (["keys", "create", "  "], 1, "a key needs a non-empty name"),
+        (["usage", "--since", "yesterday"], 2, "invalid duration 'yesterday'"),
+        (["models", "list", "--profile", "no-such-profile"], 1, "unknown profile 'no-such-profile'"),
+        (["up", "--profile", "/nonexistent.yaml"], 1, "/nonexistent.yaml: profile file not found"),
+        (["profiles", "check", "/nonexistent.yaml"], 1, "profile file not found"),
+        (["nonsense"], 2, "No such command 'nonsense'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tmp_path, args, code, message):
+    result = appliance(*args, home=tmp_path, check=False)
+    assert result.returncode == code, result
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_up_with_an_invalid_profile_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodels:\n  - name: m\n    engine: llamacpp\n    path: missing.gguf\n")
+    result = appliance("up", "--profile", str(bad), home=tmp_path / "home", check=False)
+    assert result.returncode == 1
+    assert f"{bad}: models[0].path: no such file or directory" in result.stderr
+    assert not (tmp_path / "home").exists(), "nothing is created for an invalid profile"
+
+
+def test_up_refuses_a_busy_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = appliance("up", "--host", "127.0.0.1", "--port", str(port), home=tmp_path, check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+
+
+def test_models_list_and_profiles(tmp_path):
+    rows = json.loads(appliance("models", "list", "--json").stdout)
+    assert rows == [{"name": "smollm2-135m-instruct", "engine": "llamacpp", "replicas": 1,
+                     "source": rows[0]["source"], "embeddings": "yes"}]
+    assert rows[0]["source"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "edge-cpu" in appliance("profiles", "list").stdout
+    assert "valid" in appliance("profiles", "check", "edge-cpu").stdout
+    assert json.loads(appliance("profiles", "schema").stdout)["$ref"]
+
+
+def test_usage_on_an_empty_home(tmp_path):
+    assert appliance("usage", home=tmp_path).stdout.strip() == "(none)"
+    assert json.loads(appliance("usage", "--json", "--since", "all", home=tmp_path).stdout) == []

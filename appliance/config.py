@@ -30,6 +30,7 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "0.0.0.0"
     port: Port = 8080
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     request_timeout_s: Positive = 300.0
     metering_flush_s: Positive = 0.5

@@ -9,7 +9,8 @@ Everything runs side by side in one go, on loopback, with wrk as the load genera
 for streaming and non-streaming chat completions at concurrency 1, 16 and 64.
 
 Needs wrk (Debian: apt-get install wrk). Usage:
-  .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--engine-seconds 15] [--out FILE]
+  .venv/bin/python bench/gateway_overhead.py [--workers N] [--seconds 5] [--engine-seconds 15]
+                                             [--no-engine] [--out FILE]
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5, help="length of each run against the fixed upstream")
     parser.add_argument("--engine-seconds", type=int, default=15, help="length of each run against the llama.cpp engine")
+    parser.add_argument("--workers", type=int, default=1, help="Granian workers of the gateway and of the bare pass-through")
+    parser.add_argument("--no-engine", action="store_true", help="skip the llama.cpp engine runs")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -98,6 +101,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
     upstream_port, bare_port, gateway_port = free_port(), free_port(), free_port()
     (work / "profile.yaml").write_text(f"""name: bench
+gateway:
+  workers: {args.workers}
 models:
   - name: fixed
     engine: remote
@@ -109,7 +114,7 @@ models:
     procs = [
         spawn([PY, "bench/fixed_upstream.py", str(upstream_port)], work / "upstream.log"),
         spawn([PY, "-m", "granian", "--interface", "asgi", "bench.passthrough:app", "--host", "127.0.0.1",
-               "--port", str(bare_port), "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning"],
+               "--port", str(bare_port), "--workers", str(args.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"],
               work / "bare.log", env={"PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1"}),
         spawn([str(BIN / "appliance"), "up", "--profile", str(work / "profile.yaml"), "--home", str(work / "home"),
                "--host", "127.0.0.1", "--port", str(gateway_port)], work / "appliance.log"),
@@ -128,10 +133,10 @@ models:
         ]
         engine_targets = [("engine", engine["base_url"] + "/chat/completions", engine["api_key"]), ("gateway", gateway, key)]
         rows = []
-        for backend, model, targets, seconds in (
-            ("fixed", "fixed", fixed_targets, args.seconds),
-            ("llama.cpp", MODEL, engine_targets, args.engine_seconds),
-        ):
+        cases = [("fixed", "fixed", fixed_targets, args.seconds)]
+        if not args.no_engine:
+            cases.append(("llama.cpp", MODEL, engine_targets, args.engine_seconds))
+        for backend, model, targets, seconds in cases:
             for stream in (False, True):
                 body = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
                 for concurrency in CONCURRENCY:
@@ -172,6 +177,8 @@ def summary_table(rows: list[dict]) -> str:
     for backend, direct_name in (("fixed", "upstream"), ("llama.cpp", "engine")):
         for stream in (False, True):
             for c in CONCURRENCY:
+                if (backend, stream, c, "gateway") not in by:
+                    continue
                 d, g = by[(backend, stream, c, direct_name)], by[(backend, stream, c, "gateway")]
                 b = by.get((backend, stream, c, "bare"))
                 ratio = lambda x, y: f"{x['rps'] / y['rps']:.1%}" if x and y and y["rps"] else "-"  # noqa: E731

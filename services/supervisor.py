@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
 from appliance.keys import ensure_admin_key
 from services.engines.commands import engine_command
 from services.engines.process import ManagedProcess
+from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
 
 ENGINE_HOST = "127.0.0.1"
@@ -135,13 +137,16 @@ class Supervisor:
     def _start_gateway(self, runtime: GatewayRuntime) -> None:
         runtime_file = run_dir(self.home) / "gateway.json"
         write_runtime(runtime, runtime_file)
+        metrics_dir = run_dir(self.home) / "metrics"  # workers' Prometheus values, fresh each start
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
         argv = [
             sys.executable, "-m", "granian",
             "--interface", "asgi",
             "--factory", "services.gateway.app:create_app",
             "--host", self.host,
             "--port", str(self.port),
-            "--workers", "1",
+            "--workers", str(runtime.gateway.workers),
             "--loop", "uvloop",
             "--no-ws",
             "--log-level", "warning",
@@ -151,7 +156,7 @@ class Supervisor:
             argv,
             log_path=logs_dir(self.home) / "gateway.log",
             health_url=f"http://{_loopback_for(self.host)}:{self.port}/healthz",
-            env={**os.environ, RUNTIME_ENV: str(runtime_file)},
+            env={**os.environ, RUNTIME_ENV: str(runtime_file), MULTIPROC_ENV: str(metrics_dir)},
             startup_timeout_s=30,
         )
         self.gateway.start()

@@ -1,8 +1,17 @@
-"""Prometheus metrics of the gateway, per model."""
+"""Prometheus metrics of the gateway, per model.
+
+With several Granian workers, each worker is a process: the supervisor sets
+PROMETHEUS_MULTIPROC_DIR and every worker's values are summed at scrape time.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -11,7 +20,10 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        if multiprocess:
+            MultiProcessCollector(self.registry)
+        r = None if multiprocess else self.registry  # values live in the shared directory
         self.requests = Counter(
             "appliance_requests", "Requests answered, by model, endpoint and HTTP status.",
             ["model", "endpoint", "status"], registry=r,
@@ -34,15 +46,19 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "appliance_requests_in_flight", "Requests being answered now.", ["model"], registry=r,
+            multiprocess_mode="livesum",
         )
         self.healthy_replicas = Gauge(
             "appliance_replicas_healthy", "Engine replicas passing their health check.", ["model"], registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.replicas = Gauge(
             "appliance_replicas", "Engine replicas configured.", ["model"], registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
+            multiprocess_mode="livesum",
         )
         self._children: dict[tuple, object] = {}
 

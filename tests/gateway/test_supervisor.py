@@ -122,3 +122,33 @@ def test_children_stop_when_the_supervisor_is_killed(tmp_path):
     running.proc.wait(10)
     gone, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, f"orphans: {[p.pid for p in alive]}"
+
+
+def test_two_gateway_workers_share_metrics_and_metering(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running = start_stack(tmp_path, write_profile(tmp_path / "profile.yaml", None, workers=2))
+    try:
+        gateway_procs = [p for p in running.descendants() if "granian" in " ".join(p.cmdline())]
+        assert len(gateway_procs) == 3, "a Granian main process and two workers"
+        workers_seen: set[str] = set()
+        sent = 0
+        while len(workers_seen) < 2 and sent < 60:  # a new connection each time, so both workers get some
+            response = httpx.post(running.base_url + "/embeddings", json={"model": DEFAULT_MODEL, "input": "hello"},
+                                  headers={"Authorization": f"Bearer {running.admin_key}"}, timeout=30)
+            assert response.status_code == 200
+            workers_seen.add(response.headers["x-request-id"][:16])  # the id starts with the worker's prefix
+            sent += 1
+        assert len(workers_seen) == 2, "both workers answered"
+        text = httpx.get(running.root + "/metrics").text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        total = sum(s.value for s in samples if s.name == "appliance_requests_total" and s.labels["endpoint"] == "embeddings")
+        assert total == sent, "every worker's requests are counted once"
+        in_flight = [s.value for s in samples if s.name == "appliance_requests_in_flight"]
+        assert in_flight and sum(in_flight) == 0
+    finally:
+        running.stop()
+    import sqlite3
+
+    rows = sqlite3.connect(running.home / "state.db").execute("SELECT count(*) FROM usage WHERE endpoint = 'embeddings'").fetchone()[0]
+    assert rows == sent, "usage rows from both workers are written before they stop"

@@ -163,7 +163,7 @@ def write_profile(path: Path, upstream: Upstream | None, **gateway) -> Path:
     ]
     if upstream is not None:
         for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),
-                            ("broken", []), ("endless", [])]:
+                            ("broken", []), ("endless", []), ("ragged", [])]:
             lines += [f"  - name: remote-{mode}", "    engine: remote", f"    base_url: {upstream.url(mode)}",
                       f"    api_key_env: {UPSTREAM_KEY_ENV}", *[f"    {e}" for e in extra]]
         lines += ["  - name: remote-down", "    engine: remote", f"    base_url: http://127.0.0.1:{free_port()}/v1"]

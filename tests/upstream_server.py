@@ -5,6 +5,8 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
   /slow/v1    waits 30 s before answering (engine timeouts)
   /broken/v1  streams two chunks, then drops the connection (failure mid-stream)
   /endless/v1 streams a chunk every 50 ms until the client goes away
+  /ragged/v1  streams OpenAI-style ("usage": null in every chunk, CRLF line ends),
+              each event cut in two writes
 GET /stats reports how many /endless streams ended because the client disconnected.
 Usage: python upstream_server.py PORT EXPECTED_KEY
 """
@@ -33,12 +35,12 @@ def completion(body: dict) -> dict:
     }
 
 
-def chunk(content: str | None, usage: dict | None = None, finish: str | None = None) -> bytes:
+def chunk(content: str | None, usage: dict | None = None, finish: str | None = None, *, null_usage=False, end=b"\n\n") -> bytes:
     choices = [] if content is None else [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
     data = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": choices}
-    if usage is not None:
+    if usage is not None or null_usage:
         data["usage"] = usage
-    return b"data: " + json.dumps(data).encode() + b"\n\n"
+    return b"data: " + json.dumps(data).encode() + end
 
 
 def check_key(request: web.Request) -> web.Response | None:
@@ -69,6 +71,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await response.write(chunk("po"))
         await response.write(chunk("ng"))
         request.transport.abort()
+        return response
+    if mode == "ragged":
+        events = [chunk("po", null_usage=True, end=b"\r\n\r\n"), chunk("ng", finish="stop", null_usage=True, end=b"\r\n\r\n")]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(chunk(None, usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}, end=b"\r\n\r\n"))
+        events.append(b"data: [DONE]\r\n\r\n")
+        for event in events:
+            for part in (event[:15], event[15:]):
+                await response.write(part)
+                await asyncio.sleep(0.01)
         return response
     if mode == "endless":
         try:

@@ -26,6 +26,12 @@ _EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
+def carries_usage(data: bytes) -> bool:
+    """Whether SSE data holds a usage object (OpenAI sends "usage": null in other chunks)."""
+    mentions = data.count(b'"usage"')
+    return mentions > 0 and mentions != data.count(b'"usage":null') + data.count(b'"usage": null')
+
+
 class Call:
     """What the gateway knows about one request while it is being answered."""
 
@@ -146,6 +152,9 @@ class Forwarder:
                 async for data in response.content.iter_any():
                     if call.ttft is None:
                         call.ttft = perf_counter() - call.started
+                    if not buffer and data.endswith(b"\n\n") and b"data: [DONE]" not in data and not carries_usage(data):
+                        yield data  # whole events with nothing to look at: pass them on as they are
+                        continue
                     buffer += data
                     events = _EVENT_BOUNDARY.split(buffer)
                     buffer = events.pop()
@@ -155,7 +164,7 @@ class Forwarder:
                             continue
                         if event.startswith(b"data: [DONE]"):
                             done = True
-                        elif b'"usage"' in event and self._take_usage(call, event) and hide_usage:
+                        elif carries_usage(event) and self._take_usage(call, event) and hide_usage:
                             continue
                         out.append(event + b"\n\n")
                     if out:

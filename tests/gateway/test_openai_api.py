@@ -127,6 +127,19 @@ def test_remote_stream(stack):
     assert chunks[-1].usage.total_tokens == 9
 
 
+def test_ragged_openai_style_stream_is_reassembled_and_metered(stack):
+    """Events cut across reads, CRLF line ends, "usage": null in every chunk (as OpenAI sends)."""
+    with_usage = list(stack.client().chat.completions.create(
+        model="remote-ragged", messages=[{"role": "user", "content": "ping"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in with_usage if c.choices) == "pong"
+    assert with_usage[-1].usage.total_tokens == 9 and all(c.usage is None for c in with_usage[:-1])
+    without = list(stack.client().chat.completions.create(
+        model="remote-ragged", messages=[{"role": "user", "content": "ping"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in without) == "pong"
+    assert all(c.choices for c in without), "the usage chunk the gateway asked for is hidden"
+
+
 def test_health_and_readiness(stack):
     assert httpx.get(stack.root + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(stack.root + "/readyz")

@@ -13,6 +13,7 @@ class ApplianceError(Exception):
     status = 500
     type = "internal_error"
     code: str | None = None
+    request_id: str | None = None  # set by the gateway once a request id exists
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)

@@ -38,11 +38,10 @@ _INSERT = (
 
 
 class UsageRecorder:
-    """Collects UsageRecords in memory; `run()` writes them in batches from a worker thread."""
+    """Collects UsageRecords in memory; `flush()` writes them in one batch from a worker thread."""
 
-    def __init__(self, db_path: Path, flush_interval_s: float = 0.5):
+    def __init__(self, db_path: Path):
         self._db_path = db_path
-        self._interval = flush_interval_s
         self._pending: list[UsageRecord] = []
         self._db: sqlite_utils.Database | None = None
         self._lock = asyncio.Lock()
@@ -53,11 +52,6 @@ class UsageRecorder:
     @property
     def pending(self) -> int:
         return len(self._pending)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush()
 
     async def flush(self) -> None:
         async with self._lock:

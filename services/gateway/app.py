@@ -52,7 +52,7 @@ class Gateway:
         self.db_path = state_db_path(Path(runtime.home))
         self.keys = KeyCache()
         self.metrics = GatewayMetrics()
-        self.recorder = UsageRecorder(self.db_path, self.config.metering_flush_s)
+        self.recorder = UsageRecorder(self.db_path)
         self.pools = {m.name: ModelPool(m) for m in runtime.models}
         self.model_list = msgspec.json.encode(
             {"object": "list", "data": [self._model_object(m.served) for m in self.pools.values()]}
@@ -76,7 +76,7 @@ class Gateway:
             self.metrics.child(self.metrics.replicas, pool.served.name).set(len(pool.replicas))
         self._tasks = [
             asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
-            asyncio.create_task(self.recorder.run()),
+            asyncio.create_task(self._flush_usage()),
             asyncio.create_task(self._refresh_keys()),
         ]
 
@@ -95,6 +95,12 @@ class Gateway:
 
     def _on_health(self, pool: ModelPool) -> None:
         self.metrics.child(self.metrics.healthy_replicas, pool.served.name).set(pool.healthy_count)
+
+    async def _flush_usage(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metering_flush_s)
+            await self.recorder.flush()
+            self.metrics.usage_pending.set(self.recorder.pending)
 
     async def _refresh_keys(self) -> None:
         while True:
@@ -138,12 +144,13 @@ class Gateway:
             raise
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
-        watcher = watch_disconnect(receive, asyncio.current_task())
+        watch = DisconnectWatch(receive, asyncio.current_task())
         try:
             if call.stream:
-                await self._answer_stream(call, pool, body, hide_usage, send)
+                await self._answer_stream(call, pool, body, hide_usage, send, watch)
             else:
                 payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
+                watch.disarm()
                 await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, JSON)})
                 await send({"type": "http.response.body", "body": payload})
         except ApplianceError as error:  # raised before the answer started
@@ -151,7 +158,7 @@ class Gateway:
             error.request_id = call.request_id
             raise
         except asyncio.CancelledError:
-            if not watcher.done():
+            if not watch.fired:
                 call.status, call.error_type = 503, "shutdown"
                 raise  # the server is shutting down
             asyncio.current_task().uncancel()
@@ -160,17 +167,22 @@ class Gateway:
             call.status, call.error_type = 500, "internal_error"
             raise
         finally:
-            watcher.cancel()
+            watch.close()
             in_flight.dec()
             self.finish(call)
 
-    async def _answer_stream(self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, send: Send) -> None:
+    async def _answer_stream(
+        self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, send: Send, watch: DisconnectWatch
+    ) -> None:
         response = await self.forwarder.open_stream(pool, "/" + call.endpoint, body)
         events = self.forwarder.relay(call, pool, response, hide_usage)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, SSE)})
             async for piece in events:
+                if call.answered:  # this piece ends the stream; the client may hang up after it
+                    watch.disarm()
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
+            watch.disarm()
             await send({"type": "http.response.body", "body": b""})
         finally:
             await events.aclose()
@@ -260,23 +272,34 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             return b"".join(chunks)
 
 
-def watch_disconnect(receive: Receive, task: asyncio.Task) -> asyncio.Future:
-    """Cancel `task` when the client disconnects; cancel the returned future to stop watching.
+class DisconnectWatch:
+    """Cancels the request's task if the client disconnects while it is being answered.
 
-    Called once the request body is read, when the next ASGI message can only be
+    Started once the request body is read, when the next ASGI message can only be
     http.disconnect. Granian's receive() already returns a future, so this costs a
-    callback rather than a task per request.
+    callback rather than a task per request. Once the answer is complete the server
+    reports a disconnect too, so the watch is disarmed before the last send.
     """
-    waiter = receive()
-    if not asyncio.isfuture(waiter):
-        waiter = asyncio.ensure_future(waiter)
 
-    def on_message(done: asyncio.Future) -> None:
-        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
-            task.cancel()
+    __slots__ = ("task", "waiter", "armed", "fired")
 
-    waiter.add_done_callback(on_message)
-    return waiter
+    def __init__(self, receive: Receive, task: asyncio.Task):
+        self.task, self.armed, self.fired = task, True, False
+        waiter = receive()
+        self.waiter = waiter if asyncio.isfuture(waiter) else asyncio.ensure_future(waiter)
+        self.waiter.add_done_callback(self._on_message)
+
+    def _on_message(self, done: asyncio.Future) -> None:
+        if self.armed and not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
+            self.fired = True
+            self.task.cancel()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def close(self) -> None:
+        self.armed = False
+        self.waiter.cancel()
 
 
 _REQUEST_PREFIX = "req_" + os.urandom(6).hex()
@@ -346,16 +369,10 @@ async def readyz(request: Request) -> Response:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    gateway = gateway_of(request)
-    gateway.metrics.usage_pending.set(gateway.recorder.pending)
-    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # --- errors: the one place where exceptions become OpenAI error objects ----------
-
-_HTTP_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                     405: "invalid_request_error", 413: "invalid_request_error"}
-
 
 def error_response(message: str, type_: str, status: int, *, param=None, code=None, headers=None) -> Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -364,20 +381,17 @@ def error_response(message: str, type_: str, status: int, *, param=None, code=No
 
 def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
     headers = exc.headers()
-    request_id = getattr(exc, "request_id", None)
-    if request_id:
-        headers["x-request-id"] = request_id
+    if exc.request_id:
+        headers["x-request-id"] = exc.request_id
     return error_response(exc.message, exc.type, exc.status, param=exc.param, code=exc.code, headers=headers)
 
 
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
+    """Litestar's own errors (unknown route, wrong method on a Litestar route)."""
     status = exc.status_code
-    if status == 413:
-        return error_response(body_limit_message(gateway_of(request).config.max_body_bytes),
-                              "invalid_request_error", 413, code="request_too_large")
     message = exc.detail if status != 404 else f"Unknown path {request.url.path}"
-    return error_response(message, _HTTP_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                          status, code=None, headers=exc.headers)
+    type_ = "server_error" if status >= 500 else "invalid_request_error"
+    return error_response(message, type_, status, headers=exc.headers)
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 
 from appliance.errors import ApplianceError, EngineError, EngineRejected, EngineTimeout, ServiceUnavailable
-from services.gateway.replicas import ModelPool, Replica
+from services.gateway.replicas import ModelPool
 from services.gateway.schemas import HasUsage, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ def carries_usage(data: bytes) -> bool:
 class Call:
     """What the gateway knows about one request while it is being answered."""
 
-    __slots__ = ("request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type")
+    __slots__ = (
+        "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type", "answered",
+    )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
         self.request_id = request_id
@@ -48,6 +50,7 @@ class Call:
         self.usage: Usage | None = None
         self.status = 200
         self.error_type: str | None = None
+        self.answered = False  # the answer is complete: a disconnect now cancels nothing
 
 
 def error_event(error: ApplianceError) -> bytes:
@@ -83,33 +86,27 @@ class Forwarder:
     def __init__(self, session: aiohttp.ClientSession):
         self.session = session
 
-    async def _open(self, pool: ModelPool, path: str, body: bytes, stream: bool) -> tuple[Replica, aiohttp.ClientResponse]:
-        """POST to a healthy replica; on a refused connection, mark it down and try another once."""
+    async def _open(self, pool: ModelPool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
+        """POST to a healthy replica. One whose connection fails before it answers (refused,
+        reset, closed: a dead or restarting engine) is marked down and the request goes to
+        the next healthy replica once; generation has no side effects to repeat."""
         timeout = pool.stream_timeout if stream else pool.plain_timeout
-        replica = pool.pick()
-        for attempt in (1, 2):
+        for _ in range(2):
+            replica = pool.pick()  # 503 when no replica is healthy
             try:
-                response = await self.session.post(replica.base_url + path, data=body, headers=replica.headers, timeout=timeout)
-                return replica, response
-            except aiohttp.ClientConnectorError:
-                replica.healthy = False
-                log.warning("%s refused the connection; marked unhealthy", replica)
-                if attempt == 2:
-                    break
-                try:
-                    replica = pool.pick(exclude=replica)
-                except ServiceUnavailable:
-                    break
-            except asyncio.TimeoutError:
+                return await self.session.post(replica.base_url + path, data=body, headers=replica.headers, timeout=timeout)
+            except asyncio.TimeoutError:  # before ClientConnectionError: aiohttp's timeouts are both
                 raise _timeout(pool) from None
+            except aiohttp.ClientConnectionError as exc:
+                replica.healthy = False
+                log.warning("%s failed before answering (%s); marked unhealthy", replica, exc)
             except aiohttp.ClientError as exc:
                 raise EngineError(f"The engine for '{pool.served.name}' failed: {exc}") from None
         raise ServiceUnavailable(f"The model '{pool.served.name}' has no reachable replica right now; retry shortly.", retry_after=2)
 
     async def complete(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
         """Forward a non-streaming request; returns the engine's JSON answer."""
-        replica, response = await self._open(pool, path, body, stream=False)
-        replica.in_flight += 1
+        response = await self._open(pool, path, body, stream=False)
         try:
             payload = await response.read()
         except asyncio.TimeoutError:
@@ -117,7 +114,6 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             raise EngineError(f"The engine for '{pool.served.name}' failed mid-answer: {exc}") from None
         finally:
-            replica.in_flight -= 1
             response.release()
         if response.status >= 400:
             raise engine_error(response.status, payload, pool.served.name)
@@ -129,7 +125,7 @@ class Forwarder:
 
     async def open_stream(self, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Start a streaming request; engine errors before the first byte raise as usual."""
-        _, response = await self._open(pool, path, body, stream=True)
+        response = await self._open(pool, path, body, stream=True)
         if response.status >= 400:
             try:
                 payload = await response.read()
@@ -163,7 +159,7 @@ class Forwarder:
                         if not event:
                             continue
                         if event.startswith(b"data: [DONE]"):
-                            done = True
+                            done = call.answered = True
                         elif carries_usage(event) and self._take_usage(call, event) and hide_usage:
                             continue
                         out.append(event + b"\n\n")
@@ -178,6 +174,7 @@ class Forwarder:
         except ApplianceError as error:
             call.status, call.error_type = error.status, error.type
             log.warning("stream %s ended with an error: %s", call.request_id, error.message)
+            call.answered = True
             yield error_event(error)
         finally:
             response.close()

@@ -29,7 +29,6 @@ class Replica:
             self.headers["Authorization"] = f"Bearer {key}"
         self.healthy = False
         self.failures = 0
-        self.in_flight = 0
 
     def record_probe(self, outcome: str) -> None:
         """outcome: 'ok', 'refused' (nothing listens) or 'failed' (error or timeout)."""
@@ -62,10 +61,10 @@ class ModelPool:
     def healthy_count(self) -> int:
         return sum(r.healthy for r in self.replicas)
 
-    def pick(self, exclude: Replica | None = None) -> Replica:
+    def pick(self) -> Replica:
         for _ in range(len(self.replicas)):
             replica = self.replicas[next(self._turn)]
-            if replica.healthy and replica is not exclude:
+            if replica.healthy:
                 return replica
         raise ServiceUnavailable(
             f"The model '{self.served.name}' has no healthy replica right now; retry shortly.", retry_after=2

@@ -152,3 +152,23 @@ def test_two_gateway_workers_share_metrics_and_metering(tmp_path):
 
     rows = sqlite3.connect(running.home / "state.db").execute("SELECT count(*) FROM usage WHERE endpoint = 'embeddings'").fetchone()[0]
     assert rows == sent, "usage rows from both workers are written before they stop"
+
+
+def test_replicas_share_the_load_and_a_dead_one_is_skipped(tmp_path):
+    running = start_stack(tmp_path, write_profile(tmp_path / "profile.yaml", None, replicas=2))
+    try:
+        client = running.client()
+        for _ in range(4):
+            client.embeddings.create(model=DEFAULT_MODEL, input="hello")
+        logs = [running.home / "logs" / f"engine-{DEFAULT_MODEL}-{i}.log" for i in (0, 1)]
+        served = [log.read_text().count("POST /v1/embeddings") for log in logs]
+        assert served == [2, 2], "round-robin over the two replicas"
+        # Kill one replica and ask at once, before any health probe notices: the gateway
+        # finds the refused connection, marks it down and uses the other replica.
+        victim = running.engine_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(4):
+            assert client.embeddings.create(model=DEFAULT_MODEL, input="hello").data
+        assert readiness(running.root)["models"][DEFAULT_MODEL]["healthy"] <= 2
+    finally:
+        running.stop()

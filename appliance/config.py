@@ -21,6 +21,7 @@ from appliance.errors import ProfileError
 
 DEFAULT_PROFILE = "edge-cpu"
 PACKAGE_SCHEME = "package://"
+GGUF_MAGIC = b"GGUF"
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -132,8 +133,12 @@ def _check_model(model: ModelConfig, where: str, base_dir: Path, check_files: bo
         raise ValueError(f"{where}.path: {exc}") from None
     if check_files and not Path(model.path).exists():
         raise ValueError(f"{where}.path: no such file or directory: {model.path}")
-    if check_files and model.engine == "llamacpp" and not Path(model.path).is_file():
-        raise ValueError(f"{where}.path: engine 'llamacpp' needs a GGUF file, got a directory: {model.path}")
+    if check_files and model.engine == "llamacpp":
+        if not Path(model.path).is_file():
+            raise ValueError(f"{where}.path: engine 'llamacpp' needs a GGUF file, got a directory: {model.path}")
+        with open(model.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ValueError(f"{where}.path: not a GGUF file (it does not start with 'GGUF'): {model.path}")
 
 
 def parse_profile(data: object, *, source: str, base_dir: Path, check_files: bool = True) -> Profile:

@@ -32,6 +32,12 @@ class ProfileError(ApplianceError):
     code = "invalid_profile"
 
 
+class ProcessFailed(ApplianceError):
+    """A supervised process (engine, gateway) did not start or become ready."""
+
+    code = "process_failed"
+
+
 class StateError(ApplianceError):
     """The state database is missing, newer than this code, or otherwise unusable."""
 

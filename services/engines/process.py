@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from appliance.errors import ProcessFailed
+
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 1.0
@@ -95,16 +97,18 @@ class ManagedProcess:
             if should_stop():
                 raise InterruptedError(f"stopped while waiting for {self.name}")
             if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} during start-up; "
-                    f"see {self.log_path}:\n{self.log_tail()}"
+                raise ProcessFailed(
+                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} during start-up. "
+                    f"The end of its log ({self.log_path}):\n{self.log_tail()}"
                 )
             if http_ok(self.health_url, self.health_headers):
                 return
             time.sleep(0.25)
-        raise TimeoutError(f"{self.name} was not ready within {self.startup_timeout_s:g} s; see {self.log_path}")
+        raise ProcessFailed(
+            f"{self.name} was not ready within {self.startup_timeout_s:g} s (startup_timeout_s); see {self.log_path}"
+        )
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 8) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

@@ -69,7 +69,8 @@ class Gateway:
         self._db = await asyncio.to_thread(open_db, self.db_path)
         await asyncio.to_thread(self.keys.refresh, self._db)
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar()
         )
         self.forwarder = Forwarder(session)
         for pool in self.pools.values():

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.conftest import appliance
+from tests.conftest import appliance, free_port
 
 
 def test_help_everywhere():
@@ -58,6 +58,23 @@ def test_up_with_an_invalid_profile_names_file_and_key(tmp_path):
     assert result.returncode == 1
     assert f"{bad}: models[0].path: no such file or directory" in result.stderr
     assert not (tmp_path / "home").exists(), "nothing is created for an invalid profile"
+
+
+def test_up_with_a_corrupt_model_fails_cleanly(tmp_path):
+    """A truncated GGUF passes the magic check but the engine cannot load it."""
+    import psutil
+
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nmodels:\n  - name: m\n    engine: llamacpp\n    path: broken.gguf\n")
+    before = {p.pid for p in psutil.process_iter()}
+    result = appliance("up", "--profile", str(profile), "--port", str(free_port()), home=tmp_path / "home", check=False)
+    assert result.returncode == 1
+    assert "engine m#0 exited with code" in result.stderr and "engine-m-0.log" in result.stderr
+    assert "Traceback (most recent call last):\n  File \"" not in result.stderr.split("The end of its log")[0]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                 and "llamacpp_server" in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers
 
 
 def test_up_refuses_a_busy_port(tmp_path):

@@ -94,6 +94,13 @@ def test_invalid_top_level_is_refused(write, data, expected):
     assert expected in error_of(write(data))
 
 
+def test_llamacpp_needs_a_gguf_file(write, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"PK\x03\x04 not gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    assert "models[0].path: not a GGUF file" in error_of(write({"name": "p", "models": [{**MODEL, "path": "weights.bin"}]}))
+    assert "needs a GGUF file, got a directory" in error_of(write({"name": "p", "models": [{**MODEL, "path": "dir.gguf"}]}))
+
+
 def test_yaml_syntax_error_and_empty_file(write):
     assert "not valid YAML" in error_of(write("name: [unclosed\n"))
     assert "the file is empty" in error_of(write(""))

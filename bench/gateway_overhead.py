@@ -8,9 +8,10 @@ Everything runs side by side in one go, on loopback, with wrk as the load genera
   gateway    the appliance's gateway to that engine
 for streaming and non-streaming chat completions at concurrency 1, 16 and 64.
 
-Needs wrk (Debian: apt-get install wrk). Usage:
+Load comes from wrk (Debian: apt-get install wrk) or, with --loadgen python, from
+bench/loadgen.py (aiohttp on uvloop). Usage:
   .venv/bin/python bench/gateway_overhead.py [--workers N] [--seconds 5] [--engine-seconds 15]
-                                             [--no-engine] [--out FILE]
+                                             [--no-engine] [--loadgen wrk|python] [--out FILE]
 """
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Pop
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
-def wrk(url: str, body: dict, key: str | None, concurrency: int, seconds: int, workdir: Path) -> dict:
-    script = workdir / "request.lua"
-    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
-    script.write_text(LUA % {"body": json.dumps(body), "auth": auth})
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "120s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+def wrk(url: str, body: dict, key: str | None, concurrency: int, seconds: int, workdir: Path, loadgen: str = "wrk") -> dict:
+    """One load run; `loadgen` is wrk (C) or python (bench/loadgen.py, aiohttp)."""
+    if loadgen == "python":
+        body_file = workdir / "body.json"
+        body_file.write_text(json.dumps(body))
+        argv = [PY, str(ROOT / "bench" / "loadgen.py"), url, str(body_file), str(concurrency), str(seconds)]
+        out = subprocess.run(argv + ([key] if key else []), capture_output=True, text=True, check=True).stdout
+    else:
+        script = workdir / "request.lua"
+        auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+        script.write_text(LUA % {"body": json.dumps(body), "auth": auth})
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "120s", "-s", str(script), url],
+            capture_output=True, text=True, check=True,
+        ).stdout
     result = json.loads(out.split("RESULT ", 1)[1])
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     return result
@@ -93,9 +101,11 @@ def main() -> None:
     parser.add_argument("--engine-seconds", type=int, default=15, help="length of each run against the llama.cpp engine")
     parser.add_argument("--workers", type=int, default=1, help="Granian workers of the gateway and of the bare pass-through")
     parser.add_argument("--no-engine", action="store_true", help="skip the llama.cpp engine runs")
+    parser.add_argument("--loadgen", choices=["wrk", "python"], default="wrk",
+                        help="load generator: wrk (C) or bench/loadgen.py (aiohttp on uvloop)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
+    if args.loadgen == "wrk" and not shutil.which("wrk"):
         sys.exit("bench needs wrk: apt-get install wrk")
 
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
@@ -141,7 +151,7 @@ models:
                 body = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
                 for concurrency in CONCURRENCY:
                     for name, url, auth in targets:
-                        result = wrk(url, body, auth, concurrency, seconds, work)
+                        result = wrk(url, body, auth, concurrency, seconds, work, args.loadgen)
                         row = {"backend": backend, "stream": stream, "concurrency": concurrency, "target": name, **result}
                         rows.append(row)
                         print(f"{backend:9} stream={stream!s:5} c={concurrency:<3} {name:9} "

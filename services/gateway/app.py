@@ -14,7 +14,7 @@ from time import perf_counter
 
 import aiohttp
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get
+from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -144,6 +144,10 @@ class Gateway:
         except ApplianceError as error:
             self._fail(call, error)
             raise
+        except Exception as exc:
+            error = internal_error(exc, call)
+            self._fail(call, error)
+            raise error from exc
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
         watch = DisconnectWatch(receive, asyncio.current_task())
@@ -153,6 +157,7 @@ class Gateway:
             else:
                 payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
                 watch.disarm()
+                call.answer_started = True
                 await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, JSON)})
                 await send({"type": "http.response.body", "body": payload})
         except ApplianceError as error:  # raised before the answer started
@@ -165,9 +170,13 @@ class Gateway:
                 raise  # the server is shutting down
             asyncio.current_task().uncancel()
             call.status, call.error_type = ClientGone.status, ClientGone.type
-        except Exception:
+        except Exception as exc:
             call.status, call.error_type = 500, "internal_error"
-            raise
+            if call.answer_started:
+                raise
+            error = internal_error(exc, call)
+            error.request_id = call.request_id
+            raise error from exc
         finally:
             watch.close()
             in_flight.dec()
@@ -179,6 +188,7 @@ class Gateway:
         response = await self.forwarder.open_stream(pool, "/" + call.endpoint, body)
         events = self.forwarder.relay(call, pool, response, hide_usage)
         try:
+            call.answer_started = True
             await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, SSE)})
             async for piece in events:
                 if call.answered:  # this piece ends the stream; the client may hang up after it
@@ -331,21 +341,6 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-@asgi("/v1/chat/completions", copy_scope=False)
-async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await scope["app"].state.gateway.serve(scope, receive, send, "chat/completions", schemas.ChatCompletionRequest)
-
-
-@asgi("/v1/completions", copy_scope=False)
-async def completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await scope["app"].state.gateway.serve(scope, receive, send, "completions", schemas.CompletionRequest)
-
-
-@asgi("/v1/embeddings", copy_scope=False)
-async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
-    await scope["app"].state.gateway.serve(scope, receive, send, "embeddings", schemas.EmbeddingRequest)
-
-
 @get("/v1/models")
 async def list_models(request: Request) -> Response:
     gateway = gateway_of(request)
@@ -386,16 +381,25 @@ async def metrics(request: Request) -> Response:
 
 # --- errors: the one place where exceptions become OpenAI error objects ----------
 
+def error_body(message: str, type_: str, *, param=None, code=None) -> bytes:
+    return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
 def error_response(message: str, type_: str, status: int, *, param=None, code=None, headers=None) -> Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+    return Response(error_body(message, type_, param=param, code=code), status_code=status,
+                    media_type="application/json", headers=headers)
 
 
-def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
+def appliance_error_headers(exc: ApplianceError) -> dict[str, str]:
     headers = exc.headers()
     if exc.request_id:
         headers["x-request-id"] = exc.request_id
-    return error_response(exc.message, exc.type, exc.status, param=exc.param, code=exc.code, headers=headers)
+    return headers
+
+
+def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
+    return error_response(exc.message, exc.type, exc.status, param=exc.param, code=exc.code,
+                          headers=appliance_error_headers(exc))
 
 
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
@@ -406,13 +410,40 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
     return error_response(message, type_, status, headers=exc.headers)
 
 
+INTERNAL_ERROR = "The gateway hit an internal error; see its log."
+
+
+def internal_error(exc: Exception, call: Call) -> ApplianceError:
+    """A bug, logged with its traceback, as a 500 OpenAI error for the client."""
+    log.error("unhandled error answering %s %s", call.request_id, call.endpoint, exc_info=exc)
+    return ApplianceError(INTERNAL_ERROR)
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response("The gateway hit an internal error; see its log.", "internal_error", 500)
+    return error_response(INTERNAL_ERROR, ApplianceError.type, 500)
 
 
-def create_app(runtime: GatewayRuntime | None = None) -> Litestar:
-    """App factory; Granian calls it with no argument and the runtime file named by the env."""
+async def send_error(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw = [*JSON, *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+# The OpenAI POST routes: the hot path, answered before Litestar's router.
+OPENAI_POSTS = {
+    "/v1/chat/completions": ("chat/completions", schemas.ChatCompletionRequest),
+    "/v1/completions": ("completions", schemas.CompletionRequest),
+    "/v1/embeddings": ("embeddings", schemas.EmbeddingRequest),
+}
+
+
+def create_app(runtime: GatewayRuntime | None = None):
+    """ASGI app factory; Granian calls it with no argument and the runtime file named by the env.
+
+    The OpenAI POST routes go straight to the Gateway (raw ASGI, no router or middleware
+    on the hot path); everything else, lifespan included, is the Litestar app.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if runtime is None:
         runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
@@ -425,8 +456,8 @@ def create_app(runtime: GatewayRuntime | None = None) -> Litestar:
     async def on_shutdown(app: Litestar) -> None:
         await gateway.stop()
 
-    return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, healthz, readyz, metrics],
+    litestar = Litestar(
+        route_handlers=[list_models, get_model, healthz, readyz, metrics],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers={
@@ -436,3 +467,17 @@ def create_app(runtime: GatewayRuntime | None = None) -> Litestar:
         },
         request_max_body_size=runtime.gateway.max_body_bytes,
     )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        route = OPENAI_POSTS.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await litestar(scope, receive, send)
+            return
+        try:
+            await gateway.serve(scope, receive, send, *route)
+        except ApplianceError as exc:  # raised only before the answer started
+            body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+            await send_error(send, exc.status, body, appliance_error_headers(exc))
+        # Anything else was raised after the answer started: Granian logs it and drops the connection.
+
+    return app

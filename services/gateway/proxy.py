@@ -36,7 +36,8 @@ class Call:
     """What the gateway knows about one request while it is being answered."""
 
     __slots__ = (
-        "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type", "answered",
+        "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
+        "answer_started", "answered",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -50,6 +51,7 @@ class Call:
         self.usage: Usage | None = None
         self.status = 200
         self.error_type: str | None = None
+        self.answer_started = False  # the response status has been sent
         self.answered = False  # the answer is complete: a disconnect now cancels nothing
 
 

@@ -102,7 +102,7 @@ class Supervisor:
             if model.engine == "remote":
                 endpoints.append(ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env))
             for index in range(model.replicas if model.engine != "remote" else 0):
-                key = secrets.token_urlsafe(24)
+                key = secrets.token_hex(24)
                 cmd = engine_command(model, ENGINE_HOST, free_port(), key)
                 name = f"{model.name}#{index}"
                 child = ManagedProcess(

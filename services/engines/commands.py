@@ -31,7 +31,7 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         "--model_alias", model.name,
         "--host", host,
         "--port", str(port),
-        "--api_key", api_key,
+        f"--api_key={api_key}",  # one token, whatever the key starts with
         "--n_ctx", str(model.context_length),
         "--n_threads", str(model.threads or default_threads()),
         "--n_gpu_layers", str(model.gpu_layers),
@@ -49,7 +49,7 @@ def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> Engi
         "--served-model-name", model.name,
         "--host", host,
         "--port", str(port),
-        "--api-key", api_key,
+        f"--api-key={api_key}",
         "--max-model-len", str(model.context_length),
         *model.extra_args,
     ]

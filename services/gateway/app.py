@@ -1,5 +1,6 @@
-"""The gateway's Litestar app: OpenAI-compatible routes, health, metrics, and the one
-place where exceptions become OpenAI error objects."""
+"""The gateway's ASGI app: the OpenAI routes (served by `Gateway`, raw ASGI, the hot
+path) in front of a Litestar app for models, health, readiness and metrics. Errors
+become OpenAI error objects in services/gateway/errors.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from time import perf_counter
 import aiohttp
 import msgspec
 from litestar import Litestar, Request, Response, get
-from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,6 +32,7 @@ from appliance.home import state_db_path
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway import schemas
+from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, send_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import ModelPool, watch_health
@@ -145,7 +146,7 @@ class Gateway:
             self._fail(call, error)
             raise
         except Exception as exc:
-            error = internal_error(exc, call)
+            error = internal_error(exc, call.request_id)
             self._fail(call, error)
             raise error from exc
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
@@ -174,9 +175,7 @@ class Gateway:
             call.status, call.error_type = 500, "internal_error"
             if call.answer_started:
                 raise
-            error = internal_error(exc, call)
-            error.request_id = call.request_id
-            raise error from exc
+            raise internal_error(exc, call.request_id) from exc
         finally:
             watch.close()
             in_flight.dec()
@@ -379,57 +378,6 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-# --- errors: the one place where exceptions become OpenAI error objects ----------
-
-def error_body(message: str, type_: str, *, param=None, code=None) -> bytes:
-    return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-def error_response(message: str, type_: str, status: int, *, param=None, code=None, headers=None) -> Response:
-    return Response(error_body(message, type_, param=param, code=code), status_code=status,
-                    media_type="application/json", headers=headers)
-
-
-def appliance_error_headers(exc: ApplianceError) -> dict[str, str]:
-    headers = exc.headers()
-    if exc.request_id:
-        headers["x-request-id"] = exc.request_id
-    return headers
-
-
-def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
-    return error_response(exc.message, exc.type, exc.status, param=exc.param, code=exc.code,
-                          headers=appliance_error_headers(exc))
-
-
-def http_error_handler(request: Request, exc: HTTPException) -> Response:
-    """Litestar's own errors (unknown route, wrong method on a Litestar route)."""
-    status = exc.status_code
-    message = exc.detail if status != 404 else f"Unknown path {request.url.path}"
-    type_ = "server_error" if status >= 500 else "invalid_request_error"
-    return error_response(message, type_, status, headers=exc.headers)
-
-
-INTERNAL_ERROR = "The gateway hit an internal error; see its log."
-
-
-def internal_error(exc: Exception, call: Call) -> ApplianceError:
-    """A bug, logged with its traceback, as a 500 OpenAI error for the client."""
-    log.error("unhandled error answering %s %s", call.request_id, call.endpoint, exc_info=exc)
-    return ApplianceError(INTERNAL_ERROR)
-
-
-def internal_error_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(INTERNAL_ERROR, ApplianceError.type, 500)
-
-
-async def send_error(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    raw = [*JSON, *((k.lower().encode(), v.encode()) for k, v in headers.items())]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 # The OpenAI POST routes: the hot path, answered before Litestar's router.
 OPENAI_POSTS = {
     "/v1/chat/completions": ("chat/completions", schemas.ChatCompletionRequest),
@@ -460,11 +408,7 @@ def create_app(runtime: GatewayRuntime | None = None):
         route_handlers=[list_models, get_model, healthz, readyz, metrics],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
-        exception_handlers={
-            ApplianceError: appliance_error_handler,
-            HTTPException: http_error_handler,
-            Exception: internal_error_handler,
-        },
+        exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=runtime.gateway.max_body_bytes,
     )
 
@@ -476,8 +420,7 @@ def create_app(runtime: GatewayRuntime | None = None):
         try:
             await gateway.serve(scope, receive, send, *route)
         except ApplianceError as exc:  # raised only before the answer started
-            body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
-            await send_error(send, exc.status, body, appliance_error_headers(exc))
+            await send_error(send, exc)
         # Anything else was raised after the answer started: Granian logs it and drops the connection.
 
     return app

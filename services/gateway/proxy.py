@@ -17,13 +17,13 @@ import aiohttp
 import msgspec
 
 from appliance.errors import ApplianceError, EngineError, EngineRejected, EngineTimeout, ServiceUnavailable
+from services.gateway.errors import error_event
 from services.gateway.replicas import ModelPool
 from services.gateway.schemas import HasUsage, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
 _EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def carries_usage(data: bytes) -> bool:
@@ -53,11 +53,6 @@ class Call:
         self.error_type: str | None = None
         self.answer_started = False  # the response status has been sent
         self.answered = False  # the answer is complete: a disconnect now cancels nothing
-
-
-def error_event(error: ApplianceError) -> bytes:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return b"data: " + msgspec.json.encode(body) + b"\n\n" + DONE_EVENT
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:

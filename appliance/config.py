@@ -61,9 +61,6 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
 
-    def model(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.name == name), None)
-
 
 @functools.cache
 def profile_schema() -> dict:

@@ -55,12 +55,6 @@ class AuthenticationFailed(ApplianceError):
     code = "invalid_api_key"
 
 
-class PermissionDenied(ApplianceError):
-    status = 403
-    type = "permission_error"
-    code = "permission_denied"
-
-
 class NotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"

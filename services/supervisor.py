@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from appliance.config import Profile
 from appliance.db import open_db
 from appliance.errors import ApplianceError
@@ -131,8 +133,8 @@ class Supervisor:
         for child in self.engines:
             child.wait_ready(lambda: self._stopping)
             self.say(f"{child.name} is ready")
-        gateway_config = self.profile.gateway
-        return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway_config, models=served)
+        gateway = msgspec.structs.replace(self.profile.gateway, host=self.host, port=self.port)  # as actually served
+        return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served)
 
     def _start_gateway(self, runtime: GatewayRuntime) -> None:
         runtime_file = run_dir(self.home) / "gateway.json"
@@ -174,8 +176,11 @@ class Supervisor:
         if admin_secret:
             lines.append(f"  admin key:        {admin_secret}")
             lines.append(f"                    (shown once; also saved to {admin_key_path(self.home)}, mode 0600)")
-        else:
+        elif admin_key_path(self.home).exists():
             lines.append(f"  admin key:        in {admin_key_path(self.home)}")
+        else:
+            lines.append(f"  admin key:        {admin_key_path(self.home)} is gone; make a new one with "
+                         "`appliance keys create NAME --role admin`")
         lines += [f"  logs:             {logs_dir(self.home)}", "Press Ctrl-C to stop.", ""]
         self.say("\n".join(lines))
 

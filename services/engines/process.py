@@ -125,6 +125,7 @@ class ManagedProcess:
             return None
         now = time.monotonic()
         if self._restart_at is None:
+            self._kill_group()  # whatever the dead process started (e.g. Granian's workers) goes too
             code = self.proc.returncode if self.proc else None
             self._restart_at = now + self._backoff
             wait, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX_S)
@@ -153,7 +154,10 @@ class ManagedProcess:
             except ProcessLookupError:
                 pass
             self.proc.wait()
-        # Anything the child left in its process group goes too.
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL everything left in the child's process group (it leads its own group)."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -172,3 +172,22 @@ def test_replicas_share_the_load_and_a_dead_one_is_skipped(tmp_path):
         assert readiness(running.root)["models"][DEFAULT_MODEL]["healthy"] <= 2
     finally:
         running.stop()
+
+
+def test_killed_gateway_is_restarted(tmp_path):
+    running = start_stack(tmp_path, write_profile(tmp_path / "profile.yaml", None))
+    try:
+        [main] = [p for p in psutil.Process(running.proc.pid).children() if "granian" in " ".join(p.cmdline())]
+        workers = main.children()
+        assert workers
+        os.kill(main.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "gateway restarted" not in running.output.read_text():
+            time.sleep(0.2)
+        assert "gateway restarted" in running.output.read_text()
+        wait_ready(running.root, 60, running.proc)
+        assert running.client().models.list().data[0].id == DEFAULT_MODEL
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "the dead gateway's workers do not linger"
+    finally:
+        running.stop()

@@ -137,3 +137,8 @@ def test_failure_mid_stream_raises_in_the_sdk(stack):
 
 def test_unknown_route_is_an_openai_404(stack):
     assert_error(httpx.get(stack.root + "/v1/nope"), 404)
+
+
+def test_wrong_method_is_405(stack):
+    response = httpx.get(stack.base_url + "/chat/completions", headers={"Authorization": f"Bearer {stack.admin_key}"})
+    assert_error(response, 405, code="method_not_allowed")

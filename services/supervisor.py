@@ -68,8 +68,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)
         try:
-            admin_secret = self._prepare_home()
             check_port_free(self.host, self.port)
+            admin_secret = self._prepare_home()
             runtime = self._start_engines()
             self._start_gateway(runtime)
             self._announce(admin_secret)

@@ -82,9 +82,10 @@ def test_up_refuses_a_busy_port(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = appliance("up", "--host", "127.0.0.1", "--port", str(port), home=tmp_path, check=False)
+        result = appliance("up", "--host", "127.0.0.1", "--port", str(port), home=tmp_path / "home", check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert not (tmp_path / "home").exists(), "no key is made for a stack that cannot start"
 
 
 def test_models_list_and_profiles(tmp_path):

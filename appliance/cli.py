@@ -170,7 +170,7 @@ def usage(since: str, by: str, home: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    columns = [c for c in ("key_id", "key_name", "model") if rows and c in rows[0]] or []
+    columns = [c for c in ("key_id", "key_name", "model") if rows and c in rows[0]]
     columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms", "last"]
     click.echo(_table(rows, columns))
 

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -107,7 +107,6 @@ class Stack:
     proc: subprocess.Popen
     admin_key: str
     output: Path
-    children: list[int] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:

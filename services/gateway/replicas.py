@@ -84,14 +84,12 @@ async def probe(session: aiohttp.ClientSession, replica: Replica) -> str:
         return "failed"
 
 
-async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPool], interval_s: float, on_change) -> None:
-    """Probe every replica forever; call on_change(pool) when a model's healthy count changes."""
+async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPool], interval_s: float, on_probed) -> None:
+    """Probe every replica forever; call on_probed(pool) after each round of a model's probes."""
     while True:
         for pool in pools.values():
-            before = pool.healthy_count
             outcomes = await asyncio.gather(*(probe(session, r) for r in pool.replicas))
             for replica, outcome in zip(pool.replicas, outcomes):
                 replica.record_probe(outcome)
-            if pool.healthy_count != before:
-                on_change(pool)
+            on_probed(pool)  # also publishes what failed requests marked down in between
         await asyncio.sleep(interval_s)

@@ -1,7 +1,8 @@
 """Prometheus metrics of the gateway, per model.
 
 With several Granian workers, each worker is a process: the supervisor sets
-PROMETHEUS_MULTIPROC_DIR and every worker's values are summed at scrape time.
+PROMETHEUS_MULTIPROC_DIR and every worker's values are summed at scrape time. One
+worker keeps its values in memory, which is cheaper per request.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ from appliance.home import HOME_ENV, resolve_home, state_db_path
 from appliance.keys import ROLES, create_key, list_keys, revoke_key
 from appliance.durations import parse_duration
 from appliance.usage import summarize
+from installer.probe import probe_command
+from installer.bundle_cli import bundle
+from installer.render_cli import render
+from installer.plan_cli import plan_command
+from installer.install import install_command, uninstall_command
 
 PORT_ENV = "APPLIANCE_PORT"
 PROFILE_ENV = "APPLIANCE_PROFILE"
@@ -65,15 +70,20 @@ def cli() -> None:
 def up(profile_name: str, home: str | None, host: str | None, port: int | None) -> None:
     """Run the whole stack in the foreground until Ctrl-C or SIGTERM.
 
-    Starts the profile's engines, waits until each is healthy, then serves the
-    OpenAI-compatible API. On first start an admin key is created and printed once.
+    Plans the profile for this machine (as `appliance plan` shows), starts the
+    engines, waits until each is healthy, then serves the OpenAI-compatible API. On first start an admin key is created and printed once.
     """
+    from installer.planner import make_plan
+    from installer.probe import probe
     from services.supervisor import Supervisor
 
     profile = load_profile(profile_name)
+    home_dir = resolve_home(home)
+    plan = make_plan(profile, [probe(home_dir)])  # refuses a model that does not fit, with the numbers
     supervisor = Supervisor(
         profile,
-        resolve_home(home),
+        plan,
+        home_dir,
         host or profile.gateway.host,
         port or profile.gateway.port,
         say=lambda line: click.echo(line),
@@ -199,6 +209,15 @@ def profiles_check(profile: str) -> None:
 def profiles_schema() -> None:
     """Print the JSON Schema that profiles are validated against."""
     click.echo(json.dumps(profile_schema(), indent=2))
+
+
+# Installer commands: each lives with its module in installer/.
+cli.add_command(probe_command, "probe")
+cli.add_command(render, "render")
+cli.add_command(bundle, "bundle")
+cli.add_command(plan_command, "plan")
+cli.add_command(install_command, "install")
+cli.add_command(uninstall_command, "uninstall")
 
 
 def main() -> None:

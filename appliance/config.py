@@ -48,11 +48,26 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream_model: str | None = None
     context_length: Annotated[int, msgspec.Meta(ge=128)] = 2048
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    gpus: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    node: str | None = None
     embeddings: bool = False
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0
     request_timeout_s: Positive | None = None
+
+
+class K3sConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    namespace: Name = "appliance"
+    image: str = "appliance:0.1.0"
+    gateway_service_type: Literal["LoadBalancer", "NodePort", "ClusterIP"] = "LoadBalancer"
+    gateway_node_port: Annotated[int, msgspec.Meta(ge=30000, le=32767)] | None = None
+    storage_class: str | None = None  # None: the cluster's default (k3s: local-path)
+    state_volume_size: str = "10Gi"
+    minio_volume_size: str = "100Gi"
+    models_host_path: str = "/var/lib/appliance/models"
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -60,6 +75,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     description: str = ""
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
+    k3s: K3sConfig = msgspec.field(default_factory=K3sConfig)
 
 
 @functools.cache

@@ -122,3 +122,15 @@ class ClientGone(ApplianceError):
     status = 499
     type = "client_closed_request"
     code = "client_closed_request"
+
+
+class InstallError(ApplianceError):
+    """The installer, a renderer or a bundle met bad input or a failed step."""
+
+    code = "install_error"
+
+
+class PlanError(ApplianceError):
+    """A model cannot be placed on the machine (or cluster) it is planned for."""
+
+    code = "does_not_fit"

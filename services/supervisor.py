@@ -24,6 +24,7 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError
 from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
 from appliance.keys import ensure_admin_key
+from installer.plan_model import Plan, planned_model
 from services.engines.commands import engine_command
 from services.engines.process import ManagedProcess
 from services.gateway.metrics import MULTIPROC_ENV
@@ -51,8 +52,9 @@ def check_port_free(host: str, port: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, profile: Profile, home: Path, host: str, port: int, say: Callable[[str], None] = print):
+    def __init__(self, profile: Profile, plan: Plan, home: Path, host: str, port: int, say: Callable[[str], None] = print):
         self.profile = profile
+        self.plan = plan
         self.home = home
         self.host = host
         self.port = port
@@ -103,9 +105,10 @@ class Supervisor:
             endpoints: list[ReplicaEndpoint] = []
             if model.engine == "remote":
                 endpoints.append(ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env))
-            for index in range(model.replicas if model.engine != "remote" else 0):
+            planned = self.plan.model(model.name)
+            for index, placement in enumerate(planned.replicas):
                 key = secrets.token_hex(24)
-                cmd = engine_command(model, ENGINE_HOST, free_port(), key)
+                cmd = engine_command(planned_model(model, planned, placement), ENGINE_HOST, free_port(), key)
                 name = f"{model.name}#{index}"
                 child = ManagedProcess(
                     f"engine {name}",
@@ -114,6 +117,7 @@ class Supervisor:
                     health_url=cmd.health_url,
                     health_headers={"Authorization": f"Bearer {key}"},
                     startup_timeout_s=model.startup_timeout_s,
+                    env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))},
                 )
                 self.say(f"starting {model.engine} engine {name} on {cmd.base_url}")
                 child.start()

@@ -173,12 +173,14 @@ def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, **ga
     return path
 
 
-def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180) -> Stack:
+def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180,
+                appliance: Path = BIN / "appliance") -> Stack:
+    """`appliance up` in `tmp` (its working directory too, so nothing is imported from this checkout by accident)."""
     home, port = tmp / "home", free_port()
     output = tmp / "up.log"
     proc = subprocess.Popen(
-        [str(BIN / "appliance"), "up", "--profile", str(profile), "--home", str(home), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=output.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        [str(appliance), "up", "--profile", str(profile), "--home", str(home), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=output.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=tmp,
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}", ready_timeout, proc)

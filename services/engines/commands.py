@@ -34,10 +34,14 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         f"--api_key={api_key}",  # one token, whatever the key starts with
         "--n_ctx", str(model.context_length),
         "--n_threads", str(model.threads or default_threads()),
-        "--n_gpu_layers", str(model.gpu_layers),
+        "--n_gpu_layers", str(model.gpu_layers or 0),  # the plan fills it in; unplanned means CPU
         "--embedding", "true" if model.embeddings else "false",
         # Queue concurrent requests instead of cutting off the stream being generated.
         "--interrupt_requests", "false",
+        # Keep logits of the last token only. The server's default keeps them for every
+        # token of the context (context x vocabulary x 4 bytes, twice: 0.8 GiB for the
+        # default model at 2048 tokens), which only prompt logprobs need.
+        "--logits_all", "false",
         *model.extra_args,
     ]
     return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")
@@ -51,8 +55,15 @@ def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> Engi
         "--port", str(port),
         f"--api-key={api_key}",
         "--max-model-len", str(model.context_length),
-        *model.extra_args,
     ]
+    # Filled in by the planner (installer/planner.py); vLLM's defaults where unplanned.
+    if model.gpus:
+        argv += ["--tensor-parallel-size", str(model.gpus)]
+    if model.gpu_memory_utilization:
+        argv += ["--gpu-memory-utilization", f"{model.gpu_memory_utilization:g}"]
+    if model.max_num_seqs:
+        argv += ["--max-num-seqs", str(model.max_num_seqs)]
+    argv += model.extra_args
     return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")
 
 

@@ -1,0 +1,173 @@
+"""How much memory a model replica needs, from its files alone (never the network).
+
+GGUF files (llama.cpp): weights are the tensors' sizes; layers, KV heads and head size
+come from the GGUF metadata, read with the `gguf` package. HF-format directories
+(vLLM): weights are the safetensors files' sizes; the rest comes from config.json.
+
+    total = weights + KV cache (context length x parallel sequences) + compute buffers + runtime
+
+The constants below were measured on the llama.cpp engine on CPU (docs/benchmarks.md,
+"Fit estimator"); the GPU ones are the usual CUDA figures and were not measured here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import InstallError
+from installer.plan_model import MemoryEstimate
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# llama.cpp through llama-cpp-python (n_batch = n_ubatch = 512, its defaults):
+# - runtime: the engine process without a model (Python, the library, its server) plus
+#   llama-cpp-python's own logits array for one batch (batch x vocabulary x 4 bytes);
+# - compute: llama.cpp's buffer, the larger of one micro-batch's logits and its
+#   attention scores over the whole context (4-byte floats), plus a small fixed part;
+# - activations: what the engine holds per context token beyond the KV cache while it
+#   processes a long prompt, measured as about 16 bytes per embedding dimension.
+LLAMACPP_RUNTIME_BYTES = 64 * MiB
+LLAMACPP_BATCH = 512
+LLAMACPP_COMPUTE_BASE_BYTES = 8 * MiB
+LLAMACPP_ACTIVATION_BYTES_PER_DIM = 16
+# On a GPU every process also holds a CUDA context, and vLLM reserves activation memory
+# for its largest batch and its CUDA graphs.
+CUDA_CONTEXT_BYTES = 512 * MiB
+VLLM_ACTIVATION_BYTES = 2 * GiB
+
+KV_BYTES = {"f16": 2, "bf16": 2, "float16": 2, "bfloat16": 2, "float32": 4, "f32": 4, "fp8": 1, "q8_0": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizing needs to know about a model, whatever its format."""
+
+    weights_bytes: int
+    layers: int
+    heads: int
+    embedding: int
+    vocabulary: int
+    kv_bytes_per_token: int  # K and V, all layers, at the engine's cache type
+    trained_context: int | None
+    basis: str
+
+
+def gguf_shape(path: Path) -> ModelShape:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"{path}: cannot read GGUF metadata: {exc}") from None
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if not arch:
+        raise InstallError(f"{path}: GGUF metadata has no general.architecture")
+    layers = field(f"{arch}.block_count")
+    heads = field(f"{arch}.attention.head_count")
+    embedding = field(f"{arch}.embedding_length")
+    if not layers or not heads or not embedding:
+        raise InstallError(f"{path}: GGUF metadata lacks {arch}.block_count, attention.head_count or embedding_length")
+    kv_heads = field(f"{arch}.attention.head_count_kv", heads)
+    heads_per_layer = heads if isinstance(heads, list) else [heads] * layers
+    kv_per_layer = kv_heads if isinstance(kv_heads, list) else [kv_heads] * layers
+    head_size = embedding // max(heads_per_layer)
+    key_size = field(f"{arch}.attention.key_length", head_size)
+    value_size = field(f"{arch}.attention.value_length", head_size)
+    kv_elements = sum(kv_per_layer) * (key_size + value_size)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocabulary = field(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
+    return ModelShape(
+        weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        layers=int(layers),
+        heads=max(heads_per_layer),
+        embedding=int(embedding),
+        vocabulary=int(vocabulary),
+        kv_bytes_per_token=kv_elements * KV_BYTES["f16"],
+        trained_context=field(f"{arch}.context_length"),
+        basis="GGUF metadata",
+    )
+
+
+def hf_shape(directory: Path) -> ModelShape:
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise InstallError(f"{directory}: not an HF-format model directory (no config.json)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InstallError(f"{config_file}: cannot read: {exc}") from None
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    if not weights:
+        raise InstallError(f"{directory}: no *.safetensors weights found")
+    try:
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InstallError(f"{config_file}: missing or bad {exc}") from None
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_size = int(config.get("head_dim") or hidden // heads)
+    dtype_bytes = KV_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
+    return ModelShape(
+        weights_bytes=weights,
+        layers=layers,
+        heads=heads,
+        embedding=hidden,
+        vocabulary=int(config.get("vocab_size") or 0),
+        kv_bytes_per_token=2 * layers * kv_heads * head_size * dtype_bytes,
+        trained_context=config.get("max_position_embeddings"),
+        basis="config.json + safetensors sizes",
+    )
+
+
+def model_shape(path: str | Path) -> ModelShape:
+    path = Path(path)
+    if path.is_dir():
+        return hf_shape(path)
+    if not path.is_file():
+        raise InstallError(f"{path}: no such model file or directory")
+    return gguf_shape(path)
+
+
+def llamacpp_compute_bytes(shape: ModelShape, context: int) -> int:
+    scores = 4 * LLAMACPP_BATCH * max(shape.vocabulary, context * shape.heads)
+    activations = LLAMACPP_ACTIVATION_BYTES_PER_DIM * shape.embedding * context
+    return LLAMACPP_COMPUTE_BASE_BYTES + scores + activations
+
+
+def llamacpp_estimate(shape: ModelShape, context: int, *, on_gpu: bool = False) -> MemoryEstimate:
+    kv = shape.kv_bytes_per_token * context
+    compute = llamacpp_compute_bytes(shape, context)
+    runtime = LLAMACPP_RUNTIME_BYTES + 4 * LLAMACPP_BATCH * shape.vocabulary + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    return MemoryEstimate(
+        weights_bytes=shape.weights_bytes,
+        kv_cache_bytes=kv,
+        compute_bytes=compute,
+        runtime_bytes=runtime,
+        total_bytes=shape.weights_bytes + kv + compute + runtime,
+        basis=shape.basis,
+    )
+
+
+def vllm_estimate(shape: ModelShape, max_model_len: int, max_num_seqs: int, tensor_parallel: int) -> MemoryEstimate:
+    """Per GPU of a replica: its shard of weights and KV cache plus fixed reserves."""
+    weights = shape.weights_bytes // tensor_parallel
+    kv = shape.kv_bytes_per_token * max_model_len * max_num_seqs // tensor_parallel
+    runtime = CUDA_CONTEXT_BYTES
+    return MemoryEstimate(
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        compute_bytes=VLLM_ACTIVATION_BYTES,
+        runtime_bytes=runtime,
+        total_bytes=weights + kv + VLLM_ACTIVATION_BYTES + runtime,
+        basis=shape.basis,
+    )

@@ -1,0 +1,89 @@
+"""`appliance render`: write deployment files without installing anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.config import load_profile
+
+
+@click.group()
+def render() -> None:
+    """Write deployment files (systemd units, k3s manifests) for a profile without installing."""
+
+
+@render.command("k3s")
+@click.option("--profile", "profile_name", default="small-cluster", show_default=True,
+              help="Built-in profile name or path to a profile YAML file.")
+@click.option("--inventory", "inventories", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A node's inventory from `appliance probe --json`; once per node.")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the manifests into.")
+def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str) -> None:
+    """Write Kubernetes manifests for a k3s cluster into OUT.
+
+    Engine replicas are placed on the nodes as the plan for the given inventories
+    decides. Secrets are generated on the first render and kept on later ones. Apply
+    with `kubectl apply -f OUT`; images.txt lists the images every node must have.
+    """
+    from installer.inventory import read_inventory
+    from installer.k3s import host_model_path, render_k3s
+    from installer.planner import make_plan
+
+    profile = load_profile(profile_name)
+    plan = make_plan(profile, [read_inventory(Path(p)) for p in inventories], whole_gpus=True)
+    out_dir = Path(out)
+    written = render_k3s(profile, plan, out_dir)
+    click.echo(f"wrote {len(written)} files to {out_dir} (secrets in {out_dir / '10-secrets.yaml'}, mode 0600)")
+    click.echo("images to import on every node (images.txt):")
+    for image in (out_dir / "images.txt").read_text().split():
+        click.echo(f"  {image}")
+    click.echo("model files each node needs:")
+    for model in profile.models:
+        if model.engine != "remote":
+            nodes = sorted({p.node for p in plan.model(model.name).replicas})
+            click.echo(f"  {host_model_path(profile, model)}  on {', '.join(nodes)}")
+    click.echo(f"then: kubectl apply -f {out_dir}")
+
+
+@render.command("systemd")
+@click.option("--profile", "profile_name", default="auto", show_default=True,
+              help="Built-in profile name, path to a profile YAML file, or `auto` (chosen from the hardware).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder laid out as the machine's root: units land in OUT/etc/systemd/system.")
+@click.option("--inventory", "inventories", multiple=True, type=click.Path(dir_okay=False),
+              help="Plan for this inventory (`appliance probe --json`) instead of probing this machine; "
+                   "once per node.")
+@click.option("--node", help="The plan's node to render for (default: the first, i.e. this machine).")
+@click.option("--with-minio", is_flag=True,
+              help="Also run MinIO (the install must bring /opt/appliance/bin/minio).")
+def render_systemd_command(profile_name: str, out: str, inventories: tuple[str, ...], node: str | None,
+                           with_minio: bool) -> None:
+    """Write hardened systemd units and their config for a bare-metal install into OUT.
+
+    OUT mirrors the target machine: etc/systemd/system (the units and appliance.target),
+    etc/appliance (gateway.json, engines.env and minio.env, mode 0600; litestream.yml),
+    usr/lib/sysusers.d and usr/lib/tmpfiles.d (the `appliance` user, its folders). Keys are
+    generated on the first render into OUT and kept on later ones. To install by hand: copy
+    the tree onto /, then run `systemd-sysusers`, `systemd-tmpfiles --create`,
+    `systemctl daemon-reload` and `systemctl enable --now appliance.target`.
+    """
+    from installer.inventory import read_inventory
+    from installer.layout import Layout
+    from installer.planner import choose_profile, make_plan
+    from installer.probe import probe
+    from installer.systemd import render_systemd
+
+    layout = Layout()
+    machines = [read_inventory(Path(p)) for p in inventories] or [probe(layout.data)]
+    profile = load_profile(choose_profile(machines) if profile_name == "auto" else profile_name)
+    plan = make_plan(profile, machines)
+    out_dir = Path(out)
+    rendered = render_systemd(profile, plan, layout, out_dir, node=node, with_minio=with_minio)
+    click.echo(f"rendered profile {profile.name} for node {node or plan.nodes[0]} into {out_dir}:")
+    for path in [*rendered.units, *rendered.files]:
+        note = "" if path in rendered.changed else "  (unchanged)"
+        click.echo(f"  {path.relative_to(out_dir)}  {path.stat().st_mode & 0o777:04o}{note}")
+    for path in rendered.removed:
+        click.echo(f"  {path.relative_to(out_dir)}  removed (not in this render)")

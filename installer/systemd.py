@@ -1,0 +1,330 @@
+"""systemd units for a bare-metal install, rendered from a profile and its plan.
+
+The templates in systemd/ (package data `appliance.systemd`) are filled with string.Template.
+`out_dir` is laid out as the root of the machine: units in out_dir/etc/systemd/system, the
+config and secrets in out_dir/etc/appliance, the sysusers.d and tmpfiles.d entries in
+out_dir/usr/lib, so `out_dir` may be a staging folder or the install root itself. Engine
+keys and MinIO credentials are generated on the first render and read back on the next,
+and files are only rewritten when their bytes or mode change, so a re-render with nothing
+changed changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import msgspec
+
+from appliance.config import ModelConfig, Profile
+from appliance.errors import InstallError
+from installer.layout import ENGINE_BASE_PORT, Layout
+from installer.plan_model import Placement, Plan, planned_model
+from services.engines.commands import engine_command
+from services.gateway.metrics import MULTIPROC_ENV
+from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel
+
+ENGINE_HOST = "127.0.0.1"
+MINIO_ADDRESS = "127.0.0.1:9000"
+MINIO_CONSOLE_ADDRESS = "127.0.0.1:9001"
+TARGET = "appliance.target"
+GATEWAY_UNIT = "appliance-gateway.service"
+LITESTREAM_UNIT = "appliance-litestream.service"
+MINIO_UNIT = "appliance-minio.service"
+ENGINES_ENV = "engines.env"
+MINIO_ENV = "minio.env"
+REMOTE_KEYS_ENV = "remote-keys.env"  # written by the operator: one line per remote model's api_key_env
+GATEWAY_RUNTIME = "gateway.json"
+LITESTREAM_CONFIG = "litestream.yml"
+SYSUSERS = Path("/usr/lib/sysusers.d/appliance.conf")
+TMPFILES = Path("/usr/lib/tmpfiles.d/appliance.conf")
+METRICS_DIR = "appliance-gateway"  # RuntimeDirectory: /run/appliance-gateway, fresh at each start
+SAFE_WORD = re.compile(r"[A-Za-z0-9_@+=:,./{}$-]+")
+
+
+@dataclass(frozen=True)
+class RenderedSystemd:
+    units: list[Path]  # unit files, appliance.target last
+    files: list[Path]  # /etc/appliance files (secrets 0600), sysusers.d and tmpfiles.d entries
+    changed: list[Path]  # of the above, those whose bytes or mode this render changed
+    removed: list[Path]  # units of an earlier render that this one no longer has (stop them)
+
+
+def _slug(name: str) -> str:
+    """The model name in unit names: lowercase letters, digits and '-' (as installer.k3s names objects)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-")
+
+
+def _key_var(slug: str, replica: int) -> str:
+    return f"ENGINE_KEY_{slug.upper().replace('-', '_')}_{replica}"
+
+
+def _word(arg: str) -> str:
+    """One command-line argument as systemd reads it: % and $ doubled, quoted when needed."""
+    text = arg.replace("%", "%%").replace("$", "$$")
+    if SAFE_WORD.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _command(argv: list[str]) -> str:
+    return " ".join(_word(a) for a in argv)
+
+
+def _loopback(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def _wait_ready(layout: Layout, url: str) -> str:
+    """ExecStartPost: poll `url` every 2 s until it answers 200 (TimeoutStartSec ends the wait)."""
+    code = ("import time; from services.engines.process import http_ok; "
+            f"any(http_ok({url!r}) or time.sleep(2) for _ in iter(int, 1))")
+    return _command([str(layout.bin / "python"), "-c", code])
+
+
+def _template(name: str) -> str:
+    return (importlib.resources.files("appliance.systemd") / name).read_text(encoding="utf-8")
+
+
+def _fill(name: str, **values: str) -> str:
+    """Fill a template; a line that is only a placeholder whose value is empty is left out."""
+    lines = [line for line in _template(name).splitlines() if not (line.startswith("$") and values.get(line[1:]) == "")]
+    return Template("\n".join(lines) + "\n").substitute(values)
+
+
+def _hardening(layout: Layout, *, gpu: bool = False, capabilities: str = "") -> str:
+    if gpu:
+        devices = ("# CUDA opens /dev/nvidia*, which PrivateDevices=yes would hide: the host's /dev stays, and\n"
+                   "# the device cgroup admits only NVIDIA devices (and /dev/null, /dev/urandom, ...).\n"
+                   "PrivateDevices=no\nDevicePolicy=closed\nDeviceAllow=char-nvidia* rw")
+    else:
+        devices = "PrivateDevices=yes"
+    return _fill("hardening.in", user=layout.user, home=str(layout.data), capabilities=capabilities,
+                 devices=devices).rstrip("\n")
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    """NAME=VALUE lines of an earlier render's environment file."""
+    if not path.exists():
+        return {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InstallError(f"{path}: cannot read the secrets of the earlier render: {exc.strerror}") from None
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def _env_file(header: str, values: dict[str, str]) -> str:
+    return header + "".join(f"{name}={value}\n" for name, value in values.items())
+
+
+def _previous_created(path: Path) -> dict[str, int]:
+    try:
+        return {m.name: m.created for m in msgspec.json.decode(path.read_bytes(), type=GatewayRuntime).models}
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return {}  # only the `created` times are reused
+
+
+@dataclass(frozen=True)
+class _Replica:
+    model: ModelConfig
+    index: int  # in the plan's replicas of the model
+    placement: Placement
+    port: int
+    key_var: str
+
+    @property
+    def unit(self) -> str:
+        return f"appliance-engine-{_slug(self.model.name)}-{self.index}.service"
+
+
+def _local_replicas(profile: Profile, plan: Plan, node: str) -> list[_Replica]:
+    local = [m for m in profile.models if m.engine != "remote"]
+    slugs = [_slug(m.name) for m in local]
+    if clash := next((s for s in slugs if slugs.count(s) > 1), None):
+        raise InstallError(f"models whose names differ only in case or punctuation share the unit name {clash!r}; rename one")
+    replicas: list[_Replica] = []
+    for model in local:
+        mp = next((m for m in plan.models if m.name == model.name), None)
+        if mp is None:
+            raise InstallError(f"the plan has no model {model.name!r}; re-plan with the profile being rendered")
+        here = [(i, p) for i, p in enumerate(mp.replicas) if p.node == node]
+        if not here:
+            where = ", ".join(sorted({p.node for p in mp.replicas})) or "no node"
+            raise InstallError(f"model {model.name!r} has no replica on node {node!r} (the plan puts it on {where}); "
+                               "systemd units serve one machine: render k3s manifests for a cluster")
+        for index, placement in here:
+            port = ENGINE_BASE_PORT + len(replicas)
+            replicas.append(_Replica(model, index, placement, port, _key_var(_slug(model.name), index)))
+    return replicas
+
+
+def _engine_argv(replica: _Replica, plan: Plan, layout: Layout) -> list[str]:
+    """engine_command's argv with the key as ${VAR} and the installed venv's executables."""
+    served = planned_model(replica.model, plan.model(replica.model.name), replica.placement)
+    argv = engine_command(served, ENGINE_HOST, replica.port, "${" + replica.key_var + "}").argv
+    program = "python" if argv[0] == sys.executable else argv[0]
+    return [str(layout.bin / program), *argv[1:]]
+
+
+def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> str:
+    model, placement = replica.model, replica.placement
+    gpu = bool(placement.gpus)
+    env = []
+    if gpu:
+        # NVML's (the probe's and the plan's) GPU order is PCI bus order; CUDA's default is not.
+        env += ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"CUDA_VISIBLE_DEVICES={','.join(map(str, placement.gpus))}"]
+    if model.engine == "vllm":
+        env += ["HF_HUB_OFFLINE=1", "VLLM_NO_USAGE_STATS=1"]
+    key_ref = "${" + replica.key_var + "}"
+    exec_start = _command(_engine_argv(replica, plan, layout)).replace("$" + key_ref, key_ref)
+    return _fill(
+        "appliance-engine.service.in",
+        header=header, model=model.name, replica=str(replica.index), engine=model.engine, port=str(replica.port),
+        device=f"GPU {','.join(map(str, placement.gpus))}" if gpu else "CPU",
+        after="After=nvidia-persistenced.service" if gpu else "",
+        exec_start=exec_start,
+        wait_ready=_wait_ready(layout, f"http://{ENGINE_HOST}:{replica.port}/health"),
+        home=str(layout.data), engines_env=str(layout.etc / ENGINES_ENV),
+        environment="\n".join(f"Environment={e}" for e in env),
+        start_timeout=str(math.ceil(model.startup_timeout_s)),
+        hardening=_hardening(layout, gpu=gpu),
+    )
+
+
+def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str) -> str:
+    gateway = profile.gateway
+    # As services/supervisor.py starts it.
+    argv = [str(layout.bin / "python"), "-m", "granian", "--interface", "asgi",
+            "--factory", "services.gateway.app:create_app", "--host", gateway.host, "--port", str(gateway.port),
+            "--workers", str(gateway.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
+    lines = []
+    if gateway.workers > 1:
+        # Several workers add their Prometheus values up through files, fresh each start.
+        lines += [f"RuntimeDirectory={METRICS_DIR}", f"Environment={MULTIPROC_ENV}=/run/{METRICS_DIR}"]
+    if any(m.api_key_env for m in profile.models):
+        lines.append(f"EnvironmentFile=-{layout.etc / REMOTE_KEYS_ENV}")
+    capabilities = ""
+    if gateway.port < 1024:
+        capabilities = "CAP_NET_BIND_SERVICE"
+        lines.append(f"AmbientCapabilities={capabilities}")
+    engines = "".join(f" {r.unit}" for r in replicas)
+    return _fill(
+        "appliance-gateway.service.in",
+        header=header, listen=f"{gateway.host}:{gateway.port}", engines=engines, exec_start=_command(argv),
+        wait_ready=_wait_ready(layout, f"http://{_loopback(gateway.host)}:{gateway.port}/healthz"),
+        home=str(layout.data), runtime=str(layout.etc / GATEWAY_RUNTIME), environment="\n".join(lines),
+        hardening=_hardening(layout, capabilities=capabilities),
+    )
+
+
+def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], layout: Layout,
+             created: dict[str, int]) -> GatewayRuntime:
+    """What the gateway serves: as `appliance up` writes it, with the units' ports and keys."""
+    now = int(time.time())
+    served = []
+    for model in profile.models:
+        if model.engine == "remote":
+            endpoints = [ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env)]
+        else:
+            endpoints = [ReplicaEndpoint(base_url=f"http://{ENGINE_HOST}:{r.port}/v1",
+                                         health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.key_var])
+                         for r in replicas if r.model is model]
+        served.append(ServedModel(
+            name=model.name, engine=model.engine, replicas=endpoints, upstream_model=model.upstream_model,
+            embeddings=model.embeddings, request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
+            created=created.get(model.name, now),
+        ))
+    return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served)
+
+
+def _write(path: Path, text: str, mode: int) -> bool:
+    """Write `text` with `mode` unless the file already is exactly that; True when it changed."""
+    data = text.encode("utf-8")
+    try:
+        if path.read_bytes() == data and path.stat().st_mode & 0o7777 == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,
+                   with_minio: bool = False) -> RenderedSystemd:
+    """Write the units and their files for `node` (default: the plan's first) under out_dir.
+
+    with_minio: also run MinIO, whose binary must then be at layout.bin/minio on the target.
+    """
+    node = node or plan.nodes[0]
+    if node not in plan.nodes:
+        raise InstallError(f"node {node!r} is not in the plan (its nodes: {', '.join(plan.nodes)})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InstallError(f"--out {out_dir}: is a file, not a folder")
+
+    def at(path: Path) -> Path:
+        return out_dir / path.relative_to("/")
+
+    etc, units_dir = at(layout.etc), at(layout.units)
+    header = f"# Rendered by `appliance render systemd` from profile {profile.name}: re-render rather than edit."
+    replicas = _local_replicas(profile, plan, node)
+
+    old_keys = _read_env(etc / ENGINES_ENV)
+    keys = {r.key_var: old_keys.get(r.key_var) or secrets.token_hex(24) for r in replicas}
+    runtime = _runtime(profile, replicas, keys, layout, _previous_created(etc / GATEWAY_RUNTIME))
+
+    units = {r.unit: _engine_unit(r, plan, layout, header) for r in replicas}
+    units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header)
+    litestream_config = layout.etc / LITESTREAM_CONFIG
+    units[LITESTREAM_UNIT] = _fill(
+        "appliance-litestream.service.in", header=header, home=str(layout.data), hardening=_hardening(layout),
+        exec_start=_command([str(layout.bin / "litestream"), "replicate", "-config", str(litestream_config)]),
+    )
+    files = {
+        etc / ENGINES_ENV: (_env_file("# Engine API keys: generated on the first render, kept on the next.\n", keys), 0o600),
+        etc / GATEWAY_RUNTIME: (msgspec.json.format(msgspec.json.encode(runtime)).decode() + "\n", 0o600),
+        at(litestream_config): (_fill("litestream.yml.in", header=header, state_db=str(layout.data / "state.db"),
+                                      backups=str(layout.data / "backups" / "state")), 0o644),
+    }
+    if with_minio:
+        old = _read_env(etc / MINIO_ENV)
+        credentials = {"MINIO_ROOT_USER": old.get("MINIO_ROOT_USER") or "appliance",
+                       "MINIO_ROOT_PASSWORD": old.get("MINIO_ROOT_PASSWORD") or secrets.token_hex(24)}
+        files[etc / MINIO_ENV] = (_env_file("# MinIO root credentials: generated on the first render, kept on the next.\n",
+                                            credentials), 0o600)
+        units[MINIO_UNIT] = _fill(
+            "appliance-minio.service.in", header=header, address=MINIO_ADDRESS, home=str(layout.data),
+            minio_env=str(layout.etc / MINIO_ENV), hardening=_hardening(layout),
+            exec_start=_command([str(layout.bin / "minio"), "server", "--address", MINIO_ADDRESS,
+                                 "--console-address", MINIO_CONSOLE_ADDRESS, str(layout.data / "minio")]),
+        )
+    units[TARGET] = _fill("appliance.target.in", header=header, profile=profile.name, units=" ".join(units))
+    files[at(SYSUSERS)] = (_fill("appliance.sysusers.conf.in", header=header, user=layout.user, home=str(layout.data)), 0o644)
+    files[at(TMPFILES)] = (_fill("appliance.tmpfiles.conf.in", header=header, user=layout.user, home=str(layout.data),
+                                 etc=str(layout.etc), runtime=str(layout.etc / GATEWAY_RUNTIME)), 0o644)
+
+    changed = []
+    for path, (text, mode) in [*((units_dir / name, (text, 0o644)) for name, text in units.items()), *files.items()]:
+        if _write(path, text, mode):
+            changed.append(path)
+    unit_paths = [units_dir / name for name in units]
+    # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO).
+    removed = [p for p in [*units_dir.glob("appliance-engine-*.service"), units_dir / MINIO_UNIT]
+               if p.exists() and p not in unit_paths]
+    for path in removed:
+        path.unlink()
+    return RenderedSystemd(units=unit_paths, files=list(files), changed=changed, removed=sorted(removed))

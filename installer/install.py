@@ -27,7 +27,7 @@ from appliance.db import open_db
 from appliance.errors import InstallError
 from appliance.home import admin_key_path
 from appliance.keys import ensure_admin_key
-from installer.layout import Layout
+from installer.layout import Layout, write_if_changed
 from installer.plan_model import Plan
 from installer.planner import make_plan
 from installer.probe import probe
@@ -50,17 +50,8 @@ class Installer:
         return self.layout.on_disk(target)
 
     def write(self, target: Path, data: bytes, mode: int = 0o644) -> None:
-        path = self.path(target)
-        if path.is_file() and path.read_bytes() == data and path.stat().st_mode & 0o777 == mode:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        self.changed.append(str(target))
+        if write_if_changed(self.path(target), data, mode):
+            self.changed.append(str(target))
 
     # --- steps ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ the real ones (/opt/appliance/...), as they will be on the machine that boots th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,3 +35,20 @@ class Layout:
     @property
     def models(self) -> Path:
         return self.data / "models"
+
+
+def write_if_changed(path: Path, data: bytes, mode: int) -> bool:
+    """Write `data` with `mode` atomically unless the file already is exactly that; True when it changed."""
+    try:
+        if path.read_bytes() == data and path.stat().st_mode & 0o7777 == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True

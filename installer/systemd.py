@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import os
 import re
 import secrets
 import sys
@@ -26,7 +25,7 @@ import msgspec
 
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
-from installer.layout import ENGINE_BASE_PORT, Layout
+from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
 from installer.plan_model import Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
@@ -246,24 +245,6 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served)
 
 
-def _write(path: Path, text: str, mode: int) -> bool:
-    """Write `text` with `mode` unless the file already is exactly that; True when it changed."""
-    data = text.encode("utf-8")
-    try:
-        if path.read_bytes() == data and path.stat().st_mode & 0o7777 == mode:
-            return False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return True
-
-
 def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,
                    with_minio: bool = False) -> RenderedSystemd:
     """Write the units and their files for `node` (default: the plan's first) under out_dir.
@@ -319,7 +300,7 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
 
     changed = []
     for path, (text, mode) in [*((units_dir / name, (text, 0o644)) for name, text in units.items()), *files.items()]:
-        if _write(path, text, mode):
+        if write_if_changed(path, text.encode(), mode):
             changed.append(path)
     unit_paths = [units_dir / name for name in units]
     # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO).

@@ -20,15 +20,19 @@ def test_llamacpp_command_survives_a_key_that_looks_like_a_flag():
     assert args.api_key == "-starts-with-a-dash"
     assert (args.model, args.model_alias, args.port, args.n_ctx, args.n_threads) == ("/models/m.gguf", "m", 41000, 4096, 3)
     assert args.embedding is True and args.interrupt_requests is False and args.n_batch == 256
+    assert args.logits_all is False and args.n_gpu_layers == 0  # unplanned: CPU
     assert cmd.base_url == "http://127.0.0.1:41000/v1" and cmd.health_url == "http://127.0.0.1:41000/health"
 
 
 def test_vllm_command_uses_documented_flags():
-    model = ModelConfig(name="big", engine="vllm", path="/models/big", context_length=8192,
-                        extra_args=["--tensor-parallel-size", "2"])
+    # As the planner fills it in (installer.plan_model.planned_model).
+    model = ModelConfig(name="big", engine="vllm", path="/models/big", context_length=8192, gpus=2,
+                        gpu_memory_utilization=0.85, max_num_seqs=48, extra_args=["--enforce-eager"])
     cmd = engine_command(model, "127.0.0.1", 42000, "k")
     assert cmd.argv[:3] == ["vllm", "serve", "/models/big"]
     joined = " ".join(cmd.argv)
-    for flag in ("--served-model-name big", "--port 42000", "--api-key=k", "--max-model-len 8192", "--tensor-parallel-size 2"):
+    for flag in ("--served-model-name big", "--port 42000", "--api-key=k", "--max-model-len 8192", "--tensor-parallel-size 2",
+                 "--gpu-memory-utilization 0.85", "--max-num-seqs 48"):
         assert flag in joined
+    assert cmd.argv[-1] == "--enforce-eager"  # the profile's extra_args come last and win
     assert cmd.health_url == "http://127.0.0.1:42000/health"

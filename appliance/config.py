@@ -54,6 +54,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None
     node: str | None = None
     embeddings: bool = False
+    logprobs: bool = False
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0
     request_timeout_s: Positive | None = None

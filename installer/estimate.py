@@ -152,9 +152,11 @@ def llamacpp_compute_bytes(shape: ModelShape, context: int) -> int:
     return LLAMACPP_COMPUTE_BASE_BYTES + scores + activations
 
 
-def llamacpp_estimate(shape: ModelShape, context: int, *, on_gpu: bool = False) -> MemoryEstimate:
+def llamacpp_estimate(shape: ModelShape, context: int, *, on_gpu: bool = False, logprobs: bool = False) -> MemoryEstimate:
     kv = shape.kv_bytes_per_token * context
     compute = llamacpp_compute_bytes(shape, context)
+    if logprobs:  # `logprobs: true`: logits of every context token, kept twice (llama.cpp and the server)
+        compute += 2 * 4 * context * shape.vocabulary
     runtime = LLAMACPP_RUNTIME_BYTES + 4 * LLAMACPP_BATCH * shape.vocabulary + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     return MemoryEstimate(
         weights_bytes=shape.weights_bytes,

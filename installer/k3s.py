@@ -129,7 +129,8 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
             endpoint = ReplicaEndpoint(base_url=root + "/v1", health_url=root + "/health", api_key=keys[model.name])
         served.append(ServedModel(
             name=model.name, engine=model.engine, replicas=[endpoint], upstream_model=model.upstream_model,
-            embeddings=model.embeddings, request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
+            embeddings=model.embeddings, logprobs=model.engine != "llamacpp" or model.logprobs,
+            request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
             created=created.get(model.name, now),
         ))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")

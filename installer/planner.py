@@ -144,7 +144,7 @@ def _context_notes(model: ModelConfig, shape: ModelShape) -> list[str]:
 
 def _place_llamacpp(model: ModelConfig, shape: ModelShape, nodes: list[Node]) -> ModelPlan:
     context = model.context_length
-    cpu = llamacpp_estimate(shape, context)
+    cpu = llamacpp_estimate(shape, context, logprobs=model.logprobs)
     plan = ModelPlan(name=model.name, engine="llamacpp", context_length=context, estimate=cpu, layers=shape.layers,
                      notes=_context_notes(model, shape))
     per_layer = (shape.weights_bytes + shape.kv_bytes_per_token * context) // shape.layers

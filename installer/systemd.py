@@ -239,7 +239,8 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
                          for r in replicas if r.model is model]
         served.append(ServedModel(
             name=model.name, engine=model.engine, replicas=endpoints, upstream_model=model.upstream_model,
-            embeddings=model.embeddings, request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
+            embeddings=model.embeddings, logprobs=model.engine != "llamacpp" or model.logprobs,
+            request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
             created=created.get(model.name, now),
         ))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served)

@@ -130,6 +130,7 @@ class Supervisor:
                     replicas=endpoints,
                     upstream_model=model.upstream_model,
                     embeddings=model.embeddings,
+                    logprobs=model.engine != "llamacpp" or model.logprobs,
                     request_timeout_s=model.request_timeout_s or self.profile.gateway.request_timeout_s,
                     created=created,
                 )

@@ -4,6 +4,8 @@ the `remote` engine."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import secrets
@@ -17,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -203,3 +206,27 @@ def stack(tmp_path_factory, upstream) -> Stack:
     yield running
     if running.proc.poll() is None:
         running.stop()
+
+
+@contextlib.contextmanager
+def running_engine(model, tmp: Path, key: str = "test-key"):
+    """One engine replica started exactly as the appliance starts it; yields (command, process)."""
+    from services.engines.commands import engine_command
+
+    command = engine_command(model, "127.0.0.1", free_port(), key)
+    log = tmp / "engine.log"
+    proc = subprocess.Popen(command.argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(command.health_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield command, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)

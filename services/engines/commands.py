@@ -38,10 +38,10 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         "--embedding", "true" if model.embeddings else "false",
         # Queue concurrent requests instead of cutting off the stream being generated.
         "--interrupt_requests", "false",
-        # Keep logits of the last token only. The server's default keeps them for every
-        # token of the context (context x vocabulary x 4 bytes, twice: 0.8 GiB for the
-        # default model at 2048 tokens), which only prompt logprobs need.
-        "--logits_all", "false",
+        # The server's default keeps the logits of every token of the context (context x
+        # vocabulary x 4 bytes, twice: 0.8 GiB for the default model at 2048 tokens), which
+        # only `logprobs` need: the profile asks for them per model.
+        "--logits_all", "true" if model.logprobs else "false",
         *model.extra_args,
     ]
     return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")

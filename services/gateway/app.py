@@ -141,6 +141,11 @@ class Gateway:
                 raise ModelNotFound(parsed.model)
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
+            logprobs = getattr(parsed, "logprobs", None)
+            if not pool.served.logprobs and logprobs is not None and logprobs is not False:  # 0 asks for them too
+                raise InvalidRequest(
+                    f"The model '{parsed.model}' does not return logprobs: its profile entry does not ask for them"
+                    " (`logprobs: true`, which costs memory on llama.cpp).", param="logprobs")
             body, hide_usage = self._rewrite(body, parsed, pool)
         except ApplianceError as error:
             self._fail(call, error)

@@ -42,11 +42,13 @@ class _Sampling(msgspec.Struct, kw_only=True):
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
     stop: Stop = None
     seed: int | None = None
+    logprobs: bool | Annotated[int, msgspec.Meta(ge=0)] | None = None  # chat: a flag; completions: how many
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):

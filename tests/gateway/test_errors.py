@@ -86,6 +86,16 @@ def test_embeddings_need_input(stack):
     assert_error(post(stack, "/embeddings", json={"model": DEFAULT_MODEL}), 400, param="input")
 
 
+def test_logprobs_from_a_model_that_does_not_keep_them_is_400(stack):
+    """llama.cpp keeps logits for logprobs only when the profile asks (`logprobs: true`)."""
+    error = assert_error(post(stack, "/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}), 400,
+                         param="logprobs")
+    assert "logprobs: true" in error["message"]
+    completion = {"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2, "logprobs": 0}
+    assert_error(post(stack, "/completions", json=completion), 400, param="logprobs")
+    assert post(stack, "/chat/completions", json={**CHAT, "logprobs": False}).status_code == 200
+
+
 def test_body_over_the_limit_is_413(stack):
     huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (9 * 1024 * 1024) + b'"}]}'
     error = assert_error(post(stack, "/chat/completions", content=huge), 413, code="request_too_large")

@@ -6,9 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import httpx
 import msgspec
 import psutil
 import pytest
@@ -18,8 +18,7 @@ from appliance.errors import PlanError
 from installer.estimate import GiB, MiB, llamacpp_estimate, model_shape
 from installer.inventory import read_inventory
 from installer.planner import choose_profile, make_plan
-from services.engines.commands import engine_command
-from tests.conftest import free_port
+from tests.conftest import running_engine
 
 INVENTORIES = Path(__file__).parent / "inventories"
 
@@ -44,31 +43,13 @@ def test_gguf_shape_of_the_default_model(default_model):
 def test_estimate_is_within_15_percent_of_the_engines_real_memory(default_model, tmp_path):
     """The engine as the appliance runs it, its context mostly filled by one prompt."""
     model = msgspec.structs.replace(default_model, gpu_layers=0)
-    port = free_port()
-    command = engine_command(model, "127.0.0.1", port, "test-key")
-    log = (tmp_path / "engine.log").open("wb")
-    proc = subprocess.Popen(command.argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(command.health_url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "engine.log").read_text()
-            time.sleep(0.2)
+    with running_engine(model, tmp_path) as (command, proc):
         prompt = "Summarise this: " + "the cat sat on the mat. " * (model.context_length * 7 // 8 // 7)
         answer = httpx.post(command.base_url + "/chat/completions", timeout=300, headers={"Authorization": "Bearer test-key"},
                             json={"model": model.name, "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]})
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["prompt_tokens"] > model.context_length // 2
         rss = psutil.Process(proc.pid).memory_info().rss
-    finally:
-        proc.terminate()
-        proc.wait(30)
     estimate = llamacpp_estimate(model_shape(model.path), model.context_length).total_bytes
     assert abs(estimate - rss) / rss <= 0.15, f"estimate {estimate / MiB:.0f} MiB, engine {rss / MiB:.0f} MiB"
 
@@ -184,3 +165,16 @@ def test_plan_command_prints_json_for_a_saved_inventory():
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["profile"] == "single-gpu" and plan["models"][0]["gpu_layers"] == -1
+
+
+@pytest.mark.stack
+def test_logprobs_cost_memory_and_work_when_the_profile_asks(default_model, tmp_path):
+    model = msgspec.structs.replace(default_model, gpu_layers=0, logprobs=True)
+    shape = model_shape(model.path)
+    extra = llamacpp_estimate(shape, 2048, logprobs=True).total_bytes - llamacpp_estimate(shape, 2048).total_bytes
+    assert extra == 2 * 4 * 2048 * shape.vocabulary
+    with running_engine(model, tmp_path) as (command, _):
+        answer = httpx.post(command.base_url + "/completions", timeout=120, headers={"Authorization": "Bearer test-key"},
+                            json={"model": model.name, "prompt": "The capital of France is", "max_tokens": 2, "logprobs": 2})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 2

@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
         *) echo "install.sh: unknown option $1" >&2; usage ;;
     esac
 done
+[ -z "$BUNDLE" ] || [ -f "$BUNDLE" ] || die "no such bundle: $BUNDLE"
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
 [ -n "$PYTHON" ] || die "python3 (3.11 or newer) is required"
@@ -37,7 +38,6 @@ STAGE=$(mktemp -d "${TMPDIR:-/tmp}/appliance-install.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 
 if [ -n "$BUNDLE" ]; then
-    [ -f "$BUNDLE" ] || die "no such bundle: $BUNDLE"
     # The checker is the bundle's own member bundle_check.py (stdlib only); it checks
     # every member, itself included, against the manifest before anything is unpacked.
     tar -xOf "$BUNDLE" bundle_check.py > "$STAGE/bundle_check.py" 2>/dev/null || die "$BUNDLE: not a bundle (no bundle_check.py)"
@@ -61,8 +61,4 @@ echo "installing the appliance into $PREFIX ..."
 env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL \
     "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
 
-if [ -z "$PROFILE" ]; then
-    PROFILE=$("$PREFIX/bin/python" -c 'from installer.planner import choose_profile; from installer.probe import probe; from pathlib import Path; print(choose_profile([probe(Path("/var/lib"))]))')
-    PROFILE=$("$PREFIX/bin/python" -c 'import sys; from appliance.config import profile_file; print(profile_file(sys.argv[1]))' "$PROFILE")
-fi
-"$PREFIX/bin/appliance" install --root "$ROOT" --profile "$PROFILE"
+"$PREFIX/bin/appliance" install --root "$ROOT" --profile "${PROFILE:-auto}"

@@ -39,6 +39,11 @@ LLAMACPP_ACTIVATION_BYTES_PER_DIM = 16
 CUDA_CONTEXT_BYTES = 512 * MiB
 VLLM_ACTIVATION_BYTES = 2 * GiB
 
+def gib(n: int) -> str:
+    """A size for people: MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+
+
 KV_BYTES = {"f16": 2, "bf16": 2, "float16": 2, "bfloat16": 2, "float32": 4, "f32": 4, "fp8": 1, "q8_0": 1}
 
 
@@ -152,12 +157,12 @@ def llamacpp_compute_bytes(shape: ModelShape, context: int) -> int:
     return LLAMACPP_COMPUTE_BASE_BYTES + scores + activations
 
 
-def llamacpp_estimate(shape: ModelShape, context: int, *, on_gpu: bool = False, logprobs: bool = False) -> MemoryEstimate:
+def llamacpp_estimate(shape: ModelShape, context: int, *, logprobs: bool = False) -> MemoryEstimate:
     kv = shape.kv_bytes_per_token * context
     compute = llamacpp_compute_bytes(shape, context)
     if logprobs:  # `logprobs: true`: logits of every context token, kept twice (llama.cpp and the server)
         compute += 2 * 4 * context * shape.vocabulary
-    runtime = LLAMACPP_RUNTIME_BYTES + 4 * LLAMACPP_BATCH * shape.vocabulary + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    runtime = LLAMACPP_RUNTIME_BYTES + 4 * LLAMACPP_BATCH * shape.vocabulary
     return MemoryEstimate(
         weights_bytes=shape.weights_bytes,
         kv_cache_bytes=kv,

@@ -22,15 +22,16 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from appliance.config import load_profile
+from appliance.config import load_profile, profile_file
 from appliance.db import open_db
 from appliance.errors import InstallError
 from appliance.home import admin_key_path
 from appliance.keys import ensure_admin_key
 from installer.layout import Layout, write_if_changed
 from installer.plan_model import Plan
-from installer.planner import make_plan
-from installer.probe import probe
+from installer.planner import choose_profile, make_plan
+from installer.estimate import gib
+from installer.probe import probe, probe_disk
 from installer.systemd import SYSUSERS, TARGET, TMPFILES, render_systemd
 
 PROFILE_FILE = "profile.yaml"
@@ -68,10 +69,14 @@ class Installer:
             if not (dest.is_file() and dest.stat().st_size == f.stat().st_size and _same(dest, f)):
                 todo.append((f, dest, target))
             installed[model.name] = str(self.layout.models / model.name / src.name)
+        needed, free = sum(f.stat().st_size for f, _, _ in todo), probe_disk(self.path(self.layout.models)).free_bytes
+        if needed > free:
+            raise InstallError(f"the models need {gib(needed)} in {self.layout.models}, the disk has {gib(free)} free; "
+                               "nothing was copied")
         if todo:
             columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
             with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
-                task = progress.add_task("copying models", total=sum(f.stat().st_size for f, _, _ in todo))
+                task = progress.add_task("copying models", total=needed)
                 for f, dest, target in todo:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(dest.name + ".partial")
@@ -175,19 +180,19 @@ def _run(argv: list[str]) -> None:
         raise InstallError(f"`{' '.join(argv)}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
 
 
-def install(layout: Layout, profile_source: Path, console: Console) -> None:
+def install(layout: Layout, profile_name: str, console: Console) -> None:
+    """Install `profile_name` (a built-in name, a YAML file, or `auto`: chosen from the hardware)."""
     step = Installer(layout, console)
+    machine = probe(step.path(layout.data))
+    profile_source = profile_file(choose_profile([machine]) if profile_name == "auto" else profile_name)
     step.say(f"installing profile {profile_source} into {layout.root}")
     source = load_profile(str(profile_source))
-    machine = probe(step.path(layout.data))
-    make_plan(source, [machine])  # refuses, with the numbers, before anything is written
+    # Refuses, with the numbers, before anything is written. The plan holds no paths, so it
+    # stands for the installed copies of the models too.
+    plan = make_plan(source, [machine])
     installed = step.copy_models(source)
     target_profile = step.write_profile(profile_source, installed)
-    # The installed profile names the models where the target has them; plan from their copies in this tree.
-    profile = load_profile(str(step.path(target_profile)), check_files=False)
-    in_tree = msgspec.structs.replace(profile, models=[
-        msgspec.structs.replace(m, path=str(step.path(Path(m.path)))) if m.path else m for m in profile.models])
-    plan = make_plan(in_tree, [machine])
+    profile = load_profile(str(step.path(target_profile)), check_files=False)  # paths as on the target
     step.write_plan(plan)
     with_minio = step.path(layout.bin / "minio").is_file()
     units = step.systemd_files(profile, plan, with_minio)
@@ -237,9 +242,10 @@ root_option = click.option("--root", type=click.Path(file_okay=False), default="
 
 @click.command("install")
 @root_option
-@click.option("--profile", "profile_source", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="The profile file to install (install.sh passes the bundle's or the chosen built-in one).")
-def install_command(root: str, profile_source: str) -> None:
+@click.option("--profile", "profile_name", default="auto", show_default=True,
+              help="`auto` (chosen from the hardware), a built-in profile name or a profile YAML file "
+                   "(install.sh passes a bundle's own).")
+def install_command(root: str, profile_name: str) -> None:
     """Install the stack as systemd services (run by install.sh; safe to run again).
 
     Copies the profile's models into /var/lib/appliance/models, writes /etc/appliance
@@ -247,7 +253,7 @@ def install_command(root: str, profile_source: str) -> None:
     creates the `appliance` user and its folders, creates the admin key and enables
     appliance.target (and starts it when systemd runs and --root is /).
     """
-    install(Layout(root=Path(root).absolute()), Path(profile_source).absolute(), Console(stderr=False))
+    install(Layout(root=Path(root).absolute()), profile_name, Console(stderr=False))
 
 
 @click.command("uninstall")

@@ -10,7 +10,8 @@ import msgspec
 from appliance.config import load_profile
 from appliance.home import HOME_ENV, resolve_home
 from installer.plan_model import Plan
-from installer.planner import choose_profile, gib, make_plan
+from installer.estimate import gib
+from installer.planner import choose_profile, make_plan
 
 
 def describe(plan: Plan) -> str:

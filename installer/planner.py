@@ -25,26 +25,20 @@ from appliance.errors import PlanError
 from installer.estimate import (
     CUDA_CONTEXT_BYTES,
     GiB,
-    MiB,
     ModelShape,
-    llamacpp_compute_bytes,
+    gib,
     llamacpp_estimate,
     model_shape,
     vllm_estimate,
 )
 from installer.inventory import Inventory
-from installer.plan_model import DeviceUse, ModelPlan, Placement, Plan
+from installer.plan_model import DeviceUse, MemoryEstimate, ModelPlan, Placement, Plan
 
 RAM_RESERVE_BYTES = 1 * GiB  # the OS and the appliance's own processes on each node
 GPU_RESERVE_FRACTION = 0.05  # left free on every GPU
 MAX_GPU_UTILIZATION = 0.90
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's own default
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
-
-
-def gib(n: int) -> str:
-    """A size for people: MiB below one GiB."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
 @dataclass
@@ -114,7 +108,7 @@ def make_plan(profile: Profile, inventories: list[Inventory], *, whole_gpus: boo
         for mp in plans.values():
             if mp.engine != "remote":
                 mp.notes.append(f"left out, MIG mode is on (MIG instances are not planned): {', '.join(mig)}")
-    disk = sum(_size_on_disk(s) for s in shapes.values())
+    disk = sum(s.weights_bytes for s in shapes.values())  # the model files the install copies
     return Plan(
         profile=profile.name,
         nodes=names,
@@ -123,10 +117,6 @@ def make_plan(profile: Profile, inventories: list[Inventory], *, whole_gpus: boo
         disk_needed_bytes=disk,
         disk_free_bytes=inventories[0].disk.free_bytes,
     )
-
-
-def _size_on_disk(shape: ModelShape) -> int:
-    return shape.weights_bytes
 
 
 def _candidate_nodes(model: ModelConfig, nodes: list[Node], placed: list[Placement]) -> list[Node]:
@@ -148,7 +138,7 @@ def _place_llamacpp(model: ModelConfig, shape: ModelShape, nodes: list[Node]) ->
     plan = ModelPlan(name=model.name, engine="llamacpp", context_length=context, estimate=cpu, layers=shape.layers,
                      notes=_context_notes(model, shape))
     per_layer = (shape.weights_bytes + shape.kv_bytes_per_token * context) // shape.layers
-    gpu_fixed = llamacpp_compute_bytes(shape, context) + CUDA_CONTEXT_BYTES
+    gpu_fixed = cpu.compute_bytes + CUDA_CONTEXT_BYTES  # on the GPU whatever the number of layers
     for replica in range(model.replicas):
         placement = None
         for node in _candidate_nodes(model, nodes, plan.replicas):
@@ -156,7 +146,7 @@ def _place_llamacpp(model: ModelConfig, shape: ModelShape, nodes: list[Node]) ->
             if placement:
                 break
         if placement is None:
-            raise PlanError(_no_room_llamacpp(model, replica, cpu, nodes, plan))
+            raise PlanError(_no_room_llamacpp(model, replica, cpu, nodes))
         plan.replicas.append(placement)
     if plan.gpu_layers and plan.gpu_layers != -1:
         plan.notes.append(f"partial offload: {plan.gpu_layers} of {shape.layers} layers on the GPU, the rest on the CPU")
@@ -182,7 +172,7 @@ def _llamacpp_on(node: Node, model: ModelConfig, shape: ModelShape, plan: ModelP
                 node.ram_free -= ram
                 plan.gpu_layers = -1 if layers == shape.layers else layers
                 return Placement(node=node.name, device="gpu", gpus=[gpu.index], gpu_bytes=on_gpu, ram_bytes=ram)
-        if wanted not in (None,):  # a fixed GPU setting that does not fit here
+        if wanted is not None:  # a fixed GPU setting that does not fit here
             return None
     if wanted not in (None, 0) or ram_cpu > node.ram_free:
         return None
@@ -192,7 +182,7 @@ def _llamacpp_on(node: Node, model: ModelConfig, shape: ModelShape, plan: ModelP
     return Placement(node=node.name, device="cpu", ram_bytes=ram_cpu)
 
 
-def _no_room_llamacpp(model: ModelConfig, replica: int, estimate, nodes: list[Node], plan: ModelPlan) -> str:
+def _no_room_llamacpp(model: ModelConfig, replica: int, estimate: MemoryEstimate, nodes: list[Node]) -> str:
     e = estimate
     need = (f"needs {gib(e.total_bytes)} (weights {gib(e.weights_bytes)} + KV cache {gib(e.kv_cache_bytes)} for "
             f"{model.context_length} tokens + compute {gib(e.compute_bytes)} + runtime {gib(e.runtime_bytes)})")

@@ -21,6 +21,7 @@ import pynvml
 
 from appliance.errors import InstallError
 from appliance.home import HOME_ENV, resolve_home
+from installer.estimate import gib
 from installer.inventory import CpuInfo, DiskInfo, GpuInfo, Inventory, NvmlInfo, encode_inventory
 
 # Instruction-set flags that decide which llama.cpp CPU kernels can run, as the kernel names them.
@@ -169,8 +170,8 @@ def describe(inventory: Inventory) -> str:
     if cpu.flags:
         lines.append(f"         flags: {' '.join(cpu.flags)}")
     lines += [
-        f"RAM      {_gib(inventory.memory_total_bytes)} total, {_gib(inventory.memory_available_bytes)} available",
-        f"Disk     {_gib(inventory.disk.free_bytes)} free of {_gib(inventory.disk.total_bytes)} at {inventory.disk.path}",
+        f"RAM      {gib(inventory.memory_total_bytes)} total, {gib(inventory.memory_available_bytes)} available",
+        f"Disk     {gib(inventory.disk.free_bytes)} free of {gib(inventory.disk.total_bytes)} at {inventory.disk.path}",
     ]
     if nvml.available:
         lines.append(f"NVIDIA   driver {nvml.driver_version or 'unknown'}, CUDA {nvml.cuda_version or 'unknown'}")
@@ -184,7 +185,7 @@ def describe(inventory: Inventory) -> str:
 
 
 def _describe_gpu(gpu: GpuInfo) -> str:
-    parts = [f"{_gib(gpu.memory_free_bytes)} free of {_gib(gpu.memory_total_bytes)}"]
+    parts = [f"{gib(gpu.memory_free_bytes)} free of {gib(gpu.memory_total_bytes)}"]
     if gpu.compute_capability:
         parts.append(f"compute {gpu.compute_capability}")
     if gpu.mig_mode is not None:
@@ -194,10 +195,6 @@ def _describe_gpu(gpu: GpuInfo) -> str:
     if gpu.temperature_c is not None:
         parts.append(f"{gpu.temperature_c} °C")
     return f"{gpu.name}: {', '.join(parts)}"
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def _yes_no(flag: bool) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,13 @@ def test_uninstall_keeps_data_unless_purged(edge_bundle, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (root / "var/lib/appliance").exists()
+
+
+def test_install_picks_the_profile_from_the_hardware(tmp_path):
+    """`appliance install` without --profile (install.sh from a source tree): `auto`, edge-cpu on this CPU box."""
+    root = tmp_path / "root"
+    done = subprocess.run([str(Path(sys.executable).parent / "appliance"), "install", "--root", str(root)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "edge-cpu.yaml" in done.stdout
+    assert yaml.safe_load((root / "etc/appliance/profile.yaml").read_text())["name"] == "edge-cpu"

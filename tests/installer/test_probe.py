@@ -107,7 +107,7 @@ def test_human_report_says_cpu_only_and_avx2():
 def test_human_report_of_a_gpu_server():
     out = describe(read_inventory(INVENTORIES / "server-8x-h100-80gb.json"))
     assert "NVIDIA   driver 565.57.01, CUDA 12.7" in out
-    assert len(re.findall(r"^GPU \d .*NVIDIA H100 80GB HBM3: 79\.2 GiB free of 79\.6 GiB, compute 9\.0, MIG off", out, re.MULTILINE)) == 8
+    assert len(re.findall(r"^GPU \d .*NVIDIA H100 80GB HBM3: 79\.21 GiB free of 79\.65 GiB, compute 9\.0, MIG off", out, re.MULTILINE)) == 8
     assert "CPU-only" not in out
     assert "MIG on" in describe(read_inventory(INVENTORIES / "server-1x-h100-80gb-mig.json"))
 

@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.home import HOME_ENV, resolve_home, state_db_path
 from appliance.keys import ROLES, create_key, list_keys, revoke_key
 from appliance.durations import parse_duration
+from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
 from appliance.usage import summarize
 from installer.probe import probe_command
 from installer.bundle_cli import bundle
@@ -145,7 +146,7 @@ def keys_revoke(key_id: str, home: str | None) -> None:
 
 @cli.group()
 def models() -> None:
-    """Models served by a profile."""
+    """Models: those a profile serves, the model registry and deployments."""
 
 
 @models.command("list")
@@ -210,6 +211,11 @@ def profiles_schema() -> None:
     """Print the JSON Schema that profiles are validated against."""
     click.echo(json.dumps(profile_schema(), indent=2))
 
+
+# Registry commands: clients of the admin API.
+for command in REGISTRY_COMMANDS:
+    models.add_command(command)
+cli.add_command(audit_command, "audit")
 
 # Installer commands: each lives with its module in installer/.
 cli.add_command(probe_command, "probe")

@@ -71,11 +71,33 @@ class K3sConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models_host_path: str = "/var/lib/appliance/models"
 
 
+BucketPrefix = Annotated[str, msgspec.Meta(pattern=r"^([a-z0-9][a-z0-9-]{0,30}-)?$")]
+
+
+class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    object_store: Literal["auto", "minio", "s3", "none"] = "auto"
+    endpoint: str | None = None  # s3: the server's URL; minio: where the managed server listens
+    region: str = "us-east-1"
+    access_key_env: str = "APPLIANCE_S3_ACCESS_KEY"
+    secret_key_env: str = "APPLIANCE_S3_SECRET_KEY"
+    bucket_prefix: BucketPrefix = ""
+    part_size_mib: Annotated[int, msgspec.Meta(ge=5, le=5120)] = 64
+    data_path: str | None = None  # managed MinIO's data folder; default <home>/objects
+
+
+class BackupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    target: Literal["auto", "object-store", "file", "none"] = "auto"
+    path: str | None = None  # file target folder; default <home>-backups beside the home
+    sync_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     description: str = ""
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
     k3s: K3sConfig = msgspec.field(default_factory=K3sConfig)
 
 
@@ -155,6 +177,19 @@ def _check_model(model: ModelConfig, where: str, base_dir: Path, check_files: bo
                 raise ValueError(f"{where}.path: not a GGUF file (it does not start with 'GGUF'): {model.path}")
 
 
+def _check_storage(storage: StorageConfig, backup: BackupConfig, base_dir: Path) -> None:
+    if storage.endpoint is not None and not storage.endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"storage.endpoint: must start with http:// or https://, got {storage.endpoint!r}")
+    if storage.object_store == "s3" and not storage.endpoint:
+        raise ValueError("storage.endpoint: required when storage.object_store is 's3'")
+    if storage.object_store == "none" and backup.target == "object-store":
+        raise ValueError("backup.target: 'object-store' needs an object store, but storage.object_store is 'none'")
+    if storage.data_path is not None:
+        storage.data_path = _resolve_path(storage.data_path, base_dir)
+    if backup.path is not None:
+        backup.path = _resolve_path(backup.path, base_dir)
+
+
 def parse_profile(data: object, *, source: str, base_dir: Path, check_files: bool = True) -> Profile:
     """Validate already-loaded YAML data; errors name `source`, the key and the problem."""
     validator = jsonschema.Draft202012Validator(profile_schema())
@@ -164,6 +199,7 @@ def parse_profile(data: object, *, source: str, base_dir: Path, check_files: boo
     profile = msgspec.convert(data, Profile)
     seen: set[str] = set()
     try:
+        _check_storage(profile.storage, profile.backup, base_dir)
         for i, model in enumerate(profile.models):
             where = f"models[{i}]"
             if model.name in seen:

@@ -6,7 +6,9 @@ records how many have run.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
@@ -44,6 +46,91 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX usage_ts ON usage (ts)",
         "CREATE INDEX usage_key_model ON usage (key_id, model)",
+    ),
+    (
+        # Who changed what through /admin.
+        """CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            request_id TEXT,
+            key_id TEXT,
+            key_name TEXT,
+            role TEXT,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            detail TEXT
+        )""",
+        "CREATE INDEX audit_ts ON audit_log (ts)",
+        # Model registry: immutable versions whose files live in the object store.
+        """CREATE TABLE registered_models (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            created_by TEXT
+        )""",
+        """CREATE TABLE model_versions (
+            id TEXT PRIMARY KEY,
+            model TEXT NOT NULL REFERENCES registered_models (name),
+            version INTEGER NOT NULL,
+            format TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            files TEXT NOT NULL,
+            source TEXT NOT NULL,
+            card TEXT NOT NULL,
+            card_edits TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            UNIQUE (model, version)
+        )""",
+        # A registered version served under a name; the supervisor runs it, the gateway routes to it.
+        """CREATE TABLE deployments (
+            name TEXT PRIMARY KEY,
+            version_id TEXT NOT NULL REFERENCES model_versions (id),
+            engine TEXT NOT NULL,
+            replicas INTEGER NOT NULL,
+            context_length INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            endpoints TEXT NOT NULL DEFAULT '[]',
+            message TEXT,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        # Dataset registry: versions of CSV, JSONL or Parquet files in the object store.
+        """CREATE TABLE registered_datasets (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            created_by TEXT
+        )""",
+        """CREATE TABLE dataset_versions (
+            id TEXT PRIMARY KEY,
+            dataset TEXT NOT NULL REFERENCES registered_datasets (name),
+            version INTEGER NOT NULL,
+            format TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            rows INTEGER NOT NULL,
+            schema TEXT NOT NULL,
+            quality TEXT NOT NULL,
+            pii TEXT,
+            source TEXT NOT NULL,
+            parent_id TEXT REFERENCES dataset_versions (id),
+            derivation TEXT,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            UNIQUE (dataset, version)
+        )""",
+        """CREATE TABLE dataset_splits (
+            id TEXT PRIMARY KEY,
+            version_id TEXT NOT NULL REFERENCES dataset_versions (id),
+            seed INTEGER NOT NULL,
+            ratios TEXT NOT NULL,
+            parts TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            UNIQUE (version_id, seed, ratios)
+        )""",
     ),
 ]
 
@@ -87,3 +174,15 @@ def apply_migrations(db: sqlite_utils.Database) -> int:
             db.execute("ROLLBACK")
             raise
     return schema_version(db)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (connections are in autocommit mode)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -55,6 +55,12 @@ class AuthenticationFailed(ApplianceError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(ApplianceError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_role"
+
+
 class NotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"
@@ -124,6 +130,37 @@ class ClientGone(ApplianceError):
     code = "client_closed_request"
 
 
+class StorageUnavailable(ApplianceError):
+    """The object store is not configured, unreachable, or refused an operation."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "object_store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class ChecksumMismatch(InvalidRequest):
+    """Content does not have the SHA-256 it was announced with."""
+
+    code = "checksum_mismatch"
+
+
+class Conflict(ApplianceError):
+    """The change conflicts with the current state (e.g. deleting a deployed model)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class BackupError(ApplianceError):
+    """Replication is not configured or a restore cannot proceed."""
+
+    code = "backup_error"
+
+
 class InstallError(ApplianceError):
     """The installer, a renderer or a bundle met bad input or a failed step."""
 
@@ -134,3 +171,9 @@ class PlanError(ApplianceError):
     """A model cannot be placed on the machine (or cluster) it is planned for."""
 
     code = "does_not_fit"
+
+
+class DatasetError(InvalidRequest):
+    """A dataset file is malformed, of an unknown format, or cannot be split or compared as asked."""
+
+    code = "invalid_dataset"

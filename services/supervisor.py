@@ -8,7 +8,6 @@ the gateway's runtime file, starts the gateway (Granian), restarts any child tha
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -24,20 +23,17 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError
 from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
 from appliance.keys import ensure_admin_key
-from installer.plan_model import Plan, planned_model
-from services.engines.commands import engine_command
+from installer.plan_model import Plan
+from appliance.errors import StorageUnavailable
+from appliance.objectstore import ObjectStore, ObjectStoreSettings
+from services.engines.deployments import DeploymentController
+from services.engines.launch import replica_process
+from services.storage.minio import resolve_object_store
 from services.engines.process import ManagedProcess
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
 
-ENGINE_HOST = "127.0.0.1"
 TEND_INTERVAL_S = 0.5
-
-
-def free_port(host: str = ENGINE_HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -61,6 +57,10 @@ class Supervisor:
         self.say = say
         self.engines: list[ManagedProcess] = []
         self.gateway: ManagedProcess | None = None
+        self.storage: list[ManagedProcess] = []  # MinIO and Litestream, stopped last
+        self.store: ObjectStoreSettings | None = None
+        self.store_note = ""
+        self.controller: DeploymentController | None = None
         self._stopping = False
 
     def _request_stop(self, signum, frame) -> None:
@@ -72,12 +72,14 @@ class Supervisor:
         try:
             check_port_free(self.host, self.port)
             admin_secret = self._prepare_home()
+            self._start_storage()
             runtime = self._start_engines()
             self._start_gateway(runtime)
+            self.controller = DeploymentController(self.home, self.store, self.say)
             self._announce(admin_secret)
             while not self._stopping:
-                for child in [*self.engines, self.gateway]:
-                    line = child.tend()
+                lines = [child.tend() for child in [*self.storage, *self.engines, self.gateway]]
+                for line in [*lines, *self.controller.tend()]:
                     if line:
                         self.say(line)
                 time.sleep(TEND_INTERVAL_S)
@@ -98,6 +100,26 @@ class Supervisor:
         finally:
             db.conn.close()
 
+    def _start_storage(self) -> None:
+        """The managed MinIO (when the profile has one), then the buckets of the object store."""
+        self.store, minio = resolve_object_store(self.profile, self.home)
+        if minio is not None:
+            child = ManagedProcess("minio", minio.argv, log_path=logs_dir(self.home) / "minio.log",
+                                   health_url=minio.health_url, env=minio.env, startup_timeout_s=60)
+            self.say(f"starting minio on {self.store.endpoint}")
+            child.start()
+            self.storage.append(child)
+            child.wait_ready(lambda: self._stopping)
+        if self.store is None:
+            self.store_note = "none (storage.object_store; the registries are off)"
+            return
+        try:
+            ObjectStore(self.store).ensure_buckets()
+            self.store_note = self.store.endpoint
+        except StorageUnavailable as exc:
+            self.store_note = f"{self.store.endpoint}, unreachable: the registries answer 503 until it is back"
+            self.say(f"warning: {exc.message}")
+
     def _start_engines(self) -> GatewayRuntime:
         served: list[ServedModel] = []
         created = int(time.time())
@@ -107,22 +129,11 @@ class Supervisor:
                 endpoints.append(ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env))
             planned = self.plan.model(model.name)
             for index, placement in enumerate(planned.replicas):
-                key = secrets.token_hex(24)
-                cmd = engine_command(planned_model(model, planned, placement), ENGINE_HOST, free_port(), key)
-                name = f"{model.name}#{index}"
-                child = ManagedProcess(
-                    f"engine {name}",
-                    cmd.argv,
-                    log_path=logs_dir(self.home) / f"engine-{model.name}-{index}.log",
-                    health_url=cmd.health_url,
-                    health_headers={"Authorization": f"Bearer {key}"},
-                    startup_timeout_s=model.startup_timeout_s,
-                    env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))},
-                )
-                self.say(f"starting {model.engine} engine {name} on {cmd.base_url}")
+                child, endpoint = replica_process(model, planned, placement, index, self.home)
+                self.say(f"starting {model.engine} engine {model.name}#{index} on {endpoint.base_url}")
                 child.start()
                 self.engines.append(child)
-                endpoints.append(ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key))
+                endpoints.append(endpoint)
             served.append(
                 ServedModel(
                     name=model.name,
@@ -139,7 +150,8 @@ class Supervisor:
             child.wait_ready(lambda: self._stopping)
             self.say(f"{child.name} is ready")
         gateway = msgspec.structs.replace(self.profile.gateway, host=self.host, port=self.port)  # as actually served
-        return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served)
+        return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served,
+                              storage=self.store)
 
     def _start_gateway(self, runtime: GatewayRuntime) -> None:
         runtime_file = run_dir(self.home) / "gateway.json"
@@ -183,6 +195,7 @@ class Supervisor:
             f"  OpenAI endpoint:  http://{endpoint_host}:{self.port}/v1"
             + ("   (listening on all interfaces)" if self.host in ("0.0.0.0", "::") else ""),
             f"  models:           {', '.join(m.name for m in self.profile.models)}",
+            f"  object store:     {self.store_note}",
         ]
         if admin_secret:
             lines.append(f"  admin key:        {admin_secret}")
@@ -196,8 +209,12 @@ class Supervisor:
         self.say("\n".join(lines))
 
     def stop(self) -> None:
-        """Gateway first (no new requests), then the engines; nothing is left running."""
-        for child in ([self.gateway] if self.gateway else []) + self.engines:
+        """Gateway first (no new requests), then the engines, then storage; nothing is left running."""
+        if self.gateway:
+            self.gateway.stop()
+        if self.controller:
+            self.controller.stop()
+        for child in [*self.engines, *reversed(self.storage)]:
             child.stop()
 
 

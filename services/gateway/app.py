@@ -19,7 +19,9 @@ from litestar import Litestar, Request, Response, get
 from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from appliance import deployments
 from appliance.db import open_db
+from appliance.objectstore import ObjectStore
 from appliance.errors import (
     ApplianceError,
     ClientGone,
@@ -32,15 +34,16 @@ from appliance.home import state_db_path
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway import schemas
+from services.gateway.admin import ADMIN_HANDLERS
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, send_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import ModelPool, watch_health
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, read_runtime
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 
 log = logging.getLogger("appliance.gateway")
 
-KEY_REFRESH_S = 1.0
+REFRESH_S = 1.0
 WATCH_AFTER_S = 0.05  # requests still running after this watch for client disconnects
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
@@ -56,12 +59,18 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.recorder = UsageRecorder(self.db_path)
         self.pools = {m.name: ModelPool(m) for m in runtime.models}
-        self.model_list = msgspec.json.encode(
-            {"object": "list", "data": [self._model_object(m.served) for m in self.pools.values()]}
-        )
+        self.profile_models = frozenset(self.pools)
+        self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
+        self.store = ObjectStore(runtime.storage) if runtime.storage else None
+        self._list_models()
         self.forwarder: Forwarder | None = None
         self._tasks: list[asyncio.Task] = []
         self._db = None
+
+    def _list_models(self) -> None:
+        self.model_list = msgspec.json.encode(
+            {"object": "list", "data": [self._model_object(p.served) for p in self.pools.values()]}
+        )
 
     @staticmethod
     def _model_object(served) -> dict:
@@ -69,7 +78,7 @@ class Gateway:
 
     async def start(self) -> None:
         self._db = await asyncio.to_thread(open_db, self.db_path)
-        await asyncio.to_thread(self.keys.refresh, self._db)
+        self._apply_deployments(await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar()
@@ -80,7 +89,7 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
             asyncio.create_task(self._flush_usage()),
-            asyncio.create_task(self._refresh_keys()),
+            asyncio.create_task(self._refresh()),
         ]
 
     async def stop(self) -> None:
@@ -105,13 +114,44 @@ class Gateway:
             await self.recorder.flush()
             self.metrics.usage_pending.set(self.recorder.pending)
 
-    async def _refresh_keys(self) -> None:
+    async def _refresh(self) -> None:
+        """Keys and deployments follow the database within a second, off the request path."""
         while True:
-            await asyncio.sleep(KEY_REFRESH_S)
+            await asyncio.sleep(REFRESH_S)
             try:
-                await asyncio.to_thread(self.keys.refresh, self._db)
+                self._apply_deployments(await asyncio.to_thread(self._read_state))
             except Exception:
-                log.exception("refreshing API keys failed; keeping the cached ones")
+                log.exception("refreshing keys and deployments failed; keeping the current ones")
+
+    def _read_state(self) -> list[dict]:
+        self.keys.refresh(self._db)
+        return deployments.running(self._db)
+
+    def _apply_deployments(self, rows: list[dict]) -> None:
+        """Serve every running deployment, keeping pools (and their health) that did not change."""
+        wanted = {r["name"]: r for r in rows if r["name"] not in self.profile_models}
+        changed = False
+        for name in [n for n in self.deployed if n not in wanted]:
+            del self.deployed[name], self.pools[name]
+            changed = True
+        for name, row in wanted.items():
+            source = (row["version_id"], tuple(e["base_url"] for e in row["endpoints"]))
+            if self.deployed.get(name) == source:
+                continue
+            served = ServedModel(
+                name=name, engine=row["engine"], replicas=[msgspec.convert(e, ReplicaEndpoint) for e in row["endpoints"]],
+                logprobs=row["engine"] != "llamacpp", request_timeout_s=self.config.request_timeout_s,
+                created=int(row["created_at"]),
+            )
+            pool = ModelPool(served)
+            for replica in pool.replicas:
+                replica.healthy = True  # the controller saw it healthy; the health watch takes over
+            self.pools[name], self.deployed[name] = pool, source
+            self.metrics.child(self.metrics.replicas, name).set(len(pool.replicas))
+            changed = True
+        if changed:
+            self._list_models()
+            log.info("serving deployments: %s", ", ".join(sorted(self.deployed)) or "none")
 
     def unready_models(self) -> list[str]:
         return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
@@ -410,7 +450,7 @@ def create_app(runtime: GatewayRuntime | None = None):
         await gateway.stop()
 
     litestar = Litestar(
-        route_handlers=[list_models, get_model, healthz, readyz, metrics],
+        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -87,7 +87,7 @@ async def probe(session: aiohttp.ClientSession, replica: Replica) -> str:
 async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPool], interval_s: float, on_probed) -> None:
     """Probe every replica forever; call on_probed(pool) after each round of a model's probes."""
     while True:
-        for pool in pools.values():
+        for pool in list(pools.values()):  # deployments come and go meanwhile
             outcomes = await asyncio.gather(*(probe(session, r) for r in pool.replicas))
             for replica, outcome in zip(pool.replicas, outcomes):
                 replica.record_probe(outcome)

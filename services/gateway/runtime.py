@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.config import GatewayConfig
+from appliance.objectstore import ObjectStoreSettings
 
 RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"
 
@@ -44,6 +45,7 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     profile: str
     gateway: GatewayConfig
     models: list[ServedModel]
+    storage: ObjectStoreSettings | None = None  # the object store of the registries
 
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:

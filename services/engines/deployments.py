@@ -1,0 +1,179 @@
+"""The deployment controller: runs the engines of registered model versions deployed
+through /admin, while the appliance runs (see appliance/deployments.py for the states).
+
+The supervisor calls `tend()` twice a second. A pending deployment is started on a
+thread of its own (fetch the files from the object store, plan, start the replicas,
+wait until healthy) so a long download never holds up the supervisor; a deployment
+marked stopping is drained for a moment (the gateway drops it within a second), then
+its engines are stopped and its row removed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from appliance import deployments
+from appliance.config import ModelConfig, Profile
+from appliance.db import open_db
+from appliance.errors import ApplianceError
+from appliance.home import state_db_path
+from appliance.model_registry import materialize
+from appliance.objectstore import ObjectStore, ObjectStoreSettings
+from services.engines.launch import replica_process
+from services.engines.process import ManagedProcess
+
+DRAIN_S = 2.0  # the gateway polls deployments every second; let it stop routing first
+
+
+class _Running:
+    def __init__(self, name: str):
+        self.name = name
+        self.thread: threading.Thread | None = None
+        self.prepared: tuple[ModelConfig, object] | None = None  # the model and its plan, once fetched
+        self.children: list[ManagedProcess] = []
+        self.endpoints: list[dict] = []
+        self.ready_by = 0.0
+        self.ready = False
+        self.cancelled = False
+        self.stop_at: float | None = None
+
+
+class DeploymentController:
+    def __init__(self, home: Path, store: ObjectStoreSettings | None, say: Callable[[str], None]):
+        self.home = home
+        self.store = ObjectStore(store) if store else None
+        self.say = say
+        self.active: dict[str, _Running] = {}
+        self.db = open_db(state_db_path(home))
+        # After a restart every deployment starts again; undeploys asked for meanwhile are done.
+        for row in deployments.wanted(self.db):
+            if row["state"] == "stopping":
+                deployments.remove(self.db, row["name"])
+            else:
+                self.db.execute("UPDATE deployments SET state = 'pending', endpoints = '[]', message = NULL WHERE name = ?",
+                                [row["name"]])
+
+    def tend(self) -> list[str]:
+        lines: list[str] = []
+        rows = {row["name"]: row for row in deployments.wanted(self.db)}
+        for name, row in rows.items():
+            if row["state"] == "pending" and name not in self.active:
+                lines.append(f"deploying {row['model']} version {row['version']} as {name}")
+                self._prepare(row)
+            elif row["state"] == "stopping":
+                lines += self._stop_when_drained(name)
+        for name in [n for n in self.active if n not in rows]:  # row deleted behind our back
+            self._stop(self.active.pop(name))
+        for running in list(self.active.values()):
+            if running.cancelled:
+                continue
+            if running.prepared and not running.children:
+                self._launch(running)
+            elif running.children and not running.ready:
+                lines += self._check_ready(running)
+            elif running.ready:
+                lines += filter(None, (child.tend() for child in running.children))
+        return lines
+
+    def _prepare(self, row: dict) -> None:
+        """Fetch and plan on a thread: downloads can be long and the supervisor must keep tending."""
+        running = _Running(row["name"])
+        running.thread = threading.Thread(target=self._fetch_and_plan, args=(row, running), daemon=True,
+                                          name=f"deploy {row['name']}")
+        self.active[row["name"]] = running
+        running.thread.start()
+
+    def _fetch_and_plan(self, row: dict, running: _Running) -> None:
+        from installer.planner import make_plan
+        from installer.probe import probe
+
+        db = open_db(state_db_path(self.home), migrate=False)
+        name = row["name"]
+        try:
+            deployments.set_state(db, name, "starting", message="fetching the model files")
+            if self.store is None:
+                raise ApplianceError("no object store is configured (storage.object_store), so no files to run")
+            version = {**row, "files": _version_files(db, row["version_id"])}
+            path = materialize(self.store, version, self.home / "models")
+            model = ModelConfig(name=name, engine=row["engine"], path=str(path), replicas=row["replicas"],
+                                context_length=row["context_length"])
+            plan = make_plan(Profile(name=f"deployment-{name}", models=[model]), [probe(self.home)])
+            deployments.set_state(db, name, "starting", message="loading the model")
+            running.prepared = (model, plan.model(name))
+        except Exception as exc:
+            self._failed(db, running, exc)
+        finally:
+            db.conn.close()
+
+    def _launch(self, running: _Running) -> None:
+        """Start the replicas from the supervisor's own thread: they die with the thread that made them."""
+        model, planned = running.prepared
+        try:
+            for index, placement in enumerate(planned.replicas):
+                child, endpoint = replica_process(model, planned, placement, index, self.home)
+                child.start()
+                running.children.append(child)
+                running.endpoints.append(msgspec.to_builtins(endpoint))
+        except Exception as exc:
+            self._failed(self.db, running, exc)
+        running.ready_by = time.monotonic() + model.startup_timeout_s
+
+    def _check_ready(self, running: _Running) -> list[str]:
+        dead = [c for c in running.children if not c.alive()]
+        if dead:
+            self._failed(self.db, running, ApplianceError(
+                f"{dead[0].name} exited during start-up; the end of its log:\n{dead[0].log_tail()}"))
+        elif all(c.healthy() for c in running.children):
+            running.ready = True
+            deployments.set_state(self.db, running.name, "running", endpoints=running.endpoints)
+            return [f"deployment {running.name} is running ({len(running.children)} replica(s))"]
+        elif time.monotonic() > running.ready_by:
+            self._failed(self.db, running, ApplianceError(f"not ready within {running.prepared[0].startup_timeout_s:g} s"))
+        return []
+
+    def _failed(self, db, running: _Running, exc: Exception) -> None:
+        message = exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+        deployments.set_state(db, running.name, "failed", message=message)
+        self.say(f"deployment {running.name} failed: {message}")
+        running.cancelled = True
+        for child in running.children:
+            child.stop()
+
+    def _stop_when_drained(self, name: str) -> list[str]:
+        running = self.active.get(name)
+        if running is None:
+            deployments.remove(self.db, name)
+            return [f"undeployed {name}"]
+        running.cancelled = True
+        if running.stop_at is None:
+            running.stop_at = time.monotonic() + DRAIN_S
+        if time.monotonic() < running.stop_at or (running.thread and running.thread.is_alive()):
+            return []
+        self._stop(self.active.pop(name))
+        deployments.remove(self.db, name)
+        return [f"undeployed {name}"]
+
+    @staticmethod
+    def _stop(running: _Running) -> None:
+        running.cancelled = True
+        if running.thread is not None:
+            running.thread.join(timeout=30)
+        for child in running.children:
+            child.stop()
+
+    def stop(self) -> None:
+        """Stop every deployment's engines; they start again with the next `appliance up`."""
+        for running in self.active.values():
+            self._stop(running)
+        self.active.clear()
+        self.db.conn.close()
+
+
+def _version_files(db, version_id: str) -> list[dict]:
+    return json.loads(db.execute("SELECT files FROM model_versions WHERE id = ?", [version_id]).fetchone()[0])

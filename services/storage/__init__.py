@@ -1,0 +1,1 @@
+"""Object store and state replication: the managed MinIO server and Litestream."""

@@ -1,0 +1,108 @@
+"""Which object store the appliance uses, and the MinIO server it runs itself.
+
+`storage.object_store` in the profile: `minio` runs MinIO (its binary must be
+installed: the bundle puts it next to the appliance's Python), `s3` uses an existing
+S3-compatible endpoint with credentials from the environment, `none` turns the
+registries off, and `auto` (the default) means `minio` when the binary is there, else
+`none`. The managed server's root credentials are generated once, into
+$APPLIANCE_HOME/minio.env with mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+
+from appliance.config import Profile
+from appliance.errors import ProfileError
+from appliance.objectstore import ObjectStoreSettings
+
+DEFAULT_MINIO_ENDPOINT = "http://127.0.0.1:9000"
+CREDENTIALS_FILE = "minio.env"
+ROOT_USER = "appliance"
+
+
+class ManagedMinio(msgspec.Struct, frozen=True):
+    """A MinIO server for `appliance up` to start: its command, environment and health check."""
+
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str
+
+
+def minio_binary() -> Path | None:
+    beside = Path(sys.executable).parent / "minio"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("minio")
+    return Path(found) if found else None
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def ensure_credentials(home: Path) -> dict[str, str]:
+    """MINIO_ROOT_USER and MINIO_ROOT_PASSWORD: generated on first use, then read back."""
+    path = home / CREDENTIALS_FILE
+    existing = read_credentials(path)
+    if existing.get("MINIO_ROOT_USER") and existing.get("MINIO_ROOT_PASSWORD"):
+        return existing
+    credentials = {"MINIO_ROOT_USER": ROOT_USER, "MINIO_ROOT_PASSWORD": secrets.token_hex(24)}
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# MinIO root credentials, generated on first start.\n")
+        f.writelines(f"{k}={v}\n" for k, v in credentials.items())
+    os.replace(tmp, path)
+    return credentials
+
+
+def resolve_object_store(profile: Profile, home: Path, env: dict[str, str] | None = None
+                         ) -> tuple[ObjectStoreSettings | None, ManagedMinio | None]:
+    """The object store to use and, when the appliance runs it, the MinIO server to start."""
+    storage = profile.storage
+    env = os.environ if env is None else env
+    kind = storage.object_store
+    binary = minio_binary() if kind in ("auto", "minio") else None
+    if kind == "auto":
+        kind = "minio" if binary else "none"
+    if kind == "none":
+        return None, None
+    common = {"region": storage.region, "bucket_prefix": storage.bucket_prefix, "part_size_mib": storage.part_size_mib}
+    if kind == "s3":
+        missing = [name for name in (storage.access_key_env, storage.secret_key_env) if not env.get(name)]
+        if missing:
+            raise ProfileError(f"storage: object_store 's3' needs the credentials in {' and '.join(missing)} (not set)")
+        settings = ObjectStoreSettings(endpoint=storage.endpoint, access_key=env[storage.access_key_env],
+                                       secret_key=env[storage.secret_key_env], **common)
+        return settings, None
+    if binary is None:
+        raise ProfileError("storage.object_store is 'minio' but the MinIO binary is not installed "
+                           f"(looked beside {sys.executable} and on PATH)")
+    endpoint = storage.endpoint or DEFAULT_MINIO_ENDPOINT
+    address = urlsplit(endpoint).netloc
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ProfileError(f"storage.endpoint: MinIO needs host:port to listen on, got {endpoint!r}")
+    credentials = ensure_credentials(home)
+    data = Path(storage.data_path) if storage.data_path else home / "objects"
+    server = ManagedMinio(
+        argv=[str(binary), "server", str(data), "--address", address,
+              "--console-address", f"{host}:{int(port) + 1}", "--quiet"],
+        env={**{k: v for k, v in env.items() if not k.startswith("MINIO_")}, **credentials},
+        health_url=f"{endpoint}/minio/health/live",
+    )
+    settings = ObjectStoreSettings(endpoint=endpoint, access_key=credentials["MINIO_ROOT_USER"],
+                                   secret_key=credentials["MINIO_ROOT_PASSWORD"], **common)
+    return settings, server

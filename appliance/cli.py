@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.home import HOME_ENV, resolve_home, state_db_path
 from appliance.keys import ROLES, create_key, list_keys, revoke_key
 from appliance.durations import parse_duration
+from appliance.dataset_cli import datasets
 from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
 from appliance.usage import summarize
 from installer.probe import probe_command
@@ -216,6 +217,7 @@ def profiles_schema() -> None:
 for command in REGISTRY_COMMANDS:
     models.add_command(command)
 cli.add_command(audit_command, "audit")
+cli.add_command(datasets, "datasets")
 
 # Installer commands: each lives with its module in installer/.
 cli.add_command(probe_command, "probe")

@@ -56,7 +56,15 @@ def store_of(request: Request) -> ObjectStore:
 
 async def run(request: Request, actor: Actor, work: Callable[[Any], Any], *, action: str | None = None,
               target: str = "", detail: Callable[[Any], dict] | None = None, status: int = 200) -> Response:
-    """Run `work(db)` on a thread; audit it when it is a change (`action`); answer JSON."""
+    """`perform` the work and answer its result as JSON."""
+    result = await perform(request, actor, work, action=action, target=target, detail=detail)
+    return Response(msgspec.json.encode(result), status_code=status, media_type="application/json",
+                    headers={"x-request-id": actor.request_id})
+
+
+async def perform(request: Request, actor: Actor, work: Callable[[Any], Any], *, action: str | None = None,
+                  target: str = "", detail: Callable[[Any], dict] | None = None) -> Any:
+    """Run `work(db)` on a thread with a connection of its own; audit it when it is a change (`action`)."""
     gateway = gateway_of(request)
 
     def job():
@@ -79,9 +87,7 @@ async def run(request: Request, actor: Actor, work: Callable[[Any], Any], *, act
         finally:
             db.conn.close()
 
-    result = await asyncio.to_thread(job)
-    return Response(msgspec.json.encode(result), status_code=status, media_type="application/json",
-                    headers={"x-request-id": actor.request_id})
+    return await asyncio.to_thread(job)
 
 
 async def receive_file(request: Request, folder: Path, filename: str) -> tuple[Path, str, int]:
@@ -135,6 +141,13 @@ def check_upload_key(key: str | None) -> None:
 
 def uploads_dir(request: Request) -> Path:
     return Path(gateway_of(request).runtime.home) / "tmp"
+
+
+def cache_dir(request: Request, kind: str) -> Path:
+    """Local copies of stored files (checked against their SHA-256 when fetched)."""
+    path = Path(gateway_of(request).runtime.home) / "cache" / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # --- models ---------------------------------------------------------------------------

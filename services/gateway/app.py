@@ -35,6 +35,7 @@ from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway import schemas
 from services.gateway.admin import ADMIN_HANDLERS
+from services.gateway.admin_datasets import DATASET_HANDLERS
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, send_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
@@ -450,7 +451,7 @@ def create_app(runtime: GatewayRuntime | None = None):
         await gateway.stop()
 
     litestar = Litestar(
-        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS],
+        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS, *DATASET_HANDLERS],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,0 +1,200 @@
+"""The model registry and deployments through the admin API and the CLI, on the shared
+stack (real engine, real model) with a real S3 server process (moto) as its object store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.objectstore import ObjectStore
+from tests.conftest import appliance
+
+pytestmark = pytest.mark.stack
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = {"role": "user", "content": "What is the capital of France?"}
+
+
+def default_gguf() -> Path:
+    from appliance.config import load_profile
+
+    return Path(load_profile("edge-cpu").models[0].path)
+
+
+def cli(stack, *args, key=None, check=True):
+    env = {"APPLIANCE_URL": stack.root, "APPLIANCE_KEY": key or stack.admin_key}
+    return appliance(*args, env=env, check=check)
+
+
+def api(stack, key=None) -> httpx.Client:
+    return httpx.Client(base_url=stack.root, headers={"Authorization": f"Bearer {key or stack.admin_key}"}, timeout=120)
+
+
+def stored_model_keys(settings) -> set[str]:
+    store = ObjectStore(settings)
+    return {o.object_name for o in store.client.list_objects(store.bucket("models"), prefix="sha256/", recursive=True)}
+
+
+def hf_directory(path: Path) -> Path:
+    """A small HF-format directory: config, tokenizer config, README front matter, one safetensors file."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 4096,
+        "num_hidden_layers": 2, "hidden_size": 8, "vocab_size": 16, "torch_dtype": "bfloat16"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (path / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    header = json.dumps({"embed.weight": {"dtype": "BF16", "shape": [16, 8], "data_offsets": [0, 256]},
+                         "head.weight": {"dtype": "BF16", "shape": [8, 4], "data_offsets": [256, 320]}}).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(320))
+    return path
+
+
+def test_admin_api_needs_an_admin_or_operator_key(stack):
+    assert httpx.get(f"{stack.root}/admin/models").status_code == 401
+    developer = json.loads(appliance("keys", "create", "dev", "--role", "developer", "--json", home=stack.home).stdout)["key"]
+    operator = json.loads(appliance("keys", "create", "ops", "--role", "operator", "--json", home=stack.home).stdout)["key"]
+    time.sleep(1.5)  # the gateway reloads keys every second
+    denied = api(stack, developer).get("/admin/models")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role"
+    assert api(stack, operator).get("/admin/models").status_code == 200
+
+
+def test_register_by_upload_fills_the_card_from_gguf_metadata(stack, stack_store):
+    gguf = default_gguf()
+    out = cli(stack, "models", "register", "smol", str(gguf), "--json").stdout
+    row = json.loads(out[out.index("{"):])
+    assert row["version"] == 1 and row["format"] == "gguf" and row["size"] == gguf.stat().st_size
+    card = row["card"]
+    assert card["architecture"] == "llama" and card["parameters"] == 134_515_008
+    assert card["quantization"] == "Q4_1" and card["context_length"] == 8192 and card["license"] == "apache-2.0"
+    assert "<|im_start|>" in card["chat_template"]
+    assert row["files"][0]["path"] == gguf.name
+    assert f"sha256/{row['sha256']}" in stored_model_keys(stack_store)
+    versions = json.loads(cli(stack, "models", "versions", "smol", "--json").stdout)["versions"]
+    assert [v["version"] for v in versions] == [1]
+
+
+def test_bad_model_input_registers_nothing(stack, stack_store, tmp_path):
+    gguf = default_gguf()
+    before = stored_model_keys(stack_store)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(gguf.read_bytes()[:1_000_000])
+    result = cli(stack, "models", "register", "broken", str(truncated), check=False)
+    assert result.returncode == 1 and "not a readable GGUF file (truncated or corrupt" in result.stderr
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"\x00" * 4096)
+    result = cli(stack, "models", "register", "broken", str(junk), check=False)
+    assert result.returncode == 1 and "unknown model format" in result.stderr
+    result = cli(stack, "models", "register", "broken", str(gguf), "--sha256", "0" * 64, check=False)
+    assert result.returncode == 1 and "SHA-256 is" in result.stderr and "expected 000" in result.stderr
+    # A client that hangs up halfway through its upload.
+    with socket.create_connection(("127.0.0.1", stack.port)) as s:
+        s.sendall(f"POST /admin/models/broken/upload?filename=cut.gguf HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {stack.admin_key}\r\nContent-Length: 50000000\r\n\r\n".encode())
+        s.sendall(gguf.read_bytes()[:2_000_000])
+    time.sleep(1)
+    assert api(stack).get("/admin/models/broken").status_code == 404
+    assert stored_model_keys(stack_store) == before
+    staged = stack.home / "tmp"
+    assert not staged.exists() or not any(staged.iterdir())  # no upload left behind
+
+
+def test_the_same_content_twice_is_a_conflict(stack):
+    cli(stack, "models", "register", "twice", str(default_gguf()))
+    result = cli(stack, "models", "register", "twice", str(default_gguf()), check=False)
+    assert result.returncode == 1 and "already registered as twice version 1" in result.stderr and "409" in result.stderr
+
+
+def test_hf_directory_from_the_server_path_then_edit_and_compare(stack, tmp_path):
+    directory = hf_directory(tmp_path / "tiny-llama")
+    cli(stack, "models", "register", "mixed", str(default_gguf()))
+    row = json.loads(cli(stack, "models", "register", "mixed", str(directory), "--server-path", "--json").stdout)
+    assert row["version"] == 2 and row["format"] == "hf"
+    assert row["card"]["parameters"] == 16 * 8 + 8 * 4 and row["card"]["license"] == "mit"
+    assert row["card"]["architecture"] == "LlamaForCausalLM" and row["card"]["chat_template"] == "{{ messages }}"
+    assert sorted(f["path"] for f in row["files"]) == ["README.md", "config.json", "model.safetensors", "tokenizer_config.json"]
+
+    cli(stack, "models", "edit-card", "mixed:2", "--set", "description=tiny test model", "--tags", "test,tiny",
+        "--set", "license=apache-2.0")
+    shown = json.loads(cli(stack, "models", "show", "mixed:2", "--json").stdout)
+    assert shown["card"]["description"] == "tiny test model" and shown["card"]["tags"] == ["test", "tiny"]
+    assert shown["card"]["license"] == "apache-2.0" and shown["edited_fields"] == ["description", "license", "tags"]
+    assert shown["card"]["parameters"] == 160  # extracted facts stay
+    refused = api(stack).patch("/admin/models/mixed/versions/2/card", json={"parameters": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "parameters"
+
+    compared = json.loads(cli(stack, "models", "compare", "mixed", "1", "2", "--json").stdout)
+    fields = {f["field"]: f for f in compared["fields"]}
+    assert fields["format"]["a"] == "gguf" and fields["format"]["b"] == "hf" and not fields["format"]["same"]
+    assert fields["architecture"]["a"] == "llama" and fields["architecture"]["b"] == "LlamaForCausalLM"
+    assert fields["quantization"]["a"] == "Q4_1" and fields["quantization"]["b"] == "bfloat16"
+    table = cli(stack, "models", "compare", "mixed", "1", "2").stdout
+    assert "parameters" in table and "134515008" in table and "160" in table
+
+
+def test_deploy_serves_without_restart_and_delete_waits_for_undeploy(stack, stack_store):
+    cli(stack, "models", "register", "deployable", str(default_gguf()))
+    gateway_pid = [p.pid for p in stack.descendants() if "granian" in " ".join(p.cmdline())]
+    out = cli(stack, "models", "deploy", "deployable:1", "--as", "smol-deployed", "--context-length", "1024").stdout
+    assert "is running as smol-deployed" in out
+    client = stack.client()
+    assert "smol-deployed" in [m.id for m in client.models.list().data]
+    answer = client.chat.completions.create(model="smol-deployed", messages=[SYSTEM, QUESTION], temperature=0, max_tokens=20)
+    assert "Paris" in answer.choices[0].message.content
+    assert [p.pid for p in stack.descendants() if "granian" in " ".join(p.cmdline())] == gateway_pid  # no restart
+
+    refused = cli(stack, "models", "delete", "deployable:1", check=False)
+    assert refused.returncode == 1 and "deployed as smol-deployed: undeploy it first" in refused.stderr
+    clash = api(stack).post("/admin/deployments", json={"model": "deployable", "version": 1, "name": "smollm2-135m-instruct"})
+    assert clash.status_code == 409
+
+    cli(stack, "models", "undeploy", "smol-deployed")
+    deadline = time.monotonic() + 30
+    while "smol-deployed" in [m.id for m in client.models.list().data] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "smol-deployed" not in [m.id for m in client.models.list().data]
+    while api(stack).get("/admin/deployments/smol-deployed").status_code != 404 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not stack.engine_pids("smol-deployed")
+    gone = api(stack).post("/v1/chat/completions", json={"model": "smol-deployed", "messages": [QUESTION]})
+    assert gone.status_code == 404
+    cli(stack, "models", "delete", "deployable:1")
+    assert api(stack).get("/admin/models/deployable").status_code == 404
+
+
+def test_every_change_is_audited_with_who_and_request_id(stack):
+    response = api(stack).patch("/admin/models/nothing-here/versions/1/card", json={"description": "x"})
+    assert response.status_code == 404
+    request_id = response.headers["x-request-id"]
+    entries = json.loads(cli(stack, "audit", "--json", "--limit", "1000").stdout)
+    mine = [e for e in entries if e["request_id"] == request_id]
+    assert len(mine) == 1 and mine[0]["action"] == "model.card.edit" and mine[0]["target"] == "model/nothing-here/1"
+    assert mine[0]["outcome"].startswith("refused: model 'nothing-here' has no version 1")
+    assert mine[0]["key_name"] == "admin (first start)" and mine[0]["role"] == "admin"
+    actions = {(e["action"], e["outcome"] == "ok") for e in entries}
+    assert ("model.register", True) in actions and ("model.register", False) in actions
+    assert {("deployment.create", True), ("deployment.delete", True), ("model.delete", True)} <= actions
+
+
+def test_unreachable_object_store_is_a_clear_503_and_nothing_is_registered(tmp_path, stack_store):
+    from appliance import model_registry
+    from appliance.db import open_db
+    from appliance.errors import StorageUnavailable
+    from appliance.objectstore import ObjectStoreSettings
+    from tests.conftest import free_port
+
+    db = open_db(tmp_path / "state.db")
+    dead = ObjectStore(ObjectStoreSettings(endpoint=f"http://127.0.0.1:{free_port()}", access_key="a", secret_key="b"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(default_gguf(), gguf)
+    with pytest.raises(StorageUnavailable) as error:
+        model_registry.register(db, dead, "m", gguf, source="test", created_by=None)
+    assert error.value.status == 503 and "unreachable" in error.value.message
+    assert db.execute("SELECT count(*) FROM model_versions").fetchone()[0] == 0

@@ -151,7 +151,7 @@ class Stack:
         assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
 
 
-def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, **gateway) -> Path:
+def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, storage=None, **gateway) -> Path:
     lines = [
         "name: test-stack",
         "gateway:",
@@ -172,8 +172,16 @@ def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, **ga
         lines += ["  - name: remote-down", "    engine: remote", f"    base_url: http://127.0.0.1:{free_port()}/v1"]
     if not gateway:
         lines.remove("gateway:")
+    if storage is not None:  # an S3 server (ObjectStoreSettings); credentials come from S3_ENV
+        lines += ["storage:", "  object_store: s3", f"  endpoint: {storage.endpoint}",
+                  f"  bucket_prefix: {storage.bucket_prefix}", "  part_size_mib: 5"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def s3_env(settings) -> dict[str, str]:
+    """The environment that gives a profile's `storage` its S3 credentials."""
+    return {"APPLIANCE_S3_ACCESS_KEY": settings.access_key, "APPLIANCE_S3_SECRET_KEY": settings.secret_key}
 
 
 def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180,
@@ -198,11 +206,19 @@ def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, upstream) -> Stack:
-    """The shared stack: the default model on llama.cpp plus remote upstreams."""
+def stack_store(s3_server):
+    """The shared stack's object store: the session's S3 server, buckets prefixed `stack-`."""
+    import msgspec
+
+    return msgspec.structs.replace(s3_server, bucket_prefix="stack-")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, upstream, stack_store) -> Stack:
+    """The shared stack: the default model on llama.cpp plus remote upstreams, and an S3 object store."""
     tmp = tmp_path_factory.mktemp("stack")
-    profile = write_profile(tmp / "profile.yaml", upstream)
-    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
+    profile = write_profile(tmp / "profile.yaml", upstream, storage=stack_store)
+    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key, **s3_env(stack_store)})
     yield running
     if running.proc.poll() is None:
         running.stop()
@@ -230,3 +246,41 @@ def running_engine(model, tmp: Path, key: str = "test-key"):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on loopback for the session; its settings have no bucket prefix."""
+    from appliance.objectstore import ObjectStoreSettings
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+        yield ObjectStoreSettings(endpoint=f"http://127.0.0.1:{port}", access_key="test-access", secret_key="test-secret")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def object_store_settings(s3_server):
+    """The session's S3 server with a bucket prefix of this test's own, its buckets created."""
+    import msgspec
+
+    from appliance.objectstore import ObjectStore
+
+    settings = msgspec.structs.replace(s3_server, bucket_prefix=f"t{secrets.token_hex(4)}-")
+    ObjectStore(settings).ensure_buckets()
+    return settings

@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.home import HOME_ENV, resolve_home, state_db_path
 from appliance.keys import ROLES, create_key, list_keys, revoke_key
 from appliance.durations import parse_duration
+from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
 from appliance.usage import summarize
@@ -218,6 +219,8 @@ for command in REGISTRY_COMMANDS:
     models.add_command(command)
 cli.add_command(audit_command, "audit")
 cli.add_command(datasets, "datasets")
+cli.add_command(backup, "backup")
+cli.add_command(restore_command, "restore")
 
 # Installer commands: each lives with its module in installer/.
 cli.add_command(probe_command, "probe")

@@ -20,17 +20,17 @@ import msgspec
 
 from appliance.config import Profile
 from appliance.db import open_db
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StorageUnavailable
 from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
 from appliance.keys import ensure_admin_key
-from installer.plan_model import Plan
-from appliance.errors import StorageUnavailable
 from appliance.objectstore import ObjectStore, ObjectStoreSettings
+from installer.plan_model import Plan
 from services.engines.deployments import DeploymentController
-from services.engines.launch import replica_process
-from services.storage.minio import resolve_object_store
+from services.engines.launch import ENGINE_HOST, free_port, replica_process
 from services.engines.process import ManagedProcess
 from services.gateway.metrics import MULTIPROC_ENV
+from services.storage import litestream
+from services.storage.minio import resolve_object_store
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
 
 TEND_INTERVAL_S = 0.5
@@ -60,6 +60,7 @@ class Supervisor:
         self.storage: list[ManagedProcess] = []  # MinIO and Litestream, stopped last
         self.store: ObjectStoreSettings | None = None
         self.store_note = ""
+        self.backup_note = ""
         self.controller: DeploymentController | None = None
         self._stopping = False
 
@@ -73,6 +74,7 @@ class Supervisor:
             check_port_free(self.host, self.port)
             admin_secret = self._prepare_home()
             self._start_storage()
+            self._start_replication()
             runtime = self._start_engines()
             self._start_gateway(runtime)
             self.controller = DeploymentController(self.home, self.store, self.say)
@@ -119,6 +121,25 @@ class Supervisor:
         except StorageUnavailable as exc:
             self.store_note = f"{self.store.endpoint}, unreachable: the registries answer 503 until it is back"
             self.say(f"warning: {exc.message}")
+
+    def _start_replication(self) -> None:
+        """Litestream ships every commit of the state database to the backup target."""
+        target = litestream.backup_target(self.profile.backup, self.home, self.store)
+        if target is None:
+            self.backup_note = "off (backup.target: none)"
+            return
+        config, metrics_addr = litestream.config_path(self.home), f"{ENGINE_HOST}:{free_port()}"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(litestream.render_config(
+            [state_db_path(self.home)], target, sync_interval_s=self.profile.backup.sync_interval_s,
+            metrics_addr=metrics_addr, socket_path=run_dir(self.home) / "litestream.sock"))
+        child = ManagedProcess("litestream", litestream.replicate_argv(config), log_path=logs_dir(self.home) / "litestream.log",
+                               health_url=litestream.health_url(metrics_addr), env=litestream.litestream_env(target, os.environ),
+                               startup_timeout_s=30, stop_timeout_s=15)
+        child.start()
+        self.storage.append(child)
+        child.wait_ready(lambda: self._stopping)
+        self.backup_note = f"{target.url('state.db')}, every {self.profile.backup.sync_interval_s:g} s"
 
     def _start_engines(self) -> GatewayRuntime:
         served: list[ServedModel] = []
@@ -196,6 +217,7 @@ class Supervisor:
             + ("   (listening on all interfaces)" if self.host in ("0.0.0.0", "::") else ""),
             f"  models:           {', '.join(m.name for m in self.profile.models)}",
             f"  object store:     {self.store_note}",
+            f"  state backup:     {self.backup_note}",
         ]
         if admin_secret:
             lines.append(f"  admin key:        {admin_secret}")

@@ -1,0 +1,146 @@
+"""`appliance backup status` and `appliance restore`: how far the replica of the state is, and
+rebuilding a home from it (on a new machine, or after losing the old one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import click
+import msgspec
+
+from appliance.errors import BackupError
+from appliance.home import HOME_ENV, resolve_home
+from services.storage.litestream import (
+    DatabaseStatus, config_path, daemon_info, parse_target, restore, status,
+)
+from services.storage.minio import CREDENTIALS_FILE, read_credentials
+
+ACCESS_KEY_ENV = "APPLIANCE_S3_ACCESS_KEY"
+SECRET_KEY_ENV = "APPLIANCE_S3_SECRET_KEY"
+
+home_option = click.option(
+    "--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
+    help="State directory (database, keys, logs). Default: ./var",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _s3_credentials(home: Path | None) -> tuple[str | None, str | None]:
+    """From APPLIANCE_S3_ACCESS_KEY / APPLIANCE_S3_SECRET_KEY, else the home's managed MinIO."""
+    access_key, secret_key = os.environ.get(ACCESS_KEY_ENV), os.environ.get(SECRET_KEY_ENV)
+    if (not access_key or not secret_key) and home is not None:
+        minio = read_credentials(home / CREDENTIALS_FILE)
+        access_key, secret_key = minio.get("MINIO_ROOT_USER"), minio.get("MINIO_ROOT_PASSWORD")
+    return access_key, secret_key
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _describe(s: DatabaseStatus) -> list[str]:
+    lines = [f"{s.path}: {s.state}", f"  replica:  {s.replica}"]
+    if s.local_txid is not None or s.replica_txid is not None:
+        uncaptured = "?" if s.uncaptured_commits is None else s.uncaptured_commits
+        lines.append(f"  position: local TXID {s.local_txid or '-'} (+{uncaptured} commits not captured yet), "
+                     f"replica TXID {s.replica_txid or '-'} at {_when(s.replica_time)}")
+    if s.lag_transactions is not None or s.lag_s is not None:
+        lag = "?" if s.lag_transactions is None else s.lag_transactions
+        seconds = "-" if s.lag_s is None else f"{s.lag_s:.1f} s"
+        lines.append(f"  lag:      {lag} transactions, {seconds}")
+    if s.detail:
+        lines.append(f"  note:     {s.detail}")
+    return lines
+
+
+@click.group("backup")
+def backup() -> None:
+    """Continuous backup of the state database (Litestream)."""
+
+
+@backup.command("status")
+@home_option
+@json_option
+def backup_status(home: str | None, as_json: bool) -> None:
+    """Where each database's replica stands: positions, lag, and whether replication runs.
+
+    Reads the litestream config that `appliance up` writes ($APPLIANCE_HOME/run/litestream.yml)
+    and the replica itself; S3 credentials come from APPLIANCE_S3_ACCESS_KEY and
+    APPLIANCE_S3_SECRET_KEY, else from the home's managed MinIO.
+    """
+    home_path = resolve_home(home)
+    config = config_path(home_path)
+    if not config.is_file():
+        raise BackupError(f"replication is not running or not configured for {home_path}: {config} does not exist "
+                          "(`appliance up` writes it unless the profile's backup.target is none)")
+    access_key, secret_key = _s3_credentials(home_path)
+    statuses = status(config, access_key=access_key, secret_key=secret_key)
+    daemon = daemon_info(config)
+    if as_json:
+        click.echo(json.dumps({"home": str(home_path), "replicating": daemon is not None, "daemon": daemon,
+                               "databases": msgspec.to_builtins(statuses)}, indent=2))
+        return
+    running = f"running (pid {daemon['pid']}, up {daemon['uptime_seconds']} s)" if daemon else "not running"
+    lines = [f"replication: {running}"]
+    for s in statuses:
+        lines += ["", *_describe(s)]
+    click.echo("\n".join(lines))
+
+
+def _row_counts(db_path: Path) -> dict[str, int]:
+    """Rows in each table of a restored database (litestream's own tables left out)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                  if not name.startswith(("sqlite_", "_litestream_"))]
+        return {name: conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for name in tables}
+    finally:
+        conn.close()
+
+
+def _next_steps(home: Path) -> list[str]:
+    return [
+        "next steps:",
+        "  - the admin key file (admin.key) is not part of the backup. Existing API keys, the admin key",
+        "    included, keep working: only their hashes are stored. Without the admin secret, create a new",
+        f"    one: appliance keys create NAME --role admin --home {home}",
+        f"  - start the appliance on this home: appliance up --home {home}",
+        "    With the profile's backup target pointing at the same place, replication carries on from the",
+        "    restored position.",
+    ]
+
+
+@click.command("restore")
+@click.option("--from", "source", required=True, metavar="TARGET",
+              help="file:///folder, a folder path, or s3://bucket[/prefix]?endpoint=http://host:port[&region=...] "
+                   f"(credentials from {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}).")
+@home_option
+@click.option("--force", is_flag=True, help="Replace databases that already exist in the home (stop the appliance first).")
+@json_option
+def restore_command(source: str, home: str | None, force: bool, as_json: bool) -> None:
+    """Rebuild the state database into a home from its backup, e.g. on a new machine.
+
+    The newest position in the backup is restored under a temporary name, checked with
+    PRAGMA integrity_check, and only then moved into place. An existing database is refused
+    unless --force.
+    """
+    home_path = resolve_home(home)
+    access_key, secret_key = _s3_credentials(None)
+    if source.strip().startswith("s3://") and not (access_key and secret_key):
+        raise BackupError(f"restoring from S3 needs its credentials in {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}")
+    target = parse_target(source, access_key=access_key, secret_key=secret_key)
+    restored = restore(target, home_path, force=force)
+    rows = {r.path: _row_counts(Path(r.path)) for r in restored}
+    if as_json:
+        report = [{**msgspec.to_builtins(r), "rows": rows[r.path]} for r in restored]
+        click.echo(json.dumps({"home": str(home_path), "restored": report}, indent=2))
+        return
+    lines = []
+    for r in restored:
+        lines.append(f"restored {r.path} from {r.url} (position: TXID {r.txid}, as of {_when(r.time)})")
+        lines += [f"  {table}: {count} rows" for table, count in rows[r.path].items()]
+    click.echo("\n".join([*lines, "", *_next_steps(home_path)]))

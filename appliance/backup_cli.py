@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from datetime import datetime
 from pathlib import Path
 
 import click
 import msgspec
 
+from appliance.cli_format import when
 from appliance.errors import BackupError
 from appliance.home import HOME_ENV, resolve_home
 from services.storage.litestream import (
@@ -38,16 +38,12 @@ def _s3_credentials(home: Path | None) -> tuple[str | None, str | None]:
     return access_key, secret_key
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _describe(s: DatabaseStatus) -> list[str]:
     lines = [f"{s.path}: {s.state}", f"  replica:  {s.replica}"]
     if s.local_txid is not None or s.replica_txid is not None:
         uncaptured = "?" if s.uncaptured_commits is None else s.uncaptured_commits
         lines.append(f"  position: local TXID {s.local_txid or '-'} (+{uncaptured} commits not captured yet), "
-                     f"replica TXID {s.replica_txid or '-'} at {_when(s.replica_time)}")
+                     f"replica TXID {s.replica_txid or '-'} at {when(s.replica_time)}")
     if s.lag_transactions is not None or s.lag_s is not None:
         lag = "?" if s.lag_transactions is None else s.lag_transactions
         seconds = "-" if s.lag_s is None else f"{s.lag_s:.1f} s"
@@ -141,6 +137,6 @@ def restore_command(source: str, home: str | None, force: bool, as_json: bool) -
         return
     lines = []
     for r in restored:
-        lines.append(f"restored {r.path} from {r.url} (position: TXID {r.txid}, as of {_when(r.time)})")
+        lines.append(f"restored {r.path} from {r.url} (position: TXID {r.txid}, as of {when(r.time)})")
         lines += [f"  {table}: {count} rows" for table, count in rows[r.path].items()]
     click.echo("\n".join([*lines, "", *_next_steps(home_path)]))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 
 import click
 
 from appliance import __version__
+from appliance.cli_format import json_option, table, when
 from appliance.config import DEFAULT_PROFILE, builtin_profiles, load_profile, profile_schema
 from appliance.db import open_db
 from appliance.errors import ApplianceError
@@ -37,21 +37,6 @@ profile_option = click.option(
     "--profile", "profile_name", default=DEFAULT_PROFILE, envvar=PROFILE_ENV, show_envvar=True, show_default=True,
     help="Built-in profile name or path to a profile YAML file.",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _open_state(home: str | None):
@@ -117,7 +102,7 @@ def keys_create(name: str, role: str, expires_in: str | None, home: str | None, 
     if as_json:
         click.echo(json.dumps({"id": key.id, "name": key.name, "role": key.role, "key": secret, "expires_at": key.expires_at}))
         return
-    click.echo(f"created {key.id} ({key.role}) named {key.name!r}, expires {_when(key.expires_at) if expires_at else 'never'}")
+    click.echo(f"created {key.id} ({key.role}) named {key.name!r}, expires {when(key.expires_at) if expires_at else 'never'}")
     click.echo(f"key: {secret}")
     click.echo("Store it now: it cannot be shown again.")
 
@@ -131,10 +116,10 @@ def keys_list(include_revoked: bool, home: str | None, as_json: bool) -> None:
     now = time.time()
     rows = [
         {"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix + "…", "state": k.state(now),
-         "created": _when(k.created_at), "expires": _when(k.expires_at)}
+         "created": when(k.created_at), "expires": when(k.expires_at)}
         for k in list_keys(_open_state(home), include_revoked=include_revoked)
     ]
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, ["id", "name", "role", "prefix", "state", "created", "expires"]))
+    click.echo(json.dumps(rows, indent=2) if as_json else table(rows, ["id", "name", "role", "prefix", "state", "created", "expires"]))
 
 
 @keys.command("revoke")
@@ -162,7 +147,7 @@ def models_list(profile_name: str, as_json: bool) -> None:
          "source": m.base_url or m.path, "embeddings": "yes" if m.embeddings else "no"}
         for m in profile.models
     ]
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, ["name", "engine", "replicas", "embeddings", "source"]))
+    click.echo(json.dumps(rows, indent=2) if as_json else table(rows, ["name", "engine", "replicas", "embeddings", "source"]))
 
 
 @cli.command()
@@ -179,13 +164,13 @@ def usage(since: str, by: str, home: str | None, as_json: bool) -> None:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     rows = summarize(_open_state(home), since=since_ts, by=tuple(by.split(",")))
     for row in rows:
-        row["last"] = _when(row.pop("last_ts"))
+        row["last"] = when(row.pop("last_ts"))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     columns = [c for c in ("key_id", "key_name", "model") if rows and c in rows[0]]
     columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms", "last"]
-    click.echo(_table(rows, columns))
+    click.echo(table(rows, columns))
 
 
 @cli.group()

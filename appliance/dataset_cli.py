@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from appliance.admin_client import AdminApiError, client_options, make_client
-from appliance.registry_cli import emit, json_option, parse_name_version, size, table, when
+from appliance.cli_format import emit, json_option, size, table, when
+from appliance.registry_cli import parse_name_version
 
 FORMAT_CHOICE = click.Choice(["csv", "jsonl", "parquet"])
 

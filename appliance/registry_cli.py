@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import datetime
 from pathlib import Path
 
 import click
 import httpx
 
 from appliance.admin_client import AdminApiError, client_options, make_client
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-
-
-def when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
+from appliance.cli_format import emit, json_option, size, table, when
 
 def parse_name_version(text: str) -> tuple[str, int]:
     name, sep, version = text.rpartition(":")
     if not sep or not version.isdigit():
         raise click.BadParameter(f"{text!r}: expected NAME:VERSION, e.g. smollm2:1")
     return name, int(version)
-
-
-def emit(data, as_json: bool, render) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else render(data))
 
 
 # --- models -----------------------------------------------------------------------------
@@ -220,6 +190,10 @@ def models_deploy(name_version, served_name, replicas, context_length, wait, tim
         row = client.get(f"/admin/deployments/{row['name']}")
     if wait and row["state"] == "failed":
         raise AdminApiError(f"deployment {row['name']} failed: {row['message']}")
+    while wait and row["state"] == "running" and time.monotonic() < deadline:  # the gateway polls every second
+        if row["name"] in [m["id"] for m in client.get("/v1/models")["data"]]:
+            break
+        time.sleep(0.25)
     emit(row, as_json, lambda r: f"{name} version {version} is {r['state']} as {r['name']}"
                                  + ("" if r["state"] == "running" else f" ({r['message'] or 'waiting'})"))
 

@@ -16,10 +16,11 @@ from time import perf_counter
 import aiohttp
 import msgspec
 from litestar import Litestar, Request, Response, get
+from litestar.openapi import OpenAPIConfig
 from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import deployments
+from appliance import __version__, deployments
 from appliance.db import open_db
 from appliance.objectstore import ObjectStore
 from appliance.errors import (
@@ -456,6 +457,7 @@ def create_app(runtime: GatewayRuntime | None = None):
         on_shutdown=[on_shutdown],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=runtime.gateway.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__),
     )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

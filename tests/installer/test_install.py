@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,12 @@ def test_installed_appliance_answers_a_chat(installed, tmp_path):
 def test_tampered_bundle_is_refused_before_anything_is_written(edge_bundle, tmp_path):
     bad = tmp_path / "bad.tar"
     shutil.copy(edge_bundle, bad)
-    with open(bad, "r+b") as f:  # flip a byte near the end: inside the last member's data
-        f.seek(-4096, os.SEEK_END)
+    with tarfile.open(bad) as tar:  # flip a byte inside the data of the largest member
+        member = max(tar.getmembers(), key=lambda m: m.size)
+    with open(bad, "r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
         byte = f.read(1)
-        f.seek(-4096, os.SEEK_END)
+        f.seek(member.offset_data + member.size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
     root = tmp_path / "root"
     done = install("--bundle", str(bad), "--root", str(root))

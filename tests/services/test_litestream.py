@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from appliance.backup_cli import backup, restore_command
+from appliance.cli import cli  # as users run it (a group invoked alone caches a different --help)
 from appliance.db import open_db
 from appliance.errors import BackupError
 from appliance.objectstore import ObjectStoreSettings
@@ -236,14 +236,14 @@ def test_s3_target_replicates_and_restores_through_the_cli(tmp_path, object_stor
         assert synced.replica == target.url("state.db")
         cli_env = {"APPLIANCE_S3_ACCESS_KEY": credentials["access_key"],
                    "APPLIANCE_S3_SECRET_KEY": credentials["secret_key"], "AWS_CA_BUNDLE": str(ca_bundle)}
-        shown = CliRunner().invoke(backup, ["status", "--home", str(home), "--json"], env=cli_env)
+        shown = CliRunner().invoke(cli, ["backup", "status", "--home", str(home), "--json"], env=cli_env)
         assert shown.exit_code == 0, shown.output
         assert '"replicating": true' in shown.output and '"state": "in sync"' in shown.output
     db.conn.close()
 
     source = f"s3://{target.bucket}/litestream?endpoint={object_store_settings.endpoint}"
     new_home = tmp_path / "new"
-    result = CliRunner().invoke(restore_command, ["--from", source, "--home", str(new_home)], env=cli_env)
+    result = CliRunner().invoke(cli, ["restore", "--from", source, "--home", str(new_home)], env=cli_env)
     assert result.exit_code == 0, result.output
     assert f"position: TXID {synced.replica_txid}" in result.output
     assert "usage: 12 rows" in result.output and "api_keys: 1 rows" in result.output
@@ -300,7 +300,7 @@ def test_status_reports_an_unreachable_replica_quickly(tmp_path):
 
 
 def test_backup_status_without_replication_says_so(tmp_path):
-    result = CliRunner().invoke(backup, ["status", "--home", str(tmp_path)])
+    result = CliRunner().invoke(cli, ["backup", "status", "--home", str(tmp_path)])
     assert isinstance(result.exception, BackupError)
     assert "replication is not running or not configured" in result.exception.message
     assert str(tmp_path / "run" / "litestream.yml") in result.exception.message

@@ -7,6 +7,7 @@ the key from --key or APPLIANCE_KEY, else the admin.key file of the local home.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,10 @@ class AdminClient:
     def upload(self, path: str, file: Path, **params) -> Any:
         """Stream a file as the request body, with its length, so a cut-off upload is detected."""
         size = file.stat().st_size
-        with open(file, "rb") as f, click.progressbar(length=size, label=f"uploading {file.name}", file=None) as bar:
+        # Progress on stderr, and only for a person watching: stdout stays clean for --json.
+        progress = click.progressbar(length=size, label=f"uploading {file.name}", file=sys.stderr,
+                                     hidden=not sys.stderr.isatty())
+        with open(file, "rb") as f, progress as bar:
             def chunks():
                 while chunk := f.read(1 << 20):
                     bar.update(len(chunk))

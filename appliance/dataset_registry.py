@@ -20,9 +20,9 @@ import sqlite_utils
 
 from appliance import pii, tabular
 from appliance.db import transaction
-from appliance.errors import ChecksumMismatch, Conflict, DatasetError, InvalidRequest, NotFound
+from appliance.errors import Conflict, DatasetError, InvalidRequest, NotFound
 from appliance.model_registry import check_name
-from appliance.objectstore import ObjectStore, StoredObject, sha256_file
+from appliance.objectstore import ObjectStore, StoredObject
 
 BUCKET = "datasets"
 EXTENSIONS = {"csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}
@@ -35,9 +35,6 @@ def register(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Pat
     check_name(name, "dataset")
     if not path.is_file():
         raise InvalidRequest(f"{path}: no such file", param="path")
-    digest, size = sha256_file(path)
-    if sha256 is not None and sha256.lower() != digest:
-        raise ChecksumMismatch(f"{path.name}: SHA-256 is {digest}, expected {sha256.lower()}", param="sha256")
     if fmt is not None and fmt not in tabular.FORMATS:
         raise InvalidRequest(f"unknown format {fmt!r}: choose one of {', '.join(tabular.FORMATS)}", param="format")
     try:
@@ -49,7 +46,8 @@ def register(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Pat
         raise DatasetError(exc.message.replace(str(path), path.name)) from None
     quality = tabular.quality_report(table)
     scan = pii.scan_table(table)
-    obj = store.put_file(BUCKET, path, sha256=digest)
+    obj = store.put_file(BUCKET, path, sha256=sha256)  # a mismatch stores nothing
+    digest, size = obj.sha256, obj.size
     try:
         with transaction(db):
             existing = db.execute("SELECT version FROM dataset_versions WHERE dataset = ? AND sha256 = ?",
@@ -169,11 +167,10 @@ def split(db: sqlite_utils.Database, store: ObjectStore, name: str, version: int
     """Split a version into named parts (train, validation, test, ...), stored once per seed and ratios."""
     row = get_version(db, name, version)
     ratios_text = json.dumps(ratios, sort_keys=True)
-    existing = db.execute("SELECT * FROM dataset_splits WHERE version_id = ? AND seed = ? AND ratios = ?",
-                          [row["id"], seed, ratios_text]).fetchone()
+    existing = list(db.query("SELECT * FROM dataset_splits WHERE version_id = ? AND seed = ? AND ratios = ?",
+                             [row["id"], seed, ratios_text]))
     if existing:
-        columns = [d[0] for d in db.execute("SELECT * FROM dataset_splits LIMIT 0").description]
-        return _split_public(dict(zip(columns, existing)))
+        return _split_public(existing[0])
     parts_tables = tabular.split_table(load(store, row, cache), ratios, seed)
     parts: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=cache) as tmp:

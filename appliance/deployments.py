@@ -77,15 +77,14 @@ def list_all(db: sqlite_utils.Database) -> list[dict]:
     return [_public(r) for r in db.query(_SELECT + " ORDER BY d.name")]
 
 
-def running(db: sqlite_utils.Database) -> list[dict]:
-    """What the gateway serves: running deployments with their endpoints (engine keys included)."""
-    rows = db.query(_SELECT + " WHERE d.state = 'running' ORDER BY d.name")
-    return [{**r, "endpoints": json.loads(r["endpoints"])} for r in rows]
-
-
 def wanted(db: sqlite_utils.Database) -> list[dict]:
-    """Every deployment with its full endpoints, for the controller."""
+    """Every deployment with its full endpoints (engine keys included), for the controller."""
     return [{**r, "endpoints": json.loads(r["endpoints"])} for r in db.query(_SELECT + " ORDER BY d.name")]
+
+
+def running(db: sqlite_utils.Database) -> list[dict]:
+    """What the gateway serves."""
+    return [r for r in wanted(db) if r["state"] == "running"]
 
 
 def set_state(db: sqlite_utils.Database, name: str, state: str, *, endpoints: list[dict] | None = None,

@@ -147,6 +147,12 @@ class ChecksumMismatch(InvalidRequest):
     code = "checksum_mismatch"
 
 
+class ModelFileError(InvalidRequest):
+    """A model file or directory is corrupt, truncated or of an unknown format."""
+
+    code = "invalid_model"
+
+
 class Conflict(ApplianceError):
     """The change conflicts with the current state (e.g. deleting a deployed model)."""
 

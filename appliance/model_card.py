@@ -14,16 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, ModelFileError
 
 EDITABLE = ("description", "license", "tags", "intended_use", "limitations", "notes")
 GGUF_MAGIC = b"GGUF"
-
-
-class ModelFileError(InvalidRequest):
-    """A model file or directory is corrupt, truncated or of an unknown format."""
-
-    code = "invalid_model"
 
 
 def detect_model_format(path: Path) -> str:

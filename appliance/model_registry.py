@@ -27,7 +27,7 @@ from appliance.model_card import (
     detect_model_format,
     validate_edits,
 )
-from appliance.objectstore import ObjectStore, StoredObject, sha256_file
+from appliance.objectstore import ObjectStore, StoredObject
 
 BUCKET = "models"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -57,11 +57,10 @@ def register(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Pat
         raise InvalidRequest(f"{path}: no such file or directory", param="path")
     fmt = detect_model_format(path)
     card = card_from_gguf(path) if fmt == "gguf" else card_from_hf(path)
-    if fmt == "gguf" and sha256 is not None:
-        digest, _ = sha256_file(path)
-        if digest != sha256.lower():
-            raise ChecksumMismatch(f"{path.name}: SHA-256 is {digest}, expected {sha256.lower()}", param="sha256")
-    stored: list[tuple[str, StoredObject]] = [(rel, store.put_file(BUCKET, p)) for rel, p in _model_files(path, fmt)]
+    # A GGUF file's digest is checked as it is stored (a mismatch stores nothing); a directory's after.
+    file_sha256 = sha256 if fmt == "gguf" else None
+    stored: list[tuple[str, StoredObject]] = [(rel, store.put_file(BUCKET, p, sha256=file_sha256))
+                                              for rel, p in _model_files(path, fmt)]
     files = [{"path": rel, "key": obj.key, "sha256": obj.sha256, "size": obj.size} for rel, obj in stored]
     if fmt == "gguf":
         digest = files[0]["sha256"]
@@ -139,11 +138,10 @@ def _deployed_names(db: sqlite_utils.Database) -> dict[str, list[str]]:
 
 
 def get_version(db: sqlite_utils.Database, name: str, version: int) -> dict:
-    row = db.execute("SELECT * FROM model_versions WHERE model = ? AND version = ?", [name, version]).fetchone()
-    if row is None:
+    rows = list(db.query("SELECT * FROM model_versions WHERE model = ? AND version = ?", [name, version]))
+    if not rows:
         raise NotFound(f"model {name!r} has no version {version}", param="version")
-    columns = [d[0] for d in db.execute("SELECT * FROM model_versions LIMIT 0").description]
-    out = _public(dict(zip(columns, row)))
+    out = _public(rows[0])
     out["deployed_as"] = _deployed_names(db).get(out["id"], [])
     return out
 

@@ -106,13 +106,6 @@ class ObjectStore:
                 if not self.client.bucket_exists(self.bucket(name)):
                     self.client.make_bucket(self.bucket(name))
 
-    def check(self) -> None:
-        """Raise StorageUnavailable unless the store answers and every bucket exists."""
-        with self._errors("checking the object store"):
-            missing = [n for n in BUCKETS if not self.client.bucket_exists(self.bucket(n))]
-        if missing:
-            raise StorageUnavailable(f"the object store at {self.settings.endpoint} lacks the buckets {', '.join(missing)}")
-
     def exists(self, bucket: str, key: str) -> int | None:
         """The object's size, or None when it is absent."""
         try:

@@ -113,7 +113,7 @@ class Supervisor:
             self.storage.append(child)
             child.wait_ready(lambda: self._stopping)
         if self.store is None:
-            self.store_note = "none (storage.object_store; the registries are off)"
+            self.store_note = "none: the model and dataset registries are off (see storage.object_store)"
             return
         try:
             ObjectStore(self.store).ensure_buckets()

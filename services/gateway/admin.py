@@ -8,7 +8,6 @@ the audit log with its outcome, refused or not, in the same place.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError, InvalidRequest, PermissionDenied, StorageUnavailable
 from appliance.objectstore import ObjectStore
 from services.gateway import schemas
+from services.gateway.request_ids import new_request_id
 
 ADMIN_ROLES = ("admin", "operator")
 
@@ -36,8 +36,6 @@ def gateway_of(request: Request):
 
 
 def authorize(request: Request) -> Actor:
-    from services.gateway.app import new_request_id
-
     key = gateway_of(request).keys.authenticate(request.headers.get("authorization"))
     if key.role not in ADMIN_ROLES:
         raise PermissionDenied(f"/admin needs an admin or operator key; this key's role is {key.role!r}.")
@@ -90,8 +88,8 @@ async def perform(request: Request, actor: Actor, work: Callable[[Any], Any], *,
     return await asyncio.to_thread(job)
 
 
-async def receive_file(request: Request, folder: Path, filename: str) -> tuple[Path, str, int]:
-    """Stream the request body to folder/<random>/<filename>, hashing it on the way.
+async def receive_file(request: Request, folder: Path, filename: str) -> Path:
+    """Stream the request body to folder/<random>/<filename>; the registry hashes it once, when storing it.
 
     A body shorter than its Content-Length (a client that hung up) is refused and removed.
     The caller removes the file (and its folder) with `discard`.
@@ -99,15 +97,13 @@ async def receive_file(request: Request, folder: Path, filename: str) -> tuple[P
     name = os.path.basename(filename or "")
     if not name or name in (".", ".."):
         raise InvalidRequest("give the file's name with ?filename=NAME (its extension tells the format)", param="filename")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=folder, prefix="upload-")) / name
-    digest, size = hashlib.sha256(), 0
+    path = staging_path(folder, name, name)
+    size = 0
     expected = request.headers.get("content-length")
     try:
         with open(path, "wb") as f:
             async for chunk in request.stream():
                 f.write(chunk)
-                digest.update(chunk)
                 size += len(chunk)
         if expected is not None and expected.isdigit() and size != int(expected):
             raise InvalidRequest(f"truncated upload: received {size} of {expected} bytes; nothing was registered",
@@ -121,7 +117,7 @@ async def receive_file(request: Request, folder: Path, filename: str) -> tuple[P
     except BaseException:
         discard(path)
         raise
-    return path, digest.hexdigest(), size
+    return path
 
 
 def staging_path(folder: Path, filename: str | None, default: str) -> Path:
@@ -134,9 +130,44 @@ def discard(path: Path) -> None:
     shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def check_upload_key(key: str | None) -> None:
-    if key is not None and not re.fullmatch(r"uploads/[0-9a-f]{32}", key):
-        raise InvalidRequest(f"{key!r} is not an upload key from POST /admin/uploads", param="upload_key")
+# register(db, local path, source) -> the new version's row
+Register = Callable[[Any, Path, str], dict]
+
+
+def from_path_or_upload(request: Request, body, bucket: str, register: Register) -> Callable[[Any], dict]:
+    """The work of POST .../versions: register `body.path` (a path on the gateway's machine) or
+    the file staged at `body.upload_key` by a presigned PUT, which is removed afterwards."""
+    if (body.path is None) == (body.upload_key is None):
+        raise InvalidRequest("give exactly one of 'path' (on the gateway's machine) or 'upload_key'", param="path")
+    if body.upload_key is not None and not re.fullmatch(r"uploads/[0-9a-f]{32}", body.upload_key):
+        raise InvalidRequest(f"{body.upload_key!r} is not an upload key from POST /admin/uploads", param="upload_key")
+    store, folder = store_of(request), uploads_dir(request)
+
+    def work(db) -> dict:
+        if body.path is not None:
+            return register(db, Path(body.path), body.path)
+        staged = staging_path(folder, body.filename, bucket)
+        try:
+            store.fetch_upload(bucket, body.upload_key, staged)
+            return register(db, staged, f"upload {staged.name}")
+        finally:
+            discard(staged)
+            store.delete(bucket, body.upload_key)
+
+    return work
+
+
+async def from_body(request: Request, filename: str, register: Register) -> Callable[[Any], dict]:
+    """The work of POST .../upload: register the request body, streamed to a staging file."""
+    path = await receive_file(request, uploads_dir(request), filename)
+
+    def work(db) -> dict:
+        try:
+            return register(db, path, f"upload {path.name}")
+        finally:
+            discard(path)
+
+    return work
 
 
 def uploads_dir(request: Request) -> Path:
@@ -190,25 +221,7 @@ async def model_versions(request: Request, name: str) -> Response:
 async def register_model(request: Request, name: str) -> Response:
     actor = authorize(request)
     body = schemas.decode(await request.body(), RegisterModel)
-    if (body.path is None) == (body.upload_key is None):
-        raise InvalidRequest("give exactly one of 'path' (a file or directory on the server) or 'upload_key'", param="path")
-    check_upload_key(body.upload_key)
-    store = store_of(request)
-    folder = uploads_dir(request)
-
-    def work(db):
-        if body.path is not None:
-            return model_registry.register(db, store, name, Path(body.path), source=body.path,
-                                           created_by=actor.key_id, sha256=body.sha256)
-        staged = staging_path(folder, body.filename, "model.gguf")
-        try:
-            store.fetch_upload("models", body.upload_key, staged)
-            return model_registry.register(db, store, name, staged, source=f"upload {body.filename or ''}".strip(),
-                                           created_by=actor.key_id, sha256=body.sha256)
-        finally:
-            discard(staged)
-            store.delete("models", body.upload_key)
-
+    work = from_path_or_upload(request, body, "models", _model_register(request, actor, name, body.sha256))
     return await run(request, actor, work, action="model.register", target=f"model/{name}", detail=_version_detail,
                      status=201)
 
@@ -217,19 +230,16 @@ async def register_model(request: Request, name: str) -> Response:
 async def upload_model(request: Request, name: str, filename: str, sha256: str | None = None) -> Response:
     """The model file as the request body (e.g. curl -T model.gguf)."""
     actor = authorize(request)
-    store = store_of(request)
-    model_registry.check_name(name)
-    path, digest, _ = await receive_file(request, uploads_dir(request), filename)
-
-    def work(db):
-        try:
-            return model_registry.register(db, store, name, path, source=f"upload {os.path.basename(filename)}",
-                                           created_by=actor.key_id, sha256=sha256)
-        finally:
-            discard(path)
-
+    register = _model_register(request, actor, model_registry.check_name(name), sha256)
+    work = await from_body(request, filename, register)
     return await run(request, actor, work, action="model.register", target=f"model/{name}", detail=_version_detail,
                      status=201)
+
+
+def _model_register(request: Request, actor: Actor, name: str, sha256: str | None) -> Register:
+    store = store_of(request)
+    return lambda db, path, source: model_registry.register(db, store, name, path, source=source,
+                                                            created_by=actor.key_id, sha256=sha256)
 
 
 @get("/admin/models/{name:str}/versions/{version:int}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -12,21 +10,19 @@ from litestar import Request, Response, delete, get, post
 from litestar.response import File
 
 from appliance import dataset_registry
-from appliance.errors import InvalidRequest
+from appliance.audit import Actor
 from appliance.model_registry import check_name
 from appliance.objectstore import StoredObject
 from services.gateway import schemas
 from services.gateway.admin import (
+    Register,
     authorize,
     cache_dir,
-    check_upload_key,
-    discard,
+    from_body,
+    from_path_or_upload,
     perform,
-    receive_file,
     run,
-    staging_path,
     store_of,
-    uploads_dir,
 )
 
 Format = Literal["csv", "jsonl", "parquet"]
@@ -66,25 +62,7 @@ async def dataset_versions(request: Request, name: str) -> Response:
 async def register_dataset(request: Request, name: str) -> Response:
     actor = authorize(request)
     body = schemas.decode(await request.body(), RegisterDataset)
-    if (body.path is None) == (body.upload_key is None):
-        raise InvalidRequest("give exactly one of 'path' (a file on the server) or 'upload_key'", param="path")
-    check_upload_key(body.upload_key)
-    store = store_of(request)
-    folder = uploads_dir(request)
-
-    def work(db):
-        if body.path is not None:
-            return dataset_registry.register(db, store, name, Path(body.path), source=body.path, created_by=actor.key_id,
-                                             fmt=body.format, sha256=body.sha256)
-        staged = staging_path(folder, body.filename, "dataset")
-        try:
-            store.fetch_upload("datasets", body.upload_key, staged)
-            return dataset_registry.register(db, store, name, staged, source=f"upload {staged.name}",
-                                             created_by=actor.key_id, fmt=body.format, sha256=body.sha256)
-        finally:
-            discard(staged)
-            store.delete("datasets", body.upload_key)
-
+    work = from_path_or_upload(request, body, "datasets", _dataset_register(request, actor, name, body.format, body.sha256))
     return await run(request, actor, work, action="dataset.register", target=f"dataset/{name}",
                      detail=_version_detail, status=201)
 
@@ -94,19 +72,16 @@ async def upload_dataset(request: Request, name: str, filename: str, format: For
                          sha256: str | None = None) -> Response:
     """The dataset file as the request body (e.g. curl -T data.jsonl)."""
     actor = authorize(request)
-    store = store_of(request)
-    check_name(name, "dataset")
-    path, _, _ = await receive_file(request, uploads_dir(request), filename)
-
-    def work(db):
-        try:
-            return dataset_registry.register(db, store, name, path, source=f"upload {os.path.basename(filename)}",
-                                             created_by=actor.key_id, fmt=format, sha256=sha256)
-        finally:
-            discard(path)
-
+    register = _dataset_register(request, actor, check_name(name, "dataset"), format, sha256)
+    work = await from_body(request, filename, register)
     return await run(request, actor, work, action="dataset.register", target=f"dataset/{name}",
                      detail=_version_detail, status=201)
+
+
+def _dataset_register(request: Request, actor: Actor, name: str, fmt: str | None, sha256: str | None) -> Register:
+    store = store_of(request)
+    return lambda db, path, source: dataset_registry.register(db, store, name, path, source=source,
+                                                              created_by=actor.key_id, fmt=fmt, sha256=sha256)
 
 
 @get("/admin/datasets/{name:str}/versions/{version:int}")

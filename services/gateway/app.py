@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import time
@@ -41,6 +40,7 @@ from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, send_err
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import ModelPool, watch_health
+from services.gateway.request_ids import new_request_id
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 
 log = logging.getLogger("appliance.gateway")
@@ -368,15 +368,6 @@ class DisconnectWatch:
         self.timer.cancel()
         if self.waiter is not None:
             self.waiter.cancel()
-
-
-_REQUEST_PREFIX = "req_" + os.urandom(6).hex()
-_request_numbers = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """Unique per gateway process start, without a syscall per request."""
-    return f"{_REQUEST_PREFIX}{next(_request_numbers):010x}"
 
 
 def body_limit_message(limit: int) -> str:

@@ -198,7 +198,7 @@ def _control(profile: Profile, config_digest: str) -> list[dict]:
     state_mount = {"name": "state", "mountPath": HOME_DIR}
     litestream_mounts = [state_mount, {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}]
 
-    granian = ["python", "-m", "granian", "--interface", "asgi", "--factory", "services.gateway.app:create_app",
+    granian = ["python", "-m", "granian", "--interface", "rsgi", "--factory", "services.gateway.app:create_app",
                "--host", "0.0.0.0", "--port", str(gateway.port), "--workers", str(gateway.workers),
                "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
     env = [{"name": "APPLIANCE_HOME", "value": HOME_DIR},

@@ -202,7 +202,7 @@ def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> 
 def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str) -> str:
     gateway = profile.gateway
     # As services/supervisor.py starts it.
-    argv = [str(layout.bin / "python"), "-m", "granian", "--interface", "asgi",
+    argv = [str(layout.bin / "python"), "-m", "granian", "--interface", "rsgi",
             "--factory", "services.gateway.app:create_app", "--host", gateway.host, "--port", str(gateway.port),
             "--workers", str(gateway.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
     lines = []

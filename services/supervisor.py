@@ -188,7 +188,7 @@ class Supervisor:
             env[MULTIPROC_ENV] = str(metrics_dir)
         argv = [
             sys.executable, "-m", "granian",
-            "--interface", "asgi",
+            "--interface", "rsgi",
             "--factory", "services.gateway.app:create_app",
             "--host", self.host,
             "--port", str(self.port),

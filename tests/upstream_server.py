@@ -5,9 +5,10 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
   /slow/v1    waits 30 s before answering (engine timeouts)
   /broken/v1  streams two chunks, then drops the connection (failure mid-stream)
   /endless/v1 streams a chunk every 50 ms until the client goes away
+  /stall/v1   streams one chunk, then nothing for 30 s (a stream's silence timeout)
   /ragged/v1  streams OpenAI-style ("usage": null in every chunk, CRLF line ends),
               each event cut in two writes
-GET /stats reports how many /endless streams ended because the client disconnected.
+GET /stats reports how many /slow and /endless requests ended because the client disconnected.
 Usage: python upstream_server.py PORT EXPECTED_KEY
 """
 
@@ -60,7 +61,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     mode = request.match_info["mode"]
     body = await request.json()
     if mode == "slow":
-        await asyncio.sleep(30)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            STATS["disconnects"] += 1
+            raise
     if not body.get("stream"):
         if mode == "broken":
             return web.json_response({"error": {"message": "upstream exploded"}}, status=500)
@@ -72,6 +77,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await response.write(chunk("ng"))
         request.transport.abort()
         return response
+    if mode == "stall":
+        await response.write(chunk("po"))
+        await asyncio.sleep(30)
     if mode == "ragged":
         events = [chunk("po", null_usage=True, end=b"\r\n\r\n"), chunk("ng", finish="stop", null_usage=True, end=b"\r\n\r\n")]
         if (body.get("stream_options") or {}).get("include_usage"):

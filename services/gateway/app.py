@@ -1,6 +1,7 @@
-"""The gateway's ASGI app: the OpenAI routes (served by `Gateway`, raw ASGI, the hot
-path) in front of a Litestar app for models, health, readiness and metrics. Errors
-become OpenAI error objects in services/gateway/errors.py."""
+"""The gateway, served by Granian's RSGI interface: the OpenAI routes (served by
+`Gateway`, raw RSGI, the hot path) in front of a Litestar app for models, health,
+readiness, metrics and /admin (over services/gateway/asgi_bridge.py). Errors become
+OpenAI error objects in services/gateway/errors.py."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from time import perf_counter
 
 import aiohttp
 import msgspec
+from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
-from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import __version__, deployments
@@ -36,17 +37,18 @@ from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway import schemas
 from services.gateway.admin import ADMIN_HANDLERS
 from services.gateway.admin_datasets import DATASET_HANDLERS
-from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, send_error
+from services.gateway.asgi_bridge import AsgiBridge
+from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
+from services.gateway.inflight import InFlight, Ticker
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
-from services.gateway.replicas import ModelPool, watch_health
+from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 
 log = logging.getLogger("appliance.gateway")
 
 REFRESH_S = 1.0
-WATCH_AFTER_S = 0.05  # requests still running after this watch for client disconnects
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
 
@@ -66,6 +68,7 @@ class Gateway:
         self.store = ObjectStore(runtime.storage) if runtime.storage else None
         self._list_models()
         self.forwarder: Forwarder | None = None
+        self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
         self._db = None
 
@@ -83,7 +86,7 @@ class Gateway:
         self._apply_deployments(await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar()
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=UPSTREAM_TIMEOUT,
         )
         self.forwarder = Forwarder(session)
         for pool in self.pools.values():
@@ -92,6 +95,7 @@ class Gateway:
             asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
             asyncio.create_task(self._flush_usage()),
             asyncio.create_task(self._refresh()),
+            asyncio.create_task(self.ticker.run()),
         ]
 
     async def stop(self) -> None:
@@ -158,23 +162,18 @@ class Gateway:
     def unready_models(self) -> list[str]:
         return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
 
-    # --- the OpenAI routes: raw ASGI, the hot path -----------------------------
+    # --- the OpenAI routes: raw RSGI, the hot path -----------------------------
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, endpoint: str, schema: type[msgspec.Struct]) -> None:
+    async def serve(self, scope: Scope, proto: HTTPProtocol, endpoint: str, schema: type[msgspec.Struct]) -> None:
         """Answer one OpenAI POST. Errors before the answer starts are raised to the
         app's exception handlers; a client that goes away cancels the engine request."""
         call = Call(new_request_id(), None, endpoint, perf_counter())
         try:
-            if scope["method"] != "POST":
+            if scope.method != "POST":
                 raise MethodNotAllowed(f"Use POST for /v1/{endpoint}.")
-            authorization = content_length = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                elif name == b"content-length":
-                    content_length = value
-            call.key_id = self.keys.authenticate(authorization).id
-            body = await read_body(receive, content_length, self.config.max_body_bytes)
+            headers = scope.headers
+            call.key_id = self.keys.authenticate(headers.get("authorization")).id
+            body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
             call.model = parsed.model
             call.stream = getattr(parsed, "stream", False)
@@ -198,25 +197,26 @@ class Gateway:
             raise error from exc
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
-        watch = DisconnectWatch(receive, asyncio.current_task())
+        flight = self.ticker.track(call, proto)
         try:
             if call.stream:
-                await self._answer_stream(call, pool, body, hide_usage, send, watch)
+                await self._answer_stream(call, pool, body, hide_usage, proto, flight)
             else:
                 payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
-                watch.disarm()
+                flight.disarm()
                 call.answer_started = True
-                await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, JSON)})
-                await send({"type": "http.response.body", "body": payload})
+                proto.response_bytes(200, self._headers(call, JSON), payload)
         except ApplianceError as error:  # raised before the answer started
             call.status, call.error_type = error.status, error.type
             error.request_id = call.request_id
             raise
         except asyncio.CancelledError:
-            if not watch.fired:
+            if not flight.client_gone:
                 call.status, call.error_type = 503, "shutdown"
                 raise  # the server is shutting down
             asyncio.current_task().uncancel()
+            call.status, call.error_type = ClientGone.status, ClientGone.type
+        except ProtocolClosed:  # the client left mid-stream, before the ticker saw it
             call.status, call.error_type = ClientGone.status, ClientGone.type
         except Exception as exc:
             call.status, call.error_type = 500, "internal_error"
@@ -224,31 +224,30 @@ class Gateway:
                 raise
             raise internal_error(exc, call.request_id) from exc
         finally:
-            watch.close()
+            self.ticker.untrack(flight)
             in_flight.dec()
             self.finish(call)
 
     async def _answer_stream(
-        self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, send: Send, watch: DisconnectWatch
+        self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, proto: HTTPProtocol, flight: InFlight
     ) -> None:
-        response = await self.forwarder.open_stream(pool, "/" + call.endpoint, body)
+        response = await self.forwarder.open_stream(call, pool, "/" + call.endpoint, body)
         events = self.forwarder.relay(call, pool, response, hide_usage)
         try:
             call.answer_started = True
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers(call, SSE)})
+            transport = proto.response_stream(200, self._headers(call, SSE))
             async for piece in events:
                 if call.answered:  # this piece ends the stream; the client may hang up after it
-                    watch.disarm()
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-            watch.disarm()
-            await send({"type": "http.response.body", "body": b""})
+                    flight.disarm()
+                await transport.send_bytes(piece)
+            flight.disarm()
         finally:
             await events.aclose()
             response.close()  # idempotent; frees the engine connection whatever happened
 
     @staticmethod
     def _headers(call: Call, base: list) -> list:
-        return [*base, (b"x-request-id", call.request_id.encode())]
+        return [*base, ("x-request-id", call.request_id)]
 
     @staticmethod
     def _rewrite(body: bytes, parsed, pool: ModelPool) -> tuple[bytes, bool]:
@@ -308,66 +307,27 @@ class Gateway:
         )
 
 
-JSON = [(b"content-type", b"application/json")]
-SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+JSON = [("content-type", "application/json")]
+SSE = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
 
-async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+async def read_body(proto: HTTPProtocol, content_length: str | None, limit: int) -> bytes:
     """The whole request body, refusing more than `limit` bytes before reading it all."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise PayloadTooLarge(body_limit_message(limit))
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
+    if content_length is not None and content_length.isdigit():
+        expected = int(content_length)
+        if expected > limit:
+            raise PayloadTooLarge(body_limit_message(limit))
+        body = await proto()
+        if len(body) < expected:  # RSGI ends a body cut short without saying so
             raise ClientGone("The client closed the connection while sending its request.")
-        chunk = message.get("body", b"")
+        return body
+    chunks, size = [], 0  # chunked: no length announced
+    async for chunk in proto:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(body_limit_message(limit))
         chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-class DisconnectWatch:
-    """Cancels the request's task if the client disconnects while it is being answered.
-
-    Watching means awaiting the next ASGI message, which can only be http.disconnect
-    once the body is read; in Granian that wait is costly (about a third of a quick
-    request's CPU time), so it starts only when a request is still running after
-    WATCH_AFTER_S. A client gone by then is noticed at once; quick answers never pay.
-    Once the answer is complete the server reports a disconnect too, so the watch is
-    disarmed before the last send.
-    """
-
-    __slots__ = ("task", "receive", "timer", "waiter", "armed", "fired")
-
-    def __init__(self, receive: Receive, task: asyncio.Task):
-        self.task, self.receive, self.waiter = task, receive, None
-        self.armed, self.fired = True, False
-        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
-
-    def _start(self) -> None:
-        if not self.armed:
-            return
-        waiter = self.receive()
-        self.waiter = waiter if asyncio.isfuture(waiter) else asyncio.ensure_future(waiter)
-        self.waiter.add_done_callback(self._on_message)
-
-    def _on_message(self, done: asyncio.Future) -> None:
-        if self.armed and not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
-            self.fired = True
-            self.task.cancel()
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    def close(self) -> None:
-        self.armed = False
-        self.timer.cancel()
-        if self.waiter is not None:
-            self.waiter.cancel()
+    return b"".join(chunks)
 
 
 def body_limit_message(limit: int) -> str:
@@ -424,42 +384,43 @@ OPENAI_POSTS = {
 }
 
 
-def create_app(runtime: GatewayRuntime | None = None):
-    """ASGI app factory; Granian calls it with no argument and the runtime file named by the env.
+class GatewayApp:
+    """What Granian serves (RSGI): the OpenAI POST routes go straight to the Gateway, with
+    no router or middleware on the hot path; everything else is the Litestar app."""
 
-    The OpenAI POST routes go straight to the Gateway (raw ASGI, no router or middleware
-    on the hot path); everything else, lifespan included, is the Litestar app.
-    """
+    def __init__(self, gateway: Gateway, litestar: Litestar):
+        self.gateway = gateway
+        self.litestar = AsgiBridge(litestar)
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.gateway.start())
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.gateway.stop())
+
+    async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
+        route = OPENAI_POSTS.get(scope.path)
+        if route is None:
+            await self.litestar(scope, proto)
+            return
+        try:
+            await self.gateway.serve(scope, proto, *route)
+        except ApplianceError as exc:  # raised only before the answer started
+            respond_error(proto, exc)
+        # Anything else was raised after the answer started: Granian logs it and drops the connection.
+
+
+def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:
+    """RSGI app factory; Granian calls it with no argument and the runtime file named by the env."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if runtime is None:
         runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
     gateway = Gateway(runtime)
-
-    async def on_startup(app: Litestar) -> None:
-        app.state.gateway = gateway
-        await gateway.start()
-
-    async def on_shutdown(app: Litestar) -> None:
-        await gateway.stop()
-
     litestar = Litestar(
         route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS, *DATASET_HANDLERS],
-        on_startup=[on_startup],
-        on_shutdown=[on_shutdown],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=runtime.gateway.max_body_bytes,
         openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__),
     )
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        route = OPENAI_POSTS.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None:
-            await litestar(scope, receive, send)
-            return
-        try:
-            await gateway.serve(scope, receive, send, *route)
-        except ApplianceError as exc:  # raised only before the answer started
-            await send_error(send, exc)
-        # Anything else was raised after the answer started: Granian logs it and drops the connection.
-
-    return app
+    litestar.state.gateway = gateway
+    return GatewayApp(gateway, litestar)

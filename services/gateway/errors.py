@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import msgspec
+from granian.rsgi import HTTPProtocol
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
-from litestar.types import Send
 
 from appliance.errors import ApplianceError
 
@@ -46,12 +46,10 @@ def internal_error(exc: Exception, request_id: str | None = None) -> ApplianceEr
     return error
 
 
-async def send_error(send: Send, exc: ApplianceError) -> None:
-    """The error as a raw ASGI answer (the hot path runs outside Litestar)."""
-    headers = [(b"content-type", b"application/json")]
-    headers += [(name.lower().encode(), value.encode()) for name, value in headers_of(exc).items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body_of(exc)})
+def respond_error(proto: HTTPProtocol, exc: ApplianceError) -> None:
+    """The error as a raw RSGI answer (the hot path runs outside Litestar)."""
+    headers = [("content-type", "application/json"), *((name.lower(), value) for name, value in headers_of(exc).items())]
+    proto.response_bytes(exc.status, headers, body_of(exc))
 
 
 def _json(body: bytes, status: int, headers=None) -> Response:

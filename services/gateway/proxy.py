@@ -37,7 +37,7 @@ class Call:
 
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
-        "answer_started", "answered",
+        "answer_started", "answered", "deadline", "timed_out",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -53,6 +53,8 @@ class Call:
         self.error_type: str | None = None
         self.answer_started = False  # the response status has been sent
         self.answered = False  # the answer is complete: a disconnect now cancels nothing
+        self.deadline: float | None = None  # perf_counter() by which the engine must have answered
+        self.timed_out = False  # the ticker cancelled the request: the deadline passed
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -79,21 +81,32 @@ def _timeout(pool: ModelPool) -> EngineTimeout:
     return EngineTimeout(f"The engine for '{pool.served.name}' did not answer within {pool.timeout_s:g} s.")
 
 
+def _timed_out(call: Call) -> bool:
+    """Whether a CancelledError is the engine deadline (then the cancellation is undone)."""
+    if not call.timed_out:
+        return False
+    asyncio.current_task().uncancel()
+    return True
+
+
 class Forwarder:
     def __init__(self, session: aiohttp.ClientSession):
         self.session = session
 
-    async def _open(self, pool: ModelPool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
-        """POST to a healthy replica. One whose connection fails before it answers (refused,
-        reset, closed: a dead or restarting engine) is marked down and the request goes to
-        the next healthy replica once; generation has no side effects to repeat."""
-        timeout = pool.stream_timeout if stream else pool.plain_timeout
+    async def _open(self, call: Call, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """POST to a healthy replica by the call's deadline. One whose connection fails
+        before it answers (refused, reset, closed, not connected within CONNECT_TIMEOUT_S:
+        a dead or restarting engine) is marked down and the request goes to the next
+        healthy replica once; generation has no side effects to repeat."""
+        call.deadline = perf_counter() + pool.timeout_s
         for _ in range(2):
             replica = pool.pick()  # 503 when no replica is healthy
             try:
-                return await self.session.post(replica.base_url + path, data=body, headers=replica.headers, timeout=timeout)
-            except asyncio.TimeoutError:  # before ClientConnectionError: aiohttp's timeouts are both
-                raise _timeout(pool) from None
+                return await self.session.post(replica.base_url + path, data=body, headers=replica.headers)
+            except asyncio.CancelledError:
+                if _timed_out(call):
+                    raise _timeout(pool) from None
+                raise
             except aiohttp.ClientConnectionError as exc:
                 replica.healthy = False
                 log.warning("%s failed before answering (%s); marked unhealthy", replica, exc)
@@ -103,14 +116,17 @@ class Forwarder:
 
     async def complete(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
         """Forward a non-streaming request; returns the engine's JSON answer."""
-        response = await self._open(pool, path, body, stream=False)
+        response = await self._open(call, pool, path, body)
         try:
             payload = await response.read()
-        except asyncio.TimeoutError:
-            raise _timeout(pool) from None
+        except asyncio.CancelledError:
+            if _timed_out(call):
+                raise _timeout(pool) from None
+            raise
         except aiohttp.ClientError as exc:
             raise EngineError(f"The engine for '{pool.served.name}' failed mid-answer: {exc}") from None
         finally:
+            call.deadline = None
             response.release()
         if response.status >= 400:
             raise engine_error(response.status, payload, pool.served.name)
@@ -120,9 +136,10 @@ class Forwarder:
             call.usage = None
         return payload
 
-    async def open_stream(self, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def open_stream(self, call: Call, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Start a streaming request; engine errors before the first byte raise as usual."""
-        response = await self._open(pool, path, body, stream=True)
+        response = await self._open(call, pool, path, body)
+        call.deadline = None
         if response.status >= 400:
             try:
                 payload = await response.read()
@@ -140,9 +157,18 @@ class Forwarder:
         """
         buffer = b""
         done = False
+        chunks = response.content.iter_any()
         try:
             try:
-                async for data in response.content.iter_any():
+                while True:
+                    # A stream may run long; what must not happen is a silence longer than the timeout.
+                    call.deadline = perf_counter() + pool.timeout_s
+                    try:
+                        data = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        call.deadline = None
                     if call.ttft is None:
                         call.ttft = perf_counter() - call.started
                     if not buffer and data.endswith(b"\n\n") and b"data: [DONE]" not in data and not carries_usage(data):
@@ -164,8 +190,10 @@ class Forwarder:
                         yield b"".join(out)
                 if not done:
                     raise EngineError(f"The engine for '{call.model}' closed the stream before it finished.")
-            except asyncio.TimeoutError:
-                raise EngineTimeout(f"The engine for '{call.model}' sent nothing for {pool.timeout_s:g} s.") from None
+            except asyncio.CancelledError:
+                if _timed_out(call):
+                    raise EngineTimeout(f"The engine for '{call.model}' sent nothing for {pool.timeout_s:g} s.") from None
+                raise
             except aiohttp.ClientError as exc:
                 raise EngineError(f"The engine for '{call.model}' failed mid-stream: {exc}") from None
         except ApplianceError as error:

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 FAILURES_TO_UNHEALTHY = 2  # one slow probe is not an outage; a refused connection is
 CONNECT_TIMEOUT_S = 5.0
+# Only connecting has an aiohttp timeout (it arms no timer on a pooled connection); engine
+# deadlines are kept by one ticker for all requests (services/gateway/inflight.py).
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
 
 
 class Replica:
@@ -52,10 +55,7 @@ class ModelPool:
         self.served = served
         self.replicas = [Replica(served.name, r) for r in served.replicas]
         self._turn = itertools.cycle(range(len(self.replicas)))
-        self.timeout_s = served.request_timeout_s
-        self.plain_timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=CONNECT_TIMEOUT_S)
-        # A stream may run long; what must not happen is a silence longer than the timeout.
-        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_read=self.timeout_s)
+        self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
 
     @property
     def healthy_count(self) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import openai
 import pytest
@@ -113,6 +116,31 @@ def test_engine_timeout_is_504(stack):
         stack.client().chat.completions.create(**{**CHAT, "model": "remote-slow"})
     assert caught.value.status_code == 504
     assert caught.value.code == "engine_timeout"
+
+
+def test_engine_silent_mid_stream_ends_it_with_a_timeout_event(stack):
+    with httpx.stream("POST", stack.base_url + "/chat/completions",
+                      headers={"Authorization": f"Bearer {stack.admin_key}"},
+                      json={**CHAT, "model": "remote-stall", "stream": True}, timeout=30) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert '"po"' in events[0]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_timeout" and "sent nothing for 1 s" in error["message"]
+
+
+def test_a_stream_that_keeps_sending_outlives_the_timeout(stack):
+    """request_timeout_s bounds a stream's silences, not its length (remote-endless: 1 s, a chunk every 50 ms)."""
+    started = time.monotonic()
+    with httpx.stream("POST", stack.base_url + "/chat/completions",
+                      headers={"Authorization": f"Bearer {stack.admin_key}"},
+                      json={**CHAT, "model": "remote-endless", "stream": True}, timeout=30) as response:
+        for line in response.iter_lines():
+            assert '"error"' not in line
+            if time.monotonic() - started > 2.5:
+                break
+    assert time.monotonic() - started > 2.5
 
 
 def test_engine_error_is_502(stack):

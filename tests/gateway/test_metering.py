@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import time
 
@@ -102,6 +103,20 @@ def test_client_disconnect_cancels_the_upstream_request(stack, upstream):
     wait_for(lambda: upstream.stats()["disconnects"] > before)
     rows = wait_for(lambda: usage_rows(stack, request_id=request_id))
     assert rows[0]["status"] == 499
+
+
+def test_client_disconnect_cancels_a_waiting_plain_request(stack, upstream):
+    before = upstream.stats()
+    body = json.dumps({"model": "remote-slow", "messages": [{"role": "user", "content": "wait"}]}).encode()
+    host, port = stack.base_url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + stack.admin_key.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: upstream.stats()["requests"] > before["requests"])
+        time.sleep(0.2)  # the upstream holds the request; the gateway would give up on it at 1 s (504)
+    wait_for(lambda: upstream.stats()["disconnects"] > before["disconnects"])
+    assert wait_for(lambda: usage_rows(stack, model="remote-slow", status=499))  # cancelled, not timed out
 
 
 def _try(call):

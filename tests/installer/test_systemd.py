@@ -216,7 +216,7 @@ def test_edge_cpu_units(edge):
     gateway_path = out / UNITS / "appliance-gateway.service"
     gateway = service(gateway_path)
     assert shlex.split(gateway["ExecStart"]) == [
-        "/opt/appliance/bin/python", "-m", "granian", "--interface", "asgi", "--factory", "services.gateway.app:create_app",
+        "/opt/appliance/bin/python", "-m", "granian", "--interface", "rsgi", "--factory", "services.gateway.app:create_app",
         "--host", "0.0.0.0", "--port", "8080", "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
     ]
     assert environment(gateway_path) == {"APPLIANCE_HOME": "/var/lib/appliance",

@@ -15,7 +15,7 @@ from appliance.cli_format import when
 from appliance.errors import BackupError
 from appliance.home import HOME_ENV, resolve_home
 from services.storage.litestream import (
-    DatabaseStatus, config_path, daemon_info, parse_target, restore, status,
+    LITESTREAM_ENV, DatabaseStatus, config_path, daemon_info, parse_target, restore, status,
 )
 from services.storage.minio import CREDENTIALS_FILE, read_credentials
 
@@ -29,12 +29,20 @@ home_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
-def _s3_credentials(home: Path | None) -> tuple[str | None, str | None]:
-    """From APPLIANCE_S3_ACCESS_KEY / APPLIANCE_S3_SECRET_KEY, else the home's managed MinIO."""
+def _s3_credentials(home: Path | None, config: Path | None = None) -> tuple[str | None, str | None]:
+    """From APPLIANCE_S3_ACCESS_KEY / APPLIANCE_S3_SECRET_KEY, else the home's managed MinIO,
+    else the litestream.env beside the config (a bare-metal install's, readable by root)."""
     access_key, secret_key = os.environ.get(ACCESS_KEY_ENV), os.environ.get(SECRET_KEY_ENV)
     if (not access_key or not secret_key) and home is not None:
         minio = read_credentials(home / CREDENTIALS_FILE)
         access_key, secret_key = minio.get("MINIO_ROOT_USER"), minio.get("MINIO_ROOT_PASSWORD")
+    if (not access_key or not secret_key) and config is not None:
+        try:
+            installed = read_credentials(config.parent / LITESTREAM_ENV)
+        except PermissionError:
+            raise BackupError(f"{config.parent / LITESTREAM_ENV} holds the replica's credentials and only root "
+                              "may read it: run this with sudo") from None
+        access_key, secret_key = installed.get("LITESTREAM_ACCESS_KEY_ID"), installed.get("LITESTREAM_SECRET_ACCESS_KEY")
     return access_key, secret_key
 
 
@@ -60,20 +68,24 @@ def backup() -> None:
 
 @backup.command("status")
 @home_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="litestream's config. Default: the one `appliance up` writes, $APPLIANCE_HOME/run/litestream.yml; "
+                   "a bare-metal install's is /etc/appliance/litestream.yml.")
 @json_option
-def backup_status(home: str | None, as_json: bool) -> None:
+def backup_status(home: str | None, config_file: str | None, as_json: bool) -> None:
     """Where each database's replica stands: positions, lag, and whether replication runs.
 
-    Reads the litestream config that `appliance up` writes ($APPLIANCE_HOME/run/litestream.yml)
-    and the replica itself; S3 credentials come from APPLIANCE_S3_ACCESS_KEY and
-    APPLIANCE_S3_SECRET_KEY, else from the home's managed MinIO.
+    Reads litestream's config and the replica itself; S3 credentials come from
+    APPLIANCE_S3_ACCESS_KEY and APPLIANCE_S3_SECRET_KEY, else from the home's managed
+    MinIO, else from the litestream.env beside the config.
     """
     home_path = resolve_home(home)
-    config = config_path(home_path)
+    config = Path(config_file) if config_file else config_path(home_path)
     if not config.is_file():
         raise BackupError(f"replication is not running or not configured for {home_path}: {config} does not exist "
-                          "(`appliance up` writes it unless the profile's backup.target is none)")
-    access_key, secret_key = _s3_credentials(home_path)
+                          "(`appliance up` writes it unless the profile's backup.target is none; a bare-metal "
+                          "install's is /etc/appliance/litestream.yml: pass --config)")
+    access_key, secret_key = _s3_credentials(home_path, config)
     statuses = status(config, access_key=access_key, secret_key=secret_key)
     daemon = daemon_info(config)
     if as_json:

@@ -79,6 +79,26 @@ def up(profile_name: str, home: str | None, host: str | None, port: int | None) 
     sys.exit(supervisor.run())
 
 
+@cli.command("controller")
+@click.option("--runtime", "runtime_file", type=click.Path(dir_okay=False, exists=True), required=True,
+              envvar="APPLIANCE_GATEWAY_RUNTIME", show_envvar=True,
+              help="The gateway's runtime file (gateway.json), which names the home and the object store.")
+def controller(runtime_file: str) -> None:
+    """Run the deployment controller on its own until SIGTERM.
+
+    It starts the engines of model versions deployed through /admin and stops those
+    undeployed. `appliance up` runs it in-process; a bare-metal install runs it as
+    appliance-controller.service.
+    """
+    from pathlib import Path
+
+    from services.engines.deployments import run_controller
+    from services.gateway.runtime import read_runtime
+
+    runtime = read_runtime(Path(runtime_file))
+    run_controller(Path(runtime.home), runtime.storage, say=lambda line: click.echo(line))
+
+
 @cli.group()
 def keys() -> None:
     """Create, list and revoke API keys."""

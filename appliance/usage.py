@@ -31,9 +31,13 @@ class UsageRecord(msgspec.Struct, array_like=True):
     ttft_ms: float | None
 
 
+_COLUMNS = UsageRecord.__struct_fields__
+# A batch goes in as one JSON array of rows, unpacked by SQLite itself: one statement instead of
+# one per row, so the writing thread takes Python's GIL twice per batch rather than per row
+# (which slowed the request path by several percent under load).
 _INSERT = (
-    "INSERT INTO usage (ts, request_id, key_id, model, endpoint, stream, status, prompt_tokens,"
-    " completion_tokens, total_tokens, latency_ms, ttft_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO usage ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?)"
 )
 
 
@@ -71,7 +75,7 @@ class UsageRecorder:
         conn = self._db.conn
         conn.execute("BEGIN")
         try:
-            conn.executemany(_INSERT, [msgspec.structs.astuple(r) for r in batch])
+            conn.execute(_INSERT, [msgspec.json.encode(batch)])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

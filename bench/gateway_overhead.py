@@ -2,7 +2,8 @@
 
 Everything runs side by side in one go, on loopback, with wrk as the load generator:
   upstream   the fixed-response upstream (bench/fixed_upstream.py), direct
-  bare       a bare Litestar-on-Granian pass-through to it (bench/passthrough.py), the reference
+  bare       a bare Litestar-on-Granian (ASGI) pass-through to it (bench/passthrough.py), the reference
+  bare-rsgi  a bare pass-through on Granian's RSGI interface, which the gateway is served on
   gateway    the appliance's gateway to it (remote engine), with auth, metrics and metering on
   engine     the llama.cpp engine with the default model, direct
   gateway    the appliance's gateway to that engine
@@ -117,7 +118,8 @@ def main() -> None:
         sys.exit("bench needs wrk: apt-get install wrk")
 
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
-    upstream_port, bare_port, gateway_port = free_port(), free_port(), free_port()
+    upstream_port, bare_port, rsgi_port, gateway_port = free_port(), free_port(), free_port(), free_port()
+    bare_env = {"PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1"}
     (work / "profile.yaml").write_text(f"""name: bench
 gateway:
   workers: {args.workers}
@@ -131,9 +133,10 @@ models:
 """)
     procs = [
         spawn([PY, "bench/fixed_upstream.py", str(upstream_port)], work / "upstream.log"),
-        spawn([PY, "-m", "granian", "--interface", "asgi", "bench.passthrough:app", "--host", "127.0.0.1",
-               "--port", str(bare_port), "--workers", str(args.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"],
-              work / "bare.log", env={"PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1"}),
+        *(spawn([PY, "-m", "granian", "--interface", interface, f"bench.passthrough:{app}", "--host", "127.0.0.1",
+                 "--port", str(port), "--workers", str(args.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"],
+                work / f"{app}.log", env=bare_env)
+          for interface, app, port in (("asgi", "app", bare_port), ("rsgi", "rsgi_app", rsgi_port))),
         spawn([str(BIN / "appliance"), "up", "--profile", str(work / "profile.yaml"), "--home", str(work / "home"),
                "--host", "127.0.0.1", "--port", str(gateway_port)], work / "appliance.log"),
     ]
@@ -147,6 +150,7 @@ models:
         fixed_targets = [
             ("upstream", f"http://127.0.0.1:{upstream_port}/v1/chat/completions", None),
             ("bare", f"http://127.0.0.1:{bare_port}/v1/chat/completions", None),
+            ("bare-rsgi", f"http://127.0.0.1:{rsgi_port}/v1/chat/completions", None),
             ("gateway", gateway, key),
         ]
         engine_targets = [("engine", engine["base_url"] + "/chat/completions", engine["api_key"]), ("gateway", gateway, key)]
@@ -188,9 +192,9 @@ def summary_table(rows: list[dict]) -> str:
     """Markdown: the gateway against direct (and the bare pass-through) per case."""
     by = {(r["backend"], r["stream"], r["concurrency"], r["target"]): r for r in rows}
     lines = [
-        "| backend | stream | conc. | direct req/s | gateway req/s | gateway/direct | bare/direct | gateway/bare "
-        "| direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | stream | conc. | direct req/s | gateway req/s | gateway/direct | bare/direct | bare-rsgi/direct "
+        "| gateway/bare | direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for backend, direct_name in (("fixed", "upstream"), ("llama.cpp", "engine")):
         for stream in (False, True):
@@ -199,10 +203,11 @@ def summary_table(rows: list[dict]) -> str:
                     continue
                 d, g = by[(backend, stream, c, direct_name)], by[(backend, stream, c, "gateway")]
                 b = by.get((backend, stream, c, "bare"))
+                r = by.get((backend, stream, c, "bare-rsgi"))
                 ratio = lambda x, y: f"{x['rps'] / y['rps']:.1%}" if x and y and y["rps"] else "-"  # noqa: E731
                 lines.append(
                     f"| {backend} | {'yes' if stream else 'no'} | {c} | {d['rps']:.0f} | {g['rps']:.0f} | {ratio(g, d)} "
-                    f"| {ratio(b, d)} | {ratio(g, b)} | {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
+                    f"| {ratio(b, d)} | {ratio(r, d)} | {ratio(g, b)} | {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
                     f"| {(g['p50_us'] - d['p50_us']) / 1000:.2f} | {d['p99_us'] / 1000:.2f} | {g['p99_us'] / 1000:.2f} |"
                 )
     return "\n".join(lines)

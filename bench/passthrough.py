@@ -1,10 +1,12 @@
-"""A bare Litestar-on-Granian pass-through with no features: the reference the gateway
-is compared with, and the harness for choosing its upstream HTTP client.
+"""Bare pass-throughs with no features, the references the gateway is compared with: a
+Litestar-on-Granian app (ASGI; also the harness for choosing the upstream HTTP client) and
+a raw RSGI app, the interface the gateway is served on.
 
 It forwards each POST body to $PASSTHROUGH_UPSTREAM (an OpenAI API root) and relays
 the answer, streaming or not, with no auth, metrics, metering or validation. The
 client is chosen by $PASSTHROUGH_CLIENT: aiohttp (the gateway's), httpx, aiosonic or
 pyreqwest. Served by: granian --interface asgi bench.passthrough:app
+               or: granian --interface rsgi bench.passthrough:rsgi_app (aiohttp only)
 """
 
 from __future__ import annotations
@@ -108,3 +110,29 @@ async def forward(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 app = Litestar([forward], on_startup=[start], openapi_config=None)
+
+
+class RsgiPassthrough:
+    """The same forwarding on Granian's RSGI interface, with aiohttp."""
+
+    def __rsgi_init__(self, loop) -> None:
+        self.client = loop.run_until_complete(_make(AiohttpClient))
+
+    async def __rsgi__(self, scope, proto) -> None:
+        body = await proto()
+        async with self.client.session.post(UPSTREAM + scope.path[3:], data=body, headers=HEADERS) as response:
+            if response.content_type != "text/event-stream":
+                proto.response_bytes(response.status, RSGI_JSON, await response.read())
+                return
+            transport = proto.response_stream(response.status, RSGI_SSE)
+            async for chunk in response.content.iter_any():
+                await transport.send_bytes(chunk)
+
+
+async def _make(client_class):
+    return client_class()  # aiohttp wants its session made on the running loop
+
+
+RSGI_JSON = [("content-type", "application/json")]
+RSGI_SSE = [("content-type", "text/event-stream")]
+rsgi_app = RsgiPassthrough()

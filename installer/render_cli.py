@@ -57,15 +57,17 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
                    "once per node.")
 @click.option("--node", help="The plan's node to render for (default: the first, i.e. this machine).")
 @click.option("--with-minio", is_flag=True,
-              help="Also run MinIO (the install must bring /opt/appliance/bin/minio).")
+              help="The install brings /opt/appliance/bin/minio: an `auto` object store runs it.")
 def render_systemd_command(profile_name: str, out: str, inventories: tuple[str, ...], node: str | None,
                            with_minio: bool) -> None:
     """Write hardened systemd units and their config for a bare-metal install into OUT.
 
     OUT mirrors the target machine: etc/systemd/system (the units and appliance.target),
-    etc/appliance (gateway.json, engines.env and minio.env, mode 0600; litestream.yml),
+    etc/appliance (gateway.json, engines.env, minio.env and litestream.env, mode 0600;
+    litestream.yml),
     usr/lib/sysusers.d and usr/lib/tmpfiles.d (the `appliance` user, its folders). Keys are
-    generated on the first render into OUT and kept on later ones. To install by hand: copy
+    generated on the first render into OUT and kept on later ones; an `s3` object store's
+    credentials are read from the environment. To install by hand: copy
     the tree onto /, then run `systemd-sysusers`, `systemd-tmpfiles --create`,
     `systemctl daemon-reload` and `systemctl enable --now appliance.target`.
     """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
 import re
 import secrets
 import sys
@@ -25,17 +26,19 @@ import msgspec
 
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
+from appliance.objectstore import ObjectStoreSettings
 from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
 from installer.plan_model import Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
-from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.storage import litestream
+from services.storage.minio import DEFAULT_MINIO_ENDPOINT, ROOT_USER, server_argv
 
 ENGINE_HOST = "127.0.0.1"
-MINIO_ADDRESS = "127.0.0.1:9000"
-MINIO_CONSOLE_ADDRESS = "127.0.0.1:9001"
 TARGET = "appliance.target"
 GATEWAY_UNIT = "appliance-gateway.service"
+CONTROLLER_UNIT = "appliance-controller.service"
 LITESTREAM_UNIT = "appliance-litestream.service"
 MINIO_UNIT = "appliance-minio.service"
 ENGINES_ENV = "engines.env"
@@ -99,15 +102,15 @@ def _fill(name: str, **values: str) -> str:
     return Template("\n".join(lines) + "\n").substitute(values)
 
 
-def _hardening(layout: Layout, *, gpu: bool = False, capabilities: str = "") -> str:
+def _hardening(layout: Layout, *, gpu: bool = False, capabilities: str = "", writable: tuple[Path, ...] = ()) -> str:
     if gpu:
         devices = ("# CUDA opens /dev/nvidia*, which PrivateDevices=yes would hide: the host's /dev stays, and\n"
                    "# the device cgroup admits only NVIDIA devices (and /dev/null, /dev/urandom, ...).\n"
                    "PrivateDevices=no\nDevicePolicy=closed\nDeviceAllow=char-nvidia* rw")
     else:
         devices = "PrivateDevices=yes"
-    return _fill("hardening.in", user=layout.user, home=str(layout.data), capabilities=capabilities,
-                 devices=devices).rstrip("\n")
+    return _fill("hardening.in", user=layout.user, writable=" ".join(map(str, (layout.data, *writable))),
+                 capabilities=capabilities, devices=devices).rstrip("\n")
 
 
 def _read_env(path: Path) -> dict[str, str]:
@@ -125,11 +128,44 @@ def _env_file(header: str, values: dict[str, str]) -> str:
     return header + "".join(f"{name}={value}\n" for name, value in values.items())
 
 
-def _previous_created(path: Path) -> dict[str, int]:
+def _previous_runtime(path: Path) -> GatewayRuntime | None:
+    """The earlier render's gateway.json: its models' `created` times and S3 credentials are kept."""
     try:
-        return {m.name: m.created for m in msgspec.json.decode(path.read_bytes(), type=GatewayRuntime).models}
+        return msgspec.json.decode(path.read_bytes(), type=GatewayRuntime)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return {}  # only the `created` times are reused
+        return None
+
+
+def _object_store(profile: Profile, etc: Path, with_minio: bool, previous: GatewayRuntime | None,
+                  env: dict[str, str]) -> tuple[ObjectStoreSettings | None, dict[str, str] | None]:
+    """The object store of the installed gateway, controller and Litestream (as `appliance up`
+    resolves it), and MinIO's root credentials when the appliance runs MinIO."""
+    storage = profile.storage
+    kind = storage.object_store
+    if kind == "auto":
+        kind = "minio" if with_minio else "none"
+    if kind == "none":
+        return None, None
+    common = {"region": storage.region, "bucket_prefix": storage.bucket_prefix, "part_size_mib": storage.part_size_mib}
+    if kind == "s3":
+        access_key, secret_key = env.get(storage.access_key_env), env.get(storage.secret_key_env)
+        kept = previous.storage if previous else None
+        if not (access_key and secret_key) and kept and kept.endpoint == storage.endpoint:
+            access_key, secret_key = kept.access_key, kept.secret_key
+        if not (access_key and secret_key):
+            raise InstallError(f"storage: object_store 's3' needs its credentials when installing: set "
+                               f"{storage.access_key_env} and {storage.secret_key_env} (they are then kept in "
+                               f"{etc / GATEWAY_RUNTIME}, mode 0600)")
+        return ObjectStoreSettings(endpoint=storage.endpoint, access_key=access_key, secret_key=secret_key, **common), None
+    if not with_minio:
+        raise InstallError("storage.object_store is 'minio' but the install brings no MinIO binary "
+                           "(build the bundle with --minio, or set storage.object_store)")
+    old = _read_env(etc / MINIO_ENV)
+    credentials = {"MINIO_ROOT_USER": old.get("MINIO_ROOT_USER") or ROOT_USER,
+                   "MINIO_ROOT_PASSWORD": old.get("MINIO_ROOT_PASSWORD") or secrets.token_hex(24)}
+    settings = ObjectStoreSettings(endpoint=storage.endpoint or DEFAULT_MINIO_ENDPOINT, access_key=credentials["MINIO_ROOT_USER"],
+                                   secret_key=credentials["MINIO_ROOT_PASSWORD"], **common)
+    return settings, credentials
 
 
 @dataclass(frozen=True)
@@ -199,7 +235,7 @@ def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> 
     )
 
 
-def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str) -> str:
+def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str, after: str) -> str:
     gateway = profile.gateway
     # As services/supervisor.py starts it.
     argv = [str(layout.bin / "python"), "-m", "granian", "--interface", "rsgi",
@@ -215,7 +251,7 @@ def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, he
     if gateway.port < 1024:
         capabilities = "CAP_NET_BIND_SERVICE"
         lines.append(f"AmbientCapabilities={capabilities}")
-    engines = "".join(f" {r.unit}" for r in replicas)
+    engines = "".join(f" {r.unit}" for r in replicas) + after
     return _fill(
         "appliance-gateway.service.in",
         header=header, listen=f"{gateway.host}:{gateway.port}", engines=engines, exec_start=_command(argv),
@@ -225,8 +261,44 @@ def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, he
     )
 
 
+def _controller_unit(plan: Plan, node: str, layout: Layout, header: str, after: str) -> str:
+    gpu = any(d.node == node and d.device.startswith("gpu") for d in plan.devices)
+    argv = [str(layout.bin / "appliance"), "controller", "--runtime", str(layout.etc / GATEWAY_RUNTIME)]
+    return _fill("appliance-controller.service.in", header=header, after=after, exec_start=_command(argv),
+                 home=str(layout.data), runtime_env=RUNTIME_ENV, runtime=str(layout.etc / GATEWAY_RUNTIME),
+                 hardening=_hardening(layout, gpu=gpu))
+
+
+def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | None, header: str,
+                after: str) -> tuple[str | None, dict[Path, tuple[str, int]], str]:
+    """Litestream's unit and files (config, credentials), and the tmpfiles line of a backup folder."""
+    target = litestream.backup_target(profile.backup, layout.data, store)
+    if target is None:
+        return None, {}, ""
+    config = layout.etc / LITESTREAM_CONFIG
+    text = header + "\n" + litestream.render_config(
+        [layout.data / "state.db"], target, sync_interval_s=profile.backup.sync_interval_s,
+        socket_path=layout.data / "run" / "litestream.sock")
+    files = {config: (text, 0o644)}
+    environment, folder, writable = "", "", ()
+    credentials = litestream.litestream_env(target, {})
+    if credentials:
+        files[layout.etc / litestream.LITESTREAM_ENV] = (_env_file("# The backup target's S3 credentials.\n", credentials), 0o600)
+        environment = f"EnvironmentFile={layout.etc / litestream.LITESTREAM_ENV}"
+    if target.kind == "file":
+        folder = f"d {target.path} 0750 {layout.user} {layout.user} -\n"
+        writable = (Path(target.path),)
+    unit = _fill(
+        "appliance-litestream.service.in", header=header, home=str(layout.data),
+        hardening=_hardening(layout, writable=writable),
+        after=after, environment=environment, replica=target.url("state.db"),
+        exec_start=_command([str(layout.bin / "litestream"), "replicate", "-no-expand-env", "-config", str(config)]),
+    )
+    return unit, files, folder
+
+
 def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], layout: Layout,
-             created: dict[str, int]) -> GatewayRuntime:
+             created: dict[str, int], store: ObjectStoreSettings | None) -> GatewayRuntime:
     """What the gateway serves: as `appliance up` writes it, with the units' ports and keys."""
     now = int(time.time())
     served = []
@@ -243,14 +315,16 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
             request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
             created=created.get(model.name, now),
         ))
-    return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served)
+    return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
+                          storage=store)
 
 
 def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,
-                   with_minio: bool = False) -> RenderedSystemd:
+                   with_minio: bool = False, env: dict[str, str] | None = None) -> RenderedSystemd:
     """Write the units and their files for `node` (default: the plan's first) under out_dir.
 
-    with_minio: also run MinIO, whose binary must then be at layout.bin/minio on the target.
+    with_minio: MinIO's binary is at layout.bin/minio on the target, so `storage.object_store:
+    auto` runs it. env: where the credentials of an `s3` object store are read (os.environ).
     """
     node = node or plan.nodes[0]
     if node not in plan.nodes:
@@ -267,45 +341,47 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
 
     old_keys = _read_env(etc / ENGINES_ENV)
     keys = {r.key_var: old_keys.get(r.key_var) or secrets.token_hex(24) for r in replicas}
-    runtime = _runtime(profile, replicas, keys, layout, _previous_created(etc / GATEWAY_RUNTIME))
+    previous = _previous_runtime(etc / GATEWAY_RUNTIME)
+    store, minio_credentials = _object_store(profile, etc, with_minio, previous, os.environ if env is None else env)
+    created = {m.name: m.created for m in previous.models} if previous else {}
+    runtime = _runtime(profile, replicas, keys, layout, created, store)
 
-    units = {r.unit: _engine_unit(r, plan, layout, header) for r in replicas}
-    units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header)
-    litestream_config = layout.etc / LITESTREAM_CONFIG
-    units[LITESTREAM_UNIT] = _fill(
-        "appliance-litestream.service.in", header=header, home=str(layout.data), hardening=_hardening(layout),
-        exec_start=_command([str(layout.bin / "litestream"), "replicate", "-config", str(litestream_config)]),
-    )
     files = {
         etc / ENGINES_ENV: (_env_file("# Engine API keys: generated on the first render, kept on the next.\n", keys), 0o600),
         etc / GATEWAY_RUNTIME: (msgspec.json.format(msgspec.json.encode(runtime)).decode() + "\n", 0o600),
-        at(litestream_config): (_fill("litestream.yml.in", header=header, state_db=str(layout.data / "state.db"),
-                                      backups=str(layout.data / "backups" / "state")), 0o644),
     }
-    if with_minio:
-        old = _read_env(etc / MINIO_ENV)
-        credentials = {"MINIO_ROOT_USER": old.get("MINIO_ROOT_USER") or "appliance",
-                       "MINIO_ROOT_PASSWORD": old.get("MINIO_ROOT_PASSWORD") or secrets.token_hex(24)}
+    units: dict[str, str] = {}
+    after = ""
+    if minio_credentials is not None:
         files[etc / MINIO_ENV] = (_env_file("# MinIO root credentials: generated on the first render, kept on the next.\n",
-                                            credentials), 0o600)
+                                            minio_credentials), 0o600)
+        data = Path(profile.storage.data_path) if profile.storage.data_path else layout.data / "objects"
         units[MINIO_UNIT] = _fill(
-            "appliance-minio.service.in", header=header, address=MINIO_ADDRESS, home=str(layout.data),
-            minio_env=str(layout.etc / MINIO_ENV), hardening=_hardening(layout),
-            exec_start=_command([str(layout.bin / "minio"), "server", "--address", MINIO_ADDRESS,
-                                 "--console-address", MINIO_CONSOLE_ADDRESS, str(layout.data / "minio")]),
+            "appliance-minio.service.in", header=header, endpoint=store.endpoint, home=str(layout.data),
+            minio_env=str(layout.etc / MINIO_ENV),
+            hardening=_hardening(layout, writable=() if data.is_relative_to(layout.data) else (data,)),
+            exec_start=_command(server_argv(layout.bin / "minio", store.endpoint, data)),
         )
+        after = f" {MINIO_UNIT}"
+    units.update({r.unit: _engine_unit(r, plan, layout, header) for r in replicas})
+    units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after)
+    units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after)
+    litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, store, header, after)
+    if litestream_unit is not None:
+        units[LITESTREAM_UNIT] = litestream_unit
+        files.update({at(path): content for path, content in litestream_files.items()})
     units[TARGET] = _fill("appliance.target.in", header=header, profile=profile.name, units=" ".join(units))
     files[at(SYSUSERS)] = (_fill("appliance.sysusers.conf.in", header=header, user=layout.user, home=str(layout.data)), 0o644)
     files[at(TMPFILES)] = (_fill("appliance.tmpfiles.conf.in", header=header, user=layout.user, home=str(layout.data),
-                                 etc=str(layout.etc), runtime=str(layout.etc / GATEWAY_RUNTIME)), 0o644)
+                                 etc=str(layout.etc), runtime=str(layout.etc / GATEWAY_RUNTIME)) + backup_folder, 0o644)
 
     changed = []
     for path, (text, mode) in [*((units_dir / name, (text, 0o644)) for name, text in units.items()), *files.items()]:
         if write_if_changed(path, text.encode(), mode):
             changed.append(path)
     unit_paths = [units_dir / name for name in units]
-    # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO).
-    removed = [p for p in [*units_dir.glob("appliance-engine-*.service"), units_dir / MINIO_UNIT]
+    # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO or backup).
+    removed = [p for p in [*units_dir.glob("appliance-engine-*.service"), units_dir / MINIO_UNIT, units_dir / LITESTREAM_UNIT]
                if p.exists() and p not in unit_paths]
     for path in removed:
         path.unlink()

@@ -26,6 +26,15 @@ import pytest
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# SmolLM2 answers "Paris" at temperature 0 with a system prompt.
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = {"role": "user", "content": "What is the capital of France?"}
+
+
+def default_gguf() -> Path:
+    from appliance.config import load_profile
+
+    return Path(load_profile("edge-cpu").models[0].path)
 UPSTREAM_KEY_ENV = "TEST_UPSTREAM_KEY"
 
 

@@ -11,6 +11,7 @@ its engines are stopped and its row removed.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -173,6 +174,25 @@ class DeploymentController:
             self._stop(running)
         self.active.clear()
         self.db.conn.close()
+
+
+def run_controller(home: Path, store: ObjectStoreSettings | None, say: Callable[[str], None],
+                   tend_interval_s: float = 0.5) -> None:
+    """The controller alone in the foreground (`appliance controller`) until SIGTERM or SIGINT:
+    deployed engines are its children, stopped with it and started again at its next start."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    controller = DeploymentController(home, store, say)
+    say(f"deployment controller for {home}: object store {store.endpoint if store else 'none'}")
+    try:
+        while not stopping.is_set():
+            for line in controller.tend():
+                say(line)
+            stopping.wait(tend_interval_s)
+    finally:
+        controller.stop()
+        say("deployment controller stopped.")
 
 
 def _version_files(db, version_id: str) -> list[dict]:

@@ -30,6 +30,7 @@ from appliance.errors import (
     MethodNotAllowed,
     ModelNotFound,
     PayloadTooLarge,
+    StorageUnavailable,
 )
 from appliance.home import state_db_path
 from appliance.keys import KeyCache
@@ -49,6 +50,7 @@ from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoin
 log = logging.getLogger("appliance.gateway")
 
 REFRESH_S = 1.0
+BUCKETS_RETRY_S = 5.0
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
 
@@ -97,6 +99,8 @@ class Gateway:
             asyncio.create_task(self._refresh()),
             asyncio.create_task(self.ticker.run()),
         ]
+        if self.store is not None:
+            self._tasks.append(asyncio.create_task(self._ensure_buckets()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -128,6 +132,16 @@ class Gateway:
                 self._apply_deployments(await asyncio.to_thread(self._read_state))
             except Exception:
                 log.exception("refreshing keys and deployments failed; keeping the current ones")
+
+    async def _ensure_buckets(self) -> None:
+        """Create the buckets once the object store answers (a MinIO started beside the gateway may be late)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.store.ensure_buckets)
+                return
+            except StorageUnavailable as exc:
+                log.warning("%s; retrying in %g s", exc.message, BUCKETS_RETRY_S)
+            await asyncio.sleep(BUCKETS_RETRY_S)
 
     def _read_state(self) -> list[dict]:
         self.keys.refresh(self._db)

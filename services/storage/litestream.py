@@ -52,6 +52,7 @@ UNIX_SOCKET_PATH_MAX = 107  # bytes, sun_path less its terminating NUL
 AWS_VARIABLES = ("AWS_CA_BUNDLE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 State = Literal["in sync", "behind", "no replica yet", "replica unreachable", "no database"]
+LITESTREAM_ENV = "litestream.env"  # a bare-metal install's replica credentials, beside its litestream.yml
 
 
 class BackupTarget(msgspec.Struct, kw_only=True):

@@ -68,6 +68,15 @@ def ensure_credentials(home: Path) -> dict[str, str]:
     return credentials
 
 
+def server_argv(binary: Path, endpoint: str, data: Path) -> list[str]:
+    """`minio server` listening on the endpoint's host:port, its console on the next port."""
+    address = urlsplit(endpoint).netloc
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ProfileError(f"storage.endpoint: MinIO needs host:port to listen on, got {endpoint!r}")
+    return [str(binary), "server", str(data), "--address", address, "--console-address", f"{host}:{int(port) + 1}", "--quiet"]
+
+
 def resolve_object_store(profile: Profile, home: Path, env: dict[str, str] | None = None
                          ) -> tuple[ObjectStoreSettings | None, ManagedMinio | None]:
     """The object store to use and, when the appliance runs it, the MinIO server to start."""
@@ -91,15 +100,9 @@ def resolve_object_store(profile: Profile, home: Path, env: dict[str, str] | Non
         raise ProfileError("storage.object_store is 'minio' but the MinIO binary is not installed "
                            f"(looked beside {sys.executable} and on PATH)")
     endpoint = storage.endpoint or DEFAULT_MINIO_ENDPOINT
-    address = urlsplit(endpoint).netloc
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ProfileError(f"storage.endpoint: MinIO needs host:port to listen on, got {endpoint!r}")
     credentials = ensure_credentials(home)
-    data = Path(storage.data_path) if storage.data_path else home / "objects"
     server = ManagedMinio(
-        argv=[str(binary), "server", str(data), "--address", address,
-              "--console-address", f"{host}:{int(port) + 1}", "--quiet"],
+        argv=server_argv(binary, endpoint, Path(storage.data_path) if storage.data_path else home / "objects"),
         env={**{k: v for k, v in env.items() if not k.startswith("MINIO_")}, **credentials},
         health_url=f"{endpoint}/minio/health/live",
     )

@@ -14,19 +14,9 @@ import httpx
 import pytest
 
 from appliance.objectstore import ObjectStore
-from tests.conftest import appliance
+from tests.conftest import QUESTION, SYSTEM, appliance, default_gguf
 
 pytestmark = pytest.mark.stack
-
-SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-QUESTION = {"role": "user", "content": "What is the capital of France?"}
-
-
-def default_gguf() -> Path:
-    from appliance.config import load_profile
-
-    return Path(load_profile("edge-cpu").models[0].path)
-
 
 def cli(stack, *args, key=None, check=True):
     env = {"APPLIANCE_URL": stack.root, "APPLIANCE_KEY": key or stack.admin_key}

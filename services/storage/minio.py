@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from appliance.config import Profile
+from appliance.config import Profile, StorageConfig
 from appliance.errors import ProfileError
 from appliance.objectstore import ObjectStoreSettings
 
@@ -77,25 +77,32 @@ def server_argv(binary: Path, endpoint: str, data: Path) -> list[str]:
     return [str(binary), "server", str(data), "--address", address, "--console-address", f"{host}:{int(port) + 1}", "--quiet"]
 
 
+def store_kind(storage: StorageConfig, minio_installed: bool) -> str:
+    """`storage.object_store` made concrete: `auto` is `minio` where its binary is installed, else `none`."""
+    if storage.object_store == "auto":
+        return "minio" if minio_installed else "none"
+    return storage.object_store
+
+
+def store_settings(storage: StorageConfig, endpoint: str, access_key: str, secret_key: str) -> ObjectStoreSettings:
+    return ObjectStoreSettings(endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=storage.region,
+                               bucket_prefix=storage.bucket_prefix, part_size_mib=storage.part_size_mib)
+
+
 def resolve_object_store(profile: Profile, home: Path, env: dict[str, str] | None = None
                          ) -> tuple[ObjectStoreSettings | None, ManagedMinio | None]:
     """The object store to use and, when the appliance runs it, the MinIO server to start."""
     storage = profile.storage
     env = os.environ if env is None else env
-    kind = storage.object_store
-    binary = minio_binary() if kind in ("auto", "minio") else None
-    if kind == "auto":
-        kind = "minio" if binary else "none"
+    binary = minio_binary() if storage.object_store in ("auto", "minio") else None
+    kind = store_kind(storage, binary is not None)
     if kind == "none":
         return None, None
-    common = {"region": storage.region, "bucket_prefix": storage.bucket_prefix, "part_size_mib": storage.part_size_mib}
     if kind == "s3":
         missing = [name for name in (storage.access_key_env, storage.secret_key_env) if not env.get(name)]
         if missing:
             raise ProfileError(f"storage: object_store 's3' needs the credentials in {' and '.join(missing)} (not set)")
-        settings = ObjectStoreSettings(endpoint=storage.endpoint, access_key=env[storage.access_key_env],
-                                       secret_key=env[storage.secret_key_env], **common)
-        return settings, None
+        return store_settings(storage, storage.endpoint, env[storage.access_key_env], env[storage.secret_key_env]), None
     if binary is None:
         raise ProfileError("storage.object_store is 'minio' but the MinIO binary is not installed "
                            f"(looked beside {sys.executable} and on PATH)")
@@ -106,6 +113,4 @@ def resolve_object_store(profile: Profile, home: Path, env: dict[str, str] | Non
         env={**{k: v for k, v in env.items() if not k.startswith("MINIO_")}, **credentials},
         health_url=f"{endpoint}/minio/health/live",
     )
-    settings = ObjectStoreSettings(endpoint=endpoint, access_key=credentials["MINIO_ROOT_USER"],
-                                   secret_key=credentials["MINIO_ROOT_PASSWORD"], **common)
-    return settings, server
+    return store_settings(storage, endpoint, credentials["MINIO_ROOT_USER"], credentials["MINIO_ROOT_PASSWORD"]), server

@@ -118,12 +118,17 @@ def test_engine_timeout_is_504(stack):
     assert caught.value.code == "engine_timeout"
 
 
-def test_engine_silent_mid_stream_ends_it_with_a_timeout_event(stack):
+def stream_events(stack, model: str) -> list[str]:
+    """The data lines of a streamed chat completion, read to its end."""
     with httpx.stream("POST", stack.base_url + "/chat/completions",
                       headers={"Authorization": f"Bearer {stack.admin_key}"},
-                      json={**CHAT, "model": "remote-stall", "stream": True}, timeout=30) as response:
+                      json={**CHAT, "model": model, "stream": True}, timeout=30) as response:
         assert response.status_code == 200
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_engine_silent_mid_stream_ends_it_with_a_timeout_event(stack):
+    events = stream_events(stack, "remote-stall")
     assert '"po"' in events[0]
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
@@ -156,11 +161,7 @@ def test_engine_rejection_keeps_its_status(stack):
 
 
 def test_failure_mid_stream_ends_with_error_event_and_done(stack):
-    with httpx.stream("POST", stack.base_url + "/chat/completions",
-                      headers={"Authorization": f"Bearer {stack.admin_key}"},
-                      json={**CHAT, "model": "remote-broken", "stream": True}, timeout=30) as response:
-        assert response.status_code == 200
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = stream_events(stack, "remote-broken")
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2] and "mid-stream" in events[-2]
     assert any('"po"' in e for e in events[:-2]), "chunks sent before the failure still reach the client"

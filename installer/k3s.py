@@ -29,6 +29,7 @@ from installer.plan_model import ModelPlan, Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.storage.minio import store_settings
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
@@ -115,8 +116,10 @@ def _secret(name: str, namespace: str, data: dict[str, str]) -> dict:
             "type": "Opaque", "stringData": data}
 
 
-def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | None) -> GatewayRuntime:
-    """What the gateway serves: one replica per engine Service (Kubernetes balances its pods)."""
+def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | None,
+             minio: dict[str, str]) -> GatewayRuntime:
+    """What the gateway serves: one replica per engine Service (Kubernetes balances its pods),
+    with the cluster's MinIO as the registries' object store."""
     ns = profile.k3s.namespace
     created = {m.name: m.created for m in previous.models} if previous else {}
     now = int(time.time())
@@ -134,7 +137,8 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
             created=created.get(model.name, now),
         ))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
-    return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served)
+    store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
+    return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store)
 
 
 # --- MinIO -----------------------------------------------------------------------------
@@ -524,7 +528,7 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
         runtime_prev = msgspec.json.decode(old_runtime, type=GatewayRuntime) if old_runtime else None
     except msgspec.DecodeError:
         runtime_prev = None  # only its `created` times are reused
-    runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev))).decode()
+    runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev, minio))).decode()
     litestream = _litestream_config(ns)
 
     gpu_nodes = sorted({p.node for _, mp in local for p in mp.replicas if p.gpus})

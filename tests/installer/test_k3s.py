@@ -250,6 +250,9 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     assert replicas["Llama_3B"][0].health_url == "http://engine-llama-3b.llm.svc:8000/health"
     assert (replicas["upstream"][0].base_url, replicas["upstream"][0].api_key_env) == ("https://llm.example.com/v1", "UPSTREAM_API_KEY")
     assert runtime.home == "/var/lib/appliance" and runtime.gateway.host == "0.0.0.0"
+    # The registries use the cluster's MinIO, with the credentials MinIO itself is given.
+    assert (runtime.storage.endpoint, runtime.storage.access_key, runtime.storage.secret_key) == (
+        "http://minio.llm.svc:9000", first["minio-credentials"]["root-user"], first["minio-credentials"]["root-password"])
     # A fresh folder makes new secrets, and every pod that uses them restarts.
     fresh = tmp_path / "fresh"
     render_k3s(profile, cluster_plan(), fresh)

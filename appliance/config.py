@@ -88,7 +88,7 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class BackupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     target: Literal["auto", "object-store", "file", "none"] = "auto"
     path: str | None = None  # file target folder; default <home>-backups beside the home
-    sync_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    sync_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 0.5
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -82,9 +82,9 @@ def backup_status(home: str | None, config_file: str | None, as_json: bool) -> N
     home_path = resolve_home(home)
     config = Path(config_file) if config_file else config_path(home_path)
     if not config.is_file():
-        raise BackupError(f"replication is not running or not configured for {home_path}: {config} does not exist "
-                          "(`appliance up` writes it unless the profile's backup.target is none; a bare-metal "
-                          "install's is /etc/appliance/litestream.yml: pass --config)")
+        hint = "" if config_file else (" (`appliance up` writes it unless the profile's backup.target is none; "
+                                       "a bare-metal install's is /etc/appliance/litestream.yml: pass --config)")
+        raise BackupError(f"replication is not running or not configured for {home_path}: {config} does not exist{hint}")
     access_key, secret_key = _s3_credentials(home_path, config)
     statuses = status(config, access_key=access_key, secret_key=secret_key)
     daemon = daemon_info(config)

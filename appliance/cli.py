@@ -95,7 +95,12 @@ def controller(runtime_file: str) -> None:
     from services.engines.deployments import run_controller
     from services.gateway.runtime import read_runtime
 
-    runtime = read_runtime(Path(runtime_file))
+    import msgspec
+
+    try:
+        runtime = read_runtime(Path(runtime_file))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise click.BadParameter(f"{runtime_file} is not a gateway runtime file: {exc}", param_hint="--runtime") from None
     run_controller(Path(runtime.home), runtime.storage, say=lambda line: click.echo(line))
 
 

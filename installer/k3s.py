@@ -25,10 +25,12 @@ import yaml
 
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
+from appliance.objectstore import ObjectStoreSettings
 from installer.plan_model import ModelPlan, Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.storage import litestream
 from services.storage.minio import store_settings
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
@@ -38,7 +40,6 @@ MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
-BACKUP_BUCKET = "backups"
 SECRETS_FILE = "10-secrets.yaml"
 ENGINE_KEYS = "engine-keys"
 MINIO_CREDENTIALS = "minio-credentials"
@@ -117,7 +118,7 @@ def _secret(name: str, namespace: str, data: dict[str, str]) -> dict:
 
 
 def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | None,
-             minio: dict[str, str]) -> GatewayRuntime:
+             store: ObjectStoreSettings) -> GatewayRuntime:
     """What the gateway serves: one replica per engine Service (Kubernetes balances its pods),
     with the cluster's MinIO as the registries' object store."""
     ns = profile.k3s.namespace
@@ -137,7 +138,6 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
             created=created.get(model.name, now),
         ))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
-    store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
     return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store)
 
 
@@ -180,15 +180,7 @@ def _minio(k3s, credentials_digest: str) -> list[dict]:
 # --- control pod: gateway and litestream -----------------------------------------------
 
 
-def _litestream_config(namespace: str) -> str:
-    return yaml.safe_dump({"dbs": [{
-        "path": f"{HOME_DIR}/state.db",
-        "replica": {"type": "s3", "bucket": BACKUP_BUCKET, "path": "state.db", "region": "us-east-1",
-                    "endpoint": f"http://minio.{namespace}.svc:{MINIO_PORT}", "force-path-style": True},
-    }]}, sort_keys=False)
-
-
-def _control(profile: Profile, config_digest: str) -> list[dict]:
+def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarget, litestream_yaml: str) -> list[dict]:
     k3s, gateway = profile.k3s, profile.gateway
     ns = k3s.namespace
     labels = _labels("control", "control")
@@ -243,11 +235,11 @@ def _control(profile: Profile, config_digest: str) -> list[dict]:
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "volumeMounts": litestream_mounts,
     }
-    # Litestream does not create buckets: make `backups` once MinIO answers.
+    # Litestream does not create buckets: make the backups bucket once MinIO answers.
     make_bucket = {
         "name": "make-bucket",
         "image": MINIO_IMAGE,
-        "command": ["sh", "-c", f"until mc --config-dir /tmp/mc mb --ignore-existing appliance/{BACKUP_BUCKET}; "
+        "command": ["sh", "-c", f"until mc --config-dir /tmp/mc mb --ignore-existing appliance/{backup.bucket}; "
                                 "do echo waiting for MinIO; sleep 2; done"],
         "env": [_secret_env("MINIO_ROOT_USER", MINIO_CREDENTIALS, "root-user"),
                 _secret_env("MINIO_ROOT_PASSWORD", MINIO_CREDENTIALS, "root-password"),
@@ -266,7 +258,7 @@ def _control(profile: Profile, config_digest: str) -> list[dict]:
     # The worker container (`appliance worker`) is added with the job queue.
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta("litestream", ns, _labels("litestream", "control")),
-         "data": {"litestream.yml": _litestream_config(ns)}},
+         "data": {"litestream.yml": litestream_yaml}},
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("state", ns, labels), "spec": state_claim},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("control", ns, labels),
          "spec": {
@@ -528,8 +520,12 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
         runtime_prev = msgspec.json.decode(old_runtime, type=GatewayRuntime) if old_runtime else None
     except msgspec.DecodeError:
         runtime_prev = None  # only its `created` times are reused
-    runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev, minio))).decode()
-    litestream = _litestream_config(ns)
+    # The registries and Litestream use the cluster's MinIO, as `appliance up` uses its own.
+    store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
+    runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev, store))).decode()
+    backup = litestream.BackupTarget(kind="s3", store=store)
+    litestream_yaml = litestream.render_config([Path(HOME_DIR) / "state.db"], backup,
+                                               sync_interval_s=profile.backup.sync_interval_s)
 
     gpu_nodes = sorted({p.node for _, mp in local for p in mp.replicas if p.gpus})
     files: dict[str, list[dict]] = {
@@ -543,7 +539,7 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
         _secret(GATEWAY_RUNTIME, ns, {"gateway.json": runtime_json}),
     ]
     files["20-minio.yaml"] = _minio(profile.k3s, _digest(minio["root-user"] + ":" + minio["root-password"]))
-    files["30-control.yaml"] = _control(profile, _digest(runtime_json + litestream))
+    files["30-control.yaml"] = _control(profile, _digest(runtime_json + litestream_yaml), backup, litestream_yaml)
     for model, mp in local:
         files[f"40-engine-{_name(model.name)}.yaml"] = _engine_deployments(profile, model, mp, keys[model.name])
     files["50-services.yaml"] = _services(profile, [m for m, _ in local])

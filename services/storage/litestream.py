@@ -174,12 +174,14 @@ def render_config(databases: list[Path], target: BackupTarget, *, sync_interval_
                   metrics_addr: str | None = None, socket_path: Path | None = None) -> str:
     """litestream's YAML config: every database to `<prefix>/<db file name>` in the target."""
     names = [db.name for db in databases]
+    if relative := [str(db) for db in databases if not db.is_absolute()]:
+        raise BackupError(f"litestream needs absolute database paths, got {relative}")
     if len(set(names)) != len(names):
         raise BackupError(f"two databases share a file name, so they would share a replica: {names}")
     monitor_s = min(sync_interval_s / 2, MONITOR_INTERVAL_MAX_S)
     config: dict = {
         "shutdown-sync-timeout": f"{SHUTDOWN_SYNC_TIMEOUT_S}s",
-        "dbs": [{"path": str(db.resolve()), "monitor-interval": _duration(monitor_s),
+        "dbs": [{"path": str(db), "monitor-interval": _duration(monitor_s),
                  "replica": {**target.replica_config(db.name), "sync-interval": _duration(sync_interval_s)}}
                 for db in databases],
     }

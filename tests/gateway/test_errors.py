@@ -105,6 +105,18 @@ def test_body_over_the_limit_is_413(stack):
     assert "8388608" in error["message"]
 
 
+def test_a_chunked_body_is_read_and_limited_too(stack):
+    """No Content-Length (Transfer-Encoding: chunked): read to its end, refused once past the limit."""
+    def chunks(body: bytes, size: int = 64 * 1024):
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+
+    small = json.dumps({**CHAT, "model": "remote-ok"}).encode()
+    answer = post(stack, "/chat/completions", content=chunks(small))
+    assert answer.status_code == 200 and answer.json()["echo"]["messages"] == CHAT["messages"]
+    huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (9 * 1024 * 1024) + b'"}]}'
+    assert_error(post(stack, "/chat/completions", content=chunks(huge)), 413, code="request_too_large")
+
+
 def test_no_healthy_replica_is_503_with_retry_after(stack):
     response = post(stack, "/chat/completions", json={**CHAT, "model": "remote-down"})
     assert_error(response, 503, code="no_healthy_replica")

@@ -189,7 +189,8 @@ def test_control_pod(rendered):
     config = yaml.safe_load(find(docs, "ConfigMap", "litestream")["data"]["litestream.yml"])
     replica = config["dbs"][0]["replica"]
     assert config["dbs"][0]["path"] == "/var/lib/appliance/state.db"
-    assert (replica["bucket"], replica["endpoint"]) == ("backups", "http://minio.llm.svc:9000")
+    assert (replica["bucket"], replica["path"], replica["endpoint"]) == ("backups", "litestream/state.db",
+                                                                        "http://minio.llm.svc:9000")
     litestream_env = {e["name"] for e in pod["containers"][1]["env"]}
     assert litestream_env == {"LITESTREAM_ACCESS_KEY_ID", "LITESTREAM_SECRET_ACCESS_KEY"}
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"

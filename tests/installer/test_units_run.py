@@ -110,3 +110,14 @@ def _backup_status(layout: Layout) -> dict:
     out = appliance("backup", "status", "--json", "--home", str(layout.data),
                     "--config", str(layout.etc / "litestream.yml"), env={"APPLIANCE_S3_ACCESS_KEY": "", "APPLIANCE_S3_SECRET_KEY": ""})
     return msgspec.json.decode(out.stdout)
+
+
+def test_controller_refuses_a_file_that_is_not_a_runtime(tmp_path):
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    bad = tmp_path / "gateway.json"
+    bad.write_text('{"models": []}')
+    result = CliRunner().invoke(cli, ["controller", "--runtime", str(bad)])
+    assert result.exit_code == 2 and "is not a gateway runtime file" in result.output and "home" in result.output

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 100_000  # beyond this, a database that keeps failing drops the oldest rows
 
 
-class UsageRecord(msgspec.Struct, array_like=True):
+class UsageRecord(msgspec.Struct, array_like=True, gc=False):
     ts: float
     request_id: str
     key_id: str | None

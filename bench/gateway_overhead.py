@@ -13,6 +13,10 @@ Load comes from wrk (Debian: apt-get install wrk) or, with --loadgen python, fro
 bench/loadgen.py (aiohttp on uvloop). Usage:
   .venv/bin/python bench/gateway_overhead.py [--workers N] [--seconds 5] [--engine-seconds 15]
                                              [--no-engine] [--loadgen wrk|python] [--out FILE]
+                                             [--concurrency 1,16,64] [--rounds 1]
+With --rounds N every case is run N times, the targets taking turns within each round;
+the table gives the median of each round's ratio (a ratio within a round compares runs
+seconds apart, so the machine's load drifting between rounds cancels out).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +118,9 @@ def main() -> None:
     parser.add_argument("--loadgen", choices=["wrk", "python"], default="wrk",
                         help="load generator: wrk (C) or bench/loadgen.py (aiohttp on uvloop)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
+                        type=lambda v: tuple(int(c) for c in v.split(",")), help="comma-separated concurrencies")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every case, targets interleaved")
     args = parser.parse_args()
     if args.loadgen == "wrk" and not shutil.which("wrk"):
         sys.exit("bench needs wrk: apt-get install wrk")
@@ -161,19 +169,22 @@ models:
         for backend, model, targets, seconds in cases:
             for stream in (False, True):
                 body = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
-                for concurrency in CONCURRENCY:
-                    for name, url, auth in targets:
-                        result = wrk(url, body, auth, concurrency, seconds, work, args.loadgen)
-                        row = {"backend": backend, "stream": stream, "concurrency": concurrency, "target": name, **result}
-                        rows.append(row)
-                        print(f"{backend:9} stream={stream!s:5} c={concurrency:<3} {name:9} "
-                              f"{row['rps']:9.1f} req/s  p50 {row['p50_us'] / 1000:8.2f} ms  p99 {row['p99_us'] / 1000:8.2f} ms  "
-                              f"errors {row['socket_errors'] + row['non2xx']}", flush=True)
+                for concurrency in args.concurrency:
+                    for round_ in range(args.rounds):
+                        for name, url, auth in targets:
+                            result = wrk(url, body, auth, concurrency, seconds, work, args.loadgen)
+                            row = {"backend": backend, "stream": stream, "concurrency": concurrency, "target": name,
+                                   "round": round_, **result}
+                            rows.append(row)
+                            print(f"{backend:9} stream={stream!s:5} c={concurrency:<3} {name:9} "
+                                  f"{row['rps']:9.1f} req/s  p50 {row['p50_us'] / 1000:8.2f} ms  "
+                                  f"p99 {row['p99_us'] / 1000:8.2f} ms  errors {row['socket_errors'] + row['non2xx']}",
+                                  flush=True)
         time.sleep(1.5)  # one metering flush
         metered = sqlite3.connect(work / "home" / "state.db").execute("SELECT count(*) FROM usage").fetchone()[0]
         served = sum(r["requests"] for r in rows if r["target"] == "gateway")
         print(f"\nusage rows metered: {metered} for {served} completed gateway requests (wrk cuts some off at the end)")
-        print("\n" + summary_table(rows))
+        print("\n" + summary_table(rows, args.concurrency))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"rows": rows, "metered": metered, "gateway_requests": served}, indent=2))
@@ -188,9 +199,22 @@ models:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def summary_table(rows: list[dict]) -> str:
-    """Markdown: the gateway against direct (and the bare pass-through) per case."""
-    by = {(r["backend"], r["stream"], r["concurrency"], r["target"]): r for r in rows}
+def summary_table(rows: list[dict], concurrency: tuple[int, ...] = CONCURRENCY) -> str:
+    """Markdown: the gateway against direct (and the bare pass-through) per case.
+
+    With several rounds, each number is the median over rounds: of the requests/s and
+    latencies for a target, and of the within-round ratio for a ratio."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["backend"], r["stream"], r["concurrency"], r["target"]), []).append(r)
+    by = {k: {f: statistics.median(r[f] for r in rs) for f in ("rps", "p50_us", "p99_us")} for k, rs in runs.items()}
+
+    def ratio(case: tuple, x: str, y: str) -> str:
+        xs, ys = runs.get((*case, x)), runs.get((*case, y))
+        if not xs or not ys:
+            return "-"
+        return f"{statistics.median(a['rps'] / b['rps'] for a, b in zip(xs, ys) if b['rps']):.1%}"
+
     lines = [
         "| backend | stream | conc. | direct req/s | gateway req/s | gateway/direct | bare/direct | bare-rsgi/direct "
         "| gateway/bare | direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms |",
@@ -198,16 +222,16 @@ def summary_table(rows: list[dict]) -> str:
     ]
     for backend, direct_name in (("fixed", "upstream"), ("llama.cpp", "engine")):
         for stream in (False, True):
-            for c in CONCURRENCY:
-                if (backend, stream, c, "gateway") not in by:
+            for c in concurrency:
+                case = (backend, stream, c)
+                if (*case, "gateway") not in by:
                     continue
-                d, g = by[(backend, stream, c, direct_name)], by[(backend, stream, c, "gateway")]
-                b = by.get((backend, stream, c, "bare"))
-                r = by.get((backend, stream, c, "bare-rsgi"))
-                ratio = lambda x, y: f"{x['rps'] / y['rps']:.1%}" if x and y and y["rps"] else "-"  # noqa: E731
+                d, g = by[(*case, direct_name)], by[(*case, "gateway")]
                 lines.append(
-                    f"| {backend} | {'yes' if stream else 'no'} | {c} | {d['rps']:.0f} | {g['rps']:.0f} | {ratio(g, d)} "
-                    f"| {ratio(b, d)} | {ratio(r, d)} | {ratio(g, b)} | {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
+                    f"| {backend} | {'yes' if stream else 'no'} | {c} | {d['rps']:.0f} | {g['rps']:.0f} "
+                    f"| {ratio(case, 'gateway', direct_name)} | {ratio(case, 'bare', direct_name)} "
+                    f"| {ratio(case, 'bare-rsgi', direct_name)} | {ratio(case, 'gateway', 'bare')} "
+                    f"| {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
                     f"| {(g['p50_us'] - d['p50_us']) / 1000:.2f} | {d['p99_us'] / 1000:.2f} | {g['p99_us'] / 1000:.2f} |"
                 )
     return "\n".join(lines)

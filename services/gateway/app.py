@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -50,6 +51,7 @@ from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoin
 log = logging.getLogger("appliance.gateway")
 
 REFRESH_S = 1.0
+GC_YOUNG_THRESHOLD = 10_000  # CPython's default is 700
 BUCKETS_RETRY_S = 5.0
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
@@ -408,6 +410,7 @@ class GatewayApp:
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(self.gateway.start())
+        tune_gc()
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(self.gateway.stop())
@@ -422,6 +425,18 @@ class GatewayApp:
         except ApplianceError as exc:  # raised only before the answer started
             respond_error(proto, exc)
         # Anything else was raised after the answer started: Granian logs it and drops the connection.
+
+
+def tune_gc() -> None:
+    """Keep the garbage collector off the hot path (docs/benchmarks.md has the numbers).
+
+    Under load, full collections walked the whole startup heap (about 60 ms each, twice a
+    second at concurrency 64, stalling every request in flight) and the youngest generation
+    ran hundreds of times a second. The objects alive after startup are frozen out of
+    collection, and the youngest generation waits for GC_YOUNG_THRESHOLD net allocations.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:

@@ -102,7 +102,7 @@ class Forwarder:
         for _ in range(2):
             replica = pool.pick()  # 503 when no replica is healthy
             try:
-                return await self.session.post(replica.base_url + path, data=body, headers=replica.headers)
+                return await self.session.post(replica.url(path), data=body, headers=replica.headers)
             except asyncio.CancelledError:
                 if _timed_out(call):
                     raise _timeout(pool) from None

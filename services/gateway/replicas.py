@@ -7,6 +7,7 @@ import itertools
 import logging
 
 import aiohttp
+import yarl
 
 from appliance.errors import ServiceUnavailable
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
@@ -32,6 +33,14 @@ class Replica:
             self.headers["Authorization"] = f"Bearer {key}"
         self.healthy = False
         self.failures = 0
+        self._urls: dict[str, yarl.URL] = {}
+
+    def url(self, path: str) -> yarl.URL:
+        """The replica's URL for an API path, parsed once: aiohttp parses a str URL on every request."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = yarl.URL(self.base_url + path)
+        return url
 
     def record_probe(self, outcome: str) -> None:
         """outcome: 'ok', 'refused' (nothing listens) or 'failed' (error or timeout)."""

@@ -18,6 +18,7 @@ from services.storage.litestream import (
     LITESTREAM_ENV, DatabaseStatus, config_path, daemon_info, parse_target, restore, status,
 )
 from services.storage.minio import CREDENTIALS_FILE, read_credentials
+from services.worker.queue import JOBS_DB
 
 ACCESS_KEY_ENV = "APPLIANCE_S3_ACCESS_KEY"
 SECRET_KEY_ENV = "APPLIANCE_S3_SECRET_KEY"
@@ -130,7 +131,7 @@ def _next_steps(home: Path) -> list[str]:
 @click.option("--force", is_flag=True, help="Replace databases that already exist in the home (stop the appliance first).")
 @json_option
 def restore_command(source: str, home: str | None, force: bool, as_json: bool) -> None:
-    """Rebuild the state database into a home from its backup, e.g. on a new machine.
+    """Rebuild the state database (and the job queue's) into a home from its backup, e.g. on a new machine.
 
     The newest position in the backup is restored under a temporary name, checked with
     PRAGMA integrity_check, and only then moved into place. An existing database is refused
@@ -141,7 +142,7 @@ def restore_command(source: str, home: str | None, force: bool, as_json: bool) -
     if source.strip().startswith("s3://") and not (access_key and secret_key):
         raise BackupError(f"restoring from S3 needs its credentials in {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}")
     target = parse_target(source, access_key=access_key, secret_key=secret_key)
-    restored = restore(target, home_path, force=force)
+    restored = restore(target, home_path, ("state.db", JOBS_DB), optional=(JOBS_DB,), force=force)
     rows = {r.path: _row_counts(Path(r.path)) for r in restored}
     if as_json:
         report = [{**msgspec.to_builtins(r), "rows": rows[r.path]} for r in restored]

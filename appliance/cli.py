@@ -18,6 +18,7 @@ from appliance.keys import ROLES, create_key, list_keys, revoke_key
 from appliance.durations import parse_duration
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
+from appliance.jobs_cli import jobs
 from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
 from appliance.usage import summarize
 from installer.probe import probe_command
@@ -79,10 +80,28 @@ def up(profile_name: str, home: str | None, host: str | None, port: int | None) 
     sys.exit(supervisor.run())
 
 
+runtime_option = click.option(
+    "--runtime", "runtime_file", type=click.Path(dir_okay=False, exists=True), required=True,
+    envvar="APPLIANCE_GATEWAY_RUNTIME", show_envvar=True,
+    help="The gateway's runtime file (gateway.json), which names the home and the object store.",
+)
+
+
+def _read_runtime(runtime_file: str):
+    from pathlib import Path
+
+    import msgspec
+
+    from services.gateway.runtime import read_runtime
+
+    try:
+        return read_runtime(Path(runtime_file))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise click.BadParameter(f"{runtime_file} is not a gateway runtime file: {exc}", param_hint="--runtime") from None
+
+
 @cli.command("controller")
-@click.option("--runtime", "runtime_file", type=click.Path(dir_okay=False, exists=True), required=True,
-              envvar="APPLIANCE_GATEWAY_RUNTIME", show_envvar=True,
-              help="The gateway's runtime file (gateway.json), which names the home and the object store.")
+@runtime_option
 def controller(runtime_file: str) -> None:
     """Run the deployment controller on its own until SIGTERM.
 
@@ -93,15 +112,35 @@ def controller(runtime_file: str) -> None:
     from pathlib import Path
 
     from services.engines.deployments import run_controller
-    from services.gateway.runtime import read_runtime
 
-    import msgspec
-
-    try:
-        runtime = read_runtime(Path(runtime_file))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise click.BadParameter(f"{runtime_file} is not a gateway runtime file: {exc}", param_hint="--runtime") from None
+    runtime = _read_runtime(runtime_file)
     run_controller(Path(runtime.home), runtime.storage, say=lambda line: click.echo(line))
+
+
+def _host_port(ctx, param, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8091")
+    return host, int(port)
+
+
+@cli.command("worker")
+@runtime_option
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs run at once.")
+@click.option("--health", metavar="HOST:PORT", callback=_host_port,
+              help="Answer GET /healthz here (200 while the worker threads are alive).")
+def worker(runtime_file: str, threads: int, health: tuple[str, int] | None) -> None:
+    """Run the job worker (Huey's consumer) until SIGTERM.
+
+    It runs the jobs queued through /admin/jobs (model and dataset imports); SIGTERM
+    lets running jobs finish first, for up to 30 s. `appliance up` runs it as a child;
+    a bare-metal install runs it as appliance-worker.service.
+    """
+    from services.worker.main import run_worker
+
+    run_worker(_read_runtime(runtime_file), threads=threads, health=health, say=lambda line: click.echo(line))
 
 
 @cli.group()
@@ -229,6 +268,7 @@ for command in REGISTRY_COMMANDS:
     models.add_command(command)
 cli.add_command(audit_command, "audit")
 cli.add_command(datasets, "datasets")
+cli.add_command(jobs, "jobs")
 cli.add_command(backup, "backup")
 cli.add_command(restore_command, "restore")
 

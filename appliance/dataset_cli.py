@@ -9,6 +9,7 @@ import click
 
 from appliance.admin_client import AdminApiError, client_options, make_client
 from appliance.cli_format import emit, json_option, size, table, when
+from appliance.jobs_cli import submit
 from appliance.registry_cli import parse_name_version
 
 FORMAT_CHOICE = click.Choice(["csv", "jsonl", "parquet"])
@@ -21,18 +22,27 @@ def datasets() -> None:
 
 @datasets.command("upload")
 @click.argument("name")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, help="Default: from the file's extension, else its content.")
 @click.option("--sha256", help="Expected SHA-256 of the file: a mismatch registers nothing.")
 @click.option("--server-path", is_flag=True, help="PATH is on the gateway's machine; nothing is uploaded.")
+@click.option("--background", is_flag=True,
+              help="With --server-path: queue the import as a job for the worker and return at once.")
 @client_options
 @json_option
-def datasets_upload(name, path, fmt, sha256, server_path, url, key, home, as_json):
+def datasets_upload(name, path, fmt, sha256, server_path, background, url, key, home, as_json):
     """Register the CSV, JSONL or Parquet file at PATH as the next version of NAME."""
     client = make_client(url, key, home)
+    if background:
+        if not server_path:
+            raise click.UsageError("--background needs --server-path: the worker imports a file already on its machine")
+        submit(client, "dataset.import", {"name": name, "path": path, "format": fmt, "sha256": sha256}, as_json)
+        return
     if server_path:
         row = client.post(f"/admin/datasets/{name}/versions", {"path": path, "format": fmt, "sha256": sha256})
     else:
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path}: no such file", param_hint="PATH")
         row = client.upload(f"/admin/datasets/{name}/upload", Path(path), filename=Path(path).name, format=fmt,
                             sha256=sha256)
     emit(row, as_json, lambda r: f"registered {name} version {r['version']}: {r['rows']} rows ({r['format']}, "

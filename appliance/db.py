@@ -132,6 +132,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
             UNIQUE (version_id, seed, ratios)
         )""",
     ),
+    (
+        # Background jobs run by the worker; the queue itself is Huey's, in jobs.db.
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            params TEXT NOT NULL,
+            state TEXT NOT NULL,
+            message TEXT,
+            result TEXT,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            created_by_name TEXT,
+            created_by_role TEXT,
+            started_at REAL,
+            finished_at REAL
+        )""",
+        "CREATE INDEX jobs_state ON jobs (state, created_at)",
+    ),
 ]
 
 

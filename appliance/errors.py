@@ -6,6 +6,8 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import re
+
 
 class ApplianceError(Exception):
     """Base error: carries what the HTTP edge needs to build an OpenAI error object."""
@@ -183,3 +185,22 @@ class DatasetError(InvalidRequest):
     """A dataset file is malformed, of an unknown format, or cannot be split or compared as asked."""
 
     code = "invalid_dataset"
+
+
+_AT = re.compile(r" - at `\$(.*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def invalid_value(exc: Exception, prefix: str = "") -> InvalidRequest:
+    """A msgspec ValidationError as an InvalidRequest naming the field (`prefix.field`)."""
+    text = str(exc)
+    match = _AT.search(text)
+    param = ".".join(p for p in (prefix, match.group(1).lstrip(".") if match else "") if p) or None
+    message = _AT.sub("", text)
+    missing = _MISSING.search(text)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        return InvalidRequest(f"Missing required parameter '{param}'.", param=param, code="missing_required_parameter")
+    if param:
+        message = f"Invalid value for '{param}': {message}"
+    return InvalidRequest(message, param=param, code="invalid_value")

@@ -10,6 +10,7 @@ import httpx
 
 from appliance.admin_client import AdminApiError, client_options, make_client
 from appliance.cli_format import emit, json_option, size, table, when
+from appliance.jobs_cli import submit
 
 def parse_name_version(text: str) -> tuple[str, int]:
     name, sep, version = text.rpartition(":")
@@ -29,15 +30,22 @@ def parse_name_version(text: str) -> tuple[str, int]:
               help="PATH is on the gateway's machine (a GGUF file or an HF directory); nothing is uploaded.")
 @click.option("--presigned", is_flag=True,
               help="Upload straight to the object store through a presigned URL (it must be reachable from here).")
+@click.option("--background", is_flag=True,
+              help="With --server-path: queue the import as a job for the worker and return at once.")
 @client_options
 @json_option
-def models_register(name, path, sha256, server_path, presigned, url, key, home, as_json):
+def models_register(name, path, sha256, server_path, presigned, background, url, key, home, as_json):
     """Register the model at PATH as the next version of NAME.
 
     By default the file is uploaded through the gateway; use --server-path for a file or
-    HF directory already on the gateway's machine.
+    HF directory already on the gateway's machine, and add --background for a large one.
     """
     client = make_client(url, key, home)
+    if background:
+        if not server_path:
+            raise click.UsageError("--background needs --server-path: the worker imports a file already on its machine")
+        submit(client, "model.import", {"name": name, "path": path, "sha256": sha256}, as_json)
+        return
     if server_path:
         row = client.post(f"/admin/models/{name}/versions", {"path": path, "sha256": sha256})
     else:

@@ -32,6 +32,7 @@ from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
 from services.storage import litestream
 from services.storage.minio import store_settings
+from services.worker.queue import JOBS_DB
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
@@ -40,6 +41,8 @@ MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
+DATABASES = ("state.db", JOBS_DB)  # in HOME_DIR, both replicated
+WORKER_HEALTH_PORT = 8091
 SECRETS_FILE = "10-secrets.yaml"
 ENGINE_KEYS = "engine-keys"
 MINIO_CREDENTIALS = "minio-credentials"
@@ -177,7 +180,7 @@ def _minio(k3s, credentials_digest: str) -> list[dict]:
     ]
 
 
-# --- control pod: gateway and litestream -----------------------------------------------
+# --- control pod: gateway, worker and litestream ---------------------------------------
 
 
 def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarget, litestream_yaml: str) -> list[dict]:
@@ -201,6 +204,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
            {"name": RUNTIME_ENV, "value": f"{RUNTIME_DIR}/gateway.json"}]
     env += [_secret_env(m.api_key_env, REMOTE_KEYS, m.api_key_env) for m in profile.models if m.api_key_env]
     mounts = [state_mount, {"name": "runtime", "mountPath": RUNTIME_DIR, "readOnly": True}]
+    worker_env, worker_mounts = list(env), list(mounts)  # the gateway's own additions follow
     volumes = [
         {"name": "state", "persistentVolumeClaim": {"claimName": "state"}},
         {"name": "runtime", "secret": {"secretName": GATEWAY_RUNTIME}},
@@ -247,15 +251,27 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
                  "value": f"http://$(MINIO_ROOT_USER):$(MINIO_ROOT_PASSWORD)@minio.{ns}.svc:{MINIO_PORT}"}],
     }
     # A new, empty state volume (a lost node, a moved pod) starts from the latest backup.
+    restores = " && ".join(shlex.join(["litestream", "restore", "-config", litestream_config, "-if-db-not-exists",
+                                       "-if-replica-exists", f"{HOME_DIR}/{db}"]) for db in DATABASES)
     restore = {
         "name": "restore-state",
         "image": k3s.image,
-        "command": ["litestream", "restore", "-config", litestream_config, "-if-db-not-exists", "-if-replica-exists",
-                    f"{HOME_DIR}/state.db"],
+        "command": ["sh", "-c", restores],
         "env": s3_env,
         "volumeMounts": litestream_mounts,
     }
-    # The worker container (`appliance worker`) is added with the job queue.
+    worker = {
+        "name": "worker",
+        "image": k3s.image,
+        "command": ["appliance", "worker", "--runtime", f"{RUNTIME_DIR}/gateway.json",
+                    "--health", f"0.0.0.0:{WORKER_HEALTH_PORT}"],
+        "env": worker_env,
+        "ports": [{"name": "worker-health", "containerPort": WORKER_HEALTH_PORT}],
+        "livenessProbe": _http_probe("/healthz", "worker-health", 10, 3),
+        "startupProbe": _http_probe("/healthz", "worker-health", 2, 30),
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        "volumeMounts": worker_mounts,
+    }
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta("litestream", ns, _labels("litestream", "control")),
          "data": {"litestream.yml": litestream_yaml}},
@@ -268,7 +284,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
              "template": {
                  # A changed runtime or litestream config restarts the pod; Secrets alone would not.
                  "metadata": {"labels": labels, "annotations": {"appliance/config-digest": config_digest}},
-                 "spec": {"initContainers": [make_bucket, restore], "containers": [gateway_container, litestream],
+                 "spec": {"initContainers": [make_bucket, restore], "containers": [gateway_container, worker, litestream],
                           "volumes": volumes},
              },
          }},
@@ -524,7 +540,7 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
     store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
     runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev, store))).decode()
     backup = litestream.BackupTarget(kind="s3", store=store)
-    litestream_yaml = litestream.render_config([Path(HOME_DIR) / "state.db"], backup,
+    litestream_yaml = litestream.render_config([Path(HOME_DIR) / db for db in DATABASES], backup,
                                                sync_interval_s=profile.backup.sync_interval_s)
 
     gpu_nodes = sorted({p.node for _, mp in local for p in mp.replicas if p.gpus})

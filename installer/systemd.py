@@ -34,11 +34,13 @@ from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
 from services.storage import litestream
 from services.storage.minio import DEFAULT_MINIO_ENDPOINT, ROOT_USER, server_argv, store_kind, store_settings
+from services.worker.queue import jobs_db_path
 
 ENGINE_HOST = "127.0.0.1"
 TARGET = "appliance.target"
 GATEWAY_UNIT = "appliance-gateway.service"
 CONTROLLER_UNIT = "appliance-controller.service"
+WORKER_UNIT = "appliance-worker.service"
 LITESTREAM_UNIT = "appliance-litestream.service"
 MINIO_UNIT = "appliance-minio.service"
 ENGINES_ENV = "engines.env"
@@ -265,6 +267,13 @@ def _controller_unit(plan: Plan, node: str, layout: Layout, header: str, after: 
                  hardening=_hardening(layout, gpu=gpu))
 
 
+def _worker_unit(layout: Layout, header: str, after: str) -> str:
+    argv = [str(layout.bin / "appliance"), "worker", "--runtime", str(layout.etc / GATEWAY_RUNTIME)]
+    return _fill("appliance-worker.service.in", header=header, after=after, exec_start=_command(argv),
+                 home=str(layout.data), runtime_env=RUNTIME_ENV, runtime=str(layout.etc / GATEWAY_RUNTIME),
+                 hardening=_hardening(layout))
+
+
 def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | None, header: str,
                 after: str) -> tuple[str | None, dict[Path, tuple[str, int]], str]:
     """Litestream's unit and files (config, credentials), and the tmpfiles line of a backup folder."""
@@ -273,7 +282,7 @@ def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | N
         return None, {}, ""
     config = layout.etc / LITESTREAM_CONFIG
     text = header + "\n" + litestream.render_config(
-        [layout.data / "state.db"], target, sync_interval_s=profile.backup.sync_interval_s,
+        [layout.data / "state.db", jobs_db_path(layout.data)], target, sync_interval_s=profile.backup.sync_interval_s,
         socket_path=layout.data / "run" / "litestream.sock")
     files = {config: (text, 0o644)}
     environment, folder, writable = "", "", ()
@@ -362,6 +371,7 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     units.update({r.unit: _engine_unit(r, plan, layout, header) for r in replicas})
     units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after)
     units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after)
+    units[WORKER_UNIT] = _worker_unit(layout, header, after)
     litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, store, header, after)
     if litestream_unit is not None:
         units[LITESTREAM_UNIT] = litestream_unit

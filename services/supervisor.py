@@ -1,8 +1,9 @@
 """`appliance up`: one foreground supervisor for the whole stack.
 
 It starts one engine process per local replica, waits for each to be healthy, writes
-the gateway's runtime file, starts the gateway (Granian), restarts any child that dies
-(with backoff), and on Ctrl-C or SIGTERM stops the gateway, then the engines.
+the gateway's runtime file, starts the gateway (Granian) and the job worker, restarts
+any child that dies (with backoff), and on Ctrl-C or SIGTERM stops the gateway, the
+worker, then the engines.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from services.gateway.metrics import MULTIPROC_ENV
 from services.storage import litestream
 from services.storage.minio import resolve_object_store
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
+from services.worker.main import SHUTDOWN_TIMEOUT_S
+from services.worker.queue import jobs_db_path
 
 TEND_INTERVAL_S = 0.5
 
@@ -57,6 +60,7 @@ class Supervisor:
         self.say = say
         self.engines: list[ManagedProcess] = []
         self.gateway: ManagedProcess | None = None
+        self.worker: ManagedProcess | None = None
         self.storage: list[ManagedProcess] = []  # MinIO and Litestream, stopped last
         self.store: ObjectStoreSettings | None = None
         self.store_note = ""
@@ -76,11 +80,12 @@ class Supervisor:
             self._start_storage()
             self._start_replication()
             runtime = self._start_engines()
-            self._start_gateway(runtime)
+            runtime_file = self._start_gateway(runtime)
+            self._start_worker(runtime_file)
             self.controller = DeploymentController(self.home, self.store, self.say)
             self._announce(admin_secret)
             while not self._stopping:
-                lines = [child.tend() for child in [*self.storage, *self.engines, self.gateway]]
+                lines = [child.tend() for child in [*self.storage, *self.engines, self.gateway, self.worker]]
                 for line in [*lines, *self.controller.tend()]:
                     if line:
                         self.say(line)
@@ -131,7 +136,7 @@ class Supervisor:
         config, metrics_addr = litestream.config_path(self.home), f"{ENGINE_HOST}:{free_port()}"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(litestream.render_config(
-            [state_db_path(self.home)], target, sync_interval_s=self.profile.backup.sync_interval_s,
+            [state_db_path(self.home), jobs_db_path(self.home)], target, sync_interval_s=self.profile.backup.sync_interval_s,
             metrics_addr=metrics_addr, socket_path=run_dir(self.home) / "litestream.sock"))
         child = ManagedProcess("litestream", litestream.replicate_argv(config), log_path=logs_dir(self.home) / "litestream.log",
                                health_url=litestream.health_url(metrics_addr), env=litestream.litestream_env(target, os.environ),
@@ -139,7 +144,8 @@ class Supervisor:
         child.start()
         self.storage.append(child)
         child.wait_ready(lambda: self._stopping)
-        self.backup_note = f"{target.url('state.db')}, every {self.profile.backup.sync_interval_s:g} s"
+        self.backup_note = (f"{target.url('state.db')} (and jobs.db beside it), "
+                            f"every {self.profile.backup.sync_interval_s:g} s")
 
     def _start_engines(self) -> GatewayRuntime:
         served: list[ServedModel] = []
@@ -174,7 +180,7 @@ class Supervisor:
         return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served,
                               storage=self.store)
 
-    def _start_gateway(self, runtime: GatewayRuntime) -> None:
+    def _start_gateway(self, runtime: GatewayRuntime) -> Path:
         runtime_file = run_dir(self.home) / "gateway.json"
         write_runtime(runtime, runtime_file)
         env = {name: value for name, value in os.environ.items() if name != MULTIPROC_ENV}
@@ -207,6 +213,21 @@ class Supervisor:
         )
         self.gateway.start()
         self.gateway.wait_ready(lambda: self._stopping)
+        return runtime_file
+
+    def _start_worker(self, runtime_file: Path) -> None:
+        """Huey's consumer for /admin/jobs, answering its health check on a loopback port."""
+        health = f"{ENGINE_HOST}:{free_port()}"
+        self.worker = ManagedProcess(
+            "worker",
+            [sys.executable, "-m", "appliance.cli", "worker", "--runtime", str(runtime_file), "--health", health],
+            log_path=logs_dir(self.home) / "worker.log",
+            health_url=f"http://{health}/healthz",
+            startup_timeout_s=30,
+            stop_timeout_s=SHUTDOWN_TIMEOUT_S + 5,
+        )
+        self.worker.start()
+        self.worker.wait_ready(lambda: self._stopping)
 
     def _announce(self, admin_secret: str | None) -> None:
         endpoint_host = _loopback_for(self.host) if self.host in ("0.0.0.0", "::") else self.host
@@ -231,9 +252,11 @@ class Supervisor:
         self.say("\n".join(lines))
 
     def stop(self) -> None:
-        """Gateway first (no new requests), then the engines, then storage; nothing is left running."""
+        """Gateway first (no new requests), the worker, then the engines, then storage; nothing is left running."""
         if self.gateway:
             self.gateway.stop()
+        if self.worker:
+            self.worker.stop()
         if self.controller:
             self.controller.stop()
         for child in [*self.engines, *reversed(self.storage)]:

@@ -39,6 +39,7 @@ from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway import schemas
 from services.gateway.admin import ADMIN_HANDLERS
 from services.gateway.admin_datasets import DATASET_HANDLERS
+from services.gateway.admin_jobs import JOB_HANDLERS
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
@@ -47,6 +48,7 @@ from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
+from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
 
@@ -75,6 +77,13 @@ class Gateway:
         self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
         self._db = None
+        self._job_queue: JobQueue | None = None
+
+    def job_queue(self) -> JobQueue:
+        """Where /admin/jobs enqueues (jobs.db, opened on first use); the worker runs the jobs."""
+        if self._job_queue is None:
+            self._job_queue = JobQueue(Path(self.runtime.home))
+        return self._job_queue
 
     def _list_models(self) -> None:
         self.model_list = msgspec.json.encode(
@@ -446,7 +455,7 @@ def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:
         runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
     gateway = Gateway(runtime)
     litestar = Litestar(
-        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS, *DATASET_HANDLERS],
+        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS, *DATASET_HANDLERS, *JOB_HANDLERS],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=runtime.gateway.max_body_bytes,
         openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__),

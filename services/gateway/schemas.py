@@ -7,12 +7,11 @@ the client's original bytes.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import msgspec
 
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, invalid_value
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
@@ -61,10 +60,6 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] | None = None
 
 
-_AT = re.compile(r" - at `\$(.*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
-
-
 def decode(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
     """Parse and check a request body; a bad one raises InvalidRequest naming the field."""
     if not body:
@@ -72,18 +67,7 @@ def decode(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _AT.search(text)
-        param = match.group(1).lstrip(".") if match else None
-        message = _AT.sub("", text)
-        missing = _MISSING.search(text)
-        if missing:
-            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
-            message = f"Missing required parameter '{param}'."
-            raise InvalidRequest(message, param=param, code="missing_required_parameter") from None
-        if param:
-            message = f"Invalid value for '{param}': {message}"
-        raise InvalidRequest(message, param=param, code="invalid_value") from None
+        raise invalid_value(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
 

@@ -408,8 +408,9 @@ def daemon_info(config: Path) -> dict | None:
 
 
 def restore(target: BackupTarget, home: Path, databases: tuple[str, ...] = ("state.db",), *,
-            force: bool = False) -> list[RestoredDatabase]:
-    """Rebuild the databases into `home` from the target's newest position.
+            optional: tuple[str, ...] = (), force: bool = False) -> list[RestoredDatabase]:
+    """Rebuild the databases into `home` from the target's newest position; one named in
+    `optional` is skipped when the target has no backup of it.
 
     Each is restored under a temporary name, checked with PRAGMA integrity_check, and only then
     renamed into place, all of them after all have passed: a failure leaves `home` as it was.
@@ -429,22 +430,26 @@ def restore(target: BackupTarget, home: Path, databases: tuple[str, ...] = ("sta
         replicas = {name: target.replica_config(name) for name in databases}
         config.write_text(yaml.safe_dump({"dbs": [{"path": str(home / name), "replica": replica}
                                                   for name, replica in replicas.items()]}))
-        restored = [_restore_one(config, home / name, replica, work / name, env) for name, replica in replicas.items()]
-        for name in databases:
-            _remove_database(home / name)
-            os.replace(work / name, home / name)
+        restored = [one for name, replica in replicas.items()
+                    if (one := _restore_one(config, home / name, replica, work / name, env, name not in optional))]
+        for one in restored:
+            _remove_database(Path(one.path))
+            os.replace(work / Path(one.path).name, one.path)
         return restored
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _restore_one(config: Path, db_path: Path, replica: Mapping, out: Path, env: Mapping[str, str]) -> RestoredDatabase:
+def _restore_one(config: Path, db_path: Path, replica: Mapping, out: Path, env: Mapping[str, str],
+                 required: bool) -> RestoredDatabase | None:
     url = replica_url(replica)
     try:
         position = _replica_position(_replica_files(config, str(db_path), replica, env))
     except BackupError as exc:
         raise BackupError(f"cannot read the backup at {url}: {exc.message}") from None
     if position is None:
+        if not required:
+            return None
         raise BackupError(f"there is no backup of {db_path.name} at {url}")
     txid, reached = position
     result = _run(["restore", "-no-expand-env", "-config", str(config), "-txid", f"{txid:016x}", "-o", str(out),

@@ -175,7 +175,7 @@ def test_control_pod(rendered):
     deployment = find(docs, "Deployment", "control")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["containers"]] == ["gateway", "litestream"]
+    assert [c["name"] for c in pod["containers"]] == ["gateway", "worker", "litestream"]
     assert [c["name"] for c in pod["initContainers"]] == ["make-bucket", "restore-state"]
     gateway = pod["containers"][0]
     assert "--factory services.gateway.app:create_app" in " ".join(gateway["command"])
@@ -191,8 +191,18 @@ def test_control_pod(rendered):
     assert config["dbs"][0]["path"] == "/var/lib/appliance/state.db"
     assert (replica["bucket"], replica["path"], replica["endpoint"]) == ("backups", "litestream/state.db",
                                                                         "http://minio.llm.svc:9000")
-    litestream_env = {e["name"] for e in pod["containers"][1]["env"]}
+    assert [db["path"] for db in config["dbs"]] == ["/var/lib/appliance/state.db", "/var/lib/appliance/jobs.db"]
+    assert config["dbs"][1]["replica"]["path"] == "litestream/jobs.db"
+    litestream_env = {e["name"] for e in pod["containers"][2]["env"]}
     assert litestream_env == {"LITESTREAM_ACCESS_KEY_ID", "LITESTREAM_SECRET_ACCESS_KEY"}
+    restore = pod["initContainers"][1]["command"]
+    assert restore[:2] == ["sh", "-c"] and [c.split()[-1] for c in restore[2].split(" && ")] == [
+        "/var/lib/appliance/state.db", "/var/lib/appliance/jobs.db"]
+    worker = pod["containers"][1]
+    assert worker["command"] == ["appliance", "worker", "--runtime", "/etc/appliance/gateway.json", "--health", "0.0.0.0:8091"]
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "worker-health"}
+    assert {e["name"] for e in worker["env"]} == {"APPLIANCE_HOME", "APPLIANCE_GATEWAY_RUNTIME", "UPSTREAM_API_KEY"}
+    assert [m["name"] for m in worker["volumeMounts"]] == ["state", "runtime"]  # not the gateway's metrics folder
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"
 
 

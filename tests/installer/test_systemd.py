@@ -159,14 +159,14 @@ def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
 def test_edge_cpu_units_pass_systemd_analyze_verify(edge_plan, tmp_path, with_minio):
     profile, plan = edge_plan
     rendered = render_systemd(profile, plan, LAYOUT, tmp_path / "out", with_minio=with_minio)
-    assert len(rendered.units) == 5 + with_minio
+    assert len(rendered.units) == 6 + with_minio
     assert verify_errors(tmp_path / "out", tmp_path) == ""
 
 
 @needs_systemd
 def test_gpu_units_pass_systemd_analyze_verify(gpu, tmp_path):
     _, _, out, rendered = gpu
-    assert len(rendered.units) == 7  # 3 engines, gateway, controller, litestream, target
+    assert len(rendered.units) == 8  # 3 engines, gateway, controller, worker, litestream, target
     assert verify_errors(out, tmp_path) == ""
 
 
@@ -176,7 +176,7 @@ def test_gpu_units_pass_systemd_analyze_verify(gpu, tmp_path):
     ("appliance-litestream.service", "UMask=0077", "UMask=0077\nProtectSytem=strict", "Unknown key 'ProtectSytem'"),
     ("appliance-engine-smollm2-135m-instruct-0.service", "/opt/appliance/bin/python -m services",
      "/opt/appliance/venv/bin/python -m services", "/opt/appliance/venv/bin/python is not executable"),
-    ("appliance.target", "Wants=", "Requires=appliance-worker.service\nWants=", "appliance-worker.service"),
+    ("appliance.target", "Wants=", "Requires=appliance-missing.service\nWants=", "appliance-missing.service"),
 ])
 def test_verify_fails_on_a_broken_unit(edge, tmp_path, unit, line, broken, error):
     _, _, out, _ = edge
@@ -209,7 +209,7 @@ def test_edge_cpu_units(edge):
     profile, _, out, rendered = edge
     assert [p.name for p in rendered.units] == [
         "appliance-engine-smollm2-135m-instruct-0.service", "appliance-gateway.service",
-        "appliance-controller.service", "appliance-litestream.service", "appliance.target",
+        "appliance-controller.service", "appliance-worker.service", "appliance-litestream.service", "appliance.target",
     ]
     engine = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
     assert engine["PrivateDevices"] == "yes" and engine["CapabilityBoundingSet"] == ""
@@ -233,12 +233,20 @@ def test_edge_cpu_units(edge):
                                                    "/etc/appliance/gateway.json"]
     assert controller["PrivateDevices"] == "yes" and controller["KillMode"] == "mixed"
 
+    worker_path = out / UNITS / "appliance-worker.service"
+    worker = service(worker_path)
+    assert shlex.split(worker["ExecStart"]) == ["/opt/appliance/bin/appliance", "worker", "--runtime",
+                                               "/etc/appliance/gateway.json"]
+    assert environment(worker_path) == {"APPLIANCE_HOME": "/var/lib/appliance",
+                                        "APPLIANCE_GATEWAY_RUNTIME": "/etc/appliance/gateway.json"}
+    assert worker["KillSignal"] == "SIGTERM" and int(worker["TimeoutStopSec"]) > 30  # jobs get 30 s to finish
+
     litestream = service(out / UNITS / "appliance-litestream.service")
     assert shlex.split(litestream["ExecStart"]) == ["/opt/appliance/bin/litestream", "replicate", "-no-expand-env",
                                                    "-config", "/etc/appliance/litestream.yml"]
     assert litestream["UnsetEnvironment"] == "AWS_CA_BUNDLE" and "EnvironmentFile" not in litestream
     config = yaml.safe_load((out / "etc/appliance/litestream.yml").read_text())
-    assert config["dbs"][0]["path"] == "/var/lib/appliance/state.db"
+    assert [db["path"] for db in config["dbs"]] == ["/var/lib/appliance/state.db", "/var/lib/appliance/jobs.db"]
     assert config["dbs"][0]["replica"]["type"] == "file"
     assert config["dbs"][0]["replica"]["path"].startswith("/var/lib/appliance-backups")
     assert config["socket"]["path"] == "/var/lib/appliance/run/litestream.sock"
@@ -251,7 +259,6 @@ def test_edge_cpu_units(edge):
     target = read_unit(out / UNITS / "appliance.target")
     assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]
     assert target["Install"]["WantedBy"] == ["multi-user.target"]
-    assert "worker" in (out / UNITS / "appliance.target").read_text()  # says the worker unit comes with the queue
 
 
 def test_engine_exec_start_is_engine_commands_argv(gpu):
@@ -442,4 +449,4 @@ def test_render_systemd_command(tmp_path):
     assert "etc/systemd/system/appliance-minio.service  0644" in result.output
     assert "etc/appliance/engines.env  0600" in result.output
     again = CliRunner().invoke(cli, args)
-    assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 13
+    assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 14

@@ -1,6 +1,7 @@
 """The rendered systemd units' commands, run as systemd would run them (no systemd here):
-the gateway serves the registries from the object store, the deployment controller starts
-what is deployed, and Litestream replicates to the object store with its own credentials."""
+the gateway serves the registries from the object store, the worker runs queued imports,
+the deployment controller starts what is deployed, and Litestream replicates both
+databases to the object store with its own credentials."""
 
 from __future__ import annotations
 
@@ -74,13 +75,16 @@ def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_pat
     secret = msgspec.json.decode(key)["key"]
 
     procs = [unit_process(layout.units / f"appliance-{name}.service", tmp_path / f"{name}.log")
-             for name in ("gateway", "controller", "litestream")]
+             for name in ("gateway", "controller", "worker", "litestream")]
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _healthy(url))
         admin = {"--url": url, "--key": secret}
         flags = [part for pair in admin.items() for part in pair]
-        appliance("models", "register", "smol", str(default_gguf()), *flags)
+        queued = msgspec.json.decode(appliance("models", "register", "smol", str(default_gguf()), "--server-path",
+                                               "--background", "--json", *flags).stdout)
+        waited = appliance("jobs", "wait", queued["id"], *flags).stdout
+        assert "model.import  succeeded  model=smol, version=1" in waited
         out = appliance("models", "deploy", "smol:1", "--as", "smol-units", "--context-length", "1024", *flags).stdout
         assert "is running as smol-units" in out
         answer = openai.OpenAI(base_url=url + "/v1", api_key=secret).chat.completions.create(
@@ -88,8 +92,9 @@ def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_pat
             messages=[SYSTEM, QUESTION])
         assert "Paris" in answer.choices[0].message.content
 
-        status = wait_for(lambda: _backup_status(layout)["databases"][0]["state"] == "in sync" and _backup_status(layout))
-        assert status["databases"][0]["replica"].startswith(f"s3://{store.bucket_prefix}backups/litestream/state.db")
+        status = wait_for(lambda: _all_in_sync(_backup_status(layout)))
+        replicas = [db["replica"].split("?")[0] for db in status["databases"]]
+        assert replicas == [f"s3://{store.bucket_prefix}backups/litestream/{db}" for db in ("state.db", "jobs.db")]
         assert status["replicating"]
     finally:
         for proc in procs:
@@ -97,6 +102,7 @@ def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_pat
         for proc in procs:
             proc.wait(60)
     assert "deployment controller stopped." in (tmp_path / "controller.log").read_text()
+    assert "worker stopped." in (tmp_path / "worker.log").read_text()
 
 
 def _healthy(url: str) -> bool:
@@ -104,6 +110,10 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def _all_in_sync(status: dict) -> dict | None:
+    return status if all(db["state"] == "in sync" for db in status["databases"]) else None
 
 
 def _backup_status(layout: Layout) -> dict:

@@ -191,7 +191,8 @@ def test_file_target_replicates_reports_lag_and_restores(tmp_path):
     assert closed.state == "behind" and closed.uncaptured_commits is None
     assert "checkpointed" in closed.detail
 
-    restored = restore(target, tmp_path / "new")
+    # jobs.db is optional: an appliance that never replicated one restores without it
+    restored = restore(target, tmp_path / "new", ("state.db", "jobs.db"), optional=("jobs.db",))
     assert [(r.path, r.txid) for r in restored] == [(str(tmp_path / "new" / "state.db"), synced.replica_txid)]
     assert len(replicated) == 30
     assert usage_rows(tmp_path / "new" / "state.db") == replicated

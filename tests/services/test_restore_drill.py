@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -73,7 +74,8 @@ def test_kill_everything_delete_the_home_restore_and_lose_nothing_older_than_a_s
     bucket = object_store_settings.bucket_prefix + "backups"
     result = appliance("restore", "--from", f"s3://{bucket}/litestream?endpoint={object_store_settings.endpoint}",
                        "--home", str(restored_home), "--json", env=s3_env(object_store_settings))
-    assert json.loads(result.stdout)
+    restored = json.loads(result.stdout)["restored"]
+    assert sorted(Path(r["path"]).name for r in restored) == ["jobs.db", "state.db"]  # the job queue's too
     usage_now, audit_now = committed(restored_home / "state.db")
     assert usage_then <= usage_now, f"{len(usage_then - usage_now)} usage rows lost"
     assert audit_then <= audit_now, f"{len(audit_then - audit_now)} audit rows lost"

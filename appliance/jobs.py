@@ -1,0 +1,136 @@
+"""Background jobs: what was asked, by whom, and how it went.
+
+A job is a row in the state database's `jobs` table; the worker (services/worker) takes
+it from Huey's queue in jobs.db and runs it. States: queued -> running -> succeeded or
+failed; a queued job may be cancelled instead. A job the worker was running when it
+stopped is marked failed ("interrupted") when the worker starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import sqlite_utils
+
+from appliance.audit import Actor
+from appliance.db import transaction
+from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ModelImport(msgspec.Struct, forbid_unknown_fields=True):
+    """Register a GGUF file or HF directory on the worker's machine as the next version of `name`."""
+
+    name: str
+    path: str
+    sha256: str | None = None  # expected digest: a mismatch registers nothing
+
+
+class DatasetImport(msgspec.Struct, forbid_unknown_fields=True):
+    """Register a CSV, JSONL or Parquet file on the worker's machine as the next version of `name`."""
+
+    name: str
+    path: str
+    format: Literal["csv", "jsonl", "parquet"] | None = None  # default: from the file name, else its content
+    sha256: str | None = None
+
+
+KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport}
+
+
+def parse_params(kind: str, params: Any) -> msgspec.Struct:
+    """The parameters of a job of `kind`, checked; the error names the kind and the field."""
+    if kind not in KINDS:
+        raise InvalidRequest(f"unknown job kind {kind!r}: choose one of {', '.join(KINDS)}", param="kind")
+    try:
+        checked = msgspec.convert(params, KINDS[kind])
+    except msgspec.ValidationError as exc:
+        raise invalid_value(exc, "params") from None
+    if not os.path.isabs(checked.path):
+        raise InvalidRequest(f"{kind} job: `path` must be absolute (a path on the worker's machine), got {checked.path!r}",
+                             param="params.path")
+    return checked
+
+
+def create(db: sqlite_utils.Database, kind: str, params: Any, actor: Actor) -> dict:
+    """A new queued job (the caller enqueues its id for the worker)."""
+    checked = parse_params(kind, params)
+    row = {
+        "id": "job_" + uuid.uuid4().hex[:12], "kind": kind, "params": json.dumps(msgspec.to_builtins(checked)),
+        "state": "queued", "message": None, "result": None, "created_at": time.time(),
+        "created_by": actor.key_id, "created_by_name": actor.key_name, "created_by_role": actor.role,
+        "started_at": None, "finished_at": None,
+    }
+    db["jobs"].insert(row)
+    return _public(row)
+
+
+def get(db: sqlite_utils.Database, job_id: str) -> dict:
+    rows = list(db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
+    if not rows:
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return _public(rows[0])
+
+
+def list_jobs(db: sqlite_utils.Database, *, state: str | None = None, limit: int = 100) -> list[dict]:
+    if state is not None and state not in STATES:
+        raise InvalidRequest(f"unknown job state {state!r}: choose one of {', '.join(STATES)}", param="state")
+    where, params = ("WHERE state = ?", [state]) if state else ("", [])
+    return [_public(r) for r in db.query(f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT ?", [*params, limit])]
+
+
+def cancel(db: sqlite_utils.Database, job_id: str) -> dict:
+    """Cancel a queued job; the worker skips it. A running or finished job is refused."""
+    with transaction(db):
+        job = get(db, job_id)
+        if job["state"] != "queued":
+            raise Conflict(f"job {job_id} is {job['state']}: only a queued job can be cancelled", param="job_id")
+        db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = 'cancelled before it ran' "
+                   "WHERE id = ?", [time.time(), job_id])
+    return get(db, job_id)
+
+
+def claim(db: sqlite_utils.Database, job_id: str) -> dict | None:
+    """queued -> running, for the worker; None when the job is gone or no longer queued (cancelled)."""
+    with transaction(db):
+        claimed = db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
+                             [time.time(), job_id]).rowcount
+    return get(db, job_id) if claimed else None
+
+
+def finish(db: sqlite_utils.Database, job_id: str, *, result: dict | None = None, error: str | None = None) -> None:
+    db.execute("UPDATE jobs SET state = ?, result = ?, message = ?, finished_at = ? WHERE id = ?",
+               ["failed" if error else "succeeded", json.dumps(result) if result is not None else None, error,
+                time.time(), job_id])
+
+
+def interrupt_running(db: sqlite_utils.Database) -> list[str]:
+    """Fail the jobs a stopped worker left running; returns their ids."""
+    with transaction(db):
+        ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()]
+        db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, "
+                   "message = 'interrupted: the worker stopped while the job ran; submit it again' "
+                   "WHERE state = 'running'", [time.time()])
+    return ids
+
+
+def actor_of(job: dict) -> Actor:
+    """Who asked for the job, as the audit log names them; the job id stands in for a request id."""
+    by = job["created_by"]
+    return Actor(by["key_id"], by["key_name"], by["role"], job["id"])
+
+
+def _public(row: dict) -> dict:
+    return {
+        "id": row["id"], "kind": row["kind"], "state": row["state"], "params": json.loads(row["params"]),
+        "message": row["message"], "result": json.loads(row["result"]) if row["result"] else None,
+        "created_at": row["created_at"], "started_at": row["started_at"], "finished_at": row["finished_at"],
+        "created_by": {"key_id": row["created_by"], "key_name": row["created_by_name"], "role": row["created_by_role"]},
+    }

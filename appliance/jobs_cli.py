@@ -1,0 +1,83 @@
+"""`appliance jobs ...`: background jobs through the admin API, run by the worker."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from appliance.admin_client import AdminApiError, AdminClient, client_options, make_client
+from appliance.cli_format import emit, json_option, table, when
+from appliance.jobs import FINISHED, STATES
+
+
+def submit(client: AdminClient, kind: str, params: dict, as_json: bool) -> None:
+    """Queue a job and say how to follow it."""
+    job = client.post("/admin/jobs", {"kind": kind, "params": params})
+    emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs wait {j['id']}`")
+
+
+def _summary(job: dict) -> str:
+    line = f"{job['id']}  {job['kind']}  {job['state']}"
+    if job["result"]:
+        line += "  " + ", ".join(f"{k}={v}" for k, v in job["result"].items() if k != "sha256")
+    if job["message"]:
+        line += f"  ({job['message']})"
+    return line
+
+
+@click.group()
+def jobs() -> None:
+    """Background jobs (model and dataset imports): list, show, wait for, cancel."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@client_options
+@json_option
+def jobs_list(state, limit, url, key, home, as_json):
+    """Jobs, newest first."""
+    rows = make_client(url, key, home).get("/admin/jobs", state=state, limit=limit)
+    emit(rows, as_json, lambda rs: table(
+        [{**r, "created": when(r["created_at"]), "by": r["created_by"]["key_name"], "name": r["params"].get("name"),
+          "message": r["message"]} for r in rs],
+        ["id", "kind", "name", "state", "created", "by", "message"]))
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@client_options
+@json_option
+def jobs_show(job_id, url, key, home, as_json):
+    """One job: its parameters, state and result."""
+    emit(make_client(url, key, home).get(f"/admin/jobs/{job_id}"), as_json, _summary)
+
+
+@jobs.command("wait")
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait.")
+@client_options
+@json_option
+def jobs_wait(job_id, timeout, url, key, home, as_json):
+    """Wait until a job has finished; exits non-zero unless it succeeded."""
+    client = make_client(url, key, home)
+    deadline = time.monotonic() + timeout
+    job = client.get(f"/admin/jobs/{job_id}")
+    while job["state"] not in FINISHED:
+        if time.monotonic() > deadline:
+            raise AdminApiError(f"job {job_id} is still {job['state']} after {timeout:g} s")
+        time.sleep(0.5)
+        job = client.get(f"/admin/jobs/{job_id}")
+    emit(job, as_json, _summary)
+    if job["state"] != "succeeded":
+        raise SystemExit(1)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@client_options
+def jobs_cancel(job_id, url, key, home):
+    """Cancel a queued job (one that runs already is refused)."""
+    make_client(url, key, home).post(f"/admin/jobs/{job_id}/cancel")
+    click.echo(f"cancelled {job_id}")

@@ -1,0 +1,1 @@
+"""The worker: Huey's consumer running the appliance's background jobs (appliance/jobs.py)."""

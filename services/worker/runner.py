@@ -1,0 +1,80 @@
+"""Running one job: claim it, do its work, record the outcome and audit it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance import audit, dataset_registry, jobs, model_registry
+from appliance.db import open_db
+from appliance.errors import ApplianceError, StorageUnavailable
+from appliance.home import state_db_path
+from appliance.objectstore import ObjectStore, ObjectStoreSettings
+
+log = logging.getLogger("appliance.worker")
+
+
+def _store(settings: ObjectStoreSettings | None) -> ObjectStore:
+    if settings is None:
+        raise StorageUnavailable("No object store is configured (profile storage.object_store): the registries need one.")
+    return ObjectStore(settings)
+
+
+def _model_import(db, store: ObjectStore, params: dict, actor: audit.Actor) -> tuple[dict, dict]:
+    row = model_registry.register(db, store, params["name"], Path(params["path"]), source=params["path"],
+                                  created_by=actor.key_id, sha256=params["sha256"])
+    result = {"model": row["model"], "version": row["version"], "sha256": row["sha256"], "size": row["size"]}
+    return result, {k: result[k] for k in ("version", "sha256", "size")}
+
+
+def _dataset_import(db, store: ObjectStore, params: dict, actor: audit.Actor) -> tuple[dict, dict]:
+    row = dataset_registry.register(db, store, params["name"], Path(params["path"]), source=params["path"],
+                                    created_by=actor.key_id, fmt=params["format"], sha256=params["sha256"])
+    result = {"dataset": row["dataset"], "version": row["version"], "sha256": row["sha256"], "rows": row["rows"]}
+    return result, {k: result[k] for k in ("version", "sha256", "rows")}
+
+
+# kind -> (audit action, audit target kind, work(db, store, params, actor) -> (result, audit detail)):
+# a job is audited as the /admin call that does the same work synchronously.
+WORK: dict[str, tuple[str, str, Callable]] = {
+    "model.import": ("model.register", "model", _model_import),
+    "dataset.import": ("dataset.register", "dataset", _dataset_import),
+}
+
+
+class JobRunner:
+    def __init__(self, home: Path, store: ObjectStoreSettings | None):
+        self.home = home
+        self.store = store
+
+    def __call__(self, job_id: str) -> None:
+        db = open_db(state_db_path(self.home), migrate=False)
+        try:
+            job = jobs.claim(db, job_id)
+            if job is None:
+                log.info("job %s is not queued any more (cancelled); skipped", job_id)
+                return
+            self._run(db, job)
+        finally:
+            db.conn.close()
+
+    def _run(self, db, job: dict) -> None:
+        actor, params = jobs.actor_of(job), job["params"]
+        action, what, work = WORK[job["kind"]]
+        target = f"{what}/{params['name']}"
+        log.info("job %s (%s) started", job["id"], job["kind"])
+        try:
+            result, detail = work(db, _store(self.store), params, actor)
+        except ApplianceError as exc:
+            jobs.finish(db, job["id"], error=exc.message)
+            audit.record(db, actor, action, target, outcome=f"refused: {exc.message}")
+            log.info("job %s refused: %s", job["id"], exc.message)
+        except Exception as exc:
+            log.exception("job %s failed", job["id"])
+            jobs.finish(db, job["id"], error=f"{type(exc).__name__}: {exc}")
+            audit.record(db, actor, action, target, outcome=f"error: {type(exc).__name__}")
+        else:
+            jobs.finish(db, job["id"], result=result)
+            audit.record(db, actor, action, target, detail=detail)
+            log.info("job %s succeeded: %s", job["id"], result)

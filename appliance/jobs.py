@@ -59,11 +59,10 @@ def parse_params(kind: str, params: Any) -> msgspec.Struct:
     return checked
 
 
-def create(db: sqlite_utils.Database, kind: str, params: Any, actor: Actor) -> dict:
-    """A new queued job (the caller enqueues its id for the worker)."""
-    checked = parse_params(kind, params)
+def create(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, actor: Actor) -> dict:
+    """A new queued job with parameters from `parse_params` (the caller enqueues its id for the worker)."""
     row = {
-        "id": "job_" + uuid.uuid4().hex[:12], "kind": kind, "params": json.dumps(msgspec.to_builtins(checked)),
+        "id": "job_" + uuid.uuid4().hex[:12], "kind": kind, "params": json.dumps(msgspec.to_builtins(params)),
         "state": "queued", "message": None, "result": None, "created_at": time.time(),
         "created_by": actor.key_id, "created_by_name": actor.key_name, "created_by_role": actor.role,
         "started_at": None, "finished_at": None,

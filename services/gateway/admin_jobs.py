@@ -24,13 +24,13 @@ async def submit_job(request: Request) -> Response:
     """Queue a job; answers 202 with it (state "queued"). Follow it with GET /admin/jobs/{id}."""
     actor = authorize(request)
     body = schemas.decode(await request.body(), SubmitJob)
-    jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
+    params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
     queue = gateway_of(request).job_queue
 
     def work(db) -> dict:
-        job = jobs.create(db, body.kind, body.params, actor)
+        job = jobs.create(db, body.kind, params, actor)
         try:
-            queue().enqueue(job["id"])
+            queue.enqueue(job["id"])
         except Exception as exc:
             jobs.finish(db, job["id"], error=f"could not be queued: {exc}")
             raise ServiceUnavailable(f"the job queue (jobs.db) refused job {job['id']}: {exc}") from None

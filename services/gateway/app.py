@@ -77,13 +77,7 @@ class Gateway:
         self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
         self._db = None
-        self._job_queue: JobQueue | None = None
-
-    def job_queue(self) -> JobQueue:
-        """Where /admin/jobs enqueues (jobs.db, opened on first use); the worker runs the jobs."""
-        if self._job_queue is None:
-            self._job_queue = JobQueue(Path(self.runtime.home))
-        return self._job_queue
+        self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
 
     def _list_models(self) -> None:
         self.model_list = msgspec.json.encode(
@@ -96,6 +90,7 @@ class Gateway:
 
     async def start(self) -> None:
         self._db = await asyncio.to_thread(open_db, self.db_path)
+        self.job_queue = await asyncio.to_thread(JobQueue, Path(self.runtime.home))
         self._apply_deployments(await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,

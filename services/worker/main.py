@@ -17,6 +17,7 @@ from pathlib import Path
 
 from appliance import jobs
 from appliance.db import open_db
+from appliance.errors import ApplianceError
 from appliance.home import state_db_path
 from services.gateway.runtime import GatewayRuntime
 from services.worker.queue import JobQueue
@@ -72,6 +73,10 @@ def _health_server(address: tuple[str, int], consumer, queue: JobQueue) -> Threa
         def log_message(self, *args) -> None:  # health probes would flood the log
             pass
 
-    server = ThreadingHTTPServer(address, Health)
+    try:
+        server = ThreadingHTTPServer(address, Health)
+    except OSError as exc:
+        raise ApplianceError(f"cannot answer health checks on {address[0]}:{address[1]}: {exc.strerror}; "
+                             "choose another --health address") from None
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server

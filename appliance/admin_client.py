@@ -1,12 +1,12 @@
 """The CLI's client of the admin API: it works from any machine on the LAN.
 
-The gateway's URL comes from --url or APPLIANCE_URL (default http://127.0.0.1:8080);
-the key from --key or APPLIANCE_KEY, else the admin.key file of the local home.
+The gateway's URL comes from --url, else APPLIANCE_URL, else the gateway serving the
+local home (appliance.discovery), else http://127.0.0.1:8080; the key from --key or
+APPLIANCE_KEY, else the admin.key file of the local home.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,11 @@ from typing import Any
 import click
 import httpx
 
+from appliance.cli_options import DEFAULT_URL, KEY_ENV
+from appliance.discovery import running_gateway_url
 from appliance.errors import ApplianceError
-from appliance.home import HOME_ENV, admin_key_path, resolve_home
+from appliance.home import admin_key_path, gateway_url_path, resolve_home
 
-URL_ENV = "APPLIANCE_URL"
-KEY_ENV = "APPLIANCE_KEY"
-DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 UPLOAD_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
 
@@ -32,25 +31,29 @@ class AdminApiError(ApplianceError):
         self.status = status
 
 
-def _resolve_key(key: str | None, home: str | None) -> str:
+def _resolve_key(key: str | None, home: Path) -> str:
     if key:
         return key
-    path = admin_key_path(resolve_home(home))
-    if path.is_file():
+    path = admin_key_path(home)
+    try:
         return path.read_text().strip()
-    raise AdminApiError(f"no API key: pass --key, set {KEY_ENV}, or run where {path} exists")
+    except FileNotFoundError:
+        raise AdminApiError(f"no API key: pass --key, set {KEY_ENV}, or run where {path} exists") from None
+    except PermissionError:
+        raise AdminApiError(f"{path} is readable only by its owner: run as that user (or root), or pass --key") from None
 
 
 class AdminClient:
-    def __init__(self, url: str, key: str):
+    def __init__(self, url: str, key: str, *, origin: str = ""):
         self.url = url.rstrip("/")
+        self.origin = origin  # where the URL came from, for an error that cannot reach it
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT)
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise AdminApiError(f"cannot reach the gateway at {self.url}: {exc}") from None
+            raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {exc}") from None
         if response.is_success:
             return response.json()
         try:
@@ -58,7 +61,8 @@ class AdminClient:
             message, code, param = error["message"], error.get("code"), error.get("param")
         except (ValueError, KeyError, TypeError):
             message, code, param = response.text.strip() or response.reason_phrase, None, None
-        raise AdminApiError(f"{message} (HTTP {response.status_code})", status=response.status_code, code=code, param=param)
+        where = f"HTTP {response.status_code}" + (f", parameter {param}" if param else "")
+        raise AdminApiError(f"{message} ({where})", status=response.status_code, code=code, param=param)
 
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
@@ -83,16 +87,12 @@ class AdminClient:
                                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
 
 
-def client_options(function):
-    """--url, --key and --home for commands that talk to the admin API."""
-    function = click.option("--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
-                            help="Local home whose admin.key is used when no key is given.")(function)
-    function = click.option("--key", envvar=KEY_ENV, show_envvar=True,
-                            help="An admin or operator API key. Default: the local home's admin.key.")(function)
-    function = click.option("--url", envvar=URL_ENV, show_envvar=True, default=DEFAULT_URL, show_default=True,
-                            help="The gateway's base URL.")(function)
-    return function
-
-
-def make_client(url: str, key: str | None, home: str | None) -> AdminClient:
-    return AdminClient(url, _resolve_key(key, home or os.environ.get(HOME_ENV)))
+def make_client(url: str | None, key: str | None, home: str | None) -> AdminClient:
+    """A client of the gateway at `url`, else the one serving `home`, else the default; see the module's doc."""
+    home_dir = resolve_home(home)
+    origin = ""
+    if not url:
+        recorded = gateway_url_path(home_dir)
+        url = running_gateway_url(home_dir)
+        origin = f" (recorded in {recorded})" if url else f" (the default: {recorded} does not exist; pass --url)"
+    return AdminClient(url or DEFAULT_URL, _resolve_key(key, home_dir), origin=origin)

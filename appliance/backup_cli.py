@@ -12,22 +12,16 @@ import click
 import msgspec
 
 from appliance.cli_format import when
+from appliance.cli_options import home_option, json_option
 from appliance.errors import BackupError
-from appliance.home import HOME_ENV, resolve_home
+from appliance.home import DATABASES, JOBS_DB, litestream_config_path, resolve_home
 from services.storage.litestream import (
-    LITESTREAM_ENV, DatabaseStatus, config_path, daemon_info, parse_target, restore, status,
+    LITESTREAM_ENV, DatabaseStatus, daemon_info, parse_target, restore, status,
 )
 from services.storage.minio import CREDENTIALS_FILE, read_credentials
-from services.worker.queue import JOBS_DB
 
 ACCESS_KEY_ENV = "APPLIANCE_S3_ACCESS_KEY"
 SECRET_KEY_ENV = "APPLIANCE_S3_SECRET_KEY"
-
-home_option = click.option(
-    "--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
-    help="State directory (database, keys, logs). Default: ./var",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def _s3_credentials(home: Path | None, config: Path | None = None) -> tuple[str | None, str | None]:
@@ -68,20 +62,21 @@ def backup() -> None:
 
 
 @backup.command("status")
-@home_option
+@home_option()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="litestream's config. Default: the one `appliance up` writes, $APPLIANCE_HOME/run/litestream.yml; "
                    "a bare-metal install's is /etc/appliance/litestream.yml.")
-@json_option
+@json_option("Print JSON instead of text.")
 def backup_status(home: str | None, config_file: str | None, as_json: bool) -> None:
     """Where each database's replica stands: positions, lag, and whether replication runs.
 
     Reads litestream's config and the replica itself; S3 credentials come from
     APPLIANCE_S3_ACCESS_KEY and APPLIANCE_S3_SECRET_KEY, else from the home's managed
-    MinIO, else from the litestream.env beside the config.
+    MinIO, else from the litestream.env beside the config. Runs on this machine: the
+    admin API has no backup route yet.
     """
     home_path = resolve_home(home)
-    config = Path(config_file) if config_file else config_path(home_path)
+    config = Path(config_file) if config_file else litestream_config_path(home_path)
     if not config.is_file():
         hint = "" if config_file else (" (`appliance up` writes it unless the profile's backup.target is none; "
                                        "a bare-metal install's is /etc/appliance/litestream.yml: pass --config)")
@@ -115,8 +110,8 @@ def _next_steps(home: Path) -> list[str]:
     return [
         "next steps:",
         "  - the admin key file (admin.key) is not part of the backup. Existing API keys, the admin key",
-        "    included, keep working: only their hashes are stored. Without the admin secret, create a new",
-        f"    one: appliance keys create NAME --role admin --home {home}",
+        "    included, keep working: only their hashes are stored. Without the admin secret, make a new",
+        f"    one: appliance keys bootstrap --home {home}",
         f"  - start the appliance on this home: appliance up --home {home}",
         "    With the profile's backup target pointing at the same place, replication carries on from the",
         "    restored position.",
@@ -127,22 +122,23 @@ def _next_steps(home: Path) -> list[str]:
 @click.option("--from", "source", required=True, metavar="TARGET",
               help="file:///folder, a folder path, or s3://bucket[/prefix]?endpoint=http://host:port[&region=...] "
                    f"(credentials from {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}).")
-@home_option
+@home_option()
 @click.option("--force", is_flag=True, help="Replace databases that already exist in the home (stop the appliance first).")
-@json_option
+@json_option("Print JSON instead of text.")
 def restore_command(source: str, home: str | None, force: bool, as_json: bool) -> None:
     """Rebuild the state database (and the job queue's) into a home from its backup, e.g. on a new machine.
 
     The newest position in the backup is restored under a temporary name, checked with
     PRAGMA integrity_check, and only then moved into place. An existing database is refused
-    unless --force.
+    unless --force. Runs on this machine, not through the admin API: it rebuilds a home
+    that no gateway serves yet.
     """
     home_path = resolve_home(home)
     access_key, secret_key = _s3_credentials(None)
     if source.strip().startswith("s3://") and not (access_key and secret_key):
         raise BackupError(f"restoring from S3 needs its credentials in {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}")
     target = parse_target(source, access_key=access_key, secret_key=secret_key)
-    restored = restore(target, home_path, ("state.db", JOBS_DB), optional=(JOBS_DB,), force=force)
+    restored = restore(target, home_path, DATABASES, optional=(JOBS_DB,), force=force)
     rows = {r.path: _row_counts(Path(r.path)) for r in restored}
     if as_json:
         report = [{**msgspec.to_builtins(r), "rows": rows[r.path]} for r in restored]

@@ -9,35 +9,27 @@ import time
 import click
 
 from appliance import __version__
-from appliance.cli_format import json_option, table, when
-from appliance.config import DEFAULT_PROFILE, builtin_profiles, load_profile, profile_schema
+from appliance.cli_format import table, when
+from appliance.cli_options import PROFILE_ENV, home_option, json_option, profile_option, runtime_option
+from appliance.config import builtin_profiles, load_profile, profile_schema
 from appliance.db import open_db
 from appliance.errors import ApplianceError
-from appliance.home import HOME_ENV, resolve_home, state_db_path
-from appliance.keys import ROLES, create_key, list_keys, revoke_key
+from appliance.home import resolve_home, state_db_path
 from appliance.durations import parse_duration
+from appliance.keys_cli import keys
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.jobs_cli import jobs
+from appliance.objects_cli import objects
 from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
 from appliance.usage import summarize
-from installer.probe import probe_command
 from installer.bundle_cli import bundle
 from installer.render_cli import render
-from installer.plan_cli import plan_command
+from appliance.planning_cli import plan_command, probe_command
 from installer.install import install_command, uninstall_command
 
 PORT_ENV = "APPLIANCE_PORT"
-PROFILE_ENV = "APPLIANCE_PROFILE"
-
-home_option = click.option(
-    "--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
-    help="State directory (database, keys, logs). Default: ./var",
-)
-profile_option = click.option(
-    "--profile", "profile_name", default=DEFAULT_PROFILE, envvar=PROFILE_ENV, show_envvar=True, show_default=True,
-    help="Built-in profile name or path to a profile YAML file.",
-)
+served_profile_option = profile_option(envvar=PROFILE_ENV)
 
 
 def _open_state(home: str | None):
@@ -51,8 +43,8 @@ def cli() -> None:
 
 
 @cli.command()
-@profile_option
-@home_option
+@served_profile_option
+@home_option()
 @click.option("--host", default=None, help="Address the gateway listens on. Default: the profile's (0.0.0.0).")
 @click.option("--port", type=click.IntRange(1, 65535), envvar=PORT_ENV, show_envvar=True, default=None,
               help="Port of the gateway. Default: 8080 (the profile's gateway.port).")
@@ -61,14 +53,21 @@ def up(profile_name: str, home: str | None, host: str | None, port: int | None) 
 
     Plans the profile for this machine (as `appliance plan` shows), starts the
     engines, waits until each is healthy, then serves the OpenAI-compatible API. On first start an admin key is created and printed once.
+
+    Runs on this machine, not through the admin API: it starts the gateway that serves
+    that API. While it runs, the home records the gateway's URL, so the CLI on this
+    machine finds it whatever --port says.
     """
-    from installer.planner import make_plan
-    from installer.probe import probe
+    from appliance.planning.engine_builds import check_engine_builds
+    from appliance.planning.planner import make_plan
+    from appliance.planning.probe import probe
     from services.supervisor import Supervisor
 
     profile = load_profile(profile_name)
     home_dir = resolve_home(home)
-    plan = make_plan(profile, [probe(home_dir)])  # refuses a model that does not fit, with the numbers
+    machine = probe(home_dir)
+    plan = make_plan(profile, [machine])  # refuses a model that does not fit, with the numbers
+    check_engine_builds(plan, machine)
     supervisor = Supervisor(
         profile,
         plan,
@@ -78,13 +77,6 @@ def up(profile_name: str, home: str | None, host: str | None, port: int | None) 
         say=lambda line: click.echo(line),
     )
     sys.exit(supervisor.run())
-
-
-runtime_option = click.option(
-    "--runtime", "runtime_file", type=click.Path(dir_okay=False, exists=True), required=True,
-    envvar="APPLIANCE_GATEWAY_RUNTIME", show_envvar=True,
-    help="The gateway's runtime file (gateway.json), which names the home and the object store.",
-)
 
 
 def _read_runtime(runtime_file: str):
@@ -144,65 +136,13 @@ def worker(runtime_file: str, threads: int, health: tuple[str, int] | None) -> N
 
 
 @cli.group()
-def keys() -> None:
-    """Create, list and revoke API keys."""
-
-
-@keys.command("create")
-@click.argument("name")
-@click.option("--role", type=click.Choice(ROLES), default="developer", show_default=True, help="What the key may do.")
-@click.option("--expires-in", metavar="DURATION", help="Expire after this long, e.g. 30d, 12h.")
-@home_option
-@json_option
-def keys_create(name: str, role: str, expires_in: str | None, home: str | None, as_json: bool) -> None:
-    """Create a key named NAME and print its secret (shown only this once)."""
-    expires_at = None
-    if expires_in:
-        try:
-            expires_at = time.time() + parse_duration(expires_in)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--expires-in") from None
-    key, secret = create_key(_open_state(home), name, role=role, expires_at=expires_at)
-    if as_json:
-        click.echo(json.dumps({"id": key.id, "name": key.name, "role": key.role, "key": secret, "expires_at": key.expires_at}))
-        return
-    click.echo(f"created {key.id} ({key.role}) named {key.name!r}, expires {when(key.expires_at) if expires_at else 'never'}")
-    click.echo(f"key: {secret}")
-    click.echo("Store it now: it cannot be shown again.")
-
-
-@keys.command("list")
-@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
-@home_option
-@json_option
-def keys_list(include_revoked: bool, home: str | None, as_json: bool) -> None:
-    """List API keys (never their secrets)."""
-    now = time.time()
-    rows = [
-        {"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix + "…", "state": k.state(now),
-         "created": when(k.created_at), "expires": when(k.expires_at)}
-        for k in list_keys(_open_state(home), include_revoked=include_revoked)
-    ]
-    click.echo(json.dumps(rows, indent=2) if as_json else table(rows, ["id", "name", "role", "prefix", "state", "created", "expires"]))
-
-
-@keys.command("revoke")
-@click.argument("key_id")
-@home_option
-def keys_revoke(key_id: str, home: str | None) -> None:
-    """Revoke the key with id (or displayed prefix) KEY_ID; the gateway refuses it within a second."""
-    key = revoke_key(_open_state(home), key_id)
-    click.echo(f"revoked {key.id} ({key.name})")
-
-
-@cli.group()
 def models() -> None:
     """Models: those a profile serves, the model registry and deployments."""
 
 
 @models.command("list")
-@profile_option
-@json_option
+@served_profile_option
+@json_option()
 def models_list(profile_name: str, as_json: bool) -> None:
     """List the models a profile serves, with engine and replicas."""
     profile = load_profile(profile_name, check_files=False)
@@ -218,10 +158,13 @@ def models_list(profile_name: str, as_json: bool) -> None:
 @click.option("--since", default="24h", show_default=True, help="How far back: e.g. 15m, 24h, 7d, or 'all'.")
 @click.option("--by", type=click.Choice(["key", "model", "key,model"]), default="key,model", show_default=True,
               help="How to group the totals.")
-@home_option
-@json_option
+@home_option()
+@json_option()
 def usage(since: str, by: str, home: str | None, as_json: bool) -> None:
-    """Summarise metered usage (requests, tokens, latency) by key and model."""
+    """Summarise metered usage (requests, tokens, latency) by key and model.
+
+    Reads the home's state database on this machine: the admin API has no usage route yet.
+    """
     try:
         since_ts = None if since == "all" else time.time() - parse_duration(since)
     except ValueError as exc:
@@ -263,7 +206,8 @@ def profiles_schema() -> None:
     click.echo(json.dumps(profile_schema(), indent=2))
 
 
-# Registry commands: clients of the admin API.
+# Clients of the admin API.
+cli.add_command(keys, "keys")
 for command in REGISTRY_COMMANDS:
     models.add_command(command)
 cli.add_command(audit_command, "audit")
@@ -271,12 +215,13 @@ cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")
 cli.add_command(backup, "backup")
 cli.add_command(restore_command, "restore")
+cli.add_command(objects, "objects")
 
-# Installer commands: each lives with its module in installer/.
+# Planning commands (core), then the installer's: each lives with its module.
 cli.add_command(probe_command, "probe")
+cli.add_command(plan_command, "plan")
 cli.add_command(render, "render")
 cli.add_command(bundle, "bundle")
-cli.add_command(plan_command, "plan")
 cli.add_command(install_command, "install")
 cli.add_command(uninstall_command, "uninstall")
 

@@ -7,8 +7,6 @@ from datetime import datetime
 
 import click
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-
 
 def when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")

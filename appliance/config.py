@@ -58,6 +58,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0
     request_timeout_s: Positive | None = None
+    # A replica that crashes max_crashes times within crash_window_s is marked failed, not restarted.
+    max_crashes: Annotated[int, msgspec.Meta(ge=1)] = 5
+    crash_window_s: Positive = 600.0
 
 
 class K3sConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -75,14 +78,14 @@ BucketPrefix = Annotated[str, msgspec.Meta(pattern=r"^([a-z0-9][a-z0-9-]{0,30}-)
 
 
 class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    object_store: Literal["auto", "minio", "s3", "none"] = "auto"
+    object_store: Literal["auto", "filesystem", "minio", "s3", "none"] = "auto"
     endpoint: str | None = None  # s3: the server's URL; minio: where the managed server listens
     region: str = "us-east-1"
     access_key_env: str = "APPLIANCE_S3_ACCESS_KEY"
     secret_key_env: str = "APPLIANCE_S3_SECRET_KEY"
     bucket_prefix: BucketPrefix = ""
     part_size_mib: Annotated[int, msgspec.Meta(ge=5, le=5120)] = 64
-    data_path: str | None = None  # managed MinIO's data folder; default <home>/objects
+    data_path: str | None = None  # filesystem: its folder (default <home>/blobs); minio: its data (<home>/objects)
 
 
 class BackupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -182,6 +185,8 @@ def _check_storage(storage: StorageConfig, backup: BackupConfig, base_dir: Path)
         raise ValueError(f"storage.endpoint: must start with http:// or https://, got {storage.endpoint!r}")
     if storage.object_store == "s3" and not storage.endpoint:
         raise ValueError("storage.endpoint: required when storage.object_store is 's3'")
+    if storage.object_store == "filesystem" and storage.endpoint:
+        raise ValueError("storage.endpoint: not used by object_store 'filesystem' (a folder: storage.data_path)")
     if storage.object_store == "none" and backup.target == "object-store":
         raise ValueError("backup.target: 'object-store' needs an object store, but storage.object_store is 'none'")
     if storage.data_path is not None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from appliance.admin_client import AdminApiError, client_options, make_client
-from appliance.cli_format import emit, json_option, size, table, when
+from appliance.admin_client import AdminApiError, make_client
+from appliance.cli_format import emit, size, table, when
+from appliance.cli_options import client_options, json_option
 from appliance.jobs_cli import submit
 from appliance.registry_cli import parse_name_version
 
@@ -29,7 +30,7 @@ def datasets() -> None:
 @click.option("--background", is_flag=True,
               help="With --server-path: queue the import as a job for the worker and return at once.")
 @client_options
-@json_option
+@json_option()
 def datasets_upload(name, path, fmt, sha256, server_path, background, url, key, home, as_json):
     """Register the CSV, JSONL or Parquet file at PATH as the next version of NAME."""
     client = make_client(url, key, home)
@@ -63,7 +64,7 @@ def _pii_summary(report: dict) -> str:
 @datasets.command("versions")
 @click.argument("name", required=False)
 @client_options
-@json_option
+@json_option()
 def datasets_versions(name, url, key, home, as_json):
     """List datasets, or the versions of NAME."""
     client = make_client(url, key, home)
@@ -82,7 +83,7 @@ def datasets_versions(name, url, key, home, as_json):
 @datasets.command("show")
 @click.argument("name_version", metavar="NAME:VERSION")
 @client_options
-@json_option
+@json_option()
 def datasets_show(name_version, url, key, home, as_json):
     """Schema, quality report, PII scan and splits of one version."""
     name, version = parse_name_version(name_version)
@@ -112,7 +113,7 @@ def datasets_show(name_version, url, key, home, as_json):
 @click.option("--on", "column", metavar="COLUMN",
               help="Column that identifies a row. Default: `id` when present and unique, else whole rows.")
 @client_options
-@json_option
+@json_option()
 def datasets_diff(name, a, b, column, url, key, home, as_json):
     """Rows added, removed and changed from version A to version B of NAME."""
     data = make_client(url, key, home).get(f"/admin/datasets/{name}/diff", a=a, b=b, key=column)
@@ -140,7 +141,7 @@ def datasets_diff(name, a, b, column, url, key, home, as_json):
 @datasets.command("mask")
 @click.argument("name_version", metavar="NAME:VERSION")
 @client_options
-@json_option
+@json_option()
 def datasets_mask(name_version, url, key, home, as_json):
     """Register a copy of a version with its PII replaced by placeholders ([EMAIL], [PHONE], ...)."""
     name, version = parse_name_version(name_version)
@@ -154,7 +155,7 @@ def datasets_mask(name_version, url, key, home, as_json):
               help="Comma-separated PART=SHARE; the shares add up to 1.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same split.")
 @client_options
-@json_option
+@json_option()
 def datasets_split(name_version, ratios, seed, url, key, home, as_json):
     """Split a version into train, validation and test parts (stored in the registry)."""
     name, version = parse_name_version(name_version)

@@ -83,8 +83,9 @@ def wanted(db: sqlite_utils.Database) -> list[dict]:
 
 
 def running(db: sqlite_utils.Database) -> list[dict]:
-    """What the gateway serves."""
-    return [r for r in wanted(db) if r["state"] == "running"]
+    """What the gateway serves: running deployments, and failed ones whose engines had run
+    (requests get a 503 that says why)."""
+    return [r for r in wanted(db) if r["state"] == "running" or (r["state"] == "failed" and r["endpoints"])]
 
 
 def set_state(db: sqlite_utils.Database, name: str, state: str, *, endpoints: list[dict] | None = None,

@@ -189,6 +189,7 @@ class DatasetError(InvalidRequest):
 
 _AT = re.compile(r" - at `\$(.*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
 
 def invalid_value(exc: Exception, prefix: str = "") -> InvalidRequest:
@@ -197,6 +198,9 @@ def invalid_value(exc: Exception, prefix: str = "") -> InvalidRequest:
     match = _AT.search(text)
     param = ".".join(p for p in (prefix, match.group(1).lstrip(".") if match else "") if p) or None
     message = _AT.sub("", text)
+    unknown = _UNKNOWN.search(text)
+    if unknown and not param:  # at the top level; a nested one names the object that holds it
+        return InvalidRequest(f"Unknown parameter '{unknown.group(1)}'.", param=unknown.group(1), code="unknown_parameter")
     missing = _MISSING.search(text)
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)

@@ -6,8 +6,9 @@ import time
 
 import click
 
-from appliance.admin_client import AdminApiError, AdminClient, client_options, make_client
-from appliance.cli_format import emit, json_option, table, when
+from appliance.admin_client import AdminApiError, AdminClient, make_client
+from appliance.cli_format import emit, table, when
+from appliance.cli_options import client_options, json_option
 from appliance.jobs import FINISHED, STATES
 
 
@@ -35,7 +36,7 @@ def jobs() -> None:
 @click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @client_options
-@json_option
+@json_option()
 def jobs_list(state, limit, url, key, home, as_json):
     """Jobs, newest first."""
     rows = make_client(url, key, home).get("/admin/jobs", state=state, limit=limit)
@@ -48,7 +49,7 @@ def jobs_list(state, limit, url, key, home, as_json):
 @jobs.command("show")
 @click.argument("job_id")
 @client_options
-@json_option
+@json_option()
 def jobs_show(job_id, url, key, home, as_json):
     """One job: its parameters, state and result."""
     emit(make_client(url, key, home).get(f"/admin/jobs/{job_id}"), as_json, _summary)
@@ -58,7 +59,7 @@ def jobs_show(job_id, url, key, home, as_json):
 @click.argument("job_id")
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait.")
 @client_options
-@json_option
+@json_option()
 def jobs_wait(job_id, timeout, url, key, home, as_json):
     """Wait until a job has finished; exits non-zero unless it succeeded."""
     client = make_client(url, key, home)

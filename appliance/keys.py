@@ -16,9 +16,10 @@ from pathlib import Path
 import msgspec
 import sqlite_utils
 
-from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound
+from appliance import audit
+from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 
-ROLES = ("admin", "operator", "developer", "viewer")
+ROLES = ("admin", "operator", "developer", "viewer")  # highest first
 SECRET_PREFIX = "sk-ap-"
 
 
@@ -43,19 +44,36 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(
-    db: sqlite_utils.Database, name: str, *, role: str = "developer", expires_at: float | None = None
-) -> tuple[ApiKey, str]:
-    """Create a key; returns it and its secret, which is never stored or shown again."""
+def new_key_id() -> str:
+    return "key_" + uuid.uuid4().hex[:12]
+
+
+def check_role(role: str) -> None:
     if role not in ROLES:
         raise InvalidRequest(f"unknown role {role!r}: choose one of {', '.join(ROLES)}", param="role")
+
+
+def check_grant(granter: str, role: str, *, param: str = "role") -> None:
+    """Nobody hands out or takes away more than they have: `granter` may manage keys of its own role or below."""
+    check_role(role)
+    if ROLES.index(role) < ROLES.index(granter):
+        raise PermissionDenied(f"the {granter} role cannot manage {role} keys, only "
+                               f"{', '.join(ROLES[ROLES.index(granter):])} keys", param=param)
+
+
+def create_key(
+    db: sqlite_utils.Database, name: str, *, role: str = "developer", expires_at: float | None = None,
+    key_id: str | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; returns it and its secret, which is never stored or shown again."""
+    check_role(role)
     if not name.strip():
         raise InvalidRequest("a key needs a non-empty name", param="name")
     if expires_at is not None and expires_at <= time.time():
         raise InvalidRequest("the expiry must be in the future", param="expires_at")
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
-        id="key_" + uuid.uuid4().hex[:12],
+        id=key_id or new_key_id(),
         name=name.strip(),
         role=role,
         prefix=secret[: len(SECRET_PREFIX) + 6],
@@ -72,12 +90,17 @@ def list_keys(db: sqlite_utils.Database, *, include_revoked: bool = True) -> lis
     return [ApiKey(**{c: row[c] for c in columns}) for row in db["api_keys"].rows_where(where, order_by="created_at")]
 
 
-def revoke_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
-    """Revoke by id (key_...) or by the displayed prefix; idempotent for revoked keys."""
+def find_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
+    """The key with id (key_...) or displayed prefix `key_id`."""
     matches = [k for k in list_keys(db) if key_id in (k.id, k.prefix)]
     if not matches:
         raise NotFound(f"no API key with id or prefix {key_id!r}", param="key_id")
-    key = matches[0]
+    return matches[0]
+
+
+def revoke_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
+    """Revoke by id (key_...) or by the displayed prefix; idempotent for revoked keys."""
+    key = find_key(db, key_id)
     if key.revoked_at is None:
         now = time.time()
         db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [now, key.id])
@@ -85,15 +108,25 @@ def revoke_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
     return key
 
 
-def ensure_admin_key(db: sqlite_utils.Database, key_file: Path) -> str | None:
-    """On first start, create an admin key and write it to key_file (mode 0600).
+def describe(key: ApiKey) -> dict:
+    """What the admin API shows of a key: never its secret (only its hash is stored anyway)."""
+    return {**msgspec.structs.asdict(key), "state": key.state()}
 
-    Returns the new secret so the caller can print it once; None when an active admin
-    key already exists.
-    """
+
+def ensure_admin_key(db: sqlite_utils.Database, key_file: Path, *, by: str) -> str | None:
+    """On first start, `create_admin_key`; returns its secret so the caller can print it once,
+    or None when an active admin key already exists."""
     if any(k.role == "admin" and k.state() == "active" for k in list_keys(db)):
         return None
-    _, secret = create_key(db, "admin (first start)", role="admin")
+    return create_admin_key(db, key_file, name="admin (first start)", by=by)
+
+
+def create_admin_key(db: sqlite_utils.Database, key_file: Path, *, name: str, by: str) -> str:
+    """Create an admin key, write its secret to key_file (mode 0600) and audit it as done `by`
+    a local command: one that has no key to call the admin API with."""
+    key, secret = create_key(db, name, role="admin")
+    audit.record(db, audit.Actor(None, by, None), "key.create", f"key/{key.id}",
+                 detail={"name": key.name, "role": key.role, "prefix": key.prefix, "expires_at": None})
     key_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = key_file.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

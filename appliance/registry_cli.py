@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 import httpx
 
-from appliance.admin_client import AdminApiError, client_options, make_client
-from appliance.cli_format import emit, json_option, size, table, when
+from appliance.admin_client import AdminApiError, make_client
+from appliance.cli_format import emit, size, table, when
+from appliance.cli_options import client_options, json_option
 from appliance.jobs_cli import submit
 
 def parse_name_version(text: str) -> tuple[str, int]:
@@ -33,7 +34,7 @@ def parse_name_version(text: str) -> tuple[str, int]:
 @click.option("--background", is_flag=True,
               help="With --server-path: queue the import as a job for the worker and return at once.")
 @client_options
-@json_option
+@json_option()
 def models_register(name, path, sha256, server_path, presigned, background, url, key, home, as_json):
     """Register the model at PATH as the next version of NAME.
 
@@ -80,7 +81,7 @@ def _presigned_register(client, name: str, file: Path, sha256: str | None) -> di
 @click.command("versions")
 @click.argument("name", required=False)
 @client_options
-@json_option
+@json_option()
 def models_versions(name, url, key, home, as_json):
     """List registered models, or the versions of NAME."""
     client = make_client(url, key, home)
@@ -101,7 +102,7 @@ def models_versions(name, url, key, home, as_json):
 @click.command("show")
 @click.argument("name_version", metavar="NAME:VERSION")
 @client_options
-@json_option
+@json_option()
 def models_show(name_version, url, key, home, as_json):
     """Show one version: its model card and files."""
     name, version = parse_name_version(name_version)
@@ -128,7 +129,7 @@ def models_show(name_version, url, key, home, as_json):
 @click.option("--tags", help="Comma-separated tags.")
 @click.option("--unset", multiple=True, metavar="FIELD", help="Drop an edit, showing the extracted value again.")
 @client_options
-@json_option
+@json_option()
 def models_edit_card(name_version, assignments, tags, unset, url, key, home, as_json):
     """Edit the model card of one version (the files and extracted facts stay as they are)."""
     name, version = parse_name_version(name_version)
@@ -153,7 +154,7 @@ def models_edit_card(name_version, assignments, tags, unset, url, key, home, as_
 @click.argument("b", type=int)
 @click.option("--all", "show_all", is_flag=True, help="Show fields that are the same too.")
 @client_options
-@json_option
+@json_option()
 def models_compare(name, a, b, show_all, url, key, home, as_json):
     """Compare versions A and B of NAME side by side."""
     data = make_client(url, key, home).get(f"/admin/models/{name}/compare", a=a, b=b)
@@ -185,7 +186,7 @@ def models_delete(name_version, url, key, home):
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it serves (or fails).")
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait.")
 @client_options
-@json_option
+@json_option()
 def models_deploy(name_version, served_name, replicas, context_length, wait, timeout, url, key, home, as_json):
     """Serve a registered version; the gateway picks it up without a restart."""
     name, version = parse_name_version(name_version)
@@ -217,7 +218,7 @@ def models_undeploy(served_name, url, key, home):
 
 @click.command("deployments")
 @client_options
-@json_option
+@json_option()
 def models_deployments(url, key, home, as_json):
     """List deployments of registered versions and their state."""
     rows = make_client(url, key, home).get("/admin/deployments")
@@ -235,7 +236,7 @@ REGISTRY_COMMANDS = [models_register, models_versions, models_show, models_edit_
 @click.option("--action", help="Only this action, e.g. model.register.")
 @click.option("--target", help="Only targets starting with this, e.g. model/smollm2.")
 @client_options
-@json_option
+@json_option()
 def audit_command(limit, action, target, url, key, home, as_json):
     """Show the audit log: every change made through the admin API, newest first."""
     rows = make_client(url, key, home).get("/admin/audit", limit=limit, action=action, target=target)

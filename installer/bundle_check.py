@@ -20,7 +20,7 @@ import sysconfig
 import tarfile
 from pathlib import Path, PurePosixPath
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest records the CPU features and the accelerator its binaries need
 MANIFEST = "manifest.json"
 PROFILE = "profile.yaml"
 SELF = "bundle_check.py"
@@ -28,6 +28,8 @@ PYTHON_TAG = "cp" + sysconfig.get_config_var("py_version_nodot")
 PLATFORM = sysconfig.get_platform()
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20
+CPUINFO = Path("/proc/cpuinfo")
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 
 
 class BundleProblem(Exception):
@@ -67,6 +69,9 @@ def _read_manifest(tar: tarfile.TarFile, first: tarfile.TarInfo | None) -> dict:
         raise BundleProblem(f"{MANIFEST}: not a valid bundle manifest: {exc}") from None
     if fmt != FORMAT:
         raise BundleProblem(f"{MANIFEST}: bundle format {fmt} is not supported (this appliance reads {FORMAT})")
+    if not isinstance(manifest.get("cpu_features"), list) or manifest.get("accelerator") not in ("none", "cuda"):
+        raise BundleProblem(f"{MANIFEST}: not a valid bundle manifest: needs cpu_features (a list) and accelerator "
+                            "('none' or 'cuda')")
     for needed in (PROFILE, *binaries.values()):
         if needed not in listed:
             raise BundleProblem(f"{MANIFEST}: does not list {needed}")
@@ -121,12 +126,34 @@ def verify(path: Path, advance=lambda n: None, *, on_manifest=lambda manifest: N
     return manifest
 
 
-def incompatibility(manifest: dict) -> str | None:
-    """Why the bundle's wheels cannot install on this machine's Python, if they cannot."""
-    if (manifest["python"], manifest["platform"]) == (PYTHON_TAG, PLATFORM):
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
+    """The CPU's feature flags as the kernel names them (avx2, fma...), or None where unknown."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
         return None
-    return (f"the bundle was built for {manifest['python']} on {manifest['platform']}, this machine runs {PYTHON_TAG} "
-            f"on {PLATFORM}: build the bundle on a machine with this machine's OS, Python and CPU architecture")
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def incompatibility(manifest: dict, cpuinfo: Path = CPUINFO) -> str | None:
+    """Why the bundle's binaries cannot run on this machine, if they cannot: another Python
+    or platform, a CPU without an instruction set they use, or no GPU driver for a GPU engine."""
+    if (manifest["python"], manifest["platform"]) != (PYTHON_TAG, PLATFORM):
+        return (f"the bundle was built for {manifest['python']} on {manifest['platform']}, this machine runs {PYTHON_TAG} "
+                f"on {PLATFORM}: build the bundle on a machine with this machine's OS, Python and CPU architecture")
+    flags = cpu_flags(cpuinfo)
+    missing = [f for f in manifest["cpu_features"] if flags is not None and f not in flags]
+    if missing:
+        return (f"this machine's CPU lacks {', '.join(missing)}, which the bundle's llama.cpp build uses "
+                f"(it needs {', '.join(manifest['cpu_features'])}): it would die with an illegal instruction")
+    if manifest["accelerator"] == "cuda" and not NVIDIA_DRIVER.exists():
+        return (f"the bundle's vLLM engine needs an NVIDIA GPU with its driver, and none is loaded here "
+                f"({NVIDIA_DRIVER} is absent): install the driver first, or build a bundle for a CPU profile")
+    return None
 
 
 def unpack(path: Path, dest: Path, advance=lambda n: None) -> Path:

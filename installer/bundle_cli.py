@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.filesize import decimal as _size
 
-from appliance.config import DEFAULT_PROFILE
+from appliance.cli_options import profile_option
 
 if TYPE_CHECKING:  # installer.bundle is imported by the commands only: it adds ~60 ms to every CLI start
     from installer.bundle import BuildResult
@@ -43,8 +43,7 @@ def bundle() -> None:
 
 
 @bundle.command("build")
-@click.option("--profile", "profile_name", default=DEFAULT_PROFILE, show_default=True,
-              help="Built-in profile name or path to a profile YAML file.")
+@profile_option()
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The bundle file to write (a tar).")
 @click.option("--source", type=click.Path(file_okay=False, exists=True, path_type=Path),

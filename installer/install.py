@@ -22,16 +22,19 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from appliance.cli_options import profile_option
 from appliance.config import load_profile, profile_file
 from appliance.db import open_db
 from appliance.errors import InstallError
-from appliance.home import admin_key_path
+from appliance.discovery import local_url
+from appliance.home import admin_key_path, gateway_url_path, state_db_path
 from appliance.keys import ensure_admin_key
 from installer.layout import Layout, write_if_changed
-from installer.plan_model import Plan
-from installer.planner import choose_profile, make_plan
-from installer.estimate import gib
-from installer.probe import probe, probe_disk
+from appliance.planning.plan_model import Plan
+from appliance.planning.engine_builds import check_engine_builds
+from appliance.planning.planner import choose_profile, make_plan
+from appliance.planning.estimate import gib
+from appliance.planning.probe import probe, probe_disk
 from installer.systemd import SYSUSERS, TARGET, TMPFILES, render_systemd
 
 PROFILE_FILE = "profile.yaml"
@@ -122,16 +125,20 @@ class Installer:
         _run(["systemd-sysusers", *root, str(self.path(SYSUSERS))])
         _run(["systemd-tmpfiles", *root, "--create", str(self.path(TMPFILES))])
 
+    def gateway_url(self, gateway) -> None:
+        """Where the CLI on this machine finds the gateway (appliance.discovery), beside the admin key."""
+        self.write(gateway_url_path(self.layout.data), (local_url(gateway.host, gateway.port) + "\n").encode())
+
     def admin_key(self) -> Path:
         home = self.path(self.layout.data)
-        db = open_db(home / "state.db")
+        db = open_db(state_db_path(home))
         try:
-            if ensure_admin_key(db, admin_key_path(home)):
-                self.changed.append(str(self.layout.data / "admin.key"))
+            if ensure_admin_key(db, admin_key_path(home), by="appliance install"):
+                self.changed.append(str(admin_key_path(self.layout.data)))
         finally:
             db.conn.close()
         self._own(home)
-        return self.layout.data / "admin.key"
+        return admin_key_path(self.layout.data)
 
     def _own(self, home: Path) -> None:
         """The data directory belongs to the service user (uid from the tree's own passwd)."""
@@ -190,6 +197,7 @@ def install(layout: Layout, profile_name: str, console: Console) -> None:
     # Refuses, with the numbers, before anything is written. The plan holds no paths, so it
     # stands for the installed copies of the models too.
     plan = make_plan(source, [machine])
+    check_engine_builds(plan, machine)
     installed = step.copy_models(source)
     target_profile = step.write_profile(profile_source, installed)
     profile = load_profile(str(step.path(target_profile)), check_files=False)  # paths as on the target
@@ -197,6 +205,7 @@ def install(layout: Layout, profile_name: str, console: Console) -> None:
     with_minio = step.path(layout.bin / "minio").is_file()
     units = step.systemd_files(profile, plan, with_minio)
     step.service_user()  # after rendering: it applies the rendered sysusers.d and tmpfiles.d entries
+    step.gateway_url(profile.gateway)
     key = step.admin_key()
     state = step.enable(units)
     gateway = profile.gateway
@@ -223,7 +232,8 @@ def uninstall(layout: Layout, purge: bool) -> None:
         _run(["systemctl", "disable", "--now", TARGET])
     elif (units_dir / TARGET).exists():
         _run(["systemctl", *(["--root", str(layout.root)] if layout.root != Path("/") else []), "disable", TARGET])
-    removed = [p for p in [*units, step.path(SYSUSERS), step.path(TMPFILES)] if p.exists()]
+    gateway_url = step.path(gateway_url_path(layout.data))  # no gateway serves the kept data any more
+    removed = [p for p in [*units, step.path(SYSUSERS), step.path(TMPFILES), gateway_url] if p.exists()]
     for path in removed:
         path.unlink()
     for folder in [layout.prefix, layout.etc, *([layout.data] if purge else [])]:
@@ -242,9 +252,7 @@ root_option = click.option("--root", type=click.Path(file_okay=False), default="
 
 @click.command("install")
 @root_option
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="`auto` (chosen from the hardware), a built-in profile name or a profile YAML file "
-                   "(install.sh passes a bundle's own).")
+@profile_option("auto", note=" install.sh passes a bundle's own.")
 def install_command(root: str, profile_name: str) -> None:
     """Install the stack as systemd services (run by install.sh; safe to run again).
 
@@ -252,6 +260,9 @@ def install_command(root: str, profile_name: str) -> None:
     (profile, plan, gateway runtime and secrets with mode 0600), renders the units,
     creates the `appliance` user and its folders, creates the admin key and enables
     appliance.target (and starts it when systemd runs and --root is /).
+
+    Runs on this machine, not through the admin API: it installs the gateway that
+    serves that API, and records its URL in the data directory for the CLI here.
     """
     install(Layout(root=Path(root).absolute()), profile_name, Console(stderr=False))
 
@@ -260,5 +271,8 @@ def install_command(root: str, profile_name: str) -> None:
 @root_option
 @click.option("--purge", is_flag=True, help="Also remove the data directory: state database, keys, models.")
 def uninstall_command(root: str, purge: bool) -> None:
-    """Stop and remove the installed appliance; keeps /var/lib/appliance unless --purge."""
+    """Stop and remove the installed appliance; keeps /var/lib/appliance unless --purge.
+
+    Runs on this machine, not through the admin API: it removes the gateway that serves it.
+    """
     uninstall(Layout(root=Path(root).absolute()), purge)

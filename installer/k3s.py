@@ -23,16 +23,17 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from appliance.home import DATABASES  # in HOME_DIR, both replicated
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.objectstore import ObjectStoreSettings
-from installer.plan_model import ModelPlan, Placement, Plan, planned_model
+from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, decode_runtime
+from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import store_settings
-from services.worker.queue import JOBS_DB
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
@@ -41,7 +42,6 @@ MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
-DATABASES = ("state.db", JOBS_DB)  # in HOME_DIR, both replicated
 WORKER_HEALTH_PORT = 8091
 SECRETS_FILE = "10-secrets.yaml"
 ENGINE_KEYS = "engine-keys"
@@ -130,16 +130,11 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
     served = []
     for model in profile.models:
         if model.engine == "remote":
-            endpoint = ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env)
+            endpoint = remote_endpoint(model)
         else:
             root = f"http://{_name('engine', model.name)}.{ns}.svc:{ENGINE_PORT}"
             endpoint = ReplicaEndpoint(base_url=root + "/v1", health_url=root + "/health", api_key=keys[model.name])
-        served.append(ServedModel(
-            name=model.name, engine=model.engine, replicas=[endpoint], upstream_model=model.upstream_model,
-            embeddings=model.embeddings, logprobs=model.engine != "llamacpp" or model.logprobs,
-            request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
-            created=created.get(model.name, now),
-        ))
+        served.append(served_model(model, profile.gateway, [endpoint], created.get(model.name, now)))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
     return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store)
 
@@ -197,9 +192,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     state_mount = {"name": "state", "mountPath": HOME_DIR}
     litestream_mounts = [state_mount, {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}]
 
-    granian = ["python", "-m", "granian", "--interface", "rsgi", "--factory", "services.gateway.app:create_app",
-               "--host", "0.0.0.0", "--port", str(gateway.port), "--workers", str(gateway.workers),
-               "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
+    granian = gateway_argv("python", "0.0.0.0", gateway.port, gateway.workers)
     env = [{"name": "APPLIANCE_HOME", "value": HOME_DIR},
            {"name": RUNTIME_ENV, "value": f"{RUNTIME_DIR}/gateway.json"}]
     env += [_secret_env(m.api_key_env, REMOTE_KEYS, m.api_key_env) for m in profile.models if m.api_key_env]
@@ -533,7 +526,7 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
     minio = {"root-user": old_minio.get("root-user") or "appliance",
              "root-password": old_minio.get("root-password") or secrets.token_hex(24)}
     try:
-        runtime_prev = msgspec.json.decode(old_runtime, type=GatewayRuntime) if old_runtime else None
+        runtime_prev = decode_runtime(old_runtime) if old_runtime else None
     except msgspec.DecodeError:
         runtime_prev = None  # only its `created` times are reused
     # The registries and Litestream use the cluster's MinIO, as `appliance up` uses its own.

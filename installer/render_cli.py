@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from appliance.cli_options import profile_option
 from appliance.config import load_profile
 
 
@@ -15,8 +16,7 @@ def render() -> None:
 
 
 @render.command("k3s")
-@click.option("--profile", "profile_name", default="small-cluster", show_default=True,
-              help="Built-in profile name or path to a profile YAML file.")
+@profile_option("small-cluster")
 @click.option("--inventory", "inventories", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="A node's inventory from `appliance probe --json`; once per node.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the manifests into.")
@@ -27,9 +27,9 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
     decides. Secrets are generated on the first render and kept on later ones. Apply
     with `kubectl apply -f OUT`; images.txt lists the images every node must have.
     """
-    from installer.inventory import read_inventory
+    from appliance.planning.inventory import read_inventory
     from installer.k3s import host_model_path, render_k3s
-    from installer.planner import make_plan
+    from appliance.planning.planner import make_plan
 
     profile = load_profile(profile_name)
     plan = make_plan(profile, [read_inventory(Path(p)) for p in inventories], whole_gpus=True)
@@ -48,8 +48,7 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
 
 
 @render.command("systemd")
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="Built-in profile name, path to a profile YAML file, or `auto` (chosen from the hardware).")
+@profile_option("auto")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder laid out as the machine's root: units land in OUT/etc/systemd/system.")
 @click.option("--inventory", "inventories", multiple=True, type=click.Path(dir_okay=False),
@@ -71,10 +70,10 @@ def render_systemd_command(profile_name: str, out: str, inventories: tuple[str, 
     the tree onto /, then run `systemd-sysusers`, `systemd-tmpfiles --create`,
     `systemctl daemon-reload` and `systemctl enable --now appliance.target`.
     """
-    from installer.inventory import read_inventory
+    from appliance.planning.inventory import read_inventory
     from installer.layout import Layout
-    from installer.planner import choose_profile, make_plan
-    from installer.probe import probe
+    from appliance.planning.planner import choose_profile, make_plan
+    from appliance.planning.probe import probe
     from installer.systemd import render_systemd
 
     layout = Layout()

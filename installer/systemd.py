@@ -24,17 +24,20 @@ from string import Template
 
 import msgspec
 
+from appliance.home import jobs_db_path, litestream_socket_path, minio_data_dir, state_db_path
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
-from appliance.objectstore import ObjectStoreSettings
+from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
 from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
-from installer.plan_model import Placement, Plan, planned_model
+from appliance.planning.plan_model import Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel
+from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, read_runtime
+from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream
-from services.storage.minio import DEFAULT_MINIO_ENDPOINT, ROOT_USER, server_argv, store_kind, store_settings
-from services.worker.queue import jobs_db_path
+from services.storage.minio import (
+    DEFAULT_MINIO_ENDPOINT, ROOT_USER, filesystem_settings, server_argv, store_kind, store_settings,
+)
 
 ENGINE_HOST = "127.0.0.1"
 TARGET = "appliance.target"
@@ -133,12 +136,12 @@ def _env_file(header: str, values: dict[str, str]) -> str:
 def _previous_runtime(path: Path) -> GatewayRuntime | None:
     """The earlier render's gateway.json: its models' `created` times and S3 credentials are kept."""
     try:
-        return msgspec.json.decode(path.read_bytes(), type=GatewayRuntime)
+        return read_runtime(path)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
-def _object_store(profile: Profile, etc: Path, with_minio: bool, previous: GatewayRuntime | None,
+def _object_store(profile: Profile, home: Path, etc: Path, with_minio: bool, previous: GatewayRuntime | None,
                   env: dict[str, str]) -> tuple[ObjectStoreSettings | None, dict[str, str] | None]:
     """The object store of the installed gateway, controller and Litestream (as `appliance up`
     resolves it), and MinIO's root credentials when the appliance runs MinIO."""
@@ -146,10 +149,12 @@ def _object_store(profile: Profile, etc: Path, with_minio: bool, previous: Gatew
     kind = store_kind(storage, with_minio)
     if kind == "none":
         return None, None
+    if kind == "filesystem":
+        return filesystem_settings(storage, home), None
     if kind == "s3":
         access_key, secret_key = env.get(storage.access_key_env), env.get(storage.secret_key_env)
         kept = previous.storage if previous else None
-        if not (access_key and secret_key) and kept and kept.endpoint == storage.endpoint:
+        if not (access_key and secret_key) and isinstance(kept, S3Settings) and kept.endpoint == storage.endpoint:
             access_key, secret_key = kept.access_key, kept.secret_key
         if not (access_key and secret_key):
             raise InstallError(f"storage: object_store 's3' needs its credentials when installing: set "
@@ -233,12 +238,10 @@ def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> 
     )
 
 
-def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str, after: str) -> str:
+def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, header: str, after: str,
+                  writable: tuple[Path, ...]) -> str:
     gateway = profile.gateway
-    # As services/supervisor.py starts it.
-    argv = [str(layout.bin / "python"), "-m", "granian", "--interface", "rsgi",
-            "--factory", "services.gateway.app:create_app", "--host", gateway.host, "--port", str(gateway.port),
-            "--workers", str(gateway.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
+    argv = gateway_argv(str(layout.bin / "python"), gateway.host, gateway.port, gateway.workers)
     lines = []
     if gateway.workers > 1:
         # Several workers add their Prometheus values up through files, fresh each start.
@@ -255,23 +258,23 @@ def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, he
         header=header, listen=f"{gateway.host}:{gateway.port}", engines=engines, exec_start=_command(argv),
         wait_ready=_wait_ready(layout, f"http://{_loopback(gateway.host)}:{gateway.port}/healthz"),
         home=str(layout.data), runtime=str(layout.etc / GATEWAY_RUNTIME), environment="\n".join(lines),
-        hardening=_hardening(layout, capabilities=capabilities),
+        hardening=_hardening(layout, capabilities=capabilities, writable=writable),
     )
 
 
-def _controller_unit(plan: Plan, node: str, layout: Layout, header: str, after: str) -> str:
+def _controller_unit(plan: Plan, node: str, layout: Layout, header: str, after: str, writable: tuple[Path, ...]) -> str:
     gpu = any(d.node == node and d.device.startswith("gpu") for d in plan.devices)
     argv = [str(layout.bin / "appliance"), "controller", "--runtime", str(layout.etc / GATEWAY_RUNTIME)]
     return _fill("appliance-controller.service.in", header=header, after=after, exec_start=_command(argv),
                  home=str(layout.data), runtime_env=RUNTIME_ENV, runtime=str(layout.etc / GATEWAY_RUNTIME),
-                 hardening=_hardening(layout, gpu=gpu))
+                 hardening=_hardening(layout, gpu=gpu, writable=writable))
 
 
-def _worker_unit(layout: Layout, header: str, after: str) -> str:
+def _worker_unit(layout: Layout, header: str, after: str, writable: tuple[Path, ...]) -> str:
     argv = [str(layout.bin / "appliance"), "worker", "--runtime", str(layout.etc / GATEWAY_RUNTIME)]
     return _fill("appliance-worker.service.in", header=header, after=after, exec_start=_command(argv),
                  home=str(layout.data), runtime_env=RUNTIME_ENV, runtime=str(layout.etc / GATEWAY_RUNTIME),
-                 hardening=_hardening(layout))
+                 hardening=_hardening(layout, writable=writable))
 
 
 def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | None, header: str,
@@ -282,8 +285,8 @@ def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | N
         return None, {}, ""
     config = layout.etc / LITESTREAM_CONFIG
     text = header + "\n" + litestream.render_config(
-        [layout.data / "state.db", jobs_db_path(layout.data)], target, sync_interval_s=profile.backup.sync_interval_s,
-        socket_path=layout.data / "run" / "litestream.sock")
+        [state_db_path(layout.data), jobs_db_path(layout.data)], target, sync_interval_s=profile.backup.sync_interval_s,
+        socket_path=litestream_socket_path(layout.data))
     files = {config: (text, 0o644)}
     environment, folder, writable = "", "", ()
     credentials = litestream.litestream_env(target, {})
@@ -309,17 +312,12 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
     served = []
     for model in profile.models:
         if model.engine == "remote":
-            endpoints = [ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env)]
+            endpoints = [remote_endpoint(model)]
         else:
             endpoints = [ReplicaEndpoint(base_url=f"http://{ENGINE_HOST}:{r.port}/v1",
                                          health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.key_var])
                          for r in replicas if r.model is model]
-        served.append(ServedModel(
-            name=model.name, engine=model.engine, replicas=endpoints, upstream_model=model.upstream_model,
-            embeddings=model.embeddings, logprobs=model.engine != "llamacpp" or model.logprobs,
-            request_timeout_s=model.request_timeout_s or profile.gateway.request_timeout_s,
-            created=created.get(model.name, now),
-        ))
+        served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
                           storage=store)
 
@@ -347,7 +345,11 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     old_keys = _read_env(etc / ENGINES_ENV)
     keys = {r.key_var: old_keys.get(r.key_var) or secrets.token_hex(24) for r in replicas}
     previous = _previous_runtime(etc / GATEWAY_RUNTIME)
-    store, minio_credentials = _object_store(profile, etc, with_minio, previous, os.environ if env is None else env)
+    store, minio_credentials = _object_store(profile, layout.data, etc, with_minio, previous,
+                                             os.environ if env is None else env)
+    objects: tuple[Path, ...] = ()  # a filesystem store outside the home: made at boot, writable by its users
+    if isinstance(store, FilesystemSettings) and not Path(store.path).is_relative_to(layout.data):
+        objects = (Path(store.path),)
     created = {m.name: m.created for m in previous.models} if previous else {}
     runtime = _runtime(profile, replicas, keys, layout, created, store)
 
@@ -360,7 +362,7 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     if minio_credentials is not None:
         files[etc / MINIO_ENV] = (_env_file("# MinIO root credentials: generated on the first render, kept on the next.\n",
                                             minio_credentials), 0o600)
-        data = Path(profile.storage.data_path) if profile.storage.data_path else layout.data / "objects"
+        data = Path(profile.storage.data_path) if profile.storage.data_path else minio_data_dir(layout.data)
         units[MINIO_UNIT] = _fill(
             "appliance-minio.service.in", header=header, endpoint=store.endpoint, home=str(layout.data),
             minio_env=str(layout.etc / MINIO_ENV),
@@ -369,9 +371,9 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
         )
         after = f" {MINIO_UNIT}"
     units.update({r.unit: _engine_unit(r, plan, layout, header) for r in replicas})
-    units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after)
-    units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after)
-    units[WORKER_UNIT] = _worker_unit(layout, header, after)
+    units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after, objects)
+    units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after, objects)
+    units[WORKER_UNIT] = _worker_unit(layout, header, after, objects)
     litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, store, header, after)
     if litestream_unit is not None:
         units[LITESTREAM_UNIT] = litestream_unit
@@ -379,7 +381,8 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     units[TARGET] = _fill("appliance.target.in", header=header, profile=profile.name, units=" ".join(units))
     files[at(SYSUSERS)] = (_fill("appliance.sysusers.conf.in", header=header, user=layout.user, home=str(layout.data)), 0o644)
     files[at(TMPFILES)] = (_fill("appliance.tmpfiles.conf.in", header=header, user=layout.user, home=str(layout.data),
-                                 etc=str(layout.etc), runtime=str(layout.etc / GATEWAY_RUNTIME)) + backup_folder, 0o644)
+                                 etc=str(layout.etc), runtime=str(layout.etc / GATEWAY_RUNTIME))
+                           + "".join(f"d {p} 0750 {layout.user} {layout.user} -\n" for p in objects) + backup_folder, 0o644)
 
     changed = []
     for path, (text, mode) in [*((units_dir / name, (text, 0o644)) for name, text in units.items()), *files.items()]:

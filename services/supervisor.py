@@ -1,9 +1,10 @@
 """`appliance up`: one foreground supervisor for the whole stack.
 
-It starts one engine process per local replica, waits for each to be healthy, writes
-the gateway's runtime file, starts the gateway (Granian) and the job worker, restarts
-any child that dies (with backoff), and on Ctrl-C or SIGTERM stops the gateway, the
-worker, then the engines.
+It starts one engine process per local replica, waits for each to be healthy and to
+answer a one-token warm-up, writes the gateway's runtime file, starts the gateway
+(Granian) and the job worker, restarts any child that dies (with backoff; an engine that
+crashes `max_crashes` times within `crash_window_s` is marked failed instead), says why
+each died, and on Ctrl-C or SIGTERM stops the gateway, the worker, then the engines.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import msgspec
 
 from appliance.config import Profile
 from appliance.db import open_db
+from appliance.discovery import clear_gateway_url, write_gateway_url
 from appliance.errors import ApplianceError, StorageUnavailable
-from appliance.home import admin_key_path, logs_dir, run_dir, state_db_path
+from appliance.home import admin_key_path, gateway_runtime_path, jobs_db_path, litestream_config_path, litestream_socket_path, log_path, logs_dir, metrics_dir, state_db_path
 from appliance.keys import ensure_admin_key
-from appliance.objectstore import ObjectStore, ObjectStoreSettings
-from installer.plan_model import Plan
+from appliance.objectstore import ObjectStoreSettings
+from appliance.planning.plan_model import Plan
 from services.engines.deployments import DeploymentController
 from services.engines.launch import ENGINE_HOST, free_port, replica_process
 from services.engines.process import ManagedProcess
@@ -33,8 +35,8 @@ from services.gateway.metrics import MULTIPROC_ENV
 from services.storage import litestream
 from services.storage.minio import resolve_object_store
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
+from services.stack import gateway_argv, remote_endpoint, served_model
 from services.worker.main import SHUTDOWN_TIMEOUT_S
-from services.worker.queue import jobs_db_path
 
 TEND_INTERVAL_S = 0.5
 
@@ -103,7 +105,7 @@ class Supervisor:
         os.chmod(self.home, 0o700)
         db = open_db(state_db_path(self.home))
         try:
-            return ensure_admin_key(db, admin_key_path(self.home))
+            return ensure_admin_key(db, admin_key_path(self.home), by="appliance up")
         finally:
             db.conn.close()
 
@@ -111,7 +113,7 @@ class Supervisor:
         """The managed MinIO (when the profile has one), then the buckets of the object store."""
         self.store, minio = resolve_object_store(self.profile, self.home)
         if minio is not None:
-            child = ManagedProcess("minio", minio.argv, log_path=logs_dir(self.home) / "minio.log",
+            child = ManagedProcess("minio", minio.argv, log_path=log_path(self.home, "minio"),
                                    health_url=minio.health_url, env=minio.env, startup_timeout_s=60)
             self.say(f"starting minio on {self.store.endpoint}")
             child.start()
@@ -121,10 +123,10 @@ class Supervisor:
             self.store_note = "none: the model and dataset registries are off (see storage.object_store)"
             return
         try:
-            ObjectStore(self.store).ensure_buckets()
-            self.store_note = self.store.endpoint
+            self.store.open().ensure_buckets()
+            self.store_note = self.store.label
         except StorageUnavailable as exc:
-            self.store_note = f"{self.store.endpoint}, unreachable: the registries answer 503 until it is back"
+            self.store_note = f"{self.store.label}, not available: the registries answer 503 until it is"
             self.say(f"warning: {exc.message}")
 
     def _start_replication(self) -> None:
@@ -133,12 +135,12 @@ class Supervisor:
         if target is None:
             self.backup_note = "off (backup.target: none)"
             return
-        config, metrics_addr = litestream.config_path(self.home), f"{ENGINE_HOST}:{free_port()}"
+        config, metrics_addr = litestream_config_path(self.home), f"{ENGINE_HOST}:{free_port()}"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(litestream.render_config(
             [state_db_path(self.home), jobs_db_path(self.home)], target, sync_interval_s=self.profile.backup.sync_interval_s,
-            metrics_addr=metrics_addr, socket_path=run_dir(self.home) / "litestream.sock"))
-        child = ManagedProcess("litestream", litestream.replicate_argv(config), log_path=logs_dir(self.home) / "litestream.log",
+            metrics_addr=metrics_addr, socket_path=litestream_socket_path(self.home)))
+        child = ManagedProcess("litestream", litestream.replicate_argv(config), log_path=log_path(self.home, "litestream"),
                                health_url=litestream.health_url(metrics_addr), env=litestream.litestream_env(target, os.environ),
                                startup_timeout_s=30, stop_timeout_s=15)
         child.start()
@@ -153,7 +155,7 @@ class Supervisor:
         for model in self.profile.models:
             endpoints: list[ReplicaEndpoint] = []
             if model.engine == "remote":
-                endpoints.append(ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env))
+                endpoints.append(remote_endpoint(model))
             planned = self.plan.model(model.name)
             for index, placement in enumerate(planned.replicas):
                 child, endpoint = replica_process(model, planned, placement, index, self.home)
@@ -161,58 +163,38 @@ class Supervisor:
                 child.start()
                 self.engines.append(child)
                 endpoints.append(endpoint)
-            served.append(
-                ServedModel(
-                    name=model.name,
-                    engine=model.engine,
-                    replicas=endpoints,
-                    upstream_model=model.upstream_model,
-                    embeddings=model.embeddings,
-                    logprobs=model.engine != "llamacpp" or model.logprobs,
-                    request_timeout_s=model.request_timeout_s or self.profile.gateway.request_timeout_s,
-                    created=created,
-                )
-            )
+            served.append(served_model(model, self.profile.gateway, endpoints, created))
         for child in self.engines:
             child.wait_ready(lambda: self._stopping)
-            self.say(f"{child.name} is ready")
+            self.say(f"{child.name} is ready ({child.ready_note})")
         gateway = msgspec.structs.replace(self.profile.gateway, host=self.host, port=self.port)  # as actually served
         return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served,
                               storage=self.store)
 
     def _start_gateway(self, runtime: GatewayRuntime) -> Path:
-        runtime_file = run_dir(self.home) / "gateway.json"
+        runtime_file = gateway_runtime_path(self.home)
         write_runtime(runtime, runtime_file)
         env = {name: value for name, value in os.environ.items() if name != MULTIPROC_ENV}
         env[RUNTIME_ENV] = str(runtime_file)
         if runtime.gateway.workers > 1:
             # Several worker processes add their Prometheus values up through files, fresh each
             # start. One worker keeps them in memory: the files cost ~8 µs of CPU per request.
-            metrics_dir = run_dir(self.home) / "metrics"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            env[MULTIPROC_ENV] = str(metrics_dir)
-        argv = [
-            sys.executable, "-m", "granian",
-            "--interface", "rsgi",
-            "--factory", "services.gateway.app:create_app",
-            "--host", self.host,
-            "--port", str(self.port),
-            "--workers", str(runtime.gateway.workers),
-            "--loop", "uvloop",
-            "--no-ws",
-            "--log-level", "warning",
-        ]
+            metrics = metrics_dir(self.home)
+            shutil.rmtree(metrics, ignore_errors=True)
+            metrics.mkdir(parents=True)
+            env[MULTIPROC_ENV] = str(metrics)
+        argv = gateway_argv(sys.executable, self.host, self.port, runtime.gateway.workers)
         self.gateway = ManagedProcess(
             "gateway",
             argv,
-            log_path=logs_dir(self.home) / "gateway.log",
+            log_path=log_path(self.home, "gateway"),
             health_url=f"http://{_loopback_for(self.host)}:{self.port}/healthz",
             env=env,
             startup_timeout_s=30,
         )
         self.gateway.start()
         self.gateway.wait_ready(lambda: self._stopping)
+        write_gateway_url(self.home, self.host, self.port)  # where the CLI on this machine finds it
         return runtime_file
 
     def _start_worker(self, runtime_file: Path) -> None:
@@ -221,7 +203,7 @@ class Supervisor:
         self.worker = ManagedProcess(
             "worker",
             [sys.executable, "-m", "appliance.cli", "worker", "--runtime", str(runtime_file), "--health", health],
-            log_path=logs_dir(self.home) / "worker.log",
+            log_path=log_path(self.home, "worker"),
             health_url=f"http://{health}/healthz",
             startup_timeout_s=30,
             stop_timeout_s=SHUTDOWN_TIMEOUT_S + 5,
@@ -247,13 +229,14 @@ class Supervisor:
             lines.append(f"  admin key:        in {admin_key_path(self.home)}")
         else:
             lines.append(f"  admin key:        {admin_key_path(self.home)} is gone; make a new one with "
-                         "`appliance keys create NAME --role admin`")
+                         f"`appliance keys bootstrap --home {self.home}`")
         lines += [f"  logs:             {logs_dir(self.home)}", "Press Ctrl-C to stop.", ""]
         self.say("\n".join(lines))
 
     def stop(self) -> None:
         """Gateway first (no new requests), the worker, then the engines, then storage; nothing is left running."""
         if self.gateway:
+            clear_gateway_url(self.home)
             self.gateway.stop()
         if self.worker:
             self.worker.stop()

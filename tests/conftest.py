@@ -160,7 +160,9 @@ class Stack:
         assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
 
 
-def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, storage=None, **gateway) -> Path:
+def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, storage=None, model_keys: dict | None = None,
+                  **gateway) -> Path:
+    """`model_keys`: more profile keys of the default model, e.g. {"max_crashes": 2}."""
     lines = [
         "name: test-stack",
         "gateway:",
@@ -172,6 +174,7 @@ def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, stor
         "    context_length: 2048",
         "    embeddings: true",
         f"    replicas: {replicas}",
+        *[f"    {k}: {v}" for k, v in (model_keys or {}).items()],
     ]
     if upstream is not None:
         for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),
@@ -182,7 +185,7 @@ def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, stor
         lines += ["  - name: remote-down", "    engine: remote", f"    base_url: http://127.0.0.1:{free_port()}/v1"]
     if not gateway:
         lines.remove("gateway:")
-    if storage is not None:  # an S3 server (ObjectStoreSettings); credentials come from S3_ENV
+    if storage is not None:  # an S3 server (S3Settings); credentials come from S3_ENV
         lines += ["storage:", "  object_store: s3", f"  endpoint: {storage.endpoint}",
                   f"  bucket_prefix: {storage.bucket_prefix}", "  part_size_mib: 5"]
     path.write_text("\n".join(lines) + "\n")
@@ -195,12 +198,12 @@ def s3_env(settings) -> dict[str, str]:
 
 
 def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180,
-                appliance: Path = BIN / "appliance") -> Stack:
+                appliance: Path = BIN / "appliance", host: str = "127.0.0.1") -> Stack:
     """`appliance up` in `tmp` (its working directory too, so nothing is imported from this checkout by accident)."""
     home, port = tmp / "home", free_port()
     output = tmp / "up.log"
     proc = subprocess.Popen(
-        [str(appliance), "up", "--profile", str(profile), "--home", str(home), "--host", "127.0.0.1", "--port", str(port)],
+        [str(appliance), "up", "--profile", str(profile), "--home", str(home), "--host", host, "--port", str(port)],
         stdout=output.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=tmp,
     )
     try:
@@ -261,7 +264,7 @@ def running_engine(model, tmp: Path, key: str = "test-key"):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server (moto) on loopback for the session; its settings have no bucket prefix."""
-    from appliance.objectstore import ObjectStoreSettings
+    from appliance.objectstore import S3Settings
 
     port = free_port()
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -274,7 +277,7 @@ def s3_server():
                     break
             assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.1)
-        yield ObjectStoreSettings(endpoint=f"http://127.0.0.1:{port}", access_key="test-access", secret_key="test-secret")
+        yield S3Settings(endpoint=f"http://127.0.0.1:{port}", access_key="test-access", secret_key="test-secret")
     finally:
         proc.terminate()
         try:
@@ -289,8 +292,6 @@ def object_store_settings(s3_server):
     """The session's S3 server with a bucket prefix of this test's own, its buckets created."""
     import msgspec
 
-    from appliance.objectstore import ObjectStore
-
     settings = msgspec.structs.replace(s3_server, bucket_prefix=f"t{secrets.token_hex(4)}-")
-    ObjectStore(settings).ensure_buckets()
+    settings.open().ensure_buckets()
     return settings

@@ -56,7 +56,7 @@ def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> Engi
         f"--api-key={api_key}",
         "--max-model-len", str(model.context_length),
     ]
-    # Filled in by the planner (installer/planner.py); vLLM's defaults where unplanned.
+    # Filled in by the planner (appliance/planning/planner.py); vLLM's defaults where unplanned.
     if model.gpus:
         argv += ["--tensor-parallel-size", str(model.gpus)]
     if model.gpu_memory_utilization:

@@ -22,12 +22,12 @@ import msgspec
 from appliance import deployments
 from appliance.config import ModelConfig, Profile
 from appliance.db import open_db
-from appliance.errors import ApplianceError
-from appliance.home import state_db_path
+from appliance.errors import ApplianceError, ProcessFailed
+from appliance.home import models_cache_dir, state_db_path
 from appliance.model_registry import materialize
-from appliance.objectstore import ObjectStore, ObjectStoreSettings
+from appliance.objectstore import ObjectStoreSettings
 from services.engines.launch import replica_process
-from services.engines.process import ManagedProcess
+from services.engines.process import FAILED, READY, ManagedProcess
 
 DRAIN_S = 2.0  # the gateway polls deployments every second; let it stop routing first
 
@@ -39,7 +39,6 @@ class _Running:
         self.prepared: tuple[ModelConfig, object] | None = None  # the model and its plan, once fetched
         self.children: list[ManagedProcess] = []
         self.endpoints: list[dict] = []
-        self.ready_by = 0.0
         self.ready = False
         self.cancelled = False
         self.stop_at: float | None = None
@@ -48,7 +47,7 @@ class _Running:
 class DeploymentController:
     def __init__(self, home: Path, store: ObjectStoreSettings | None, say: Callable[[str], None]):
         self.home = home
-        self.store = ObjectStore(store) if store else None
+        self.store = store.open() if store else None
         self.say = say
         self.active: dict[str, _Running] = {}
         self.db = open_db(state_db_path(home))
@@ -80,6 +79,9 @@ class DeploymentController:
                 lines += self._check_ready(running)
             elif running.ready:
                 lines += filter(None, (child.tend() for child in running.children))
+                if all(child.state == FAILED for child in running.children):
+                    self._failed(self.db, running, ApplianceError("every replica failed: " + "; ".join(
+                        f"{child.name}: {child.reason}" for child in running.children)))
         return lines
 
     def _prepare(self, row: dict) -> None:
@@ -91,8 +93,9 @@ class DeploymentController:
         running.thread.start()
 
     def _fetch_and_plan(self, row: dict, running: _Running) -> None:
-        from installer.planner import make_plan
-        from installer.probe import probe
+        from appliance.planning.engine_builds import check_engine_builds
+        from appliance.planning.planner import make_plan
+        from appliance.planning.probe import probe
 
         db = open_db(state_db_path(self.home), migrate=False)
         name = row["name"]
@@ -101,10 +104,12 @@ class DeploymentController:
             if self.store is None:
                 raise ApplianceError("no object store is configured (storage.object_store), so no files to run")
             version = {**row, "files": _version_files(db, row["version_id"])}
-            path = materialize(self.store, version, self.home / "models")
+            path = materialize(self.store, version, models_cache_dir(self.home))
             model = ModelConfig(name=name, engine=row["engine"], path=str(path), replicas=row["replicas"],
                                 context_length=row["context_length"])
-            plan = make_plan(Profile(name=f"deployment-{name}", models=[model]), [probe(self.home)])
+            machine = probe(self.home)
+            plan = make_plan(Profile(name=f"deployment-{name}", models=[model]), [machine])
+            check_engine_builds(plan, machine)
             deployments.set_state(db, name, "starting", message="loading the model")
             running.prepared = (model, plan.model(name))
         except Exception as exc:
@@ -123,20 +128,23 @@ class DeploymentController:
                 running.endpoints.append(msgspec.to_builtins(endpoint))
         except Exception as exc:
             self._failed(self.db, running, exc)
-        running.ready_by = time.monotonic() + model.startup_timeout_s
 
     def _check_ready(self, running: _Running) -> list[str]:
-        dead = [c for c in running.children if not c.alive()]
-        if dead:
-            self._failed(self.db, running, ApplianceError(
-                f"{dead[0].name} exited during start-up; the end of its log:\n{dead[0].log_tail()}"))
-        elif all(c.healthy() for c in running.children):
+        """Running once every replica is healthy and answered its warm-up; failed if one died or timed out."""
+        lines = []
+        for child in running.children:
+            was_ready = child.state == READY
+            try:
+                if child.poll_ready() and not was_ready:
+                    lines.append(f"{child.name} is ready ({child.ready_note})")
+            except ProcessFailed as exc:
+                self._failed(self.db, running, exc)
+                return lines
+        if all(child.state == READY for child in running.children):
             running.ready = True
             deployments.set_state(self.db, running.name, "running", endpoints=running.endpoints)
-            return [f"deployment {running.name} is running ({len(running.children)} replica(s))"]
-        elif time.monotonic() > running.ready_by:
-            self._failed(self.db, running, ApplianceError(f"not ready within {running.prepared[0].startup_timeout_s:g} s"))
-        return []
+            lines.append(f"deployment {running.name} is running ({len(running.children)} replica(s))")
+        return lines
 
     def _failed(self, db, running: _Running, exc: Exception) -> None:
         message = exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
@@ -144,7 +152,8 @@ class DeploymentController:
         self.say(f"deployment {running.name} failed: {message}")
         running.cancelled = True
         for child in running.children:
-            child.stop()
+            if child.state != FAILED:  # a failed one is down already and keeps its reason for the gateway
+                child.stop()
 
     def _stop_when_drained(self, name: str) -> list[str]:
         running = self.active.get(name)
@@ -184,7 +193,7 @@ def run_controller(home: Path, store: ObjectStoreSettings | None, say: Callable[
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     controller = DeploymentController(home, store, say)
-    say(f"deployment controller for {home}: object store {store.endpoint if store else 'none'}")
+    say(f"deployment controller for {home}: object store {store.label if store else 'none'}")
     try:
         while not stopping.is_set():
             for line in controller.tend():

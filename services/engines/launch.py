@@ -1,4 +1,5 @@
-"""One engine replica as a supervised child process, bound to loopback with its own key."""
+"""One engine replica as a supervised child process, bound to loopback with its own key:
+ready once it answered a warm-up request, its state reported to the gateway."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import socket
 from pathlib import Path
 
 from appliance.config import ModelConfig
-from appliance.home import logs_dir
-from installer.plan_model import ModelPlan, Placement, planned_model
+from appliance.home import log_path
+from appliance.planning.plan_model import ModelPlan, Placement, planned_model
 from services.engines.commands import engine_command
 from services.engines.process import ManagedProcess
+from services.engines.status import StatusReporter
+from services.engines.warmup import warm_up_call
 from services.gateway.runtime import ReplicaEndpoint
 
 ENGINE_HOST = "127.0.0.1"
+# Named in exit meanings, e.g. SIGILL: "this llama.cpp build uses CPU instructions this machine cannot run".
+PROGRAMS = {"llamacpp": "this llama.cpp build", "vllm": "this vLLM build"}
 
 
 def free_port(host: str = ENGINE_HOST) -> int:
@@ -31,10 +36,15 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
     child = ManagedProcess(
         f"engine {model.name}#{index}",
         cmd.argv,
-        log_path=logs_dir(home) / f"engine-{model.name}-{index}.log",
+        log_path=log_path(home, f"engine-{model.name}-{index}"),
         health_url=cmd.health_url,
         health_headers={"Authorization": f"Bearer {key}"},
         startup_timeout_s=model.startup_timeout_s,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))},
+        program=PROGRAMS[model.engine],
+        warm_up=warm_up_call(model, cmd.base_url, key),
+        max_crashes=model.max_crashes,
+        crash_window_s=model.crash_window_s,
+        on_change=StatusReporter(home, model.name, index, cmd.base_url),
     )
     return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key)

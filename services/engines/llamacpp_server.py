@@ -1,4 +1,4 @@
-"""llama-cpp-python's OpenAI server, with three fixes the gateway relies on.
+"""llama-cpp-python's OpenAI server, with the fixes the gateway relies on.
 
 - Streams: the stock server ignores `stream_options`, so a streamed answer carries no
   usage and could not be metered. Each generation's prompt and completion tokens are
@@ -8,12 +8,14 @@
   so /v1/embeddings would return one vector per token. Mean pooling gives one per input.
 - Health: every stock route waits for the model lock, so a busy engine looks dead to a
   health probe. GET /health answers at once once the model is loaded.
+- Crashes: faulthandler writes the Python stack of a native crash to the log.
 
 Everything else is the stock server: it takes the same flags as `python -m llama_cpp.server`.
 """
 
 from __future__ import annotations
 
+import faulthandler
 from collections.abc import Iterator
 
 import llama_cpp
@@ -79,6 +81,9 @@ def _create_app_with_health(*args, **kwargs):
 
 def main() -> None:
     global _stock_create_app
+    # A native crash (SIGILL, SIGSEGV, ...) leaves the Python stack in the engine's log; the
+    # process still dies by the signal, which the supervisor names (services/engines/exits.py).
+    faulthandler.enable()
     import llama_cpp.server.app as server_app
 
     llama_cpp.Llama = ServedLlama  # the server's model loader builds llama_cpp.Llama

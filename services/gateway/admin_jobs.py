@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 
 from appliance import jobs
+from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
 from services.gateway import schemas
-from services.gateway.admin import authorize, gateway_of, run
+from services.gateway.admin import gateway_of, run
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
@@ -19,45 +20,41 @@ class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Any] = {}
 
 
-@post("/admin/jobs")
-async def submit_job(request: Request) -> Response:
-    """Queue a job; answers 202 with it (state "queued"). Follow it with GET /admin/jobs/{id}."""
-    actor = authorize(request)
-    body = schemas.decode(await request.body(), SubmitJob)
-    params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
-    queue = gateway_of(request).job_queue
+class JobController(Controller):
+    path = "/jobs"
+    tags = ["jobs"]
 
-    def work(db) -> dict:
-        job = jobs.create(db, body.kind, params, actor)
-        try:
-            queue.enqueue(job["id"])
-        except Exception as exc:
-            jobs.finish(db, job["id"], error=f"could not be queued: {exc}")
-            raise ServiceUnavailable(f"the job queue (jobs.db) refused job {job['id']}: {exc}") from None
-        return job
+    @post()
+    async def submit_job(self, request: Request, actor: Actor) -> Response:
+        """Queue a job; answers 202 with it (state "queued"). Follow it with GET /admin/jobs/{id}."""
+        body = schemas.decode(await request.body(), SubmitJob)
+        params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
+        queue = gateway_of(request).job_queue
 
-    return await run(request, actor, work, action="job.submit", target=f"jobs/{body.kind}",
-                     detail=lambda job: {"id": job["id"], **job["params"]}, status=202)
+        def work(db) -> dict:
+            job = jobs.create(db, body.kind, params, actor)
+            try:
+                queue.enqueue(job["id"])
+            except Exception as exc:
+                jobs.finish(db, job["id"], error=f"could not be queued: {exc}")
+                raise ServiceUnavailable(f"the job queue (jobs.db) refused job {job['id']}: {exc}") from None
+            return job
 
+        return await run(request, actor, work, action="job.submit", target=f"jobs/{body.kind}",
+                         detail=lambda job: {"id": job["id"], **job["params"]}, status=202)
 
-@get("/admin/jobs")
-async def list_jobs(request: Request, limit: int = 100,
-                    job_state: str | None = Parameter(query="state", default=None)) -> Response:
-    if not 1 <= limit <= 10_000:
-        raise InvalidRequest("limit must be between 1 and 10000", param="limit")
-    return await run(request, authorize(request), lambda db: jobs.list_jobs(db, state=job_state, limit=limit))
+    @get()
+    async def list_jobs(self, request: Request, actor: Actor, limit: int = 100,
+                        job_state: str | None = Parameter(query="state", default=None)) -> Response:
+        if not 1 <= limit <= 10_000:
+            raise InvalidRequest("limit must be between 1 and 10000", param="limit")
+        return await run(request, actor, lambda db: jobs.list_jobs(db, state=job_state, limit=limit))
 
+    @get("/{job_id:str}")
+    async def get_job(self, request: Request, actor: Actor, job_id: str) -> Response:
+        return await run(request, actor, lambda db: jobs.get(db, job_id))
 
-@get("/admin/jobs/{job_id:str}")
-async def get_job(request: Request, job_id: str) -> Response:
-    return await run(request, authorize(request), lambda db: jobs.get(db, job_id))
-
-
-@post("/admin/jobs/{job_id:str}/cancel")
-async def cancel_job(request: Request, job_id: str) -> Response:
-    """Cancel a queued job (409 once it runs or has finished)."""
-    actor = authorize(request)
-    return await run(request, actor, lambda db: jobs.cancel(db, job_id), action="job.cancel", target=f"job/{job_id}")
-
-
-JOB_HANDLERS = [submit_job, list_jobs, get_job, cancel_job]
+    @post("/{job_id:str}/cancel")
+    async def cancel_job(self, request: Request, actor: Actor, job_id: str) -> Response:
+        """Cancel a queued job (409 once it runs or has finished)."""
+        return await run(request, actor, lambda db: jobs.cancel(db, job_id), action="job.cancel", target=f"job/{job_id}")

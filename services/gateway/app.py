@@ -23,7 +23,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import __version__, deployments
 from appliance.db import open_db
-from appliance.objectstore import ObjectStore
 from appliance.errors import (
     ApplianceError,
     ClientGone,
@@ -36,10 +35,9 @@ from appliance.errors import (
 from appliance.home import state_db_path
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
+from services.engines.status import read_statuses
 from services.gateway import schemas
-from services.gateway.admin import ADMIN_HANDLERS
-from services.gateway.admin_datasets import DATASET_HANDLERS
-from services.gateway.admin_jobs import JOB_HANDLERS
+from services.gateway.admin_api import admin_router
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
@@ -71,7 +69,7 @@ class Gateway:
         self.pools = {m.name: ModelPool(m) for m in runtime.models}
         self.profile_models = frozenset(self.pools)
         self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
-        self.store = ObjectStore(runtime.storage) if runtime.storage else None
+        self.store = runtime.storage.open() if runtime.storage else None
         self._list_models()
         self.forwarder: Forwarder | None = None
         self.ticker = Ticker()
@@ -91,7 +89,7 @@ class Gateway:
     async def start(self) -> None:
         self._db = await asyncio.to_thread(open_db, self.db_path)
         self.job_queue = await asyncio.to_thread(JobQueue, Path(self.runtime.home))
-        self._apply_deployments(await asyncio.to_thread(self._read_state))
+        self._apply_state(*await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(), timeout=UPSTREAM_TIMEOUT,
@@ -131,13 +129,13 @@ class Gateway:
             self.metrics.usage_pending.set(self.recorder.pending)
 
     async def _refresh(self) -> None:
-        """Keys and deployments follow the database within a second, off the request path."""
+        """Keys, deployments and engine states follow the home within a second, off the request path."""
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
-                self._apply_deployments(await asyncio.to_thread(self._read_state))
+                self._apply_state(*await asyncio.to_thread(self._read_state))
             except Exception:
-                log.exception("refreshing keys and deployments failed; keeping the current ones")
+                log.exception("refreshing keys, deployments and engine states failed; keeping the current ones")
 
     async def _ensure_buckets(self) -> None:
         """Create the buckets once the object store answers (a MinIO started beside the gateway may be late)."""
@@ -149,9 +147,16 @@ class Gateway:
                 log.warning("%s; retrying in %g s", exc.message, BUCKETS_RETRY_S)
             await asyncio.sleep(BUCKETS_RETRY_S)
 
-    def _read_state(self) -> list[dict]:
+    def _read_state(self) -> tuple[list[dict], dict]:
         self.keys.refresh(self._db)
-        return deployments.running(self._db)
+        return deployments.running(self._db), read_statuses(Path(self.runtime.home))
+
+    def _apply_state(self, rows: list[dict], statuses: dict) -> None:
+        """Deployments, then what each engine's supervisor reports (services/engines/status.py)."""
+        self._apply_deployments(rows)
+        for pool in self.pools.values():
+            pool.apply_statuses(statuses)
+            self.metrics.child(self.metrics.failed_replicas, pool.served.name).set(pool.failed_count)
 
     def _apply_deployments(self, rows: list[dict]) -> None:
         """Serve every running deployment, keeping pools (and their health) that did not change."""
@@ -383,7 +388,7 @@ async def healthz() -> dict:
 @get("/readyz")
 async def readyz(request: Request) -> Response:
     gateway = gateway_of(request)
-    models = {name: {"replicas": len(p.replicas), "healthy": p.healthy_count} for name, p in gateway.pools.items()}
+    models = {name: pool.readiness() for name, pool in gateway.pools.items()}
     unready = gateway.unready_models()
     body = {"status": "ready" if not unready else "not ready", "models": models}
     if unready:
@@ -450,7 +455,7 @@ def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:
         runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
     gateway = Gateway(runtime)
     litestar = Litestar(
-        route_handlers=[list_models, get_model, healthz, readyz, metrics, *ADMIN_HANDLERS, *DATASET_HANDLERS, *JOB_HANDLERS],
+        route_handlers=[list_models, get_model, healthz, readyz, metrics, admin_router()],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=runtime.gateway.max_body_bytes,
         openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__),

@@ -4,6 +4,7 @@ the hot path or from Litestar's handlers) and as the SSE event that ends a broke
 from __future__ import annotations
 
 import logging
+import re
 
 import msgspec
 from granian.rsgi import HTTPProtocol
@@ -60,12 +61,21 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
     return _json(body_of(exc), exc.status, headers_of(exc))
 
 
+_NAMED_PARAMETER = re.compile(r"parameter '([^']+)'")
+
+
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
-    """Litestar's own errors (unknown route, wrong method on a Litestar route)."""
+    """Litestar's own errors (unknown route, wrong method, a bad or missing query parameter)."""
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown path {request.url.path}"
+    param = None
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) and exc.extra[0].get("key"):
+        param = exc.extra[0]["key"]
+        message = f"Invalid value for '{param}': {exc.extra[0].get('message')}"
+    elif status == 400 and (named := _NAMED_PARAMETER.search(message)):
+        param = named.group(1)
     type_ = "server_error" if status >= 500 else "invalid_request_error"
-    return _json(error_body(message, type_), status, exc.headers)
+    return _json(error_body(message, type_, param=param), status, exc.headers)
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

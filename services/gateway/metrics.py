@@ -57,6 +57,11 @@ class GatewayMetrics:
             "appliance_replicas", "Engine replicas configured.", ["model"], registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.failed_replicas = Gauge(
+            "appliance_replicas_failed",
+            "Engine replicas marked failed after crashing max_crashes times within crash_window_s (/readyz says why).",
+            ["model"], registry=r, multiprocess_mode="livemostrecent",
+        )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
             multiprocess_mode="livesum",

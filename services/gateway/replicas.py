@@ -1,4 +1,5 @@
-"""Engine replicas behind each served model: health checks and round-robin choice."""
+"""Engine replicas behind each served model: health checks, what their supervisor
+reports (services/engines/status.py), and round-robin choice."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import aiohttp
 import yarl
 
 from appliance.errors import ServiceUnavailable
+from services.engines.process import FAILED, READY
+from services.engines.status import ReplicaStatus
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,34 @@ class Replica:
         self.headers = {"Content-Type": "application/json"}
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
-        self.healthy = False
+        self.probe_ok = False
+        self.status: ReplicaStatus | None = None  # None: nothing supervises it here (remote, systemd)
         self.failures = 0
         self._urls: dict[str, yarl.URL] = {}
+
+    @property
+    def healthy(self) -> bool:
+        """Routable: it answers its health check, and its supervisor (if any) counts it ready."""
+        return self.probe_ok and (self.status is None or self.status.state == READY)
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:  # a failed request marks it down until the next good probe
+        self.probe_ok = value
+
+    @property
+    def failed(self) -> bool:
+        return self.status is not None and self.status.state == FAILED
+
+    def readiness(self) -> dict:
+        """Its line in /readyz."""
+        out = {"healthy": self.healthy}
+        if self.status is not None:
+            out |= {"replica": self.status.replica, "state": self.status.state, "restarts": self.status.restarts}
+            if self.status.last_exit:
+                out["last_exit"] = self.status.last_exit
+            if self.status.reason:
+                out["reason"] = self.status.reason
+        return out
 
     def url(self, path: str) -> yarl.URL:
         """The replica's URL for an API path, parsed once: aiohttp parses a str URL on every request."""
@@ -45,13 +73,13 @@ class Replica:
     def record_probe(self, outcome: str) -> None:
         """outcome: 'ok', 'refused' (nothing listens) or 'failed' (error or timeout)."""
         if outcome == "ok":
-            self.failures, healthy = 0, True
+            self.failures, probe_ok = 0, True
         else:
             self.failures += 1
-            healthy = self.healthy and outcome != "refused" and self.failures < FAILURES_TO_UNHEALTHY
-        if healthy != self.healthy:
-            log.info("%s is now %s", self, "healthy" if healthy else f"unhealthy ({outcome})")
-        self.healthy = healthy
+            probe_ok = self.probe_ok and outcome != "refused" and self.failures < FAILURES_TO_UNHEALTHY
+        if probe_ok != self.probe_ok:
+            log.info("%s now %s its health check", self, "passes" if probe_ok else f"fails ({outcome})")
+        self.probe_ok = probe_ok
 
     def __repr__(self) -> str:
         return f"Replica({self.model} @ {self.base_url}, healthy={self.healthy})"
@@ -70,14 +98,45 @@ class ModelPool:
     def healthy_count(self) -> int:
         return sum(r.healthy for r in self.replicas)
 
+    @property
+    def failed_count(self) -> int:
+        return sum(r.failed for r in self.replicas)
+
     def pick(self) -> Replica:
         for _ in range(len(self.replicas)):
             replica = self.replicas[next(self._turn)]
             if replica.healthy:
                 return replica
-        raise ServiceUnavailable(
-            f"The model '{self.served.name}' has no healthy replica right now; retry shortly.", retry_after=2
-        )
+        raise self.unavailable()
+
+    def unavailable(self) -> ServiceUnavailable:
+        """The 503 for a request that found no healthy replica, saying why where the supervisor said."""
+        name = self.served.name
+        if self.replicas and self.failed_count == len(self.replicas):
+            reasons = "; ".join(f"replica #{r.status.replica}: {r.status.reason}" for r in self.replicas)
+            return ServiceUnavailable(
+                f"The model '{name}' is unavailable: every replica failed ({reasons}). It stays down until "
+                "the appliance is restarted (or the model redeployed); the engine logs say more.", retry_after=60)
+        exits = "; ".join(f"replica #{r.status.replica} is {r.status.state}, its last exit: {r.status.last_exit}"
+                          for r in self.replicas if r.status and r.status.last_exit and r.status.state != READY)
+        return ServiceUnavailable(
+            f"The model '{name}' has no healthy replica right now{f' ({exits})' if exits else ''}; retry shortly.",
+            retry_after=2)
+
+    def readiness(self) -> dict:
+        """The model's entry in /readyz."""
+        out = {"replicas": len(self.replicas), "healthy": self.healthy_count, "failed": self.failed_count}
+        if any(r.status for r in self.replicas):
+            out["engines"] = [r.readiness() for r in self.replicas]
+        return out
+
+    def apply_statuses(self, statuses: dict[tuple[str, str], ReplicaStatus]) -> None:
+        """What the supervisor reported (services.engines.status.read_statuses), replica by replica."""
+        for replica in self.replicas:
+            status = statuses.get((self.served.name, replica.base_url))
+            if status is not None and replica.status is not None and status.state != replica.status.state:
+                log.info("%s is now %s%s", replica, status.state, f": {status.reason}" if status.reason else "")
+            replica.status = status
 
 
 async def probe(session: aiohttp.ClientSession, replica: Replica) -> str:

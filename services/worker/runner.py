@@ -18,7 +18,7 @@ log = logging.getLogger("appliance.worker")
 def _store(settings: ObjectStoreSettings | None) -> ObjectStore:
     if settings is None:
         raise StorageUnavailable("No object store is configured (profile storage.object_store): the registries need one.")
-    return ObjectStore(settings)
+    return settings.open()
 
 
 def _model_import(db, store: ObjectStore, params: dict, actor: audit.Actor) -> tuple[dict, dict]:

@@ -1,5 +1,5 @@
-"""The dataset registry through the admin API and the CLI, on the shared stack with a real
-S3 server process (moto) as its object store."""
+"""The dataset registry through the admin API and the CLI, on a real stack with each object
+store in turn: the embedded filesystem store and a real S3 server process (moto)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from appliance.objectstore import ObjectStore
+from tests.gateway.registry_stores import stack, store_kind, store_settings  # noqa: F401 (each test on both stores)
 from tests.gateway.test_model_registry import api, cli
 
 pytestmark = pytest.mark.stack
@@ -41,8 +41,7 @@ def upload(stack, name: str, path: Path, *extra) -> dict:
 
 
 def stored_dataset_keys(settings) -> set[str]:
-    store = ObjectStore(settings)
-    return {o.object_name for o in store.client.list_objects(store.bucket("datasets"), prefix="sha256/", recursive=True)}
+    return {o.key for o in settings.open().list_objects("datasets")}
 
 
 def test_csv_upload_reports_quality_and_every_kind_of_pii(stack, tmp_path):
@@ -115,8 +114,8 @@ def test_split_is_deterministic_complete_and_stored(stack, tmp_path):
     assert bad.status_code == 400 and "must add up to 1, got 0.7" in bad.json()["error"]["message"]
 
 
-def test_bad_dataset_input_registers_nothing(stack, stack_store, tmp_path):
-    before = stored_dataset_keys(stack_store)
+def test_bad_dataset_input_registers_nothing(stack, store_settings, tmp_path):
+    before = stored_dataset_keys(store_settings)
     malformed = tmp_path / "malformed.csv"
     malformed.write_text("id,text\n1,fine\n2,too,many\n")
     result = cli(stack, "datasets", "upload", "broken", str(malformed), check=False)
@@ -135,17 +134,17 @@ def test_bad_dataset_input_registers_nothing(stack, stack_store, tmp_path):
     result = cli(stack, "datasets", "upload", "broken", str(good), "--sha256", "f" * 64, check=False)
     assert result.returncode == 1 and "expected fff" in result.stderr
     assert api(stack).get("/admin/datasets/broken").status_code == 404
-    assert stored_dataset_keys(stack_store) == before
+    assert stored_dataset_keys(store_settings) == before
 
 
-def test_download_matches_the_registered_bytes_and_delete_removes_files(stack, stack_store, tmp_path):
+def test_download_matches_the_registered_bytes_and_delete_removes_files(stack, store_settings, tmp_path):
     path = tmp_path / "small.csv"
     path.write_text("a,b\n1,x\n2,y\n")
     row = upload(stack, "small", path)
     target = tmp_path / "copy.csv"
     cli(stack, "datasets", "download", "small:1", "-o", str(target))
     assert target.read_bytes() == path.read_bytes()
-    assert f"sha256/{row['sha256']}" in stored_dataset_keys(stack_store)
+    assert f"sha256/{row['sha256']}" in stored_dataset_keys(store_settings)
     cli(stack, "datasets", "delete", "small:1")
-    assert f"sha256/{row['sha256']}" not in stored_dataset_keys(stack_store)
+    assert f"sha256/{row['sha256']}" not in stored_dataset_keys(store_settings)
     assert httpx.get(f"{stack.root}/admin/datasets/small", headers={"Authorization": f"Bearer {stack.admin_key}"}).status_code == 404

@@ -1,5 +1,6 @@
-"""The model registry and deployments through the admin API and the CLI, on the shared
-stack (real engine, real model) with a real S3 server process (moto) as its object store."""
+"""The model registry and deployments through the admin API and the CLI, on a real stack
+(real engine, real model) with each object store in turn: the embedded filesystem store and
+a real S3 server process (moto)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.objectstore import ObjectStore
-from tests.conftest import QUESTION, SYSTEM, appliance, default_gguf
+from appliance.objectstore import FilesystemSettings, S3Settings
+from tests.conftest import QUESTION, SYSTEM, appliance, default_gguf, free_port
+from tests.gateway.registry_stores import stack, store_kind, store_settings  # noqa: F401 (each test on both stores)
 
 pytestmark = pytest.mark.stack
 
@@ -28,8 +30,7 @@ def api(stack, key=None) -> httpx.Client:
 
 
 def stored_model_keys(settings) -> set[str]:
-    store = ObjectStore(settings)
-    return {o.object_name for o in store.client.list_objects(store.bucket("models"), prefix="sha256/", recursive=True)}
+    return {o.key for o in settings.open().list_objects("models")}
 
 
 def hf_directory(path: Path) -> Path:
@@ -58,7 +59,7 @@ def test_admin_api_needs_an_admin_or_operator_key(stack):
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role"
 
 
-def test_register_by_upload_fills_the_card_from_gguf_metadata(stack, stack_store):
+def test_register_by_upload_fills_the_card_from_gguf_metadata(stack, store_settings):
     gguf = default_gguf()
     out = cli(stack, "models", "register", "smol", str(gguf), "--json").stdout
     row = json.loads(out[out.index("{"):])
@@ -68,14 +69,14 @@ def test_register_by_upload_fills_the_card_from_gguf_metadata(stack, stack_store
     assert card["quantization"] == "Q4_1" and card["context_length"] == 8192 and card["license"] == "apache-2.0"
     assert "<|im_start|>" in card["chat_template"]
     assert row["files"][0]["path"] == gguf.name
-    assert f"sha256/{row['sha256']}" in stored_model_keys(stack_store)
+    assert f"sha256/{row['sha256']}" in stored_model_keys(store_settings)
     versions = json.loads(cli(stack, "models", "versions", "smol", "--json").stdout)["versions"]
     assert [v["version"] for v in versions] == [1]
 
 
-def test_bad_model_input_registers_nothing(stack, stack_store, tmp_path):
+def test_bad_model_input_registers_nothing(stack, store_settings, tmp_path):
     gguf = default_gguf()
-    before = stored_model_keys(stack_store)
+    before = stored_model_keys(store_settings)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(gguf.read_bytes()[:1_000_000])
     result = cli(stack, "models", "register", "broken", str(truncated), check=False)
@@ -93,7 +94,7 @@ def test_bad_model_input_registers_nothing(stack, stack_store, tmp_path):
         s.sendall(gguf.read_bytes()[:2_000_000])
     time.sleep(1)
     assert api(stack).get("/admin/models/broken").status_code == 404
-    assert stored_model_keys(stack_store) == before
+    assert stored_model_keys(store_settings) == before
     staged = stack.home / "tmp"
     assert not staged.exists() or not any(staged.iterdir())  # no upload left behind
 
@@ -131,7 +132,7 @@ def test_hf_directory_from_the_server_path_then_edit_and_compare(stack, tmp_path
     assert "parameters" in table and "134515008" in table and "160" in table
 
 
-def test_deploy_serves_without_restart_and_delete_waits_for_undeploy(stack, stack_store):
+def test_deploy_serves_without_restart_and_delete_waits_for_undeploy(stack, store_settings):
     cli(stack, "models", "register", "deployable", str(default_gguf()))
     gateway_pid = [p.pid for p in stack.descendants() if "granian" in " ".join(p.cmdline())]
     out = cli(stack, "models", "deploy", "deployable:1", "--as", "smol-deployed", "--context-length", "1024").stdout
@@ -182,18 +183,20 @@ def test_every_change_is_audited_with_who_and_request_id(stack, tmp_path):
                        ("model.register", "ok")]
 
 
-def test_unreachable_object_store_is_a_clear_503_and_nothing_is_registered(tmp_path, stack_store):
+@pytest.mark.parametrize("dead, why", [
+    (lambda tmp: S3Settings(endpoint=f"http://127.0.0.1:{free_port()}", access_key="a", secret_key="b"), "unreachable"),
+    (lambda tmp: FilesystemSettings(path=str(tmp / "a-file" / "blobs")), "Not a directory"),
+], ids=["s3", "filesystem"])
+def test_unusable_object_store_is_a_clear_503_and_nothing_is_registered(tmp_path, dead, why):
     from appliance import model_registry
     from appliance.db import open_db
     from appliance.errors import StorageUnavailable
-    from appliance.objectstore import ObjectStoreSettings
-    from tests.conftest import free_port
 
     db = open_db(tmp_path / "state.db")
-    dead = ObjectStore(ObjectStoreSettings(endpoint=f"http://127.0.0.1:{free_port()}", access_key="a", secret_key="b"))
+    (tmp_path / "a-file").write_text("")
     gguf = tmp_path / "m.gguf"
     shutil.copy(default_gguf(), gguf)
     with pytest.raises(StorageUnavailable) as error:
-        model_registry.register(db, dead, "m", gguf, source="test", created_by=None)
-    assert error.value.status == 503 and "unreachable" in error.value.message
+        model_registry.register(db, dead(tmp_path).open(), "m", gguf, source="test", created_by=None)
+    assert error.value.status == 503 and why in error.value.message
     assert db.execute("SELECT count(*) FROM model_versions").fetchone()[0] == 0

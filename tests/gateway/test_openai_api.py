@@ -149,8 +149,10 @@ def test_health_and_readiness(stack):
     assert ready.status_code == 503
     body = ready.json()
     assert body["waiting_for"] == ["remote-down"]
-    assert body["models"][DEFAULT_MODEL] == {"replicas": 1, "healthy": 1}
-    assert readiness(stack.root)["models"]["remote-ok"]["healthy"] == 1
+    local = body["models"][DEFAULT_MODEL]
+    assert (local["replicas"], local["healthy"], local["failed"]) == (1, 1, 0)
+    assert [(e["replica"], e["state"], e["healthy"]) for e in local["engines"]] == [(0, "ready", True)]
+    assert readiness(stack.root)["models"]["remote-ok"] == {"replicas": 1, "healthy": 1, "failed": 0}  # nothing supervises it here
 
 
 def metric_value(text: str, name: str, **labels) -> float | None:

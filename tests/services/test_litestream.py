@@ -15,12 +15,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from appliance.home import litestream_config_path
 from appliance.cli import cli  # as users run it (a group invoked alone caches a different --help)
 from appliance.db import open_db
 from appliance.errors import BackupError
-from appliance.objectstore import ObjectStoreSettings
+from appliance.objectstore import S3Settings
 from services.storage.litestream import (
-    BackupTarget, config_path, health_url, litestream_env, parse_target, render_config, replicate_argv, restore,
+    BackupTarget, health_url, litestream_env, parse_target, render_config, replicate_argv, restore,
     status,
 )
 from tests.conftest import free_port
@@ -47,7 +48,7 @@ def usage_rows(db_path: Path) -> list[tuple]:
 @contextlib.contextmanager
 def replicating(home: Path, target: BackupTarget, base_env: dict[str, str] | None = None):
     """`litestream replicate` on the home's state database, as `appliance up` runs it; stopped with SIGTERM."""
-    config = config_path(home)
+    config = litestream_config_path(home)
     config.parent.mkdir(parents=True, exist_ok=True)
     metrics = f"127.0.0.1:{free_port()}"
     config.write_text(render_config([home / "state.db"], target, sync_interval_s=SYNC_INTERVAL_S,
@@ -134,8 +135,8 @@ def test_parse_target_s3_needs_credentials():
 
 
 def test_render_config_replicates_each_database_under_the_prefix(tmp_path):
-    store = ObjectStoreSettings(endpoint="http://127.0.0.1:9000", access_key="AK-SECRET-ID", secret_key="SK-SECRET",
-                                bucket_prefix="acme-")
+    store = S3Settings(endpoint="http://127.0.0.1:9000", access_key="AK-SECRET-ID", secret_key="SK-SECRET",
+                       bucket_prefix="acme-")
     target = BackupTarget(kind="s3", store=store)
     text = render_config([tmp_path / "state.db", tmp_path / "jobs.db"], target, sync_interval_s=0.25,
                          metrics_addr="127.0.0.1:9091", socket_path=tmp_path / "ls.sock")
@@ -158,7 +159,7 @@ def test_render_config_replicates_each_database_under_the_prefix(tmp_path):
 
 def test_litestream_env_drops_aws_variables_and_passes_credentials():
     base = {"PATH": "/bin", "AWS_CA_BUNDLE": "/etc/ca.pem", "AWS_ACCESS_KEY_ID": "other", "AWS_PROFILE": "x"}
-    store = ObjectStoreSettings(endpoint="http://127.0.0.1:9000", access_key="ak", secret_key="sk")
+    store = S3Settings(endpoint="http://127.0.0.1:9000", access_key="ak", secret_key="sk")
     assert litestream_env(BackupTarget(kind="s3", store=store), base) == {
         "PATH": "/bin", "LITESTREAM_ACCESS_KEY_ID": "ak", "LITESTREAM_SECRET_ACCESS_KEY": "sk"}
     assert litestream_env(BackupTarget(kind="file", path="/srv/b"), base) == {"PATH": "/bin"}
@@ -224,7 +225,7 @@ def test_s3_target_replicates_and_restores_through_the_cli(tmp_path, object_stor
                            "created_at": time.time()})
 
     # litestream 0.5 itself refuses a custom endpoint while AWS_CA_BUNDLE is set ...
-    config = config_path(home)
+    config = litestream_config_path(home)
     config.parent.mkdir(parents=True)
     config.write_text(render_config([home / "state.db"], target))
     refused = subprocess.run(replicate_argv(config), env={**litestream_env(target, env), "AWS_CA_BUNDLE": str(ca_bundle)},
@@ -288,8 +289,8 @@ def test_restore_from_a_target_without_a_backup_says_so(tmp_path, object_store_s
 def test_status_reports_an_unreachable_replica_quickly(tmp_path):
     home = tmp_path / "home"
     open_db(home / "state.db").conn.close()
-    down = ObjectStoreSettings(endpoint=f"http://127.0.0.1:{free_port()}", access_key="ak", secret_key="sk")
-    config = config_path(home)
+    down = S3Settings(endpoint=f"http://127.0.0.1:{free_port()}", access_key="ak", secret_key="sk")
+    config = litestream_config_path(home)
     config.parent.mkdir(parents=True)
     config.write_text(render_config([home / "state.db", home / "jobs.db"], BackupTarget(kind="s3", store=down)))
     start = time.monotonic()

@@ -2,7 +2,7 @@
 
 Input: a profile and the inventories of the machines (one for a box, one per node for a
 cluster). Output: a Plan, or a PlanError whose message has the numbers that show why a
-model does not fit. Memory comes from installer.estimate (model files only).
+model does not fit. Memory comes from appliance.planning.estimate (model files only).
 
 Rules, in order:
 - vLLM models are placed first (they need whole GPUs), then llama.cpp, then remote
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from appliance.config import Profile, ModelConfig
 from appliance.errors import PlanError
-from installer.estimate import (
+from appliance.planning.estimate import (
     CUDA_CONTEXT_BYTES,
     GiB,
     ModelShape,
@@ -31,8 +31,8 @@ from installer.estimate import (
     model_shape,
     vllm_estimate,
 )
-from installer.inventory import Inventory
-from installer.plan_model import DeviceUse, MemoryEstimate, ModelPlan, Placement, Plan
+from appliance.planning.inventory import Inventory
+from appliance.planning.plan_model import DeviceUse, MemoryEstimate, ModelPlan, Placement, Plan
 
 RAM_RESERVE_BYTES = 1 * GiB  # the OS and the appliance's own processes on each node
 GPU_RESERVE_FRACTION = 0.05  # left free on every GPU

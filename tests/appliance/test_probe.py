@@ -14,11 +14,12 @@ import psutil
 import pytest
 
 from appliance.errors import InstallError
-from installer.inventory import read_inventory
-from installer.probe import describe, probe
+from appliance.planning.inventory import read_inventory
+from appliance.planning.probe import probe
+from appliance.planning_cli import describe_inventory
 from tests.conftest import appliance
 
-INVENTORIES = Path(__file__).parent / "inventories"
+INVENTORIES = Path(__file__).parents[1] / "inventories"
 
 
 def nvidia_smi_gpus() -> list[list[str]]:
@@ -105,11 +106,11 @@ def test_human_report_says_cpu_only_and_avx2():
 
 
 def test_human_report_of_a_gpu_server():
-    out = describe(read_inventory(INVENTORIES / "server-8x-h100-80gb.json"))
+    out = describe_inventory(read_inventory(INVENTORIES / "server-8x-h100-80gb.json"))
     assert "NVIDIA   driver 565.57.01, CUDA 12.7" in out
     assert len(re.findall(r"^GPU \d .*NVIDIA H100 80GB HBM3: 79\.21 GiB free of 79\.65 GiB, compute 9\.0, MIG off", out, re.MULTILINE)) == 8
     assert "CPU-only" not in out
-    assert "MIG on" in describe(read_inventory(INVENTORIES / "server-1x-h100-80gb-mig.json"))
+    assert "MIG on" in describe_inventory(read_inventory(INVENTORIES / "server-1x-h100-80gb-mig.json"))
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path):

@@ -15,12 +15,12 @@ import pytest
 
 from appliance.config import ModelConfig, load_profile, parse_profile
 from appliance.errors import PlanError
-from installer.estimate import GiB, MiB, llamacpp_estimate, model_shape
-from installer.inventory import read_inventory
-from installer.planner import choose_profile, make_plan
+from appliance.planning.estimate import GiB, MiB, llamacpp_estimate, model_shape
+from appliance.planning.inventory import read_inventory
+from appliance.planning.planner import choose_profile, make_plan
 from tests.conftest import running_engine
 
-INVENTORIES = Path(__file__).parent / "inventories"
+INVENTORIES = Path(__file__).parents[1] / "inventories"
 
 
 def machine(name: str):

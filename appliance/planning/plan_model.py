@@ -1,6 +1,6 @@
 """The plan: where each model replica runs and with which engine settings.
 
-`installer.planner` produces it from a profile and the inventories of the machines;
+`appliance.planning.planner` produces it from a profile and the inventories of the machines;
 the systemd and k3s renderers and `appliance up` deploy from it. Sizes are bytes.
 """
 

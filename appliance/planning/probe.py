@@ -1,4 +1,4 @@
-"""`appliance probe`: read this machine's hardware into an Inventory.
+"""Read this machine's hardware into an Inventory.
 
 GPUs come from NVML (nvidia-ml-py), the CPU from /proc/cpuinfo and psutil, RAM from
 psutil, free disk from the file system holding the data directory. Without an NVIDIA
@@ -15,18 +15,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import click
 import psutil
 import pynvml
 
-from appliance.errors import InstallError
-from appliance.home import HOME_ENV, resolve_home
-from installer.estimate import gib
-from installer.inventory import CpuInfo, DiskInfo, GpuInfo, Inventory, NvmlInfo, encode_inventory
+from appliance.planning.inventory import CpuInfo, DiskInfo, GpuInfo, Inventory, NvmlInfo
 
 # Instruction-set flags that decide which llama.cpp CPU kernels can run, as the kernel names them.
 ENGINE_FLAGS = (
-    "avx", "avx2", "fma", "f16c", "avx_vnni",
+    "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni",
     "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx512_fp16",
     "amx_tile", "amx_int8", "amx_bf16",
     "asimd", "asimdhp", "asimddp", "i8mm", "sve", "sve2",  # Arm
@@ -157,72 +153,3 @@ def probe_disk(data_dir: Path) -> DiskInfo:
         path = path.parent
     usage = shutil.disk_usage(path)
     return DiskInfo(path=str(path), total_bytes=usage.total, free_bytes=usage.free)
-
-
-def describe(inventory: Inventory) -> str:
-    """The short human report of `appliance probe`."""
-    cpu, nvml = inventory.cpu, inventory.nvml
-    lines = [
-        f"Host     {inventory.hostname}, probed {inventory.probed_at}",
-        f"CPU      {cpu.model}: {cpu.physical_cores} physical / {cpu.logical_cores} logical cores, "
-        f"AVX2 {_yes_no(cpu.avx2)}, AVX-512 {_yes_no(cpu.avx512)}",
-    ]
-    if cpu.flags:
-        lines.append(f"         flags: {' '.join(cpu.flags)}")
-    lines += [
-        f"RAM      {gib(inventory.memory_total_bytes)} total, {gib(inventory.memory_available_bytes)} available",
-        f"Disk     {gib(inventory.disk.free_bytes)} free of {gib(inventory.disk.total_bytes)} at {inventory.disk.path}",
-    ]
-    if nvml.available:
-        lines.append(f"NVIDIA   driver {nvml.driver_version or 'unknown'}, CUDA {nvml.cuda_version or 'unknown'}")
-    for gpu in inventory.gpus:
-        lines.append(f"GPU {gpu.index:<4} {_describe_gpu(gpu)}")
-    if inventory.cpu_only:
-        why = f"NVML: {nvml.reason}" if not nvml.available else "NVML found no usable GPU"
-        lines.append(f"GPUs     none ({why}) — CPU-only machine")
-    lines += [f"Warning  {problem}" for problem in nvml.problems]
-    return "\n".join(lines)
-
-
-def _describe_gpu(gpu: GpuInfo) -> str:
-    parts = [f"{gib(gpu.memory_free_bytes)} free of {gib(gpu.memory_total_bytes)}"]
-    if gpu.compute_capability:
-        parts.append(f"compute {gpu.compute_capability}")
-    if gpu.mig_mode is not None:
-        parts.append(f"MIG {'on' if gpu.mig_mode else 'off'}")
-    if gpu.utilization_percent is not None:
-        parts.append(f"{gpu.utilization_percent}% busy")
-    if gpu.temperature_c is not None:
-        parts.append(f"{gpu.temperature_c} °C")
-    return f"{gpu.name}: {', '.join(parts)}"
-
-
-def _yes_no(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-@click.command("probe")
-@click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON instead of the report.")
-@click.option(
-    "--home", type=click.Path(file_okay=False), envvar=HOME_ENV, show_envvar=True,
-    help="Data directory whose free disk is measured; it need not exist yet. Default: ./var",
-)
-@click.option(
-    "--output", "-o", type=click.Path(dir_okay=False),
-    help="Also save the inventory as JSON to FILE, to plan for this machine elsewhere.",
-)
-def probe_command(as_json: bool, home: str | None, output: str | None) -> None:
-    """Report this machine's hardware: GPUs (through NVML), CPU, RAM and free disk.
-
-    GPUs: index, name, UUID, total and free memory, compute capability, MIG mode,
-    utilisation, temperature, driver and CUDA versions. Without an NVIDIA driver the
-    report says why NVML is unavailable and that the machine is CPU-only. Reads only.
-    """
-    inventory = probe(resolve_home(home))
-    data = encode_inventory(inventory)
-    if output:
-        try:
-            Path(output).write_bytes(data + b"\n")
-        except OSError as exc:
-            raise InstallError(f"{output}: cannot write the inventory: {exc.strerror}") from None
-    click.echo(data.decode() if as_json else describe(inventory))

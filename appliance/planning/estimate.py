@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import InstallError
-from installer.plan_model import MemoryEstimate
+from appliance.planning.plan_model import MemoryEstimate
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -1,0 +1,54 @@
+"""Deployments of registered model versions in the admin API: /admin/deployments."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+
+from appliance import deployments
+from appliance.audit import Actor
+from services.gateway import schemas
+from services.gateway.admin import gateway_of, run, store_of
+
+
+class Deploy(msgspec.Struct, forbid_unknown_fields=True):
+    model: str
+    version: Annotated[int, msgspec.Meta(ge=1)]
+    name: str | None = None
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    context_length: Annotated[int, msgspec.Meta(ge=128)] | None = None
+
+
+class DeploymentController(Controller):
+    path = "/deployments"
+    tags = ["deployments"]
+
+    @get()
+    async def list_deployments(self, request: Request, actor: Actor) -> Response:
+        return await run(request, actor, deployments.list_all)
+
+    @get("/{name:str}")
+    async def get_deployment(self, request: Request, actor: Actor, name: str) -> Response:
+        return await run(request, actor, lambda db: deployments.get(db, name))
+
+    @post()
+    async def create_deployment(self, request: Request, actor: Actor) -> Response:
+        body = schemas.decode(await request.body(), Deploy)
+        store_of(request)  # the engine's files come from the object store
+        reserved = gateway_of(request).profile_models
+
+        def work(db):
+            return deployments.deploy(db, body.model, body.version, name=body.name, replicas=body.replicas,
+                                      context_length=body.context_length, reserved=reserved, created_by=actor.key_id)
+
+        return await run(request, actor, work, action="deployment.create",
+                         target=f"deployment/{body.name or body.model}",
+                         detail=lambda row: {"model": row["model"], "version": row["version"], "replicas": row["replicas"]},
+                         status=201)
+
+    @delete("/{name:str}", status_code=200)
+    async def delete_deployment(self, request: Request, actor: Actor, name: str) -> Response:
+        return await run(request, actor, lambda db: deployments.undeploy(db, name), action="deployment.delete",
+                         target=f"deployment/{name}")

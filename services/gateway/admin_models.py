@@ -1,0 +1,85 @@
+"""The model registry in the admin API: /admin/models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post
+
+from appliance import model_registry
+from appliance.audit import Actor
+from appliance.errors import InvalidRequest
+from services.gateway import schemas
+from services.gateway.admin import run, store_of
+from services.gateway.admin_uploads import Register, from_body, from_path_or_upload
+
+
+class RegisterModel(msgspec.Struct, forbid_unknown_fields=True):
+    path: str | None = None  # a GGUF file or HF directory on the gateway's machine
+    upload_key: str | None = None  # from POST /admin/uploads, after the PUT to its URL
+    filename: str | None = None  # the upload's file name (its extension tells the format)
+    sha256: str | None = None  # expected digest: a mismatch registers nothing
+
+
+def _version_detail(row: dict) -> dict:
+    return {"version": row["version"], "sha256": row["sha256"], "size": row["size"]}
+
+
+def _register(request: Request, actor: Actor, name: str, sha256: str | None) -> Register:
+    store = store_of(request)
+    return lambda db, path, source: model_registry.register(db, store, name, path, source=source,
+                                                            created_by=actor.key_id, sha256=sha256)
+
+
+class ModelController(Controller):
+    path = "/models"
+    tags = ["models"]
+
+    @get()
+    async def list_models(self, request: Request, actor: Actor) -> Response:
+        return await run(request, actor, model_registry.list_models)
+
+    @get("/{name:str}")
+    async def model_versions(self, request: Request, actor: Actor, name: str) -> Response:
+        return await run(request, actor, lambda db: {"name": name, "versions": model_registry.versions(db, name)})
+
+    @post("/{name:str}/versions")
+    async def register_model(self, request: Request, actor: Actor, name: str) -> Response:
+        body = schemas.decode(await request.body(), RegisterModel)
+        work = from_path_or_upload(request, body, "models", _register(request, actor, name, body.sha256))
+        return await run(request, actor, work, action="model.register", target=f"model/{name}",
+                         detail=_version_detail, status=201)
+
+    @post("/{name:str}/upload", request_max_body_size=None)
+    async def upload_model(self, request: Request, actor: Actor, name: str, filename: str,
+                           sha256: str | None = None) -> Response:
+        """The model file as the request body (e.g. curl -T model.gguf)."""
+        register = _register(request, actor, model_registry.check_name(name), sha256)
+        work = await from_body(request, filename, register)
+        return await run(request, actor, work, action="model.register", target=f"model/{name}",
+                         detail=_version_detail, status=201)
+
+    @get("/{name:str}/versions/{version:int}")
+    async def get_model_version(self, request: Request, actor: Actor, name: str, version: int) -> Response:
+        return await run(request, actor, lambda db: model_registry.get_version(db, name, version))
+
+    @patch("/{name:str}/versions/{version:int}/card")
+    async def edit_card(self, request: Request, actor: Actor, name: str, version: int) -> Response:
+        try:
+            edits = msgspec.json.decode(await request.body(), type=dict[str, Any])
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"the body must be a JSON object of card fields: {exc}") from None
+        return await run(request, actor, lambda db: model_registry.edit_card(db, name, version, edits),
+                         action="model.card.edit", target=f"model/{name}/{version}",
+                         detail=lambda _: {"fields": sorted(edits)})
+
+    @get("/{name:str}/compare")
+    async def compare_versions(self, request: Request, actor: Actor, name: str, a: int, b: int) -> Response:
+        return await run(request, actor, lambda db: model_registry.compare(db, name, a, b))
+
+    @delete("/{name:str}/versions/{version:int}", status_code=200)
+    async def delete_model_version(self, request: Request, actor: Actor, name: str, version: int) -> Response:
+        store = store_of(request)
+        return await run(request, actor, lambda db: model_registry.delete_version(db, store, name, version),
+                         action="model.delete", target=f"model/{name}/{version}", detail=_version_detail)

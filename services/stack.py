@@ -1,0 +1,35 @@
+"""One description of the running stack, used alike by `appliance up` (services/supervisor.py),
+the systemd renderer and the k3s renderer: the gateway's command line and what each
+profile model is served as."""
+
+from __future__ import annotations
+
+from appliance.config import GatewayConfig, ModelConfig
+from services.gateway.runtime import ReplicaEndpoint, ServedModel
+
+GATEWAY_FACTORY = "services.gateway.app:create_app"
+
+
+def gateway_argv(python: str, host: str, port: int, workers: int) -> list[str]:
+    """Granian serving the gateway's RSGI app."""
+    return [python, "-m", "granian", "--interface", "rsgi", "--factory", GATEWAY_FACTORY,
+            "--host", host, "--port", str(port), "--workers", str(workers),
+            "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
+
+
+def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[ReplicaEndpoint],
+                 created: int) -> ServedModel:
+    """What the gateway serves for a profile model, behind `replicas`."""
+    return ServedModel(
+        name=model.name, engine=model.engine, replicas=replicas, upstream_model=model.upstream_model,
+        embeddings=model.embeddings,
+        # llama.cpp keeps every token's logits only when the profile asks (see docs/engines.md)
+        logprobs=model.engine != "llamacpp" or model.logprobs,
+        request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
+        created=created,
+    )
+
+
+def remote_endpoint(model: ModelConfig) -> ReplicaEndpoint:
+    """A remote upstream's one endpoint: its key is read from the environment at run time."""
+    return ReplicaEndpoint(base_url=model.base_url, api_key_env=model.api_key_env)

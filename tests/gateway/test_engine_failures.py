@@ -1,0 +1,156 @@
+"""Engines that fail say why, on the real llama.cpp engine and default model with real
+signals: the signal and its meaning in the engine's log, `appliance up`'s output and
+/readyz; an engine answers a one-token warm-up before it counts as ready; one that keeps
+crashing is marked failed, and requests to its model get a 503 that carries the reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import msgspec
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import DEFAULT_MODEL, default_gguf, readiness, s3_env, start_stack, write_profile
+
+pytestmark = pytest.mark.stack
+
+MAX_CRASHES = 3
+CRASH_WINDOW_S = 300
+DEPLOYED = "fragile-deployed"
+SIGILL_MEANING = "illegal instruction: this llama.cpp build uses CPU instructions this machine cannot run"
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory, s3_server):
+    """A stack of its own that these tests break for good: the default model allows MAX_CRASHES crashes."""
+    tmp = tmp_path_factory.mktemp("fragile")
+    store = msgspec.structs.replace(s3_server, bucket_prefix="fragile-")
+    profile = write_profile(tmp / "profile.yaml", None, storage=store,
+                            model_keys={"max_crashes": MAX_CRASHES, "crash_window_s": CRASH_WINDOW_S})
+    running = start_stack(tmp, profile, env=s3_env(store))
+    yield running
+    if running.proc.poll() is None:
+        running.stop()
+
+
+def engine_log(stack, model: str = DEFAULT_MODEL) -> str:
+    return (stack.home / "logs" / f"engine-{model}-0.log").read_text()
+
+
+def engine_state(stack, model: str = DEFAULT_MODEL) -> dict:
+    """The replica's entry in /readyz."""
+    return readiness(stack.root)["models"][model]["engines"][0]
+
+
+def wait_for(condition, what: str, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def crash(stack, model: str, signum: int, until_ready: bool = True) -> list[dict]:
+    """Send `signum` to the model's engine; wait until it is ready again (or only restarted)
+    or marked failed. Returns the /readyz entries of the replica seen while it was down."""
+    [pid] = stack.engine_pids(model)
+    restarts = engine_state(stack, model)["restarts"]
+    os.kill(pid, signum)
+    seen = []
+
+    def back_or_failed() -> bool:
+        state = engine_state(stack, model)
+        if state["state"] != "ready":
+            seen.append(state)
+        back = state["restarts"] > restarts and (state["state"] == "ready" or not until_ready)
+        return state["state"] == "failed" or (back and stack.engine_pids(model) not in ([], [pid]))
+
+    wait_for(back_or_failed, f"{model} to come back after {signal.Signals(signum).name}")
+    return seen
+
+
+def admin(stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.root, headers={"Authorization": f"Bearer {stack.admin_key}"}, timeout=120)
+
+
+def chat_error(stack, model: str) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as refused:
+        stack.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    return refused.value
+
+
+def test_an_engine_is_ready_once_it_answered_a_one_token_warm_up(fragile):
+    # No client has asked anything yet: the one completion is the supervisor's warm-up.
+    assert engine_log(fragile).count("POST /v1/completions") == 1
+    assert f"engine {DEFAULT_MODEL}#0 is ready (warm-up: one token in " in fragile.output.read_text()
+    assert engine_state(fragile) == {"healthy": True, "replica": 0, "state": "ready", "restarts": 0}
+
+
+def test_sigill_is_named_in_the_engine_log_up_output_and_readyz(fragile):
+    seen_down = crash(fragile, DEFAULT_MODEL, signal.SIGILL)
+    expected = f"killed by SIGILL ({SIGILL_MEANING})"
+    assert f"engine {DEFAULT_MODEL}#0 died: {expected}; restarting in 1 s" in fragile.output.read_text()
+    assert expected in engine_log(fragile)
+    assert any(s["last_exit"] == expected and not s["healthy"] for s in seen_down), seen_down
+    back = engine_state(fragile)
+    assert (back["state"], back["restarts"], back["last_exit"]) == ("ready", 1, expected)
+    assert fragile.client().chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3).choices
+
+
+def test_a_deployed_engine_warms_up_then_fails_after_repeated_crashes(fragile):
+    api = admin(fragile)
+    with default_gguf().open("rb") as weights:
+        registered = api.post("/admin/models/fragile/upload", params={"filename": default_gguf().name}, content=weights)
+    assert registered.status_code == 201, registered.text
+    deployed = api.post("/admin/deployments", json={"model": "fragile", "version": 1, "name": DEPLOYED, "context_length": 512})
+    assert deployed.status_code < 300, deployed.text
+    try:
+        wait_for(lambda: api.get(f"/admin/deployments/{DEPLOYED}").json()["state"] == "running", "the deployment")
+        assert engine_log(fragile, DEPLOYED).count("POST /v1/completions") == 1
+        assert f"engine {DEPLOYED}#0 is ready (warm-up: one token in " in fragile.output.read_text()
+        wait_for(lambda: DEPLOYED in readiness(fragile.root)["models"], "the gateway to serve the deployment")
+        for _ in range(5):  # a deployment's replicas allow the default of 5 crashes in 600 s; kills while
+            crash(fragile, DEPLOYED, signal.SIGKILL, until_ready=False)  # it starts again count too
+        deployment = wait_for(lambda: (d := api.get(f"/admin/deployments/{DEPLOYED}").json())["state"] == "failed" and d,
+                              "the deployment to be marked failed")
+        assert deployment["message"].startswith(f"every replica failed: engine {DEPLOYED}#0: 5 crashes within 600 s, "
+                                                "the last: killed by SIGKILL")
+        wait_for(lambda: readiness(fragile.root)["models"][DEPLOYED]["failed"] == 1, "/readyz to show the failure")
+        refused = chat_error(fragile, DEPLOYED)
+        assert refused.status_code == 503 and "every replica failed" in refused.message and "SIGKILL" in refused.message
+    finally:
+        api.delete(f"/admin/deployments/{DEPLOYED}")
+        wait_for(lambda: DEPLOYED not in readiness(fragile.root)["models"], "the undeploy")
+    assert readiness(fragile.root)["status"] == "ready"
+
+
+def test_repeated_crashes_mark_the_replica_failed_with_its_reason(fragile):
+    # The SIGILL above was the first crash within the window.
+    crash(fragile, DEFAULT_MODEL, signal.SIGSEGV)
+    crash(fragile, DEFAULT_MODEL, signal.SIGBUS)
+    reason = f"{MAX_CRASHES} crashes within {CRASH_WINDOW_S} s, the last: killed by SIGBUS (bus error"
+    assert f"engine {DEFAULT_MODEL}#0 failed: {reason}" in fragile.output.read_text()
+    assert f"marked failed: {reason}" in engine_log(fragile)
+
+    ready = wait_for(lambda: (r := readiness(fragile.root))["models"][DEFAULT_MODEL]["failed"] == 1 and r,
+                     "/readyz to show the failure")
+    assert ready["status"] == "not ready" and ready["waiting_for"] == [DEFAULT_MODEL]
+    [replica] = ready["models"][DEFAULT_MODEL]["engines"]
+    assert replica["state"] == "failed" and replica["reason"].startswith(reason) and not replica["healthy"]
+
+    samples = [s for family in text_string_to_metric_families(httpx.get(fragile.root + "/metrics").text)
+               for s in family.samples if s.name == "appliance_replicas_failed"]
+    assert [(s.labels["model"], s.value) for s in samples if s.labels["model"] == DEFAULT_MODEL] == [(DEFAULT_MODEL, 1.0)]
+
+    refused = chat_error(fragile, DEFAULT_MODEL)
+    assert refused.status_code == 503
+    assert f"every replica failed (replica #0: {reason}" in refused.message
+
+    time.sleep(2.5)  # past the next backoff: nothing restarts it
+    assert fragile.engine_pids() == []

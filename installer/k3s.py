@@ -31,6 +31,7 @@ from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_mo
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, decode_runtime
+from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import store_settings
@@ -348,7 +349,11 @@ def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, devic
         "args": argv[1:],
         "env": env,
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        "startupProbe": _http_probe("/health", "http", 10, math.ceil(max(model.startup_timeout_s, STARTUP_BUDGET_S) / 10)),
+        # Ready once loaded and one token generated (services/engines/warmup.py).
+        "startupProbe": {"exec": {"command": warm_up_argv("python", f"http://127.0.0.1:{ENGINE_PORT}", model,
+                                                          "ENGINE_API_KEY", wait=False)},
+                         "periodSeconds": 10, "timeoutSeconds": 130,  # the warm-up request itself waits up to 120 s
+                         "failureThreshold": math.ceil(max(model.startup_timeout_s, STARTUP_BUDGET_S) / 10)},
         "readinessProbe": _http_probe("/health", "http", 5, 2),
         "livenessProbe": _http_probe("/health", "http", 10, 6),
         "resources": resources,

@@ -33,6 +33,7 @@ from appliance.planning.plan_model import Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, read_runtime
+from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import (
@@ -230,7 +231,8 @@ def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> 
         device=f"GPU {','.join(map(str, placement.gpus))}" if gpu else "CPU",
         after="After=nvidia-persistenced.service" if gpu else "",
         exec_start=exec_start,
-        wait_ready=_wait_ready(layout, f"http://{ENGINE_HOST}:{replica.port}/health"),
+        warm_up=_command(warm_up_argv(str(layout.bin / "python"), f"http://{ENGINE_HOST}:{replica.port}", model,
+                                      replica.key_var)),
         home=str(layout.data), engines_env=str(layout.etc / ENGINES_ENV),
         environment="\n".join(f"Environment={e}" for e in env),
         start_timeout=str(math.ceil(model.startup_timeout_s)),

@@ -166,6 +166,11 @@ def test_engine_command_line_comes_from_the_engine_builders(rendered):
     for container in (cpu, vllm):
         assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
         assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 600
+        # started once it has generated one token (a build the node's CPU cannot run fails here)
+        warm_up = container["startupProbe"]["exec"]["command"]
+        assert warm_up[:3] == ["python", "-m", "services.engines.warmup"] and "--no-wait" in warm_up
+        assert warm_up[warm_up.index("--key-env") + 1] == "ENGINE_API_KEY"
+        assert container["startupProbe"]["timeoutSeconds"] > 120
         assert {"name": "models", "mountPath": "/var/lib/appliance/models", "readOnly": True} in container["volumeMounts"]
 
 

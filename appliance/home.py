@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 HOME_ENV = "APPLIANCE_HOME"
+RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"  # the gateway's runtime file, for the processes that read it
 STATE_DB = "state.db"
 JOBS_DB = "jobs.db"  # Huey's queue (services/worker)
 DATABASES = (STATE_DB, JOBS_DB)  # both replicated by Litestream, restored together

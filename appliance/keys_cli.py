@@ -74,6 +74,9 @@ def keys_bootstrap(home):
     if not state_db_path(home_dir).is_file():
         raise StateError(f"{home_dir} has no state database ({state_db_path(home_dir).name}): "
                          "start the appliance on it first (`appliance up` makes the first admin key itself)")
+    if admin_key_path(home_dir).exists():
+        raise StateError(f"{admin_key_path(home_dir)} already holds an admin key: use it (or `keys create` with it); "
+                         "move the file away first to make a new one")
     db = open_db(state_db_path(home_dir))
     try:
         secret = create_admin_key(db, admin_key_path(home_dir), name="admin (bootstrap)", by="appliance keys bootstrap")

@@ -94,6 +94,10 @@ def objects() -> None:
     A store is a profile (its storage section, for --home), file:///folder (a filesystem
     store) or http(s)://host:port[?bucket_prefix=P&region=R] (an S3 endpoint; keys in
     APPLIANCE_S3_ACCESS_KEY and APPLIANCE_S3_SECRET_KEY).
+
+    These read and write the stores themselves, not through the admin API: they move
+    bytes between stores and change nothing the appliance records (a target is used
+    only once the profile points at it), so they also work while the gateway is down.
     """
 
 

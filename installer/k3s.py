@@ -23,14 +23,14 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from appliance.home import DATABASES  # in HOME_DIR, both replicated
+from appliance.home import DATABASES, RUNTIME_ENV  # DATABASES: in HOME_DIR, both replicated
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.objectstore import ObjectStoreSettings
 from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, decode_runtime
+from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_runtime
 from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream

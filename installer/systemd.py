@@ -24,7 +24,8 @@ from string import Template
 
 import msgspec
 
-from appliance.home import jobs_db_path, litestream_socket_path, minio_data_dir, state_db_path
+from appliance.discovery import local_url
+from appliance.home import RUNTIME_ENV, jobs_db_path, litestream_socket_path, minio_data_dir, state_db_path
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
@@ -32,7 +33,7 @@ from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
 from appliance.planning.plan_model import Placement, Plan, planned_model
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, read_runtime
+from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, read_runtime
 from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, remote_endpoint, served_model
 from services.storage import litestream
@@ -85,10 +86,6 @@ def _word(arg: str) -> str:
 
 def _command(argv: list[str]) -> str:
     return " ".join(_word(a) for a in argv)
-
-
-def _loopback(host: str) -> str:
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
 
 
 def _wait_ready(layout: Layout, url: str) -> str:
@@ -258,7 +255,7 @@ def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, he
     return _fill(
         "appliance-gateway.service.in",
         header=header, listen=f"{gateway.host}:{gateway.port}", engines=engines, exec_start=_command(argv),
-        wait_ready=_wait_ready(layout, f"http://{_loopback(gateway.host)}:{gateway.port}/healthz"),
+        wait_ready=_wait_ready(layout, f"{local_url(gateway.host, gateway.port)}/healthz"),
         home=str(layout.data), runtime=str(layout.etc / GATEWAY_RUNTIME), environment="\n".join(lines),
         hardening=_hardening(layout, capabilities=capabilities, writable=writable),
     )

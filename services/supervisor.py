@@ -22,9 +22,12 @@ import msgspec
 
 from appliance.config import Profile
 from appliance.db import open_db
-from appliance.discovery import clear_gateway_url, write_gateway_url
+from appliance.discovery import clear_gateway_url, local_url, write_gateway_url
 from appliance.errors import ApplianceError, StorageUnavailable
-from appliance.home import admin_key_path, gateway_runtime_path, jobs_db_path, litestream_config_path, litestream_socket_path, log_path, logs_dir, metrics_dir, state_db_path
+from appliance.home import (
+    RUNTIME_ENV, admin_key_path, gateway_runtime_path, jobs_db_path, litestream_config_path, litestream_socket_path,
+    log_path, logs_dir, metrics_dir, state_db_path,
+)
 from appliance.keys import ensure_admin_key
 from appliance.objectstore import ObjectStoreSettings
 from appliance.planning.plan_model import Plan
@@ -34,7 +37,7 @@ from services.engines.process import ManagedProcess
 from services.gateway.metrics import MULTIPROC_ENV
 from services.storage import litestream
 from services.storage.minio import resolve_object_store
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
+from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
 from services.stack import gateway_argv, remote_endpoint, served_model
 from services.worker.main import SHUTDOWN_TIMEOUT_S
 
@@ -188,7 +191,7 @@ class Supervisor:
             "gateway",
             argv,
             log_path=log_path(self.home, "gateway"),
-            health_url=f"http://{_loopback_for(self.host)}:{self.port}/healthz",
+            health_url=f"{local_url(self.host, self.port)}/healthz",
             env=env,
             startup_timeout_s=30,
         )
@@ -212,11 +215,10 @@ class Supervisor:
         self.worker.wait_ready(lambda: self._stopping)
 
     def _announce(self, admin_secret: str | None) -> None:
-        endpoint_host = _loopback_for(self.host) if self.host in ("0.0.0.0", "::") else self.host
         lines = [
             "",
             f"The appliance is up: profile {self.profile.name}, home {self.home}",
-            f"  OpenAI endpoint:  http://{endpoint_host}:{self.port}/v1"
+            f"  OpenAI endpoint:  {local_url(self.host, self.port)}/v1"
             + ("   (listening on all interfaces)" if self.host in ("0.0.0.0", "::") else ""),
             f"  models:           {', '.join(m.name for m in self.profile.models)}",
             f"  object store:     {self.store_note}",
@@ -244,7 +246,3 @@ class Supervisor:
             self.controller.stop()
         for child in [*self.engines, *reversed(self.storage)]:
             child.stop()
-
-
-def _loopback_for(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)

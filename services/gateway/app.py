@@ -32,7 +32,7 @@ from appliance.errors import (
     PayloadTooLarge,
     StorageUnavailable,
 )
-from appliance.home import state_db_path
+from appliance.home import RUNTIME_ENV, state_db_path
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.engines.status import read_statuses
@@ -45,7 +45,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
-from services.gateway.runtime import RUNTIME_ENV, GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
+from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
@@ -176,7 +176,7 @@ class Gateway:
             )
             pool = ModelPool(served)
             for replica in pool.replicas:
-                replica.healthy = True  # the controller saw it healthy; the health watch takes over
+                replica.probe_ok = True  # the controller saw it healthy; the health watch takes over
             self.pools[name], self.deployed[name] = pool, source
             self.metrics.child(self.metrics.replicas, name).set(len(pool.replicas))
             changed = True

@@ -108,7 +108,7 @@ class Forwarder:
                     raise _timeout(pool) from None
                 raise
             except aiohttp.ClientConnectionError as exc:
-                replica.healthy = False
+                replica.probe_ok = False  # down until its next good health check
                 log.warning("%s failed before answering (%s); marked unhealthy", replica, exc)
             except aiohttp.ClientError as exc:
                 raise EngineError(f"The engine for '{pool.served.name}' failed: {exc}") from None

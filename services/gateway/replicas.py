@@ -44,10 +44,6 @@ class Replica:
         """Routable: it answers its health check, and its supervisor (if any) counts it ready."""
         return self.probe_ok and (self.status is None or self.status.state == READY)
 
-    @healthy.setter
-    def healthy(self, value: bool) -> None:  # a failed request marks it down until the next good probe
-        self.probe_ok = value
-
     @property
     def failed(self) -> bool:
         return self.status is not None and self.status.state == FAILED

@@ -14,7 +14,6 @@ import msgspec
 from appliance.config import GatewayConfig
 from appliance.objectstore import ObjectStoreSettings
 
-RUNTIME_ENV = "APPLIANCE_GATEWAY_RUNTIME"
 
 
 class ReplicaEndpoint(msgspec.Struct, kw_only=True):

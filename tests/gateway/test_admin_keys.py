@@ -191,6 +191,9 @@ def test_bootstrap_makes_an_admin_key_without_the_api(stack, tmp_path):
     empty = cli("keys", "bootstrap", home=tmp_path / "empty")
     assert empty.returncode == 1 and "has no state database" in empty.stderr
     old = admin_key(stack)
+    kept = cli("keys", "bootstrap", home=stack.home)  # the key file is never overwritten
+    assert kept.returncode == 1 and "already holds an admin key" in kept.stderr and admin_key(stack) == old
+    (stack.home / "admin.key").rename(tmp_path / "lost.key")
     out = ok(cli("keys", "bootstrap", home=stack.home))
     new = admin_key(stack)
     assert new != old and f"admin key: {new}" in out

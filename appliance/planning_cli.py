@@ -31,13 +31,14 @@ def describe_plan(plan: Plan) -> str:
                          f"({e.basis})")
         if mp.engine == "llamacpp":
             layers = {-1: f"all {mp.layers} layers on the GPU", 0: "CPU only"}.get(mp.gpu_layers, f"{mp.gpu_layers} of {mp.layers} layers on the GPU")
-            lines.append(f"  context {mp.context_length} tokens, {layers}")
+            lines.append(f"  {mp.max_num_seqs} parallel slots of {mp.context_length} tokens, {layers}")
         if mp.engine == "vllm":
             lines.append(f"  tensor_parallel_size {mp.tensor_parallel_size}, gpu_memory_utilization "
                          f"{mp.gpu_memory_utilization}, max_model_len {mp.max_model_len}, max_num_seqs {mp.max_num_seqs}")
         for i, p in enumerate(mp.replicas, 1):
             where = "CPU" if p.device == "cpu" else "GPU " + ",".join(map(str, p.gpus)) + f" ({gib(p.gpu_bytes)} each)"
-            lines.append(f"  replica {i}: {p.node}, {where}, RAM {gib(p.ram_bytes)}")
+            threads = f", {p.threads} threads" if p.threads else ""
+            lines.append(f"  replica {i}: {p.node}, {where}, RAM {gib(p.ram_bytes)}{threads}")
         lines += [f"  note: {note}" for note in mp.notes]
     lines += ["", "left free:"]
     lines += [f"  {d.node} {d.device}: {gib(d.free_after_bytes)} of {gib(d.total_bytes)} (planned {gib(d.planned_bytes)})"

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.config import load_profile  # noqa: E402
 from appliance.planning.estimate import MiB, llamacpp_estimate, model_shape  # noqa: E402
+from appliance.planning.planner import LLAMACPP_SLOTS  # noqa: E402
 from services.engines.commands import engine_command  # noqa: E402
 from gateway_overhead import free_port, wait_until  # noqa: E402
 
@@ -56,7 +57,7 @@ def measure(model, context: int) -> dict:
             proc.wait(30)
         log.seek(0)
         logged = {name: float(v) for name, v in LOGGED.findall(log.read().decode(errors="replace"))}
-    estimate = llamacpp_estimate(model_shape(model.path), context)
+    estimate = llamacpp_estimate(model_shape(model.path), context, model.max_num_seqs)
     return {"context": context, "rss_mib": round(rss / MiB, 1), "estimate_mib": round(estimate.total_bytes / MiB, 1),
             "error_pct": round(100 * (estimate.total_bytes - rss) / rss, 1), "llama.cpp logged MiB": logged}
 
@@ -64,11 +65,13 @@ def measure(model, context: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--slots", type=int, default=LLAMACPP_SLOTS[0], help="parallel slots, each with the context")
     args = parser.parse_args()
     model = load_profile("edge-cpu").models[0]
-    model.extra_args = [*model.extra_args, "--verbose", "true"]
+    model.max_num_seqs = args.slots
+    model.extra_args = [*model.extra_args, "--verbosity", "4"]
     for context in args.contexts:
-        print(json.dumps(measure(model, context)), flush=True)
+        print(json.dumps({"slots": args.slots, **measure(model, context)}), flush=True)
 
 
 if __name__ == "__main__":

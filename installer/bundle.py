@@ -139,7 +139,7 @@ def _sha256(path: Path, advance=lambda n: None) -> str:
 
 
 def _project(wheel: str) -> str:
-    """The normalised project name of a wheel file name (llama_cpp_python-0.3.36-... -> llama-cpp-python)."""
+    """The normalised project name of a wheel file name (appliance_llama_server-0.3.36+... -> appliance-llama-server)."""
     return re.sub(r"[-_.]+", "-", wheel.split("-")[0]).lower()
 
 
@@ -177,9 +177,9 @@ def _fetch_minio(source: str, sha256: str, dest: Path, console: Console | None) 
 
 def _collect_wheels(target: str, wheel_dir: Path, console: Console | None) -> None:
     """`pip wheel` the appliance and its dependencies (pip's wheel cache makes repeat builds fast),
-    with llama-cpp-python from the portable recipe (installer/llama_build.py), never pip's own build."""
+    with llama.cpp's server from the portable recipe's wheel (installer/llama_build.py), never another."""
     with _progress(console, spinner=True) as progress:
-        progress.add_task("building the portable llama-cpp-python wheel (minutes the first time)", total=None)
+        progress.add_task("building the portable llama.cpp server (minutes the first time)", total=None)
         llama_wheels = llama_build.build_wheel(llama_build.DEFAULT_CACHE)
     cmd = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off", "--find-links", str(llama_wheels),
            "--wheel-dir", str(wheel_dir), target]
@@ -196,8 +196,8 @@ def _collect_wheels(target: str, wheel_dir: Path, console: Console | None) -> No
     if pip.returncode:
         raise InstallError(f"pip wheel failed (exit {pip.returncode}); its last lines:\n" + "\n".join(tail))
     recipe = {w.name: _sha256(w) for w in llama_wheels.glob("*.whl")}
-    if not any(recipe.get(w.name) == _sha256(w) for w in wheel_dir.glob("llama_cpp_python-*.whl")):
-        raise InstallError(f"pip wheel did not take llama-cpp-python from the portable build in {llama_wheels}")
+    if not any(recipe.get(w.name) == _sha256(w) for w in wheel_dir.glob(f"{llama_build.PACKAGE}-*.whl")):
+        raise InstallError(f"pip wheel did not take {llama_build.DISTRIBUTION} from the portable build in {llama_wheels}")
 
 
 def _bundle_profile(profile: str, loaded: Profile, dest: Path) -> dict[str, Path]:

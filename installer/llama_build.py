@@ -1,20 +1,40 @@
-"""The one recipe for the llama.cpp engine's native code: a portable llama-cpp-python wheel.
+"""The one recipe for the llama.cpp engine's native code: a portable `llama-server` in a wheel.
 
-llama.cpp builds for the build machine by default (`-march=native`): a wheel built on a
+llama.cpp builds for the build machine by default (`-march=native`): a binary built on a
 host with AVX-512 dies with SIGILL on an older one, and on a host with Intel AMX it takes
 llama.cpp's AMX path, which crashes (tile-data permission is requested for the main
-thread only). This recipe pins the version and the CPU instruction sets explicitly:
-an x86-64 baseline with AVX2 (Haswell, 2013, and every server CPU since), never AMX.
+thread only). This recipe pins the source and the CPU instruction sets explicitly:
+an x86-64 baseline with AVX2 (Haswell, 2013, and every server CPU since), never AMX,
+never AVX-512.
 
-Used by the Makefile, install.sh (source installs) and `appliance bundle build`, so
-every wheel the appliance installs comes from here. Stdlib only: the Makefile runs it
-before the virtual environment exists.
+The source is the llama-cpp-python sdist pinned below (by version and SHA-256): it carries
+the whole llama.cpp tree under vendor/llama.cpp. Only llama.cpp's own C++ server,
+`llama-server`, is built from it, linked statically to llama and ggml, CPU only (no GPU
+offload: CUDA builds are not made by this recipe), with no network code and no web UI
+(the appliance installs offline). The binary is packed into a small platform wheel that
+this module writes itself:
+
+    appliance_llama_server-0.3.36+<recipe hash>-py3-none-linux_x86_64.whl
+        appliance_llama_server/__init__.py    binary() -> Path, build_info() -> dict
+        appliance_llama_server/bin/llama-server
+        appliance_llama_server/build.json     llama.cpp commit, recipe key, CPU features, ...
+        appliance_llama_server/licenses/      llama.cpp's MIT licence and its vendored ones
+
+Its version is a PEP 440 local version, so `appliance-llama-server==0.3.36` in pyproject.toml
+matches it. Wheels are kept per recipe in ~/.cache/appliance/wheels/<recipe key>/
+(APPLIANCE_WHEEL_CACHE overrides): a changed recipe never reuses an older build.
+
+Used by the Makefile, install.sh (source installs) and `appliance bundle build`, so every
+llama.cpp binary the appliance installs comes from here. Stdlib only: the Makefile runs
+it before the virtual environment exists (it needs pip, cmake, ninja, a C++ compiler and
+objdump).
 
     python installer/llama_build.py [CACHE]   # builds if needed; prints the folder for pip --find-links
-    python installer/llama_build.py --check   # the installed llama_cpp is that wheel: no AMX, nothing beyond it
+    python installer/llama_build.py --check   # the installed llama-server is that build: no AMX, no AVX-512, runs
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import json
@@ -23,12 +43,20 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
-VERSION = "0.3.36"  # pyproject.toml pins the same
+VERSION = "0.3.36"  # pyproject.toml pins appliance-llama-server==VERSION
+REQUIREMENT = f"llama-cpp-python=={VERSION}"  # the sdist: its vendor/llama.cpp is what is built
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+DISTRIBUTION = "appliance-llama-server"
+PACKAGE = "appliance_llama_server"
+TARGET = "llama-server"
+WHEEL_TAG = "py3-none-linux_x86_64"
 DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_WHEEL_CACHE") or "~/.cache/appliance/wheels").expanduser()
-REQUIREMENT = f"llama-cpp-python=={VERSION}"
 
 # Explicit instruction sets: nothing is detected from the build machine.
 CMAKE_ARGS = (
@@ -55,89 +83,309 @@ CMAKE_ARGS = (
     "-DGGML_LLAMAFILE=OFF",
 )
 
-# What the wheel's code executes, as /proc/cpuinfo names the flags; a bundle records
+# What is built: one self-contained server binary, llama and ggml linked in statically.
+SERVER_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    # No network code: models are local files; the appliance installs offline.
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    # The server alone; no web UI (the prebuilt one would be downloaded at configure time).
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+)
+
+# What the binary's code executes, as /proc/cpuinfo names the flags; a bundle records
 # them and an install on a CPU without one of them is refused up front.
 CPU_FEATURES = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2")
 
-# Intel AMX tile instructions: none may appear in any library the appliance can load.
+# Intel AMX tile instructions, and AVX-512 code (a zmm register, a mask register k0-k7, or
+# xmm16-31/ymm16-31, which exist only with AVX-512's EVEX encoding): none may appear in the binary.
 AMX_MNEMONIC = re.compile(r"\s(tilezero|ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilerelease|tdp\w+)\s")
+AVX512_REGISTER = re.compile(r"%(zmm\d+|k[0-7]|[xy]mm(1[6-9]|2\d|3[01]))\b")
+
+# The wheel's Python code. Part of the recipe: a changed package is a new wheel.
+PACKAGE_INIT = '''\
+"""llama.cpp's OpenAI-compatible server, `llama-server`, built portable by the appliance.
+
+Built by the appliance's installer/llama_build.py from the llama.cpp tree of a pinned
+llama-cpp-python sdist: x86-64 with AVX2, no AVX-512, no Intel AMX, CPU only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def binary() -> Path:
+    """The llama-server executable in this package."""
+    return _HERE / "bin" / "llama-server"
+
+
+def build_info() -> dict:
+    """How the binary was built (build.json): llama.cpp's commit, the recipe key, the CPU
+    features its code needs (/proc/cpuinfo names), gpu_offload, and the CMake arguments."""
+    return json.loads((_HERE / "build.json").read_text(encoding="utf-8"))
+'''
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed: the same binary always packs into the same wheel
+WHEEL_LAYOUT = "1"  # part of the recipe: bump it when write_wheel() packs differently
 
 
 def recipe_key() -> str:
-    """Names a wheel by its recipe, so a changed recipe never reuses an older build."""
-    digest = hashlib.sha256("\n".join((REQUIREMENT, *CMAKE_ARGS)).encode()).hexdigest()[:12]
+    """Names a build by its recipe, so a changed recipe never reuses an older build."""
+    recipe = (REQUIREMENT, SDIST_SHA256, TARGET, WHEEL_TAG, WHEEL_LAYOUT, *cmake_args(), PACKAGE_INIT)
+    digest = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:12]
     return f"{VERSION}-{digest}"
+
+
+def cmake_args() -> tuple[str, ...]:
+    """Every argument the build is configured with: the instruction sets, then what is built."""
+    return (*CMAKE_ARGS, *SERVER_CMAKE_ARGS)
+
+
+def wheel_version() -> str:
+    """0.3.36+<recipe hash>: a local version, so ==0.3.36 matches it."""
+    return f"{VERSION}+{recipe_key().rsplit('-', 1)[1]}"
+
+
+def _run(cmd: list[str], **kwargs) -> None:
+    """Run a build step with its output on stderr (stdout is for the folder's path alone)."""
+    print("llama_build: " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=sys.stderr, **kwargs)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_source(dest: Path) -> Path:
+    """Download the pinned sdist into `dest`, check its SHA-256, unpack it; return its llama.cpp tree."""
+    _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--disable-pip-version-check",
+          "-d", str(dest), REQUIREMENT])
+    sdists = list(dest.glob("llama_cpp_python-*.tar.gz"))
+    if len(sdists) != 1:
+        raise SystemExit(f"llama_build: pip download left {len(sdists)} llama-cpp-python sdists in {dest}")
+    if (got := _sha256(sdists[0])) != SDIST_SHA256:
+        raise SystemExit(f"llama_build: {sdists[0].name} has SHA-256 {got}, the recipe pins {SDIST_SHA256}")
+    with tarfile.open(sdists[0]) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: no links or paths out of dest
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)
+    tree = dest / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not (tree / "CMakeLists.txt").is_file():
+        raise SystemExit(f"llama_build: {sdists[0].name} has no vendor/llama.cpp tree")
+    return tree
+
+
+def compile_server(source: Path, build: Path) -> Path:
+    """Configure llama.cpp with the recipe's flags and build the llama-server target alone; return the binary."""
+    for tool in ("cmake", "ninja", "objdump"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"llama_build: {tool} is needed to build llama-server (apt-get install cmake ninja-build g++ binutils)")
+    _run(["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *cmake_args()])
+    _run(["cmake", "--build", str(build), "--target", TARGET, "-j", str(_cpus())])
+    binary = build / "bin" / TARGET
+    if not binary.is_file():
+        raise SystemExit(f"llama_build: the build made no {binary}")
+    return binary
+
+
+def _cmake_cache(build: Path, name: str) -> str | None:
+    found = re.search(rf"^{name}:[A-Z]+=(.*)$", (build / "CMakeCache.txt").read_text(), re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _dynamic_needs(binary: Path) -> tuple[list[str], str | None]:
+    """The shared libraries `binary` needs at run time, and the newest glibc symbol version it uses."""
+    headers = subprocess.run(["objdump", "-p", str(binary)], capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(["objdump", "-T", str(binary)], capture_output=True, text=True, check=True).stdout
+    versions = {tuple(int(n) for n in v.split(".")) for v in re.findall(r"GLIBC_(\d+(?:\.\d+)+)", symbols)}
+    glibc = ".".join(map(str, max(versions))) if versions else None
+    return re.findall(r"^\s*NEEDED\s+(\S+)", headers, re.MULTILINE), glibc
+
+
+def describe_build(binary: Path, build: Path) -> dict:
+    """build.json: what the binary is, how it was built, and what it needs of the machine."""
+    info_cpp = (build / "common" / "build-info.cpp").read_text()
+    generated = dict(re.findall(r"(LLAMA_\w+) = \"?([^\";]*)\"?;", info_cpp))
+    backends = (_cmake_cache(build, "GGML_AVAILABLE_BACKENDS") or "").split(";")
+    needed, glibc = _dynamic_needs(binary)
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
+    reported = re.search(r"version: (\S+)", version.stdout + version.stderr)
+    return {
+        "distribution": DISTRIBUTION,
+        "version": wheel_version(),
+        "recipe": recipe_key(),
+        "source": {"requirement": REQUIREMENT, "sha256": SDIST_SHA256, "tree": "vendor/llama.cpp"},
+        "llama_cpp_version": reported.group(1) if reported else None,
+        "llama_cpp_commit": None if generated.get("LLAMA_COMMIT") in (None, "unknown") else generated["LLAMA_COMMIT"],
+        "llama_cpp_build_number": int(generated.get("LLAMA_BUILD_NUMBER") or 0),
+        "compiler": generated.get("LLAMA_COMPILER"),
+        "target": TARGET,
+        "cpu_features": list(CPU_FEATURES),
+        "backends": [b for b in backends if b],
+        # Only ggml's CPU backend is built: CUDA (or any GPU) builds are not made by this recipe.
+        "gpu_offload": any(b not in ("ggml-cpu", "ggml-blas") for b in backends if b),
+        "needed_libraries": needed,
+        "glibc": glibc,
+        "cmake_args": list(cmake_args()),
+    }
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def write_wheel(out_dir: Path, binary: Path, info: dict, licenses: dict[str, Path]) -> Path:
+    """Pack `binary`, build.json and the package code into this recipe's wheel in `out_dir`; return its path.
+
+    `licenses` maps a file name under the package's licenses/ folder to its source file.
+    """
+    version = wheel_version()
+    dist_info = f"{PACKAGE}-{version}.dist-info"
+    metadata = (f"Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {version}\n"
+                f"Summary: llama.cpp's llama-server ({REQUIREMENT}'s vendor/llama.cpp), built portable for the appliance\n"
+                "License: MIT\nRequires-Python: >=3.8\n")
+    members: list[tuple[str, bytes, int]] = [
+        (f"{PACKAGE}/__init__.py", PACKAGE_INIT.encode(), 0o644),
+        (f"{PACKAGE}/build.json", (json.dumps(info, indent=2) + "\n").encode(), 0o644),
+        (f"{PACKAGE}/bin/{TARGET}", binary.read_bytes(), 0o755),
+        *((f"{PACKAGE}/licenses/{name}", path.read_bytes(), 0o644) for name, path in sorted(licenses.items())),
+        (f"{dist_info}/METADATA", metadata.encode(), 0o644),
+        (f"{dist_info}/WHEEL", (f"Wheel-Version: 1.0\nGenerator: appliance installer/llama_build.py\n"
+                                f"Root-Is-Purelib: false\nTag: {WHEEL_TAG}\n").encode(), 0o644),
+    ]
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data, _ in members) + f"{dist_info}/RECORD,,\n"
+    members.append((f"{dist_info}/RECORD", record.encode(), 0o644))
+    path = out_dir / f"{PACKAGE}-{version}-{WHEEL_TAG}.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
+        for name, data, mode in members:
+            entry = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+            entry.external_attr = (0o100000 | mode) << 16  # a regular file with these permission bits: pip keeps +x
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            whl.writestr(entry, data)
+    return path
 
 
 def build_wheel(cache: Path) -> Path:
     """The folder holding this recipe's wheel under `cache`, building it first if absent.
 
-    Built with pip's cache off, so no wheel built with another recipe is reused.
+    The source, the build tree and the wheel are made in a temporary folder inside `cache`
+    (removed afterwards); only the finished wheel is moved, atomically, into place.
     """
     folder = cache / recipe_key()
-    if list(folder.glob("llama_cpp_python-*.whl")):
+    if list(folder.glob(f"{PACKAGE}-*.whl")):
         return folder
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as staging:
-        env = {**os.environ, "CMAKE_ARGS": " ".join(CMAKE_ARGS), "FORCE_CMAKE": "1"}
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
-             "--no-binary", "llama-cpp-python", "--wheel-dir", staging, REQUIREMENT],
-            env=env, check=True, stdout=sys.stderr,  # stdout is for the folder's path alone
-        )
-        built = list(Path(staging).glob("llama_cpp_python-*.whl"))
-        if len(built) != 1:
-            raise SystemExit(f"pip wheel left {len(built)} llama-cpp-python wheels in {staging}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
+        staging = Path(tmp)
+        tree = fetch_source(staging / "source")
+        binary = compile_server(tree, staging / "build")
+        if problems := binary_problems(binary):
+            raise SystemExit("llama_build: the build is not portable: " + "; ".join(problems))
+        licenses = {"LICENSE": tree / "LICENSE", **{p.name: p for p in sorted((tree / "licenses").glob("LICENSE*"))}}
+        (staging / "dist").mkdir()
+        wheel = write_wheel(staging / "dist", binary, describe_build(binary, staging / "build"), licenses)
         folder.mkdir(exist_ok=True)
-        os.replace(built[0], folder / built[0].name)  # atomic: a half-built wheel is never found
+        os.replace(wheel, folder / wheel.name)  # atomic: a half-written wheel is never found
+    print(f"llama_build: built {folder / wheel.name} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return folder
 
 
-def libraries(package_dir: Path) -> list[Path]:
-    """Every shared library shipped inside the llama_cpp package folder."""
-    return sorted(p for p in package_dir.rglob("*.so*") if p.is_file() and not p.is_symlink())
+def instructions(binary: Path, patterns: dict[str, re.Pattern], limit: int = 5) -> dict[str, list[str]]:
+    """Up to `limit` disassembled lines of `binary` per pattern that matches its instruction text.
 
-
-def amx_instructions(library: Path, limit: int = 5) -> list[str]:
-    """Up to `limit` disassembled lines of `library` that use an AMX tile instruction."""
+    Symbol names (<...>) and objdump's comments (# ...) are left out of the text matched.
+    """
     if shutil.which("objdump") is None:
-        raise RuntimeError("objdump (binutils) is needed to scan native libraries")
-    found = []
-    with subprocess.Popen(["objdump", "-d", "--no-show-raw-insn", str(library)],
+        raise RuntimeError("objdump (binutils) is needed to scan native code")
+    found: dict[str, list[str]] = {kind: [] for kind in patterns}
+    with subprocess.Popen(["objdump", "-d", "--no-show-raw-insn", str(binary)],
                           stdout=subprocess.PIPE, text=True) as dump:
         for line in dump.stdout:
-            if AMX_MNEMONIC.search(line):
-                found.append(line.strip())
-                if len(found) >= limit:
-                    dump.kill()
-                    break
+            _, tab, text = line.partition(":\t")
+            if not tab:
+                continue  # a section or symbol heading, not an instruction
+            if "<" in text or "#" in text:
+                text = re.sub(r"<[^>]*>", "", text.split("#", 1)[0])
+            text = f" {text} "
+            for kind, pattern in patterns.items():
+                if len(found[kind]) < limit and pattern.search(text):
+                    found[kind].append(line.strip())
+            if all(len(lines) >= limit for lines in found.values()):
+                dump.kill()
+                break
     return found
 
 
-def installed_problems() -> list[str]:
-    """What is wrong with the llama_cpp package this Python imports: AMX code, or a build
-    whose reported CPU features go beyond the recipe (a wheel from another recipe)."""
-    import llama_cpp  # only in the appliance's environment, after pip install
+def amx_instructions(binary: Path, limit: int = 5) -> list[str]:
+    """Up to `limit` disassembled lines of `binary` that use an AMX tile instruction."""
+    return instructions(binary, {"AMX": AMX_MNEMONIC}, limit)["AMX"]
 
+
+def avx512_instructions(binary: Path, limit: int = 5) -> list[str]:
+    """Up to `limit` disassembled lines of `binary` that use AVX-512 registers (zmm, k0-k7, x/ymm16-31)."""
+    return instructions(binary, {"AVX-512": AVX512_REGISTER}, limit)["AVX-512"]
+
+
+def binary_problems(binary: Path) -> list[str]:
+    """What is wrong with a llama-server binary: AMX or AVX-512 code, or it does not run."""
+    problems = [f"{binary.name} contains {kind} instructions ({lines[0]})"
+                for kind, lines in instructions(binary, {"AMX": AMX_MNEMONIC, "AVX-512": AVX512_REGISTER}, 1).items()
+                if lines]
+    try:
+        run = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
+        if run.returncode:
+            problems.append(f"{binary} --version exited {run.returncode}: {(run.stderr or run.stdout).strip()[-500:]}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problems.append(f"{binary} --version did not run: {exc}")
+    return problems
+
+
+def installed_problems() -> list[str]:
+    """What is wrong with the llama-server this Python's environment provides: not this recipe's
+    wheel, AMX or AVX-512 code, or a binary that does not run here."""
+    try:
+        import appliance_llama_server  # only in the appliance's environment, after pip install
+    except ImportError:
+        return [f"{DISTRIBUTION} is not installed in {sys.prefix}"]
     problems = []
     try:  # PEP 610: pip records the wheel file it installed from
-        source = json.loads(importlib.metadata.distribution("llama-cpp-python").read_text("direct_url.json") or "{}")
+        source = json.loads(importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json") or "{}")
     except importlib.metadata.PackageNotFoundError:
         source = {}
     if recipe_key() not in source.get("url", ""):
-        problems.append(f"the installed llama-cpp-python is not this recipe's wheel ({recipe_key()}); "
+        problems.append(f"the installed {DISTRIBUTION} is not this recipe's wheel ({recipe_key()}); "
                         f"it came from {source.get('url') or 'a package index or pip cache'}")
-    libs = libraries(Path(llama_cpp.__file__).parent)
-    if not libs:
-        problems.append(f"no shared libraries found in {Path(llama_cpp.__file__).parent}")
-    for lib in libs:
-        if found := amx_instructions(lib, limit=1):
-            problems.append(f"{lib.name} contains Intel AMX instructions ({found[0]})")
-    info = llama_cpp.llama_print_system_info().decode()
-    enabled = set(re.findall(r"(\w+) = 1", info))
-    if extra := sorted(enabled & {"AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI", "AMX_INT8", "AMX_BF16"}):
-        problems.append(f"llama.cpp was built with {', '.join(extra)}, beyond this recipe ({info.strip()})")
-    return problems
+    info = appliance_llama_server.build_info()
+    if info.get("recipe") != recipe_key():
+        problems.append(f"the installed llama-server was built by recipe {info.get('recipe')}, not {recipe_key()}")
+    binary = appliance_llama_server.binary()
+    if not os.access(binary, os.X_OK):
+        return [*problems, f"{binary} is missing or not executable"]
+    return problems + binary_problems(binary)
 
 
 def main(argv: list[str]) -> int:
@@ -145,11 +393,23 @@ def main(argv: list[str]) -> int:
         problems = installed_problems()
         for problem in problems:
             print(f"llama_build: {problem}; rebuild with installer/llama_build.py", file=sys.stderr)
+        if not problems:
+            import appliance_llama_server
+
+            info = appliance_llama_server.build_info()
+            print(f"llama_build: {appliance_llama_server.binary()} is recipe {info['recipe']} "
+                  f"(llama.cpp {info.get('llama_cpp_commit') or 'commit unknown'}): no AMX, no AVX-512, runs")
         return 1 if problems else 0
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: " + "\n       ".join(line.strip() for line in __doc__.splitlines() if "llama_build.py" in line), file=sys.stderr)
+        usage = [line.strip() for line in __doc__.splitlines() if line.strip().startswith("python installer/")]
+        print("usage: " + "\n       ".join(usage), file=sys.stderr)
         return 2
-    print(build_wheel(Path(argv[0]).expanduser().resolve() if argv else DEFAULT_CACHE))
+    try:
+        print(build_wheel(Path(argv[0]).expanduser().resolve() if argv else DEFAULT_CACHE))
+    except subprocess.CalledProcessError as exc:
+        print(f"llama_build: {' '.join(map(str, exc.cmd))} failed (exit {exc.returncode}); its output is above",
+              file=sys.stderr)
+        return 1
     return 0
 
 

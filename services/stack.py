@@ -23,8 +23,7 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
     return ServedModel(
         name=model.name, engine=model.engine, replicas=replicas, upstream_model=model.upstream_model,
         embeddings=model.embeddings,
-        # llama.cpp keeps every token's logits only when the profile asks (see docs/engines.md)
-        logprobs=model.engine != "llamacpp" or model.logprobs,
+        context_length=model.context_length if model.engine != "remote" else None,
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
         created=created,
     )

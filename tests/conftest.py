@@ -147,7 +147,7 @@ class Stack:
                 cmdline = proc.cmdline()
             except (psutil.ZombieProcess, psutil.NoSuchProcess):
                 continue
-            if "services.engines.llamacpp_server" in cmdline and model in cmdline:
+            if cmdline and Path(cmdline[0]).name == "llama-server" and model in cmdline:
                 pids.append(proc.pid)
         return pids
 

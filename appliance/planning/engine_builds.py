@@ -1,44 +1,39 @@
 """What the engine builds installed on this machine need and can do, checked against a plan.
 
-llama.cpp's build is portable (installer/llama_build.py): an x86-64 baseline with AVX2,
-CPU-only. A machine without one of its instruction sets would kill the engine with
-SIGILL, and a plan that puts llama.cpp layers on a GPU would silently run on the CPU:
-both are refused before anything starts.
+llama.cpp's server is built portable (installer/llama_build.py): an x86-64 baseline with
+AVX2, CPU-only, as the build.json of the appliance-llama-server package records. A machine
+without one of its instruction sets would kill the engine with SIGILL, and a plan that puts
+llama.cpp layers on a GPU would silently run on the CPU: both are refused before anything
+starts.
 """
 
 from __future__ import annotations
-
-import functools
-import re
 
 from appliance.errors import PlanError
 from appliance.planning.inventory import Inventory
 from appliance.planning.plan_model import Plan
 
-# llama_print_system_info()'s names -> /proc/cpuinfo's, for the sets the probe records.
-SYSTEM_INFO_FLAGS = {
-    "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2", "AVX_VNNI": "avx_vnni",
-    "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
-    "AMX_INT8": "amx_int8", "AMX_BF16": "amx_bf16",
-}
 
-
-@functools.cache
-def _llama_cpp():
-    import llama_cpp  # loads the native library: only when a plan needs the answer
-
-    return llama_cpp
+def _build_info() -> dict:
+    """build.json of the installed llama-server (the appliance-llama-server wheel)."""
+    try:
+        import appliance_llama_server  # imported only when a plan needs the answer
+    except ImportError:
+        raise PlanError(
+            "llama.cpp's server is not installed (no appliance-llama-server package): "
+            "build and install it with installer/llama_build.py (make install does both)"
+        ) from None
+    return appliance_llama_server.build_info()
 
 
 def llamacpp_gpu_offload() -> bool:
-    """llama_supports_gpu_offload() of the llama.cpp library this Python loads."""
-    return bool(_llama_cpp().llama_supports_gpu_offload())
+    """Whether the installed llama-server was built with a GPU backend (build.json's gpu_offload)."""
+    return bool(_build_info().get("gpu_offload"))
 
 
 def llamacpp_cpu_features() -> list[str]:
-    """The instruction sets the loaded llama.cpp library was compiled to use, as /proc/cpuinfo names them."""
-    info = _llama_cpp().llama_print_system_info().decode()
-    return [SYSTEM_INFO_FLAGS[name] for name in re.findall(r"(\w+) = 1", info) if name in SYSTEM_INFO_FLAGS]
+    """The instruction sets the installed llama-server was compiled to use, as /proc/cpuinfo names them."""
+    return list(_build_info().get("cpu_features", []))
 
 
 def check_engine_builds(plan: Plan, machine: Inventory) -> None:
@@ -56,6 +51,6 @@ def check_engine_builds(plan: Plan, machine: Inventory) -> None:
     if offloaded and not llamacpp_gpu_offload():
         raise PlanError(
             f"{', '.join(offloaded)}: the plan puts llama.cpp layers on the GPU, but this llama.cpp build has no "
-            "GPU offload (llama_supports_gpu_offload() is false; the appliance's build is portable and CPU-only). "
+            "GPU offload (its build.json says gpu_offload: false; the appliance's build is portable and CPU-only). "
             "Set gpu_layers: 0 on these models in the profile to run them on the CPU, or serve them with engine: vllm."
         )

@@ -23,17 +23,16 @@ from appliance.planning.plan_model import MemoryEstimate
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-# llama.cpp through llama-cpp-python (n_batch = n_ubatch = 512, its defaults):
-# - runtime: the engine process without a model (Python, the library, its server) plus
-#   llama-cpp-python's own logits array for one batch (batch x vocabulary x 4 bytes);
-# - compute: llama.cpp's buffer, the larger of one micro-batch's logits and its
-#   attention scores over the whole context (4-byte floats), plus a small fixed part;
-# - activations: what the engine holds per context token beyond the KV cache while it
-#   processes a long prompt, measured as about 16 bytes per embedding dimension.
-LLAMACPP_RUNTIME_BYTES = 64 * MiB
+# llama.cpp's server (n_ubatch = 512, its default; flash attention, so no scores matrix
+# over the context), as it logs its buffers:
+# - compute: one micro-batch's logits (batch x vocabulary x 4 bytes), a small fixed part,
+#   and about 1.2 bytes per embedding dimension per context token of one sequence
+#   (counted as 2): allocated in full, though a quiet engine touches less of it;
+# - runtime: the server process itself, without buffers.
+LLAMACPP_RUNTIME_BYTES = 16 * MiB
 LLAMACPP_BATCH = 512
-LLAMACPP_COMPUTE_BASE_BYTES = 8 * MiB
-LLAMACPP_ACTIVATION_BYTES_PER_DIM = 16
+LLAMACPP_COMPUTE_BASE_BYTES = 4 * MiB
+LLAMACPP_ACTIVATION_BYTES_PER_DIM = 2
 # On a GPU every process also holds a CUDA context, and vLLM reserves activation memory
 # for its largest batch and its CUDA graphs.
 CUDA_CONTEXT_BYTES = 512 * MiB
@@ -152,17 +151,16 @@ def _cached_gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelShape:
 
 
 def llamacpp_compute_bytes(shape: ModelShape, context: int) -> int:
-    scores = 4 * LLAMACPP_BATCH * max(shape.vocabulary, context * shape.heads)
+    logits = 4 * LLAMACPP_BATCH * shape.vocabulary
     activations = LLAMACPP_ACTIVATION_BYTES_PER_DIM * shape.embedding * context
-    return LLAMACPP_COMPUTE_BASE_BYTES + scores + activations
+    return LLAMACPP_COMPUTE_BASE_BYTES + logits + activations
 
 
-def llamacpp_estimate(shape: ModelShape, context: int, *, logprobs: bool = False) -> MemoryEstimate:
-    kv = shape.kv_bytes_per_token * context
+def llamacpp_estimate(shape: ModelShape, context: int, slots: int = 1) -> MemoryEstimate:
+    """One llama-server replica with `slots` parallel sequences of `context` tokens each."""
+    kv = shape.kv_bytes_per_token * context * slots
     compute = llamacpp_compute_bytes(shape, context)
-    if logprobs:  # `logprobs: true`: logits of every context token, kept twice (llama.cpp and the server)
-        compute += 2 * 4 * context * shape.vocabulary
-    runtime = LLAMACPP_RUNTIME_BYTES + 4 * LLAMACPP_BATCH * shape.vocabulary
+    runtime = LLAMACPP_RUNTIME_BYTES
     return MemoryEstimate(
         weights_bytes=shape.weights_bytes,
         kv_cache_bytes=kv,

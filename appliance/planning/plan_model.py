@@ -28,6 +28,7 @@ class Placement(msgspec.Struct, kw_only=True):
     node: str
     device: Literal["cpu", "gpu"]
     gpus: list[int] = []
+    threads: int | None = None  # llama.cpp: CPU threads of this replica (its share of the node's cores)
     gpu_bytes: int = 0  # planned use of each of those GPUs
     ram_bytes: int = 0  # planned use of the node's RAM
 
@@ -36,7 +37,10 @@ class ModelPlan(msgspec.Struct, kw_only=True):
     name: str
     engine: Literal["llamacpp", "vllm", "remote"]
     replicas: list[Placement] = []
-    context_length: int | None = None
+    context_length: int | None = None  # per sequence
+    # Sequences served at once: llama.cpp's parallel slots (each with context_length of KV
+    # cache), vLLM's --max-num-seqs.
+    max_num_seqs: int | None = None
     estimate: MemoryEstimate | None = None  # None for remote models
     # llama.cpp
     gpu_layers: int | None = None  # -1: every layer on the GPU; 0: CPU only; N: the first N layers
@@ -45,7 +49,6 @@ class ModelPlan(msgspec.Struct, kw_only=True):
     tensor_parallel_size: int | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    max_num_seqs: int | None = None
     notes: list[str] = []
 
 
@@ -80,4 +83,5 @@ def planned_model(model, mp: ModelPlan, placement: Placement):
         gpus=mp.tensor_parallel_size or len(placement.gpus) or None,
         gpu_memory_utilization=mp.gpu_memory_utilization or model.gpu_memory_utilization,
         max_num_seqs=mp.max_num_seqs or model.max_num_seqs,
+        threads=model.threads or placement.threads,
     )

@@ -10,7 +10,10 @@ Rules, in order:
 - llama.cpp: every layer on one GPU when it fits; else as many layers as fit (partial
   offload, the rest in RAM); else the CPU. `gpu_layers` in the profile overrides this.
   Replicas on one node share the weights through the page cache (the file is mmapped),
-  so RAM counts them once per node.
+  so RAM counts them once per node. Each replica serves LLAMACPP_SLOTS sequences at
+  once (parallel slots, each with context_length tokens of KV cache), fewer when that
+  does not fit, or the profile's max_num_seqs; the llama.cpp replicas on a node share
+  its physical cores as threads, unless the profile sets `threads`.
 - vLLM: the smallest tensor-parallel size (1, 2, 4, 8) whose share of weights and one
   full-length sequence of KV cache fits; it gets the GPUs' free memory (at most
   MAX_GPU_UTILIZATION) and max_num_seqs is what that KV cache holds at max_model_len.
@@ -18,6 +21,7 @@ Rules, in order:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from appliance.config import Profile, ModelConfig
@@ -38,6 +42,10 @@ RAM_RESERVE_BYTES = 1 * GiB  # the OS and the appliance's own processes on each 
 GPU_RESERVE_FRACTION = 0.05  # left free on every GPU
 MAX_GPU_UTILIZATION = 0.90
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's own default
+# llama.cpp slots tried, most first. Slots beyond the concurrent requests cost only KV
+# memory; on CPU 8 slots more than double the decode throughput of one at concurrency 8
+# (docs/benchmarks.md, "Engine batching").
+LLAMACPP_SLOTS = (8, 4, 2, 1)
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 
 
@@ -58,6 +66,7 @@ class Node:
     name: str
     ram_total: int
     ram_free: int
+    cores: int
     gpus: list[Gpu]
     whole_gpus: bool  # one replica per GPU (Kubernetes hands out whole GPUs)
     mapped: set[str] = field(default_factory=set)  # model files already counted in this node's RAM
@@ -67,7 +76,7 @@ class Node:
         gpus = [Gpu(g.index, g.name, g.memory_total_bytes, int(g.memory_free_bytes - g.memory_total_bytes * GPU_RESERVE_FRACTION))
                 for g in inventory.gpus if not g.mig_mode]
         return cls(inventory.hostname, inventory.memory_total_bytes, inventory.memory_available_bytes - RAM_RESERVE_BYTES,
-                   gpus, whole_gpus)
+                   inventory.cpu.physical_cores, gpus, whole_gpus)
 
     def take(self, gpu: Gpu, nbytes: int) -> None:
         gpu.free = 0 if self.whole_gpus else gpu.free - nbytes
@@ -104,6 +113,7 @@ def make_plan(profile: Profile, inventories: list[Inventory], *, whole_gpus: boo
         shape = shapes.get(model.path) or shapes.setdefault(model.path, model_shape(model.path))
         place = _place_vllm if model.engine == "vllm" else _place_llamacpp
         plans[model.name] = place(model, shape, nodes)
+    _share_cores(profile, plans, nodes)
     if mig:
         for mp in plans.values():
             if mp.engine != "remote":
@@ -133,11 +143,28 @@ def _context_notes(model: ModelConfig, shape: ModelShape) -> list[str]:
 
 
 def _place_llamacpp(model: ModelConfig, shape: ModelShape, nodes: list[Node]) -> ModelPlan:
+    """The most slots (LLAMACPP_SLOTS, or the profile's max_num_seqs) with which every replica fits."""
+    counts = [model.max_num_seqs] if model.max_num_seqs else LLAMACPP_SLOTS
+    for slots in counts:
+        trial = copy.deepcopy(nodes)
+        try:
+            plan = _place_llamacpp_slots(model, shape, trial, slots)
+        except PlanError as exc:
+            refusal = exc
+            continue
+        nodes[:] = trial
+        if slots != counts[0]:
+            plan.notes.append(f"{slots} parallel slots: {counts[0]} do not fit")
+        return plan
+    raise refusal
+
+
+def _place_llamacpp_slots(model: ModelConfig, shape: ModelShape, nodes: list[Node], slots: int) -> ModelPlan:
     context = model.context_length
-    cpu = llamacpp_estimate(shape, context, logprobs=model.logprobs)
-    plan = ModelPlan(name=model.name, engine="llamacpp", context_length=context, estimate=cpu, layers=shape.layers,
-                     notes=_context_notes(model, shape))
-    per_layer = (shape.weights_bytes + shape.kv_bytes_per_token * context) // shape.layers
+    cpu = llamacpp_estimate(shape, context, slots)
+    plan = ModelPlan(name=model.name, engine="llamacpp", context_length=context, max_num_seqs=slots, estimate=cpu,
+                     layers=shape.layers, notes=_context_notes(model, shape))
+    per_layer = (shape.weights_bytes + shape.kv_bytes_per_token * context * slots) // shape.layers
     gpu_fixed = cpu.compute_bytes + CUDA_CONTEXT_BYTES  # on the GPU whatever the number of layers
     for replica in range(model.replicas):
         placement = None
@@ -146,7 +173,7 @@ def _place_llamacpp(model: ModelConfig, shape: ModelShape, nodes: list[Node]) ->
             if placement:
                 break
         if placement is None:
-            raise PlanError(_no_room_llamacpp(model, replica, cpu, nodes))
+            raise PlanError(_no_room_llamacpp(model, replica, slots, cpu, nodes))
         plan.replicas.append(placement)
     if plan.gpu_layers and plan.gpu_layers != -1:
         plan.notes.append(f"partial offload: {plan.gpu_layers} of {shape.layers} layers on the GPU, the rest on the CPU")
@@ -182,17 +209,28 @@ def _llamacpp_on(node: Node, model: ModelConfig, shape: ModelShape, plan: ModelP
     return Placement(node=node.name, device="cpu", ram_bytes=ram_cpu)
 
 
-def _no_room_llamacpp(model: ModelConfig, replica: int, estimate: MemoryEstimate, nodes: list[Node]) -> str:
+def _share_cores(profile: Profile, plans: dict[str, ModelPlan], nodes: list[Node]) -> None:
+    """Each llama.cpp replica's threads: the profile's `threads`, else its node's physical
+    cores split among the llama.cpp replicas there."""
+    threads = {m.name: m.threads for m in profile.models}
+    for node in nodes:
+        here = [(mp.name, p) for mp in plans.values() if mp.engine == "llamacpp" for p in mp.replicas if p.node == node.name]
+        for name, placement in here:
+            placement.threads = threads[name] or max(1, node.cores // len(here))
+
+
+def _no_room_llamacpp(model: ModelConfig, replica: int, slots: int, estimate: MemoryEstimate, nodes: list[Node]) -> str:
     e = estimate
+    sequences = f"{slots} parallel sequences of {model.context_length} tokens" if slots > 1 else f"{model.context_length} tokens"
     need = (f"needs {gib(e.total_bytes)} (weights {gib(e.weights_bytes)} + KV cache {gib(e.kv_cache_bytes)} for "
-            f"{model.context_length} tokens + compute {gib(e.compute_bytes)} + runtime {gib(e.runtime_bytes)})")
+            f"{sequences} + compute {gib(e.compute_bytes)} + runtime {gib(e.runtime_bytes)})")
     room = "; ".join(
         f"{n.name}: RAM {gib(max(n.ram_free, 0))} free of {gib(n.ram_total)}"
         + "".join(f", {g.label} {gib(max(g.free, 0))} free of {gib(g.total)}" for g in n.gpus)
         for n in nodes
     )
     return (f"model '{model.name}' replica {replica + 1} of {model.replicas} does not fit: it {need}; left after the "
-            f"models before it: {room}. Lower context_length or replicas, or use a smaller quantisation.")
+            f"models before it: {room}. Lower context_length, max_num_seqs or replicas, or use a smaller quantisation.")
 
 
 def _place_vllm(model: ModelConfig, shape: ModelShape, nodes: list[Node]) -> ModelPlan:

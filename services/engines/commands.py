@@ -1,7 +1,9 @@
 """How each engine kind is started: the command line of one replica.
 
-llama.cpp runs llama-cpp-python's OpenAI-compatible server; vLLM runs `vllm serve`
-(its OpenAI server, documented CLI flags only); a remote model has no local process.
+llama.cpp runs its own OpenAI-compatible server, `llama-server` (continuous batching over
+parallel slots), built portable by installer/llama_build.py and installed with the
+appliance-llama-server package; vLLM runs `vllm serve` (its OpenAI server, documented
+CLI flags only); a remote model has no local process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from appliance.config import ModelConfig
 class EngineCommand(msgspec.Struct, kw_only=True):
     argv: list[str]
     base_url: str  # OpenAI API root the gateway talks to
-    health_url: str  # answers 200 once the model is loaded
+    health_url: str  # answers 200 once the model is loaded, and while the engine is busy
 
 
 def default_threads() -> int:
@@ -25,23 +27,28 @@ def default_threads() -> int:
 
 
 def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> EngineCommand:
+    slots = model.max_num_seqs or 1  # the planner fills it in (appliance/planning/planner.py)
     argv = [
-        sys.executable, "-m", "services.engines.llamacpp_server",
+        sys.executable, "-m", "services.engines.llama_server",  # execs llama-server
         "--model", model.path,
-        "--model_alias", model.name,
+        "--alias", model.name,
         "--host", host,
         "--port", str(port),
-        f"--api_key={api_key}",  # one token, whatever the key starts with
-        "--n_ctx", str(model.context_length),
-        "--n_threads", str(model.threads or default_threads()),
-        "--n_gpu_layers", str(model.gpu_layers or 0),  # the plan fills it in; unplanned means CPU
-        "--embedding", "true" if model.embeddings else "false",
-        # Queue concurrent requests instead of cutting off the stream being generated.
-        "--interrupt_requests", "false",
-        # The server's default keeps the logits of every token of the context (context x
-        # vocabulary x 4 bytes, twice: 0.8 GiB for the default model at 2048 tokens), which
-        # only `logprobs` need: the profile asks for them per model.
-        "--logits_all", "true" if model.logprobs else "false",
+        "--api-key", api_key,
+        # Each slot serves one sequence of context_length tokens (the planner counts every
+        # slot's KV cache); a shared pool would let one long prompt starve the others.
+        "--parallel", str(slots),
+        "--ctx-size", str(model.context_length * slots),
+        "--no-kv-unified",
+        "--threads", str(model.threads or default_threads()),
+        "--n-gpu-layers", str(model.gpu_layers or 0),  # the plan fills it in; unplanned means CPU
+        # The plan sizes memory itself: no automatic fitting, no RAM prompt cache beyond it.
+        "--fit", "off",
+        "--cache-ram", "0",
+        "--jinja",  # chat templates with tools
+        "--no-webui",
+        "--no-slots",  # /slots would show prompts
+        *(["--embeddings", "--pooling", "mean"] if model.embeddings else []),
         *model.extra_args,
     ]
     return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")

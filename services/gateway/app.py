@@ -37,7 +37,9 @@ from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.engines.status import read_statuses
 from services.gateway import schemas
+from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
+from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
@@ -45,6 +47,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
+from services.gateway.responses import ResponsesRequest, to_chat
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 from services.worker.queue import JobQueue
 
@@ -171,7 +174,7 @@ class Gateway:
                 continue
             served = ServedModel(
                 name=name, engine=row["engine"], replicas=[msgspec.convert(e, ReplicaEndpoint) for e in row["endpoints"]],
-                logprobs=row["engine"] != "llamacpp", request_timeout_s=self.config.request_timeout_s,
+                request_timeout_s=self.config.request_timeout_s,
                 created=int(row["created_at"]),
             )
             pool = ModelPool(served)
@@ -207,12 +210,7 @@ class Gateway:
                 raise ModelNotFound(parsed.model)
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
-            logprobs = getattr(parsed, "logprobs", None)
-            if not pool.served.logprobs and logprobs is not None and logprobs is not False:  # 0 asks for them too
-                raise InvalidRequest(
-                    f"The model '{parsed.model}' does not return logprobs: its profile entry does not ask for them"
-                    " (`logprobs: true`, which costs memory on llama.cpp).", param="logprobs")
-            body, hide_usage = self._rewrite(body, parsed, pool)
+            path, adapted, reader = self._adapt(endpoint, body, parsed, pool)
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -225,9 +223,15 @@ class Gateway:
         flight = self.ticker.track(call, proto)
         try:
             if call.stream:
-                await self._answer_stream(call, pool, body, hide_usage, proto, flight)
+                await self._answer_stream(call, pool, path, adapted, reader, proto, flight)
             else:
-                payload = await self.forwarder.complete(call, pool, "/" + endpoint, body)
+                if adapted.collect:
+                    response = await self.forwarder.open_stream(call, pool, path, adapted.body)
+                    payload = await collect(self.forwarder.relay(call, pool, response, hide_usage=True), call)
+                else:
+                    payload = await self.forwarder.complete(call, pool, path, adapted.body)
+                if reader is not None:
+                    payload = reader.complete(payload)
                 flight.disarm()
                 call.answer_started = True
                 proto.response_bytes(200, self._headers(call, JSON), payload)
@@ -253,11 +257,24 @@ class Gateway:
             in_flight.dec()
             self.finish(call)
 
-    async def _answer_stream(
-        self, call: Call, pool: ModelPool, body: bytes, hide_usage: bool, proto: HTTPProtocol, flight: InFlight
-    ) -> None:
-        response = await self.forwarder.open_stream(call, pool, "/" + call.endpoint, body)
-        events = self.forwarder.relay(call, pool, response, hide_usage)
+    def _adapt(self, endpoint: str, body: bytes, parsed, pool: ModelPool) -> tuple[str, Adapted, AnswerReader | None]:
+        """The engine path and request (services/gateway/adapters.py), and who reads its answer
+        back when the engine's own answer is not what the client asked for."""
+        if endpoint == "responses":  # answered by the engine's chat completions
+            responses, outgoing = parsed, Outgoing(data=to_chat(parsed))
+            parsed, path = msgspec.convert(outgoing.data, schemas.ChatCompletionRequest), "/chat/completions"
+        else:
+            responses, outgoing, path = None, Outgoing(body), "/" + endpoint
+        adapted = adapt(outgoing, parsed, pool, self.config.max_n)
+        reader = AnswerReader(adapted.tools, responses) if adapted.tools or responses else None
+        return path, adapted, reader
+
+    async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
+                             reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
+        response = await self.forwarder.open_stream(call, pool, path, adapted.body)
+        events = self.forwarder.relay(call, pool, response, adapted.hide_usage)
+        if reader is not None:
+            events = reader.stream(events)
         try:
             call.answer_started = True
             transport = proto.response_stream(200, self._headers(call, SSE))
@@ -273,24 +290,6 @@ class Gateway:
     @staticmethod
     def _headers(call: Call, base: list) -> list:
         return [*base, ("x-request-id", call.request_id)]
-
-    @staticmethod
-    def _rewrite(body: bytes, parsed, pool: ModelPool) -> tuple[bytes, bool]:
-        """Adjust the forwarded body only where needed; returns (body, hide_usage).
-
-        Streams always ask the engine for usage (metering needs it) and hide that extra
-        chunk from a client that did not ask for it.
-        """
-        want_usage = getattr(parsed, "stream", False) and not (parsed.stream_options and parsed.stream_options.include_usage)
-        rename = pool.served.upstream_model
-        if not want_usage and not rename:
-            return body, False
-        data = msgspec.json.decode(body)
-        if want_usage:
-            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-        if rename:
-            data["model"] = rename
-        return msgspec.json.encode(data), want_usage
 
     def _fail(self, call: Call, error: ApplianceError) -> None:
         call.status, call.error_type = error.status, error.type
@@ -406,6 +405,7 @@ OPENAI_POSTS = {
     "/v1/chat/completions": ("chat/completions", schemas.ChatCompletionRequest),
     "/v1/completions": ("completions", schemas.CompletionRequest),
     "/v1/embeddings": ("embeddings", schemas.EmbeddingRequest),
+    "/v1/responses": ("responses", ResponsesRequest),
 }
 
 

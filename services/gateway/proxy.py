@@ -2,7 +2,9 @@
 
 The client's original bytes are forwarded (unknown fields reach the engine unchanged).
 Streams are relayed event by event as they arrive; usage is read from the engine's own
-usage chunk, which the gateway asks for and hides again when the client did not.
+usage chunks, which the gateway asks for and hides again when the client did not. An
+engine answering `n` choices may send one usage chunk per choice: they are held back and
+summed into one (the prompt counted once), sent just before [DONE].
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ class Forwarder:
         """
         buffer = b""
         done = False
+        usage_events: list[bytes] = []
         chunks = response.content.iter_any()
         try:
             try:
@@ -183,7 +186,10 @@ class Forwarder:
                             continue
                         if event.startswith(b"data: [DONE]"):
                             done = call.answered = True
-                        elif carries_usage(event) and self._take_usage(call, event) and hide_usage:
+                            if usage_events and not hide_usage:
+                                out.append(self._usage_event(call, usage_events))
+                        elif carries_usage(event) and self._take_usage(call, event):
+                            usage_events.append(event)
                             continue
                         out.append(event + b"\n\n")
                     if out:
@@ -206,13 +212,27 @@ class Forwarder:
 
     @staticmethod
     def _take_usage(call: Call, event: bytes) -> bool:
-        """Record usage from a usage chunk; True if the chunk carries nothing but usage."""
+        """Add a usage chunk's counts to the call's; True if the chunk carries nothing but usage."""
         payload = event[event.find(b"{") :]
         try:
             chunk = msgspec.json.decode(payload, type=StreamChunk)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return False
-        if chunk.usage is None:
+        usage = chunk.usage
+        if usage is None:
             return False
-        call.usage = chunk.usage
+        if call.usage is not None and not chunk.choices:  # another choice's usage: the prompt is shared
+            completion = call.usage.completion_tokens + usage.completion_tokens
+            prompt = max(call.usage.prompt_tokens, usage.prompt_tokens)
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        call.usage = usage
         return not chunk.choices
+
+    @staticmethod
+    def _usage_event(call: Call, events: list[bytes]) -> bytes:
+        """The one usage chunk the client sees: the engine's own, or the last with the summed counts."""
+        if len(events) == 1:
+            return events[0] + b"\n\n"
+        last = msgspec.json.decode(events[-1][events[-1].find(b"{") :])
+        last["usage"] = msgspec.structs.asdict(call.usage)
+        return b"data: " + msgspec.json.encode(last) + b"\n\n"

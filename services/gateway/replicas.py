@@ -1,5 +1,6 @@
 """Engine replicas behind each served model: health checks, what their supervisor
-reports (services/engines/status.py), and round-robin choice."""
+reports (services/engines/status.py), round-robin choice, and what a llama.cpp model's
+chat template can do (its server's GET /props, read once)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class ModelPool:
         self.replicas = [Replica(served.name, r) for r in served.replicas]
         self._turn = itertools.cycle(range(len(self.replicas)))
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
+        # Whether the engine renders `tools` itself; None: not known (yet), or not llama.cpp.
+        self.native_tools: bool | None = None
 
     @property
     def healthy_count(self) -> int:
@@ -148,6 +151,18 @@ async def probe(session: aiohttp.ClientSession, replica: Replica) -> str:
         return "failed"
 
 
+async def template_caps(session: aiohttp.ClientSession, replica: Replica) -> dict | None:
+    """What llama.cpp's server says its chat template supports (tools, system role, ...)."""
+    try:
+        async with session.get(replica.url("/props").with_path("/props"), headers=replica.headers,
+                               timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
+            if resp.status == 200:
+                return (await resp.json()).get("chat_template_caps")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        pass
+    return None
+
+
 async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPool], interval_s: float, on_probed) -> None:
     """Probe every replica forever; call on_probed(pool) after each round of a model's probes."""
     while True:
@@ -155,5 +170,9 @@ async def watch_health(session: aiohttp.ClientSession, pools: dict[str, ModelPoo
             outcomes = await asyncio.gather(*(probe(session, r) for r in pool.replicas))
             for replica, outcome in zip(pool.replicas, outcomes):
                 replica.record_probe(outcome)
+            if pool.served.engine == "llamacpp" and pool.native_tools is None and pool.healthy_count:
+                caps = await template_caps(session, next(r for r in pool.replicas if r.healthy))
+                if caps is not None:
+                    pool.native_tools = bool(caps.get("supports_tools"))
             on_probed(pool)  # also publishes what failed requests marked down in between
         await asyncio.sleep(interval_s)

@@ -34,7 +34,7 @@ class ServedModel(msgspec.Struct, kw_only=True):
     replicas: list[ReplicaEndpoint]
     upstream_model: str | None = None  # name the engine knows the model by, if different
     embeddings: bool = False
-    logprobs: bool = True  # the engine can answer `logprobs` (llama.cpp only when its profile asks)
+    context_length: int | None = None  # tokens per sequence, where the profile says
     request_timeout_s: float = 300.0
     created: int = 0
 

@@ -24,9 +24,74 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+# Content parts: text is what every engine here reads; the other kinds are declared so a
+# text-only engine can refuse them by name (services/gateway/adapters.py).
+class TextPart(msgspec.Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
+    image_url: dict
+
+
+class AudioPart(msgspec.Struct, tag="input_audio", tag_field="type"):
+    input_audio: dict
+
+
+class FilePart(msgspec.Struct, tag="file", tag_field="type"):
+    file: dict
+
+
+class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type"):
+    refusal: str
+
+
+ContentPart = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
 class Message(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list | None = None
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, tag="function", tag_field="type"):
+    function: FunctionDefinition
+
+
+class FunctionChoice(msgspec.Struct):
+    name: FunctionName
+
+
+class NamedToolChoice(msgspec.Struct, tag="function", tag_field="type"):
+    function: FunctionChoice
+
+
+class TextFormat(msgspec.Struct, tag="text", tag_field="type"):
+    pass
+
+
+class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type"):
+    pass
+
+
+class JsonSchema(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    schema: dict = {}  # a JSON Schema object; empty: any JSON
+    description: str | None = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type"):
+    json_schema: JsonSchema
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
@@ -38,9 +103,10 @@ class _Sampling(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     max_tokens: PositiveInt | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
+    n: PositiveInt | None = None  # at most gateway.max_n
     stop: Stop = None
     seed: int | None = None
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     logprobs: bool | Annotated[int, msgspec.Meta(ge=0)] | None = None  # chat: a flag; completions: how many
 
 
@@ -48,6 +114,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):

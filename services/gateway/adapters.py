@@ -1,0 +1,129 @@
+"""The engine adapter: what an engine needs done to a valid OpenAI request before it gets
+it, and to its answer after. Compatibility is owned here, once, so a client sees one API
+whatever serves the model (DESIGN, "Flow of a request").
+
+Every engine: `n` is bounded by gateway.max_n; JSON Schemas (response_format, tool
+parameters) must be valid JSON Schema, so a mistake is a 400 naming it, whatever the
+engine would make of it; a stream always asks the engine for usage
+(metering needs it), hidden again from a client that did not ask; the model is renamed to
+the upstream's name where the profile says so.
+
+llama.cpp's server reads developer messages, text parts, max_completion_tokens, n,
+response_format, seed, stop and logit_bias itself. The adapter adds what it lacks:
+- text only: image, audio and file parts are refused by name (400), not failed (500);
+- tool_choice naming a function (it takes strings only): "required" over that function;
+- `n` > 1 without streaming: asked as a stream and answered whole (its whole answer
+  counts one choice's tokens, its stream every choice's);
+- tools on a model whose chat template cannot show them (GET /props says so; the engine
+  would silently ignore them): emulated with JSON-schema-constrained decoding
+  (services/gateway/tool_calls.py), earlier calls and results shown as text.
+vLLM and remote upstreams get the request as the client sent it.
+"""
+
+from __future__ import annotations
+
+import jsonschema
+import msgspec
+
+from appliance.errors import InvalidRequest
+from services.gateway import tool_calls
+from services.gateway.replicas import ModelPool
+from services.gateway.schemas import ChatCompletionRequest, EmbeddingRequest, JsonSchemaFormat, NamedToolChoice, TextPart
+
+
+class Outgoing:
+    """The body to forward: the client's bytes until something must change, then a dict."""
+
+    __slots__ = ("_body", "_data")
+
+    def __init__(self, body: bytes | None = None, data: dict | None = None):
+        self._body, self._data = body, data
+
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            self._data = msgspec.json.decode(self._body)
+        return self._data
+
+    def encode(self) -> bytes:
+        return self._body if self._data is None else msgspec.json.encode(self._data)
+
+
+class Adapted(msgspec.Struct):
+    body: bytes
+    hide_usage: bool  # the engine's usage chunk is for metering only
+    tools: tool_calls.ToolPlan | None = None  # the answer is read back through it
+    collect: bool = False  # asked as a stream, answered whole (services/gateway/answers.collect)
+
+
+def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
+    """The request for `pool`'s engine; raises InvalidRequest naming what it cannot serve."""
+    if isinstance(parsed, EmbeddingRequest):
+        if pool.served.upstream_model:
+            outgoing.data["model"] = pool.served.upstream_model
+        return Adapted(outgoing.encode(), False)
+    if parsed.n and parsed.n > max_n:
+        raise InvalidRequest(f"'n' is {parsed.n}; this appliance answers at most {max_n} choices per request "
+                             "(gateway.max_n).", param="n")
+    served = pool.served
+    plan = None
+    if isinstance(parsed, ChatCompletionRequest):
+        _check_schemas(parsed)
+    if served.engine == "llamacpp" and isinstance(parsed, ChatCompletionRequest):
+        _refuse_non_text(parsed, served.name)
+        if pool.native_tools is not True and _uses_tools(parsed):  # not known yet: emulated too
+            plan = tool_calls.emulate(outgoing.data, served.context_length)
+        elif isinstance(parsed.tool_choice, NamedToolChoice):
+            _require_named(outgoing.data, parsed)
+    # llama.cpp's whole answer to n > 1 counts one choice's tokens; its stream counts each.
+    collect = served.engine == "llamacpp" and (parsed.n or 1) > 1 and not parsed.stream
+    if collect:
+        outgoing.data["stream"] = True
+    hide_usage = collect or (parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage))
+    if hide_usage:
+        data = outgoing.data
+        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+    if served.upstream_model:
+        outgoing.data["model"] = served.upstream_model
+    return Adapted(outgoing.encode(), hide_usage, plan, collect)
+
+
+def _check_schemas(parsed: ChatCompletionRequest) -> None:
+    if isinstance(parsed.response_format, JsonSchemaFormat):
+        _check_schema(parsed.response_format.json_schema.schema, "response_format.json_schema.schema")
+    for i, tool in enumerate(parsed.tools or ()):
+        if tool.function.parameters is not None:
+            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+
+
+def _check_schema(schema: dict, param: str) -> None:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "".join(f"[{p!r}]" for p in exc.path)
+        raise InvalidRequest(f"'{param}' is not a valid JSON Schema: {exc.message}{f' (at {where})' if where else ''}.",
+                             param=param) from None
+
+
+def _uses_tools(parsed: ChatCompletionRequest) -> bool:
+    """Tools offered, or earlier tool calls and results that a template without tools cannot show."""
+    return bool(parsed.tools) or any(m.role in ("tool", "function") or m.tool_calls for m in parsed.messages)
+
+
+def _refuse_non_text(parsed: ChatCompletionRequest, model: str) -> None:
+    for i, message in enumerate(parsed.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if not isinstance(part, TextPart):
+                    param = f"messages[{i}].content[{j}].type"
+                    raise InvalidRequest(f"'{param}' is '{type(part).__struct_config__.tag}': the model '{model}' reads "
+                                         "text only.", param=param, code="unsupported_content")
+
+
+def _require_named(data: dict, parsed: ChatCompletionRequest) -> None:
+    name = parsed.tool_choice.function.name
+    chosen = [tool for tool in data.get("tools") or () if tool.get("function", {}).get("name") == name]
+    if not chosen:
+        raise InvalidRequest(f"tool_choice names the function '{name}', which is not among `tools`.",
+                             param="tool_choice.function.name")
+    data["tools"], data["tool_choice"] = chosen[:1], "required"

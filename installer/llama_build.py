@@ -198,13 +198,26 @@ def fetch_source(dest: Path) -> Path:
     return tree
 
 
-def compile_server(source: Path, build: Path) -> Path:
+def build_tools(scratch: Path) -> tuple[str, str]:
+    """cmake and ninja: the system's, else the binaries inside their PyPI wheels (installed
+    under `scratch`), so a machine with only a C++ compiler and binutils can build."""
+    cmake, ninja = shutil.which("cmake"), shutil.which("ninja")
+    if cmake is None or ninja is None:
+        wanted = [name for name, path in (("cmake", cmake), ("ninja", ninja)) if path is None]
+        _run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--target", str(scratch), *wanted])
+        cmake = cmake or str(scratch / "cmake" / "data" / "bin" / "cmake")
+        ninja = ninja or str(scratch / "bin" / "ninja")  # a wheel script: --target puts it in bin/
+    return cmake, ninja
+
+
+def compile_server(source: Path, build: Path, tools: tuple[str, str]) -> Path:
     """Configure llama.cpp with the recipe's flags and build the llama-server target alone; return the binary."""
-    for tool in ("cmake", "ninja", "objdump"):
+    for tool in ("c++", "objdump"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"llama_build: {tool} is needed to build llama-server (apt-get install cmake ninja-build g++ binutils)")
-    _run(["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *cmake_args()])
-    _run(["cmake", "--build", str(build), "--target", TARGET, "-j", str(_cpus())])
+            raise SystemExit(f"llama_build: {tool} is needed to build llama-server (apt-get install g++ binutils)")
+    cmake, ninja = tools
+    _run([cmake, "-S", str(source), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *cmake_args()])
+    _run([cmake, "--build", str(build), "--target", TARGET, "-j", str(_cpus())])
     binary = build / "bin" / TARGET
     if not binary.is_file():
         raise SystemExit(f"llama_build: the build made no {binary}")
@@ -302,7 +315,7 @@ def build_wheel(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
         staging = Path(tmp)
         tree = fetch_source(staging / "source")
-        binary = compile_server(tree, staging / "build")
+        binary = compile_server(tree, staging / "build", build_tools(staging / "tools"))
         if problems := binary_problems(binary):
             raise SystemExit("llama_build: the build is not portable: " + "; ".join(problems))
         licenses = {"LICENSE": tree / "LICENSE", **{p.name: p for p in sorted((tree / "licenses").glob("LICENSE*"))}}

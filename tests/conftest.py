@@ -8,6 +8,7 @@ import contextlib
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -79,6 +80,13 @@ def appliance(*args: str, home: Path | None = None, check: bool = True, env: dic
     if check and result.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def engine_tasks(log: str) -> tuple[int, int]:
+    """(generations, embeddings) that llama.cpp's server logged: it logs every task it
+    starts, and the timings of each generation (an embedding has none)."""
+    tasks, generations = log.count("processing task"), len(re.findall(r"\|\s+total time =", log))
+    return generations, tasks - generations
 
 
 @dataclass

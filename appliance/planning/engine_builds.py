@@ -2,12 +2,14 @@
 
 llama.cpp's server is built portable (installer/llama_build.py): an x86-64 baseline with
 AVX2, CPU-only, as the build.json of the appliance-llama-server package records. A machine
-without one of its instruction sets would kill the engine with SIGILL, and a plan that puts
-llama.cpp layers on a GPU would silently run on the CPU: both are refused before anything
-starts.
+without one of its instruction sets would kill the engine with SIGILL, one without a shared
+library it links (libgomp, libstdc++) would stop it at exec, and a plan that puts llama.cpp
+layers on a GPU would silently run on the CPU: all are refused before anything starts.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 from appliance.errors import PlanError
 from appliance.planning.inventory import Inventory
@@ -36,6 +38,21 @@ def llamacpp_cpu_features() -> list[str]:
     return list(_build_info().get("cpu_features", []))
 
 
+# Where a machine lacks a library the server links: the Debian package that has it.
+LIBRARY_PACKAGES = {"libgomp.so.1": "libgomp1", "libstdc++.so.6": "libstdc++6", "libgcc_s.so.1": "libgcc-s1"}
+
+
+def missing_libraries(names: list[str]) -> list[str]:
+    """The shared libraries among `names` that this machine's dynamic linker cannot load."""
+    missing = []
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    return missing
+
+
 def check_engine_builds(plan: Plan, machine: Inventory) -> None:
     """Refuse a plan for `machine` (this one) that the installed engines cannot run as planned."""
     llamacpp = [m for m in plan.models if m.engine == "llamacpp"]
@@ -46,6 +63,12 @@ def check_engine_builds(plan: Plan, machine: Inventory) -> None:
             f"this llama.cpp build uses CPU instructions this machine cannot run ({', '.join(missing)} missing on "
             f"{machine.cpu.model}): its engines would die with SIGILL. Install a build made for this CPU "
             "(installer/llama_build.py's baseline needs AVX2)."
+        )
+    if missing := missing_libraries(_build_info().get("needed_libraries", [])):
+        packages = sorted({LIBRARY_PACKAGES.get(name, name) for name in missing})
+        raise PlanError(
+            f"this llama.cpp build needs {', '.join(missing)}, which this machine does not have: its engines could not "
+            f"start. Install {' '.join(packages)} (Debian: apt-get install {' '.join(packages)})."
         )
     offloaded = [m.name for m in llamacpp if m.gpu_layers]
     if offloaded and not llamacpp_gpu_offload():

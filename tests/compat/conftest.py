@@ -14,6 +14,7 @@ import jsonschema
 from pydantic import BaseModel
 
 from tests.conftest import DEFAULT_MODEL, QUESTION, SYSTEM
+from tests.functions import PARAMETERS, TIME, TOOLS, WEATHER
 
 __all__ = ["DEFAULT_MODEL", "SYSTEM", "QUESTION", "FRANCE", "Capital", "WEATHER", "TIME", "TOOLS", "PARAMETERS", "WEATHER_QUESTION",
            "valid_arguments", "strict"]
@@ -26,16 +27,6 @@ class Capital(BaseModel):
     country: str
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                   "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Get the current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"],
-                   "additionalProperties": False}}}
-TOOLS = [WEATHER, TIME]
-PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 WEATHER_QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DEFAULT_MODEL, default_gguf, readiness, s3_env, start_stack, write_profile
+from tests.conftest import DEFAULT_MODEL, default_gguf, engine_tasks, readiness, s3_env, start_stack, write_profile
 
 pytestmark = pytest.mark.stack
 
@@ -85,8 +85,8 @@ def chat_error(stack, model: str) -> openai.APIStatusError:
 
 
 def test_an_engine_is_ready_once_it_answered_a_one_token_warm_up(fragile):
-    # No client has asked anything yet: the one completion is the supervisor's warm-up.
-    assert engine_log(fragile).count("POST /v1/completions") == 1
+    # No client has asked anything yet: the one generation is the supervisor's warm-up.
+    assert engine_tasks(engine_log(fragile)) == (1, 0)
     assert f"engine {DEFAULT_MODEL}#0 is ready (warm-up: one token in " in fragile.output.read_text()
     assert engine_state(fragile) == {"healthy": True, "replica": 0, "state": "ready", "restarts": 0}
 
@@ -112,7 +112,7 @@ def test_a_deployed_engine_warms_up_then_fails_after_repeated_crashes(fragile):
     assert deployed.status_code < 300, deployed.text
     try:
         wait_for(lambda: api.get(f"/admin/deployments/{DEPLOYED}").json()["state"] == "running", "the deployment")
-        assert engine_log(fragile, DEPLOYED).count("POST /v1/completions") == 1
+        assert engine_tasks(engine_log(fragile, DEPLOYED)) == (1, 0)
         assert f"engine {DEPLOYED}#0 is ready (warm-up: one token in " in fragile.output.read_text()
         wait_for(lambda: DEPLOYED in readiness(fragile.root)["models"], "the gateway to serve the deployment")
         for _ in range(5):  # a deployment's replicas allow the default of 5 crashes in 600 s; kills while

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import httpx
@@ -81,6 +83,36 @@ def test_stream_arrives_chunk_by_chunk(stack):
     # Generating 60 tokens takes far longer than the first one: a relay that buffered the
     # answer would deliver the first event about when it delivers the last.
     assert arrivals[0] < 0.5 * arrivals[-1], arrivals
+
+
+def test_a_short_request_is_answered_while_a_long_one_streams(stack):
+    """Parallel slots: a request does not wait in line behind a long generation (the engine
+    behind one lock answered the short request only after the long one had finished)."""
+    streaming, finished = threading.Event(), {}
+
+    def long_stream() -> None:
+        with httpx.stream("POST", stack.base_url + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {stack.admin_key}"},
+                          # ignore_eos: llama.cpp's own field, passed through: exactly 300 tokens
+                          json={"model": DEFAULT_MODEL, "messages": FRANCE, "max_tokens": 300, "ignore_eos": True,
+                                "stream": True, "stream_options": {"include_usage": True}}) as response:
+            for line in response.iter_lines():
+                if '"content"' in line:
+                    streaming.set()
+                if '"usage"' in line and '"choices":[]' in line:
+                    finished["tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
+        finished["at"] = time.monotonic()
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    try:
+        assert streaming.wait(60), "the long stream never started"
+        short = stack.client().chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0, max_tokens=5)
+        answered = time.monotonic()
+    finally:
+        thread.join(120)
+    assert short.choices[0].message.content
+    assert finished["tokens"] == 300 and answered < finished["at"]
 
 
 def test_completions(stack):

@@ -10,33 +10,22 @@ import contextlib
 import copy
 import json
 import re
-import secrets
-import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import jsonschema
+import msgspec
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from appliance.config import load_profile
 from appliance.errors import InvalidRequest
 from services.gateway.tool_calls import _JsonString, emulate
-from tests.conftest import default_gguf, free_port
+from tests.conftest import running_engine
+from tests.functions import PARAMETERS, TIME, TOOLS, WEATHER
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                   "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Get the current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"],
-                   "additionalProperties": False}}}
-TOOLS = [WEATHER, TIME]
-PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
 CALL_ID = re.compile(r"^call_[A-Za-z0-9]{24}$")
@@ -515,43 +504,12 @@ def test_sdk_accumulates_a_streamed_text_answer():
 # --- the real engine ---------------------------------------------------------------
 
 
-def engine_binary() -> Path | None:
-    try:
-        import appliance_llama_server
-    except ImportError:
-        fallback = Path("/tmp/lsbuild/bin/llama-server")
-        return fallback if fallback.exists() else None
-    return Path(appliance_llama_server.binary())
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """llama-server with the default model (no tools in its chat template), on loopback."""
-    binary = engine_binary()
-    if binary is None:
-        pytest.skip("no llama-server: neither the appliance_llama_server package nor /tmp/lsbuild/bin/llama-server")
-    model = default_gguf()
-    if not model.exists():
-        pytest.skip(f"the default model is not installed at {model}")
-    port, key = free_port(), secrets.token_hex(8)
-    args = [str(binary), "--model", str(model), "--alias", "smol", "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", key, "--parallel", "2", "--ctx-size", "4096", "--no-kv-unified", "--threads", "2",
-            "--fit", "off", "--cache-ram", "0", "--jinja", "--no-webui", "--no-slots"]
-    log = tmp_path_factory.mktemp("llama-server") / "log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("llama-server was not healthy within 120 s")
-            time.sleep(0.3)
+    """The engine as the appliance starts it, with the default model (no tools in its chat template)."""
+    model = msgspec.structs.replace(load_profile("edge-cpu").models[0], max_num_seqs=2, embeddings=False, gpu_layers=0)
+    with running_engine(model, tmp_path_factory.mktemp("engine")) as (command, _):
+        url, headers = command.base_url.removesuffix("/v1"), {"Authorization": "Bearer test-key"}
         caps = httpx.get(f"{url}/props", headers=headers, timeout=10).json().get("chat_template_caps") or {}
         assert caps.get("supports_tools") is False, caps  # what this emulation is for
         with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
@@ -567,13 +525,6 @@ def engine(tmp_path_factory):
             yield gateway
             gateway.shutdown()
             gateway.server_close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _stream(http: httpx.Client, body: dict):

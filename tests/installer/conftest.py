@@ -24,5 +24,5 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def edge_bundle(tmp_path_factory) -> Path:
     """The edge-cpu bundle, as `appliance bundle build --profile edge-cpu` makes it: ~180 MB, ~15 s with
-    pip's wheel cache warm (the first llama-cpp-python build takes minutes). Tests must not modify it."""
+    pip's wheel cache warm (the first llama-server build takes minutes). Tests must not modify it."""
     return build_bundle("edge-cpu", tmp_path_factory.mktemp("bundle") / "edge-cpu.tar").path

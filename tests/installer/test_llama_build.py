@@ -29,6 +29,7 @@ from appliance.planning.engine_builds import (
     check_engine_builds,
     llamacpp_cpu_features,
     llamacpp_gpu_offload,
+    missing_libraries,
 )
 from appliance.planning.inventory import read_inventory
 from appliance.planning.planner import make_plan
@@ -179,6 +180,16 @@ def test_a_cpu_without_the_builds_instructions_is_refused_before_start():
     plan = make_plan(load_profile("edge-cpu"), [machine])
     with pytest.raises(PlanError, match=r"cannot run \(fma, avx2, bmi2 missing on Intel\(R\) Xeon\(R\) CPU E5-2680 v2\)"):
         check_engine_builds(plan, machine)
+
+
+def test_the_libraries_the_server_links_are_checked_on_this_machine():
+    """build.json names what the binary links; a machine without one of them is refused by name."""
+    import appliance_llama_server
+
+    needed = appliance_llama_server.build_info()["needed_libraries"]
+    assert {"libstdc++.so.6", "libc.so.6"} <= set(needed)
+    assert missing_libraries(needed) == []  # this machine runs the server
+    assert missing_libraries(["libc.so.6", "libno-such-runtime.so.7"]) == ["libno-such-runtime.so.7"]
 
 
 def test_recipe_key_names_the_recipe(monkeypatch):

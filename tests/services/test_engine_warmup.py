@@ -10,7 +10,7 @@ import pytest
 
 from appliance.config import ModelConfig
 from services.engines.warmup import embeds_only, warm_up_call
-from tests.conftest import DEFAULT_MODEL, default_gguf, running_engine
+from tests.conftest import DEFAULT_MODEL, default_gguf, engine_tasks, running_engine
 
 
 def gguf_file(path, arch: str, *, causal: bool | None = None, pooling: gguf.PoolingType | None = None):
@@ -54,4 +54,4 @@ def test_the_real_engine_answers_both_warm_ups(tmp_path):
                                path=str(gguf_file(tmp_path / "bert.gguf", "bert", causal=False)))
         assert warm_up_call(embedder, command.base_url, "test-key")(60).startswith("warm-up: one embedding in ")
     log = (tmp_path / "engine.log").read_text()
-    assert log.count("POST /v1/completions") == 1 and log.count("POST /v1/embeddings") == 1
+    assert engine_tasks(log) == (1, 1)

@@ -59,7 +59,8 @@ async def client(session: aiohttp.ClientSession, url: str, key: str, deadline: f
 
 async def load(url: str, key: str, concurrency: int, seconds: float) -> dict:
     results: list[tuple[float, int]] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A new connection per request: llama.cpp's server closes one after each stream.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = time.perf_counter()

@@ -187,7 +187,7 @@ def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, stor
     if upstream is not None:
         for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),
                             ("broken", []), ("endless", ["request_timeout_s: 1"]), ("stall", ["request_timeout_s: 1"]),
-                            ("ragged", [])]:
+                            ("ragged", []), ("flaky", [])]:
             lines += [f"  - name: remote-{mode}", "    engine: remote", f"    base_url: {upstream.url(mode)}",
                       f"    api_key_env: {UPSTREAM_KEY_ENV}", *[f"    {e}" for e in extra]]
         lines += ["  - name: remote-down", "    engine: remote", f"    base_url: http://127.0.0.1:{free_port()}/v1"]

@@ -8,6 +8,8 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
   /stall/v1   streams one chunk, then nothing for 30 s (a stream's silence timeout)
   /ragged/v1  streams OpenAI-style ("usage": null in every chunk, CRLF line ends),
               each event cut in two writes
+  /flaky/v1   drops every other request's connection unanswered, as a server does to a
+              kept-alive connection it has just closed
 GET /stats reports how many /slow and /endless requests ended because the client disconnected.
 Usage: python upstream_server.py PORT EXPECTED_KEY
 """
@@ -60,6 +62,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     STATS["requests"] += 1
     mode = request.match_info["mode"]
     body = await request.json()
+    if mode == "flaky":
+        STATS["flaky"] = STATS.get("flaky", 0) + 1
+        if STATS["flaky"] % 2 == 0:
+            request.transport.abort()
+            return web.Response()
     if mode == "slow":
         try:
             await asyncio.sleep(30)

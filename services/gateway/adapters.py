@@ -3,8 +3,8 @@ it, and to its answer after. Compatibility is owned here, once, so a client sees
 whatever serves the model (DESIGN, "Flow of a request").
 
 Every engine: `n` is bounded by gateway.max_n; JSON Schemas (response_format, tool
-parameters) must be valid JSON Schema, so a mistake is a 400 naming it, whatever the
-engine would make of it; a stream always asks the engine for usage
+parameters) must be valid JSON Schema and a named tool_choice must name an offered
+function, so a mistake is a 400 naming it, whatever the engine would make of it; a stream always asks the engine for usage
 (metering needs it), hidden again from a client that did not ask; the model is renamed to
 the upstream's name where the profile says so.
 
@@ -68,7 +68,7 @@ def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
     served = pool.served
     plan = None
     if isinstance(parsed, ChatCompletionRequest):
-        _check_schemas(parsed)
+        _check_chat(parsed)
     if served.engine == "llamacpp" and isinstance(parsed, ChatCompletionRequest):
         _refuse_non_text(parsed, served.name)
         if pool.native_tools is not True and _uses_tools(parsed):  # not known yet: emulated too
@@ -88,7 +88,13 @@ def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
     return Adapted(outgoing.encode(), hide_usage, plan, collect)
 
 
-def _check_schemas(parsed: ChatCompletionRequest) -> None:
+def _check_chat(parsed: ChatCompletionRequest) -> None:
+    """What no engine can answer: a named function that is not offered, an invalid JSON Schema."""
+    if isinstance(parsed.tool_choice, NamedToolChoice):
+        name = parsed.tool_choice.function.name
+        if name not in {tool.function.name for tool in parsed.tools or ()}:
+            raise InvalidRequest(f"tool_choice names the function '{name}', which is not among `tools`.",
+                                 param="tool_choice.function.name")
     if isinstance(parsed.response_format, JsonSchemaFormat):
         _check_schema(parsed.response_format.json_schema.schema, "response_format.json_schema.schema")
     for i, tool in enumerate(parsed.tools or ()):
@@ -122,8 +128,5 @@ def _refuse_non_text(parsed: ChatCompletionRequest, model: str) -> None:
 
 def _require_named(data: dict, parsed: ChatCompletionRequest) -> None:
     name = parsed.tool_choice.function.name
-    chosen = [tool for tool in data.get("tools") or () if tool.get("function", {}).get("name") == name]
-    if not chosen:
-        raise InvalidRequest(f"tool_choice names the function '{name}', which is not among `tools`.",
-                             param="tool_choice.function.name")
-    data["tools"], data["tool_choice"] = chosen[:1], "required"
+    data["tools"] = [tool for tool in data["tools"] if tool["function"]["name"] == name][:1]
+    data["tool_choice"] = "required"

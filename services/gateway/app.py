@@ -56,6 +56,9 @@ log = logging.getLogger("appliance.gateway")
 REFRESH_S = 1.0
 GC_YOUNG_THRESHOLD = 10_000  # CPython's default is 700
 BUCKETS_RETRY_S = 5.0
+# Idle engine connections are dropped before the engine drops them (llama.cpp's server and
+# uvicorn, vLLM's, both close them after 5 s): a request never goes out on a closing one.
+ENGINE_KEEPALIVE_S = 4.0
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
 
@@ -94,7 +97,7 @@ class Gateway:
         self.job_queue = await asyncio.to_thread(JobQueue, Path(self.runtime.home))
         self._apply_state(*await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(), timeout=UPSTREAM_TIMEOUT,
         )
         self.forwarder = Forwarder(session)

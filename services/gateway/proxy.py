@@ -95,30 +95,34 @@ class Forwarder:
     def __init__(self, session: aiohttp.ClientSession):
         self.session = session
 
-    async def _open(self, call: Call, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """POST to a healthy replica by the call's deadline. One whose connection fails
-        before it answers (refused, reset, closed, not connected within CONNECT_TIMEOUT_S:
-        a dead or restarting engine) is marked down and the request goes to the next
-        healthy replica once; generation has no side effects to repeat."""
+    async def _open(self, call: Call, pool: ModelPool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
+        """POST to a healthy replica by the call's deadline. One that cannot be connected to
+        (refused, not connected within CONNECT_TIMEOUT_S: a dead or restarting engine) is
+        marked down; a connection that breaks before the answer (a kept-alive one the engine
+        had closed, or an engine dying) is not, by itself. Either way the request is sent
+        once more, to the next healthy replica: generation has no side effects to repeat."""
         call.deadline = perf_counter() + pool.timeout_s
         for _ in range(2):
             replica = pool.pick()  # 503 when no replica is healthy
+            headers = replica.stream_headers if stream else replica.headers
             try:
-                return await self.session.post(replica.url(path), data=body, headers=replica.headers)
+                return await self.session.post(replica.url(path), data=body, headers=headers)
             except asyncio.CancelledError:
                 if _timed_out(call):
                     raise _timeout(pool) from None
                 raise
-            except aiohttp.ClientConnectionError as exc:
+            except aiohttp.ClientConnectorError as exc:
                 replica.probe_ok = False  # down until its next good health check
-                log.warning("%s failed before answering (%s); marked unhealthy", replica, exc)
+                log.warning("%s could not be reached (%s); marked unhealthy", replica, exc)
+            except aiohttp.ClientConnectionError as exc:
+                log.warning("%s dropped the connection before answering (%s); sending again", replica, exc)
             except aiohttp.ClientError as exc:
                 raise EngineError(f"The engine for '{pool.served.name}' failed: {exc}") from None
         raise ServiceUnavailable(f"The model '{pool.served.name}' has no reachable replica right now; retry shortly.", retry_after=2)
 
     async def complete(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
         """Forward a non-streaming request; returns the engine's JSON answer."""
-        response = await self._open(call, pool, path, body)
+        response = await self._open(call, pool, path, body, stream=False)
         try:
             payload = await response.read()
         except asyncio.CancelledError:
@@ -140,7 +144,7 @@ class Forwarder:
 
     async def open_stream(self, call: Call, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Start a streaming request; engine errors before the first byte raise as usual."""
-        response = await self._open(call, pool, path, body)
+        response = await self._open(call, pool, path, body, stream=True)
         call.deadline = None
         if response.status >= 400:
             try:

@@ -27,7 +27,7 @@ UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOU
 
 
 class Replica:
-    def __init__(self, model: str, endpoint: ReplicaEndpoint):
+    def __init__(self, model: str, endpoint: ReplicaEndpoint, closes_after_streams: bool = False):
         self.model = model
         self.base_url = endpoint.base_url.rstrip("/")
         self.health_url = endpoint.health_url or self.base_url + "/models"
@@ -35,6 +35,9 @@ class Replica:
         self.headers = {"Content-Type": "application/json"}
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
+        # llama.cpp's server closes a connection after a streamed answer without saying so;
+        # one kept for reuse would fail the next request that took it.
+        self.stream_headers = {**self.headers, "Connection": "close"} if closes_after_streams else self.headers
         self.probe_ok = False
         self.status: ReplicaStatus | None = None  # None: nothing supervises it here (remote, systemd)
         self.failures = 0
@@ -87,7 +90,7 @@ class ModelPool:
 
     def __init__(self, served: ServedModel):
         self.served = served
-        self.replicas = [Replica(served.name, r) for r in served.replicas]
+        self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp") for r in served.replicas]
         self._turn = itertools.cycle(range(len(self.replicas)))
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
         # Whether the engine renders `tools` itself; None: not known (yet), or not llama.cpp.

@@ -115,6 +115,18 @@ def test_a_short_request_is_answered_while_a_long_one_streams(stack):
     assert finished["tokens"] == 300 and answered < finished["at"]
 
 
+def test_a_connection_dropped_before_the_answer_is_sent_again_not_a_503(stack):
+    """An engine may close a kept-alive connection just as the gateway reuses it (llama.cpp's
+    server closes one after each stream, uvicorn after 5 idle seconds): the request goes out
+    again on a new connection, and the replica is not taken for dead. The flaky upstream
+    drops every other request unanswered."""
+    client = stack.client()
+    for _ in range(6):
+        answer = client.chat.completions.create(model="remote-flaky", messages=FRANCE, max_tokens=2)
+        assert answer.choices[0].message.content == "pong"
+    assert readiness(stack.root)["models"]["remote-flaky"]["healthy"] == 1
+
+
 def test_completions(stack):
     answer = stack.client().completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert answer.choices[0].text.strip()

@@ -10,7 +10,7 @@ export APPLIANCE_HOME
 
 install: $(STAMP)
 
-# llama.cpp's server (llama-server) builds from source the first time (about 12 minutes on
+# llama.cpp's server (llama-server) builds from source the first time (about 8 minutes on
 # 2 cores), with the portable recipe of installer/llama_build.py (no -march=native, no AMX,
 # no AVX-512), into a wheel kept per recipe in ~/.cache/appliance/wheels: a changed recipe
 # rebuilds, an unchanged one takes seconds. The wheel is installed explicitly, then checked.

@@ -229,8 +229,7 @@ class Gateway:
                 await self._answer_stream(call, pool, path, adapted, reader, proto, flight)
             else:
                 if adapted.collect:
-                    response = await self.forwarder.open_stream(call, pool, path, adapted.body)
-                    payload = await collect(self.forwarder.relay(call, pool, response, hide_usage=True), call)
+                    payload = await self._collect(call, pool, path, adapted.body)
                 else:
                     payload = await self.forwarder.complete(call, pool, path, adapted.body)
                 if reader is not None:
@@ -271,6 +270,16 @@ class Gateway:
         adapted = adapt(outgoing, parsed, pool, self.config.max_n)
         reader = AnswerReader(adapted.tools, responses) if adapted.tools or responses else None
         return path, adapted, reader
+
+    async def _collect(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
+        """A whole answer, asked of the engine as a stream (services/gateway/adapters.py says when)."""
+        response = await self.forwarder.open_stream(call, pool, path, body)
+        events = self.forwarder.relay(call, pool, response, hide_usage=True)
+        try:
+            return await collect(events, call)
+        finally:
+            await events.aclose()
+            response.close()
 
     async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:

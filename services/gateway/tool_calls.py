@@ -10,8 +10,10 @@ in the system message, earlier tool calls and results become plain text turns, a
 
 (the second only when the model may choose, tool_choice "auto"). The ToolPlan it returns
 turns the engine's answer, whole or streamed, back into OpenAI's: `message.tool_calls`
-and finish_reason "tool_calls", or the response text. A reply cut off by max_tokens (or
-one that does not parse) comes back as text with finish_reason "length", never an error.
+and finish_reason "tool_calls", or the response text. A reply cut off by max_tokens keeps
+the calls written whole before the cut; with none (or a reply that does not parse) it
+comes back as text with finish_reason "length", never an error. A call repeated with the
+same arguments is returned once.
 
 Pure translation: no I/O.
 """

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.home import gateway_runtime_path
 from tests.conftest import DEFAULT_MODEL, readiness
 
 pytestmark = pytest.mark.stack
@@ -87,7 +88,8 @@ def test_stream_arrives_chunk_by_chunk(stack):
 
 def test_a_short_request_is_answered_while_a_long_one_streams(stack):
     """Parallel slots: a request does not wait in line behind a long generation (the engine
-    behind one lock answered the short request only after the long one had finished)."""
+    behind one lock answered the short request only after the long one had finished), and
+    the engine's health check answers meanwhile."""
     streaming, finished = threading.Event(), {}
 
     def long_stream() -> None:
@@ -107,6 +109,9 @@ def test_a_short_request_is_answered_while_a_long_one_streams(stack):
     thread.start()
     try:
         assert streaming.wait(60), "the long stream never started"
+        runtime = json.loads(gateway_runtime_path(stack.home).read_text())
+        engine = next(m for m in runtime["models"] if m["name"] == DEFAULT_MODEL)["replicas"][0]
+        assert httpx.get(engine["health_url"], timeout=2).status_code == 200
         short = stack.client().chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0, max_tokens=5)
         answered = time.monotonic()
     finally:

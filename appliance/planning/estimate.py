@@ -52,7 +52,6 @@ class ModelShape:
 
     weights_bytes: int
     layers: int
-    heads: int
     embedding: int
     vocabulary: int
     kv_bytes_per_token: int  # K and V, all layers, at the engine's cache type
@@ -92,7 +91,6 @@ def gguf_shape(path: Path) -> ModelShape:
     return ModelShape(
         weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         layers=int(layers),
-        heads=max(heads_per_layer),
         embedding=int(embedding),
         vocabulary=int(vocabulary),
         kv_bytes_per_token=kv_elements * KV_BYTES["f16"],
@@ -125,7 +123,6 @@ def hf_shape(directory: Path) -> ModelShape:
     return ModelShape(
         weights_bytes=weights,
         layers=layers,
-        heads=heads,
         embedding=hidden,
         vocabulary=int(config.get("vocab_size") or 0),
         kv_bytes_per_token=2 * layers * kv_heads * head_size * dtype_bytes,

@@ -5,7 +5,6 @@ wrong. A plain answer passes through untouched."""
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,11 +13,9 @@ import msgspec
 
 from appliance.errors import EngineError, EngineTimeout
 from services.gateway.errors import DONE_EVENT
+from services.gateway.proxy import EVENT_BOUNDARY
 from services.gateway.responses import ResponsesRequest, ResponseStream, from_chat
 from services.gateway.tool_calls import ToolPlan
-
-_EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
 
 class AnswerReader:
     def __init__(self, tools: ToolPlan | None = None, responses: ResponsesRequest | None = None):
@@ -63,7 +60,7 @@ async def sse_payloads(pieces: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
     """The `data:` payloads of the SSE events in each relayed piece, [DONE] left out."""
     buffer = b""
     async for piece in pieces:
-        *events, buffer = _EVENT_BOUNDARY.split(buffer + piece)
+        *events, buffer = EVENT_BOUNDARY.split(buffer + piece)
         payloads = []
         for event in events:
             data = next((line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")), None)

@@ -25,7 +25,7 @@ from services.gateway.schemas import HasUsage, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
-_EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def carries_usage(data: bytes) -> bool:
@@ -182,7 +182,7 @@ class Forwarder:
                         yield data  # whole events with nothing to look at: pass them on as they are
                         continue
                     buffer += data
-                    events = _EVENT_BOUNDARY.split(buffer)
+                    events = EVENT_BOUNDARY.split(buffer)
                     buffer = events.pop()
                     out = []
                     for event in events:

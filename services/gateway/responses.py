@@ -18,7 +18,7 @@ from typing import Literal
 import msgspec
 
 from appliance.errors import InvalidRequest
-from services.gateway.schemas import JsonObjectFormat, PositiveInt, Temperature, TextFormat, TopP, Usage
+from services.gateway.schemas import JsonObjectFormat, PositiveInt, Temperature, TextFormat, TopP
 
 
 class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type", kw_only=True, omit_defaults=True):
@@ -258,11 +258,6 @@ class ResponseStream:
         self._finish_reason: str | None = None
         self._usage: dict | None = None
         self._ended = False
-
-    @property
-    def usage(self) -> Usage | None:
-        """The engine's token counts, once its usage chunk has arrived."""
-        return msgspec.convert(self._usage, Usage) if self._usage else None
 
     def start(self) -> bytes:
         response = self._response("in_progress", [])

@@ -35,7 +35,7 @@ def default_model() -> ModelConfig:
 
 def test_gguf_shape_of_the_default_model(default_model):
     shape = model_shape(default_model.path)
-    assert (shape.layers, shape.heads, shape.embedding, shape.vocabulary) == (30, 9, 576, 49152)
+    assert (shape.layers, shape.embedding, shape.vocabulary) == (30, 576, 49152)
     assert shape.kv_bytes_per_token == 30 * 3 * (64 + 64) * 2  # 3 KV heads of 64, K and V, f16
     assert shape.weights_bytes == 96_576_768 and shape.trained_context == 8192
 

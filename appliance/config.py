@@ -37,6 +37,13 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metering_flush_s: Positive = 0.5
     health_interval_s: Positive = 1.0
     max_n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 8  # the most choices (`n`) one request may ask for
+    # Connection hygiene on the LAN listener (services/gateway/door.py).
+    header_timeout_s: Positive = 30.0  # first bytes and headers of a request; also idle keep-alive
+    body_timeout_s: Positive = 60.0  # a request body's silence between chunks
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    max_connections_per_client: Annotated[int, msgspec.Meta(ge=1)] = 256
+    reserved_connections: Annotated[int, msgspec.Meta(ge=0)] = 64  # above max_connections: health checks and /admin only
+    metrics_require_key: bool = False  # /metrics, /schema and /readyz details need a key (a metrics key or above)
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +68,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A replica that crashes max_crashes times within crash_window_s is marked failed, not restarted.
     max_crashes: Annotated[int, msgspec.Meta(ge=1)] = 5
     crash_window_s: Positive = 600.0
+    # Engine-specific request fields (e.g. grammar) forwarded as sent (services/gateway/engine_params.py).
+    engine_params: list[Annotated[str, msgspec.Meta(min_length=1)]] = []
 
 
 class K3sConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -150,6 +150,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX jobs_state ON jobs (state, created_at)",
     ),
+    (
+        # A usage row is written once per request id, so a replayed journal (appliance/usage.py)
+        # inserts nothing twice. Request ids are unique by construction (services/gateway/request_ids.py).
+        "CREATE UNIQUE INDEX usage_request_id ON usage (request_id)",
+    ),
 ]
 
 

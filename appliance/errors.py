@@ -82,6 +82,14 @@ class PayloadTooLarge(ApplianceError):
     code = "request_too_large"
 
 
+class RequestTimeout(ApplianceError):
+    """The client did not send its request body in time (gateway.body_timeout_s)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ServiceUnavailable(ApplianceError):
     status = 503
     type = "service_unavailable"

@@ -55,12 +55,22 @@ def metrics_dir(home: Path) -> Path:
     return run_dir(home) / "metrics"
 
 
+def gateway_socket_path(home: Path) -> Path:
+    """Granian's Unix socket; only the gateway's door (services/gateway/door.py) connects to it."""
+    return run_dir(home) / "gateway.sock"
+
+
 def litestream_config_path(home: Path) -> Path:
     return run_dir(home) / "litestream.yml"
 
 
 def litestream_socket_path(home: Path) -> Path:
     return run_dir(home) / "litestream.sock"
+
+
+def usage_journal_dir(home: Path) -> Path:
+    """Usage rows not yet in the state database, one append-only segment per gateway worker (appliance/usage.py)."""
+    return home / "usage-journal"
 
 
 def logs_dir(home: Path) -> Path:

@@ -19,7 +19,9 @@ import sqlite_utils
 from appliance import audit
 from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 
-ROLES = ("admin", "operator", "developer", "viewer")  # highest first
+ROLES = ("admin", "operator", "developer", "viewer", "metrics")  # highest first
+# The lowest role: it reads /metrics, /readyz details and /schema and nothing else (not /v1, not /admin).
+METRICS_ROLE = "metrics"
 SECRET_PREFIX = "sk-ap-"
 
 
@@ -156,7 +158,9 @@ class KeyCache:
         self._fingerprint = fingerprint
         return True
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
+    def authenticate(self, authorization: str | None, *, monitoring: bool = False) -> ApiKey:
+        """The active key `authorization` carries (401 otherwise). A metrics key passes only
+        when `monitoring` (the monitoring routes ask for it); elsewhere it is a 403."""
         if not authorization:
             raise AuthenticationFailed(
                 "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
@@ -169,4 +173,6 @@ class KeyCache:
             raise AuthenticationFailed("Incorrect API key provided.")
         if key.expires_at is not None and key.expires_at <= time.time():
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        if key.role == METRICS_ROLE and not monitoring:
+            raise PermissionDenied("A metrics key reads only /metrics, /readyz and /schema.")
         return key

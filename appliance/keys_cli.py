@@ -21,7 +21,8 @@ def keys() -> None:
 @keys.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice(ROLES), default="developer", show_default=True,
-              help="What the key may do; at most the role of the key that creates it.")
+              help="What the key may do (metrics: read /metrics, /readyz and /schema, nothing else); "
+                   "at most the role of the key that creates it.")
 @click.option("--expires-in", metavar="DURATION", help="Expire after this long, e.g. 30d, 12h.")
 @client_options
 @json_option()

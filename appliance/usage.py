@@ -1,9 +1,21 @@
-"""Metering: per-request usage rows, batched in memory and written to SQLite off the request path."""
+"""Metering: per-request usage rows, batched in memory and written to SQLite off the request path.
+
+Durability: every row is also appended, with one os.write and no fsync, to this process's
+journal segment (appliance/home.py usage_journal_dir) before the answer's last bytes go
+to the client. A killed process loses nothing the kernel has; a power cut may lose the
+rows of the last moments that the kernel had not yet written to disk. Each flush starts
+a new segment and deletes the old one once its rows are in the database. A segment is
+locked (flock) by its writer while open: at start, every unlocked segment was left by a
+dead process and is replayed; request ids are unique, so a replay inserts nothing twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import itertools
 import logging
+import os
 from pathlib import Path
 
 import msgspec
@@ -14,6 +26,7 @@ from appliance.db import open_db
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000  # beyond this, a database that keeps failing drops the oldest rows
+SEGMENT_SUFFIX = ".jsonl"
 
 
 class UsageRecord(msgspec.Struct, array_like=True, gc=False):
@@ -36,22 +49,84 @@ _COLUMNS = UsageRecord.__struct_fields__
 # one per row, so the writing thread takes Python's GIL twice per batch rather than per row
 # (which slowed the request path by several percent under load).
 _INSERT = (
-    f"INSERT INTO usage ({', '.join(_COLUMNS)}) "
+    f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) "
     f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?)"
 )
+_encode = msgspec.json.Encoder().encode
+_decode_line = msgspec.json.Decoder(UsageRecord).decode
+_PROCESS_TOKEN = os.urandom(4).hex()  # a reused pid never names a dead process's segment
+
+
+class Segment:
+    """One journal file, created and locked before it gets its name, so no replay takes it."""
+
+    def __init__(self, directory: Path, number: int):
+        self.path = directory / f"{os.getpid()}-{_PROCESS_TOKEN}-{number}{SEGMENT_SUFFIX}"
+        creating = self.path.with_suffix(".new")
+        self.fd = os.open(creating, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.rename(creating, self.path)
+
+    def append(self, line: bytes) -> None:
+        os.write(self.fd, line)
+
+    def drop(self) -> None:
+        """Its rows are in the database: delete it, then let go of its lock."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
 
 
 class UsageRecorder:
-    """Collects UsageRecords in memory; `flush()` writes them in one batch from a worker thread."""
+    """Collects UsageRecords in memory and in a journal; `flush()` writes them in one batch
+    from a worker thread. `open()` (blocking: call it off the event loop) replays what dead
+    processes left and starts this process's journal."""
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, journal_dir: Path):
         self._db_path = db_path
+        self._journal_dir = journal_dir
         self._pending: list[UsageRecord] = []
+        self._segment: Segment | None = None
+        self._sealed: list[Segment] = []  # full segments whose rows are not yet in the database
+        self._numbers = itertools.count(1)
         self._db: sqlite_utils.Database | None = None
         self._lock = asyncio.Lock()
 
+    def open(self) -> int:
+        """Replay the segments of dead processes; returns how many rows they held."""
+        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        replayed = sum(self._replay(path) for path in sorted(self._journal_dir.glob("*" + SEGMENT_SUFFIX)))
+        self._segment = Segment(self._journal_dir, next(self._numbers))
+        return replayed
+
+    def _replay(self, path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0  # its writer flushed and deleted it meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live process writes it
+            with os.fdopen(os.dup(fd), "rb") as file:
+                rows = []
+                for line in file:
+                    try:
+                        rows.append(_decode_line(line))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("skipping an unreadable line of %s", path)  # cut short by a power cut
+            if rows:
+                self._write(rows)
+                log.info("replayed %d usage rows from %s", len(rows), path.name)
+            path.unlink(missing_ok=True)
+            return len(rows)
+        finally:
+            os.close(fd)
+
     def record(self, record: UsageRecord) -> None:
         self._pending.append(record)
+        if self._segment is not None:
+            self._segment.append(_encode(record) + b"\n")
 
     @property
     def pending(self) -> int:
@@ -62,12 +137,22 @@ class UsageRecorder:
             if not self._pending:
                 return
             batch, self._pending = self._pending, []
+            if self._segment is not None:
+                self._sealed.append(self._segment)
+                self._segment = Segment(self._journal_dir, next(self._numbers))
             try:
-                await asyncio.to_thread(self._write, batch)
+                await asyncio.to_thread(self._commit, batch, self._sealed)
             except Exception:
                 log.exception("writing %d usage rows failed; will retry", len(batch))
                 self._pending[:0] = batch
                 del self._pending[:-MAX_PENDING]
+                return
+            self._sealed = []
+
+    def _commit(self, batch: list[UsageRecord], sealed: list[Segment]) -> None:
+        self._write(batch)
+        for segment in sealed:
+            segment.drop()
 
     def _write(self, batch: list[UsageRecord]) -> None:
         if self._db is None:
@@ -82,6 +167,14 @@ class UsageRecorder:
             raise
 
     def close(self) -> None:
+        """After a final flush: the journal is deleted, unless rows could not be written (the next start replays them)."""
+        segments = [*self._sealed, *([self._segment] if self._segment is not None else [])]
+        self._segment, self._sealed = None, []
+        for segment in segments:
+            if self._pending:
+                os.close(segment.fd)
+            else:
+                segment.drop()
         if self._db is not None:
             self._db.conn.close()
             self._db = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def measure(model, context: int) -> dict:
     port, key = free_port(), "bench-key"
     command = engine_command(model, "127.0.0.1", port, key)
     with tempfile.NamedTemporaryFile("w+b", suffix=".log") as log:
-        proc = subprocess.Popen(command.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **command.env})
         try:
             wait_until(command.health_url, timeout=120)
             # A prompt that fills most of the context, so every buffer is touched as in real use.

@@ -4,7 +4,9 @@ Manifests are built as dicts and dumped as YAML, one file per concern, into a fo
 `kubectl apply -f` takes as is. Engine replicas run where the plan put them: one Deployment
 per (model, node), pinned with a nodeSelector, behind one Service per model. Secrets
 (engine keys, MinIO credentials, the gateway runtime) are generated on the first render and
-read back on the next, so re-applying never rotates a key.
+read back on the next, so re-applying never rotates a key. An engine's key reaches it
+only through its environment (secretKeyRef into LLAMA_API_KEY or VLLM_API_KEY), never its
+args, which anyone on the node can read in the process list.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.objectstore import ObjectStoreSettings
 from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_model
+from installer.layout import write_new
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_runtime
@@ -321,7 +324,8 @@ def _check_whole_gpus(local: list[tuple[ModelConfig, ModelPlan]]) -> None:
             )
 
 
-def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, device: str, gpus: int, memory: int) -> dict:
+def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, device: str, gpus: int, memory: int,
+                      key: str) -> dict:
     shape = Placement(node="", device=device, gpus=list(range(gpus)))
     served = msgspec.structs.replace(
         planned_model(model, mp, shape),
@@ -329,8 +333,10 @@ def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, devic
         # Kubernetes expands $(VAR) in args: the node's allocatable CPUs when the profile sets none.
         threads=model.threads or "$(NODE_CPUS)",
     )
-    argv = _in_image(engine_command(served, "0.0.0.0", ENGINE_PORT, "$(ENGINE_API_KEY)").argv)
-    env = [_secret_env("ENGINE_API_KEY", ENGINE_KEYS, _name(model.name))]
+    command = engine_command(served, "0.0.0.0", ENGINE_PORT, key)
+    argv = _in_image(command.argv)
+    # The key from the Secret into the variable the engine reads it from: never in args.
+    env = [_secret_env(command.key_env, ENGINE_KEYS, _name(model.name))]
     if any("$(NODE_CPUS)" in arg for arg in argv):
         env.append({"name": "NODE_CPUS", "valueFrom": {"resourceFieldRef": {"containerName": "engine", "resource": "limits.cpu"}}})
     if model.engine == "vllm":
@@ -351,7 +357,7 @@ def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, devic
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
         # Ready once loaded and one token generated (services/engines/warmup.py).
         "startupProbe": {"exec": {"command": warm_up_argv("python", f"http://127.0.0.1:{ENGINE_PORT}", model,
-                                                          "ENGINE_API_KEY", wait=False)},
+                                                          command.key_env, wait=False)},
                          "periodSeconds": 10, "timeoutSeconds": 130,  # the warm-up request itself waits up to 120 s
                          "failureThreshold": math.ceil(max(model.startup_timeout_s, STARTUP_BUDGET_S) / 10)},
         "readinessProbe": _http_probe("/health", "http", 5, 2),
@@ -377,7 +383,7 @@ def _engine_deployments(profile: Profile, model: ModelConfig, mp: ModelPlan, key
         memory = max(p.ram_bytes for p in placements)
         pod = {
             "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [_engine_container(profile, model, mp, device, gpus, memory)],
+            "containers": [_engine_container(profile, model, mp, device, gpus, memory, key)],
             "volumes": [{"name": "models", "hostPath": {"path": profile.k3s.models_host_path, "type": "Directory"}}],
         }
         if model.engine == "vllm":
@@ -502,15 +508,6 @@ def _dump(docs: list[dict], profile: Profile) -> str:
     return header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True)
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
     """Write the manifests and images.txt into out_dir; returns the files written."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -562,10 +559,10 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, docs in files.items():
-        _write(out_dir / filename, _dump(docs, profile), 0o600 if filename == SECRETS_FILE else 0o644)
+        write_new(out_dir / filename, _dump(docs, profile).encode(), 0o600 if filename == SECRETS_FILE else 0o644)
         written.append(out_dir / filename)
     images = _images([d for docs in files.values() for d in docs])
-    _write(out_dir / "images.txt", "\n".join(images) + "\n", 0o644)
+    write_new(out_dir / "images.txt", ("\n".join(images) + "\n").encode(), 0o644)
     written.append(out_dir / "images.txt")
     # Files of an earlier render that this one no longer has (a removed model, no GPUs).
     for stale in [*out_dir.glob("40-engine-*.yaml"), out_dir / "05-nvidia-device-plugin.yaml"]:

@@ -45,10 +45,17 @@ def write_if_changed(path: Path, data: bytes, mode: int) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_new(path, data, mode)
     return True
+
+
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` atomically through a file created with `mode` (never wider, umask or not):
+    a secret is never readable by others, not even for a moment."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode; O_EXCL makes ours
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # before any byte: the umask may have narrowed a public file's mode
+        f.write(data)
+    os.replace(tmp, path)

@@ -62,8 +62,8 @@ def render_systemd_command(profile_name: str, out: str, inventories: tuple[str, 
     """Write hardened systemd units and their config for a bare-metal install into OUT.
 
     OUT mirrors the target machine: etc/systemd/system (the units and appliance.target),
-    etc/appliance (gateway.json, engines.env, minio.env and litestream.env, mode 0600;
-    litestream.yml),
+    etc/appliance (gateway.json, one engine-MODEL-I.env per engine replica with its key,
+    minio.env and litestream.env, mode 0600; litestream.yml),
     usr/lib/sysusers.d and usr/lib/tmpfiles.d (the `appliance` user, its folders). Keys are
     generated on the first render into OUT and kept on later ones; an `s3` object store's
     credentials are read from the environment. To install by hand: copy

@@ -7,6 +7,11 @@ out_dir/usr/lib, so `out_dir` may be a staging folder or the install root itself
 keys and MinIO credentials are generated on the first render and read back on the next,
 and files are only rewritten when their bytes or mode change, so a re-render with nothing
 changed changes nothing.
+
+An engine's key is never on its command line (any local user reads those with `ps`): each
+replica has its own environment file, root's and mode 0600, holding the one variable its
+engine reads the key from (LLAMA_API_KEY or VLLM_API_KEY); systemd (as root) reads it into
+the engine's environment, which only the service user and root can read.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from appliance.errors import InstallError
 from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
 from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
 from appliance.planning.plan_model import Placement, Plan, planned_model
-from services.engines.commands import engine_command
+from services.engines.commands import KEY_ENV, EngineCommand, engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, read_runtime
 from services.engines.warmup import warm_up_argv
@@ -48,7 +53,7 @@ CONTROLLER_UNIT = "appliance-controller.service"
 WORKER_UNIT = "appliance-worker.service"
 LITESTREAM_UNIT = "appliance-litestream.service"
 MINIO_UNIT = "appliance-minio.service"
-ENGINES_ENV = "engines.env"
+LEGACY_ENGINES_ENV = "engines.env"  # every engine's key, from renders that put keys in ExecStart; removed
 MINIO_ENV = "minio.env"
 REMOTE_KEYS_ENV = "remote-keys.env"  # written by the operator: one line per remote model's api_key_env
 GATEWAY_RUNTIME = "gateway.json"
@@ -70,10 +75,6 @@ class RenderedSystemd:
 def _slug(name: str) -> str:
     """The model name in unit names: lowercase letters, digits and '-' (as installer.k3s names objects)."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-")
-
-
-def _key_var(slug: str, replica: int) -> str:
-    return f"ENGINE_KEY_{slug.upper().replace('-', '_')}_{replica}"
 
 
 def _word(arg: str) -> str:
@@ -175,11 +176,15 @@ class _Replica:
     index: int  # in the plan's replicas of the model
     placement: Placement
     port: int
-    key_var: str
 
     @property
     def unit(self) -> str:
         return f"appliance-engine-{_slug(self.model.name)}-{self.index}.service"
+
+    @property
+    def env_file(self) -> str:
+        """Its key, in /etc/appliance: root's, mode 0600."""
+        return f"engine-{_slug(self.model.name)}-{self.index}.env"
 
 
 def _local_replicas(profile: Profile, plan: Plan, node: str) -> list[_Replica]:
@@ -199,19 +204,23 @@ def _local_replicas(profile: Profile, plan: Plan, node: str) -> list[_Replica]:
                                "systemd units serve one machine: render k3s manifests for a cluster")
         for index, placement in here:
             port = ENGINE_BASE_PORT + len(replicas)
-            replicas.append(_Replica(model, index, placement, port, _key_var(_slug(model.name), index)))
+            replicas.append(_Replica(model, index, placement, port))
     return replicas
 
 
-def _engine_argv(replica: _Replica, plan: Plan, layout: Layout) -> list[str]:
-    """engine_command's argv with the key as ${VAR} and the installed venv's executables."""
+def _engine_command(replica: _Replica, plan: Plan, key: str) -> EngineCommand:
     served = planned_model(replica.model, plan.model(replica.model.name), replica.placement)
-    argv = engine_command(served, ENGINE_HOST, replica.port, "${" + replica.key_var + "}").argv
+    return engine_command(served, ENGINE_HOST, replica.port, key)
+
+
+def _engine_argv(command: EngineCommand, layout: Layout) -> list[str]:
+    """engine_command's argv (no key in it) with the installed venv's executables."""
+    argv = command.argv
     program = "python" if argv[0] == sys.executable else argv[0]
     return [str(layout.bin / program), *argv[1:]]
 
 
-def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> str:
+def _engine_unit(replica: _Replica, command: EngineCommand, layout: Layout, header: str) -> str:
     model, placement = replica.model, replica.placement
     gpu = bool(placement.gpus)
     env = []
@@ -220,17 +229,15 @@ def _engine_unit(replica: _Replica, plan: Plan, layout: Layout, header: str) -> 
         env += ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"CUDA_VISIBLE_DEVICES={','.join(map(str, placement.gpus))}"]
     if model.engine == "vllm":
         env += ["HF_HUB_OFFLINE=1", "VLLM_NO_USAGE_STATS=1"]
-    key_ref = "${" + replica.key_var + "}"
-    exec_start = _command(_engine_argv(replica, plan, layout)).replace("$" + key_ref, key_ref)
     return _fill(
         "appliance-engine.service.in",
         header=header, model=model.name, replica=str(replica.index), engine=model.engine, port=str(replica.port),
         device=f"GPU {','.join(map(str, placement.gpus))}" if gpu else "CPU",
         after="After=nvidia-persistenced.service" if gpu else "",
-        exec_start=exec_start,
+        exec_start=_command(_engine_argv(command, layout)),
         warm_up=_command(warm_up_argv(str(layout.bin / "python"), f"http://{ENGINE_HOST}:{replica.port}", model,
-                                      replica.key_var)),
-        home=str(layout.data), engines_env=str(layout.etc / ENGINES_ENV),
+                                      command.key_env)),
+        home=str(layout.data), key_file=str(layout.etc / replica.env_file),
         environment="\n".join(f"Environment={e}" for e in env),
         start_timeout=str(math.ceil(model.startup_timeout_s)),
         hardening=_hardening(layout, gpu=gpu),
@@ -314,7 +321,7 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
             endpoints = [remote_endpoint(model)]
         else:
             endpoints = [ReplicaEndpoint(base_url=f"http://{ENGINE_HOST}:{r.port}/v1",
-                                         health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.key_var])
+                                         health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.unit])
                          for r in replicas if r.model is model]
         served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
@@ -341,8 +348,9 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     header = f"# Rendered by `appliance render systemd` from profile {profile.name}: re-render rather than edit."
     replicas = _local_replicas(profile, plan, node)
 
-    old_keys = _read_env(etc / ENGINES_ENV)
-    keys = {r.key_var: old_keys.get(r.key_var) or secrets.token_hex(24) for r in replicas}
+    commands = {r.unit: _engine_command(r, plan, _read_env(etc / r.env_file).get(KEY_ENV[r.model.engine])
+                                        or secrets.token_hex(24)) for r in replicas}
+    keys = {unit: command.api_key for unit, command in commands.items()}
     previous = _previous_runtime(etc / GATEWAY_RUNTIME)
     store, minio_credentials = _object_store(profile, layout.data, etc, with_minio, previous,
                                              os.environ if env is None else env)
@@ -353,7 +361,8 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     runtime = _runtime(profile, replicas, keys, layout, created, store)
 
     files = {
-        etc / ENGINES_ENV: (_env_file("# Engine API keys: generated on the first render, kept on the next.\n", keys), 0o600),
+        **{etc / r.env_file: (_env_file(f"# The API key of {r.unit}: generated on the first render, kept on the next.\n",
+                                        commands[r.unit].env), 0o600) for r in replicas},
         etc / GATEWAY_RUNTIME: (msgspec.json.format(msgspec.json.encode(runtime)).decode() + "\n", 0o600),
     }
     units: dict[str, str] = {}
@@ -369,7 +378,7 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
             exec_start=_command(server_argv(layout.bin / "minio", store.endpoint, data)),
         )
         after = f" {MINIO_UNIT}"
-    units.update({r.unit: _engine_unit(r, plan, layout, header) for r in replicas})
+    units.update({r.unit: _engine_unit(r, commands[r.unit], layout, header) for r in replicas})
     units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after, objects)
     units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after, objects)
     units[WORKER_UNIT] = _worker_unit(layout, header, after, objects)
@@ -393,4 +402,8 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
                if p.exists() and p not in unit_paths]
     for path in removed:
         path.unlink()
+    # Keys no unit reads any more: a removed replica's, and the old all-engines file.
+    for path in [*etc.glob("engine-*.env"), etc / LEGACY_ENGINES_ENV]:
+        if path.exists() and path not in files:
+            path.unlink()
     return RenderedSystemd(units=unit_paths, files=list(files), changed=changed, removed=sorted(removed))

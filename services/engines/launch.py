@@ -1,5 +1,6 @@
-"""One engine replica as a supervised child process, bound to loopback with its own key:
-ready once it answered a warm-up request, its state reported to the gateway."""
+"""One engine replica as a supervised child process, bound to loopback with its own key
+(passed in its environment, never on its command line): ready once it answered a warm-up
+request, its state reported to the gateway."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
         health_url=cmd.health_url,
         health_headers={"Authorization": f"Bearer {key}"},
         startup_timeout_s=model.startup_timeout_s,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus)), **cmd.env},  # the key: never argv
         program=PROGRAMS[model.engine],
         warm_up=warm_up_call(model, cmd.base_url, key),
         max_crashes=model.max_crashes,

@@ -1,6 +1,15 @@
 """One supervised child process: start, readiness (health check, then an optional warm-up),
-restart with backoff, a readable reason for every unexpected exit, marked failed after
-repeated crashes, clean stop."""
+restart, a readable reason for every unexpected exit, marked failed after repeated crashes
+at start, clean stop.
+
+A crash at start (before READY: the health check or warm-up never passed) waits a backoff
+that doubles with each one, and `max_crashes` of them within `crash_window_s` mark the
+process failed. A crash after READY is most likely one request's doing (an engine bug a
+client found): it is restarted at once, without waiting, feeding the backoff, or counting
+toward the crash-loop rule, so a client repeating that request costs everyone a restart
+each time, never the backoff, and can never get the model marked failed. That cannot
+spin: every restart must pass the health check and warm-up before it can crash "after
+READY" again."""
 
 from __future__ import annotations
 
@@ -55,8 +64,8 @@ def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.
 class ManagedProcess:
     """`warm_up(timeout_s)` is called once the health check passes and returns a note for
     people (or raises WarmUpFailed); `program` names the process in exit meanings (e.g.
-    "this llama.cpp build"); with `max_crashes`, that many crashes within `crash_window_s`
-    mark it failed instead of restarting it again; `on_change` is called on every state change."""
+    "this llama.cpp build"); with `max_crashes`, that many crashes at start within
+    `crash_window_s` mark it failed instead of restarting it again; `on_change` is called on every state change."""
 
     def __init__(
         self,
@@ -180,7 +189,7 @@ class ManagedProcess:
                 if now - self.started_at > STABLE_AFTER_S:
                     self._backoff = BACKOFF_START_S
                 return None
-            return self._crashed(self._exit_reason())
+            return self._restart_now(self._exit_reason())
         if self.state == STARTING:  # a restart
             try:
                 if self.check_start():
@@ -193,8 +202,15 @@ class ManagedProcess:
             return f"{self.name} restarted (pid {self.pid}, restart #{self.restarts})"
         return None
 
+    def _restart_now(self, reason: str) -> str:
+        """A ready process died: start it again at once (see the module docstring)."""
+        self._kill_group()
+        self.restarts += 1
+        self.start()
+        return f"{self.name} died: {reason}; restarted at once (pid {self.pid}, restart #{self.restarts})"
+
     def _crashed(self, reason: str) -> str:
-        """Restart after the backoff, or mark it failed once it crashed too often."""
+        """A crash at start: restart after the backoff, or mark it failed once it crashed too often."""
         self._kill_group()  # whatever the dead process started (e.g. Granian's workers) goes too
         now = time.monotonic()
         self._crashes.append(now)

@@ -2,6 +2,10 @@
 it, and to its answer after. Compatibility is owned here, once, so a client sees one API
 whatever serves the model (DESIGN, "Flow of a request").
 
+Every local engine (llama.cpp, vLLM): a field beyond the OpenAI API is a 400 naming it,
+unless it is a bounded sampling extension or the profile allows it
+(services/gateway/engine_params.py).
+
 Every engine: `n` is bounded by gateway.max_n; JSON Schemas (response_format, tool
 parameters) must be valid JSON Schema and a named tool_choice must name an offered
 function, so a mistake is a 400 naming it, whatever the engine would make of it; a stream always asks the engine for usage
@@ -12,8 +16,10 @@ llama.cpp's server reads developer messages, text parts, max_completion_tokens, 
 response_format, seed, stop and logit_bias itself. The adapter adds what it lacks:
 - text only: image, audio and file parts are refused by name (400), not failed (500);
 - tool_choice naming a function (it takes strings only): "required" over that function;
-- `n` > 1 without streaming: asked as a stream and answered whole (its whole answer
-  counts one choice's tokens, its stream every choice's);
+- every answer is asked as a stream, with running token counts in each chunk
+  (`timings_per_token`), and a non-streamed one is answered whole from it: an answer cut
+  short (the client left, the engine died) is metered with the tokens generated until
+  then, and `n` > 1 counts every choice's tokens (its whole answer counts one choice's);
 - tools on a model whose chat template cannot show them (GET /props says so; the engine
   would silently ignore them): emulated with JSON-schema-constrained decoding
   (services/gateway/tool_calls.py), earlier calls and results shown as text.
@@ -26,7 +32,7 @@ import jsonschema
 import msgspec
 
 from appliance.errors import InvalidRequest
-from services.gateway import tool_calls
+from services.gateway import engine_params, tool_calls
 from services.gateway.replicas import ModelPool
 from services.gateway.schemas import ChatCompletionRequest, EmbeddingRequest, JsonSchemaFormat, NamedToolChoice, TextPart
 
@@ -58,6 +64,8 @@ class Adapted(msgspec.Struct):
 
 def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
     """The request for `pool`'s engine; raises InvalidRequest naming what it cannot serve."""
+    if pool.served.engine != "remote":
+        engine_params.check(outgoing.encode(), parsed, pool.served)
     if isinstance(parsed, EmbeddingRequest):
         if pool.served.upstream_model:
             outgoing.data["model"] = pool.served.upstream_model
@@ -75,8 +83,7 @@ def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
             plan = tool_calls.emulate(outgoing.data, served.context_length)
         elif isinstance(parsed.tool_choice, NamedToolChoice):
             _require_named(outgoing.data, parsed)
-    # llama.cpp's whole answer to n > 1 counts one choice's tokens; its stream counts each.
-    collect = served.engine == "llamacpp" and (parsed.n or 1) > 1 and not parsed.stream
+    collect = served.engine == "llamacpp" and not parsed.stream
     if collect:
         outgoing.data["stream"] = True
     hide_usage = collect or (parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage))
@@ -85,6 +92,10 @@ def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
         data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
     if served.upstream_model:
         outgoing.data["model"] = served.upstream_model
+    if served.engine == "llamacpp":
+        # Running counts in every chunk: an answer cut short is metered from its last chunk
+        # (services/gateway/proxy.py). Streaming clients see them as `timings`, which OpenAI's SDKs ignore.
+        outgoing.data["timings_per_token"] = True
     return Adapted(outgoing.encode(), hide_usage, plan, collect)
 
 
@@ -109,6 +120,8 @@ def _check_schema(schema: dict, param: str) -> None:
         where = "".join(f"[{p!r}]" for p in exc.path)
         raise InvalidRequest(f"'{param}' is not a valid JSON Schema: {exc.message}{f' (at {where})' if where else ''}.",
                              param=param) from None
+    except RecursionError:
+        raise InvalidRequest(f"'{param}' is nested too deeply to check.", param=param) from None
 
 
 def _uses_tools(parsed: ChatCompletionRequest) -> bool:

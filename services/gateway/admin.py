@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
+from litestar.params import Parameter
 from litestar.types import Guard
 
 from appliance import audit
@@ -25,9 +26,14 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError, PermissionDenied, StorageUnavailable
 from appliance.keys import ApiKey
 from appliance.objectstore import ObjectStore
+from services.gateway import schemas
 from services.gateway.request_ids import new_request_id
 
 MANAGER_ROLES = ("admin", "operator")
+# SQLite's integers are 64-bit: a larger one from a client is a 400 naming it, not an OverflowError.
+SQLITE_MIN, SQLITE_MAX = -(2**63), 2**63 - 1
+SqliteInt = Annotated[int, msgspec.Meta(ge=SQLITE_MIN, le=SQLITE_MAX)]  # in a request body
+VersionNumber = Annotated[int, Parameter(ge=1, le=SQLITE_MAX)]  # a registry version, in a path or query
 
 
 def gateway_of(connection: ASGIConnection):
@@ -56,6 +62,19 @@ def requires_role(*roles: str) -> Guard:
 
 
 requires_manager = requires_role(*MANAGER_ROLES)
+
+
+def request_body(schema: Any) -> dict:
+    """A handler's `opt`: the JSON body it reads with `decoded`, which the OpenAPI document
+    describes too (services/gateway/openapi.py); `bytes` for a raw file body."""
+    return {"body": schema}
+
+
+async def decoded(request: Request, *, required: bool = True) -> Any:
+    """The request body as its handler's `body` type; 400 naming the field at fault.
+    An empty body that is not `required` is the type's defaults."""
+    schema, raw = request.route_handler.opt["body"], await request.body()
+    return schemas.decode(raw, schema) if required or raw.strip() else schema()
 
 
 def current_actor(request: Request) -> Actor:

@@ -9,16 +9,15 @@ from litestar import Controller, Request, Response, delete, get, post
 
 from appliance import deployments
 from appliance.audit import Actor
-from services.gateway import schemas
-from services.gateway.admin import gateway_of, run, store_of
+from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, request_body, run, store_of
 
 
 class Deploy(msgspec.Struct, forbid_unknown_fields=True):
     model: str
-    version: Annotated[int, msgspec.Meta(ge=1)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=SQLITE_MAX)]
     name: str | None = None
     replicas: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    context_length: Annotated[int, msgspec.Meta(ge=128)] | None = None
+    context_length: Annotated[int, msgspec.Meta(ge=128, le=SQLITE_MAX)] | None = None
 
 
 class DeploymentController(Controller):
@@ -33,9 +32,9 @@ class DeploymentController(Controller):
     async def get_deployment(self, request: Request, actor: Actor, name: str) -> Response:
         return await run(request, actor, lambda db: deployments.get(db, name))
 
-    @post()
+    @post(opt=request_body(Deploy))
     async def create_deployment(self, request: Request, actor: Actor) -> Response:
-        body = schemas.decode(await request.body(), Deploy)
+        body = await decoded(request)
         store_of(request)  # the engine's files come from the object store
         reserved = gateway_of(request).profile_models
 

@@ -11,8 +11,7 @@ from litestar.params import Parameter
 from appliance import jobs
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
-from services.gateway import schemas
-from services.gateway.admin import gateway_of, run
+from services.gateway.admin import decoded, gateway_of, request_body, run
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
@@ -24,10 +23,10 @@ class JobController(Controller):
     path = "/jobs"
     tags = ["jobs"]
 
-    @post()
+    @post(opt=request_body(SubmitJob))
     async def submit_job(self, request: Request, actor: Actor) -> Response:
         """Queue a job; answers 202 with it (state "queued"). Follow it with GET /admin/jobs/{id}."""
-        body = schemas.decode(await request.body(), SubmitJob)
+        body = await decoded(request)
         params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
         queue = gateway_of(request).job_queue
 

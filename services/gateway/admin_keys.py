@@ -17,8 +17,7 @@ from appliance import keys
 from appliance.audit import Actor
 from appliance.durations import parse_duration
 from appliance.errors import InvalidRequest
-from services.gateway import schemas
-from services.gateway.admin import run
+from services.gateway.admin import decoded, request_body, run
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -47,10 +46,10 @@ class KeyController(Controller):
     path = "/keys"
     tags = ["keys"]
 
-    @post()
+    @post(opt=request_body(CreateKey))
     async def create_key(self, request: Request, actor: Actor) -> Response:
         """Create a key; the answer holds its secret (`key`), shown this once."""
-        body = schemas.decode(await request.body(), CreateKey)
+        body = await decoded(request)
         key_id = keys.new_key_id()
 
         def work(db) -> dict:

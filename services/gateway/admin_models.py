@@ -9,9 +9,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post
 
 from appliance import model_registry
 from appliance.audit import Actor
-from appliance.errors import InvalidRequest
-from services.gateway import schemas
-from services.gateway.admin import run, store_of
+from services.gateway.admin import VersionNumber, decoded, request_body, run, store_of
 from services.gateway.admin_uploads import Register, from_body, from_path_or_upload
 
 
@@ -44,14 +42,14 @@ class ModelController(Controller):
     async def model_versions(self, request: Request, actor: Actor, name: str) -> Response:
         return await run(request, actor, lambda db: {"name": name, "versions": model_registry.versions(db, name)})
 
-    @post("/{name:str}/versions")
+    @post("/{name:str}/versions", opt=request_body(RegisterModel))
     async def register_model(self, request: Request, actor: Actor, name: str) -> Response:
-        body = schemas.decode(await request.body(), RegisterModel)
+        body = await decoded(request)
         work = from_path_or_upload(request, body, "models", _register(request, actor, name, body.sha256))
         return await run(request, actor, work, action="model.register", target=f"model/{name}",
                          detail=_version_detail, status=201)
 
-    @post("/{name:str}/upload", request_max_body_size=None)
+    @post("/{name:str}/upload", request_max_body_size=None, opt=request_body(bytes))
     async def upload_model(self, request: Request, actor: Actor, name: str, filename: str,
                            sha256: str | None = None) -> Response:
         """The model file as the request body (e.g. curl -T model.gguf)."""
@@ -61,25 +59,23 @@ class ModelController(Controller):
                          detail=_version_detail, status=201)
 
     @get("/{name:str}/versions/{version:int}")
-    async def get_model_version(self, request: Request, actor: Actor, name: str, version: int) -> Response:
+    async def get_model_version(self, request: Request, actor: Actor, name: str, version: VersionNumber) -> Response:
         return await run(request, actor, lambda db: model_registry.get_version(db, name, version))
 
-    @patch("/{name:str}/versions/{version:int}/card")
-    async def edit_card(self, request: Request, actor: Actor, name: str, version: int) -> Response:
-        try:
-            edits = msgspec.json.decode(await request.body(), type=dict[str, Any])
-        except msgspec.DecodeError as exc:
-            raise InvalidRequest(f"the body must be a JSON object of card fields: {exc}") from None
+    @patch("/{name:str}/versions/{version:int}/card", opt=request_body(dict[str, Any]))
+    async def edit_card(self, request: Request, actor: Actor, name: str, version: VersionNumber) -> Response:
+        edits = await decoded(request)  # the card fields to change
         return await run(request, actor, lambda db: model_registry.edit_card(db, name, version, edits),
                          action="model.card.edit", target=f"model/{name}/{version}",
                          detail=lambda _: {"fields": sorted(edits)})
 
     @get("/{name:str}/compare")
-    async def compare_versions(self, request: Request, actor: Actor, name: str, a: int, b: int) -> Response:
+    async def compare_versions(self, request: Request, actor: Actor, name: str, a: VersionNumber,
+                               b: VersionNumber) -> Response:
         return await run(request, actor, lambda db: model_registry.compare(db, name, a, b))
 
     @delete("/{name:str}/versions/{version:int}", status_code=200)
-    async def delete_model_version(self, request: Request, actor: Actor, name: str, version: int) -> Response:
+    async def delete_model_version(self, request: Request, actor: Actor, name: str, version: VersionNumber) -> Response:
         store = store_of(request)
         return await run(request, actor, lambda db: model_registry.delete_version(db, store, name, version),
                          action="model.delete", target=f"model/{name}/{version}", detail=_version_detail)

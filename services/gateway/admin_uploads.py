@@ -18,8 +18,7 @@ from litestar.exceptions import ClientException, InternalServerException
 from appliance import home
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest
-from services.gateway import schemas
-from services.gateway.admin import gateway_of, run, store_of
+from services.gateway.admin import decoded, gateway_of, request_body, run, store_of
 
 # register(db, local path, source) -> the new version's row
 Register = Callable[[Any, Path, str], dict]
@@ -33,10 +32,10 @@ class UploadController(Controller):
     path = "/uploads"
     tags = ["uploads"]
 
-    @post()
+    @post(opt=request_body(UploadRequest))
     async def create_upload(self, request: Request, actor: Actor) -> Response:
         """A presigned URL for one large file: PUT it there, then register it with its upload_key."""
-        body = schemas.decode(await request.body(), UploadRequest)
+        body = await decoded(request)
         store = store_of(request)
 
         def work(db):
@@ -82,8 +81,11 @@ async def receive_file(request: Request, folder: Path, filename: str) -> Path:
 
 def staging_path(folder: Path, filename: str | None, default: str) -> Path:
     """folder/<random>/<filename>: a private place for one file, keeping its name."""
+    name = os.path.basename(filename or "") or default
+    if "\x00" in name:  # no file system takes it
+        raise InvalidRequest(f"{name!r} is not a file name: it holds a NUL character", param="filename")
     folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=folder, prefix="upload-")) / (os.path.basename(filename or "") or default)
+    return Path(tempfile.mkdtemp(dir=folder, prefix="upload-")) / name
 
 
 def discard(path: Path) -> None:

@@ -16,12 +16,16 @@ from time import perf_counter
 
 import aiohttp
 import msgspec
-from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
-from litestar import Litestar, Request, Response, get
+from granian.rsgi import HTTPProtocol, ProtocolClosed, ProtocolError, Scope
+from litestar import Litestar, Request, Response, Router, get
+from litestar._openapi.plugin import OpenAPIPlugin
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import __version__, deployments
+from appliance.config import GatewayConfig
 from appliance.db import open_db
 from appliance.errors import (
     ApplianceError,
@@ -30,9 +34,10 @@ from appliance.errors import (
     MethodNotAllowed,
     ModelNotFound,
     PayloadTooLarge,
+    RequestTimeout,
     StorageUnavailable,
 )
-from appliance.home import RUNTIME_ENV, state_db_path
+from appliance.home import RUNTIME_ENV, state_db_path, usage_journal_dir
 from appliance.keys import KeyCache
 from appliance.usage import UsageRecord, UsageRecorder
 from services.engines.status import read_statuses
@@ -41,9 +46,12 @@ from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
+from services.gateway.body_reads import drain, expire_reads, timed
+from services.gateway.door import open_door
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import complete
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
@@ -71,7 +79,7 @@ class Gateway:
         self.db_path = state_db_path(Path(runtime.home))
         self.keys = KeyCache()
         self.metrics = GatewayMetrics()
-        self.recorder = UsageRecorder(self.db_path)
+        self.recorder = UsageRecorder(self.db_path, usage_journal_dir(Path(runtime.home)))
         self.pools = {m.name: ModelPool(m) for m in runtime.models}
         self.profile_models = frozenset(self.pools)
         self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
@@ -93,7 +101,10 @@ class Gateway:
         return {"id": served.name, "object": "model", "created": served.created, "owned_by": "appliance"}
 
     async def start(self) -> None:
+        self.door = None  # opened last, once the gateway can serve
         self._db = await asyncio.to_thread(open_db, self.db_path)
+        if replayed := await asyncio.to_thread(self.recorder.open):
+            log.info("recorded %d usage rows that a stopped gateway process had journaled", replayed)
         self.job_queue = await asyncio.to_thread(JobQueue, Path(self.runtime.home))
         self._apply_state(*await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
@@ -111,8 +122,12 @@ class Gateway:
         ]
         if self.store is not None:
             self._tasks.append(asyncio.create_task(self._ensure_buckets()))
+        self._tasks.append(asyncio.create_task(expire_reads(self.config.body_timeout_s)))
+        self.door = await open_door(self.config, Path(self.runtime.home))
 
     async def stop(self) -> None:
+        if self.door is not None:
+            self.door.close()  # no new connections while the rest stops
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -217,6 +232,10 @@ class Gateway:
         except ApplianceError as error:
             self._fail(call, error)
             raise
+        except ProtocolClosed:  # the client left while sending its request
+            error = ClientGone("The client closed the connection while sending its request.")
+            self._fail(call, error)
+            raise error from None
         except Exception as exc:
             error = internal_error(exc, call.request_id)
             self._fail(call, error)
@@ -236,6 +255,7 @@ class Gateway:
                     payload = reader.complete(payload)
                 flight.disarm()
                 call.answer_started = True
+                self.finish(call)  # journaled before the client has the answer
                 proto.response_bytes(200, self._headers(call, JSON), payload)
         except ApplianceError as error:  # raised before the answer started
             call.status, call.error_type = error.status, error.type
@@ -284,19 +304,21 @@ class Gateway:
     async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
         response = await self.forwarder.open_stream(call, pool, path, adapted.body)
-        events = self.forwarder.relay(call, pool, response, adapted.hide_usage)
+        events = relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
         if reader is not None:
-            events = reader.stream(events)
+            events = reader.stream(relayed)
         try:
             call.answer_started = True
             transport = proto.response_stream(200, self._headers(call, SSE))
             async for piece in events:
                 if call.answered:  # this piece ends the stream; the client may hang up after it
                     flight.disarm()
+                    self.finish(call)  # journaled before the client has the answer's end
                 await transport.send_bytes(piece)
             flight.disarm()
         finally:
             await events.aclose()
+            await relayed.aclose()  # now, not when collected: it meters a stream cut short
             response.close()  # idempotent; frees the engine connection whatever happened
 
     @staticmethod
@@ -309,7 +331,11 @@ class Gateway:
         self.finish(call)
 
     def finish(self, call: Call) -> None:
-        """Metrics and the usage row of one call; cheap and synchronous (no I/O)."""
+        """Metrics and the usage row of one call, once; cheap and synchronous (one
+        append to the usage journal, appliance/usage.py)."""
+        if call.finished:
+            return
+        call.finished = True
         elapsed = perf_counter() - call.started
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
@@ -348,17 +374,23 @@ SSE = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
 
 async def read_body(proto: HTTPProtocol, content_length: str | None, limit: int) -> bytes:
-    """The whole request body, refusing more than `limit` bytes before reading it all."""
+    """The whole request body, refusing more than `limit` bytes before reading it all, and a
+    body that does not arrive within gateway.body_timeout_s (services/gateway/body_reads.py)."""
     if content_length is not None and content_length.isdigit():
         expected = int(content_length)
         if expected > limit:
             raise PayloadTooLarge(body_limit_message(limit))
-        body = await proto()
+        body = await timed(proto())
         if len(body) < expected:  # RSGI ends a body cut short without saying so
             raise ClientGone("The client closed the connection while sending its request.")
         return body
     chunks, size = [], 0  # chunked: no length announced
-    async for chunk in proto:
+    stream = proto.__aiter__()
+    while True:
+        try:
+            chunk = await timed(stream.__anext__())
+        except StopAsyncIteration:
+            break
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(body_limit_message(limit))
@@ -391,6 +423,13 @@ async def get_model(request: Request, model: str) -> Response:
     return Response(msgspec.json.encode(gateway._model_object(pool.served)), media_type="application/json")
 
 
+def monitoring_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guards /metrics and /schema: with gateway.metrics_require_key, a key of any role (metrics or above)."""
+    gateway = gateway_of(connection)
+    if gateway.config.metrics_require_key:
+        gateway.keys.authenticate(connection.headers.get("authorization"), monitoring=True)
+
+
 @get("/healthz")
 async def healthz() -> dict:
     return {"status": "ok"}
@@ -398,16 +437,22 @@ async def healthz() -> dict:
 
 @get("/readyz")
 async def readyz(request: Request) -> Response:
+    """Ready when every model has a healthy replica; the details need a key under gateway.metrics_require_key."""
     gateway = gateway_of(request)
-    models = {name: pool.readiness() for name, pool in gateway.pools.items()}
     unready = gateway.unready_models()
-    body = {"status": "ready" if not unready else "not ready", "models": models}
+    body, status = {"status": "ready" if not unready else "not ready"}, 200 if not unready else 503
+    if gateway.config.metrics_require_key:
+        authorization = request.headers.get("authorization")
+        if not authorization:  # a load balancer's probe
+            return Response(body, status_code=status)
+        gateway.keys.authenticate(authorization, monitoring=True)
+    body["models"] = {name: pool.readiness() for name, pool in gateway.pools.items()}
     if unready:
         body["waiting_for"] = unready
-    return Response(body, status_code=200 if not unready else 503)
+    return Response(body, status_code=status)
 
 
-@get("/metrics")
+@get("/metrics", guards=[monitoring_key])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -427,7 +472,7 @@ class GatewayApp:
 
     def __init__(self, gateway: Gateway, litestar: Litestar):
         self.gateway = gateway
-        self.litestar = AsgiBridge(litestar)
+        self.litestar = AsgiBridge(litestar, gateway.config.max_body_bytes)
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(self.gateway.start())
@@ -444,6 +489,8 @@ class GatewayApp:
         try:
             await self.gateway.serve(scope, proto, *route)
         except ApplianceError as exc:  # raised only before the answer started
+            with contextlib.suppress(ProtocolError):  # the body was read already
+                await drain(proto.__aiter__(), self.gateway.config.max_body_bytes)
             respond_error(proto, exc)
         # Anything else was raised after the answer started: Granian logs it and drops the connection.
 
@@ -466,11 +513,25 @@ def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:
     if runtime is None:
         runtime = read_runtime(Path(os.environ[RUNTIME_ENV]))
     gateway = Gateway(runtime)
+    litestar = litestar_app(runtime.gateway)
+    litestar.state.gateway = gateway
+    return GatewayApp(gateway, litestar)
+
+
+def litestar_app(config: GatewayConfig) -> Litestar:
+    """Everything but the OpenAI POSTs; its OpenAPI document describes those too."""
     litestar = Litestar(
         route_handlers=[list_models, get_model, healthz, readyz, metrics, admin_router()],
         exception_handlers=EXCEPTION_HANDLERS,
-        request_max_body_size=runtime.gateway.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__),
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__,
+                                     openapi_router=Router("/schema", route_handlers=[], guards=[monitoring_key],
+                                                          include_in_schema=False)),
     )
-    litestar.state.gateway = gateway
-    return GatewayApp(gateway, litestar)
+    complete(openapi_document(litestar), {path: schema for path, (_, schema) in OPENAI_POSTS.items()}, litestar.routes)
+    return litestar
+
+
+def openapi_document(litestar: Litestar) -> dict:
+    """The document /schema serves, built once and cached by Litestar: `complete` edits that one."""
+    return litestar.plugins.get(OpenAPIPlugin).provide_openapi_schema()

@@ -14,6 +14,8 @@ from urllib.parse import quote
 from granian.rsgi import ProtocolClosed
 from litestar.types import ASGIApp, Message
 
+from services.gateway.body_reads import drain, timed
+
 BODY_END = {"type": "http.request", "body": b"", "more_body": False}
 DISCONNECT = {"type": "http.disconnect"}
 
@@ -24,8 +26,9 @@ def _address(value: str) -> tuple[str, int] | None:
 
 
 class AsgiBridge:
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app = app
+        self.max_body_bytes = max_body_bytes  # what an early answer drains of an unread body
 
     async def __call__(self, scope, proto) -> None:
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in scope.headers.items()]
@@ -50,11 +53,12 @@ class AsgiBridge:
 
         async def receive() -> Message:
             # A body cut short by the client just ends early here; readers that care
-            # compare it with Content-Length (services/gateway/admin.py does).
+            # compare it with Content-Length (services/gateway/admin.py does). Each chunk
+            # must come within gateway.body_timeout_s of asking for it, or RequestTimeout.
             nonlocal body_done
             if not body_done:
                 try:
-                    return {"type": "http.request", "body": await body.__anext__(), "more_body": True}
+                    return {"type": "http.request", "body": await timed(body.__anext__()), "more_body": True}
                 except StopAsyncIteration:
                     body_done = True
                     return BODY_END
@@ -62,8 +66,11 @@ class AsgiBridge:
             return DISCONNECT
 
         async def send(message: Message) -> None:
-            nonlocal status, response_headers, stream
+            nonlocal status, response_headers, stream, body_done
             if message["type"] == "http.response.start":
+                if not body_done and (scope.headers.get("content-length") or scope.headers.get("transfer-encoding")):
+                    body_done = True  # answered before the body was read (a 401, a 404): drop the rest
+                    await drain(body, self.max_body_bytes)
                 status = message["status"]
                 response_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in message.get("headers", ())]
                 return

@@ -68,14 +68,14 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
     """Litestar's own errors (unknown route, wrong method, a bad or missing query parameter)."""
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown path {request.url.path}"
-    param = None
+    param = code = None
     if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) and exc.extra[0].get("key"):
-        param = exc.extra[0]["key"]
+        param, code = exc.extra[0]["key"], "invalid_value"  # as for a bad body field (appliance.errors.invalid_value)
         message = f"Invalid value for '{param}': {exc.extra[0].get('message')}"
     elif status == 400 and (named := _NAMED_PARAMETER.search(message)):
         param = named.group(1)
     type_ = "server_error" if status >= 500 else "invalid_request_error"
-    return _json(error_body(message, type_, param=param), status, exc.headers)
+    return _json(error_body(message, type_, param=param, code=code), status, exc.headers)
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

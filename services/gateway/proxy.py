@@ -4,7 +4,9 @@ The client's original bytes are forwarded (unknown fields reach the engine uncha
 Streams are relayed event by event as they arrive; usage is read from the engine's own
 usage chunks, which the gateway asks for and hides again when the client did not. An
 engine answering `n` choices may send one usage chunk per choice: they are held back and
-summed into one (the prompt counted once), sent just before [DONE].
+summed into one (the prompt counted once), sent just before [DONE]. A stream that ends
+without its usage chunk (the client left, the engine failed) is metered from the last
+events relayed, parsed once at the end (`_count_cut_stream`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Call:
 
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
-        "answer_started", "answered", "deadline", "timed_out",
+        "answer_started", "answered", "deadline", "timed_out", "finished",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -57,6 +59,7 @@ class Call:
         self.answered = False  # the answer is complete: a disconnect now cancels nothing
         self.deadline: float | None = None  # perf_counter() by which the engine must have answered
         self.timed_out = False  # the ticker cancelled the request: the deadline passed
+        self.finished = False  # metered (services/gateway/app.py Gateway.finish)
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -89,6 +92,43 @@ def _timed_out(call: Call) -> bool:
         return False
     asyncio.current_task().uncancel()
     return True
+
+
+class Timings(msgspec.Struct):
+    cache_n: int = 0
+    prompt_n: int = 0
+    predicted_n: int = 0
+
+
+class TimedChunk(msgspec.Struct):
+    """llama.cpp's stream chunk with `timings_per_token` (services/gateway/adapters.py asks for it)."""
+
+    timings: Timings | None = None
+
+
+_decode_timed = msgspec.json.Decoder(TimedChunk).decode
+
+
+def _count_cut_stream(call: Call, last: bytes, relayed: int) -> None:
+    """The usage of a stream that ended before its usage chunk (the client left, the engine
+    failed), read once from the last events relayed. llama.cpp's running counts are exact;
+    another engine's (vLLM, remote upstreams) are estimated as one completion token per
+    chunk relayed (vLLM sends one per decoding step, merging tokens only to complete a
+    character or a stop string; an OpenAI-style first chunk holding only the role counts
+    one too many) and no prompt tokens, which are unknown."""
+    if call.usage is not None or not last:
+        return
+    event = last.rstrip()
+    event = event[event.rfind(b"data:") + 5 :]
+    try:
+        timings = _decode_timed(event).timings
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        timings = None
+    if timings is not None:
+        prompt, completion = timings.cache_n + timings.prompt_n, timings.predicted_n
+    else:
+        prompt, completion = 0, relayed
+    call.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class Forwarder:
@@ -164,6 +204,8 @@ class Forwarder:
         buffer = b""
         done = False
         usage_events: list[bytes] = []
+        last = b""  # the latest events relayed: what was generated so far, if the usage chunk never comes
+        relayed = 0  # events relayed, for an engine that reports no counts mid-stream
         chunks = response.content.iter_any()
         try:
             try:
@@ -179,6 +221,8 @@ class Forwarder:
                     if call.ttft is None:
                         call.ttft = perf_counter() - call.started
                     if not buffer and data.endswith(b"\n\n") and b"data: [DONE]" not in data and not carries_usage(data):
+                        last = data
+                        relayed += data.count(b"\n\n")
                         yield data  # whole events with nothing to look at: pass them on as they are
                         continue
                     buffer += data
@@ -195,6 +239,9 @@ class Forwarder:
                         elif carries_usage(event) and self._take_usage(call, event):
                             usage_events.append(event)
                             continue
+                        else:
+                            last = event
+                            relayed += 1
                         out.append(event + b"\n\n")
                     if out:
                         yield b"".join(out)
@@ -209,10 +256,12 @@ class Forwarder:
         except ApplianceError as error:
             call.status, call.error_type = error.status, error.type
             log.warning("stream %s ended with an error: %s", call.request_id, error.message)
+            _count_cut_stream(call, last, relayed)
             call.answered = True
             yield error_event(error)
         finally:
             response.close()
+            _count_cut_stream(call, last, relayed)  # a client that left closes this generator
 
     @staticmethod
     def _take_usage(call: Call, event: bytes) -> bool:

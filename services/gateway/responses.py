@@ -18,13 +18,13 @@ from typing import Literal
 import msgspec
 
 from appliance.errors import InvalidRequest
-from services.gateway.schemas import JsonObjectFormat, PositiveInt, Temperature, TextFormat, TopP
+from services.gateway.schemas import JsonObjectFormat, PositiveInt, SchemaName, Temperature, TextFormat, TopP
 
 
 class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type", kw_only=True, omit_defaults=True):
     """The Responses API's json_schema format: flat, where Chat Completions nests it."""
 
-    name: str
+    name: SchemaName
     schema: dict
     strict: bool | None = None
     description: str | None = None

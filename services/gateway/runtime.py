@@ -37,6 +37,7 @@ class ServedModel(msgspec.Struct, kw_only=True):
     context_length: int | None = None  # tokens per sequence, where the profile says
     request_timeout_s: float = 300.0
     created: int = 0
+    engine_params: list[str] = []  # engine-specific request fields forwarded as sent
 
 
 class GatewayRuntime(msgspec.Struct, kw_only=True):

@@ -1,12 +1,15 @@
 """The OpenAI request fields the gateway checks before forwarding.
 
-Only the fields the gateway needs or can validate cheaply are declared; every other
-field is ignored here and reaches the engine unchanged, because the gateway forwards
-the client's original bytes.
+Only the fields the gateway needs or can validate cheaply are declared, with bounds where
+an engine lacks them (llama.cpp takes any logprobs count, temperature or token-id key);
+every other field is ignored here and reaches a remote upstream unchanged, because the
+gateway forwards the client's original bytes. What a local engine may get beyond these:
+services/gateway/engine_params.py.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -16,8 +19,11 @@ from appliance.errors import InvalidRequest, invalid_value
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]  # engines count in int32
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]  # llama.cpp answers up to the whole vocabulary per token
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}$")]  # llama.cpp would tokenise any other key as text
 Stop = str | list[str] | None
+_KEY_AT = re.compile(r" - at `key` in `(\$[^`]*)`$")
 
 
 class StreamOptions(msgspec.Struct):
@@ -83,8 +89,11 @@ class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type"):
     pass
 
 
+SchemaName = Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
 class JsonSchema(msgspec.Struct, kw_only=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    name: SchemaName
     schema: dict = {}  # a JSON Schema object; empty: any JSON
     description: str | None = None
     strict: bool | None = None
@@ -106,14 +115,14 @@ class _Sampling(msgspec.Struct, kw_only=True):
     n: PositiveInt | None = None  # at most gateway.max_n
     stop: Stop = None
     seed: int | None = None
-    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
-    logprobs: bool | Annotated[int, msgspec.Meta(ge=0)] | None = None  # chat: a flag; completions: how many
+    logit_bias: dict[TokenId, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -121,7 +130,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list  # text, texts, or token ids
+    prompt: str | list  # text, texts, or token ids (llama.cpp refuses ids outside its vocabulary)
+    logprobs: TopLogprobs | None = None  # how many per token
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -137,9 +147,12 @@ def decode(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        raise invalid_value(exc) from None
+        # A bad key (e.g. of logit_bias) names the object that holds it.
+        raise invalid_value(msgspec.ValidationError(_KEY_AT.sub(r" in a key - at `\1`", str(exc)))) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("The JSON body of your request is nested too deeply.", code="invalid_json") from None
 
 
 class Usage(msgspec.Struct):

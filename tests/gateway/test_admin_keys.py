@@ -16,7 +16,7 @@ from rich.console import Console
 from appliance.config import GatewayConfig
 from installer.install import Installer
 from installer.layout import Layout
-from tests.conftest import BIN, UPSTREAM_KEY_ENV, free_port, start_stack
+from tests.conftest import BIN, UPSTREAM_KEY_ENV, Stack, free_port, start_stack
 
 pytestmark = pytest.mark.stack
 
@@ -200,6 +200,80 @@ def test_bootstrap_makes_an_admin_key_without_the_api(stack, tmp_path):
     assert wait_status(stack, new, 200).status_code == 200
     [entry] = [e for e in audit(stack, "--action", "key.create") if e["key_name"] == "appliance keys bootstrap"]
     assert entry["detail"]["role"] == "admin" and entry["key_id"] is None
+
+
+def monitoring_answers(root: str, key: str | None) -> dict[str, httpx.Response]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return {path: httpx.get(root + path, headers=headers, timeout=30)
+            for path in ("/healthz", "/readyz", "/metrics", "/schema", "/schema/openapi.json")}
+
+
+def test_a_metrics_key_reads_only_the_monitoring_routes(stack):
+    operator = create(stack, "ops-for-metrics", role="operator")["key"]
+    assert wait_status(stack, operator, 200).status_code == 200
+    metrics_key = create(stack, "scraper", role="metrics", key=operator)["key"]  # the lowest role: anyone may mint it
+    assert wait_status(stack, metrics_key, 403).json()["error"]["code"] == "insufficient_role"
+    chat = {"model": "remote-ok", "messages": [{"role": "user", "content": "hi"}]}
+    for response in [api(stack, metrics_key).post("/v1/chat/completions", json=chat),
+                     api(stack, metrics_key).post("/v1/embeddings", json={"model": "remote-ok", "input": "x"}),
+                     api(stack, metrics_key).get("/v1/models/remote-ok"),
+                     api(stack, metrics_key).get("/admin/keys"), api(stack, metrics_key).get("/admin/audit")]:
+        assert response.status_code == 403 and response.json()["error"]["code"] == "insufficient_role", response.text
+    answers = monitoring_answers(stack.root, metrics_key)
+    assert all(r.status_code == 200 for r in answers.values()), {p: r.status_code for p, r in answers.items()}
+    assert "remote-ok" in answers["/readyz"].json()["models"]
+    assert "metrics" in ok(cli("keys", "create", "--help", home=stack.home))
+
+
+@pytest.fixture(scope="module")
+def guarded_stack(tmp_path_factory, upstream):
+    """gateway.metrics_require_key on. Ready once /readyz says so to a caller without a key, as a
+    load balancer asks (start_stack reads the details, which need a key here)."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    profile = tmp / "profile.yaml"
+    profile.write_text(f"name: guarded\ngateway:\n  metrics_require_key: true\nmodels:\n  - name: remote-ok\n"
+                       f"    engine: remote\n    base_url: {upstream.url('ok')}\n    api_key_env: {UPSTREAM_KEY_ENV}\n")
+    home, port, output = tmp / "home", free_port(), tmp / "up.log"
+    proc = subprocess.Popen([str(BIN / "appliance"), "up", "--profile", str(profile), "--home", str(home),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=output.open("wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, UPSTREAM_KEY_ENV: upstream.key}, cwd=tmp)
+    root, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(root + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the guarded stack did not become ready:\n{output.read_text()}")
+        time.sleep(0.2)
+    running = Stack(home=home, port=port, proc=proc, admin_key=(home / "admin.key").read_text().strip(), output=output)
+    yield running
+    running.stop()
+
+
+def test_metrics_require_key_guards_metrics_schema_and_readiness_details(guarded_stack):
+    root = guarded_stack.root
+    anonymous = monitoring_answers(root, None)
+    assert anonymous["/healthz"].status_code == 200
+    assert anonymous["/readyz"].status_code == 200 and anonymous["/readyz"].json() == {"status": "ready"}
+    for path in ("/metrics", "/schema", "/schema/openapi.json"):
+        assert anonymous[path].status_code == 401, (path, anonymous[path].text)
+        assert anonymous[path].json()["error"]["code"] == "missing_api_key"
+    assert monitoring_answers(root, "sk-ap-not-a-key")["/metrics"].status_code == 401
+    admin = guarded_stack.admin_key
+    metrics_key = create(guarded_stack, "scraper", role="metrics", key=admin)["key"]
+    deadline = time.monotonic() + 10  # the gateway reloads keys every second
+    while httpx.get(root + "/metrics", headers={"Authorization": f"Bearer {metrics_key}"}).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for key in (metrics_key, admin):
+        answers = monitoring_answers(root, key)
+        assert all(r.status_code == 200 for r in answers.values()), {p: r.status_code for p, r in answers.items()}
+        assert "remote-ok" in answers["/readyz"].json()["models"]
+        assert "# HELP" in answers["/metrics"].text
+    assert api(guarded_stack, metrics_key).get("/v1/models").status_code == 403
 
 
 def test_the_bare_metal_install_records_the_gateway_url(tmp_path):

@@ -210,3 +210,44 @@ def test_unknown_route_is_an_openai_404(stack):
 def test_wrong_method_is_405(stack):
     response = httpx.get(stack.base_url + "/chat/completions", headers={"Authorization": f"Bearer {stack.admin_key}"})
     assert_error(response, 405, code="method_not_allowed")
+
+
+def admin(stack, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, stack.root + path, headers={"Authorization": f"Bearer {stack.admin_key}"}, timeout=30,
+                         **kwargs)
+
+
+BEYOND_SQLITE = 2**63  # one more than SQLite's largest integer
+
+
+@pytest.mark.parametrize("method, path, body, param", [
+    ("GET", f"/admin/models/m/versions/{BEYOND_SQLITE}", None, "version"),
+    ("DELETE", f"/admin/datasets/d/versions/{-BEYOND_SQLITE}", None, "version"),
+    ("GET", f"/admin/models/m/compare?a=1&b={BEYOND_SQLITE * 10}", None, "b"),
+    ("GET", f"/admin/datasets/d/diff?a={BEYOND_SQLITE}&b=1", None, "a"),
+    ("POST", "/admin/deployments", {"model": "m", "version": BEYOND_SQLITE}, "version"),
+    ("POST", "/admin/datasets/d/versions/1/split", {"seed": BEYOND_SQLITE}, "seed"),
+])
+def test_integers_beyond_sqlite_are_400_naming_the_parameter(stack, method, path, body, param):
+    assert_error(admin(stack, method, path, json=body), 400, param=param, code="invalid_value")
+
+
+def test_json_nested_too_deep_is_400(stack):
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    assert_error(post(stack, "/chat/completions", content=deep), 400, code="invalid_json")
+    assert_error(admin(stack, "PATCH", "/admin/models/m/versions/1/card", content=deep), 400, code="invalid_json")
+
+
+def test_early_errors_leave_the_connection_usable(stack):
+    """A 405 or 401 answered before the body is read: the gateway reads the body first, so
+    the client's next request on the same connection is not reset."""
+    body = json.dumps({**CHAT, "padding": "x" * 4000})
+    with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+        for _ in range(40):
+            assert client.request("DELETE", "/chat/completions", content=body).status_code == 405
+            assert client.post("/chat/completions", content=body).status_code == 401
+
+
+def test_a_file_name_with_a_nul_is_400_naming_it(stack):
+    response = admin(stack, "POST", "/admin/models/m/upload?filename=a%00b.gguf", content=b"GGUF")
+    assert_error(response, 400, param="filename")

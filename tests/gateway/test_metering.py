@@ -1,8 +1,10 @@
-"""Usage rows in the state database, keys created and revoked from the CLI while serving."""
+"""Usage rows in the state database, keys created and revoked from the CLI while serving;
+abandoned requests cancelled at the engine and metered with what was generated."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 import time
@@ -54,7 +56,8 @@ def test_requests_are_metered_per_key_and_model(stack):
     assert plain["status"] == 200 and plain["stream"] == 0
     assert plain["prompt_tokens"] == answer.usage.prompt_tokens
     assert plain["completion_tokens"] == answer.usage.completion_tokens
-    assert plain["latency_ms"] > 0 and plain["ttft_ms"] is None
+    # llama.cpp answers are asked of the engine as streams, so even a whole answer has its first token's time
+    assert 0 < plain["ttft_ms"] <= plain["latency_ms"]
     assert streamed["stream"] == 1 and streamed["status"] == 200
     assert streamed["completion_tokens"] > 0 and streamed["prompt_tokens"] > 0, "streams are metered too"
     assert 0 < streamed["ttft_ms"] <= streamed["latency_ms"]
@@ -124,3 +127,75 @@ def _try(call):
         return call()
     except openai.AuthenticationError:
         return None
+
+
+LONG = 1500  # tokens the engine would generate if nobody stopped it
+NO_END = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>: it writes until stopped
+
+
+def engine_log(stack) -> str:
+    return (stack.home / "logs" / f"engine-{DEFAULT_MODEL}-0.log").read_text()
+
+
+def raw_request(stack, secret: str, body: bytes, content_length: int | None = None) -> socket.socket:
+    """A POST sent by hand, so the test decides when the client goes away."""
+    host, port = stack.root.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + secret.encode() + b"\r\n"
+                 b"Content-Length: " + str(content_length or len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_abandoned_engine_request_is_cancelled_and_metered(stack, stream):
+    """The engine stops a request its client abandoned long before it could have finished;
+    the answer cut short, streamed or not, is metered with the tokens generated until then."""
+    key_id, secret = new_key(stack, f"abandon-{stream}")
+    wait_for(lambda: _try(lambda: stack.client(key=secret).models.list()))
+    log = engine_log(stack)
+    started, cancelled = log.count("processing task"), log.count("cancel task")
+    body = json.dumps({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": LONG, "logit_bias": NO_END, "stream": stream}).encode()
+    with raw_request(stack, secret, body) as sock:
+        wait_for(lambda: engine_log(stack).count("processing task") > started, timeout=60)
+        if stream:
+            received = b""
+            while received.count(b'"content":"') < 3:  # a few tokens reached the client
+                received += sock.recv(65536)
+        else:
+            time.sleep(2)  # some tokens are generated, none reaches the client
+    # the client is gone: the engine cancels the task, whose tokens are far from LONG
+    wait_for(lambda: engine_log(stack).count("cancel task") > cancelled, timeout=120)
+    released = wait_for(lambda: re.findall(r"stop processing: n_tokens = (\d+)", engine_log(stack).split("cancel task")[-1]))
+    assert int(released[0]) < LONG // 2, released
+    [row] = wait_for(lambda: usage_rows(stack, key_id=key_id))
+    assert row["status"] == 499 and row["stream"] == stream
+    least = received.count(b'"content":"') if stream else 1
+    assert row["prompt_tokens"] > 0 and least <= row["completion_tokens"] < LONG // 2, row
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+
+
+def test_stream_cut_by_an_engine_failure_is_metered(stack):
+    """remote-broken streams two chunks, then drops the connection: both are counted."""
+    key_id, secret = new_key(stack, "broken-stream")
+    client = stack.client(key=secret)
+    wait_for(lambda: _try(lambda: client.models.list()))
+    with pytest.raises(openai.APIError, match="failed mid-stream"):  # the stream's error event
+        list(client.chat.completions.create(model="remote-broken", messages=[{"role": "user", "content": "x"}], stream=True))
+    [row] = wait_for(lambda: usage_rows(stack, key_id=key_id))
+    assert row["status"] == 502 and row["completion_tokens"] == 2, row
+
+
+def test_client_leaving_while_sending_its_body_is_a_499(stack):
+    key_id, secret = new_key(stack, "half-body")
+    wait_for(lambda: _try(lambda: stack.client(key=secret).models.list()))
+    log_size = (stack.home / "logs" / "gateway.log").stat().st_size
+    with raw_request(stack, secret, b'{"model": "' + DEFAULT_MODEL.encode() + b'", "mess', content_length=1000):
+        time.sleep(0.2)  # the gateway is waiting for the rest
+    [row] = wait_for(lambda: usage_rows(stack, key_id=key_id))
+    assert row["status"] == 499 and row["model"] == ""
+    time.sleep(0.5)  # anything the gateway logs about it is written by now
+    with (stack.home / "logs" / "gateway.log").open() as gateway_log:
+        gateway_log.seek(log_size)
+        assert "Traceback" not in gateway_log.read()

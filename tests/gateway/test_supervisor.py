@@ -182,9 +182,10 @@ def test_killed_gateway_is_restarted(tmp_path):
         assert workers
         os.kill(main.pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "gateway restarted" not in running.output.read_text():
+        restarted = "gateway died: killed by SIGKILL"
+        while time.monotonic() < deadline and restarted not in running.output.read_text():
             time.sleep(0.2)
-        assert "gateway restarted" in running.output.read_text()
+        assert f"{restarted} (" in running.output.read_text() and "; restarted at once (pid " in running.output.read_text()
         wait_ready(running.root, 60, running.proc)
         assert running.client().models.list().data[0].id == DEFAULT_MODEL
         gone, alive = psutil.wait_procs(workers, timeout=10)

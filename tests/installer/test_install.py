@@ -46,7 +46,9 @@ def test_bundle_install_lays_out_the_machine(installed):
     profile = yaml.safe_load((root / "etc/appliance/profile.yaml").read_text())
     model = Path(profile["models"][0]["path"])
     assert model.parts[:5] == ("/", "var", "lib", "appliance", "models") and (root / model.relative_to("/")).is_file()
-    for secret in ("etc/appliance/gateway.json", "etc/appliance/engines.env", "var/lib/appliance/admin.key"):
+    engine_keys = [str(p.relative_to(root)) for p in (root / "etc/appliance").glob("engine-*.env")]
+    assert engine_keys and not (root / "etc/appliance/engines.env").exists()
+    for secret in ("etc/appliance/gateway.json", *engine_keys, "var/lib/appliance/admin.key"):
         assert (root / secret).stat().st_mode & 0o777 == 0o600, secret
     assert "appliance:" in (root / "etc/passwd").read_text()
     assert (root / "etc/systemd/system/multi-user.target.wants/appliance.target").is_symlink()

@@ -4,6 +4,7 @@ the placement, GPUs, Services, secrets and images follow the profile and the pla
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from pathlib import Path
 
@@ -152,25 +153,28 @@ def test_engine_command_line_comes_from_the_engine_builders(rendered):
     args = cpu["args"]
     # Not in models_host_path in the profile: looked for there by its base name.
     assert args[args.index("--model") + 1] == "/var/lib/appliance/models/llama-3b.Q4_K_M.gguf"
-    assert args[args.index("--api-key") + 1] == "$(ENGINE_API_KEY)" and args[args.index("--host") + 1] == "0.0.0.0"
+    assert args[args.index("--host") + 1] == "0.0.0.0"
     slots = int(args[args.index("--parallel") + 1])
     assert args[args.index("--port") + 1] == "8000" and args[args.index("--ctx-size") + 1] == str(4096 * slots)
     assert args[args.index("--n-gpu-layers") + 1] == "0"
     assert gpu["args"][gpu["args"].index("--n-gpu-layers") + 1] == "-1"
     assert args[args.index("--threads") + 1] == "$(NODE_CPUS)"
     env = {e["name"]: e["valueFrom"] for e in cpu["env"]}
-    assert env["ENGINE_API_KEY"] == {"secretKeyRef": {"name": "engine-keys", "key": "llama-3b"}}
+    assert env["LLAMA_API_KEY"] == {"secretKeyRef": {"name": "engine-keys", "key": "llama-3b"}}
     assert env["NODE_CPUS"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert vllm["command"] == ["vllm"] and vllm["args"][:2] == ["serve", "/var/lib/appliance/models/qwen2.5-7b-instruct"]
-    assert "--api-key=$(ENGINE_API_KEY)" in vllm["args"]
+    vllm_env = {e["name"]: e.get("valueFrom") for e in vllm["env"]}
+    assert vllm_env["VLLM_API_KEY"] == {"secretKeyRef": {"name": "engine-keys", "key": "qwen2-5-7b"}}
     assert vllm["args"][vllm["args"].index("--max-model-len") + 1] == "8192"
-    for container in (cpu, vllm):
+    for container, key_env in ((cpu, "LLAMA_API_KEY"), (vllm, "VLLM_API_KEY")):
+        # The key is in no command line (anyone on the node reads those): only in the environment.
+        assert not any(arg.startswith("--api-key") or "API_KEY" in arg for arg in container["args"]), container["args"]
         assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
         assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 600
         # started once it has generated one token (a build the node's CPU cannot run fails here)
         warm_up = container["startupProbe"]["exec"]["command"]
         assert warm_up[:3] == ["python", "-m", "services.engines.warmup"] and "--no-wait" in warm_up
-        assert warm_up[warm_up.index("--key-env") + 1] == "ENGINE_API_KEY"
+        assert warm_up[warm_up.index("--key-env") + 1] == key_env
         assert container["startupProbe"]["timeoutSeconds"] > 120
         assert {"name": "models", "mountPath": "/var/lib/appliance/models", "readOnly": True} in container["volumeMounts"]
 
@@ -184,7 +188,7 @@ def test_control_pod(rendered):
     assert [c["name"] for c in pod["containers"]] == ["gateway", "worker", "litestream"]
     assert [c["name"] for c in pod["initContainers"]] == ["make-bucket", "restore-state"]
     gateway = pod["containers"][0]
-    assert "--factory services.gateway.app:create_app" in " ".join(gateway["command"])
+    assert "-m services.gateway.launch" in " ".join(gateway["command"])
     assert "--workers 2" in " ".join(gateway["command"])
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -245,8 +249,21 @@ def test_gateway_node_port(tmp_path):
 def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     out = tmp_path / "keep"
     profile = small_cluster(tmp_path)
-    render_k3s(profile, cluster_plan(), out)
+    out.mkdir()
+    leftover = out / "10-secrets.yaml.tmp"  # of a render cut off: world-writable, under no umask
+    leftover.write_text("")
+    leftover.chmod(0o666)
+    snoop = os.open(leftover, os.O_RDONLY)  # another user opened it while it was readable
+    umask = os.umask(0)
+    try:
+        render_k3s(profile, cluster_plan(), out)
+        # The secrets went into a file of their own, 0600 from its creation, not into the leftover.
+        assert os.read(snoop, 1 << 16) == b""
+    finally:
+        os.umask(umask)
+        os.close(snoop)
     secrets_file = out / "10-secrets.yaml"
+    assert not leftover.exists()
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     first = {d["metadata"]["name"]: d["stringData"] for d in load_dir(out)["10-secrets.yaml"]}
     assert len(first["engine-keys"]["llama-3b"]) == 48 and first["engine-keys"]["llama-3b"] != first["engine-keys"]["qwen2-5-7b"]

@@ -4,6 +4,7 @@ with nothing changed changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 import yaml
@@ -28,9 +30,10 @@ from installer.layout import ENGINE_BASE_PORT, Layout
 from appliance.planning.plan_model import planned_model
 from appliance.planning.planner import make_plan
 from installer.systemd import render_systemd
-from services.engines.commands import engine_command
+from services.engines.commands import KEY_ENV, engine_command
 from services.gateway.runtime import GatewayRuntime
-from tests.conftest import free_port, running_engine
+from services.engines.process import http_ok
+from tests.conftest import free_port
 
 INVENTORIES = Path(__file__).parents[1] / "inventories"
 LAYOUT = Layout()
@@ -128,6 +131,33 @@ def environment(path: Path) -> dict[str, str]:
     return dict(e.split("=", 1) for e in read_unit(path)["Service"].get("Environment", []))
 
 
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile's NAME=value lines."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+@contextlib.contextmanager
+def unit_engine(out: Path, unit: Path, tmp_path: Path):
+    """The engine unit's ExecStart run as systemd runs it: its environment from its Environment= lines
+    and EnvironmentFile (read from the rendered tree), this venv's Python, a free port. Yields its URL."""
+    argv = shlex.split(service(unit)["ExecStart"])
+    port = free_port()
+    argv[0], argv[argv.index("--port") + 1] = sys.executable, str(port)
+    env = {**os.environ, **environment(unit), **env_file(out / service(unit)["EnvironmentFile"].removeprefix("/"))}
+    log = tmp_path / "engine.log"
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while not http_ok(url + "/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def verify_errors(out: Path, tmp_path: Path) -> str:
     """What `systemd-analyze --root verify` says of every rendered unit: empty when all is well.
 
@@ -216,15 +246,14 @@ def test_edge_cpu_units(edge):
     ]
     engine = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
     assert engine["PrivateDevices"] == "yes" and engine["CapabilityBoundingSet"] == ""
-    assert engine["EnvironmentFile"] == "/etc/appliance/engines.env"
+    assert engine["EnvironmentFile"] == "/etc/appliance/engine-smollm2-135m-instruct-0.env"
     assert engine["TimeoutStartSec"] == str(int(profile.models[0].startup_timeout_s))
     assert "CUDA_VISIBLE_DEVICES" not in environment(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
 
     gateway_path = out / UNITS / "appliance-gateway.service"
     gateway = service(gateway_path)
     assert shlex.split(gateway["ExecStart"]) == [
-        "/opt/appliance/bin/python", "-m", "granian", "--interface", "rsgi", "--factory", "services.gateway.app:create_app",
-        "--host", "0.0.0.0", "--port", "8080", "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
+        "/opt/appliance/bin/python", "-m", "services.gateway.launch", "--host", "0.0.0.0", "--port", "8080", "--workers", "1",
     ]
     assert environment(gateway_path) == {"APPLIANCE_HOME": "/var/lib/appliance",
                                          "APPLIANCE_GATEWAY_RUNTIME": "/etc/appliance/gateway.json"}
@@ -273,10 +302,16 @@ def test_engine_exec_start_is_engine_commands_argv(gpu):
         for index, placement in enumerate(mp.replicas):
             slug = {"smollm2": "smollm2", "Qwen2.5-0.5B": "qwen2-5-0-5b"}[model.name]
             path = out / UNITS / f"appliance-engine-{slug}-{index}.service"
-            key_var = f"ENGINE_KEY_{slug.upper().replace('-', '_')}_{index}"
-            argv = engine_command(planned_model(model, mp, placement), "127.0.0.1", port, "${" + key_var + "}").argv
-            program = "python" if argv[0] == sys.executable else argv[0]
-            assert shlex.split(service(path)["ExecStart"]) == [f"/opt/appliance/bin/{program}", *argv[1:]]
+            key_file = out / f"etc/appliance/engine-{slug}-{index}.env"
+            key = env_file(key_file)[KEY_ENV[model.engine]]
+            command = engine_command(planned_model(model, mp, placement), "127.0.0.1", port, key)
+            program = "python" if command.argv[0] == sys.executable else command.argv[0]
+            exec_start = service(path)["ExecStart"]
+            assert shlex.split(exec_start) == [f"/opt/appliance/bin/{program}", *command.argv[1:]]
+            # The key is in the replica's own root-only file, as the variable the engine reads; never in the unit.
+            assert env_file(key_file) == command.env and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            assert service(path)["EnvironmentFile"] == f"/etc/appliance/{key_file.name}"
+            assert key not in path.read_text() and "api-key" not in exec_start and "$" not in exec_start
             env = environment(path)
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, placement.gpus))
             assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
@@ -297,13 +332,12 @@ def test_gateway_json_matches_the_engine_units(gpu):
     assert len(replicas) == len(engine_units) == 3
     ports = [int(r.base_url.split(":")[-1].removesuffix("/v1")) for r in replicas]
     assert sorted(ports) == list(range(ENGINE_BASE_PORT, ENGINE_BASE_PORT + 3))
-    keys = dict(line.split("=", 1) for line in (out / "etc/appliance/engines.env").read_text().splitlines()
-                if not line.startswith("#"))
     for replica, port in zip(replicas, ports):
         assert replica.health_url == f"http://127.0.0.1:{port}/health"
-        assert replica.api_key in keys.values() and len(replica.api_key) == 48
         unit = next(p for p in engine_units if f"--port {port} " in p.read_text())
-        assert replica.api_key not in unit.read_text()  # the unit names the variable, never the key
+        key_file = out / service(unit)["EnvironmentFile"].removeprefix("/")
+        assert list(env_file(key_file).values()) == [replica.api_key] and len(replica.api_key) == 48
+        assert replica.api_key not in unit.read_text()  # the unit names the file, never the key
     remote = next(m for m in runtime.models if m.engine == "remote")
     assert [(r.base_url, r.api_key_env) for r in remote.replicas] == [("https://llm.example.com/v1", "UPSTREAM_API_KEY")]
 
@@ -324,8 +358,10 @@ def test_gateway_json_matches_the_engine_units(gpu):
 @pytest.mark.parametrize("setup", ["edge", "gpu"])
 def test_secrets_are_0600_and_a_re_render_is_byte_identical(setup, request):
     profile, plan, out, first = request.getfixturevalue(setup)
-    for name in ["engines.env", "gateway.json"]:
-        assert stat.S_IMODE((out / "etc/appliance" / name).stat().st_mode) == 0o600
+    secrets = [*(out / "etc/appliance").glob("engine-*.env"), out / "etc/appliance/gateway.json"]
+    assert len(secrets) == 1 + len([p for p in first.units if p.name.startswith("appliance-engine-")])
+    for path in secrets:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     before = snapshot(out)
     time.sleep(1.1)  # a new `created` time would show
     again = render_systemd(profile, plan, LAYOUT, out)
@@ -387,14 +423,16 @@ def test_an_s3_object_store_takes_its_credentials_at_install(edge_plan, tmp_path
 
 def test_a_replica_no_longer_planned_is_removed(gpu):
     profile, plan, out, _ = gpu
-    keys = (out / "etc/appliance/engines.env").read_text()
+    keys = {p.name: p.read_text() for p in (out / "etc/appliance").glob("engine-*.env")}
+    legacy = out / "etc/appliance/engines.env"  # an earlier version's file of every key
+    legacy.write_text("ENGINE_KEY_SMOLLM2_0=old\n")
     smaller = msgspec.structs.replace(plan, models=[
         msgspec.structs.replace(m, replicas=m.replicas[:1]) if m.name == "smollm2" else m for m in plan.models])
     rendered = render_systemd(profile, smaller, LAYOUT, out)
     assert [p.name for p in rendered.removed] == ["appliance-engine-smollm2-1.service"]
-    kept = (out / "etc/appliance/engines.env").read_text()
-    assert "ENGINE_KEY_SMOLLM2_1=" not in kept
-    assert all(line in keys for line in kept.splitlines())  # the other keys did not rotate
+    kept = {p.name: p.read_text() for p in (out / "etc/appliance").glob("engine-*.env")}
+    assert "engine-smollm2-1.env" in keys and not legacy.exists()  # keys no unit reads are gone
+    assert kept == {name: text for name, text in keys.items() if name != "engine-smollm2-1.env"}  # the others did not rotate
 
 
 def test_refuses_a_node_outside_the_plan_or_without_a_replica(gpu, tmp_path):
@@ -422,29 +460,32 @@ def test_sysusers_and_tmpfiles_create_the_user_and_folders(edge):
     assert (stat.S_IMODE(home.st_mode), home.st_uid) == (0o750, uid)
     runtime = (out / "etc/appliance/gateway.json").stat()
     assert (stat.S_IMODE(runtime.st_mode), runtime.st_uid) == (0o600, uid)  # the gateway reads it as `appliance`
-    assert (out / "etc/appliance/engines.env").stat().st_uid == 0  # systemd reads it; the services cannot
+    assert (out / "etc/appliance/engine-smollm2-135m-instruct-0.env").stat().st_uid == 0  # systemd reads it; the services cannot
 
 
 def test_engine_unit_is_started_once_warmed_up(edge, tmp_path):
-    """The engine unit's ExecStartPost, run as systemd runs it (the key from engines.env), against the
-    real engine: it waits for /health, then generates one token; a wrong key fails it (the unit fails)."""
+    """The engine unit run as systemd runs it (its key from its environment file, never its command
+    line): its ExecStartPost waits for /health, then generates one token; the engine refuses a
+    wrong key (the warm-up, and so the unit, fails) and a request without one."""
     _, _, out, _ = edge
-    unit = service(out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service")
+    path = out / UNITS / "appliance-engine-smollm2-135m-instruct-0.service"
+    unit = service(path)
     warm_up = shlex.split(unit["ExecStartPost"])
     key_var = warm_up[warm_up.index("--key-env") + 1]
-    assert warm_up[:3] == ["/opt/appliance/bin/python", "-m", "services.engines.warmup"] and key_var in unit["ExecStart"]
-    model = load_profile("edge-cpu").models[0]
-    with running_engine(model, tmp_path, key="unit-key") as (command, _):
+    key = env_file(out / unit["EnvironmentFile"].removeprefix("/"))[key_var]
+    assert warm_up[:3] == ["/opt/appliance/bin/python", "-m", "services.engines.warmup"] and key_var == "LLAMA_API_KEY"
+    with unit_engine(out, path, tmp_path) as url:
         argv = [sys.executable, *warm_up[1:]]
-        argv[argv.index("--url") + 1] = command.base_url.removesuffix("/v1")
-        done = subprocess.run(argv, env={**os.environ, key_var: "unit-key"}, capture_output=True, text=True, timeout=120)
+        argv[argv.index("--url") + 1] = url
+        done = subprocess.run(argv, env={**os.environ, key_var: key}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("warm-up: one token in "), done.stderr
         refused = subprocess.run(argv, env={**os.environ, key_var: "wrong"}, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 1 and "answered HTTP 401" in refused.stderr
+        assert httpx.post(url + "/completion", json={"prompt": "hi", "n_predict": 1}, timeout=60).status_code == 401
     argv[argv.index("--url") + 1] = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(subprocess.TimeoutExpired):  # nothing answers: it keeps waiting, TimeoutStartSec ends it
-        subprocess.run(argv, env={**os.environ, key_var: "unit-key"}, timeout=3)
-    probe = subprocess.run([*argv, "--no-wait"], env={**os.environ, key_var: "unit-key"}, capture_output=True, text=True,
+        subprocess.run(argv, env={**os.environ, key_var: key}, timeout=3)
+    probe = subprocess.run([*argv, "--no-wait"], env={**os.environ, key_var: key}, capture_output=True, text=True,
                            timeout=10)  # as k3s's startup probe runs it: fails at once, is asked again later
     assert probe.returncode == 1 and "/health does not answer yet" in probe.stderr
 
@@ -457,6 +498,6 @@ def test_render_systemd_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "for node vm" in result.output
     assert "etc/systemd/system/appliance-minio.service  0644" in result.output
-    assert "etc/appliance/engines.env  0600" in result.output
+    assert "etc/appliance/engine-smollm2-135m-instruct-0.env  0600" in result.output
     again = CliRunner().invoke(cli, args)
     assert again.output.count("(unchanged)") == len([p for p in out.rglob("*") if p.is_file()]) == 14

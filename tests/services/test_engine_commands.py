@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from appliance.config import ModelConfig
@@ -17,13 +18,14 @@ def test_llama_server_accepts_every_flag_of_the_command(tmp_path):
                         embeddings=True, extra_args=["--batch-size", "256"])
     cmd = engine_command(model, "127.0.0.1", free_port(), "-starts-with-a-dash")
     argv = cmd.argv
-    value = {flag: argv[argv.index(flag) + 1] for flag in ("--api-key", "--parallel", "--ctx-size", "--threads", "--n-gpu-layers")}
-    # Four slots of 4096 tokens each, the key as one token whatever it starts with, unplanned means CPU.
-    assert value == {"--api-key": "-starts-with-a-dash", "--parallel": "4", "--ctx-size": "16384", "--threads": "3",
-                     "--n-gpu-layers": "0"}
+    value = {flag: argv[argv.index(flag) + 1] for flag in ("--parallel", "--ctx-size", "--threads", "--n-gpu-layers")}
+    # Four slots of 4096 tokens each, unplanned means CPU.
+    assert value == {"--parallel": "4", "--ctx-size": "16384", "--threads": "3", "--n-gpu-layers": "0"}
+    # The key is in no argument (`ps` shows those to every local user): the engine reads it from its environment.
+    assert cmd.env == {"LLAMA_API_KEY": "-starts-with-a-dash"} and not any("api-key" in a or cmd.api_key in a for a in argv)
     assert "--no-kv-unified" in argv and argv[-2:] == ["--batch-size", "256"]  # extra_args last: they win
     assert cmd.base_url.endswith("/v1") and cmd.health_url.endswith("/health")
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(argv, env={**os.environ, **cmd.env}, capture_output=True, text=True, timeout=60)
     output = run.stdout + run.stderr
     assert "invalid argument" not in output and f"failed to load model '{missing}'" in output, output
 
@@ -35,8 +37,10 @@ def test_vllm_command_uses_documented_flags():
     cmd = engine_command(model, "127.0.0.1", 42000, "k")
     assert cmd.argv[:3] == ["vllm", "serve", "/models/big"]
     joined = " ".join(cmd.argv)
-    for flag in ("--served-model-name big", "--port 42000", "--api-key=k", "--max-model-len 8192", "--tensor-parallel-size 2",
+    for flag in ("--served-model-name big", "--port 42000", "--max-model-len 8192", "--tensor-parallel-size 2",
                  "--gpu-memory-utilization 0.85", "--max-num-seqs 48"):
         assert flag in joined
+    # vLLM's documented variable for its key (`--api-key`'s alternative): never on the command line.
+    assert cmd.env == {"VLLM_API_KEY": "k"} and "--api-key" not in joined
     assert cmd.argv[-1] == "--enforce-eager"  # the profile's extra_args come last and win
     assert cmd.health_url == "http://127.0.0.1:42000/health"

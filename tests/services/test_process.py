@@ -1,5 +1,6 @@
 """Supervised processes say why they ended, answer a warm-up before they count as ready,
-and stop being restarted after repeated crashes: real child processes, real signals."""
+are restarted at once when they crash after being ready, and stop being restarted after
+repeated crashes at start: real child processes, real signals."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from appliance.config import ModelConfig
 from appliance.errors import ProcessFailed
 from services.engines.exits import describe_exit
-from services.engines.process import FAILED, READY, RESTARTING, ManagedProcess
+from services.engines.process import FAILED, READY, RESTARTING, STARTING, ManagedProcess
 from services.engines.status import StatusReporter, read_statuses
 from services.engines.warmup import warm_up_call
 from tests.conftest import free_port
@@ -48,10 +49,17 @@ def child(tmp_path, argv: list[str], port: int, **options) -> ManagedProcess:
 
 
 def web_server(tmp_path, **options) -> ManagedProcess:
-    """A real HTTP server as the child; its health check is its root page."""
+    """A real HTTP server as the child; its health check is its root page. It exits with
+    code 3 at start while the file tmp_path/CRASH_AT_START exists."""
     port = free_port()
-    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    argv = [sys.executable, "-c", FLAKY_SERVER, str(tmp_path / CRASH_AT_START),
+            str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
     return child(tmp_path, argv, port, **options)
+
+
+CRASH_AT_START = "crash-at-start"
+FLAKY_SERVER = ("import os, runpy, sys; os.path.exists(sys.argv[1]) and os._exit(3); "
+                "sys.argv = ['http.server', *sys.argv[2:]]; runpy.run_module('http.server', run_name='__main__')")
 
 
 def tend_until(process: ManagedProcess, state: str, timeout: float = 20) -> list[str]:
@@ -100,27 +108,51 @@ def test_a_warm_up_that_gets_an_error_fails_the_start(tmp_path):
     assert not process.alive()
 
 
-def test_repeated_crashes_mark_it_failed_with_the_reason(tmp_path):
+def test_a_ready_process_that_crashes_is_restarted_at_once_every_time(tmp_path):
+    """A crash after READY (one request's doing) waits no backoff and never counts toward
+    max_crashes: crashing a ready engine repeatedly costs a restart each time, never FAILED."""
     home = tmp_path / "home"
     process = web_server(tmp_path, max_crashes=2, crash_window_s=60,
                          on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
     process.start()
     try:
         process.wait_ready()
+        for restart, signum in enumerate([signal.SIGSEGV, signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT], start=1):
+            dead = process.pid
+            os.kill(dead, signum)
+            process.proc.wait(10)
+            died = process.tend()  # the one call that notices the death has started it again
+            assert died.startswith(f"engine m#0 died: killed by {signal.Signals(signum).name} (")
+            assert died.endswith(f"; restarted at once (pid {process.pid}, restart #{restart})")
+            assert process.state == STARTING and process.pid != dead and process.alive()
+            assert tend_until(process, READY) == ["engine m#0 is ready again"]
+        [status] = read_statuses(home).values()
+        assert (status.state, status.restarts) == (READY, 4) and status.last_exit.startswith("killed by SIGABRT")
+    finally:
+        process.stop()
+
+
+def test_repeated_crashes_at_start_back_off_then_mark_it_failed_with_the_reason(tmp_path):
+    home = tmp_path / "home"
+    process = web_server(tmp_path, max_crashes=2, crash_window_s=60,
+                         on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
+    process.start()
+    try:
+        process.wait_ready()
+        (tmp_path / CRASH_AT_START).touch()  # from now on every start fails
         os.kill(process.pid, signal.SIGKILL)
+        process.proc.wait(10)
+        assert process.tend().endswith("; restarted at once (pid %d, restart #1)" % process.pid)
         [died] = tend_until(process, RESTARTING)
-        assert died.startswith("engine m#0 died: killed by SIGKILL (killed: most likely by the kernel's out-of-memory killer")
-        assert died.endswith("; restarting in 1 s")
-        lines = tend_until(process, READY)
-        assert lines[0].startswith("engine m#0 restarted (pid ") and lines[-1] == "engine m#0 is ready again"
-        os.kill(process.pid, signal.SIGSEGV)
-        [failed] = tend_until(process, FAILED)
-        assert failed.startswith("engine m#0 failed: 2 crashes within 60 s, the last: killed by SIGSEGV (segmentation fault")
-        assert failed.endswith("; not restarting it")
-        time.sleep(1.5)  # past the backoff: still no restart
+        assert died == "engine m#0 died: exited with code 3 during start-up; restarting in 1 s"
+        lines = tend_until(process, FAILED)
+        assert lines[0] == f"engine m#0 restarted (pid {process.pid}, restart #2)"
+        assert lines[-1] == ("engine m#0 failed: 2 crashes within 60 s, the last: exited with code 3 during start-up; "
+                             "not restarting it")
+        time.sleep(2.5)  # past the next backoff (2 s): still no restart
         assert process.tend() is None and process.state == FAILED and not process.alive()
         [status] = read_statuses(home).values()
-        assert (status.state, status.restarts) == (FAILED, 1) and status.reason.startswith("2 crashes within 60 s")
+        assert (status.state, status.restarts) == (FAILED, 2) and status.reason.startswith("2 crashes within 60 s")
         assert "marked failed: 2 crashes" in process.log_path.read_text()
     finally:
         process.stop()

@@ -7,7 +7,6 @@ stretching needed) and is cheap enough to compute on every request.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 import uuid
@@ -18,6 +17,7 @@ import sqlite_utils
 
 from appliance import audit
 from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from appliance.files import write_new
 
 ROLES = ("admin", "operator", "developer", "viewer", "metrics")  # highest first
 # The lowest role: it reads /metrics, /readyz details and /schema and nothing else (not /v1, not /admin).
@@ -130,12 +130,7 @@ def create_admin_key(db: sqlite_utils.Database, key_file: Path, *, name: str, by
     audit.record(db, audit.Actor(None, by, None), "key.create", f"key/{key.id}",
                  detail={"name": key.name, "role": key.role, "prefix": key.prefix, "expires_at": None})
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_file.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, key_file)
+    write_new(key_file, (secret + "\n").encode())
     return secret
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000  # beyond this, a database that keeps failing drops the oldest rows
 SEGMENT_SUFFIX = ".jsonl"
+CREATING_SUFFIX = ".new"
 
 
 class UsageRecord(msgspec.Struct, array_like=True, gc=False):
@@ -49,8 +50,9 @@ _COLUMNS = UsageRecord.__struct_fields__
 # one per row, so the writing thread takes Python's GIL twice per batch rather than per row
 # (which slowed the request path by several percent under load).
 _INSERT = (
-    f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) "
-    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?)"
+    f"INSERT INTO usage ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?) WHERE true "
+    "ON CONFLICT (request_id) DO NOTHING"
 )
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(UsageRecord).decode
@@ -62,8 +64,9 @@ class Segment:
 
     def __init__(self, directory: Path, number: int):
         self.path = directory / f"{os.getpid()}-{_PROCESS_TOKEN}-{number}{SEGMENT_SUFFIX}"
-        creating = self.path.with_suffix(".new")
+        creating = self.path.with_suffix(CREATING_SUFFIX)
         self.fd = os.open(creating, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.broken = False  # a write failed: nothing more goes in
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         os.rename(creating, self.path)
 
@@ -94,7 +97,8 @@ class UsageRecorder:
     def open(self) -> int:
         """Replay the segments of dead processes; returns how many rows they held."""
         self._journal_dir.mkdir(parents=True, exist_ok=True)
-        replayed = sum(self._replay(path) for path in sorted(self._journal_dir.glob("*" + SEGMENT_SUFFIX)))
+        left = [*self._journal_dir.glob("*" + SEGMENT_SUFFIX), *self._journal_dir.glob("*" + CREATING_SUFFIX)]
+        replayed = sum(self._replay(path) for path in sorted(left))  # one still being created is empty
         self._segment = Segment(self._journal_dir, next(self._numbers))
         return replayed
 
@@ -125,8 +129,13 @@ class UsageRecorder:
 
     def record(self, record: UsageRecord) -> None:
         self._pending.append(record)
-        if self._segment is not None:
-            self._segment.append(_encode(record) + b"\n")
+        if self._segment is not None and not self._segment.broken:
+            try:
+                self._segment.append(_encode(record) + b"\n")
+            except OSError as exc:  # a full disk must not fail the answer; the row is still in memory
+                self._segment.broken = True  # no more lines after a part of one: a replay reads every whole line
+                log.error("the usage journal %s cannot be written (%s): rows wait in memory only until the next "
+                          "flush", self._segment.path, exc)
 
     @property
     def pending(self) -> int:

@@ -28,9 +28,9 @@ import yaml
 from appliance.home import DATABASES, RUNTIME_ENV  # DATABASES: in HOME_DIR, both replicated
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
+from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
 from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_model
-from installer.layout import write_new
 from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_runtime

@@ -7,9 +7,10 @@ the real ones (/opt/appliance/...), as they will be on the machine that boots th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.files import write_new
 
 SERVICE_USER = "appliance"
 ENGINE_BASE_PORT = 18100  # engine replica i listens on 127.0.0.1:(ENGINE_BASE_PORT + i)
@@ -47,15 +48,3 @@ def write_if_changed(path: Path, data: bytes, mode: int) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_new(path, data, mode)
     return True
-
-
-def write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` atomically through a file created with `mode` (never wider, umask or not):
-    a secret is never readable by others, not even for a moment."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode; O_EXCL makes ours
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # before any byte: the umask may have narrowed a public file's mode
-        f.write(data)
-    os.replace(tmp, path)

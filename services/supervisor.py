@@ -197,6 +197,7 @@ class Supervisor:
             health_url=f"{local_url(self.host, self.port)}/healthz",
             env=env,
             startup_timeout_s=30,
+            restart_at_once=True,
         )
         self.gateway.start()
         self.gateway.wait_ready(lambda: self._stopping)

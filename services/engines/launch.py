@@ -46,6 +46,7 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
         warm_up=warm_up_call(model, cmd.base_url, key),
         max_crashes=model.max_crashes,
         crash_window_s=model.crash_window_s,
+        restart_at_once=True,
         on_change=StatusReporter(home, model.name, index, cmd.base_url),
     )
     return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key)

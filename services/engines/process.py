@@ -4,12 +4,13 @@ at start, clean stop.
 
 A crash at start (before READY: the health check or warm-up never passed) waits a backoff
 that doubles with each one, and `max_crashes` of them within `crash_window_s` mark the
-process failed. A crash after READY is most likely one request's doing (an engine bug a
-client found): it is restarted at once, without waiting, feeding the backoff, or counting
-toward the crash-loop rule, so a client repeating that request costs everyone a restart
-each time, never the backoff, and can never get the model marked failed. That cannot
-spin: every restart must pass the health check and warm-up before it can crash "after
-READY" again."""
+process failed; so does a crash after READY, unless the process serves requests
+(`restart_at_once`: the engines and the gateway). For those, a crash after READY is most
+likely one request's doing (a bug a client found): it is restarted at once, without
+waiting, feeding the backoff, or counting toward the crash-loop rule, so a client
+repeating that request costs everyone a restart each time, never the backoff, and can
+never get the model marked failed. That cannot spin: every restart must pass the health
+check and warm-up before it can crash "after READY" again."""
 
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.
 class ManagedProcess:
     """`warm_up(timeout_s)` is called once the health check passes and returns a note for
     people (or raises WarmUpFailed); `program` names the process in exit meanings (e.g.
-    "this llama.cpp build"); with `max_crashes`, that many crashes at start within
-    `crash_window_s` mark it failed instead of restarting it again; `on_change` is called on every state change."""
+    "this llama.cpp build"); with `max_crashes`, that many crashes within `crash_window_s`
+    mark it failed instead of restarting it again (with `restart_at_once`, crashes at start
+    only: see the module docstring); `on_change` is called on every state change."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class ManagedProcess:
         warm_up: Callable[[float], str] | None = None,
         max_crashes: int | None = None,
         crash_window_s: float = 600.0,
+        restart_at_once: bool = False,
         on_change: Callable[[ManagedProcess], None] | None = None,
     ):
         self.name = name
@@ -96,6 +99,7 @@ class ManagedProcess:
         self.warm_up = warm_up
         self.max_crashes = max_crashes
         self.crash_window_s = crash_window_s
+        self.restart_at_once = restart_at_once
         self.on_change = on_change
         self.proc: subprocess.Popen | None = None
         self.state = STOPPED
@@ -189,7 +193,8 @@ class ManagedProcess:
                 if now - self.started_at > STABLE_AFTER_S:
                     self._backoff = BACKOFF_START_S
                 return None
-            return self._restart_now(self._exit_reason())
+            reason = self._exit_reason()
+            return self._restart_now(reason) if self.restart_at_once else self._crashed(reason)
         if self.state == STARTING:  # a restart
             try:
                 if self.check_start():
@@ -203,14 +208,14 @@ class ManagedProcess:
         return None
 
     def _restart_now(self, reason: str) -> str:
-        """A ready process died: start it again at once (see the module docstring)."""
+        """A ready process that serves requests died: start it again at once (see the module docstring)."""
         self._kill_group()
         self.restarts += 1
         self.start()
         return f"{self.name} died: {reason}; restarted at once (pid {self.pid}, restart #{self.restarts})"
 
     def _crashed(self, reason: str) -> str:
-        """A crash at start: restart after the backoff, or mark it failed once it crashed too often."""
+        """Restart after the backoff, or mark it failed once it crashed too often."""
         self._kill_group()  # whatever the dead process started (e.g. Granian's workers) goes too
         now = time.monotonic()
         self._crashes.append(now)

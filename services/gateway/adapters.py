@@ -65,7 +65,7 @@ class Adapted(msgspec.Struct):
 def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
     """The request for `pool`'s engine; raises InvalidRequest naming what it cannot serve."""
     if pool.served.engine != "remote":
-        engine_params.check(outgoing.encode(), parsed, pool.served)
+        engine_params.check(outgoing.data, parsed, pool.served)  # decoded once: llama.cpp's request changes anyway
     if isinstance(parsed, EmbeddingRequest):
         if pool.served.upstream_model:
             outgoing.data["model"] = pool.served.upstream_model

@@ -81,7 +81,9 @@ async def receive_file(request: Request, folder: Path, filename: str) -> Path:
 
 def staging_path(folder: Path, filename: str | None, default: str) -> Path:
     """folder/<random>/<filename>: a private place for one file, keeping its name."""
-    name = os.path.basename(filename or "") or default
+    name = os.path.basename(filename or "")
+    if name in ("", ".", ".."):  # no name of its own: it would be the folder itself, or its parent
+        name = default
     if "\x00" in name:  # no file system takes it
         raise InvalidRequest(f"{name!r} is not a file name: it holds a NUL character", param="filename")
     folder.mkdir(parents=True, exist_ok=True)

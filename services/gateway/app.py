@@ -47,7 +47,7 @@ from services.gateway.admin_api import admin_router
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
-from services.gateway.door import open_door
+from services.gateway.door import Door, open_door
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
 from services.gateway.metrics import GatewayMetrics
@@ -90,6 +90,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._db = None
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
+        self.door: Door | None = None  # opened last in start(), once the gateway can serve
 
     def _list_models(self) -> None:
         self.model_list = msgspec.json.encode(
@@ -101,7 +102,6 @@ class Gateway:
         return {"id": served.name, "object": "model", "created": served.created, "owned_by": "appliance"}
 
     async def start(self) -> None:
-        self.door = None  # opened last, once the gateway can serve
         self._db = await asyncio.to_thread(open_db, self.db_path)
         if replayed := await asyncio.to_thread(self.recorder.open):
             log.info("recorded %d usage rows that a stopped gateway process had journaled", replayed)
@@ -146,7 +146,9 @@ class Gateway:
     async def _flush_usage(self) -> None:
         while True:
             await asyncio.sleep(self.config.metering_flush_s)
-            await self.recorder.flush()
+            # Shielded: a flush stopped halfway (its rows written, its journal not yet
+            # dropped) would be written again; stop()'s own flush waits for this one.
+            await asyncio.shield(self.recorder.flush())
             self.metrics.usage_pending.set(self.recorder.pending)
 
     async def _refresh(self) -> None:
@@ -298,8 +300,7 @@ class Gateway:
         try:
             return await collect(events, call)
         finally:
-            await events.aclose()
-            response.close()
+            await close_answer(response, events)
 
     async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
@@ -317,9 +318,7 @@ class Gateway:
                 await transport.send_bytes(piece)
             flight.disarm()
         finally:
-            await events.aclose()
-            await relayed.aclose()  # now, not when collected: it meters a stream cut short
-            response.close()  # idempotent; frees the engine connection whatever happened
+            await close_answer(response, events, relayed)  # now, not when collected: it meters a stream cut short
 
     @staticmethod
     def _headers(call: Call, base: list) -> list:
@@ -396,6 +395,15 @@ async def read_body(proto: HTTPProtocol, content_length: str | None, limit: int)
             raise PayloadTooLarge(body_limit_message(limit))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def close_answer(response: aiohttp.ClientResponse, *streams) -> None:
+    """Close an answer's generators in order, then the engine connection (idempotent), each
+    whatever the one before did: a relay closed now meters a stream cut short."""
+    async with contextlib.AsyncExitStack() as closing:
+        closing.callback(response.close)
+        for stream in reversed(streams):
+            closing.push_async_callback(stream.aclose)
 
 
 def body_limit_message(limit: int) -> str:

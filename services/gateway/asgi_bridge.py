@@ -15,6 +15,7 @@ from granian.rsgi import ProtocolClosed
 from litestar.types import ASGIApp, Message
 
 from services.gateway.body_reads import drain, timed
+from services.gateway.door import RESERVED_HEADER
 
 BODY_END = {"type": "http.request", "body": b"", "more_body": False}
 DISCONNECT = {"type": "http.disconnect"}
@@ -73,6 +74,8 @@ class AsgiBridge:
                     await drain(body, self.max_body_bytes)
                 status = message["status"]
                 response_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in message.get("headers", ())]
+                if scope.headers.get(RESERVED_HEADER) is not None:  # admitted to the door's reserve: one request only
+                    response_headers.append(("connection", "close"))
                 return
             if message["type"] != "http.response.body":
                 return

@@ -10,13 +10,17 @@ address (reuse_port: one door per worker, the kernel spreads clients over them).
   once with a canned 503; over gateway.max_connections it admits up to
   gateway.reserved_connections more, but only for a first request line that asks for
   /healthz, /readyz or something under /admin, so health checks and admins still get in;
+  such a request carries RESERVED_HEADER (added here), and the Litestar bridge answers it
+  with `connection: close`, so a reserved connection serves that one request only;
 - closes a connection that sends no byte within gateway.header_timeout_s (once bytes come,
   Granian times the headers and idle keep-alive connections with the same setting);
 - opens the upstream connection only when the first bytes arrive, then splices bytes both
   ways with asyncio Protocols and flow control; a client that leaves closes its upstream
   connection, which the gateway sees as a disconnect (and cancels the engine's work).
 The caps are the profile's divided by the workers, and lowered (with a warning) when the
-process may not open enough files for them.
+process may not open enough files for them. With reuse_port the kernel spreads one client's
+connections at random over the workers, so with several workers a client may be refused
+before it holds the profile's per-client number.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ RESERVE_FIRST_LINE_S = 2.0  # a reserved slot waits this long at most for its re
 LINGER_S = 2.0  # a refused connection is read (and dropped) this long, so its 503 is not lost to a reset
 MAX_LINGERING = 256  # refused connections lingering at once; beyond it they are closed at once
 FIRST_LINE_MAX = 8192
-REFUSAL_LOG_INTERVAL_S = 60.0
+REFUSAL_LOG_INTERVAL_S = 60.0  # refusals (per address) and upstream failures are logged this often at most
 SPARE_FILES = 512  # engine connections, databases, logs and the rest of the process
 HIGH_WATER = 256 * 1024
 LISTEN_BACKLOG = 1024
 RESERVED_PATHS = ("/healthz", "/readyz")
+RESERVED_HEADER = "x-appliance-reserved"  # services/gateway/asgi_bridge.py closes the connection after the answer
+FILES_PER_CONNECTION = 4  # client, upstream, Granian's end of the upstream, one engine connection
 
 
 @dataclass(frozen=True)
@@ -69,20 +75,22 @@ def caps_of(config: GatewayConfig) -> Caps:
 
 def fit_open_files(caps: Caps) -> Caps:
     """Raise the open-files limit toward its hard limit; lower the caps if even that is too few.
-    Each admitted connection costs two descriptors (client and upstream)."""
-    wanted = 2 * (caps.total + caps.reserve) + MAX_LINGERING + SPARE_FILES
+    Each admitted connection costs FILES_PER_CONNECTION descriptors in this process: the
+    client's, the door's upstream end, Granian's accepted end, and up to one engine
+    connection for its request in flight."""
+    wanted = FILES_PER_CONNECTION * (caps.total + caps.reserve) + MAX_LINGERING + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return caps
-    room = max(2, (soft - MAX_LINGERING - SPARE_FILES) // 2)
+    room = max(2, (soft - MAX_LINGERING - SPARE_FILES) // FILES_PER_CONNECTION)
     reserve = min(caps.reserve, room // 16)
     fitted = replace(caps, total=max(1, room - reserve), reserve=reserve, per_client=min(caps.per_client, max(1, room - reserve)))
     log.warning("only %d open files allowed (hard limit %s): connection caps lowered from %d (+%d reserved) "
-                "to %d (+%d) per worker; raise LimitNOFILE / ulimit -n", soft, hard, caps.total, caps.reserve,
-                fitted.total, fitted.reserve)
+                "to %d (+%d) per worker, at %d descriptors per connection; raise LimitNOFILE / ulimit -n", soft,
+                hard, caps.total, caps.reserve, fitted.total, fitted.reserve, FILES_PER_CONNECTION)
     return fitted
 
 
@@ -111,7 +119,8 @@ WAITING, RESERVED, OPEN, REFUSED, CLOSED = "waiting", "reserved", "open", "refus
 class ClientSide(asyncio.Protocol):
     """One client connection, spliced to its own upstream connection once it sends bytes."""
 
-    __slots__ = ("door", "transport", "address", "state", "deadline", "reserved", "pending", "upstream", "eof")
+    __slots__ = ("door", "transport", "address", "state", "deadline", "reserved", "pending", "upstream", "eof",
+                 "held_by_pending", "held_by_upstream")
 
     def __init__(self, door: Door):
         self.door = door
@@ -123,6 +132,9 @@ class ClientSide(asyncio.Protocol):
         self.pending: list[bytes] | None = None  # bytes received before the upstream is open
         self.upstream: asyncio.Transport | None = None
         self.eof = False  # the client half-closed before the upstream was open
+        # Reading from the client is paused while either holds; resumed only when neither does.
+        self.held_by_pending = False  # too many bytes wait for the upstream to open
+        self.held_by_upstream = False  # the upstream's write buffer is full
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -145,7 +157,18 @@ class ClientSide(asyncio.Protocol):
     def _hold(self, data: bytes) -> None:
         self.pending.append(data)
         if sum(map(len, self.pending)) > HIGH_WATER:
-            self.transport.pause_reading()
+            self.held_by_pending = True
+            self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read from the client exactly when nothing holds it back."""
+        if self.transport.is_closing():
+            return
+        if self.held_by_pending or self.held_by_upstream:
+            if self.transport.is_reading():
+                self.transport.pause_reading()
+        elif not self.transport.is_reading():
+            self.transport.resume_reading()
 
     def _check_reserve(self) -> None:
         head = b"".join(self.pending)
@@ -153,6 +176,7 @@ class ClientSide(asyncio.Protocol):
         if end < 0 and len(head) < FIRST_LINE_MAX:
             return  # the rest of the line is still to come
         if end >= 0 and _wants_reserve(head[:end]):
+            self.pending = [head[:end + 2], RESERVED_HEADER.encode() + b": 1\r\n", head[end + 2:]]
             self._open_upstream()
         else:
             self.door.refuse(self, self.door.over_total)
@@ -167,8 +191,7 @@ class ClientSide(asyncio.Protocol):
     def _upstream_failed(self, opening: asyncio.Future) -> None:
         if opening.cancelled() or opening.exception() is not None:
             if not self.transport.is_closing():
-                log.error("the gateway's socket %s did not answer: %s", self.door.upstream_path,
-                          opening.exception() if not opening.cancelled() else "cancelled")
+                self.door.log_upstream_failure(opening.exception() if not opening.cancelled() else "cancelled")
                 self.transport.write(self.door.not_ready)
                 self.transport.close()
 
@@ -177,12 +200,13 @@ class ClientSide(asyncio.Protocol):
             upstream.close()
             return
         self.upstream = upstream
-        upstream.write(b"".join(self.pending))
+        upstream.write(b"".join(self.pending))  # may pause this side (held_by_upstream)
         self.pending = None
         if self.eof:
             upstream.write_eof()
-        elif not self.transport.is_reading() and upstream.get_write_buffer_size() <= HIGH_WATER:
-            self.transport.resume_reading()
+        else:
+            self.held_by_pending = False
+            self.update_reading()
 
     def eof_received(self) -> bool:
         if self.upstream is not None:
@@ -230,11 +254,12 @@ class UpstreamSide(asyncio.Protocol):
         self.client.transport.close()  # sends what is buffered first
 
     def pause_writing(self) -> None:
-        self.client.transport.pause_reading()
+        self.client.held_by_upstream = True
+        self.client.update_reading()
 
     def resume_writing(self) -> None:
-        if not self.client.transport.is_closing():
-            self.client.transport.resume_reading()
+        self.client.held_by_upstream = False
+        self.client.update_reading()
 
 
 class Door:
@@ -247,6 +272,8 @@ class Door:
         self.waiting: set[ClientSide] = set()  # timed by the sweep: no byte yet, or refused and lingering
         self.clients: set[ClientSide] = set()
         self.logged: dict[str, float] = {}  # address -> when its last refusal was logged
+        self.upstream_failure_logged = -REFUSAL_LOG_INTERVAL_S
+        self.upstream_failures = 0  # since the last log line
         self.over_client = _refusal(
             f"Too many connections from your address: the gateway allows {caps.per_client} per client "
             "(gateway.max_connections_per_client). Close idle connections and retry.", "too_many_connections")
@@ -264,12 +291,13 @@ class Door:
         self._sweeper = asyncio.create_task(self._sweep())
 
     def close(self) -> None:
-        """Stop accepting and close every connection (the gateway is stopping)."""
+        """Stop accepting and close every connection (the gateway is stopping), refused ones
+        still lingering included."""
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for client in list(self.clients):
+        for client in list(self.clients | self.waiting):
             client.transport.close()
 
     def admit(self, client: ClientSide) -> None:
@@ -307,8 +335,8 @@ class Door:
         client.state, client.pending = REFUSED, None
         client.deadline = monotonic() + LINGER_S
         transport.write_eof()
-        if not transport.is_reading():
-            transport.resume_reading()
+        client.held_by_pending = False
+        client.update_reading()
         self.waiting.add(client)
 
     def release(self, client: ClientSide) -> None:
@@ -340,6 +368,16 @@ class Door:
         log.warning("refusing connections from %s: over the %s connection cap (%d of %d ordinary, %d of %d reserved "
                     "in use); logged once a minute per address", address, why, self.ordinary, self.caps.total,
                     self.reserved, self.caps.reserve)
+
+    def log_upstream_failure(self, reason: object) -> None:
+        """Once a minute at most: while Granian stops, every connection fails the same way."""
+        self.upstream_failures += 1
+        now = monotonic()
+        if now - self.upstream_failure_logged < REFUSAL_LOG_INTERVAL_S:
+            return
+        log.error("the gateway's socket %s did not answer (%d connections answered 503 since the last report): %s; "
+                  "logged once a minute", self.upstream_path, self.upstream_failures, reason)
+        self.upstream_failure_logged, self.upstream_failures = now, 0
 
     async def _sweep(self) -> None:
         while True:

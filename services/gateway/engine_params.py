@@ -65,9 +65,8 @@ class VllmExtensions(msgspec.Struct, kw_only=True):
 EXTENSIONS: dict[str, type[msgspec.Struct]] = {"llamacpp": LlamaCppExtensions, "vllm": VllmExtensions}
 
 
-def check(body: bytes, parsed: msgspec.Struct, served: ServedModel) -> None:
-    """Refuse (InvalidRequest naming it) a field that `served`'s engine must not get from this request."""
-    fields = msgspec.json.decode(body)
+def check(fields: dict, parsed: msgspec.Struct, served: ServedModel) -> None:
+    """Refuse (InvalidRequest naming it) a field of the request `fields` that `served`'s engine must not get."""
     known = OPENAI_FIELDS[type(parsed)]
     extensions = EXTENSIONS.get(served.engine)
     curated = extensions.__struct_fields__ if extensions else ()

@@ -28,7 +28,8 @@ ERROR = {
         },
     }},
 }
-OPEN_ROUTES = ("/healthz", "/readyz", "/metrics", "/schema")  # no key needed (see gateway.metrics_require_key)
+OPEN_ROUTES = ("/healthz", "/readyz")  # no key needed (readyz's details: see gateway.metrics_require_key)
+MONITORING_ROUTES = ("/metrics", "/schema")  # a key of any role, where gateway.metrics_require_key says so
 FILE = {"type": "string", "format": "binary"}  # an upload's raw bytes
 READINESS = {
     "type": "object",
@@ -102,7 +103,9 @@ def describe_errors(path: str, operation: dict) -> None:
             responses[status] = error_response(response.get("description", "error"))
     if operation.get("parameters") or "requestBody" in operation:
         responses.setdefault("400", error_response("A bad parameter or body, named in `param`."))
-    if not path.startswith(OPEN_ROUTES):
+    if path.startswith(MONITORING_ROUTES):
+        responses.setdefault("401", error_response("No valid API key, with gateway.metrics_require_key on."))
+    elif not path.startswith(OPEN_ROUTES):
         responses.setdefault("401", error_response("No API key, or not a valid one."))
         responses.setdefault("403", error_response("The key's role may not call this route."))
     if "{" in path:

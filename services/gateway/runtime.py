@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.config import GatewayConfig
+from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
 
 
@@ -50,11 +51,7 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(runtime)))
-    os.replace(tmp, path)
+    write_new(path, msgspec.json.format(msgspec.json.encode(runtime)))
 
 
 def read_runtime(path: Path) -> GatewayRuntime:

@@ -22,6 +22,7 @@ import msgspec
 
 from appliance.config import Profile, StorageConfig
 from appliance.errors import ProfileError
+from appliance.files import write_new
 from appliance.home import blobs_dir, minio_data_dir
 from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
 
@@ -62,12 +63,8 @@ def ensure_credentials(home: Path) -> dict[str, str]:
         return existing
     credentials = {"MINIO_ROOT_USER": ROOT_USER, "MINIO_ROOT_PASSWORD": secrets.token_hex(24)}
     home.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# MinIO root credentials, generated on first start.\n")
-        f.writelines(f"{k}={v}\n" for k, v in credentials.items())
-    os.replace(tmp, path)
+    lines = ["# MinIO root credentials, generated on first start.\n", *(f"{k}={v}\n" for k, v in credentials.items())]
+    write_new(path, "".join(lines).encode())
     return credentials
 
 

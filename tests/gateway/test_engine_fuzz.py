@@ -162,9 +162,9 @@ def test_a_profile_allows_named_engine_params_as_sent():
                             ModelConfig)
     served = served_model(model, GatewayConfig(), [], 0)
     for extra in [{"grammar": 'root ::= "a"'}, {"top_k": 100000}, {"top_k": 5, "min_p": 0.5}]:
-        raw = msgspec.json.encode({"model": "m", "messages": MESSAGES, **extra})
-        engine_params.check(raw, msgspec.json.decode(raw, type=ChatCompletionRequest), served)
-    raw = msgspec.json.encode({"model": "m", "messages": MESSAGES, "grammar": "x", "json_schema": {}})
+        fields = {"model": "m", "messages": MESSAGES, **extra}
+        engine_params.check(fields, msgspec.convert(fields, ChatCompletionRequest), served)
+    fields = {"model": "m", "messages": MESSAGES, "grammar": "x", "json_schema": {}}
     with pytest.raises(InvalidRequest) as refused:
-        engine_params.check(raw, msgspec.json.decode(raw, type=ChatCompletionRequest), served)
+        engine_params.check(fields, msgspec.convert(fields, ChatCompletionRequest), served)
     assert refused.value.param == "json_schema" and "models[].engine_params" in refused.value.message

@@ -251,3 +251,12 @@ def test_early_errors_leave_the_connection_usable(stack):
 def test_a_file_name_with_a_nul_is_400_naming_it(stack):
     response = admin(stack, "POST", "/admin/models/m/upload?filename=a%00b.gguf", content=b"GGUF")
     assert_error(response, 400, param="filename")
+
+
+@pytest.mark.parametrize("filename", [".", ".."])
+def test_a_file_name_that_names_a_folder_is_never_used_as_one(stack, filename):
+    """"." once staged the upload as the staging folder itself: a 500, and its clean-up removed
+    every upload in progress. Now the file gets the default name (the key here names nothing)."""
+    response = admin(stack, "POST", "/admin/models/m/versions", json={"upload_key": "uploads/" + "0" * 32,
+                                                                      "filename": filename})
+    assert 400 <= response.status_code < 500, response.text

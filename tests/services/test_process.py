@@ -109,10 +109,11 @@ def test_a_warm_up_that_gets_an_error_fails_the_start(tmp_path):
 
 
 def test_a_ready_process_that_crashes_is_restarted_at_once_every_time(tmp_path):
-    """A crash after READY (one request's doing) waits no backoff and never counts toward
-    max_crashes: crashing a ready engine repeatedly costs a restart each time, never FAILED."""
+    """A crash after READY of a process that serves requests (one request's doing) waits no
+    backoff and never counts toward max_crashes: crashing a ready engine repeatedly costs a
+    restart each time, never FAILED."""
     home = tmp_path / "home"
-    process = web_server(tmp_path, max_crashes=2, crash_window_s=60,
+    process = web_server(tmp_path, max_crashes=2, crash_window_s=60, restart_at_once=True,
                          on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
     process.start()
     try:
@@ -132,9 +133,28 @@ def test_a_ready_process_that_crashes_is_restarted_at_once_every_time(tmp_path):
         process.stop()
 
 
+def test_a_process_that_serves_no_requests_backs_off_after_any_crash(tmp_path):
+    """Litestream, MinIO, the job worker: a crash after READY is the process's own trouble."""
+    process = web_server(tmp_path, max_crashes=2, crash_window_s=60)
+    process.start()
+    try:
+        process.wait_ready()
+        os.kill(process.pid, signal.SIGKILL)
+        process.proc.wait(10)
+        assert process.tend().endswith("; restarting in 1 s") and process.state == RESTARTING
+        [restarted] = tend_until(process, STARTING)
+        assert restarted.startswith("engine m#0 restarted (pid ")
+        tend_until(process, READY)
+        os.kill(process.pid, signal.SIGKILL)
+        process.proc.wait(10)
+        assert process.tend().startswith("engine m#0 failed: 2 crashes within 60 s, the last: killed by SIGKILL")
+    finally:
+        process.stop()
+
+
 def test_repeated_crashes_at_start_back_off_then_mark_it_failed_with_the_reason(tmp_path):
     home = tmp_path / "home"
-    process = web_server(tmp_path, max_crashes=2, crash_window_s=60,
+    process = web_server(tmp_path, max_crashes=2, crash_window_s=60, restart_at_once=True,
                          on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
     process.start()
     try:

@@ -77,6 +77,8 @@ def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
     except msgspec.DecodeError:
         pass
     message = message or payload[:500].decode(errors="replace") or f"HTTP {status}"
+    if status == 503:  # not ready (llama-server loading its model) or overloaded: the client may retry
+        return ServiceUnavailable(f"The engine for '{model}' is not ready: {message}")
     if 400 <= status < 500 and status not in (401, 403, 404):
         return EngineRejected(f"The engine for '{model}' rejected the request: {message}", status=status)
     return EngineError(f"The engine for '{model}' failed (HTTP {status}): {message}")
@@ -138,15 +140,23 @@ class Forwarder:
     async def _open(self, call: Call, pool: ModelPool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
         """POST to a healthy replica by the call's deadline. One that cannot be connected to
         (refused, not connected within CONNECT_TIMEOUT_S: a dead or restarting engine) is
-        marked down; a connection that breaks before the answer (a kept-alive one the engine
-        had closed, or an engine dying) is not, by itself. Either way the request is sent
-        once more, to the next healthy replica: generation has no side effects to repeat."""
+        marked down, as is a local engine answering 503 (restarted, still loading); a connection
+        that breaks before the answer (a kept-alive one the engine had closed, or an engine
+        dying) is not, by itself. Either way the request is sent once more, to the next
+        healthy replica: generation has no side effects to repeat."""
         call.deadline = perf_counter() + pool.timeout_s
         for _ in range(2):
             replica = pool.pick()  # 503 when no replica is healthy
             headers = replica.stream_headers if stream else replica.headers
             try:
-                return await self.session.post(replica.url(path), data=body, headers=headers)
+                response = await self.session.post(replica.url(path), data=body, headers=headers)
+                if response.status != 503 or pool.served.engine == "remote":
+                    return response
+                # A local engine restarted between two health checks, still loading its model:
+                # down until its next good health check; the request goes to another replica.
+                response.release()
+                replica.probe_ok = False
+                log.warning("%s is not ready (503); marked unhealthy", replica)
             except asyncio.CancelledError:
                 if _timed_out(call):
                     raise _timeout(pool) from None

@@ -39,21 +39,30 @@ def test_first_start_prints_the_admin_key_once_and_saves_it_0600(solo):
     assert mode == 0o600
 
 
-def wait_restarted(solo, old_pid: int) -> int:
-    """Until a new engine process runs and the gateway sees it healthy again."""
+def restarts(solo) -> int:
+    return readiness(solo.root)["models"][DEFAULT_MODEL]["engines"][0]["restarts"]
+
+
+def wait_restarted(solo, old_pid: int, restarts_before: int) -> int:
+    """Until a new engine process runs and the gateway sees it ready (its restart counted) and healthy."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and solo.engine_pids() in ([], [old_pid]):
         time.sleep(0.2)
     [new_pid] = solo.engine_pids()
     assert new_pid != old_pid
+    while time.monotonic() < deadline + 60:
+        [replica] = readiness(solo.root)["models"][DEFAULT_MODEL]["engines"]
+        if replica["restarts"] > restarts_before and replica["state"] == "ready" and replica["healthy"]:
+            break
+        time.sleep(0.2)
     wait_ready(solo.root, 120, solo.proc)
     return new_pid
 
 
 def test_killed_engine_is_restarted(solo):
-    [pid] = solo.engine_pids()
+    [pid], before = solo.engine_pids(), restarts(solo)
     os.kill(pid, signal.SIGKILL)
-    wait_restarted(solo, pid)
+    wait_restarted(solo, pid, before)
     assert chat(solo).choices[0].message.content
     assert "restarted" in solo.output.read_text()
 
@@ -67,22 +76,22 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error(solo):
         lines = response.iter_lines()
         first = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
         assert first
-        [pid] = solo.engine_pids()
+        [pid], before = solo.engine_pids(), restarts(solo)
         os.kill(pid, signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert '"error"' in rest[-2]
-    wait_restarted(solo, pid)
+    wait_restarted(solo, pid, before)
 
 
 def test_unready_while_engine_down(solo):
-    [pid] = solo.engine_pids()
+    [pid], before = solo.engine_pids(), restarts(solo)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and readiness(solo.root)["status"] == "ready":
         time.sleep(0.1)
     assert readiness(solo.root)["status"] == "not ready"
-    wait_restarted(solo, pid)
+    wait_restarted(solo, pid, before)
 
 
 def test_sigterm_stops_everything(solo):

@@ -80,7 +80,8 @@ def openai_post(name: str, request_ref: dict) -> dict:
     return {
         "tags": ["openai"],
         "operationId": name.removesuffix("Request"),
-        "summary": f"OpenAI-compatible: the body is a {name}; fields not listed reach the engine unchanged.",
+        "summary": f"OpenAI-compatible: the body is a {name}. Fields not listed reach remote upstreams unchanged; "
+                   "local engines take only the bounded extensions docs/api.md lists, others are a 400.",
         "requestBody": request_body("application/json", request_ref),
         "responses": {
             "200": {"description": "The answer; with `stream: true`, server-sent events ending in `data: [DONE]`.",

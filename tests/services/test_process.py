@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,19 @@ def web_server(tmp_path, **options) -> ManagedProcess:
     argv = [sys.executable, "-c", FLAKY_SERVER, str(tmp_path / CRASH_AT_START),
             str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
     return child(tmp_path, argv, port, **options)
+
+
+def serving_process(tmp_path, home: Path) -> ManagedProcess:
+    """A ready web server that serves requests as an engine does (restart_at_once), reporting its status in `home`."""
+    process = web_server(tmp_path, max_crashes=2, crash_window_s=60, restart_at_once=True,
+                         on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
+    process.start()
+    try:
+        process.wait_ready()
+    except BaseException:
+        process.stop()
+        raise
+    return process
 
 
 CRASH_AT_START = "crash-at-start"
@@ -113,11 +127,8 @@ def test_a_ready_process_that_crashes_is_restarted_at_once_every_time(tmp_path):
     backoff and never counts toward max_crashes: crashing a ready engine repeatedly costs a
     restart each time, never FAILED."""
     home = tmp_path / "home"
-    process = web_server(tmp_path, max_crashes=2, crash_window_s=60, restart_at_once=True,
-                         on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
-    process.start()
+    process = serving_process(tmp_path, home)
     try:
-        process.wait_ready()
         for restart, signum in enumerate([signal.SIGSEGV, signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT], start=1):
             dead = process.pid
             os.kill(dead, signum)
@@ -154,11 +165,8 @@ def test_a_process_that_serves_no_requests_backs_off_after_any_crash(tmp_path):
 
 def test_repeated_crashes_at_start_back_off_then_mark_it_failed_with_the_reason(tmp_path):
     home = tmp_path / "home"
-    process = web_server(tmp_path, max_crashes=2, crash_window_s=60, restart_at_once=True,
-                         on_change=StatusReporter(home, "m", 0, "http://127.0.0.1:1/v1"))
-    process.start()
+    process = serving_process(tmp_path, home)
     try:
-        process.wait_ready()
         (tmp_path / CRASH_AT_START).touch()  # from now on every start fails
         os.kill(process.pid, signal.SIGKILL)
         process.proc.wait(10)

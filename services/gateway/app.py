@@ -34,7 +34,6 @@ from appliance.errors import (
     MethodNotAllowed,
     ModelNotFound,
     PayloadTooLarge,
-    RequestTimeout,
     StorageUnavailable,
 )
 from appliance.home import RUNTIME_ENV, state_db_path, usage_journal_dir

@@ -6,7 +6,6 @@ instead of Litestar's default {"status_code", "detail"}."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import msgspec
 from litestar.routes import BaseRoute, HTTPRoute

@@ -61,23 +61,19 @@ def wait_for(condition, what: str, timeout: float = 90):
     return value
 
 
-def crash(stack, model: str, signum: int, until_ready: bool = True) -> list[dict]:
-    """Send `signum` to the model's engine; wait until it is ready again (or only restarted)
-    or marked failed. Returns the /readyz entries of the replica seen while it was down."""
+def crash(stack, model: str, signum: int) -> None:
+    """Send `signum` to the model's engine; wait until it is ready again or marked failed.
+    (The restart is too quick for a poll of /readyz to be sure to see it down.)"""
     [pid] = stack.engine_pids(model)
     restarts = engine_state(stack, model)["restarts"]
     os.kill(pid, signum)
-    seen = []
 
     def back_or_failed() -> bool:
         state = engine_state(stack, model)
-        if state["state"] != "ready":
-            seen.append(state)
-        back = state["restarts"] > restarts and (state["state"] == "ready" or not until_ready)
+        back = state["restarts"] > restarts and state["state"] == "ready"
         return state["state"] == "failed" or (back and stack.engine_pids(model) not in ([], [pid]))
 
     wait_for(back_or_failed, f"{model} to come back after {signal.Signals(signum).name}")
-    return seen
 
 
 def break_weights(stack, model: str) -> None:
@@ -109,11 +105,10 @@ def test_an_engine_is_ready_once_it_answered_a_one_token_warm_up(fragile):
 
 
 def test_a_ready_engine_that_crashes_is_restarted_at_once_and_never_marked_failed(fragile):
-    seen_down = crash(fragile, DEFAULT_MODEL, signal.SIGILL)
+    crash(fragile, DEFAULT_MODEL, signal.SIGILL)
     expected = f"killed by SIGILL ({SIGILL_MEANING})"
     assert f"engine {DEFAULT_MODEL}#0 died: {expected}; restarted at once (pid " in fragile.output.read_text()
     assert expected in engine_log(fragile)
-    assert any(s["last_exit"] == expected and not s["healthy"] for s in seen_down), seen_down
     back = engine_state(fragile)
     assert (back["state"], back["restarts"], back["last_exit"]) == ("ready", 1, expected)
     # As a client repeating a request that crashes the engine would: more crashes than

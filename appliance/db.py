@@ -155,6 +155,47 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # inserts nothing twice. Request ids are unique by construction (services/gateway/request_ids.py).
         "CREATE UNIQUE INDEX usage_request_id ON usage (request_id)",
     ),
+    (
+        # Governance (appliance/governance.py): users, teams, keys owned by either, the limits
+        # and policies of keys and teams (JSON of governance.Limits and governance.Policy).
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            email TEXT,
+            password_hash TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            disabled_at REAL
+        )""",
+        """CREATE TABLE teams (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            limits TEXT NOT NULL DEFAULT '{}',
+            policy TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE team_members (
+            team_id TEXT NOT NULL REFERENCES teams (id),
+            user_id TEXT NOT NULL REFERENCES users (id),
+            PRIMARY KEY (team_id, user_id)
+        )""",
+        "ALTER TABLE api_keys ADD COLUMN kind TEXT NOT NULL DEFAULT 'key'",  # key, or session (a password login)
+        "ALTER TABLE api_keys ADD COLUMN user_id TEXT REFERENCES users (id)",
+        "ALTER TABLE api_keys ADD COLUMN team_id TEXT REFERENCES teams (id)",
+        "ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE api_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE api_keys ADD COLUMN updated_at REAL",
+        "ALTER TABLE usage ADD COLUMN user_id TEXT",
+        "ALTER TABLE usage ADD COLUMN team_id TEXT",
+        "ALTER TABLE usage ADD COLUMN cost REAL",
+        "CREATE INDEX usage_team ON usage (team_id, ts)",
+        # The audit log becomes a hash chain (appliance/audit.py): each row's hash covers its
+        # content and the previous row's hash.
+        "ALTER TABLE audit_log ADD COLUMN prev_hash TEXT",
+        "ALTER TABLE audit_log ADD COLUMN hash TEXT",
+    ),
 ]
 
 

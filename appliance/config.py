@@ -70,6 +70,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     crash_window_s: Positive = 600.0
     # Engine-specific request fields (e.g. grammar) forwarded as sent (services/gateway/engine_params.py).
     engine_params: list[Annotated[str, msgspec.Meta(min_length=1)]] = []
+    # What a million tokens cost (remote upstreams: the provider's prices). Unset on a local
+    # model: derived from costs.hardware_per_hour and the measured throughput.
+    price_input_per_million: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    price_output_per_million: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class K3sConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,6 +107,36 @@ class BackupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sync_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 0.5
 
 
+class JwtConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Bearer JWTs signed by the organisation's identity provider (Keycloak, AD FS, ...)."""
+
+    jwks_file: str | None = None  # a JWKS document on disk
+    jwks_url: str | None = None  # or where the identity provider serves it on the LAN
+    issuer: str | None = None  # required `iss`, when set
+    audience: str | None = None  # required `aud`, when set
+    algorithms: list[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+                             "EdDSA"]] = msgspec.field(default_factory=lambda: ["RS256"])
+    user_claim: str = "preferred_username"  # the claim naming the user (an appliance user of that name, if any)
+    team_claim: str | None = "groups"  # a claim (string or list) naming the caller's team(s)
+    role_claim: str | None = None  # a claim naming the role; unset or unknown: default_role
+    default_role: Literal["operator", "developer", "viewer"] = "developer"
+    refresh_s: Positive = 300.0  # how often jwks_file or jwks_url is read again
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    session_ttl_s: Positive = 43200.0  # a password sign-in (POST /auth/login) lasts this long
+    jwt: JwtConfig | None = None
+
+
+class CostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "USD"
+    hardware_per_hour: Annotated[float, msgspec.Meta(ge=0)] | None = None  # what the machine costs per hour
+
+
+class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    retention_days: Annotated[int, msgspec.Meta(ge=1)] = 365
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     description: str = ""
@@ -111,6 +145,9 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
     k3s: K3sConfig = msgspec.field(default_factory=K3sConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    costs: CostConfig = msgspec.field(default_factory=CostConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
 
 
 @functools.cache

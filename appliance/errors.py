@@ -6,6 +6,7 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import math
 import re
 
 
@@ -63,6 +64,12 @@ class PermissionDenied(ApplianceError):
     code = "insufficient_role"
 
 
+class ModelNotAllowed(PermissionDenied):
+    """The caller's key or team may not use this model (its `models` limit)."""
+
+    code = "model_not_allowed"
+
+
 class NotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"
@@ -101,6 +108,52 @@ class ServiceUnavailable(ApplianceError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(ApplianceError):
+    """A rate limit (requests or tokens per minute, parallel requests) of a key or team is reached.
+    `limits` holds OpenAI's x-ratelimit-* headers; Retry-After says when to try again."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, limits: dict[str, str] | None = None,
+                 type: str = "requests"):
+        super().__init__(message)
+        self.type = type  # requests or tokens, as OpenAI says
+        self.retry_after = retry_after
+        self.limits = limits or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**self.limits, "Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QuotaExceeded(ApplianceError):
+    """A token or cost budget of a key or team is spent for its period."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after  # until the period ends
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class PolicyViolation(ApplianceError):
+    """A request (or answer) broke a PII, content or prompt-injection policy; `param` names where."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "policy_violation"
+
+    def __init__(self, message: str, *, rule: str, param: str | None = None):
+        super().__init__(message, param=param)
+        self.rule = rule  # e.g. pii.kr_rrn, content.deny, injection.ignore_instructions
 
 
 class EngineError(ApplianceError):

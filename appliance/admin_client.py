@@ -1,13 +1,17 @@
 """The CLI's client of the admin API: it works from any machine on the LAN.
 
-The gateway's URL comes from --url, else APPLIANCE_URL, else the gateway serving the
-local home (appliance.discovery), else http://127.0.0.1:8080; the key from --key or
-APPLIANCE_KEY, else the admin.key file of the local home.
+The gateway's URL comes from --url, else APPLIANCE_URL, else the gateway of the signed-in
+session (`appliance login`), else the gateway serving the local home (appliance.discovery),
+else http://127.0.0.1:8080. The key comes from --key or APPLIANCE_KEY, else the session's
+token (only toward the gateway it was issued by, until it expires), else the admin.key
+file of the local home.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import httpx
 from appliance.cli_options import DEFAULT_URL, KEY_ENV
 from appliance.discovery import running_gateway_url
 from appliance.errors import ApplianceError
+from appliance.files import write_new
 from appliance.home import admin_key_path, gateway_url_path, resolve_home
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
@@ -38,16 +43,41 @@ def _resolve_key(key: str | None, home: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise AdminApiError(f"no API key: pass --key, set {KEY_ENV}, or run where {path} exists") from None
+        raise AdminApiError(f"no API key: pass --key, set {KEY_ENV}, sign in with `appliance login`, "
+                            f"or run where {path} exists") from None
     except PermissionError:
         raise AdminApiError(f"{path} is readable only by its owner: run as that user (or root), or pass --key") from None
 
 
+def session_path() -> Path:
+    """Where `appliance login` keeps its session: the user's config folder (XDG_CONFIG_HOME or ~/.config)."""
+    return Path(click.get_app_dir("appliance")) / "session"
+
+
+def save_session(url: str, answer: dict) -> Path:
+    """Keep a sign-in's token (mode 0600) with the gateway that issued it."""
+    path = session_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    session = {"url": url.rstrip("/"), **{k: answer[k] for k in ("token", "expires_at", "user", "role")}}
+    write_new(path, json.dumps(session).encode())
+    return path
+
+
+def read_session() -> dict | None:
+    """The saved session while it lasts; None when there is none, it expired or it cannot be read."""
+    try:
+        session = json.loads(session_path().read_text())
+        return session if session["expires_at"] > time.time() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class AdminClient:
-    def __init__(self, url: str, key: str, *, origin: str = ""):
+    def __init__(self, url: str, key: str | None, *, origin: str = ""):
         self.url = url.rstrip("/")
         self.origin = origin  # where the URL came from, for an error that cannot reach it
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         try:
@@ -87,12 +117,26 @@ class AdminClient:
                                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
 
 
+def gateway_url(url: str | None, home_dir: Path) -> tuple[str, str]:
+    """The gateway's URL and, when the caller did not give it, where it came from."""
+    if url:
+        return url.rstrip("/"), ""
+    recorded = gateway_url_path(home_dir)
+    found = running_gateway_url(home_dir)
+    if found:
+        return found.rstrip("/"), f" (recorded in {recorded})"
+    return DEFAULT_URL, f" (the default: {recorded} does not exist; pass --url)"
+
+
 def make_client(url: str | None, key: str | None, home: str | None) -> AdminClient:
-    """A client of the gateway at `url`, else the one serving `home`, else the default; see the module's doc."""
+    """A client of the gateway at `url`, else the session's, else the one serving `home`, else the default;
+    see the module's doc."""
     home_dir = resolve_home(home)
-    origin = ""
-    if not url:
-        recorded = gateway_url_path(home_dir)
-        url = running_gateway_url(home_dir)
-        origin = f" (recorded in {recorded})" if url else f" (the default: {recorded} does not exist; pass --url)"
-    return AdminClient(url or DEFAULT_URL, _resolve_key(key, home_dir), origin=origin)
+    session = None if key else read_session()
+    if not url and session:
+        url, origin = session["url"], f" (the gateway of your session, {session_path()})"
+    else:
+        url, origin = gateway_url(url, home_dir)
+    if session and session["url"] == url:
+        key = session["token"]
+    return AdminClient(url, _resolve_key(key, home_dir), origin=origin)

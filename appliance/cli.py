@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import click
 
 from appliance import __version__
-from appliance.cli_format import table, when
+from appliance.cli_format import table
 from appliance.cli_options import PROFILE_ENV, home_option, json_option, profile_option, runtime_option
 from appliance.config import builtin_profiles, load_profile, profile_schema
-from appliance.db import open_db
 from appliance.errors import ApplianceError
-from appliance.home import resolve_home, state_db_path
-from appliance.durations import parse_duration
+from appliance.home import resolve_home
 from appliance.keys_cli import keys
+from appliance.users_cli import teams, users
+from appliance.login_cli import login_command, logout_command
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.jobs_cli import jobs
 from appliance.objects_cli import objects
-from appliance.registry_cli import REGISTRY_COMMANDS, audit_command
-from appliance.usage import summarize
+from appliance.audit_cli import audit
+from appliance.registry_cli import REGISTRY_COMMANDS
+from appliance.usage_cli import usage
 from installer.bundle_cli import bundle
 from installer.render_cli import render
 from appliance.planning_cli import plan_command, probe_command
@@ -30,10 +30,6 @@ from installer.install import install_command, uninstall_command
 
 PORT_ENV = "APPLIANCE_PORT"
 served_profile_option = profile_option(envvar=PROFILE_ENV)
-
-
-def _open_state(home: str | None):
-    return open_db(state_db_path(resolve_home(home)))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,32 +150,6 @@ def models_list(profile_name: str, as_json: bool) -> None:
     click.echo(json.dumps(rows, indent=2) if as_json else table(rows, ["name", "engine", "replicas", "embeddings", "source"]))
 
 
-@cli.command()
-@click.option("--since", default="24h", show_default=True, help="How far back: e.g. 15m, 24h, 7d, or 'all'.")
-@click.option("--by", type=click.Choice(["key", "model", "key,model"]), default="key,model", show_default=True,
-              help="How to group the totals.")
-@home_option()
-@json_option()
-def usage(since: str, by: str, home: str | None, as_json: bool) -> None:
-    """Summarise metered usage (requests, tokens, latency) by key and model.
-
-    Reads the home's state database on this machine: the admin API has no usage route yet.
-    """
-    try:
-        since_ts = None if since == "all" else time.time() - parse_duration(since)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
-    rows = summarize(_open_state(home), since=since_ts, by=tuple(by.split(",")))
-    for row in rows:
-        row["last"] = when(row.pop("last_ts"))
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    columns = [c for c in ("key_id", "key_name", "model") if rows and c in rows[0]]
-    columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms", "last"]
-    click.echo(table(rows, columns))
-
-
 @cli.group()
 def profiles() -> None:
     """Built-in profiles, validation and the profile schema."""
@@ -208,11 +178,16 @@ def profiles_schema() -> None:
 
 # Clients of the admin API.
 cli.add_command(keys, "keys")
+cli.add_command(users, "users")
+cli.add_command(teams, "teams")
+cli.add_command(login_command, "login")
+cli.add_command(logout_command, "logout")
 for command in REGISTRY_COMMANDS:
     models.add_command(command)
-cli.add_command(audit_command, "audit")
+cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")
+cli.add_command(usage, "usage")
 cli.add_command(backup, "backup")
 cli.add_command(restore_command, "restore")
 cli.add_command(objects, "objects")

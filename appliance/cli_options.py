@@ -44,7 +44,7 @@ def client_options(function):
     function = home_option("Local home: the gateway it runs (`appliance up`, a bare-metal install) and its admin.key "
                            "are used when --url or --key is not given. Default: ./var")(function)
     function = click.option("--key", envvar=KEY_ENV, show_envvar=True,
-                            help="An admin or operator API key. Default: the home's admin.key.")(function)
+                            help="An API key or session token. Default: the session of `appliance login`, else the home's admin.key.")(function)
     function = click.option("--url", envvar=URL_ENV, show_envvar=True,
                             help=f"The gateway's base URL. Default: the gateway serving the home, else {DEFAULT_URL}.")(function)
     return function

@@ -196,6 +196,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE audit_log ADD COLUMN prev_hash TEXT",
         "ALTER TABLE audit_log ADD COLUMN hash TEXT",
     ),
+    (
+        # The audit row's actor gains its user and team (appliance/audit.py Actor).
+        "ALTER TABLE audit_log ADD COLUMN user_id TEXT",
+        "ALTER TABLE audit_log ADD COLUMN team_id TEXT",
+        # Where the audit chain starts (one row): retention deleted the rows through
+        # `through_id`, and the oldest kept row links to `hash` (appliance.audit.GENESIS at
+        # first); rows through `unsealed_through`, written before the chain, are sealed into
+        # it by the next audit write.
+        """CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            through_id INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            unsealed_through INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "INSERT INTO audit_anchor SELECT 1, 0, '" + "0" * 64 + "', coalesce(max(id), 0),"
+        " (julianday('now') - 2440587.5) * 86400 FROM audit_log",
+    ),
 ]
 
 

@@ -136,9 +136,12 @@ class QuotaExceeded(ApplianceError):
     type = "insufficient_quota"
     code = "insufficient_quota"
 
-    def __init__(self, message: str, *, retry_after: float):
+    def __init__(self, message: str, *, retry_after: float, held_by_requests_in_flight: bool = False):
         super().__init__(message)
         self.retry_after = retry_after  # until the period ends
+        # Only reservations of requests in flight stand in the way: once they settle to their
+        # real usage (usually less than their worst case) this request may fit.
+        self.held_by_requests_in_flight = held_by_requests_in_flight
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}

@@ -68,6 +68,12 @@ def litestream_socket_path(home: Path) -> Path:
     return run_dir(home) / "litestream.sock"
 
 
+def ledger_dir(home: Path) -> Path:
+    """The gateway workers' shared counters of limits and budgets (appliance/limits.py, LMDB);
+    rebuilt from the usage rows when lost, so it is not backed up."""
+    return home / "ledger"
+
+
 def usage_journal_dir(home: Path) -> Path:
     """Usage rows not yet in the state database, one append-only segment per gateway worker (appliance/usage.py)."""
     return home / "usage-journal"

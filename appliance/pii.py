@@ -1,35 +1,50 @@
 """Personal data and secrets in text: find, mask, and scan or mask whole tables.
 
-Each kind has a regex that finds candidates and a check that confirms them (date and
+Each kind has a regex that finds candidates and a check that confirms them (birth date and
 check digit, Luhn and issuer prefix, phonenumbers, ipaddress), so dates, versions and
-order numbers are not flagged. One cheap regex skips text that cannot hold any kind.
-Where matches overlap, the more specific kind wins, in the order of KINDS.
+order numbers are not flagged. Kinds whose shape alone says little (bank accounts, old
+passports, bare 13-digit runs) also need a context word nearby: the closest context word
+within a short window decides, and words such as 주문번호 or "tracking" speak against.
+Where matches overlap, the more specific kind wins, in the order of KINDS. docs/pii.md
+states every rule; bench/pii_accuracy.py measures them on tests/pii_corpus/.
 
-Boundaries are ASCII-only, so Korean particles written right after a value
-("010-1234-5678로") do not hide it. Phone numbers without a +country code must start with
-the trunk prefix 0, as Korean numbers are written at home.
+Ordinary chat text must cost little: substring tests and two short regex searches skip
+the detectors that cannot match. Boundaries are ASCII-only lookarounds, never \\b, so
+Korean particles right after a value ("010-1234-5678로", "…-1234567이야") do not hide it.
+Full-width digits and dashes count as ASCII ones.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 import phonenumbers
 import pyarrow as pa
 from stdnum import luhn
-from stdnum.kr import rrn
+
+from appliance.errors import InvalidRequest
 
 SECRET = "secret"
 KR_RRN = "kr_rrn"
+KR_FRN = "kr_frn"
+KR_BRN = "kr_brn"
 CREDIT_CARD = "credit_card"
+PASSPORT = "passport"
 EMAIL = "email"
 IP_ADDRESS = "ip_address"
 PHONE = "phone"
-KINDS = (SECRET, KR_RRN, CREDIT_CARD, EMAIL, IP_ADDRESS, PHONE)  # most specific first
+BANK_ACCOUNT = "bank_account"
+# The stable list of detectors, most specific first: it decides overlaps.
+KINDS = (SECRET, KR_RRN, KR_FRN, KR_BRN, CREDIT_CARD, PASSPORT, EMAIL, IP_ADDRESS, PHONE, BANK_ACCOUNT)
+# Short names for the command line and policies, besides the kinds themselves.
+ALIASES = {"rrn": KR_RRN, "frn": KR_FRN, "arn": KR_FRN, "brn": KR_BRN, "card": CREDIT_CARD,
+           "account": BANK_ACCOUNT, "ip": IP_ADDRESS}
 
 
 class Match(msgspec.Struct, frozen=True):
@@ -39,10 +54,19 @@ class Match(msgspec.Struct, frozen=True):
     value: str
 
 
-_SECRET_HINT = r"sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abprs]-|AIza|eyJ|PRIVATE KEY|(?i:bearer)"
-_MAYBE_SECRET = re.compile(_SECRET_HINT)
-_MAYBE_PII = re.compile(r"[0-9@]|" + _SECRET_HINT)
+def detector(name: str) -> str:
+    """The kind that `name` (a kind or one of ALIASES, in any case) stands for."""
+    key = name.strip().lower()
+    if key in KINDS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    aliases = {kind: ", ".join(a for a, k in ALIASES.items() if k == kind) for kind in KINDS}
+    names = ", ".join(f"{kind} ({aliases[kind]})" if aliases[kind] else kind for kind in KINDS)
+    raise InvalidRequest(f"unknown PII detector {name!r}: one of {names}", param="pii")
 
+
+_SECRET_HINTS = ("sk-", "AKIA", "ASIA", "gh", "github_pat_", "xox", "AIza", "eyJ", "PRIVATE KEY", "earer", "EARER")
 _SECRETS = [
     re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----(?:[\s\S]*?-----END \1PRIVATE KEY-----)?"),
     re.compile(r"(?<![A-Za-z0-9_])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"),
@@ -54,9 +78,25 @@ _SECRETS = [
 # Tokens whose prefix alone is a common word start: they must also look random.
 _RANDOM_LOOKING_SECRETS = [
     re.compile(r"(?<![A-Za-z0-9_-])(sk-[A-Za-z0-9_-]{20,})"),  # OpenAI and this appliance (sk-ap-...)
-    re.compile(r"(?i:\bbearer)\s+([A-Za-z0-9._~+/-]{16,}=*)"),
+    re.compile(r"(?<![A-Za-z0-9_])(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)"),
 ]
-_KR_RRN = re.compile(r"(?<![0-9A-Za-z_])[0-9]{6}-?[1-8][0-9]{6}(?![0-9A-Za-z_])")
+
+# Gates: every numeric kind but IP addresses holds a run of 5 digits, or two groups of 3
+# digits or more with a separator between, or (new passports) 3 digits, a letter, 4 digits.
+_DIGIT_CLASS = "[0-9\uff10-\uff19]"
+_NUMBER_GATE = re.compile(f"{_DIGIT_CLASS}{{3}}(?:{_DIGIT_CLASS}{{2}}|[ .)\\-\uff0d\u2010-\u2013\u2212]{{1,2}}"
+                          f"{_DIGIT_CLASS}{{3}}|[A-Z]{_DIGIT_CLASS}{{4}})")
+_DOTTED_GATE = re.compile(r"[0-9]\.[0-9]{1,3}\.[0-9]")
+_UNUSUAL = re.compile("[\uff10-\uff19\uff0d\uff0b\uff08\uff09\u2010-\u2013\u2212]")
+# Same length in and out, so positions in the translated text are positions in the original.
+_TO_ASCII = str.maketrans({**{chr(0xFF10 + n): str(n) for n in range(10)}, "\uff0b": "+", "\uff08": "(",
+                           "\uff09": ")", **dict.fromkeys("\uff0d\u2010\u2011\u2012\u2013\u2212", "-")})
+
+_END = r"(?![0-9A-Za-z_]|[.-][0-9A-Za-z])"  # not followed by more of the number, nor a file extension
+# Birth date YYMMDD, gender and century digit, six more digits; 1-4 resident, 5-8 foreigner.
+_REGISTRATION = re.compile(r"(?<![0-9A-Za-z_.-])([0-9]{2}[01][0-9][0-3][0-9])(-?)([1-8])([0-9]{6})" + _END)
+_BRN = re.compile(r"(?<![0-9A-Za-z_.-])([0-9]{3})(-?)([0-9]{2})\2([0-9]{5})" + _END)
+_PASSPORT = re.compile(r"(?<![0-9A-Za-z_-])[MSRGD](?:([0-9]{8})|[0-9]{3}[A-Z][0-9]{4})(?![0-9A-Za-z_-])")
 _CREDIT_CARD = re.compile(
     r"""(?<![0-9A-Za-z_.-])(?:
         [0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{4}(?:\1[0-9]{3})?   # 4-4-4-4, 4-4-4-4-3
@@ -81,26 +121,68 @@ _PHONE = re.compile(
         (?![0-9A-Za-z_]|[.-][0-9])""",
     re.X,
 )
+_SERVICE_NUMBER = re.compile(r"1[5-9][0-9]{2}-[0-9]{4}")  # 1588-1234: only written with its hyphen
+_ACCOUNT = re.compile(r"(?<![0-9A-Za-z_.-])(?:[0-9]{2,6}(?:-[0-9]{1,7}){1,3}|[0-9]{10,14})" + _END)
 _DIGIT = re.compile(r"[0-9]")
 # Issuer ranges (IIN): Visa, Mastercard, Maestro and the 6 series, Amex, Diners, JCB.
 _CARD_PREFIXES = re.compile(r"4|5|6|3[46-9]|30[0-5]|35(?:2[89]|[3-8][0-9])|2(?:22[1-9]|2[3-9][0-9]|[3-6][0-9]{2}|7[01][0-9]|720)")
 
 
-def find_pii(text: str) -> list[Match]:
-    """Every piece of personal data or secret in `text`, in order, without overlaps."""
-    if not _MAYBE_PII.search(text):
+def _words(korean: str, english: str = "", acronyms: str = "") -> re.Pattern:
+    """Context words: Korean ones anywhere, English ones at a word start in any case, acronyms whole and in capitals."""
+    parts = [korean]
+    if english:
+        parts.append(f"(?<![A-Za-z])(?i:{english})")
+    if acronyms:
+        parts.append(f"(?<![A-Za-z])(?:{acronyms})(?![A-Za-z])")
+    return re.compile("|".join(parts))
+
+
+_IDENTITY_WORDS = _words("주민|외국인|신분증", "resident|alien regist|foreigner|national id", "RRN|ARN|FRN")
+_BUSINESS_WORDS = _words("사업자|법인", "business regist|business number|company regist|tax id|tax regist", "BRN")
+_PASSPORT_WORDS = _words("여권", "passport")
+_ACCOUNT_WORDS = _words("계좌|입금|송금|이체|예금주|출금|은행|뱅크|신한|농협|우체국|새마을금고|신협|수협|카뱅|토스",
+                        "account|bank|deposit|wire|transfer|remit|routing", "KB|NH|IBK|SC|IBAN")
+_CARD_WORDS = _words("카드|결제|신용|체크", "card|visa|master|amex|credit|debit|pay")
+_PHONE_WORDS = _words("전화|연락|휴대|핸드폰|폰|문자|팩스|콜", "phone|mobile|cell|call|tel|fax|contact")
+# Words that say a number is a reference, not a person's: they speak against the kinds above.
+_REFERENCE_WORDS = _words("주문|송장|운송장|택배|배송|접수번호|예약번호|승인번호|확인번호|조회번호|거래번호|일련|시리얼|제품|"
+                          "모델|품번|부품|사건|문서|티켓|회원번호|고객번호|계약번호|증권번호|관리번호|인증번호|쿠폰|바코드",
+                          "order|invoice|tracking|shipment|parcel|ticket|serial|booking|reservation|transaction|"
+                          "reference|ref|case|model|product|part|sku|isbn|barcode|ean|imei|coupon|otp|code|token",
+                          "ID|id")
+_BEFORE, _AFTER = 30, 20  # the context window, in characters either side
+
+
+def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[Match]:
+    """Every piece of personal data or secret in `text`, in order, without overlaps.
+
+    With `kinds`, only those (the same matches as without, filtered: a phone number is
+    never masked as a bank account because phone numbers were not asked for).
+    """
+    wanted = KINDS if kinds is None else _known(kinds)
+    if not wanted:
         return []
+    has_number = _NUMBER_GATE.search(text) is not None
+    checked = text.translate(_TO_ASCII) if has_number and _UNUSUAL.search(text) else text
     found: list[Match] = []
-    for find in (_secrets, _kr_rrns, _credit_cards, _emails, _ip_addresses, _phones):
-        for match in find(text):
-            if not any(match.start < kept.end and kept.start < match.end for kept in found):
-                found.append(match)
-    return sorted(found, key=lambda match: match.start)
+    last = max(KINDS.index(kind) for kind in wanted)
+    for kinds_found, numeric, find in _DETECTORS:
+        if KINDS.index(kinds_found[0]) > last:
+            break
+        if has_number or not numeric:
+            for match in find(checked, found):
+                if not _overlaps(found, match.start, match.end):
+                    found.append(match)
+    chosen = [match for match in found if match.kind in wanted]
+    if checked is not text:
+        chosen = [Match(m.kind, m.start, m.end, text[m.start : m.end]) for m in chosen]
+    return sorted(chosen, key=lambda match: match.start)
 
 
-def mask_text(text: str) -> tuple[str, Counter]:
-    """`text` with each match replaced by a placeholder such as [EMAIL]; counts by kind."""
-    matches = find_pii(text)
+def mask_text(text: str, kinds: Iterable[str] | None = None) -> tuple[str, Counter]:
+    """`text` with each match (of `kinds`, or every kind) replaced by a placeholder such as [EMAIL]; counts by kind."""
+    matches = find_pii(text, kinds)
     pieces, last = [], 0
     for match in matches:
         pieces += [text[last : match.start], f"[{match.kind.upper()}]"]
@@ -117,10 +199,14 @@ def redact_sample(kind: str, value: str) -> str:
     if kind == PHONE:
         first_group = re.match(r"\+?\(?([0-9]+)", value).group(1)
         return _hide_digits(value, keep_first=min(len(first_group), 3), keep_last=4)
-    if kind == KR_RRN:
+    if kind in (KR_RRN, KR_FRN):
         return _hide_digits(value, keep_first=7, keep_last=0)
-    if kind == CREDIT_CARD:
+    if kind == KR_BRN:
+        return _hide_digits(value, keep_first=3, keep_last=0)
+    if kind in (CREDIT_CARD, BANK_ACCOUNT):
         return _hide_digits(value, keep_first=0, keep_last=4)
+    if kind == PASSPORT:
+        return value[0] + "*" * (len(value) - 1)
     if kind == IP_ADDRESS:
         if ":" in value:
             return ":".join(value.split(":")[:2]) + ":…"
@@ -181,8 +267,38 @@ def mask_table(table: pa.Table) -> tuple[pa.Table, dict]:
     return pa.Table.from_arrays(columns, schema=table.schema), _all_kinds(counts)
 
 
-def _secrets(text: str) -> Iterator[Match]:
-    if not _MAYBE_SECRET.search(text):
+def _known(kinds: Iterable[str]) -> frozenset[str]:
+    wanted = frozenset(kinds)
+    if not wanted <= _KIND_SET:
+        raise ValueError(f"unknown PII kinds {sorted(wanted - _KIND_SET)}: one of {', '.join(KINDS)}")
+    return wanted
+
+
+def _overlaps(taken: list[Match], start: int, end: int) -> bool:
+    return any(start < kept.end and kept.start < end for kept in taken)
+
+
+def _context(text: str, start: int, end: int, words: re.Pattern, against: re.Pattern) -> bool | None:
+    """Whether the closest context word around text[start:end] is one of `words` (True) or of
+    `against` (False); None when the window holds neither. A tie goes to `words`."""
+    near, far = _distance(words, text, start, end), _distance(against, text, start, end)
+    if near is None and far is None:
+        return None
+    return far is None or (near is not None and near <= far)
+
+
+def _distance(words: re.Pattern, text: str, start: int, end: int) -> int | None:
+    best = None
+    for found in words.finditer(text, max(0, start - _BEFORE), start):
+        best = start - found.end()  # the last one before is the closest
+    after = words.search(text, end, end + _AFTER)
+    if after and (best is None or after.start() - end < best):
+        best = after.start() - end
+    return best
+
+
+def _secrets(text: str, taken: list[Match]) -> Iterator[Match]:
+    if not any(hint in text for hint in _SECRET_HINTS):
         return
     for pattern in _SECRETS:
         for found in pattern.finditer(text):
@@ -199,33 +315,95 @@ def _looks_random(token: str) -> bool:
     return bool(_DIGIT.search(token)) or (any(ch.isupper() for ch in token[1:]) and any(ch.islower() for ch in token))
 
 
-def _kr_rrns(text: str) -> Iterator[Match]:
-    for found in _KR_RRN.finditer(text):
-        if rrn.is_valid(found.group(), allow_future=False):
-            yield Match(KR_RRN, found.start(), found.end(), found.group())
+def _registrations(text: str, taken: list[Match]) -> Iterator[Match]:
+    """Resident (kr_rrn, gender digit 1-4) and foreigner (kr_frn, 5-8) registration numbers: a
+    real past birth date, and an identity word as the closest context word, or no context word
+    and either the hyphen or a valid check digit. Numbers issued since October 2020 carry no
+    valid check digit, so the hyphenated form needs none."""
+    for found in _REGISTRATION.finditer(text):
+        date, hyphen, gender, rest = found.groups()
+        if not _is_past_birth_date(date, gender):
+            continue
+        foreign = gender >= "5"
+        kind = KR_FRN if foreign else KR_RRN
+        says = _context(text, found.start(), found.end(), _IDENTITY_WORDS, _REFERENCE_WORDS)
+        if says or (says is None and (hyphen or _registration_check_ok(date + gender + rest, foreign))):
+            yield Match(kind, found.start(), found.end(), found.group())
 
 
-def _credit_cards(text: str) -> Iterator[Match]:
+def _is_past_birth_date(date: str, gender: str) -> bool:
+    century = 1900 if gender in "1256" else 2000
+    try:
+        born = datetime.date(century + int(date[:2]), int(date[2:4]), int(date[4:]))
+    except ValueError:
+        return False
+    return born < datetime.date.today()
+
+
+def _registration_check_ok(digits: str, foreign: bool) -> bool:
+    """The check digit of numbers issued before October 2020 (foreigners' numbers had two formulas)."""
+    total = sum(weight * int(digit) for weight, digit in zip((2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5), digits))
+    last = int(digits[12])
+    return last == (11 - total % 11) % 10 or (foreign and last == (13 - total % 11) % 10)
+
+
+def _kr_brns(text: str, taken: list[Match]) -> Iterator[Match]:
+    """Business registration numbers: 3-2-5 digits with a valid check digit; without the
+    hyphens, only next to a business word; never when an account word is closer."""
+    for found in _BRN.finditer(text):
+        office, hyphen, kind, serial = found.groups()
+        digits = office + kind + serial
+        if office < "101" or kind == "00" or serial[:4] == "0000" or not _brn_check_ok(digits):
+            continue
+        says = _context(text, found.start(), found.end(), _BUSINESS_WORDS, _ACCOUNT_WORDS)
+        if says or (hyphen and says is None):
+            yield Match(KR_BRN, found.start(), found.end(), found.group())
+
+
+def _brn_check_ok(digits: str) -> bool:
+    total = sum(weight * int(digit) for weight, digit in zip((1, 3, 7, 1, 3, 7, 1, 3, 5), digits))
+    total += int(digits[8]) * 5 // 10
+    return int(digits[9]) == (10 - total % 10) % 10
+
+
+def _credit_cards(text: str, taken: list[Match]) -> Iterator[Match]:
+    """An issuer prefix and the Luhn check; a bare digit run is dropped when a reference word is
+    closer than any card word."""
     for found in _CREDIT_CARD.finditer(text):
-        digits = re.sub(r"[ -]", "", found.group())
-        if _CARD_PREFIXES.match(digits) and luhn.is_valid(digits):
-            yield Match(CREDIT_CARD, found.start(), found.end(), found.group())
+        candidate = found.group()
+        digits = re.sub(r"[ -]", "", candidate)
+        if not _CARD_PREFIXES.match(digits) or not luhn.is_valid(digits):
+            continue
+        if candidate.isdigit() and _context(text, found.start(), found.end(), _CARD_WORDS, _REFERENCE_WORDS) is False:
+            continue
+        yield Match(CREDIT_CARD, found.start(), found.end(), candidate)
 
 
-def _emails(text: str) -> Iterator[Match]:
-    if "@" in text:
-        for found in _EMAIL.finditer(text):
-            yield Match(EMAIL, found.start(), found.end(), found.group())
+def _passports(text: str, taken: list[Match]) -> Iterator[Match]:
+    """Korean passports: M, S, R, G or D then 8 digits (before 2021: only next to a passport
+    word), or then 3 digits, a letter and 4 digits (since 2021: unless a reference word is closer)."""
+    for found in _PASSPORT.finditer(text):
+        says = _context(text, found.start(), found.end(), _PASSPORT_WORDS, _REFERENCE_WORDS)
+        if says or (says is None and not found.group(1)):
+            yield Match(PASSPORT, found.start(), found.end(), found.group())
 
 
-def _ip_addresses(text: str) -> Iterator[Match]:
+def _emails(text: str, taken: list[Match]) -> Iterator[Match]:
+    if "@" not in text:
+        return
+    for found in _EMAIL.finditer(text):
+        yield Match(EMAIL, found.start(), found.end(), found.group())
+
+
+def _ip_addresses(text: str, taken: list[Match]) -> Iterator[Match]:
     if "::" in text or text.count(":") >= 7:  # IPv6 first: it may end in an IPv4 address
         for found in _IPV6.finditer(text):
             if _DIGIT.search(found.group()) and _is_ip(found.group(), ipaddress.IPv6Address):
                 yield Match(IP_ADDRESS, found.start(), found.end(), found.group())
-    for found in _IPV4.finditer(text):
-        if _is_ip(found.group(), ipaddress.IPv4Address):
-            yield Match(IP_ADDRESS, found.start(), found.end(), found.group())
+    if _DOTTED_GATE.search(text):
+        for found in _IPV4.finditer(text):
+            if _is_ip(found.group(), ipaddress.IPv4Address):
+                yield Match(IP_ADDRESS, found.start(), found.end(), found.group())
 
 
 def _is_ip(candidate: str, kind: type) -> bool:
@@ -236,18 +414,60 @@ def _is_ip(candidate: str, kind: type) -> bool:
     return True
 
 
-def _phones(text: str) -> Iterator[Match]:
+def _phones(text: str, taken: list[Match]) -> Iterator[Match]:
+    """Numbers phonenumbers finds valid (Korean unless +country): with the trunk 0, a +country
+    code, or a 15XX-XXXX service number; a bare digit run is dropped when a reference word is
+    closer than any phone word."""
     for found in _PHONE.finditer(text):
         candidate = found.group()
-        digits = len(_DIGIT.findall(candidate))
-        if not 8 <= digits <= 15 or not candidate.lstrip("(").startswith(("0", "+")):
+        if _overlaps(taken, found.start(), found.end()) or not _phone_shaped(candidate):
             continue
-        try:
-            number = phonenumbers.parse(candidate, "KR")
-        except phonenumbers.NumberParseException:
+        if candidate.isdigit() and _context(text, found.start(), found.end(), _PHONE_WORDS, _REFERENCE_WORDS) is False:
             continue
-        if phonenumbers.is_valid_number(number):
+        if _valid_phone(candidate):
             yield Match(PHONE, found.start(), found.end(), candidate)
+
+
+def _phone_shaped(candidate: str) -> bool:
+    if not 8 <= len(_DIGIT.findall(candidate)) <= 15:
+        return False
+    return candidate.lstrip("(").startswith(("0", "+")) or _SERVICE_NUMBER.fullmatch(candidate) is not None
+
+
+@functools.lru_cache(maxsize=4096)  # a conversation resends the same numbers every turn
+def _valid_phone(candidate: str) -> bool:
+    try:
+        return phonenumbers.is_valid_number(phonenumbers.parse(candidate, "KR"))
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def _bank_accounts(text: str, taken: list[Match]) -> Iterator[Match]:
+    """10 to 14 digits, bare or in hyphenated groups (a first group of at most 6), with a
+    bank or account word closer than any reference word."""
+    for found in _ACCOUNT.finditer(text):
+        candidate = found.group()
+        if not 10 <= len(candidate) - candidate.count("-") <= 14 or _overlaps(taken, found.start(), found.end()):
+            continue
+        if _context(text, found.start(), found.end(), _ACCOUNT_WORDS, _REFERENCE_WORDS):
+            yield Match(BANK_ACCOUNT, found.start(), found.end(), candidate)
+
+
+# Which kinds each detector finds, whether it needs the number gate, and the detector. A
+# detector is given the matches kept so far, to skip costly checks on candidates they cover.
+_DETECTORS: list[tuple[tuple[str, ...], bool, Callable[[str, list[Match]], Iterator[Match]]]] = [
+    ((SECRET,), False, _secrets),
+    ((KR_RRN, KR_FRN), True, _registrations),
+    ((KR_BRN,), True, _kr_brns),
+    ((CREDIT_CARD,), True, _credit_cards),
+    ((PASSPORT,), True, _passports),
+    ((EMAIL,), False, _emails),
+    ((IP_ADDRESS,), False, _ip_addresses),
+    ((PHONE,), True, _phones),
+    ((BANK_ACCOUNT,), True, _bank_accounts),
+]
+assert tuple(kind for kinds, _, _ in _DETECTORS for kind in kinds) == KINDS
+_KIND_SET = frozenset(KINDS)
 
 
 def _hide_digits(value: str, *, keep_first: int, keep_last: int) -> str:

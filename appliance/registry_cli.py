@@ -1,4 +1,4 @@
-"""`appliance models ...` (registry and deployments) and `appliance audit`: clients of /admin."""
+"""`appliance models ...` (registry and deployments): clients of /admin."""
 
 from __future__ import annotations
 
@@ -229,16 +229,3 @@ def models_deployments(url, key, home, as_json):
 
 REGISTRY_COMMANDS = [models_register, models_versions, models_show, models_edit_card, models_compare, models_delete,
                      models_deploy, models_undeploy, models_deployments]
-
-
-@click.command("audit")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--action", help="Only this action, e.g. model.register.")
-@click.option("--target", help="Only targets starting with this, e.g. model/smollm2.")
-@client_options
-@json_option()
-def audit_command(limit, action, target, url, key, home, as_json):
-    """Show the audit log: every change made through the admin API, newest first."""
-    rows = make_client(url, key, home).get("/admin/audit", limit=limit, action=action, target=target)
-    emit(rows, as_json, lambda rs: table([{**r, "when": when(r["ts"]), "who": r["key_name"] or r["key_id"]} for r in rs],
-                                         ["when", "who", "role", "action", "target", "outcome", "request_id"]))

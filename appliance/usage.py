@@ -43,6 +43,10 @@ class UsageRecord(msgspec.Struct, array_like=True, gc=False):
     total_tokens: int | None
     latency_ms: float
     ttft_ms: float | None
+    # Added with governance; a journal line written before them has none, and replays with these defaults.
+    user_id: str | None = None  # the key's owner, or the caller signed in by an identity provider
+    team_id: str | None = None
+    cost: float | None = None  # in the profile's currency (appliance/costs.py)
 
 
 _COLUMNS = UsageRecord.__struct_fields__
@@ -189,26 +193,46 @@ class UsageRecorder:
             self._db = None
 
 
-GROUPINGS = {"key": ("key_id", "key_name"), "model": ("model",)}
+# What each grouping adds to a summary's columns, and how it reads them.
+GROUPINGS = {
+    "team": ("u.team_id AS team_id", "t.name AS team_name"),
+    "user": ("u.user_id AS user_id", "us.name AS user_name"),
+    "key": ("u.key_id AS key_id", "k.name AS key_name"),
+    "model": ("u.model AS model",),
+}
 
 
-def summarize(db: sqlite_utils.Database, *, since: float | None = None, by: tuple[str, ...] = ("key", "model")) -> list[dict]:
-    """Usage totals grouped by key and/or model, newest activity first."""
-    columns = [c for group in by for c in GROUPINGS[group]]
-    where, params = ("WHERE u.ts >= ?", [since]) if since is not None else ("", [])
+def summarize(db: sqlite_utils.Database, *, since: float | None = None, by: tuple[str, ...] = ("key", "model"),
+              user_id: str | None = None, key_id: str | None = None) -> list[dict]:
+    """Usage totals (requests, tokens, cost, latency) grouped by any of team, user, key and model,
+    newest activity first; only a user's (`user_id`) or a key's (`key_id`) usage when given."""
+    unknown = [group for group in by if group not in GROUPINGS]
+    if unknown or not by:
+        raise ValueError(f"cannot group usage by {', '.join(unknown) or 'nothing'}: use any of {', '.join(GROUPINGS)}")
+    columns = [c for group in dict.fromkeys(by) for c in GROUPINGS[group]]
+    conditions, params = [], []
+    for condition, value in (("u.ts >= ?", since), ("u.user_id = ?", user_id), ("u.key_id = ?", key_id)):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     sql = f"""
-        SELECT {', '.join(('u.' + c) if c != 'key_name' else 'k.name AS key_name' for c in columns)},
+        SELECT {', '.join(columns)},
                count(*) AS requests,
                sum(u.status >= 400) AS errors,
                coalesce(sum(u.prompt_tokens), 0) AS prompt_tokens,
                coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
                coalesce(sum(u.total_tokens), 0) AS total_tokens,
+               coalesce(sum(u.cost), 0) AS cost,
                round(avg(u.latency_ms), 1) AS avg_latency_ms,
                round(avg(u.ttft_ms), 1) AS avg_ttft_ms,
                max(u.ts) AS last_ts
-        FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id
+        FROM usage u
+        LEFT JOIN api_keys k ON k.id = u.key_id
+        LEFT JOIN users us ON us.id = u.user_id
+        LEFT JOIN teams t ON t.id = u.team_id
         {where}
-        GROUP BY {', '.join(columns)}
+        GROUP BY {', '.join(c.split(' AS ')[0] for c in columns)}
         ORDER BY last_ts DESC
     """
     cursor = db.execute(sql, params)

@@ -4,7 +4,7 @@ profile model is served as."""
 
 from __future__ import annotations
 
-from appliance.config import GatewayConfig, ModelConfig
+from appliance.config import GatewayConfig, ModelConfig, Profile
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
 
@@ -23,7 +23,13 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
         context_length=model.context_length if model.engine != "remote" else None,
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
         created=created, engine_params=model.engine_params,
+        price_input_per_million=model.price_input_per_million, price_output_per_million=model.price_output_per_million,
     )
+
+
+def governance_settings(profile: Profile) -> dict:
+    """The profile's settings the gateway governs with: GatewayRuntime's auth, costs and audit."""
+    return {"auth": profile.auth, "costs": profile.costs, "audit": profile.audit}
 
 
 def remote_endpoint(model: ModelConfig) -> ReplicaEndpoint:

@@ -1,10 +1,11 @@
-"""What every controller of the admin API (/admin) shares: who is asking, the role guards,
-and running a handler's work off the event loop with its audit record.
+"""What every controller of the admin API (/admin) shares: who is asking, the permission
+guard, and running a handler's work off the event loop with its audit record.
 
-Guards authenticate the caller's API key and check its role before a handler runs; the
-handler gets the caller as `actor`. Work runs on a worker thread with a database
-connection of its own, and every change is written to the audit log with its outcome,
-refused or not, in the same place.
+The guard authenticates the caller (an API key, a password session or an identity
+provider's JWT: appliance/auth.py) and checks that its role holds the permission the
+route needs (appliance/permissions.py) before a handler runs; the handler gets the caller
+as `actor`. Work runs on a worker thread with a database connection of its own, and every
+change is written to the audit log with its outcome, refused or not, in the same place.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Parameter
-from litestar.types import Guard
 
-from appliance import audit
+from appliance import audit, permissions
 from appliance.audit import Actor
 from appliance.db import open_db
-from appliance.errors import ApplianceError, PermissionDenied, StorageUnavailable
-from appliance.keys import ApiKey
+from appliance.errors import ApplianceError, StorageUnavailable
+from appliance.governance import Principal
 from appliance.objectstore import ObjectStore
 from services.gateway import schemas
 from services.gateway.request_ids import new_request_id
 
-MANAGER_ROLES = ("admin", "operator")
+MANAGER_ROLES = ("admin", "operator")  # see everyone's things; handlers scope other roles to their own
 # SQLite's integers are 64-bit: a larger one from a client is a 400 naming it, not an OverflowError.
 SQLITE_MIN, SQLITE_MAX = -(2**63), 2**63 - 1
 SqliteInt = Annotated[int, msgspec.Meta(ge=SQLITE_MIN, le=SQLITE_MAX)]  # in a request body
@@ -40,28 +40,18 @@ def gateway_of(connection: ASGIConnection):
     return connection.app.state.gateway
 
 
-def api_key_of(connection: ASGIConnection) -> ApiKey:
-    """The caller's API key, authenticated once per request (401 without a valid one)."""
-    key = connection.scope.get("api_key")
-    if key is None:
-        key = gateway_of(connection).keys.authenticate(connection.headers.get("authorization"))
-        connection.scope["api_key"] = key
-    return key
+def principal_of(connection: ASGIConnection) -> Principal:
+    """The caller, authenticated once per request (401 without a valid key, session or token)."""
+    principal = connection.scope.get("principal")
+    if principal is None:
+        principal = gateway_of(connection).auth.authenticate(connection.headers.get("authorization"))
+        connection.scope["principal"] = principal
+    return principal
 
 
-def requires_role(*roles: str) -> Guard:
-    """A guard that lets through only keys with one of `roles` (403 otherwise)."""
-    wanted = " or ".join(roles)
-
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        key = api_key_of(connection)
-        if key.role not in roles:
-            raise PermissionDenied(f"/admin needs an {wanted} key; this key's role is {key.role!r}.")
-
-    return guard
-
-
-requires_manager = requires_role(*MANAGER_ROLES)
+def requires_permission(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """The admin router's guard: the caller's role must hold the route's permission (403 naming both)."""
+    permissions.check(principal_of(connection).role, connection.scope["method"], connection.scope["path_template"])
 
 
 def request_body(schema: Any) -> dict:
@@ -79,8 +69,8 @@ async def decoded(request: Request, *, required: bool = True) -> Any:
 
 def current_actor(request: Request) -> Actor:
     """The `actor` dependency: the guarded caller, with a fresh request id for this call."""
-    key = api_key_of(request)
-    return Actor(key.id, key.name, key.role, new_request_id())
+    caller = principal_of(request)
+    return Actor(caller.key_id, caller.name, caller.role, new_request_id(), caller.user_id, caller.team_id)
 
 
 def store_of(connection: ASGIConnection) -> ObjectStore:

@@ -24,7 +24,10 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import __version__, deployments
+from appliance import __version__, audit, deployments, policies
+from appliance.audit import Actor, AuditQueue
+from appliance.auth import Authenticator
+from appliance.costs import Costs
 from appliance.config import GatewayConfig
 from appliance.db import open_db
 from appliance.errors import (
@@ -32,17 +35,25 @@ from appliance.errors import (
     ClientGone,
     InvalidRequest,
     MethodNotAllowed,
+    ModelNotAllowed,
     ModelNotFound,
     PayloadTooLarge,
+    PolicyViolation,
+    QuotaExceeded,
+    RateLimited,
     StorageUnavailable,
 )
-from appliance.home import RUNTIME_ENV, state_db_path, usage_journal_dir
+from appliance.governance import Principal
+from appliance.home import RUNTIME_ENV, ledger_dir, state_db_path, usage_journal_dir
 from appliance.keys import KeyCache
+from appliance.limits import Governor, Ticket
 from appliance.usage import UsageRecord, UsageRecorder
 from services.engines.status import read_statuses
 from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
+from services.gateway.admin_auth import AuthController
+from services.gateway.admission import authorise, worst_tokens
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
@@ -61,11 +72,13 @@ from services.worker.queue import JobQueue
 log = logging.getLogger("appliance.gateway")
 
 REFRESH_S = 1.0
+AUDIT_PRUNE_EVERY = 3600  # housekeeping ticks (about an hour)
 GC_YOUNG_THRESHOLD = 10_000  # CPython's default is 700
 BUCKETS_RETRY_S = 5.0
 # Idle engine connections are dropped before the engine drops them (llama.cpp's server and
 # uvicorn, vLLM's, both close them after 5 s): a request never goes out on a closing one.
 ENGINE_KEEPALIVE_S = 4.0
+ADMIT_PAUSE_S, ADMIT_PAUSE_MAX_S = 0.005, 0.1  # waiting for a budget that requests in flight hold
 UNKNOWN_MODEL = "-"  # metrics label for requests that never named a served model
 
 
@@ -77,8 +90,13 @@ class Gateway:
         self.config = runtime.gateway
         self.db_path = state_db_path(Path(runtime.home))
         self.keys = KeyCache()
+        self.auth = Authenticator.from_config(self.keys, runtime.auth)
         self.metrics = GatewayMetrics()
         self.recorder = UsageRecorder(self.db_path, usage_journal_dir(Path(runtime.home)))
+        self.costs = Costs.from_models(runtime.models, hardware_per_hour=runtime.costs.hardware_per_hour,
+                                       currency=runtime.costs.currency)
+        self.governor: Governor | None = None  # opened in start(): the ledger shared by the workers
+        self.audit = AuditQueue()  # policy refusals and flags, written by a background task
         self.pools = {m.name: ModelPool(m) for m in runtime.models}
         self.profile_models = frozenset(self.pools)
         self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
@@ -104,6 +122,9 @@ class Gateway:
         self._db = await asyncio.to_thread(open_db, self.db_path)
         if replayed := await asyncio.to_thread(self.recorder.open):
             log.info("recorded %d usage rows that a stopped gateway process had journaled", replayed)
+        self.governor = await asyncio.to_thread(Governor, ledger_dir(Path(self.runtime.home)), self.costs)
+        if await asyncio.to_thread(self.governor.seed_from_usage, self._db):
+            log.info("a new limits ledger: this period's spending was counted from the usage rows")
         self.job_queue = await asyncio.to_thread(JobQueue, Path(self.runtime.home))
         self._apply_state(*await asyncio.to_thread(self._read_state))
         session = aiohttp.ClientSession(
@@ -117,6 +138,7 @@ class Gateway:
             asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
             asyncio.create_task(self._flush_usage()),
             asyncio.create_task(self._refresh()),
+            asyncio.create_task(self._housekeeping()),
             asyncio.create_task(self.ticker.run()),
         ]
         if self.store is not None:
@@ -134,6 +156,9 @@ class Gateway:
                 await task
         await self.recorder.flush()
         self.recorder.close()
+        await self.audit.flush(self.db_path)
+        if self.governor is not None:
+            self.governor.close()
         if self.forwarder:
             await self.forwarder.session.close()
         if self._db is not None:
@@ -159,6 +184,28 @@ class Gateway:
             except Exception:
                 log.exception("refreshing keys, deployments and engine states failed; keeping the current ones")
 
+    async def _housekeeping(self) -> None:
+        """Once a second, off the request path: release the reservations of dead gateway workers,
+        write the queued audit rows, and prune audit rows past their retention now and then."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await asyncio.to_thread(self.governor.sweep)
+                await self.audit.flush(self.db_path)
+                if ticks % AUDIT_PRUNE_EVERY == 0:
+                    await asyncio.to_thread(self._prune_audit)
+            except Exception:
+                log.exception("housekeeping (limits ledger, audit log) failed; retrying in a second")
+            ticks += 1
+
+    def _prune_audit(self) -> None:
+        db = open_db(self.db_path, migrate=False)
+        try:
+            audit.prune_expired(db, self.runtime.audit.retention_days)
+        finally:
+            db.conn.close()
+
     async def _ensure_buckets(self) -> None:
         """Create the buckets once the object store answers (a MinIO started beside the gateway may be late)."""
         while True:
@@ -170,7 +217,7 @@ class Gateway:
             await asyncio.sleep(BUCKETS_RETRY_S)
 
     def _read_state(self) -> tuple[list[dict], dict]:
-        self.keys.refresh(self._db)
+        self.auth.refresh(self._db)
         return deployments.running(self._db), read_statuses(Path(self.runtime.home))
 
     def _apply_state(self, rows: list[dict], statuses: dict) -> None:
@@ -219,7 +266,8 @@ class Gateway:
             if scope.method != "POST":
                 raise MethodNotAllowed(f"Use POST for /v1/{endpoint}.")
             headers = scope.headers
-            call.key_id = self.keys.authenticate(headers.get("authorization")).id
+            principal = call.principal = self.auth.authenticate(headers.get("authorization"))
+            call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
             call.model = parsed.model
@@ -229,6 +277,10 @@ class Gateway:
                 raise ModelNotFound(parsed.model)
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
+            authorise(principal, pool.served)
+            call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
+            if principal.policy.inspects:
+                body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
             path, adapted, reader = self._adapt(endpoint, body, parsed, pool)
         except ApplianceError as error:
             self._fail(call, error)
@@ -319,13 +371,56 @@ class Gateway:
         finally:
             await close_answer(response, events, relayed)  # now, not when collected: it meters a stream cut short
 
+    async def _admit(self, call: Call, principal: Principal, prompt: int, completion: int) -> Ticket:
+        """Reserve the request's worst case against its key's and team's limits and budgets. A budget
+        held only by requests in flight is waited for (they settle to their real usage, usually far
+        less), up to the request timeout; anything else refuses at once."""
+        worst_cost = self.costs.worst_cost(call.model, prompt, completion)
+        deadline = perf_counter() + self.config.request_timeout_s
+        pause = ADMIT_PAUSE_S
+        while True:
+            try:
+                return self.governor.admit(principal, call.model, worst_tokens=prompt + completion,
+                                           worst_cost=worst_cost)
+            except QuotaExceeded as exc:
+                if not exc.held_by_requests_in_flight or perf_counter() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, ADMIT_PAUSE_MAX_S)
+
+    def _apply_policy(self, call: Call, principal: Principal, endpoint: str, body: bytes, parsed, schema):
+        """The key's and team's policy on the request (appliance/policies.py): refused, masked or
+        flagged before it leaves the gateway. Refusals and flags go to the audit log; values never do."""
+        actor = Actor(principal.key_id, principal.name, principal.role, call.request_id, principal.user_id,
+                      principal.team_id)
+        try:
+            inspection = policies.inspect(principal.policy, endpoint, msgspec.json.decode(body))
+        except PolicyViolation as exc:
+            self.audit.add(actor, "policy.block", f"model/{call.model}", outcome=f"refused: {exc.rule}",
+                           detail={"rule": exc.rule, "param": exc.param, "endpoint": endpoint})
+            raise
+        for finding in inspection.findings:
+            self.audit.add(actor, "policy.flag", f"model/{call.model}", outcome=f"flagged: {finding.rule}",
+                           detail={"rule": finding.rule, "param": finding.param, "entry": finding.detail,
+                                   "endpoint": endpoint})
+        if inspection.body is None:
+            return body, parsed
+        for kind, count in inspection.masked.items():
+            self.metrics.child(self.metrics.pii_masked, kind).inc(count)
+        body = msgspec.json.encode(inspection.body)
+        return body, schemas.decode(body, schema)
+
     @staticmethod
     def _headers(call: Call, base: list) -> list:
+        if call.ticket is not None and call.ticket.headers:
+            return [*base, ("x-request-id", call.request_id), *call.ticket.headers]
         return [*base, ("x-request-id", call.request_id)]
 
     def _fail(self, call: Call, error: ApplianceError) -> None:
         call.status, call.error_type = error.status, error.type
         error.request_id = call.request_id
+        if isinstance(error, GOVERNANCE_REFUSALS):
+            self.metrics.child(self.metrics.policy_refusals, getattr(error, "rule", error.code)).inc()
         self.finish(call)
 
     def finish(self, call: Call) -> None:
@@ -347,8 +442,14 @@ class Gateway:
         if usage is not None:
             m.child(m.tokens, model, "prompt").inc(usage.prompt_tokens)
             m.child(m.tokens, model, "completion").inc(usage.completion_tokens)
-        if call.key_id is None:
+        principal = call.principal
+        if principal is None:
             return  # unauthenticated: counted in metrics, not metered against anyone
+        cost = self.costs.cost(call.model, usage.prompt_tokens, usage.completion_tokens) if usage and call.model else None
+        if call.ticket is not None:
+            self.governor.settle(call.ticket, tokens=usage.total_tokens if usage else 0, cost=cost or 0.0)
+        if usage and call.status == 200 and self.costs.measured(call.model):
+            self.costs.throughput.record(call.model, usage.total_tokens, elapsed, time.time())
         self.recorder.record(
             UsageRecord(
                 ts=time.time(),
@@ -363,10 +464,14 @@ class Gateway:
                 total_tokens=usage.total_tokens if usage else None,
                 latency_ms=elapsed * 1000,
                 ttft_ms=call.ttft * 1000 if call.ttft is not None else None,
+                user_id=principal.user_id,
+                team_id=principal.team_id,
+                cost=cost,
             )
         )
 
 
+GOVERNANCE_REFUSALS = (RateLimited, QuotaExceeded, PolicyViolation, ModelNotAllowed)
 JSON = [("content-type", "application/json")]
 SSE = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
@@ -416,14 +521,14 @@ def gateway_of(request: Request) -> Gateway:
 @get("/v1/models")
 async def list_models(request: Request) -> Response:
     gateway = gateway_of(request)
-    gateway.keys.authenticate(request.headers.get("authorization"))
+    gateway.auth.authenticate(request.headers.get("authorization"))
     return Response(gateway.model_list, media_type="application/json")
 
 
 @get("/v1/models/{model:str}")
 async def get_model(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
-    gateway.keys.authenticate(request.headers.get("authorization"))
+    gateway.auth.authenticate(request.headers.get("authorization"))
     pool = gateway.pools.get(model)
     if pool is None:
         raise ModelNotFound(model)
@@ -434,7 +539,7 @@ def monitoring_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guards /metrics and /schema: with gateway.metrics_require_key, a key of any role (metrics or above)."""
     gateway = gateway_of(connection)
     if gateway.config.metrics_require_key:
-        gateway.keys.authenticate(connection.headers.get("authorization"), monitoring=True)
+        gateway.auth.authenticate(connection.headers.get("authorization"), monitoring=True)
 
 
 @get("/healthz")
@@ -452,7 +557,7 @@ async def readyz(request: Request) -> Response:
         authorization = request.headers.get("authorization")
         if not authorization:  # a load balancer's probe
             return Response(body, status_code=status)
-        gateway.keys.authenticate(authorization, monitoring=True)
+        gateway.auth.authenticate(authorization, monitoring=True)
     body["models"] = {name: pool.readiness() for name, pool in gateway.pools.items()}
     if unready:
         body["waiting_for"] = unready
@@ -528,7 +633,7 @@ def create_app(runtime: GatewayRuntime | None = None) -> GatewayApp:
 def litestar_app(config: GatewayConfig) -> Litestar:
     """Everything but the OpenAI POSTs; its OpenAPI document describes those too."""
     litestar = Litestar(
-        route_handlers=[list_models, get_model, healthz, readyz, metrics, admin_router()],
+        route_handlers=[list_models, get_model, healthz, readyz, metrics, admin_router(), AuthController],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(title="LLM appliance", version=__version__,

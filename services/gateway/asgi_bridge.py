@@ -8,6 +8,7 @@ with --no-ws); lifespan is the gateway's own (__rsgi_init__ / __rsgi_del__).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from urllib.parse import quote
 
@@ -51,6 +52,7 @@ class AsgiBridge:
         body = proto.__aiter__()
         body_done = False
         status, response_headers, stream = 500, [], None
+        answered = asyncio.Event()  # the whole response is sent: the exchange is over, as a disconnect
 
         async def receive() -> Message:
             # A body cut short by the client just ends early here; readers that care
@@ -63,7 +65,13 @@ class AsgiBridge:
                 except StopAsyncIteration:
                     body_done = True
                     return BODY_END
-            await proto.client_disconnect()
+            if not answered.is_set():  # Litestar's streams wait for this after their last chunk
+                waits = [asyncio.ensure_future(proto.client_disconnect()), asyncio.ensure_future(answered.wait())]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
             return DISCONNECT
 
         async def send(message: Message) -> None:
@@ -80,6 +88,8 @@ class AsgiBridge:
             if message["type"] != "http.response.body":
                 return
             chunk, more = message.get("body", b""), message.get("more_body", False)
+            if not more:
+                answered.set()
             if stream is None:
                 if not more:
                     proto.response_bytes(status, response_headers, chunk)

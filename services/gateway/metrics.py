@@ -45,6 +45,13 @@ class GatewayMetrics:
             "appliance_tokens", "Tokens processed, by model and kind (prompt or completion).",
             ["model", "kind"], registry=r,
         )
+        self.pii_masked = Counter(
+            "appliance_pii_masked", "Personal data values masked in requests by a key's or team's policy, by detector.",
+            ["kind"], registry=r,
+        )
+        self.policy_refusals = Counter(
+            "appliance_policy_refusals", "Requests refused by a limit, budget or policy, by rule.", ["rule"], registry=r,
+        )
         self.in_flight = Gauge(
             "appliance_requests_in_flight", "Requests being answered now.", ["model"], registry=r,
             multiprocess_mode="livesum",

@@ -21,6 +21,8 @@ import aiohttp
 import msgspec
 
 from appliance.errors import ApplianceError, EngineError, EngineRejected, EngineTimeout, ServiceUnavailable
+from appliance.governance import Principal
+from appliance.limits import Ticket
 from services.gateway.errors import error_event
 from services.gateway.replicas import ModelPool
 from services.gateway.schemas import HasUsage, StreamChunk, Usage
@@ -41,7 +43,7 @@ class Call:
 
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
-        "answer_started", "answered", "deadline", "timed_out", "finished",
+        "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -60,6 +62,8 @@ class Call:
         self.deadline: float | None = None  # perf_counter() by which the engine must have answered
         self.timed_out = False  # the ticker cancelled the request: the deadline passed
         self.finished = False  # metered (services/gateway/app.py Gateway.finish)
+        self.principal: Principal | None = None  # who asks, once authenticated
+        self.ticket: Ticket | None = None  # what the governor reserved for it (appliance/limits.py)
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:

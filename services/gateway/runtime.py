@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.config import GatewayConfig
+from appliance.config import AuditConfig, AuthConfig, CostConfig, GatewayConfig
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
 
@@ -39,6 +39,8 @@ class ServedModel(msgspec.Struct, kw_only=True):
     request_timeout_s: float = 300.0
     created: int = 0
     engine_params: list[str] = []  # engine-specific request fields forwarded as sent
+    price_input_per_million: float | None = None  # unset: local models' cost comes from the hardware's
+    price_output_per_million: float | None = None
 
 
 class GatewayRuntime(msgspec.Struct, kw_only=True):
@@ -47,6 +49,9 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     gateway: GatewayConfig
     models: list[ServedModel]
     storage: ObjectStoreSettings | None = None  # the object store of the registries
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    costs: CostConfig = msgspec.field(default_factory=CostConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
 
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:

@@ -71,7 +71,7 @@ def wait_status(stack, key: str, status: int) -> httpx.Response:
 
 
 def audit(stack, *args: str) -> list[dict]:
-    return json.loads(ok(cli("audit", "--json", *args, home=stack.home)))
+    return json.loads(ok(cli("audit", "list", "--json", *args, home=stack.home)))
 
 
 def test_the_cli_finds_the_gateway_on_its_port_from_the_home(stack, tmp_path):
@@ -127,14 +127,21 @@ def test_an_operator_cannot_mint_or_revoke_an_admin_key(stack):
 
 
 @pytest.mark.parametrize("role", ["developer", "viewer"])
-def test_developers_and_viewers_cannot_manage_keys(stack, role):
-    key = create(stack, f"a-{role}", role=role)["key"]
+def test_developers_and_viewers_see_only_their_own_keys_and_a_viewer_makes_none(stack, role):
+    """A key that belongs to no user lists only itself and (as a developer) makes none."""
+    made = create(stack, f"a-{role}", role=role)
+    key = made["key"]
     assert wait_status(stack, key, 200).status_code == 200
-    for response in [api(stack, key).get("/admin/keys"), api(stack, key).post("/admin/keys", json={"name": "x"}),
-                     api(stack, key).post("/admin/keys/key_nope/revoke")]:
-        assert response.status_code == 403 and response.json()["error"]["code"] == "insufficient_role", response.text
-    result = cli("keys", "list", "--key", key, home=stack.home)
-    assert result.returncode == 1 and "HTTP 403" in result.stderr
+    listed = api(stack, key).get("/admin/keys")
+    assert listed.status_code == 200 and [k["id"] for k in listed.json()] == [made["id"]], listed.text
+    made = api(stack, key).post("/admin/keys", json={"name": "x"})
+    assert made.status_code == 403, made.text
+    if role == "viewer":
+        assert made.json()["error"]["code"] == "insufficient_role"
+    else:
+        assert made.json()["error"]["param"] == "user"
+    assert api(stack, key).post("/admin/keys/key_nope/revoke").status_code in (403, 404)
+    assert "HTTP" not in cli("keys", "list", "--key", key, home=stack.home).stderr
 
 
 def test_listing_never_shows_a_secret(stack):
@@ -176,7 +183,7 @@ def test_url_and_key_options_reach_the_gateway_from_anywhere(stack, tmp_path):
     key = admin_key(stack)
     rows = json.loads(ok(cli("keys", "list", "--json", "--url", stack.root, "--key", key, home=elsewhere)))
     assert "admin (first start)" in [r["name"] for r in rows]
-    env_run = subprocess.run([str(BIN / "appliance"), "audit", "--limit", "1"], capture_output=True, text=True, timeout=60,
+    env_run = subprocess.run([str(BIN / "appliance"), "audit", "list", "--limit", "1"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "APPLIANCE_URL": stack.root, "APPLIANCE_KEY": key,
                                   "APPLIANCE_HOME": str(elsewhere)})
     assert env_run.returncode == 0, env_run.stderr

@@ -49,7 +49,8 @@ def test_csv_upload_reports_quality_and_every_kind_of_pii(stack, tmp_path):
     path.write_text(REVIEWS_V1)
     row = upload(stack, "reviews", path)
     assert row["version"] == 1 and row["rows"] == 6 and row["format"] == "csv"
-    assert row["pii"]["counts"] == {"secret": 1, "kr_rrn": 1, "credit_card": 1, "email": 1, "ip_address": 1, "phone": 3}
+    assert row["pii"]["counts"] == {"secret": 1, "kr_rrn": 1, "kr_frn": 0, "kr_brn": 0, "credit_card": 1, "passport": 0,
+                                    "email": 1, "ip_address": 1, "phone": 3, "bank_account": 0}
     assert row["pii"]["rows_with_pii"] == 5
     samples = {s["kind"]: s for s in row["pii"]["samples"]}
     assert samples["kr_rrn"] == {"kind": "kr_rrn", "row": 3, "column": "text", "path": "text", "value": "900101-1******"}

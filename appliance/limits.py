@@ -1,0 +1,524 @@
+"""The governor: rate limits, parallel requests and budgets of keys, users and teams, exact
+under any concurrency and shared by every gateway worker process.
+
+State lives in an LMDB environment (the ledger, a directory under the home). Admission
+(check every limit, then reserve the worst case) and settlement (replace the reservation
+by the real usage) are each one LMDB write transaction, so no two requests, in one process
+or several, ever both take the last of a budget. LMDB's write lock is a robust mutex in
+shared memory; opened without sync (sync and metasync off), a commit writes to mapped
+memory only, a few microseconds (bench/limits_micro.py), which the event loop can afford.
+A process that crashes loses nothing (the pages are the kernel's); a power cut may lose
+the last moments of counting.
+
+What is counted, per subject (a key; a user signed in by an identity provider's JWT; a
+team, shared by its keys and users), and only for subjects with limits:
+- in flight now (max_parallel);
+- requests and tokens per minute (rpm, tpm) as a sliding-window counter: this minute's
+  count plus the previous minute's, weighted by the share of the previous minute still
+  inside the last 60 s; a request's tokens count at admission as its worst case, replaced
+  by its real tokens at settlement;
+- tokens and cost spent per calendar day and per calendar month (UTC), plus what is
+  reserved by requests in flight; a request is admitted only if spent + reserved + its
+  worst case stays within each budget.
+
+A budget set in the middle of a period counts from when the ledger first saw a limit on
+that subject (or from the usage table, for a new ledger: `seed_from_usage`).
+
+Reservations are recorded per holder: each Governor holds an flock'ed file named by a
+random token for its life. `sweep()` releases, as unused, the reservations of holders
+whose file is gone or can be locked (their process died).
+"""
+
+from __future__ import annotations
+
+import calendar
+import fcntl
+import functools
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import msgspec
+import sqlite_utils
+
+from appliance.costs import WINDOW_S, Costs, WindowState
+from appliance.errors import QuotaExceeded, RateLimited
+from appliance.governance import Limits, Principal
+
+MAP_SIZE = 1 << 30  # address space reserved for the ledger; the file grows only as used
+HOLDERS = "holders"
+LOCK_SUFFIX = ".lock"
+_SUBJECT = b"s:"
+_RESERVATION = b"r:"
+_THROUGHPUT = b"tp:"
+_SEEDED = b"meta:seeded"
+SUBJECTS_CACHED = 10_000  # principals whose subjects are remembered
+
+
+class Counter(msgspec.Struct, array_like=True):
+    """What one subject has used."""
+
+    in_flight: int = 0
+    minute: int = 0  # now // 60 when last counted
+    requests: int = 0  # in that minute
+    prev_requests: int = 0  # in the minute before
+    tokens: int = 0
+    prev_tokens: int = 0
+    day: int = 0  # days since the epoch (UTC)
+    day_tokens: int = 0
+    day_cost: float = 0.0
+    month: int = 0  # year * 12 + month - 1 (UTC)
+    month_tokens: int = 0
+    month_cost: float = 0.0
+    reserved_tokens: int = 0  # worst cases of requests in flight
+    reserved_cost: float = 0.0
+
+    def roll(self, clock: Clock) -> None:
+        # Forward only: a clock a little behind (another worker's `now`) counts in the newer minute.
+        if clock.minute > self.minute:
+            last = self.minute == clock.minute - 1
+            self.prev_requests, self.prev_tokens = (self.requests, self.tokens) if last else (0, 0)
+            self.requests = self.tokens = 0
+            self.minute = clock.minute
+        if clock.day > self.day:
+            self.day, self.day_tokens, self.day_cost = clock.day, 0, 0.0
+        if clock.month > self.month:
+            self.month, self.month_tokens, self.month_cost = clock.month, 0, 0.0
+
+    def spent(self, period: str) -> tuple[int, float]:
+        return (self.day_tokens, self.day_cost) if period == "day" else (self.month_tokens, self.month_cost)
+
+
+class Reservation(msgspec.Struct, array_like=True):
+    subjects: list[str]
+    tokens: int
+    cost: float
+    minute: int
+
+
+class Clock:
+    """Where `now` falls: its minute, day and month (UTC), and how far into the minute."""
+
+    __slots__ = ("now", "minute", "day", "month", "into_minute")
+
+    def __init__(self, now: float):
+        self.now = now
+        self.minute = int(now // 60)
+        self.day = int(now // 86400)
+        self.month = _month_of(self.day)
+        self.into_minute = (now % 60) / 60  # 0..1
+
+    def period_start(self, period: str, later: int = 0) -> float:
+        """When this day or month (or the `later`-th one after it) starts."""
+        if period == "day":
+            return (self.day + later) * 86400.0
+        year, month = divmod(self.month + later, 12)
+        return float(calendar.timegm((year, month + 1, 1, 0, 0, 0)))
+
+    def period_end(self, period: str) -> float:
+        return self.period_start(period, later=1)
+
+
+@dataclass(slots=True)
+class Subject:
+    id: str  # k:<key id>, u:<user id>, t:<team id>
+    label: str  # for messages: key 'name', team '<id>'
+    limits: Limits
+    key: bytes = b""  # where its Counter is in the ledger
+    rated: bool = False  # has rpm or tpm: its answers carry x-ratelimit-* headers
+
+    def __post_init__(self) -> None:
+        self.key = _SUBJECT + self.id.encode()
+        self.rated = self.limits.rpm is not None or self.limits.tpm is not None
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: what it reserved, and the x-ratelimit-* headers for its answer."""
+
+    id: bytes
+    subjects: list[str]
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    settled: bool = False
+
+
+UNLIMITED = Ticket(b"", [], settled=True)  # a request nobody limits: nothing to settle
+
+
+@functools.lru_cache(maxsize=64)
+def _month_of(day: int) -> int:
+    t = time.gmtime(day * 86400)
+    return t.tm_year * 12 + t.tm_mon - 1
+
+
+def _encode(value) -> bytes:
+    return msgspec.msgpack.encode(value)
+
+
+_decode_counter = msgspec.msgpack.Decoder(Counter).decode
+_decode_reservation = msgspec.msgpack.Decoder(Reservation).decode
+_decode_window = msgspec.msgpack.Decoder(WindowState).decode
+
+
+def subjects_of(principal: Principal) -> list[Subject]:
+    """The key (or the JWT caller's user) and the team, each with limits of its own to count."""
+    subjects = []
+    if principal.key_id is not None:
+        own = Subject("k:" + principal.key_id, f"key '{principal.name}'", principal.limits)
+    elif principal.user_id is not None:
+        own = Subject("u:" + principal.user_id, f"user '{principal.name}'", principal.limits)
+    else:
+        own = None
+    if own is not None and counts(own.limits):
+        subjects.append(own)
+    if principal.team_id is not None and counts(principal.team_limits):
+        subjects.append(Subject("t:" + principal.team_id, f"team '{principal.team_id}'", principal.team_limits))
+    return subjects
+
+
+def counts(limits: Limits) -> bool:
+    return any(v is not None for v in (limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens,
+                                       limits.budget_cost))
+
+
+def windowed(prev: int, current: int, clock: Clock) -> float:
+    """The sliding-window count over the last 60 s."""
+    return prev * (1 - clock.into_minute) + current
+
+
+def wait_until_fits(prev: int, current: int, need: int, limit: int, clock: Clock) -> float:
+    """Seconds until windowed(prev, current) + need <= limit, counting nothing new meanwhile."""
+    room = limit - need
+    if room < 0:
+        return float(WINDOW_S)  # more than a whole window allows: no sooner than a minute
+    if current <= room:  # within this minute, as the previous minute's weight fades
+        wait = 0.0 if prev == 0 else max(0.0, (1 - (room - current) / prev) - clock.into_minute) * 60
+    else:  # next minute: this minute's count becomes the previous one and fades in turn
+        wait = (1 - clock.into_minute) * 60 + max(0.0, 1 - room / current) * 60
+    return round(wait, 3)  # to the millisecond: no float dust rounds a whole second up
+
+
+def until_empty(prev: int, current: int, clock: Clock) -> float:
+    """Seconds until the window counts nothing (OpenAI's x-ratelimit-reset-*)."""
+    if current:
+        return (2 - clock.into_minute) * 60
+    return (1 - clock.into_minute) * 60 if prev else 0.0
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's form: 20ms, 1s, 6m0s."""
+    seconds = round(seconds, 3)
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def _rate(kind: str, limit: int, prev: int, current: int, clock: Clock) -> tuple[int, list[tuple[str, str]]]:
+    """What is left of a per-minute limit, and OpenAI's three headers saying so."""
+    left = max(0, math.floor(limit - windowed(prev, current, clock)))
+    return left, [(f"x-ratelimit-limit-{kind}", str(limit)), (f"x-ratelimit-remaining-{kind}", str(left)),
+                  (f"x-ratelimit-reset-{kind}", duration(until_empty(prev, current, clock)))]
+
+
+def rate_headers(subjects: list[Subject], counters: list[Counter], clock: Clock) -> list[tuple[str, str]]:
+    """x-ratelimit-* for requests and for tokens, each from the subject with the least left."""
+    requests = tokens = (2**63, [])
+    for subject, counter in zip(subjects, counters):
+        limits = subject.limits
+        if limits.rpm is not None:
+            requests = min(requests, _rate("requests", limits.rpm, counter.prev_requests, counter.requests, clock))
+        if limits.tpm is not None:
+            tokens = min(tokens, _rate("tokens", limits.tpm, counter.prev_tokens, counter.tokens, clock))
+    return requests[1] + tokens[1]
+
+
+class Governor:
+    """Admits requests against the limits of their key (or user) and team; see the module's doc.
+    One per process and ledger (LMDB opens an environment once per process); thread-safe."""
+
+    def __init__(self, ledger_dir: Path, costs: Costs):
+        self.ledger_dir = Path(ledger_dir)
+        self.costs = costs
+        holders = self.ledger_dir / HOLDERS
+        holders.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.ledger_dir), map_size=MAP_SIZE, subdir=True, sync=False, metasync=False,
+                             writemap=True, map_async=True, max_dbs=0, max_readers=1024)
+        self.holder, self._lock_fd = _hold(holders)
+        self._prefix = _RESERVATION + self.holder.encode() + b":"
+        self._serials = itertools.count(1)  # next() is atomic: threads may admit at once
+        self._subjects: dict[int, tuple[Principal, list[Subject]]] = {}
+        self._load_throughput()
+
+    def close(self) -> None:
+        """Stop holding: this governor's reservations are released by the next sweep."""
+        self.env.close()
+        (self.ledger_dir / HOLDERS / (self.holder + LOCK_SUFFIX)).unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+    # --- the hot path ---------------------------------------------------------
+
+    def admit(self, principal: Principal, model: str, *, worst_tokens: int, worst_cost: float,
+              now: float | None = None) -> Ticket:
+        """Reserve `worst_tokens` and `worst_cost` against every limit of the principal's key (or
+        user) and team, or reserve nothing and raise RateLimited or QuotaExceeded."""
+        subjects = self._subjects_of(principal)
+        if not subjects:
+            return UNLIMITED
+        clock = Clock(time.time() if now is None else now)
+        ticket_id = self._prefix + next(self._serials).to_bytes(8, "big")
+        with self.env.begin(write=True) as txn:
+            counters = []
+            for subject in subjects:
+                raw = txn.get(subject.key)
+                counter = _decode_counter(raw) if raw is not None else Counter()
+                counter.roll(clock)
+                _check(subject, counter, worst_tokens, worst_cost, clock)
+                counters.append(counter)
+            for subject, counter in zip(subjects, counters):
+                counter.in_flight += 1
+                counter.requests += 1
+                counter.tokens += worst_tokens
+                counter.reserved_tokens += worst_tokens
+                counter.reserved_cost += worst_cost
+                txn.put(subject.key, _encode(counter))
+            ids = [s.id for s in subjects]
+            txn.put(ticket_id, _encode(Reservation(ids, worst_tokens, worst_cost, clock.minute)))
+        headers = rate_headers(subjects, counters, clock) if any(s.rated for s in subjects) else []
+        return Ticket(ticket_id, ids, headers)
+
+    def _subjects_of(self, principal: Principal) -> list[Subject]:
+        """subjects_of, once per principal (the key cache resolves each key's once and reuses it)."""
+        cached = self._subjects.get(id(principal))
+        if cached is not None and cached[0] is principal:
+            return cached[1]
+        if len(self._subjects) >= SUBJECTS_CACHED:
+            self._subjects.clear()
+        subjects = subjects_of(principal)
+        self._subjects[id(principal)] = (principal, subjects)
+        return subjects
+
+    def settle(self, ticket: Ticket, *, tokens: int, cost: float, now: float | None = None) -> None:
+        """Replace the ticket's reservation by what it really used (0 when nothing was generated)
+        and free its parallel slot; once per ticket, whatever the number of calls."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        clock = Clock(time.time() if now is None else now)
+        with self.env.begin(write=True) as txn:
+            raw = txn.pop(ticket.id)
+            if raw is not None:
+                _release(txn, _decode_reservation(raw), tokens, cost, clock)
+
+    # --- off the event loop -------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> int:
+        """Release the reservations of dead holders, drop LMDB's stale readers, and share this
+        process's throughput measurements; returns how many reservations were released."""
+        clock = Clock(time.time() if now is None else now)
+        self.env.reader_check()
+        released = 0
+        with self.env.begin() as txn:
+            holders = {key[len(_RESERVATION):].split(b":", 1)[0].decode() for key in _keys(txn, _RESERVATION)}
+        holders |= {path.name.removesuffix(LOCK_SUFFIX) for path in (self.ledger_dir / HOLDERS).glob("*" + LOCK_SUFFIX)}
+        for holder in holders - {self.holder}:
+            lock_fd = _dead(self.ledger_dir / HOLDERS / (holder + LOCK_SUFFIX))
+            if lock_fd is None:
+                continue
+            try:
+                with self.env.begin(write=True) as txn:
+                    prefix = _RESERVATION + holder.encode() + b":"
+                    for key in list(_keys(txn, prefix)):
+                        _release(txn, _decode_reservation(txn.pop(key)), 0, 0.0, clock)
+                        released += 1
+                (self.ledger_dir / HOLDERS / (holder + LOCK_SUFFIX)).unlink(missing_ok=True)
+            finally:
+                if lock_fd >= 0:
+                    os.close(lock_fd)
+        self._share_throughput()
+        return released
+
+    def seed_from_usage(self, db: sqlite_utils.Database, now: float | None = None) -> bool:
+        """A new ledger (none, or deleted) starts from the usage table's totals for the current
+        day and month; returns whether it did. Blocking: call it off the event loop."""
+        with self.env.begin() as txn:
+            if txn.get(_SEEDED) is not None:
+                return False
+        clock = Clock(time.time() if now is None else now)
+        month_start, day_start = clock.period_start("month"), clock.period_start("day")
+        totals: dict[str, list] = {}
+        for subject, ts, tokens, cost in _usage_since(db, month_start):
+            entry = totals.setdefault(subject, [0, 0.0, 0, 0.0])
+            entry[0] += tokens
+            entry[1] += cost
+            if ts >= day_start:
+                entry[2] += tokens
+                entry[3] += cost
+        with self.env.begin(write=True) as txn:
+            if txn.get(_SEEDED) is not None:
+                return False  # another worker did it meanwhile
+            for subject, (month_tokens, month_cost, day_tokens, day_cost) in totals.items():
+                key = _SUBJECT + subject.encode()
+                raw = txn.get(key)
+                counter = _decode_counter(raw) if raw is not None else Counter()
+                counter.roll(clock)
+                counter.month_tokens, counter.month_cost = month_tokens, month_cost
+                counter.day_tokens, counter.day_cost = day_tokens, day_cost
+                txn.put(key, _encode(counter))
+            txn.put(_SEEDED, _encode(clock.now))
+        return True
+
+    def usage(self, subject: str, now: float | None = None) -> Counter:
+        """A subject's counters as of `now` (k:<key id>, u:<user id> or t:<team id>)."""
+        clock = Clock(time.time() if now is None else now)
+        with self.env.begin() as txn:
+            raw = txn.get(_SUBJECT + subject.encode())
+        counter = _decode_counter(raw) if raw is not None else Counter()
+        counter.roll(clock)
+        return counter
+
+    # --- throughput (appliance/costs.py), kept in the ledger ---------------
+
+    def _share_throughput(self) -> None:
+        pending = self.costs.throughput.take_pending()
+        estimates = {}
+        with self.env.begin(write=True) as txn:
+            for model, windows in pending.items():
+                key = _THROUGHPUT + model.encode()
+                raw = txn.get(key)
+                state = _decode_window(raw) if raw is not None else WindowState()
+                for window, (tokens, intervals) in sorted(windows.items()):
+                    state.add(window, tokens, sorted(intervals))
+                txn.put(key, _encode(state))
+            for key, raw in _items(txn, _THROUGHPUT):
+                if (estimate := _decode_window(raw).estimate) is not None:
+                    estimates[key[len(_THROUGHPUT):].decode()] = estimate
+        self.costs.throughput.apply(estimates)
+
+    def _load_throughput(self) -> None:
+        with self.env.begin() as txn:
+            estimates = {key[len(_THROUGHPUT):].decode(): e for key, raw in _items(txn, _THROUGHPUT)
+                         if (e := _decode_window(raw).estimate) is not None}
+        self.costs.throughput.apply(estimates)
+
+
+def _check(subject: Subject, counter: Counter, worst_tokens: int, worst_cost: float, clock: Clock) -> None:
+    limits, who = subject.limits, subject.label
+    if limits.max_parallel is not None and counter.in_flight + 1 > limits.max_parallel:
+        raise RateLimited(f"Too many parallel requests for {who}: its limit is {limits.max_parallel} at once "
+                          f"(max_parallel). Wait for one to finish.", retry_after=1.0, type="requests")
+    if limits.rpm is not None:
+        wait = wait_until_fits(counter.prev_requests, counter.requests, 1, limits.rpm, clock)
+        if wait > 0:
+            raise RateLimited(f"Rate limit reached for {who}: {limits.rpm} requests per minute (rpm). "
+                              f"Try again in {duration(wait)}.", retry_after=wait, type="requests",
+                              limits=dict(_rate("requests", limits.rpm, counter.prev_requests, counter.requests, clock)[1]))
+    if limits.tpm is not None:
+        wait = wait_until_fits(counter.prev_tokens, counter.tokens, worst_tokens, limits.tpm, clock)
+        if wait > 0:
+            too_big = worst_tokens > limits.tpm
+            reason = (f"this request may use up to {worst_tokens} tokens, more than the limit itself; lower "
+                      f"max_tokens" if too_big else f"Try again in {duration(wait)}")
+            raise RateLimited(f"Rate limit reached for {who}: {limits.tpm} tokens per minute (tpm); {reason}.",
+                              retry_after=wait, type="tokens",
+                              limits=dict(_rate("tokens", limits.tpm, counter.prev_tokens, counter.tokens, clock)[1]))
+    spent_tokens, spent_cost = counter.spent(limits.period)
+    if limits.budget_tokens is not None and spent_tokens + counter.reserved_tokens + worst_tokens > limits.budget_tokens:
+        left = max(0, limits.budget_tokens - spent_tokens - counter.reserved_tokens)
+        raise QuotaExceeded(f"The token budget of {who} for this {limits.period} ({limits.budget_tokens} tokens, "
+                            f"budget_tokens) has {left} tokens left, fewer than this request may use ({worst_tokens}).",
+                            retry_after=clock.period_end(limits.period) - clock.now,
+                            held_by_requests_in_flight=spent_tokens + worst_tokens <= limits.budget_tokens)
+    if limits.budget_cost is not None and spent_cost + counter.reserved_cost + worst_cost > limits.budget_cost:
+        left = max(0.0, limits.budget_cost - spent_cost - counter.reserved_cost)
+        raise QuotaExceeded(f"The cost budget of {who} for this {limits.period} ({limits.budget_cost:g}, "
+                            f"budget_cost) has {left:.6g} left, less than this request may cost ({worst_cost:.6g}).",
+                            retry_after=clock.period_end(limits.period) - clock.now,
+                            held_by_requests_in_flight=spent_cost + worst_cost <= limits.budget_cost)
+
+
+def _release(txn: lmdb.Transaction, reservation: Reservation, tokens: int, cost: float, clock: Clock) -> None:
+    """Give back a reservation and count what was really used, in the current period."""
+    for subject in reservation.subjects:
+        key = _SUBJECT + subject.encode()
+        raw = txn.get(key)
+        if raw is None:
+            continue
+        counter = _decode_counter(raw)
+        counter.roll(clock)
+        counter.in_flight = max(0, counter.in_flight - 1)
+        counter.reserved_tokens = max(0, counter.reserved_tokens - reservation.tokens)
+        counter.reserved_cost = max(0.0, counter.reserved_cost - reservation.cost)
+        counter.day_tokens += tokens
+        counter.month_tokens += tokens
+        counter.day_cost += cost
+        counter.month_cost += cost
+        correction = tokens - reservation.tokens  # the minute's tokens counted the worst case
+        if reservation.minute == counter.minute:
+            counter.tokens = max(0, counter.tokens + correction)
+        elif reservation.minute == counter.minute - 1:
+            counter.prev_tokens = max(0, counter.prev_tokens + correction)
+        txn.put(key, _encode(counter))
+
+
+def _keys(txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:
+    for key, _ in _items(txn, prefix):
+        yield key
+
+
+def _items(txn: lmdb.Transaction, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    cursor = txn.cursor()
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not key.startswith(prefix):
+            return
+        yield key, value
+
+
+def _usage_since(db: sqlite_utils.Database, since: float) -> Iterator[tuple[str, float, int, float]]:
+    """(subject, ts, tokens, cost) of every usage row since `since`: once for its key (or its
+    JWT caller's user) and once for its team."""
+    rows = db.execute(
+        "SELECT key_id, user_id, team_id, ts, coalesce(total_tokens, 0), coalesce(cost, 0) FROM usage WHERE ts >= ?",
+        [since],
+    )
+    for key_id, user_id, team_id, ts, tokens, cost in rows:
+        if key_id is not None:
+            yield "k:" + key_id, ts, tokens, cost
+        elif user_id is not None:
+            yield "u:" + user_id, ts, tokens, cost
+        if team_id is not None:
+            yield "t:" + team_id, ts, tokens, cost
+
+
+def _hold(directory: Path) -> tuple[str, int]:
+    """A lock file of this governor's own, created and locked before it gets its name."""
+    holder = os.urandom(8).hex()
+    path = directory / (holder + LOCK_SUFFIX)
+    creating = path.with_suffix(".new")
+    fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(creating, path)
+    return holder, fd
+
+
+def _dead(path: Path) -> int | None:
+    """Whether the holder of the lock file `path` is gone: None if it lives; else -1 when its
+    file is gone, or the descriptor now locked by us (close it once its holds are released)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -86,13 +86,7 @@ class AdminClient:
             raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {exc}") from None
         if response.is_success:
             return response.json()
-        try:
-            error = response.json()["error"]
-            message, code, param = error["message"], error.get("code"), error.get("param")
-        except (ValueError, KeyError, TypeError):
-            message, code, param = response.text.strip() or response.reason_phrase, None, None
-        where = f"HTTP {response.status_code}" + (f", parameter {param}" if param else "")
-        raise AdminApiError(f"{message} ({where})", status=response.status_code, code=code, param=param)
+        raise api_error(response)
 
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
@@ -140,3 +134,14 @@ def make_client(url: str | None, key: str | None, home: str | None) -> AdminClie
     if session and session["url"] == url:
         key = session["token"]
     return AdminClient(url, _resolve_key(key, home_dir), origin=origin)
+
+
+def api_error(response: httpx.Response) -> AdminApiError:
+    """An error answer of the admin API as an AdminApiError: its message, status and parameter."""
+    try:
+        error = response.json()["error"]
+        message, code, param = error["message"], error.get("code"), error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, code, param = response.text.strip() or response.reason_phrase, None, None
+    where = f"HTTP {response.status_code}" + (f", parameter {param}" if param else "")
+    return AdminApiError(f"{message} ({where})", status=response.status_code, code=code, param=param)

@@ -15,7 +15,7 @@ import click
 import httpx
 import msgspec
 
-from appliance.admin_client import AdminApiError, make_client
+from appliance.admin_client import AdminApiError, api_error, make_client
 from appliance.cli_format import emit, table, when
 from appliance.cli_options import client_options, json_option
 from appliance.durations import parse_duration
@@ -141,7 +141,7 @@ def _download(client, params: dict, sink) -> int:
                                 timeout=httpx.Timeout(None, connect=5.0)) as response:
             if not response.is_success:
                 response.read()
-                raise _api_error(response)
+                raise api_error(response)
             for line in response.iter_lines():
                 if not line:
                     continue
@@ -151,13 +151,3 @@ def _download(client, params: dict, sink) -> int:
         raise AdminApiError(f"cannot reach the gateway at {client.url}{client.origin}: {exc}") from None
     sink.flush()
     return count
-
-
-def _api_error(response: httpx.Response) -> AdminApiError:
-    try:
-        error = response.json()["error"]
-        message, code, param = error["message"], error.get("code"), error.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, code, param = response.text.strip() or response.reason_phrase, None, None
-    where = f"HTTP {response.status_code}" + (f", parameter {param}" if param else "")
-    return AdminApiError(f"{message} ({where})", status=response.status_code, code=code, param=param)

@@ -241,6 +241,19 @@ def _check_storage(storage: StorageConfig, backup: BackupConfig, base_dir: Path)
         backup.path = _resolve_path(backup.path, base_dir)
 
 
+def _check_jwt(jwt: JwtConfig | None, base_dir: Path, check_files: bool) -> None:
+    if jwt is None:
+        return
+    if (jwt.jwks_file is None) == (jwt.jwks_url is None):
+        raise ValueError("auth.jwt: give exactly one of jwks_file and jwks_url")
+    if jwt.jwks_url is not None and not jwt.jwks_url.startswith(("http://", "https://")):
+        raise ValueError(f"auth.jwt.jwks_url: must start with http:// or https://, got {jwt.jwks_url!r}")
+    if jwt.jwks_file is not None:
+        jwt.jwks_file = _resolve_path(jwt.jwks_file, base_dir)
+        if check_files and not Path(jwt.jwks_file).is_file():
+            raise ValueError(f"auth.jwt.jwks_file: no such file: {jwt.jwks_file}")
+
+
 def parse_profile(data: object, *, source: str, base_dir: Path, check_files: bool = True) -> Profile:
     """Validate already-loaded YAML data; errors name `source`, the key and the problem."""
     validator = jsonschema.Draft202012Validator(profile_schema())
@@ -251,6 +264,7 @@ def parse_profile(data: object, *, source: str, base_dir: Path, check_files: boo
     seen: set[str] = set()
     try:
         _check_storage(profile.storage, profile.backup, base_dir)
+        _check_jwt(profile.auth.jwt, base_dir, check_files)
         for i, model in enumerate(profile.models):
             where = f"models[{i}]"
             if model.name in seen:

@@ -189,14 +189,19 @@ models:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"rows": rows, "metered": metered, "gateway_requests": served}, indent=2))
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
+
+
+def stop(procs: list[subprocess.Popen], work: Path) -> None:
+    """End every process group `spawn` started, then delete the work folder."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        proc.wait(30)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def summary_table(rows: list[dict], concurrency: tuple[int, ...] = CONCURRENCY) -> str:

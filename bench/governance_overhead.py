@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
-from gateway_overhead import BIN, PY, free_port, spawn, wait_until, wrk
+from gateway_overhead import BIN, PY, free_port, spawn, stop, wait_until, wrk
 
 MODEL = "fixed"
 PLAIN_MESSAGE = "What is the capital of France? Answer in one word."
@@ -97,14 +95,7 @@ models:
                               f"errors {result['socket_errors'] + result['non2xx']}", flush=True)
         print("\n" + table(rows, args.concurrency))
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
 
 
 def table(rows: list[dict], concurrency: tuple[int, ...]) -> str:

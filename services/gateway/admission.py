@@ -5,8 +5,11 @@ it can cost at worst, which the governor reserves against the limits and budgets
 
 from __future__ import annotations
 
+import msgspec
+
 from appliance.errors import ModelNotAllowed, PermissionDenied
-from appliance.governance import Principal
+from appliance.governance import Policy, Principal
+from appliance.policies import mask_answer
 from services.gateway.runtime import ServedModel
 
 INFERENCE_ROLES = frozenset(("admin", "operator", "developer"))
@@ -14,9 +17,9 @@ INFERENCE_ROLES = frozenset(("admin", "operator", "developer"))
 # tokens of the text it carries; the chat template adds its own (role markers, a default
 # system prompt) on top.
 TEMPLATE_TOKENS = 64
-# What a request that names no max_tokens may generate on a model whose context the profile
-# does not give (remote upstreams), when its key or team has a token or cost budget: the
-# gateway sends this cap to the upstream, so the budget's reservation holds.
+# The completion tokens reserved for a request that names no max_tokens, on a model whose
+# context the profile does not give (remote upstreams). An upstream that generates more is
+# still counted in full when the request settles (docs/governance.md says so).
 REMOTE_COMPLETION_CAP = 4096
 
 
@@ -48,3 +51,26 @@ def worst_tokens(endpoint: str, parsed, body_size: int, served: ServedModel) -> 
         return prompt, 0
     per_choice = completion_cap(parsed, served) or REMOTE_COMPLETION_CAP
     return prompt, per_choice * (getattr(parsed, "n", None) or 1)
+
+
+def masked_answer(policy: Policy, payload: bytes) -> bytes:
+    """A whole answer (chat, completion or Responses) with the policy's PII detectors masked in
+    its text (`pii_responses`); the same bytes when there was nothing to mask."""
+    answer = msgspec.json.decode(payload)
+    changed = False
+
+    def mask(holder: dict, field: str) -> None:
+        nonlocal changed
+        text = holder.get(field)
+        if isinstance(text, str) and (masked := mask_answer(policy, text)) != text:
+            holder[field], changed = masked, True
+
+    for choice in answer.get("choices") or []:
+        mask(choice, "text")
+        if isinstance(choice.get("message"), dict):
+            mask(choice["message"], "content")
+    for item in answer.get("output") or []:
+        for part in item.get("content") or [] if isinstance(item, dict) else []:
+            if isinstance(part, dict):
+                mask(part, "text")
+    return msgspec.json.encode(answer) if changed else payload

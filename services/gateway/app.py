@@ -53,7 +53,7 @@ from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
 from services.gateway.admin_auth import AuthController
-from services.gateway.admission import authorise, worst_tokens
+from services.gateway.admission import authorise, masked_answer, worst_tokens
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
@@ -306,6 +306,8 @@ class Gateway:
                     payload = await self.forwarder.complete(call, pool, path, adapted.body)
                 if reader is not None:
                     payload = reader.complete(payload)
+                if call.principal.policy.pii_responses:
+                    payload = masked_answer(call.principal.policy, payload)
                 flight.disarm()
                 call.answer_started = True
                 self.finish(call)  # journaled before the client has the answer

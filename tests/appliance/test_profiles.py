@@ -55,6 +55,12 @@ def test_relative_model_path_is_resolved_against_the_profile(write, tmp_path):
     assert profile.models[0].path == str(tmp_path / "model.gguf")
 
 
+def test_a_relative_jwks_file_is_resolved_against_the_profile(write, tmp_path):
+    (tmp_path / "idp.json").write_text('{"keys": []}')
+    profile = load_profile(str(write({"name": "p", "models": [MODEL], "auth": {"jwt": {"jwks_file": "idp.json"}}})))
+    assert profile.auth.jwt.jwks_file == str(tmp_path / "idp.json")
+
+
 @pytest.mark.parametrize(
     "models, expected",
     [
@@ -88,6 +94,16 @@ def test_invalid_models_are_refused_with_the_key_named(write, models, expected):
         ({"name": "p", "models": [MODEL], "gateway": {"port": 70000}}, "gateway.port: 70000 is greater than the maximum of 65535"),
         ({"name": "p", "models": [MODEL], "gateway": {"max_body_bytes": "8M"}}, "gateway.max_body_bytes: '8M' is not of type 'integer'"),
         (["not", "a", "mapping"], "(top level): ['not', 'a', 'mapping'] is not of type 'object'"),
+        ({"name": "p", "models": [MODEL], "auth": {"jwt": {}}}, "auth.jwt: give exactly one of jwks_file and jwks_url"),
+        ({"name": "p", "models": [MODEL], "auth": {"jwt": {"jwks_file": "k.json", "jwks_url": "http://idp/jwks"}}},
+         "auth.jwt: give exactly one of jwks_file and jwks_url"),
+        ({"name": "p", "models": [MODEL], "auth": {"jwt": {"jwks_url": "ldap://idp"}}},
+         "auth.jwt.jwks_url: must start with http:// or https://"),
+        ({"name": "p", "models": [MODEL], "auth": {"jwt": {"jwks_file": "missing.json"}}},
+         "auth.jwt.jwks_file: no such file"),
+        ({"name": "p", "models": [MODEL], "costs": {"currency": "won"}}, "costs.currency: 'won' does not match"),
+        ({"name": "p", "models": [{**MODEL, "price_output_per_million": -1}]},
+         "models[0].price_output_per_million: -1 is not of type"),
     ],
 )
 def test_invalid_top_level_is_refused(write, data, expected):

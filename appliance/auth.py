@@ -86,9 +86,8 @@ def sign_in(db: sqlite_utils.Database, name: str, password: str, *, ttl_s: float
         raise SignInRefused("user disabled")
     if needs_rehash(stored):
         db.execute("UPDATE users SET password_hash = ? WHERE id = ?", [hash_password(password), user.id])
-    teams = users.user_teams(db, user.id)
-    session, token = create_key(db, user.name, user=user.id, team=teams[0]["id"] if teams else None,
-                                expires_at=time.time() + ttl_s, key_id=session_id, kind=SESSION_KIND)
+    session, token = create_key(db, user.name, user=user.id, expires_at=time.time() + ttl_s, key_id=session_id,
+                                kind=SESSION_KIND)  # billed to the user's first team, as every key of theirs
     return Session(token=token, session_id=session.id, expires_at=session.expires_at, user=user.name,
                    user_id=user.id, role=session.role)
 

@@ -67,7 +67,8 @@ def merge_policies(*policies: Policy) -> Policy:
     pii = {kind: max((p.pii_action(kind) for p in policies), key=_PII_STRICTNESS.__getitem__) for kind in kinds}
     return Policy(
         no_external=any(p.no_external for p in policies),
-        pii={k: a for k, a in pii.items() if a != "allow" or k == ALL_DETECTORS},
+        # "*" and every detector that differs from it (an "allow" exception to "*": "mask" stays)
+        pii={k: a for k, a in pii.items() if k == ALL_DETECTORS or a != pii.get(ALL_DETECTORS, "allow")},
         pii_responses=any(p.pii_responses for p in policies),
         deny=sorted({d for p in policies for d in p.deny}),
         deny_action=max((p.deny_action for p in policies if p.deny), key=_RULE_STRICTNESS.__getitem__, default="block"),
@@ -84,6 +85,7 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     user_id: str | None = None
     team_id: str | None = None
+    team_name: str | None = None  # for messages: a refusal names the team
     limits: Limits = NO_LIMITS  # the key's own (counted per key)
     team_limits: Limits = NO_LIMITS  # its team's (counted per team, shared by the team's keys)
     policy: Policy = NO_POLICY  # merged: key and team

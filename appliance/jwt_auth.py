@@ -33,12 +33,13 @@ import sqlite_utils
 from appliance.config import JwtConfig
 from appliance.errors import AuthenticationFailed
 from appliance.governance import Limits, Policy, Principal
+from appliance.users import ROLES
 
 log = logging.getLogger("appliance.jwt")
 
 LEEWAY_S = 30.0
 MAX_ROLE = "operator"
-TOKEN_ROLES = ("operator", "developer", "viewer")  # what a token may carry, highest first
+TOKEN_ROLES = ROLES[ROLES.index(MAX_ROLE):]  # what a token may carry, highest first
 CACHE_SIZE = 10_000
 FETCH_TIMEOUT = httpx.Timeout(3.0)  # the refresh that reads keys and deployments waits for it
 RETRY_S = 30.0  # how soon a read is tried again while no keys were ever read
@@ -194,7 +195,8 @@ class JwtVerifier:
         team = self._team(claims, user)
         return Principal(
             key_id=None, name=name, role=role, user_id=user.id if user else None,
-            team_id=team.id if team else None, team_limits=team.limits if team else Limits(),
+            team_id=team.id if team else None, team_name=team.name if team else None,
+            team_limits=team.limits if team else Limits(),
             policy=team.policy if team else Policy(),
         )
 

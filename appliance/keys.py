@@ -21,6 +21,7 @@ import msgspec
 import sqlite_utils
 
 from appliance import audit, teams, users
+from appliance.db import transaction
 from appliance.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 from appliance.files import write_new
 from appliance.governance import NO_LIMITS, NO_POLICY, Limits, Policy, Principal, merge_policies
@@ -114,8 +115,12 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """Create a key, for a user (id or name) and/or billed to a team; its role defaults to the
     user's, else developer, and is at most `granted_by` (the creator's role) where given.
+    A user's key names no team only when the user is in none: it is billed to their first team
+    by name otherwise, so no member gets out of a team's limits and policy by leaving it out.
     Returns the key and its secret, which is never stored or shown again."""
     owner = users.find_user(db, user) if user is not None else None
+    if owner is not None and team is None and (their_teams := users.user_teams(db, owner.id)):
+        team = their_teams[0]["id"]
     billed = teams.find_team(db, team) if team is not None else None
     role = role or (owner.role if owner else "developer")
     check_role(role)
@@ -126,7 +131,6 @@ def create_key(
     if not name.strip():
         raise InvalidRequest("a key needs a non-empty name", param="name")
     _check_expiry(expires_at)
-    _check_owner(db, role, owner, billed)
     limits, policy = teams.apply_settings(NO_LIMITS, NO_POLICY, settings or Settings())
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
@@ -134,7 +138,9 @@ def create_key(
         created_at=time.time(), expires_at=expires_at, kind=kind, user_id=owner and owner.id,
         team_id=billed and billed.id, limits=limits, policy=policy,
     )
-    db["api_keys"].insert({**_row(key), "key_hash": hash_secret(secret)})
+    with transaction(db):  # the membership checked is the membership the key is stored under
+        _check_owner(db, role, owner, billed)
+        db["api_keys"].insert({**_row(key), "key_hash": hash_secret(secret)})
     return key, secret
 
 
@@ -167,12 +173,20 @@ def list_keys(db: sqlite_utils.Database, *, include_revoked: bool = True, user_i
 
 
 def find_key(db: sqlite_utils.Database, key_id: str) -> ApiKey:
-    """The key with id (key_...) or displayed prefix `key_id`."""
+    """The key with id (key_...) or displayed prefix `key_id`, else the one active key of that name
+    (409 when several active keys share it)."""
     row = db.execute(f"SELECT {', '.join(_FIELDS)} FROM api_keys WHERE id = ? OR prefix = ? ORDER BY created_at",
                      [key_id, key_id]).fetchone()
-    if row is None:
-        raise NotFound(f"no API key with id or prefix {key_id!r}", param="key_id")
-    return _key(row)
+    if row is not None:
+        return _key(row)
+    named = db.execute(f"SELECT {', '.join(_FIELDS)} FROM api_keys WHERE name = ? AND revoked_at IS NULL",
+                       [key_id]).fetchall()
+    if len(named) > 1:
+        raise Conflict(f"{len(named)} active keys are named {key_id!r}: name one by its id "
+                       f"({', '.join(r[0] for r in named)})", param="key_id")
+    if not named:
+        raise NotFound(f"no API key with id, prefix or name {key_id!r}", param="key_id")
+    return _key(named[0])
 
 
 def update_key(db: sqlite_utils.Database, key_id: str, *, name: str | None = None, role: str | None = None,
@@ -262,18 +276,18 @@ _FINGERPRINT = """SELECT (SELECT count(*) FROM api_keys), (SELECT max(created_at
     (SELECT count(*) FROM teams), (SELECT max(updated_at) FROM teams),
     (SELECT count(*) FROM users), (SELECT max(updated_at) FROM users)"""
 _ACTIVE = """SELECT k.key_hash, k.id, k.name, k.role, k.expires_at, k.user_id, k.team_id, k.limits, k.policy,
-    u.id, u.role, u.disabled_at, t.limits, t.policy
+    u.id, u.role, u.disabled_at, t.name, t.limits, t.policy
     FROM api_keys k LEFT JOIN users u ON u.id = k.user_id LEFT JOIN teams t ON t.id = k.team_id
     WHERE k.revoked_at IS NULL"""
 
 
 def _entry(row: tuple) -> _Entry:
     (_, key_id, name, role, expires_at, user_id, team_id, limits, policy,
-     found_user, user_role, disabled_at, team_limits, team_policy) = row
+     found_user, user_role, disabled_at, team_name, team_limits, team_policy) = row
     key_policy = _policy.decode(policy)
     return _Entry(
         Principal(key_id=key_id, name=name, role=lower_role(role, user_role) if user_role else role, user_id=user_id,
-                  team_id=team_id, limits=_limits.decode(limits),
+                  team_id=team_id, team_name=team_name, limits=_limits.decode(limits),
                   team_limits=_limits.decode(team_limits) if team_limits else NO_LIMITS,
                   policy=merge_policies(key_policy, _policy.decode(team_policy)) if team_policy else key_policy),
         expires_at, user_id is not None and (found_user is None or disabled_at is not None))

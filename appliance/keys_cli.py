@@ -90,7 +90,7 @@ _SETTINGS_OPTIONS = [
     click.option("--deny", metavar="PHRASE", multiple=True, callback=_deny,
                  help=f"A phrase (or re:REGEX) requests may not contain; repeat for more; '{CLEAR}' clears the list."),
     click.option("--deny-action", type=_RULE_ACTIONS, help="What a deny-list match does; default block."),
-    click.option("--injection", type=_RULE_ACTIONS, help="Prompt-injection heuristics: flag (audited) or block."),
+    click.option("--injection", type=_RULE_ACTIONS, help="Prompt-injection heuristics: flag (audited) or block; default off."),
     click.option("--no-external/--external", default=None,
                  help="Keep requests off remote upstreams (data residency), or allow them again."),
 ]
@@ -148,7 +148,8 @@ def keys() -> None:
                    "at most the role of the key that creates it, and of its user. Default: the user's role, "
                    "else developer.")
 @click.option("--user", help="The user (name or id) it acts for.")
-@click.option("--team", help="The team (name or id) it is billed to; with --user, one of the user's teams.")
+@click.option("--team", help="The team (name or id) it is billed to: its limits and policy apply too. With --user, "
+                             "one of the user's teams; default: their first team by name, if any.")
 @click.option("--expires-in", metavar="DURATION", help="Expire after this long, e.g. 30d, 12h.")
 @settings_options
 @client_options
@@ -193,7 +194,7 @@ def _render_key(k: dict) -> str:
 @client_options
 @json_option()
 def keys_show(key_id, url, key, home, as_json):
-    """Show the key with id (or displayed prefix) KEY_ID: owner, expiry, limits and policy."""
+    """Show the key with id (or displayed prefix, or unique name) KEY_ID: owner, expiry, limits and policy."""
     emit(make_client(url, key, home).get(f"/admin/keys/{key_id}"), as_json, _render_key)
 
 
@@ -207,7 +208,7 @@ def keys_show(key_id, url, key, home, as_json):
 @client_options
 @json_option()
 def keys_update(key_id, name, role, expires_in, settings, url, key, home, as_json):
-    """Change the key KEY_ID's name, role, expiry, limits or policy; what is not given stays.
+    """Change the key KEY_ID (id, prefix or unique name): its name, role, expiry, limits or policy; what is not given stays.
     The gateway applies it within a second."""
     body = {k: v for k, v in {"name": name, "role": role}.items() if v is not None} | _expiry(expires_in) | settings
     if not body:
@@ -220,7 +221,7 @@ def keys_update(key_id, name, role, expires_in, settings, url, key, home, as_jso
 @click.argument("key_id")
 @client_options
 def keys_revoke(key_id, url, key, home):
-    """Revoke the key with id (or displayed prefix) KEY_ID; the gateway refuses it within a second."""
+    """Revoke the key with id (or displayed prefix, or unique name) KEY_ID; the gateway refuses it within a second."""
     revoked = make_client(url, key, home).post(f"/admin/keys/{key_id}/revoke")
     click.echo(f"revoked {revoked['id']} ({revoked['name']})")
 

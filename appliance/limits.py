@@ -10,8 +10,8 @@ memory only, a few microseconds (bench/limits_micro.py), which the event loop ca
 A process that crashes loses nothing (the pages are the kernel's); a power cut may lose
 the last moments of counting.
 
-What is counted, per subject (a key; a user signed in by an identity provider's JWT; a
-team, shared by its keys and users), and only for subjects with limits:
+What is counted, per subject (a key; a team, shared by its keys, sessions and identity-
+provider callers), and only for subjects with limits:
 - in flight now (max_parallel);
 - requests and tokens per minute (rpm, tpm) as a sliding-window counter: this minute's
   count plus the previous minute's, weighted by the share of the previous minute still
@@ -126,7 +126,7 @@ class Clock:
 
 @dataclass(slots=True)
 class Subject:
-    id: str  # k:<key id>, u:<user id>, t:<team id>
+    id: str  # k:<key id> or t:<team id>
     label: str  # for messages: key 'name', team '<id>'
     limits: Limits
     key: bytes = b""  # where its Counter is in the ledger
@@ -166,18 +166,14 @@ _decode_window = msgspec.msgpack.Decoder(WindowState).decode
 
 
 def subjects_of(principal: Principal) -> list[Subject]:
-    """The key (or the JWT caller's user) and the team, each with limits of its own to count."""
+    """The key and the team, each with limits of its own to count (an identity provider's
+    caller has no key: only its team's limits apply)."""
     subjects = []
-    if principal.key_id is not None:
-        own = Subject("k:" + principal.key_id, f"key '{principal.name}'", principal.limits)
-    elif principal.user_id is not None:
-        own = Subject("u:" + principal.user_id, f"user '{principal.name}'", principal.limits)
-    else:
-        own = None
-    if own is not None and counts(own.limits):
-        subjects.append(own)
+    if principal.key_id is not None and counts(principal.limits):
+        subjects.append(Subject("k:" + principal.key_id, f"key '{principal.name}'", principal.limits))
     if principal.team_id is not None and counts(principal.team_limits):
-        subjects.append(Subject("t:" + principal.team_id, f"team '{principal.team_id}'", principal.team_limits))
+        subjects.append(Subject("t:" + principal.team_id, f"team '{principal.team_name or principal.team_id}'",
+                                principal.team_limits))
     return subjects
 
 
@@ -375,7 +371,7 @@ class Governor:
         return True
 
     def usage(self, subject: str, now: float | None = None) -> Counter:
-        """A subject's counters as of `now` (k:<key id>, u:<user id> or t:<team id>)."""
+        """A subject's counters as of `now` (k:<key id> or t:<team id>)."""
         clock = Clock(time.time() if now is None else now)
         with self.env.begin() as txn:
             raw = txn.get(_SUBJECT + subject.encode())
@@ -483,17 +479,14 @@ def _items(txn: lmdb.Transaction, prefix: bytes) -> Iterator[tuple[bytes, bytes]
 
 
 def _usage_since(db: sqlite_utils.Database, since: float) -> Iterator[tuple[str, float, int, float]]:
-    """(subject, ts, tokens, cost) of every usage row since `since`: once for its key (or its
-    JWT caller's user) and once for its team."""
+    """(subject, ts, tokens, cost) of every usage row since `since`: once for its key and once
+    for its team."""
     rows = db.execute(
-        "SELECT key_id, user_id, team_id, ts, coalesce(total_tokens, 0), coalesce(cost, 0) FROM usage WHERE ts >= ?",
-        [since],
+        "SELECT key_id, team_id, ts, coalesce(total_tokens, 0), coalesce(cost, 0) FROM usage WHERE ts >= ?", [since],
     )
-    for key_id, user_id, team_id, ts, tokens, cost in rows:
+    for key_id, team_id, ts, tokens, cost in rows:
         if key_id is not None:
             yield "k:" + key_id, ts, tokens, cost
-        elif user_id is not None:
-            yield "u:" + user_id, ts, tokens, cost
         if team_id is not None:
             yield "t:" + team_id, ts, tokens, cost
 

@@ -25,7 +25,9 @@ from appliance.home import resolve_home
 @home_option("Local home: the gateway it runs is signed in to when --url is not given. Default: ./var")
 def login_command(username: str | None, password_stdin: bool, url: str | None, home: str | None) -> None:
     """Sign in with a user's password; the admin commands then act as that user until the
-    session expires (profile auth.session_ttl_s) or `appliance logout`."""
+    session expires (profile auth.session_ttl_s, 12 h by default) or `appliance logout`.
+    The session token is kept in $XDG_CONFIG_HOME/appliance/session (~/.config by default),
+    readable by you only."""
     username = username or click.prompt("User")
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else click.prompt("Password", hide_input=True)
     url, origin = gateway_url(url, resolve_home(home))

@@ -10,9 +10,7 @@ caller's own things (a developer's own keys) is the handler's part.
 from __future__ import annotations
 
 from appliance.errors import PermissionDenied
-
-# Highest first; the metrics role has no /admin permission at all.
-STAFF_ROLES = ("admin", "operator", "developer", "viewer")
+from appliance.users import ROLES as STAFF_ROLES  # highest first; the metrics role has no /admin permission
 
 
 def at_least(role: str) -> tuple[str, ...]:
@@ -36,6 +34,9 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "uploads.write": at_least("developer"),  # staged uploads for model and dataset versions
     "jobs.read": at_least("viewer"),
     "jobs.write": at_least("developer"),  # submit and cancel fine-tuning and evaluation jobs
+    # Read any file the gateway's machine lets the appliance read: registering by `path`
+    # (POST .../versions) and import jobs. Below operator, files come as uploads.
+    "files.server": at_least("operator"),
     "users.read": at_least("operator"),
     "users.write": at_least("admin"),  # users, their roles, passwords and teams
     "teams.read": at_least("operator"),
@@ -97,6 +98,13 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/audit/verify"): "audit.read",
     ("GET", "/admin/audit/export"): "audit.export",
 }
+
+
+def require(role: str, permission: str, *, param: str | None = None) -> None:
+    """403 unless `role` holds `permission`: for what a handler checks beyond its route's."""
+    if role not in PERMISSIONS[permission]:
+        raise PermissionDenied(f"this needs the permission {permission!r}, held by "
+                               f"{', '.join(PERMISSIONS[permission])}; this caller's role is {role!r}.", param=param)
 
 
 def permission_for(method: str, path_template: str) -> str | None:

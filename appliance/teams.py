@@ -183,13 +183,14 @@ def _active_keys(db: sqlite_utils.Database, where: str, args: list) -> list[str]
 def remove_member(db: sqlite_utils.Database, team_ref: str, user_ref: str) -> tuple[Team, dict]:
     """End a membership; refused (409) while the user has active keys billed to the team."""
     team, user = find_team(db, team_ref), find_user(db, user_ref)
-    if not is_member(db, team.id, user.id):
-        raise NotFound(f"{user.name!r} is not a member of team {team.name!r}", param="user")
-    billed = _active_keys(db, "team_id = ? AND user_id = ?", [team.id, user.id])
-    if billed:
-        raise Conflict(f"{user.name!r} has active keys billed to team {team.name!r} ({', '.join(billed)}): "
-                       "revoke them first", param="user")
-    db.execute("DELETE FROM team_members WHERE team_id = ? AND user_id = ?", [team.id, user.id])
+    with transaction(db):  # no key billed to the team is created between the check and the delete
+        if not is_member(db, team.id, user.id):
+            raise NotFound(f"{user.name!r} is not a member of team {team.name!r}", param="user")
+        billed = _active_keys(db, "team_id = ? AND user_id = ?", [team.id, user.id])
+        if billed:
+            raise Conflict(f"{user.name!r} has active keys billed to team {team.name!r} ({', '.join(billed)}): "
+                           "revoke them first", param="user")
+        db.execute("DELETE FROM team_members WHERE team_id = ? AND user_id = ?", [team.id, user.id])
     return team, {"id": user.id, "name": user.name}
 
 

@@ -29,7 +29,7 @@ from appliance.objectstore import ObjectStore
 from services.gateway import schemas
 from services.gateway.request_ids import new_request_id
 
-MANAGER_ROLES = ("admin", "operator")  # see everyone's things; handlers scope other roles to their own
+MANAGER_ROLES = permissions.at_least("operator")  # see everyone's things; handlers scope other roles to their own
 # SQLite's integers are 64-bit: a larger one from a client is a 400 naming it, not an OverflowError.
 SQLITE_MIN, SQLITE_MAX = -(2**63), 2**63 - 1
 SqliteInt = Annotated[int, msgspec.Meta(ge=SQLITE_MIN, le=SQLITE_MAX)]  # in a request body

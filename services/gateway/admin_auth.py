@@ -40,12 +40,15 @@ class Login(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class LoginThrottle:
-    """Recent refused sign-ins per (user name, client address)."""
+    """Recent sign-ins per (user name, client address) that did not succeed. An attempt counts
+    from the moment it is let through, so parallel guesses cannot all pass before the first is
+    refused; a success forgets them."""
 
     def __init__(self) -> None:
         self._failures: dict[tuple[str, str], deque[float]] = {}
 
-    def check(self, pair: tuple[str, str]) -> None:
+    def attempt(self, pair: tuple[str, str]) -> None:
+        """Let an attempt through, counted as failed until it `succeeded`; 429 past MAX_FAILURES."""
         failures = self._failures.get(pair)
         now = time.monotonic()
         while failures and failures[0] <= now - WINDOW_S:
@@ -53,9 +56,7 @@ class LoginThrottle:
         if failures and len(failures) >= MAX_FAILURES:
             raise RateLimited(f"Too many refused sign-ins for this user from this address; try again in "
                               f"{failures[0] + WINDOW_S - now:.0f} s.", retry_after=failures[0] + WINDOW_S - now)
-
-    def failed(self, pair: tuple[str, str]) -> None:
-        self._failures.setdefault(pair, deque()).append(time.monotonic())
+        self._failures.setdefault(pair, deque()).append(now)
         if len(self._failures) > TRACKED_PAIRS:
             del self._failures[next(iter(self._failures))]
 
@@ -77,7 +78,7 @@ class AuthController(Controller):
         until `expires_at` (profile auth.session_ttl_s)."""
         body = await decoded(request)
         pair = (body.username.casefold(), request.client.host if request.client else "")
-        _throttle.check(pair)
+        _throttle.attempt(pair)
         gateway = gateway_of(request)
         actor = Actor(None, body.username, None, new_request_id())
         session_id = new_key_id()
@@ -99,7 +100,6 @@ class AuthController(Controller):
             async with _hashing:
                 session = await perform(request, actor, work)
         except auth.SignInRefused:
-            _throttle.failed(pair)
             await asyncio.sleep(FAILURE_DELAY_S)
             raise
         _throttle.succeeded(pair)

@@ -68,7 +68,7 @@ class DatasetController(Controller):
     @post("/{name:str}/versions", opt=request_body(RegisterDataset))
     async def register_dataset(self, request: Request, actor: Actor, name: str) -> Response:
         body = await decoded(request)
-        work = from_path_or_upload(request, body, "datasets", _register(request, actor, name, body.format, body.sha256))
+        work = from_path_or_upload(request, actor, body, "datasets", _register(request, actor, name, body.format, body.sha256))
         return await run(request, actor, work, action="dataset.register", target=f"dataset/{name}",
                          detail=_version_detail, status=201)
 

@@ -8,7 +8,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 
-from appliance import jobs
+from appliance import jobs, permissions
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
 from services.gateway.admin import decoded, gateway_of, request_body, run
@@ -28,6 +28,8 @@ class JobController(Controller):
         """Queue a job; answers 202 with it (state "queued"). Follow it with GET /admin/jobs/{id}."""
         body = await decoded(request)
         params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
+        if hasattr(params, "path"):  # it reads a file on the worker's machine
+            permissions.require(actor.role, "files.server", param="params.path")
         queue = gateway_of(request).job_queue
 
         def work(db) -> dict:

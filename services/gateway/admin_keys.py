@@ -113,7 +113,7 @@ class KeyController(Controller):
 
     @get("/{key_id:str}")
     async def show_key(self, request: Request, actor: Actor, key_id: str) -> Response:
-        """One key by id or displayed prefix, with the names of its user and team."""
+        """One key by id, displayed prefix or unique name, with the names of its user and team."""
 
         def work(db) -> dict:
             _check_own(actor, keys.find_key(db, key_id))
@@ -138,7 +138,7 @@ class KeyController(Controller):
 
     @post("/{key_id:str}/revoke")
     async def revoke_key(self, request: Request, actor: Actor, key_id: str) -> Response:
-        """Revoke by id or displayed prefix (404 for neither); revoking a revoked key changes nothing."""
+        """Revoke by id, displayed prefix or unique name (404 for none); revoking a revoked key changes nothing."""
 
         def work(db) -> dict:
             key = keys.find_key(db, key_id)

@@ -45,7 +45,7 @@ class ModelController(Controller):
     @post("/{name:str}/versions", opt=request_body(RegisterModel))
     async def register_model(self, request: Request, actor: Actor, name: str) -> Response:
         body = await decoded(request)
-        work = from_path_or_upload(request, body, "models", _register(request, actor, name, body.sha256))
+        work = from_path_or_upload(request, actor, body, "models", _register(request, actor, name, body.sha256))
         return await run(request, actor, work, action="model.register", target=f"model/{name}",
                          detail=_version_detail, status=201)
 

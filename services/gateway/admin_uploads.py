@@ -15,7 +15,7 @@ import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.exceptions import ClientException, InternalServerException
 
-from appliance import home
+from appliance import home, permissions
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest
 from services.gateway.admin import decoded, gateway_of, request_body, run, store_of
@@ -94,11 +94,14 @@ def discard(path: Path) -> None:
     shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def from_path_or_upload(request: Request, body, bucket: str, register: Register) -> Callable[[Any], dict]:
-    """The work of POST .../versions: register `body.path` (a path on the gateway's machine) or
-    the file staged at `body.upload_key` by a presigned PUT, which is removed afterwards."""
+def from_path_or_upload(request: Request, actor: Actor, body, bucket: str, register: Register) -> Callable[[Any], dict]:
+    """The work of POST .../versions: register `body.path` (a path on the gateway's machine: an
+    operator's or admin's call) or the file staged at `body.upload_key` by a presigned PUT,
+    which is removed afterwards."""
     if (body.path is None) == (body.upload_key is None):
         raise InvalidRequest("give exactly one of 'path' (on the gateway's machine) or 'upload_key'", param="path")
+    if body.path is not None:
+        permissions.require(actor.role, "files.server", param="path")
     if body.upload_key is not None and not re.fullmatch(r"uploads/[0-9a-f]{32}", body.upload_key):
         raise InvalidRequest(f"{body.upload_key!r} is not an upload key from POST /admin/uploads", param="upload_key")
     store, folder = store_of(request), uploads_dir(request)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import msgspec
 
-from appliance.errors import ModelNotAllowed, PermissionDenied
+from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
 from appliance.governance import Policy, Principal
+from appliance.permissions import at_least
 from appliance.policies import mask_answer
 from services.gateway.runtime import ServedModel
 
-INFERENCE_ROLES = frozenset(("admin", "operator", "developer"))
+INFERENCE_ROLES = frozenset(at_least("developer"))
 # A byte-level BPE token holds at least one byte of text, so a request body's size bounds the
 # tokens of the text it carries; the chat template adds its own (role markers, a default
 # system prompt) on top.
@@ -23,17 +24,21 @@ TEMPLATE_TOKENS = 64
 REMOTE_COMPLETION_CAP = 4096
 
 
-def authorise(principal: Principal, served: ServedModel) -> None:
+def authorise(principal: Principal, served: ServedModel, stream: bool) -> None:
     if principal.role not in INFERENCE_ROLES:
         raise PermissionDenied(f"The {principal.role} role reads /v1/models but may not run models; "
                                "a developer, operator or admin key may.")
     if not principal.allows_model(served.name):
-        raise ModelNotAllowed(f"This key may not use the model '{served.name}' (its or its team's `models` limit).",
+        raise ModelNotAllowed(f"The `models` limit of this key or its team does not include '{served.name}'.",
                               param="model")
     if principal.policy.no_external and served.engine == "remote":
-        raise ModelNotAllowed(f"The model '{served.name}' is a remote upstream, and this team's requests may not "
-                              "leave the appliance (no external transfer).", param="model",
+        raise ModelNotAllowed(f"The model '{served.name}' is a remote upstream, and the policy of this key or its "
+                              "team keeps requests on the appliance (no external transfer).", param="model",
                               code="external_transfer_not_allowed")
+    if stream and principal.policy.pii_responses:
+        raise InvalidRequest("The policy of this key or its team masks personal data in answers (pii_responses), "
+                             "which the gateway does for whole answers only: send \"stream\": false.",
+                             param="stream", code="unsupported_parameter")
 
 
 def completion_cap(parsed, served: ServedModel) -> int | None:

@@ -277,7 +277,7 @@ class Gateway:
                 raise ModelNotFound(parsed.model)
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
-            authorise(principal, pool.served)
+            authorise(principal, pool.served, call.stream)
             call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
             if principal.policy.inspects:
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)

@@ -130,6 +130,21 @@ def test_a_users_key_has_at_most_their_role_and_is_billed_only_to_their_team(db)
         keys.update_key(db, billed.id, role="admin")
 
 
+def test_a_members_key_that_names_no_team_is_billed_to_their_first_team(db):
+    """Leaving out --team must not take a member out of their team's limits and policy."""
+    teams.create_team(db, "zeta")
+    alpha = teams.create_team(db, "alpha", Settings(no_external=True, budget_tokens=1000))
+    users.create_user(db, "kim", role="developer")
+    teams.add_member(db, "zeta", "kim")
+    teams.add_member(db, "alpha", "kim")
+    key, secret = keys.create_key(db, "mine", user="kim")
+    assert key.team_id == alpha.id
+    cache = keys.KeyCache()
+    cache.refresh(db)
+    principal = cache.authenticate(bearer(secret))
+    assert principal.policy.no_external and principal.team_limits.budget_tokens == 1000
+
+
 def test_key_update_changes_only_what_is_given(db):
     key, _ = keys.create_key(db, "bot", expires_at=time.time() + 3600, settings=Settings(rpm=10, pii={"email": "mask"}))
     updated = keys.update_key(db, key.prefix, name="bot-2", expires_at=None,
@@ -203,8 +218,9 @@ def test_the_cache_resolves_principals_with_merged_policy(db):
     assert (principal.key_id, principal.name, principal.role) == (key.id, "analyst-key", "operator")
     assert (principal.user_id, principal.team_id) == (user.id, team.id)
     assert principal.limits == Limits(rpm=10) and principal.team_limits == Limits(rpm=100, models=["local-*"])
-    assert principal.policy == Policy(no_external=True, pii={"*": "mask", "kr_rrn": "block", "email": "mask"},
-                                      injection="flag")
+    # the key's "allow" for email loses to the team's "mask"; an entry equal to "*" is dropped
+    assert principal.policy == Policy(no_external=True, pii={"*": "mask", "kr_rrn": "block"}, injection="flag")
+    assert principal.policy.pii_action("email") == "mask"
     assert principal.allows_model("local-7b") and not principal.allows_model("gpt-4o")
     assert cache.authenticate(bearer(service_secret)).policy == Policy()
 
@@ -269,3 +285,16 @@ def test_every_setting_is_a_cli_option_of_keys_and_teams():
     for command in (keys_group.commands["create"], keys_group.commands["update"], teams_group.commands["create"],
                     teams_group.commands["update"]):
         assert set(Settings.__struct_fields__) <= {p.name for p in command.params}, command.name
+
+
+def test_a_key_is_found_by_id_prefix_or_unique_active_name(db):
+    first, _ = keys.create_key(db, "laptop")
+    assert keys.find_key(db, "laptop") == keys.find_key(db, first.prefix) == first
+    keys.create_key(db, "laptop")
+    with pytest.raises(Conflict) as raised:
+        keys.find_key(db, "laptop")
+    assert raised.value.param == "key_id" and first.id in raised.value.message
+    keys.revoke_key(db, first.id)  # a revoked key's name no longer counts
+    assert keys.find_key(db, "laptop").id != first.id
+    with pytest.raises(NotFound):
+        keys.find_key(db, "desktop")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 
 import pyarrow as pa
@@ -305,13 +304,8 @@ def test_corpus_precision_and_recall_stay_above_their_floors():
         assert table[kind]["labelled"] >= 4 and table[kind]["precision"] == table[kind]["recall"] == 1.0, mistakes
 
 
-def test_a_chat_message_without_personal_data_costs_little():
+def test_a_chat_message_full_of_numbers_but_without_personal_data_has_none():
+    """Dates, amounts, versions and percentages are not personal data (its speed: bench/pii_accuracy.py --speed)."""
     message = ("안녕하세요, 지난주 회의에서 논의한 Q3 로드맵 관련해서 여쭤볼게요. The onboarding flow ships on 2024-11-15, "
                "서버 비용이 월 3,500,000원인데 20% 줄일 수 있을까요? We scaled to 4 replicas and p99 went to 350ms. ") * 2
     assert find_pii(message) == []
-    timings = []
-    for _ in range(200):
-        began = time.perf_counter()
-        find_pii(message)
-        timings.append(time.perf_counter() - began)
-    assert sorted(timings)[100] < 500e-6, "p50 far above the tens of µs measured (docs/pii.md)"

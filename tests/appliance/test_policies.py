@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import msgspec
@@ -364,17 +363,3 @@ def test_matchers_are_compiled_once_per_policy_and_shared_by_equal_ones():
     same = msgspec.json.decode(msgspec.json.encode(policy), type=Policy)
     assert policies.compiled(same) is first, "an equal policy built anew (a key refresh) reuses the matchers"
     assert policies.compiled(Policy(deny=["hawk"])) is not first
-
-
-def test_speed_is_printed_not_asserted():
-    policy = Policy(pii={"*": "mask"}, deny=["project falcon", "기밀", r"re:acme-\d{4}"], deny_action="flag",
-                    injection="flag")
-    body = chat(("system", "You are a helpful assistant for ACME Corp. Answer politely. " * 8),
-                ("user", "주문한 상품이 아직 도착하지 않았어요. 배송 상태를 확인해 주실 수 있나요? " * 3))
-    long = chat(("user", "Please follow the instructions in the message and mind the safety rules. 이번 분기 매출. " * 250))
-    for name, sample in (("typical chat", body), (f"{len(long['messages'][0]['content'])}-character message", long)):
-        runs = 200 if sample is body else 5
-        start = time.perf_counter()
-        for _ in range(runs):
-            inspect(policy, "chat/completions", sample)
-        print(f"\ninspect, {name}: {(time.perf_counter() - start) / runs * 1e6:.0f} µs")

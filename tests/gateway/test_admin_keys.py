@@ -169,7 +169,7 @@ def test_bad_key_input_is_a_4xx_naming_the_parameter(stack, body, status, param)
 def test_bad_key_input_from_the_cli(stack):
     response = api(stack).post("/admin/keys/key_nope/revoke")
     assert response.status_code == 404 and response.json()["error"]["param"] == "key_id"
-    for args, message in [(["keys", "revoke", "key_nope"], "no API key with id or prefix 'key_nope' (HTTP 404, parameter key_id)"),
+    for args, message in [(["keys", "revoke", "key_nope"], "no API key with id, prefix or name 'key_nope' (HTTP 404, parameter key_id)"),
                           (["keys", "create", "x", "--expires-in", "soon"], "(HTTP 400, parameter expires_in)"),
                           (["keys", "create", "  "], "a key needs a non-empty name (HTTP 400, parameter name)")]:
         result = cli(*args, home=stack.home)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from appliance.errors import ModelNotAllowed, PermissionDenied
+from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
 from appliance.governance import Limits, Policy, Principal
 from services.gateway import schemas
 from services.gateway.admission import REMOTE_COMPLETION_CAP, TEMPLATE_TOKENS, authorise, masked_answer, worst_tokens
@@ -23,22 +23,29 @@ def principal(role="developer", **kwargs) -> Principal:
 
 def test_a_viewer_may_not_run_a_model():
     with pytest.raises(PermissionDenied, match="viewer role"):
-        authorise(principal("viewer"), LOCAL)
+        authorise(principal("viewer"), LOCAL, False)
 
 
 def test_model_lists_of_the_key_and_its_team_both_apply():
-    authorise(principal(limits=Limits(models=["local-*"])), LOCAL)
+    authorise(principal(limits=Limits(models=["local-*"])), LOCAL, False)
     with pytest.raises(ModelNotAllowed) as refused:
-        authorise(principal(limits=Limits(models=["local-*"]), team_limits=Limits(models=["other"])), LOCAL)
+        authorise(principal(limits=Limits(models=["local-*"]), team_limits=Limits(models=["other"])), LOCAL, False)
     assert refused.value.param == "model" and refused.value.code == "model_not_allowed"
 
 
 def test_no_external_transfer_refuses_remote_models_only():
     kept = principal(policy=Policy(no_external=True))
-    authorise(kept, LOCAL)
+    authorise(kept, LOCAL, False)
     with pytest.raises(ModelNotAllowed) as refused:
-        authorise(kept, REMOTE)
+        authorise(kept, REMOTE, False)
     assert refused.value.code == "external_transfer_not_allowed"
+
+
+def test_a_policy_that_masks_answers_refuses_streams():
+    authorise(principal(policy=MASK_PHONES), LOCAL, False)
+    with pytest.raises(InvalidRequest) as refused:
+        authorise(principal(policy=MASK_PHONES), LOCAL, True)
+    assert refused.value.param == "stream" and refused.value.status == 400
 
 
 def test_the_worst_case_bounds_prompt_and_every_choice():

@@ -58,6 +58,8 @@ def test_the_registry_reads_for_every_role_and_deletes_only_for_operators(stack)
     denied = api(stack, developer).delete("/admin/models/x/versions/1")
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role"
     assert "models.delete" in denied.json()["error"]["message"]
+    by_path = api(stack, developer).post("/admin/models/x/versions", json={"path": "/etc/passwd"})
+    assert by_path.status_code == 403 and by_path.json()["error"]["param"] == "path", by_path.text  # server files
 
 
 def test_register_by_upload_fills_the_card_from_gguf_metadata(stack, store_settings):

@@ -124,6 +124,9 @@ class RateLimited(ApplianceError):
         self.type = type  # requests or tokens, as OpenAI says
         self.retry_after = retry_after
         self.limits = limits or {}
+        # Room leased by other gateway workers stands in the way too: it is given back within a
+        # second or so (appliance/limits.py), and this request may fit then.
+        self.held = False
 
     def headers(self) -> dict[str, str]:
         return {**self.limits, "Retry-After": str(max(1, math.ceil(self.retry_after)))}
@@ -136,12 +139,12 @@ class QuotaExceeded(ApplianceError):
     type = "insufficient_quota"
     code = "insufficient_quota"
 
-    def __init__(self, message: str, *, retry_after: float, held_by_requests_in_flight: bool = False):
+    def __init__(self, message: str, *, retry_after: float, held: bool = False):
         super().__init__(message)
         self.retry_after = retry_after  # until the period ends
-        # Only reservations of requests in flight stand in the way: once they settle to their
-        # real usage (usually less than their worst case) this request may fit.
-        self.held_by_requests_in_flight = held_by_requests_in_flight
+        # Only room held by requests in flight (and gateway workers' leases) stands in the way: once
+        # they settle to their real usage (usually less than their worst case) this request may fit.
+        self.held = held
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}

@@ -24,9 +24,26 @@ provider callers), and only for subjects with limits:
 A budget set in the middle of a period counts from when the ledger first saw a limit on
 that subject (or from the usage table, for a new ledger: `seed_from_usage`).
 
-Reservations are recorded per holder: each Governor holds an flock'ed file named by a
-random token for its life. `sweep()` releases, as unused, the reservations of holders
-whose file is gone or can be locked (their process died).
+Leases keep the ledger off most requests. Where every limit of a request's subjects has
+plenty of room left, admission takes a lease instead of one reservation: room for n
+requests like this one (n slots, n requests, n times its worst tokens and cost), counted
+in the ledger at once like n reservations, never more than 1/LEASE_SHARE of what any
+limit has left. The next requests of this process are admitted from the lease in memory,
+and settle into it (a request's unused worst case goes back to the lease); a lease admits
+for LEASE_S at most, and within its minute. When a request does not fit its lease (or
+the lease expired), the next ledger transaction gives back what the lease did not hand
+out, and counts what it did once its requests have settled. n adapts to the traffic
+(about LEASE_S worth of it). Near a limit no lease is granted and every request is
+counted in the ledger on its own, so the limits stay exact: a refusal is only ever
+decided in the ledger, after this process gave back its own leases, and a refusal that
+only another worker's lease stands behind says so (`held`: the gateway waits for it,
+at most LEASE_S plus a housekeeping tick).
+
+Reservations and leases are recorded per holder: each Governor holds an flock'ed file
+named by a random token for its life. `sweep()` releases the reservations of holders
+whose file is gone or can be locked (their process died), as unused, and their leases as
+spent in full (what a lease handed out is known only to its process): a crash never lets
+a budget be overspent.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ import functools
 import itertools
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,9 +73,13 @@ HOLDERS = "holders"
 LOCK_SUFFIX = ".lock"
 _SUBJECT = b"s:"
 _RESERVATION = b"r:"
+_LEASE = b"l:"
 _THROUGHPUT = b"tp:"
 _SEEDED = b"meta:seeded"
 SUBJECTS_CACHED = 10_000  # principals whose subjects are remembered
+LEASE_S = 0.5  # a lease admits for at most this long
+LEASE_SHARE = 8  # a lease takes at most 1/8 of what any limit has left...
+LEASE_MIN, LEASE_START, LEASE_MAX = 4, 16, 4096  # ...and room for this many requests like the one asking
 
 
 class Counter(msgspec.Struct, array_like=True):
@@ -75,8 +97,9 @@ class Counter(msgspec.Struct, array_like=True):
     month: int = 0  # year * 12 + month - 1 (UTC)
     month_tokens: int = 0
     month_cost: float = 0.0
-    reserved_tokens: int = 0  # worst cases of requests in flight
+    reserved_tokens: int = 0  # worst cases of requests in flight, and leases
     reserved_cost: float = 0.0
+    leases: int = 0  # open leases, of every holder
 
     def roll(self, clock: Clock) -> None:
         # Forward only: a clock a little behind (another worker's `now`) counts in the newer minute.
@@ -99,6 +122,19 @@ class Reservation(msgspec.Struct, array_like=True):
     tokens: int
     cost: float
     minute: int
+
+
+class LeaseRecord(msgspec.Struct, array_like=True):
+    """What the ledger counts for one lease: slots, requests (in `minute`), tokens and cost taken
+    from one subject; `open` while it may still hand them out."""
+
+    subject: str
+    slots: int
+    requests: int
+    tokens: int
+    cost: float
+    minute: int
+    open: bool = True
 
 
 class Clock:
@@ -137,14 +173,57 @@ class Subject:
         self.rated = self.limits.rpm is not None or self.limits.tpm is not None
 
 
+@dataclass(slots=True, eq=False)
+class Lease:
+    """Room this process took from one subject's limits (see the module's doc). The free room is
+    what it may still hand out; its record always equals free + used + what requests in flight hold."""
+
+    key: bytes  # its LeaseRecord in the ledger
+    subject: Subject
+    record: LeaseRecord
+    base: Counter  # the subject's counter when granted, without this lease: for x-ratelimit-*
+    granted: float
+    expires: float
+    slots: int  # free room
+    requests: int
+    tokens: int
+    cost: float
+    used_tokens: int = 0  # settled, not yet counted as spent in the ledger
+    used_cost: float = 0.0
+    in_flight: int = 0
+
+    def fits(self, tokens: int, cost: float, now: float) -> bool:
+        return (self.record.open and now < self.expires and self.requests > 0 and self.slots > 0
+                and self.tokens >= tokens and self.cost >= cost)
+
+    def take(self, tokens: int, cost: float) -> None:
+        self.slots -= 1
+        self.requests -= 1
+        self.tokens -= tokens
+        self.cost -= cost
+        self.in_flight += 1
+
+    def settle(self, worst_tokens: int, worst_cost: float, tokens: int, cost: float) -> None:
+        self.slots += 1
+        self.tokens += worst_tokens - tokens
+        self.cost += worst_cost - cost
+        self.used_tokens += tokens
+        self.used_cost += cost
+        self.in_flight -= 1
+
+
 @dataclass(slots=True)
 class Ticket:
-    """One admitted request: what it reserved, and the x-ratelimit-* headers for its answer."""
+    """One admitted request: what it reserved (in the ledger, or from leases), and the
+    x-ratelimit-* headers for its answer."""
 
     id: bytes
     subjects: list[str]
     headers: list[tuple[str, str]] = field(default_factory=list)
     settled: bool = False
+    leases: list[Lease] | None = None
+    worst_tokens: int = 0
+    worst_cost: float = 0.0
 
 
 UNLIMITED = Ticket(b"", [], settled=True)  # a request nobody limits: nothing to settle
@@ -163,6 +242,7 @@ def _encode(value) -> bytes:
 _decode_counter = msgspec.msgpack.Decoder(Counter).decode
 _decode_reservation = msgspec.msgpack.Decoder(Reservation).decode
 _decode_window = msgspec.msgpack.Decoder(WindowState).decode
+_decode_lease = msgspec.msgpack.Decoder(LeaseRecord).decode
 
 
 def subjects_of(principal: Principal) -> list[Subject]:
@@ -182,28 +262,28 @@ def counts(limits: Limits) -> bool:
                                        limits.budget_cost))
 
 
-def windowed(prev: int, current: int, clock: Clock) -> float:
-    """The sliding-window count over the last 60 s."""
-    return prev * (1 - clock.into_minute) + current
+def windowed(prev: int, current: int, into: float) -> float:
+    """The sliding-window count over the last 60 s, `into` (0..1) the minute."""
+    return prev * (1 - into) + current
 
 
-def wait_until_fits(prev: int, current: int, need: int, limit: int, clock: Clock) -> float:
+def wait_until_fits(prev: int, current: int, need: int, limit: int, into: float) -> float:
     """Seconds until windowed(prev, current) + need <= limit, counting nothing new meanwhile."""
     room = limit - need
     if room < 0:
         return float(WINDOW_S)  # more than a whole window allows: no sooner than a minute
     if current <= room:  # within this minute, as the previous minute's weight fades
-        wait = 0.0 if prev == 0 else max(0.0, (1 - (room - current) / prev) - clock.into_minute) * 60
+        wait = 0.0 if prev == 0 else max(0.0, (1 - (room - current) / prev) - into) * 60
     else:  # next minute: this minute's count becomes the previous one and fades in turn
-        wait = (1 - clock.into_minute) * 60 + max(0.0, 1 - room / current) * 60
+        wait = (1 - into) * 60 + max(0.0, 1 - room / current) * 60
     return round(wait, 3)  # to the millisecond: no float dust rounds a whole second up
 
 
-def until_empty(prev: int, current: int, clock: Clock) -> float:
+def until_empty(prev: int, current: int, into: float) -> float:
     """Seconds until the window counts nothing (OpenAI's x-ratelimit-reset-*)."""
     if current:
-        return (2 - clock.into_minute) * 60
-    return (1 - clock.into_minute) * 60 if prev else 0.0
+        return (2 - into) * 60
+    return (1 - into) * 60 if prev else 0.0
 
 
 def duration(seconds: float) -> str:
@@ -211,28 +291,46 @@ def duration(seconds: float) -> str:
     seconds = round(seconds, 3)
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
-    whole = math.ceil(seconds)
+    return _whole_seconds(math.ceil(seconds))
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_seconds(whole: int) -> str:
     minutes, rest = divmod(whole, 60)
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-def _rate(kind: str, limit: int, prev: int, current: int, clock: Clock) -> tuple[int, list[tuple[str, str]]]:
-    """What is left of a per-minute limit, and OpenAI's three headers saying so."""
-    left = max(0, math.floor(limit - windowed(prev, current, clock)))
-    return left, [(f"x-ratelimit-limit-{kind}", str(limit)), (f"x-ratelimit-remaining-{kind}", str(left)),
-                  (f"x-ratelimit-reset-{kind}", duration(until_empty(prev, current, clock)))]
+_HEADER_NAMES = {kind: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
+                 for kind in ("requests", "tokens")}
 
 
-def rate_headers(subjects: list[Subject], counters: list[Counter], clock: Clock) -> list[tuple[str, str]]:
-    """x-ratelimit-* for requests and for tokens, each from the subject with the least left."""
-    requests = tokens = (2**63, [])
-    for subject, counter in zip(subjects, counters):
+def _rate(kind: str, limit: int, prev: int, current: int, into: float) -> list[tuple[str, str]]:
+    """OpenAI's three headers for what is left of a per-minute limit."""
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+    return [(limit_name, str(limit)), (remaining_name, str(max(0, math.floor(limit - windowed(prev, current, into))))),
+            (reset_name, duration(until_empty(prev, current, into)))]
+
+
+def rate_headers(subjects: list[Subject], windows: list[tuple[int, int, int, int]], into: float) -> list[tuple[str, str]]:
+    """x-ratelimit-* for requests and for tokens, each from the subject with the least left; a window
+    is (previous minute's requests, this minute's, previous minute's tokens, this minute's)."""
+    requests = tokens = None
+    for subject, (prev_requests, current_requests, prev_tokens, current_tokens) in zip(subjects, windows):
         limits = subject.limits
         if limits.rpm is not None:
-            requests = min(requests, _rate("requests", limits.rpm, counter.prev_requests, counter.requests, clock))
+            left = limits.rpm - windowed(prev_requests, current_requests, into)
+            if requests is None or left < requests[0]:
+                requests = (left, limits.rpm, prev_requests, current_requests)
         if limits.tpm is not None:
-            tokens = min(tokens, _rate("tokens", limits.tpm, counter.prev_tokens, counter.tokens, clock))
-    return requests[1] + tokens[1]
+            left = limits.tpm - windowed(prev_tokens, current_tokens, into)
+            if tokens is None or left < tokens[0]:
+                tokens = (left, limits.tpm, prev_tokens, current_tokens)
+    headers = _rate("requests", *requests[1:], into) if requests else []
+    return headers + _rate("tokens", *tokens[1:], into) if tokens else headers
+
+
+def _window(counter: Counter) -> tuple[int, int, int, int]:
+    return counter.prev_requests, counter.requests, counter.prev_tokens, counter.tokens
 
 
 class Governor:
@@ -250,10 +348,29 @@ class Governor:
         self._prefix = _RESERVATION + self.holder.encode() + b":"
         self._serials = itertools.count(1)  # next() is atomic: threads may admit at once
         self._subjects: dict[int, tuple[Principal, list[Subject]]] = {}
+        self._lock = threading.Lock()  # the leases below, shared by the threads that admit
+        self._open: dict[str, Lease] = {}  # subject id -> the lease admitting its requests now
+        self._closed: list[Lease] = []  # leases given back, waiting for their requests to settle
+        self._lease_sizes: dict[str, int] = {}  # subject id -> requests its next lease is for
         self._load_throughput()
 
     def close(self) -> None:
-        """Stop holding: this governor's reservations are released by the next sweep."""
+        """Stop holding: every lease is given back (what requests still in flight hold, as unused), and
+        this governor's reservations are released by the next sweep."""
+        with self._lock:
+            leases = [*self._open.values(), *self._closed]
+            if leases:
+                clock = Clock(time.time())
+                with self.env.begin(write=True) as txn:
+                    counters: dict[bytes, Counter] = {}
+                    for lease in leases:
+                        key = lease.subject.key
+                        counter = counters[key] = counters.get(key) or self._counter(txn, key, clock)
+                        _give_back(txn, lease, counter, clock, finished=True)
+                    for key, counter in counters.items():
+                        txn.put(key, _encode(counter))
+            self._open.clear()
+            self._closed.clear()
         self.env.close()
         (self.ledger_dir / HOLDERS / (self.holder + LOCK_SUFFIX)).unlink(missing_ok=True)
         os.close(self._lock_fd)
@@ -267,27 +384,141 @@ class Governor:
         subjects = self._subjects_of(principal)
         if not subjects:
             return UNLIMITED
-        clock = Clock(time.time() if now is None else now)
-        ticket_id = self._prefix + next(self._serials).to_bytes(8, "big")
-        with self.env.begin(write=True) as txn:
-            counters = []
+        now = time.time() if now is None else now
+        with self._lock:
+            leases = []
             for subject in subjects:
-                raw = txn.get(subject.key)
-                counter = _decode_counter(raw) if raw is not None else Counter()
-                counter.roll(clock)
-                _check(subject, counter, worst_tokens, worst_cost, clock)
-                counters.append(counter)
+                lease = self._open.get(subject.id)
+                if lease is None or not lease.fits(worst_tokens, worst_cost, now):
+                    return self._admit_in_ledger(subjects, worst_tokens, worst_cost, Clock(now))
+                leases.append(lease)
+            for lease in leases:
+                lease.take(worst_tokens, worst_cost)
+            return self._leased_ticket(leases, worst_tokens, worst_cost, now)
+
+    def _admit_in_ledger(self, subjects: list[Subject], worst_tokens: int, worst_cost: float, clock: Clock) -> Ticket:
+        """One write transaction: give back this process's finished and unfitting leases, check every
+        limit, then grant leases where there is plenty of room, or else reserve this request alone."""
+        refusal = None
+        leases: list[Lease] = []
+        with self.env.begin(write=True) as txn:
+            counters, given_back = self._give_back_leases(txn, subjects, clock)
+            try:
+                for subject, counter in zip(subjects, counters):
+                    _check(subject, counter, worst_tokens, worst_cost, clock)
+            except (RateLimited, QuotaExceeded) as exc:
+                refusal = exc
+            if refusal is None:
+                sizes = [min(self._lease_sizes.get(s.id, LEASE_START), _lease_room(s, c, worst_tokens, worst_cost, clock))
+                         for s, c in zip(subjects, counters)]
+                if min(sizes) >= LEASE_MIN:
+                    leases = [self._grant(txn, s, c, n, worst_tokens, worst_cost, clock)
+                              for s, c, n in zip(subjects, counters, sizes)]
+                else:
+                    ticket_id = self._prefix + next(self._serials).to_bytes(8, "big")
+                    for counter in counters:
+                        counter.in_flight += 1
+                        counter.requests += 1
+                        counter.tokens += worst_tokens
+                        counter.reserved_tokens += worst_tokens
+                        counter.reserved_cost += worst_cost
+                    ids = [s.id for s in subjects]
+                    txn.put(ticket_id, _encode(Reservation(ids, worst_tokens, worst_cost, clock.minute)))
             for subject, counter in zip(subjects, counters):
-                counter.in_flight += 1
-                counter.requests += 1
-                counter.tokens += worst_tokens
-                counter.reserved_tokens += worst_tokens
-                counter.reserved_cost += worst_cost
                 txn.put(subject.key, _encode(counter))
-            ids = [s.id for s in subjects]
-            txn.put(ticket_id, _encode(Reservation(ids, worst_tokens, worst_cost, clock.minute)))
-        headers = rate_headers(subjects, counters, clock) if any(s.rated for s in subjects) else []
+        given_back()  # committed: now this process forgets what it gave back
+        if refusal is not None:
+            if isinstance(refusal, RateLimited):  # room other workers lease comes back within LEASE_S
+                refusal.held = any(c.leases for c in counters)
+            raise refusal
+        if leases:
+            for subject, lease in zip(subjects, leases):
+                self._open[subject.id] = lease
+                lease.take(worst_tokens, worst_cost)
+            return self._leased_ticket(leases, worst_tokens, worst_cost, clock.now)
+        headers = rate_headers(subjects, [_window(c) for c in counters], clock.into_minute) if any(s.rated for s in subjects) else []
         return Ticket(ticket_id, ids, headers)
+
+    def _leased_ticket(self, leases: list[Lease], worst_tokens: int, worst_cost: float, now: float) -> Ticket:
+        headers = []
+        if any(lease.subject.rated for lease in leases):
+            headers = rate_headers([lease.subject for lease in leases], [_as_seen(lease) for lease in leases],
+                                   (now % 60) / 60)
+        return Ticket(b"", [], headers, leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
+
+    def _grant(self, txn, subject: Subject, counter: Counter, n: int, worst_tokens: int, worst_cost: float,
+               clock: Clock) -> Lease:
+        """Room for n requests like this one, counted in the ledger now."""
+        base = msgspec.structs.replace(counter)
+        record = LeaseRecord(subject.id, n, n, n * worst_tokens, n * worst_cost, clock.minute)
+        counter.in_flight += n
+        counter.requests += n
+        counter.tokens += record.tokens
+        counter.reserved_tokens += record.tokens
+        counter.reserved_cost += record.cost
+        counter.leases += 1
+        key = _LEASE + self.holder.encode() + b":" + next(self._serials).to_bytes(8, "big")
+        txn.put(key, _encode(record))
+        expires = min(clock.now + LEASE_S, (clock.minute + 1) * 60.0)
+        return Lease(key, subject, record, base, clock.now, expires, n, n, record.tokens, record.cost)
+
+    def _give_back_leases(self, txn, subjects: list[Subject], clock: Clock):
+        """The subjects' counters, once this process has given back, in `txn`, the free room of its
+        leases on them and everything of its closed leases whose requests have all settled. Returns
+        the counters and what to call once `txn` is committed."""
+        closing = [lease for s in subjects if (lease := self._open.get(s.id)) is not None]
+        finished = [lease for lease in self._closed if lease.in_flight == 0]
+        counters = {s.id: self._counter(txn, s.key, clock) for s in subjects}
+        for lease in finished + closing:
+            subject_id = lease.subject.id
+            if subject_id not in counters:
+                counters[subject_id] = self._counter(txn, lease.subject.key, clock)
+            _give_back(txn, lease, counters[subject_id], clock, finished=lease.in_flight == 0)
+        for subject_id, counter in counters.items():
+            if subject_id not in {s.id for s in subjects}:
+                txn.put(_SUBJECT + subject_id.encode(), _encode(counter))
+
+        def given_back() -> None:
+            for lease in closing:
+                del self._open[lease.subject.id]
+                self._adapt(lease, clock.now)
+                _forget_free_room(lease)
+                if lease.in_flight:
+                    self._closed.append(lease)
+            for lease in finished:
+                self._closed.remove(lease)
+
+        return [counters[s.id] for s in subjects], given_back
+
+    def _adapt(self, lease: Lease, now: float) -> None:
+        """The next lease of its subject: bigger when this one ran out early, smaller when it sat unused."""
+        size = self._lease_sizes.get(lease.subject.id, LEASE_START)
+        if now < lease.expires and now - lease.granted < LEASE_S / 2:
+            size = min(size * 2, LEASE_MAX)
+        elif lease.requests > lease.record.requests // 2:
+            size = max(size // 2, LEASE_MIN)
+        self._lease_sizes[lease.subject.id] = size
+
+    def return_leases(self, now: float | None = None, every: bool = False) -> None:
+        """Give back the leases of this process that are expired (or `every` one), and those whose
+        requests have settled. The gateway calls it every second: idle room goes back to the
+        other workers."""
+        clock = Clock(time.time() if now is None else now)
+        with self._lock:
+            expired = [lease.subject for lease in self._open.values() if every or clock.now >= lease.expires]
+            if not expired and not any(lease.in_flight == 0 for lease in self._closed):
+                return
+            with self.env.begin(write=True) as txn:
+                counters, given_back = self._give_back_leases(txn, expired, clock)
+                for subject, counter in zip(expired, counters):
+                    txn.put(subject.key, _encode(counter))
+            given_back()
+
+    def _counter(self, txn, key: bytes, clock: Clock) -> Counter:
+        raw = txn.get(key)
+        counter = _decode_counter(raw) if raw is not None else Counter()
+        counter.roll(clock)
+        return counter
 
     def _subjects_of(self, principal: Principal) -> list[Subject]:
         """subjects_of, once per principal (the key cache resolves each key's once and reuses it)."""
@@ -306,6 +537,11 @@ class Governor:
         if ticket.settled:
             return
         ticket.settled = True
+        if ticket.leases is not None:
+            with self._lock:
+                for lease in ticket.leases:
+                    lease.settle(ticket.worst_tokens, ticket.worst_cost, tokens, cost)
+            return
         clock = Clock(time.time() if now is None else now)
         with self.env.begin(write=True) as txn:
             raw = txn.pop(ticket.id)
@@ -321,7 +557,8 @@ class Governor:
         self.env.reader_check()
         released = 0
         with self.env.begin() as txn:
-            holders = {key[len(_RESERVATION):].split(b":", 1)[0].decode() for key in _keys(txn, _RESERVATION)}
+            holders = {key[2:].split(b":", 1)[0].decode() for prefix in (_RESERVATION, _LEASE)
+                       for key in _keys(txn, prefix)}
         holders |= {path.name.removesuffix(LOCK_SUFFIX) for path in (self.ledger_dir / HOLDERS).glob("*" + LOCK_SUFFIX)}
         for holder in holders - {self.holder}:
             lock_fd = _dead(self.ledger_dir / HOLDERS / (holder + LOCK_SUFFIX))
@@ -332,6 +569,9 @@ class Governor:
                     prefix = _RESERVATION + holder.encode() + b":"
                     for key in list(_keys(txn, prefix)):
                         _release(txn, _decode_reservation(txn.pop(key)), 0, 0.0, clock)
+                        released += 1
+                    for key in list(_keys(txn, _LEASE + holder.encode() + b":")):
+                        _spend_lease(txn, _decode_lease(txn.pop(key)), clock)
                         released += 1
                 (self.ledger_dir / HOLDERS / (holder + LOCK_SUFFIX)).unlink(missing_ok=True)
             finally:
@@ -371,7 +611,9 @@ class Governor:
         return True
 
     def usage(self, subject: str, now: float | None = None) -> Counter:
-        """A subject's counters as of `now` (k:<key id> or t:<team id>)."""
+        """A subject's counters as of `now` (k:<key id> or t:<team id>), once this process has given
+        back its leases."""
+        self.return_leases(now, every=True)
         clock = Clock(time.time() if now is None else now)
         with self.env.begin() as txn:
             raw = txn.get(_SUBJECT + subject.encode())
@@ -410,33 +652,33 @@ def _check(subject: Subject, counter: Counter, worst_tokens: int, worst_cost: fl
         raise RateLimited(f"Too many parallel requests for {who}: its limit is {limits.max_parallel} at once "
                           f"(max_parallel). Wait for one to finish.", retry_after=1.0, type="requests")
     if limits.rpm is not None:
-        wait = wait_until_fits(counter.prev_requests, counter.requests, 1, limits.rpm, clock)
+        wait = wait_until_fits(counter.prev_requests, counter.requests, 1, limits.rpm, clock.into_minute)
         if wait > 0:
             raise RateLimited(f"Rate limit reached for {who}: {limits.rpm} requests per minute (rpm). "
                               f"Try again in {duration(wait)}.", retry_after=wait, type="requests",
-                              limits=dict(_rate("requests", limits.rpm, counter.prev_requests, counter.requests, clock)[1]))
+                              limits=dict(_rate("requests", limits.rpm, counter.prev_requests, counter.requests, clock.into_minute)))
     if limits.tpm is not None:
-        wait = wait_until_fits(counter.prev_tokens, counter.tokens, worst_tokens, limits.tpm, clock)
+        wait = wait_until_fits(counter.prev_tokens, counter.tokens, worst_tokens, limits.tpm, clock.into_minute)
         if wait > 0:
             too_big = worst_tokens > limits.tpm
             reason = (f"this request may use up to {worst_tokens} tokens, more than the limit itself; lower "
                       f"max_tokens" if too_big else f"Try again in {duration(wait)}")
             raise RateLimited(f"Rate limit reached for {who}: {limits.tpm} tokens per minute (tpm); {reason}.",
                               retry_after=wait, type="tokens",
-                              limits=dict(_rate("tokens", limits.tpm, counter.prev_tokens, counter.tokens, clock)[1]))
+                              limits=dict(_rate("tokens", limits.tpm, counter.prev_tokens, counter.tokens, clock.into_minute)))
     spent_tokens, spent_cost = counter.spent(limits.period)
     if limits.budget_tokens is not None and spent_tokens + counter.reserved_tokens + worst_tokens > limits.budget_tokens:
         left = max(0, limits.budget_tokens - spent_tokens - counter.reserved_tokens)
         raise QuotaExceeded(f"The token budget of {who} for this {limits.period} ({limits.budget_tokens} tokens, "
                             f"budget_tokens) has {left} tokens left, fewer than this request may use ({worst_tokens}).",
                             retry_after=clock.period_end(limits.period) - clock.now,
-                            held_by_requests_in_flight=spent_tokens + worst_tokens <= limits.budget_tokens)
+                            held=spent_tokens + worst_tokens <= limits.budget_tokens)
     if limits.budget_cost is not None and spent_cost + counter.reserved_cost + worst_cost > limits.budget_cost:
         left = max(0.0, limits.budget_cost - spent_cost - counter.reserved_cost)
         raise QuotaExceeded(f"The cost budget of {who} for this {limits.period} ({limits.budget_cost:g}, "
                             f"budget_cost) has {left:.6g} left, less than this request may cost ({worst_cost:.6g}).",
                             retry_after=clock.period_end(limits.period) - clock.now,
-                            held_by_requests_in_flight=spent_cost + worst_cost <= limits.budget_cost)
+                            held=spent_cost + worst_cost <= limits.budget_cost)
 
 
 def _release(txn: lmdb.Transaction, reservation: Reservation, tokens: int, cost: float, clock: Clock) -> None:
@@ -451,16 +693,117 @@ def _release(txn: lmdb.Transaction, reservation: Reservation, tokens: int, cost:
         counter.in_flight = max(0, counter.in_flight - 1)
         counter.reserved_tokens = max(0, counter.reserved_tokens - reservation.tokens)
         counter.reserved_cost = max(0.0, counter.reserved_cost - reservation.cost)
-        counter.day_tokens += tokens
-        counter.month_tokens += tokens
-        counter.day_cost += cost
-        counter.month_cost += cost
-        correction = tokens - reservation.tokens  # the minute's tokens counted the worst case
-        if reservation.minute == counter.minute:
-            counter.tokens = max(0, counter.tokens + correction)
-        elif reservation.minute == counter.minute - 1:
-            counter.prev_tokens = max(0, counter.prev_tokens + correction)
+        _spend(counter, tokens, cost)
+        _uncount(counter, reservation.minute, 0, reservation.tokens - tokens)  # the window counted the worst case
         txn.put(key, _encode(counter))
+
+
+def _lease_room(subject: Subject, counter: Counter, worst_tokens: int, worst_cost: float, clock: Clock) -> int:
+    """How many requests like this one a lease may take from the subject: 1/LEASE_SHARE of what
+    each of its limits has left (all of them count, even those that only rate-limit)."""
+    limits, room = subject.limits, LEASE_MAX
+    if limits.max_parallel is not None:
+        room = min(room, (limits.max_parallel - counter.in_flight) // LEASE_SHARE)
+    if limits.rpm is not None:
+        room = min(room, int((limits.rpm - windowed(counter.prev_requests, counter.requests, clock.into_minute)) / LEASE_SHARE))
+    if limits.tpm is not None:
+        left = limits.tpm - windowed(counter.prev_tokens, counter.tokens, clock.into_minute)
+        room = min(room, int(left / LEASE_SHARE / max(worst_tokens, 1)))
+    spent_tokens, spent_cost = counter.spent(limits.period)
+    if limits.budget_tokens is not None:
+        left = limits.budget_tokens - spent_tokens - counter.reserved_tokens
+        room = min(room, int(left / LEASE_SHARE / max(worst_tokens, 1)))
+    if limits.budget_cost is not None and worst_cost > 0:
+        left = limits.budget_cost - spent_cost - counter.reserved_cost
+        room = min(room, int(left / LEASE_SHARE / worst_cost))
+    return room
+
+
+def _as_seen(lease: Lease) -> tuple[int, int, int, int]:
+    """The lease's subject's window as this process sees it: as granted, plus what the lease handed out."""
+    base, record = lease.base, lease.record
+    return (base.prev_requests, base.requests + record.requests - lease.requests, base.prev_tokens,
+            base.tokens + record.tokens - lease.tokens)
+
+
+def _free_room(lease: Lease) -> tuple[int, int, int, float]:
+    """What an open lease has not handed out: slots, requests, tokens, cost."""
+    if not lease.record.open:
+        return 0, 0, 0, 0.0
+    return lease.slots, lease.requests, max(lease.tokens, 0), max(lease.cost, 0.0)
+
+
+def _shrunk(lease: Lease) -> LeaseRecord:
+    """The lease's record once its free room is given back: closed."""
+    record = lease.record
+    slots, requests, tokens, cost = _free_room(lease)
+    return LeaseRecord(record.subject, record.slots - slots, record.requests - requests, record.tokens - tokens,
+                       record.cost - cost, record.minute, open=False)
+
+
+def _forget_free_room(lease: Lease) -> None:
+    """This process's side of _give_back, once the ledger has it."""
+    if lease.record.open:
+        lease.record = _shrunk(lease)
+        lease.slots = lease.requests = 0
+        lease.tokens, lease.cost = min(lease.tokens, 0), min(lease.cost, 0.0)
+
+
+def _give_back(txn: lmdb.Transaction, lease: Lease, counter: Counter, clock: Clock, *, finished: bool) -> None:
+    """Into `counter` and the lease's record: the free room of an open lease; and, once its requests
+    are `finished`, everything it holds, what they used counted as spent."""
+    record = lease.record
+    if record.open:
+        slots, requests, tokens, cost = _free_room(lease)
+        counter.leases = max(0, counter.leases - 1)
+        counter.in_flight = max(0, counter.in_flight - slots)
+        counter.reserved_tokens = max(0, counter.reserved_tokens - tokens)
+        counter.reserved_cost = max(0.0, counter.reserved_cost - cost)
+        _uncount(counter, record.minute, requests, tokens)
+        record = _shrunk(lease)
+    if not finished:
+        txn.put(lease.key, _encode(record))
+        return
+    # What it still holds is what its requests used, plus the worst cases they did not use.
+    txn.delete(lease.key)
+    counter.in_flight = max(0, counter.in_flight - record.slots)
+    counter.reserved_tokens = max(0, counter.reserved_tokens - record.tokens)
+    counter.reserved_cost = max(0.0, counter.reserved_cost - record.cost)
+    _uncount(counter, record.minute, 0, record.tokens - lease.used_tokens)
+    _spend(counter, lease.used_tokens, lease.used_cost)
+
+
+def _spend_lease(txn: lmdb.Transaction, record: LeaseRecord, clock: Clock) -> None:
+    """A dead holder's lease: all it held counts as spent (what it handed out died with it)."""
+    key = _SUBJECT + record.subject.encode()
+    raw = txn.get(key)
+    if raw is None:
+        return
+    counter = _decode_counter(raw)
+    counter.roll(clock)
+    counter.leases = max(0, counter.leases - record.open)
+    counter.in_flight = max(0, counter.in_flight - record.slots)
+    counter.reserved_tokens = max(0, counter.reserved_tokens - record.tokens)
+    counter.reserved_cost = max(0.0, counter.reserved_cost - record.cost)
+    _spend(counter, record.tokens, record.cost)
+    txn.put(key, _encode(counter))
+
+
+def _spend(counter: Counter, tokens: int, cost: float) -> None:
+    counter.day_tokens += tokens
+    counter.month_tokens += tokens
+    counter.day_cost += cost
+    counter.month_cost += cost
+
+
+def _uncount(counter: Counter, minute: int, requests: int, tokens: int) -> None:
+    """Take requests and tokens counted in `minute` off the per-minute window (negative: add them)."""
+    if minute == counter.minute:
+        counter.requests = max(0, counter.requests - requests)
+        counter.tokens = max(0, counter.tokens - tokens)
+    elif minute == counter.minute - 1:
+        counter.prev_requests = max(0, counter.prev_requests - requests)
+        counter.prev_tokens = max(0, counter.prev_tokens - tokens)
 
 
 def _keys(txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:

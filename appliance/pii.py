@@ -8,10 +8,12 @@ within a short window decides, and words such as 주문번호 or "tracking" spea
 Where matches overlap, the more specific kind wins, in the order of KINDS. docs/pii.md
 states every rule; bench/pii_accuracy.py measures them on tests/pii_corpus/.
 
-Ordinary chat text must cost little: substring tests and two short regex searches skip
-the detectors that cannot match. Boundaries are ASCII-only lookarounds, never \\b, so
-Korean particles right after a value ("010-1234-5678로", "…-1234567이야") do not hide it.
-Full-width digits and dashes count as ASCII ones.
+Ordinary chat text must cost little (bench/policy_micro.py): a text without a digit, an
+"@" or a secret's prefix is passed over after a few byte and substring tests; a numeric
+detector runs only when the text's runs of digits could make one of its values, and only
+over the stretch from the first digit to the last. Boundaries are ASCII-only lookarounds,
+never \\b, so Korean particles right after a value ("010-1234-5678로", "…-1234567이야") do
+not hide it. Full-width digits and dashes count as ASCII ones.
 """
 
 from __future__ import annotations
@@ -66,31 +68,52 @@ def detector(name: str) -> str:
     raise InvalidRequest(f"unknown PII detector {name!r}: one of {names}", param="pii")
 
 
-_SECRET_HINTS = ("sk-", "AKIA", "ASIA", "gh", "github_pat_", "xox", "AIza", "eyJ", "PRIVATE KEY", "earer", "EARER")
+# Each secret pattern with the strings one of which it always holds.
 _SECRETS = [
-    re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----(?:[\s\S]*?-----END \1PRIVATE KEY-----)?"),
-    re.compile(r"(?<![A-Za-z0-9_])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"),
-    re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"),
-    re.compile(r"(?<![A-Za-z0-9_-])xox[abprs]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])"),
-    re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
+    (("PRIVATE KEY",),
+     re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----(?:[\s\S]*?-----END \1PRIVATE KEY-----)?")),
+    (("AKIA", "ASIA"), re.compile(r"(?<![A-Za-z0-9_])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])")),
+    (("gh", "github_pat_"),
+     re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})")),
+    (("xox",), re.compile(r"(?<![A-Za-z0-9_-])xox[abprs]-[A-Za-z0-9-]{10,}")),
+    (("AIza",), re.compile(r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])")),
+    (("eyJ",), re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")),
 ]
 # Tokens whose prefix alone is a common word start: they must also look random.
-_RANDOM_LOOKING_SECRETS = [
-    re.compile(r"(?<![A-Za-z0-9_-])(sk-[A-Za-z0-9_-]{20,})"),  # OpenAI and this appliance (sk-ap-...)
-    re.compile(r"(?<![A-Za-z0-9_])(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)"),
-]
+_SK_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])(sk-[A-Za-z0-9_-]{20,})")  # OpenAI and this appliance (sk-ap-...)
+_BEARER_TOKEN = re.compile(r"(?<![A-Za-z0-9_])(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)")
 
 # Gates: every numeric kind but IP addresses holds a run of 5 digits, or two groups of 3
 # digits or more with a separator between, or (new passports) 3 digits, a letter, 4 digits.
+# _NUMBER_GATE is read on a text with full-width forms or dashes, _NUMBER_SHAPE on any other.
 _DIGIT_CLASS = "[0-9\uff10-\uff19]"
 _NUMBER_GATE = re.compile(f"{_DIGIT_CLASS}{{3}}(?:{_DIGIT_CLASS}{{2}}|[ .)\\-\uff0d\u2010-\u2013\u2212]{{1,2}}"
                           f"{_DIGIT_CLASS}{{3}}|[A-Z]{_DIGIT_CLASS}{{4}})")
-_DOTTED_GATE = re.compile(r"[0-9]\.[0-9]{1,3}\.[0-9]")
+# Written to start with a literal, which the regex engine skips to: a digit, a dot, 1 to 3 digits, a dot, a digit.
+_DOTTED_GATE = re.compile(r"\.(?<=[0-9]\.)[0-9]{1,3}\.[0-9]")
+_FULL_WIDTH_DIGIT = re.compile("[\uff10-\uff19]")
 _UNUSUAL = re.compile("[\uff10-\uff19\uff0d\uff0b\uff08\uff09\u2010-\u2013\u2212]")
 # Same length in and out, so positions in the translated text are positions in the original.
 _TO_ASCII = str.maketrans({**{chr(0xFF10 + n): str(n) for n in range(10)}, "\uff0b": "+", "\uff08": "(",
                            "\uff09": ")", **dict.fromkeys("\uff0d\u2010\u2011\u2012\u2013\u2212", "-")})
+
+# The gates mostly read a text's "marks": its UTF-8 bytes, one bytes.translate away: "0" for a
+# digit, "." for a dot, "s" for the number gate's other separators (space, ")" and "-"), "A" for a
+# capital, "@" for itself, "!" for the lead byte of U+2000-2FFF and U+F000-FFFF (where the dashes
+# and full-width forms of _UNUSUAL are), "c" for a continuation byte (not a character of its own)
+# and "x" for any other byte. Searching the marks is many times faster than searching the text: a
+# mark is found with a memchr (`int in bytes`, while `bytes in bytes` first tries its needle as an
+# int and that failure costs more), and the patterns on marks start with a literal, which the
+# regex engine skips to instead of trying each position.
+_ASCII_DIGITS = b"0123456789"
+_DIGIT_MARK, _AT_MARK, _WIDE_MARK, _CONTINUATION_MARK = b"0@!c"
+_MARKS = bytes(_DIGIT_MARK if byte in _ASCII_DIGITS else byte if byte in b".@" else ord("s") if byte in b" )-"
+               else ord("A") if 65 <= byte <= 90 else _WIDE_MARK if byte in (0xE2, 0xEF)
+               else _CONTINUATION_MARK if 0x80 <= byte <= 0xBF else ord("x") for byte in range(256))
+_NUMBER_SHAPE = re.compile(rb"000(?:00|[.s]{1,2}000|A0000)")  # _NUMBER_GATE on a text without "!"
+_RUNS_ONLY = bytes(_DIGIT_MARK if byte == _DIGIT_MARK else 32 for byte in range(256))
+_NOT_DIGITS = bytes(byte for byte in range(256) if byte not in _ASCII_DIGITS)
+_NO_RUNS = (0, 0, 0, 0)
 
 _END = r"(?![0-9A-Za-z_]|[.-][0-9A-Za-z])"  # not followed by more of the number, nor a file extension
 # Birth date YYMMDD, gender and century digit, six more digits; 1-4 resident, 5-8 foreigner.
@@ -129,10 +152,15 @@ _CARD_PREFIXES = re.compile(r"4|5|6|3[46-9]|30[0-5]|35(?:2[89]|[3-8][0-9])|2(?:2
 
 
 def _words(korean: str, english: str = "", acronyms: str = "") -> re.Pattern:
-    """Context words: Korean ones anywhere, English ones at a word start in any case, acronyms whole and in capitals."""
+    """Context words: Korean ones anywhere, English ones at a word start in any case, acronyms whole and in capitals.
+
+    Before the English words, a lookahead for their first letters (in either case, and the four
+    letters beyond ASCII that match ASCII ones when case is ignored: İ ı ſ K) changes no match but
+    spares trying every word, case folded, at each position: most of the cost of a context check."""
     parts = [korean]
     if english:
-        parts.append(f"(?<![A-Za-z])(?i:{english})")
+        initials = "".join(sorted({word[0] for word in english.split("|")}))
+        parts.append(f"(?<![A-Za-z])(?=[{initials}{initials.upper()}\u0130\u0131\u017f\u212a])(?i:{english})")
     if acronyms:
         parts.append(f"(?<![A-Za-z])(?:{acronyms})(?![A-Za-z])")
     return re.compile("|".join(parts))
@@ -160,24 +188,38 @@ def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[Match]:
     With `kinds`, only those (the same matches as without, filtered: a phone number is
     never masked as a bank account because phone numbers were not asked for).
     """
-    wanted = KINDS if kinds is None else _known(kinds)
+    wanted, plan = _plan(_KIND_SET if kinds is None else frozenset(kinds))
     if not wanted:
         return []
-    has_number = _NUMBER_GATE.search(text) is not None
-    checked = text.translate(_TO_ASCII) if has_number and _UNUSUAL.search(text) else text
+    marks = _marks(text)
+    wide = _WIDE_MARK in marks  # full-width forms or dashes may be here
+    digits = _DIGIT_MARK in marks or (wide and _FULL_WIDTH_DIGIT.search(text) is not None)
+    if not digits and _AT_MARK not in marks and not _may_hold_secret(text):
+        return []  # ordinary text: no detector can match
+    if wide:
+        has_number = digits and _NUMBER_GATE.search(text) is not None
+        checked = text.translate(_TO_ASCII) if has_number and _UNUSUAL.search(text) else text
+        if checked is not text:
+            marks = _marks(checked)
+    else:
+        has_number, checked = digits and _NUMBER_SHAPE.search(marks) is not None, text
+    runs, start, end = (_digit_runs(marks), *_digits_span(marks, len(checked))) if has_number else (_NO_RUNS, 0, 0)
+    left = sum(runs)  # digits outside the matches kept: a numeric match holds some and may overlap no kept one
     found: list[Match] = []
-    last = max(KINDS.index(kind) for kind in wanted)
-    for kinds_found, numeric, find in _DETECTORS:
-        if KINDS.index(kinds_found[0]) > last:
-            break
-        if has_number or not numeric:
-            for match in find(checked, found):
-                if not _overlaps(found, match.start, match.end):
-                    found.append(match)
+    for numeric, needs, find in plan:
+        if numeric and not left or needs is not None and not needs(runs, checked):
+            continue  # it could find nothing (that is kept)
+        for match in find(checked, found, start, end) if numeric else find(checked, found):
+            if not _overlaps(found, match.start, match.end):
+                found.append(match)
+                if left:
+                    left -= _count_digits(match.value)
     chosen = [match for match in found if match.kind in wanted]
     if checked is not text:
         chosen = [Match(m.kind, m.start, m.end, text[m.start : m.end]) for m in chosen]
-    return sorted(chosen, key=lambda match: match.start)
+    if len(chosen) > 1:
+        chosen.sort(key=lambda match: match.start)
+    return chosen
 
 
 def mask_text(text: str, kinds: Iterable[str] | None = None) -> tuple[str, Counter]:
@@ -267,15 +309,52 @@ def mask_table(table: pa.Table) -> tuple[pa.Table, dict]:
     return pa.Table.from_arrays(columns, schema=table.schema), _all_kinds(counts)
 
 
-def _known(kinds: Iterable[str]) -> frozenset[str]:
-    wanted = frozenset(kinds)
+@functools.lru_cache(maxsize=256)
+def _plan(wanted: frozenset[str]) -> tuple[frozenset[str], list]:
+    """`wanted`, and the detectors to run for it: those of its kinds and of every kind before them,
+    whose matches take precedence."""
     if not wanted <= _KIND_SET:
         raise ValueError(f"unknown PII kinds {sorted(wanted - _KIND_SET)}: one of {', '.join(KINDS)}")
-    return wanted
+    last = max((KINDS.index(kind) for kind in wanted), default=-1)
+    return wanted, [(numeric, needs, find) for kinds, numeric, needs, find in _DETECTORS
+                    if KINDS.index(kinds[0]) <= last]
+
+
+def _marks(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass").translate(_MARKS)
+
+
+def _count_digits(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS))
+
+
+def _digit_runs(marks: bytes) -> list[int]:
+    """The lengths of the runs of ASCII digits in a text, from its marks: longest first, then four
+    zeros (so that runs[3] is the fourth longest or 0)."""
+    runs = list(map(len, marks.translate(_RUNS_ONLY).split()))
+    runs.sort(reverse=True)
+    runs.extend(_NO_RUNS)
+    return runs
+
+
+def _digits_span(marks: bytes, length: int) -> tuple[int, int]:
+    """Where in a text of `length` characters, from its marks, a numeric kind's regex is searched.
+
+    Each starts at a digit or one character before ("+", "(" or a passport's letter), ends with a
+    digit, and looks at most two characters past its end: so it finds the same matches between one
+    character before the first digit and two after the last as in the whole text (a lookbehind
+    still sees what is before)."""
+    first, last = marks.find(_DIGIT_MARK), marks.rfind(_DIGIT_MARK)
+    first -= marks.count(_CONTINUATION_MARK, 0, first)  # bytes to characters
+    last -= marks.count(_CONTINUATION_MARK, 0, last)
+    return max(first - 1, 0), min(last + 3, length)
 
 
 def _overlaps(taken: list[Match], start: int, end: int) -> bool:
-    return any(start < kept.end and kept.start < end for kept in taken)
+    for kept in taken:  # a loop: any() over a generator costs more for the few matches here
+        if start < kept.end and kept.start < end:
+            return True
+    return False
 
 
 def _context(text: str, start: int, end: int, words: re.Pattern, against: re.Pattern) -> bool | None:
@@ -297,13 +376,18 @@ def _distance(words: re.Pattern, text: str, start: int, end: int) -> int | None:
     return best
 
 
+def _may_hold_secret(text: str) -> bool:
+    """Whether secrets are looked for in `text` (written out: a loop over the strings costs twice as much)."""
+    return ("sk-" in text or "AKIA" in text or "ASIA" in text or "gh" in text or "github_pat_" in text or "xox" in text
+            or "AIza" in text or "eyJ" in text or "PRIVATE KEY" in text or "earer" in text or "EARER" in text)
+
+
 def _secrets(text: str, taken: list[Match]) -> Iterator[Match]:
-    if not any(hint in text for hint in _SECRET_HINTS):
-        return
-    for pattern in _SECRETS:
-        for found in pattern.finditer(text):
-            yield Match(SECRET, found.start(), found.end(), found.group())
-    for pattern in _RANDOM_LOOKING_SECRETS:
+    for needles, pattern in _SECRETS:
+        if any(needle in text for needle in needles):
+            for found in pattern.finditer(text):
+                yield Match(SECRET, found.start(), found.end(), found.group())
+    for pattern in (_SK_TOKEN, _BEARER_TOKEN) if "sk-" in text else (_BEARER_TOKEN,):
         for found in pattern.finditer(text):
             token = found.group(1)
             if _looks_random(token):
@@ -315,12 +399,12 @@ def _looks_random(token: str) -> bool:
     return bool(_DIGIT.search(token)) or (any(ch.isupper() for ch in token[1:]) and any(ch.islower() for ch in token))
 
 
-def _registrations(text: str, taken: list[Match]) -> Iterator[Match]:
+def _registrations(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """Resident (kr_rrn, gender digit 1-4) and foreigner (kr_frn, 5-8) registration numbers: a
     real past birth date, and an identity word as the closest context word, or no context word
     and either the hyphen or a valid check digit. Numbers issued since October 2020 carry no
     valid check digit, so the hyphenated form needs none."""
-    for found in _REGISTRATION.finditer(text):
+    for found in _REGISTRATION.finditer(text, start, end):
         date, hyphen, gender, rest = found.groups()
         if not _is_past_birth_date(date, gender):
             continue
@@ -347,10 +431,10 @@ def _registration_check_ok(digits: str, foreign: bool) -> bool:
     return last == (11 - total % 11) % 10 or (foreign and last == (13 - total % 11) % 10)
 
 
-def _kr_brns(text: str, taken: list[Match]) -> Iterator[Match]:
+def _kr_brns(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """Business registration numbers: 3-2-5 digits with a valid check digit; without the
     hyphens, only next to a business word; never when an account word is closer."""
-    for found in _BRN.finditer(text):
+    for found in _BRN.finditer(text, start, end):
         office, hyphen, kind, serial = found.groups()
         digits = office + kind + serial
         if office < "101" or kind == "00" or serial[:4] == "0000" or not _brn_check_ok(digits):
@@ -366,10 +450,10 @@ def _brn_check_ok(digits: str) -> bool:
     return int(digits[9]) == (10 - total % 10) % 10
 
 
-def _credit_cards(text: str, taken: list[Match]) -> Iterator[Match]:
+def _credit_cards(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """An issuer prefix and the Luhn check; a bare digit run is dropped when a reference word is
     closer than any card word."""
-    for found in _CREDIT_CARD.finditer(text):
+    for found in _CREDIT_CARD.finditer(text, start, end):
         candidate = found.group()
         digits = re.sub(r"[ -]", "", candidate)
         if not _CARD_PREFIXES.match(digits) or not luhn.is_valid(digits):
@@ -379,18 +463,16 @@ def _credit_cards(text: str, taken: list[Match]) -> Iterator[Match]:
         yield Match(CREDIT_CARD, found.start(), found.end(), candidate)
 
 
-def _passports(text: str, taken: list[Match]) -> Iterator[Match]:
+def _passports(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """Korean passports: M, S, R, G or D then 8 digits (before 2021: only next to a passport
     word), or then 3 digits, a letter and 4 digits (since 2021: unless a reference word is closer)."""
-    for found in _PASSPORT.finditer(text):
+    for found in _PASSPORT.finditer(text, start, end):
         says = _context(text, found.start(), found.end(), _PASSPORT_WORDS, _REFERENCE_WORDS)
         if says or (says is None and not found.group(1)):
             yield Match(PASSPORT, found.start(), found.end(), found.group())
 
 
 def _emails(text: str, taken: list[Match]) -> Iterator[Match]:
-    if "@" not in text:
-        return
     for found in _EMAIL.finditer(text):
         yield Match(EMAIL, found.start(), found.end(), found.group())
 
@@ -414,22 +496,22 @@ def _is_ip(candidate: str, kind: type) -> bool:
     return True
 
 
-def _phones(text: str, taken: list[Match]) -> Iterator[Match]:
+def _phones(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """Numbers phonenumbers finds valid (Korean unless +country): with the trunk 0, a +country
     code, or a 15XX-XXXX service number; a bare digit run is dropped when a reference word is
     closer than any phone word."""
-    for found in _PHONE.finditer(text):
-        candidate = found.group()
-        if _overlaps(taken, found.start(), found.end()) or not _phone_shaped(candidate):
+    for found in _PHONE.finditer(text, start, end):
+        candidate, (first, last) = found.group(), found.span()
+        if _overlaps(taken, first, last) or not _phone_shaped(candidate):
             continue
-        if candidate.isdigit() and _context(text, found.start(), found.end(), _PHONE_WORDS, _REFERENCE_WORDS) is False:
+        if candidate.isdigit() and _context(text, first, last, _PHONE_WORDS, _REFERENCE_WORDS) is False:
             continue
         if _valid_phone(candidate):
-            yield Match(PHONE, found.start(), found.end(), candidate)
+            yield Match(PHONE, first, last, candidate)
 
 
 def _phone_shaped(candidate: str) -> bool:
-    if not 8 <= len(_DIGIT.findall(candidate)) <= 15:
+    if not 8 <= _count_digits(candidate) <= 15:
         return False
     return candidate.lstrip("(").startswith(("0", "+")) or _SERVICE_NUMBER.fullmatch(candidate) is not None
 
@@ -442,10 +524,10 @@ def _valid_phone(candidate: str) -> bool:
         return False
 
 
-def _bank_accounts(text: str, taken: list[Match]) -> Iterator[Match]:
+def _bank_accounts(text: str, taken: list[Match], start: int, end: int) -> Iterator[Match]:
     """10 to 14 digits, bare or in hyphenated groups (a first group of at most 6), with a
     bank or account word closer than any reference word."""
-    for found in _ACCOUNT.finditer(text):
+    for found in _ACCOUNT.finditer(text, start, end):
         candidate = found.group()
         if not 10 <= len(candidate) - candidate.count("-") <= 14 or _overlaps(taken, found.start(), found.end()):
             continue
@@ -453,20 +535,26 @@ def _bank_accounts(text: str, taken: list[Match]) -> Iterator[Match]:
             yield Match(BANK_ACCOUNT, found.start(), found.end(), candidate)
 
 
-# Which kinds each detector finds, whether it needs the number gate, and the detector. A
+# Which kinds each detector finds, whether it is numeric (needs the number gate, and is given the
+# span to search, _digits_span), what the text (and for a numeric kind the runs of digits,
+# _digit_runs) must be for it to find anything (None: it tells itself), and the detector. A
 # detector is given the matches kept so far, to skip costly checks on candidates they cover.
-_DETECTORS: list[tuple[tuple[str, ...], bool, Callable[[str, list[Match]], Iterator[Match]]]] = [
-    ((SECRET,), False, _secrets),
-    ((KR_RRN, KR_FRN), True, _registrations),
-    ((KR_BRN,), True, _kr_brns),
-    ((CREDIT_CARD,), True, _credit_cards),
-    ((PASSPORT,), True, _passports),
-    ((EMAIL,), False, _emails),
-    ((IP_ADDRESS,), False, _ip_addresses),
-    ((PHONE,), True, _phones),
-    ((BANK_ACCOUNT,), True, _bank_accounts),
+_DETECTORS: list[tuple[tuple[str, ...], bool, Callable[[list[int], str], bool] | None,
+                       Callable[..., Iterator[Match]]]] = [
+    ((SECRET,), False, lambda runs, text: _may_hold_secret(text), _secrets),
+    ((KR_RRN, KR_FRN), True, lambda runs, text: runs[0] >= 7, _registrations),  # 6 + 7, or 13
+    ((KR_BRN,), True, lambda runs, text: runs[0] >= 5, _kr_brns),  # 3-2-5, or 10
+    # 4-4-4-1 to 4-4-4-4-3 and 4-6-4(5): 3 groups of 4 or more; or 13 to 19 in one run
+    ((CREDIT_CARD,), True, lambda runs, text: runs[2] >= 4 or runs[0] >= 13, _credit_cards),
+    # a letter, then 8 digits or 3 and 4
+    ((PASSPORT,), True, lambda runs, text: runs[0] >= 4 and ("M" in text or "S" in text or "R" in text
+                                                             or "G" in text or "D" in text), _passports),
+    ((EMAIL,), False, lambda runs, text: "@" in text, _emails),
+    ((IP_ADDRESS,), False, None, _ip_addresses),
+    ((PHONE,), True, lambda runs, text: sum(runs) >= 8, _phones),
+    ((BANK_ACCOUNT,), True, lambda runs, text: sum(runs) >= 10, _bank_accounts),
 ]
-assert tuple(kind for kinds, _, _ in _DETECTORS for kind in kinds) == KINDS
+assert tuple(kind for kinds, _, _, _ in _DETECTORS for kind in kinds) == KINDS
 _KIND_SET = frozenset(KINDS)
 
 

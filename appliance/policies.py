@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -65,17 +64,14 @@ Path = tuple[str | int, ...]
 def _sites(endpoint: str, body: dict) -> Iterator[tuple[Path, str, int]]:
     """Every text of the request: its path in the body, the text, and how injection rules apply."""
     if endpoint == "chat/completions":
-        yield from _chat(body.get("messages"))
-    elif endpoint == "completions":
-        yield from _strings(("prompt",), body.get("prompt"), INJECTION_NO_MARKERS)
-    elif endpoint == "embeddings":
-        yield from _strings(("input",), body.get("input"), NO_INJECTION)
-    elif endpoint == "responses":
-        if isinstance(body.get("instructions"), str):
-            yield ("instructions",), body["instructions"], NO_INJECTION
-        yield from _responses_input(body.get("input"))
-    else:
-        raise ValueError(f"unknown endpoint {endpoint!r}: one of {', '.join(ENDPOINTS)}")
+        return _chat(body.get("messages"))
+    if endpoint == "completions":
+        return _strings(("prompt",), body.get("prompt"), INJECTION_NO_MARKERS)
+    if endpoint == "embeddings":
+        return _strings(("input",), body.get("input"), NO_INJECTION)
+    if endpoint == "responses":
+        return _responses(body)
+    raise ValueError(f"unknown endpoint {endpoint!r}: one of {', '.join(ENDPOINTS)}")
 
 
 def _chat(messages) -> Iterator[tuple[Path, str, int]]:
@@ -85,8 +81,13 @@ def _chat(messages) -> Iterator[tuple[Path, str, int]]:
         if not isinstance(message, dict):
             continue
         scope = INJECTION if message.get("role") in _INJECTED_ROLES else NO_INJECTION
-        yield from _content(("messages", i, "content"), message.get("content"), scope, _CHAT_PARTS)
-        yield from _tool_call_arguments(("messages", i), message.get("tool_calls"))
+        content = message.get("content")
+        if isinstance(content, str):  # the common case, read here rather than by one more generator
+            yield ("messages", i, "content"), content, scope
+        else:
+            yield from _content(("messages", i, "content"), content, scope, _CHAT_PARTS)
+        if "tool_calls" in message:
+            yield from _tool_call_arguments(("messages", i), message["tool_calls"])
 
 
 def _tool_call_arguments(at: Path, calls) -> Iterator[tuple[Path, str, int]]:
@@ -99,7 +100,10 @@ def _tool_call_arguments(at: Path, calls) -> Iterator[tuple[Path, str, int]]:
             yield (*at, "tool_calls", j, "function", "arguments"), function["arguments"], NO_INJECTION
 
 
-def _responses_input(items) -> Iterator[tuple[Path, str, int]]:
+def _responses(body: dict) -> Iterator[tuple[Path, str, int]]:
+    if isinstance(body.get("instructions"), str):
+        yield ("instructions",), body["instructions"], NO_INJECTION
+    items = body.get("input")
     if isinstance(items, str):
         yield ("input",), items, INJECTION
         return
@@ -245,23 +249,29 @@ def _check_regex(entry: str) -> None:
 
 
 class _DenyList:
-    """Literal entries are looked for as substrings of the folded text (fast) and confirmed by their
-    pattern (word edges); regular expressions are searched one by one."""
+    """Literal entries are looked for as substrings of the folded text with its spaces collapsed (fast)
+    and confirmed by their pattern (word edges); regular expressions are searched one by one. A literal
+    is looked for only in a text that holds its longest word, and the spaces are collapsed only then."""
 
     def __init__(self, entries: list[str]):
-        self.literals: list[tuple[str, re.Pattern, str]] = []
+        self.literals: list[tuple[str, str, re.Pattern, str]] = []
         self.regexes: list[tuple[re.Pattern, str]] = []
         for entry in entries:
             if entry.startswith(REGEX_PREFIX):
                 self.regexes.append((re.compile(entry[len(REGEX_PREFIX):], re.IGNORECASE), entry))
             elif key := " ".join(folded(entry).split()):
-                self.literals.append((key, re.compile(_literal_pattern(key)), entry))
+                longest = max(key.split(" "), key=len)
+                self.literals.append((longest, key, re.compile(_literal_pattern(key)), entry))
 
-    def first(self, plain: str, flat: str) -> str | None:
-        """The first entry held by a text, given as `plain` (normalized) and `flat` (folded, spaces collapsed)."""
-        for key, pattern, entry in self.literals:
-            if key in flat and pattern.search(flat):
-                return entry
+    def first(self, plain: str, lowered: str) -> str | None:
+        """The first entry held by a text, given as `plain` (normalized) and `lowered` (folded)."""
+        flat = None
+        for longest, key, pattern, entry in self.literals:
+            if longest in lowered:  # a word of the entry, without spaces: it is in the text if the entry is
+                if flat is None:
+                    flat = " ".join(lowered.split())
+                if key in flat and pattern.search(flat):
+                    return entry
         for regex, entry in self.regexes:
             if regex.search(plain):
                 return entry
@@ -367,24 +377,32 @@ _MARKERS = "injection.delimiter_smuggling"
 
 class _Phrasing:
     def __init__(self, anchors: tuple[str, ...], pattern: str):
-        self.anchors = anchors
-        self.korean = not any(anchor.isascii() for anchor in anchors)  # never in ASCII text
+        self.anchors = frozenset(anchors)
         self.regex = re.compile(pattern, re.MULTILINE)
 
-    def found_in(self, lowered: str, ascii: bool) -> bool:
-        if ascii and self.korean:
-            return False
-        return any(anchor in lowered for anchor in self.anchors) and self.regex.search(lowered) is not None
+    def found_in(self, lowered: str, present: set[str]) -> bool:
+        """Whether the text matches, given the anchors it holds."""
+        return not self.anchors.isdisjoint(present) and self.regex.search(lowered) is not None
 
 
 _RULES = [(name, [_Phrasing(*phrasing) for phrasing in phrasings]) for name, phrasings in INJECTION_RULES.items()]
 _NO_MARKER_RULES = [(name, phrasings) for name, phrasings in _RULES if name != _MARKERS]
+# Every anchor, looked for once per text: the ASCII ones one by one; the others (Korean) only in a
+# text that holds one of them, which one regex search tells (its first characters are rare).
+_ANCHORS = {anchor for _, phrasings in _RULES for phrasing in phrasings for anchor in phrasing.anchors}
+_ASCII_ANCHORS = tuple(sorted(anchor for anchor in _ANCHORS if anchor.isascii()))
+_OTHER_ANCHORS = tuple(sorted(anchor for anchor in _ANCHORS if not anchor.isascii()))
+_ANY_OTHER_ANCHOR = re.compile("|".join(map(re.escape, _OTHER_ANCHORS)))
 
 
 def _injections(lowered: str, markers: bool) -> Iterator[str]:
-    ascii = lowered.isascii()
+    present = {anchor for anchor in _ASCII_ANCHORS if anchor in lowered}
+    if not lowered.isascii() and _ANY_OTHER_ANCHOR.search(lowered):
+        present.update(anchor for anchor in _OTHER_ANCHORS if anchor in lowered)
+    if not present:
+        return
     for name, phrasings in _RULES if markers else _NO_MARKER_RULES:
-        if any(phrasing.found_in(lowered, ascii) for phrasing in phrasings):
+        if any(phrasing.found_in(lowered, present) for phrasing in phrasings):
             yield name
 
 
@@ -442,18 +460,21 @@ def inspect(policy: Policy, endpoint: str, body: dict) -> Inspection:
     for a rule whose action is "block"."""
     rules = compiled(policy)
     edits: list[tuple[Path, str]] = []
-    masked: Counter = Counter()
+    masked: dict[str, int] = {}
     findings: list[Finding] = []
     for path, text, scope in _sites(endpoint, body):
         if rules.acting_kinds and (matches := _pii(rules, path, text)):
             edits.append((path, _masked(text, matches)))
-            masked.update(match.kind for match in matches)
+            for match in matches:
+                masked[match.kind] = masked.get(match.kind, 0) + 1
         injection = scope != NO_INJECTION and rules.injection != "off"
         if rules.deny is None and not injection:
             continue
-        plain = normalized(text)
-        lowered = plain.lower() if text.isascii() else plain
-        if rules.deny is not None and (entry := rules.deny.first(plain, " ".join(lowered.split()))) is not None:
+        if text.isascii():
+            plain, lowered = text, text.lower()
+        else:
+            plain = lowered = normalized(text)  # already folded
+        if rules.deny is not None and (entry := rules.deny.first(plain, lowered)) is not None:
             param = param_of(path)
             if rules.deny_action == "block":
                 raise PolicyViolation(f"'{param}' contains '{entry}', which is on the content deny list.",
@@ -466,7 +487,7 @@ def inspect(policy: Policy, endpoint: str, body: dict) -> Inspection:
                     raise PolicyViolation(f"'{param}' looks like a prompt-injection attempt ({rule}), which the policy"
                                           " of this key or team blocks.", rule=rule, param=param)
                 findings.append(Finding(rule, param))
-    return Inspection(body=_rewritten(body, edits) if edits else None, masked=dict(masked), findings=findings)
+    return Inspection(body=_rewritten(body, edits) if edits else None, masked=masked, findings=findings)
 
 
 def _pii(rules: _Compiled, path: Path, text: str) -> list[pii.Match]:

@@ -1,8 +1,9 @@
 """What the governor (appliance/limits.py) costs per request on the event loop: one admit
-and one settle, each an LMDB write transaction, for a key with rpm, tpm, max_parallel and
-budgets and a team with a budget (two subjects counted per request); and the same with
-the ledger's pages written by plain writes instead of a shared mapping, to show why
-writemap is on. One process, no contention.
+and one settle for a key with rpm, tpm, max_parallel and budgets and a team with a budget
+(two subjects counted per request), all far from their limits, so most requests come from
+leases in memory and the ledger is written once per lease; and the same with the ledger's
+pages written by plain writes instead of a shared mapping (writemap off). One process, no
+contention.
 Usage: .venv/bin/python bench/limits_micro.py [--requests 50000]
 """
 

@@ -2,6 +2,10 @@
 
 Its behaviour is chosen by the path prefix the profile's base_url names:
   /ok/v1      answers at once; echoes the request body it received under "echo"
+  /say/v1     answers with the last user message read backwards (so a test can have it write
+              a value that the request, masked on its way, did not hold), streamed 3
+              characters a chunk (a value arrives split across chunks), with a usage chunk
+              when stream_options.include_usage; echoes the request body like /ok
   /slow/v1    waits 30 s before answering (engine timeouts)
   /broken/v1  streams two chunks, then drops the connection (failure mid-stream)
   /endless/v1 streams a chunk every 50 ms until the client goes away
@@ -26,16 +30,20 @@ from aiohttp import web
 STATS = {"disconnects": 0, "requests": 0}
 
 
-def completion(body: dict) -> dict:
+def completion(body: dict, content: str = "pong") -> dict:
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
         "echo": body,
     }
+
+
+def last_user_text(body: dict) -> str:
+    return next(message["content"] for message in reversed(body["messages"]) if message["role"] == "user")
 
 
 def chunk(content: str | None, usage: dict | None = None, finish: str | None = None, *, null_usage=False, end=b"\n\n") -> bytes:
@@ -73,10 +81,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         except asyncio.CancelledError:
             STATS["disconnects"] += 1
             raise
+    said = last_user_text(body)[::-1] if mode == "say" else "pong"
     if not body.get("stream"):
         if mode == "broken":
             return web.json_response({"error": {"message": "upstream exploded"}}, status=500)
-        return web.json_response(completion(body))
+        return web.json_response(completion(body, said))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     if mode == "broken":
@@ -96,6 +105,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
             for part in (event[:15], event[15:]):
                 await response.write(part)
                 await asyncio.sleep(0.01)
+        return response
+    if mode == "say":
+        pieces = [said[i : i + 3] for i in range(0, len(said), 3)]
+        for piece in pieces:
+            await response.write(chunk(piece))
+        await response.write(chunk("", finish="stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
+            await response.write(chunk(None, usage=usage))
+        await response.write(b"data: [DONE]\n\n")
         return response
     if mode == "endless":
         try:

@@ -10,7 +10,11 @@ Every engine: `n` is bounded by gateway.max_n; JSON Schemas (response_format, to
 parameters) must be valid JSON Schema and a named tool_choice must name an offered
 function, so a mistake is a 400 naming it, whatever the engine would make of it; a stream always asks the engine for usage
 (metering needs it), hidden again from a client that did not ask; the model is renamed to
-the upstream's name where the profile says so.
+the upstream's name where the profile says so; a budgeted caller's request that names no
+completion limit, to a model of unknown context, gets the one its reservation assumed
+(services/gateway/admission.py budget_cap): `max_completion_tokens` on chat (OpenAI's
+current field, read by vLLM and llama.cpp, and the only one OpenAI's reasoning models
+take), `max_tokens` on completions.
 
 llama.cpp's server reads developer messages, text parts, max_completion_tokens, n,
 response_format, seed, stop and logit_bias itself. The adapter adds what it lacks:
@@ -23,7 +27,7 @@ response_format, seed, stop and logit_bias itself. The adapter adds what it lack
 - tools on a model whose chat template cannot show them (GET /props says so; the engine
   would silently ignore them): emulated with JSON-schema-constrained decoding
   (services/gateway/tool_calls.py), earlier calls and results shown as text.
-vLLM and remote upstreams get the request as the client sent it.
+vLLM and remote upstreams otherwise get the request as the client sent it.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ class Adapted(msgspec.Struct):
     collect: bool = False  # asked as a stream, answered whole (services/gateway/answers.collect)
 
 
-def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
-    """The request for `pool`'s engine; raises InvalidRequest naming what it cannot serve."""
+def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int, cap: int | None = None) -> Adapted:
+    """The request for `pool`'s engine, bounded by `cap` completion tokens where given
+    (services/gateway/admission.py budget_cap); raises InvalidRequest naming what it cannot serve."""
     if pool.served.engine != "remote":
         engine_params.check(outgoing.data, parsed, pool.served)  # decoded once: llama.cpp's request changes anyway
     if isinstance(parsed, EmbeddingRequest):
@@ -74,6 +79,8 @@ def adapt(outgoing: Outgoing, parsed, pool: ModelPool, max_n: int) -> Adapted:
         raise InvalidRequest(f"'n' is {parsed.n}; this appliance answers at most {max_n} choices per request "
                              "(gateway.max_n).", param="n")
     served = pool.served
+    if cap is not None:  # the request names no limit: the one its reservation assumed
+        outgoing.data["max_completion_tokens" if isinstance(parsed, ChatCompletionRequest) else "max_tokens"] = cap
     plan = None
     if isinstance(parsed, ChatCompletionRequest):
         _check_chat(parsed)

@@ -1,13 +1,14 @@
 """Admission of one OpenAI request, in memory on the event loop: may this caller run this
 model at all (role, the key's and team's model lists, data residency), and how many tokens
 it can cost at worst, which the governor reserves against the limits and budgets
-(appliance/limits.py) until the answer settles the real count."""
+(appliance/limits.py) until the answer settles the real count; a budgeted request is sent
+with the completion cap it reserved."""
 
 from __future__ import annotations
 
 import msgspec
 
-from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
+from appliance.errors import ModelNotAllowed, PermissionDenied
 from appliance.governance import Policy, Principal
 from appliance.permissions import at_least
 from appliance.policies import mask_answer
@@ -19,12 +20,13 @@ INFERENCE_ROLES = frozenset(at_least("developer"))
 # system prompt) on top.
 TEMPLATE_TOKENS = 64
 # The completion tokens reserved for a request that names no max_tokens, on a model whose
-# context the profile does not give (remote upstreams). An upstream that generates more is
-# still counted in full when the request settles (docs/governance.md says so).
+# context the profile does not give (remote upstreams). A budgeted caller's request is sent
+# with this cap (`budget_cap`), so the reservation bounds it; anyone else's is counted in
+# full when it settles, even where the upstream generated more (docs/governance.md).
 REMOTE_COMPLETION_CAP = 4096
 
 
-def authorise(principal: Principal, served: ServedModel, stream: bool) -> None:
+def authorise(principal: Principal, served: ServedModel) -> None:
     if principal.role not in INFERENCE_ROLES:
         raise PermissionDenied(f"The {principal.role} role reads /v1/models but may not run models; "
                                "a developer, operator or admin key may.")
@@ -35,10 +37,6 @@ def authorise(principal: Principal, served: ServedModel, stream: bool) -> None:
         raise ModelNotAllowed(f"The model '{served.name}' is a remote upstream, and the policy of this key or its "
                               "team keeps requests on the appliance (no external transfer).", param="model",
                               code="external_transfer_not_allowed")
-    if stream and principal.policy.pii_responses:
-        raise InvalidRequest("The policy of this key or its team masks personal data in answers (pii_responses), "
-                             "which the gateway does for whole answers only: send \"stream\": false.",
-                             param="stream", code="unsupported_parameter")
 
 
 def completion_cap(parsed, served: ServedModel) -> int | None:
@@ -47,6 +45,16 @@ def completion_cap(parsed, served: ServedModel) -> int | None:
         if value := getattr(parsed, field, None):
             return value if served.context_length is None else min(value, served.context_length)
     return served.context_length
+
+
+def budget_cap(principal: Principal, endpoint: str, parsed, served: ServedModel) -> int | None:
+    """The completion cap the forwarded request must carry for its reservation to bound it: a request
+    that names none, to a model of unknown context, from a caller with a token or cost budget."""
+    if endpoint == "embeddings" or completion_cap(parsed, served) is not None:
+        return None
+    budgeted = any(limits.budget_tokens is not None or limits.budget_cost is not None
+                   for limits in (principal.limits, principal.team_limits))
+    return REMOTE_COMPLETION_CAP if budgeted else None
 
 
 def worst_tokens(endpoint: str, parsed, body_size: int, served: ServedModel) -> tuple[int, int]:

@@ -53,7 +53,7 @@ from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
 from services.gateway.admin_auth import AuthController
-from services.gateway.admission import authorise, masked_answer, worst_tokens
+from services.gateway.admission import authorise, budget_cap, masked_answer, worst_tokens
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
@@ -67,6 +67,7 @@ from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
 from services.gateway.request_ids import new_request_id
 from services.gateway.responses import ResponsesRequest, to_chat
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
+from services.gateway.stream_masking import masked_stream
 from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
@@ -185,12 +186,14 @@ class Gateway:
                 log.exception("refreshing keys, deployments and engine states failed; keeping the current ones")
 
     async def _housekeeping(self) -> None:
-        """Once a second, off the request path: release the reservations of dead gateway workers,
-        write the queued audit rows, and prune audit rows past their retention now and then."""
+        """Once a second, off the request path: give back expired limit leases, release the
+        reservations of dead gateway workers, write the queued audit rows, and prune audit rows
+        past their retention now and then."""
         ticks = 0
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
+                self.governor.return_leases()  # a few microseconds: idle room goes back to the other workers
                 await asyncio.to_thread(self.governor.sweep)
                 await self.audit.flush(self.db_path)
                 if ticks % AUDIT_PRUNE_EVERY == 0:
@@ -277,11 +280,12 @@ class Gateway:
                 raise ModelNotFound(parsed.model)
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
-            authorise(principal, pool.served, call.stream)
+            authorise(principal, pool.served)
             call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
             if principal.policy.inspects:
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
-            path, adapted, reader = self._adapt(endpoint, body, parsed, pool)
+            cap = budget_cap(principal, endpoint, parsed, pool.served)
+            path, adapted, reader = self._adapt(endpoint, body, parsed, pool, cap)
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -334,7 +338,8 @@ class Gateway:
             in_flight.dec()
             self.finish(call)
 
-    def _adapt(self, endpoint: str, body: bytes, parsed, pool: ModelPool) -> tuple[str, Adapted, AnswerReader | None]:
+    def _adapt(self, endpoint: str, body: bytes, parsed, pool: ModelPool,
+               cap: int | None) -> tuple[str, Adapted, AnswerReader | None]:
         """The engine path and request (services/gateway/adapters.py), and who reads its answer
         back when the engine's own answer is not what the client asked for."""
         if endpoint == "responses":  # answered by the engine's chat completions
@@ -342,7 +347,7 @@ class Gateway:
             parsed, path = msgspec.convert(outgoing.data, schemas.ChatCompletionRequest), "/chat/completions"
         else:
             responses, outgoing, path = None, Outgoing(body), "/" + endpoint
-        adapted = adapt(outgoing, parsed, pool, self.config.max_n)
+        adapted = adapt(outgoing, parsed, pool, self.config.max_n, cap)
         reader = AnswerReader(adapted.tools, responses) if adapted.tools or responses else None
         return path, adapted, reader
 
@@ -358,9 +363,10 @@ class Gateway:
     async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
         response = await self.forwarder.open_stream(call, pool, path, adapted.body)
-        events = relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
-        if reader is not None:
-            events = reader.stream(relayed)
+        relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
+        policy = call.principal.policy  # pii_responses: masked before a reader makes Responses events of it
+        masked = masked_stream(policy, relayed) if policy.pii_responses else relayed
+        events = reader.stream(masked) if reader is not None else masked
         try:
             call.answer_started = True
             transport = proto.response_stream(200, self._headers(call, SSE))
@@ -371,12 +377,13 @@ class Gateway:
                 await transport.send_bytes(piece)
             flight.disarm()
         finally:
-            await close_answer(response, events, relayed)  # now, not when collected: it meters a stream cut short
+            await close_answer(response, events, masked, relayed)  # now, not when collected: it meters a stream cut short
 
     async def _admit(self, call: Call, principal: Principal, prompt: int, completion: int) -> Ticket:
-        """Reserve the request's worst case against its key's and team's limits and budgets. A budget
-        held only by requests in flight is waited for (they settle to their real usage, usually far
-        less), up to the request timeout; anything else refuses at once."""
+        """Reserve the request's worst case against its key's and team's limits and budgets. Room held
+        only by requests in flight (they settle to their real usage, usually far less) or leased by
+        other workers (given back within a second or so) is waited for, up to the request timeout;
+        anything else refuses at once."""
         worst_cost = self.costs.worst_cost(call.model, prompt, completion)
         deadline = perf_counter() + self.config.request_timeout_s
         pause = ADMIT_PAUSE_S
@@ -384,8 +391,8 @@ class Gateway:
             try:
                 return self.governor.admit(principal, call.model, worst_tokens=prompt + completion,
                                            worst_cost=worst_cost)
-            except QuotaExceeded as exc:
-                if not exc.held_by_requests_in_flight or perf_counter() + pause > deadline:
+            except (QuotaExceeded, RateLimited) as exc:
+                if not exc.held or perf_counter() + pause > deadline:
                     raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, ADMIT_PAUSE_MAX_S)

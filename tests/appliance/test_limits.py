@@ -22,7 +22,7 @@ from appliance.costs import Costs
 from appliance.db import open_db
 from appliance.errors import QuotaExceeded, RateLimited
 from appliance.governance import Limits, Principal
-from appliance.limits import Governor
+from appliance.limits import LEASE_MIN, LEASE_S, Governor
 
 ROOT = Path(__file__).resolve().parents[2]
 NOON = float(calendar.timegm((2026, 3, 14, 12, 0, 0)))  # a Saturday noon, UTC; the minute starts on it
@@ -92,9 +92,18 @@ WORKER = textwrap.dedent("""
         time.sleep(0.001)
     spent = 0.0
     for _ in range(count):
-        try:
-            ticket = governor.admit(principal, "m", worst_tokens=10, worst_cost=0.03)
-        except QuotaExceeded:
+        deadline = time.monotonic() + 10
+        while True:  # as the gateway does: wait for room held by others' requests and leases
+            try:
+                ticket = governor.admit(principal, "m", worst_tokens=10, worst_cost=0.03)
+                break
+            except QuotaExceeded as exc:
+                if not exc.held or time.monotonic() > deadline:
+                    ticket = None
+                    break
+            time.sleep(0.005)
+            governor.return_leases()
+        if ticket is None:
             continue
         governor.settle(ticket, tokens=10, cost=0.03)
         spent += 0.03
@@ -104,7 +113,8 @@ WORKER = textwrap.dedent("""
 
 
 def test_several_processes_share_one_budget_exactly(tmp_path):
-    """Four real processes, 25 requests each, against a cost budget with room for 33 of them."""
+    """Four real processes, 25 requests each, against a cost budget with room for 33 of them (leased
+    at first: an eighth of it is room for 4)."""
     ledger, go = tmp_path / "ledger", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(ledger), str(go), "25"], env=env,
@@ -298,3 +308,110 @@ def test_a_new_ledger_is_seeded_from_the_usage_table(tmp_path):
     finally:
         governor.close()
         db.conn.close()
+
+
+def write_transactions(governor: Governor) -> int:
+    return governor.env.info()["last_txnid"]
+
+
+def test_far_from_its_limits_a_key_is_admitted_from_a_lease_and_counted_exactly(governor):
+    principal = team_key("k1", "t1", Limits(budget_tokens=10**9), rpm=10**6, tpm=10**9, max_parallel=10**4,
+                         budget_tokens=10**9, budget_cost=10**6)
+    before = write_transactions(governor)
+    remaining, used = [], 0
+    for i in range(400):
+        ticket = governor.admit(principal, "m", worst_tokens=100, worst_cost=0.01, now=NOON + i / 1000)
+        remaining.append(int(dict(ticket.headers)["x-ratelimit-remaining-requests"]))
+        governor.settle(ticket, tokens=i % 50, cost=0.001, now=NOON + i / 1000)
+        used += i % 50
+    assert write_transactions(governor) - before < 20  # not two per request: most came from leases
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] - remaining[-1] == 399
+    for subject in ("k:k1", "t:t1"):
+        counter = governor.usage(subject, now=NOON + 1)  # this process's leases given back first
+        assert (counter.requests, counter.tokens, counter.day_tokens) == (400, used, used)
+        assert counter.day_cost == pytest.approx(0.4)
+        assert (counter.in_flight, counter.reserved_tokens, counter.reserved_cost, counter.leases) == (0, 0, 0, 0)
+
+
+def test_near_a_limit_there_is_no_lease(governor):
+    principal = key(budget_tokens=1000)  # an eighth of it is room for one request of 100: under LEASE_MIN
+    governor.admit(principal, "m", worst_tokens=100, worst_cost=0, now=NOON)
+    counter = governor.usage("k:k1", now=NOON)
+    assert (counter.leases, counter.in_flight, counter.reserved_tokens) == (0, 1, 100)
+
+
+def test_a_lease_gives_back_what_it_did_not_hand_out_when_it_expires(governor):
+    principal = key(rpm=10**5, max_parallel=10**4)
+    held = governor.admit(principal, "m", worst_tokens=10, worst_cost=0, now=NOON)
+    leased = governor._open["k:k1"]  # the lease that admitted it
+    assert leased.record.requests > 1
+    governor.return_leases(now=NOON + 0.1)  # not expired yet: kept
+    assert "k:k1" in governor._open
+    governor.return_leases(now=NOON + LEASE_S)
+    assert "k:k1" not in governor._open and governor._closed == [leased]  # its request is still in flight
+    counter = governor.usage("k:k1", now=NOON + LEASE_S)
+    assert (counter.requests, counter.in_flight, counter.reserved_tokens, counter.leases) == (1, 1, 10, 0)
+    governor.settle(held, tokens=3, cost=0, now=NOON + 1)
+    counter = governor.usage("k:k1", now=NOON + 1)
+    assert (counter.requests, counter.tokens, counter.month_tokens, counter.in_flight, counter.reserved_tokens) == (
+        1, 3, 3, 0, 0)
+    assert governor._closed == []
+
+
+LEASER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from appliance.costs import Costs
+    from appliance.governance import Limits, Principal
+    from appliance.limits import Governor
+
+    governor = Governor(Path(sys.argv[1]), Costs({}))
+    principal = Principal(key_id="k1", name="k1", role="developer", limits=Limits(budget_tokens=10**6))
+    governor.settle(governor.admit(principal, "m", worst_tokens=100, worst_cost=0), tokens=40, cost=0)
+    print("leased", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_holders_leases_count_as_spent_in_full(governor):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", LEASER, str(governor.ledger_dir)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        counter = governor.usage("k:k1")
+        assert counter.leases == 1 and counter.month_tokens == 0
+        leased = counter.reserved_tokens
+        assert leased >= LEASE_MIN * 100
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert governor.sweep() == 1
+    counter = governor.usage("k:k1")
+    # what it handed out died with it: the whole lease is spent, so the budget is never overspent
+    assert (counter.leases, counter.in_flight, counter.reserved_tokens, counter.month_tokens) == (0, 0, 0, leased)
+
+
+def test_a_refusal_behind_another_workers_lease_says_it_is_held(tmp_path):
+    ledger = tmp_path / "ledger"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", LEASER.replace("budget_tokens=10**6", "max_parallel=64"),
+                               str(ledger)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        governor = Governor(ledger, Costs({}))
+        try:
+            leased = governor.usage("k:k1").in_flight
+            assert leased >= LEASE_MIN
+            principal = key(max_parallel=64)
+            tickets = [governor.admit(principal, "m", worst_tokens=1, worst_cost=0) for _ in range(64 - leased)]
+            with pytest.raises(RateLimited) as refused:
+                governor.admit(principal, "m", worst_tokens=1, worst_cost=0)
+            assert refused.value.held  # the gateway waits for the other worker to give its lease back
+            for ticket in tickets:
+                governor.settle(ticket, tokens=0, cost=0)
+        finally:
+            governor.close()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

@@ -1,14 +1,24 @@
-"""Admission, in memory: who may run a model, a request's worst case, and masking answers."""
+"""Admission, in memory: who may run a model, a request's worst case and the cap that bounds it,
+and masking answers."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
+from appliance.errors import ModelNotAllowed, PermissionDenied
 from appliance.governance import Limits, Policy, Principal
 from services.gateway import schemas
-from services.gateway.admission import REMOTE_COMPLETION_CAP, TEMPLATE_TOKENS, authorise, masked_answer, worst_tokens
+from services.gateway.adapters import Outgoing, adapt
+from services.gateway.admission import (
+    REMOTE_COMPLETION_CAP,
+    TEMPLATE_TOKENS,
+    authorise,
+    budget_cap,
+    masked_answer,
+    worst_tokens,
+)
+from services.gateway.replicas import ModelPool
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
 LOCAL = ServedModel(name="local-1", engine="llamacpp", replicas=[ReplicaEndpoint(base_url="http://127.0.0.1:1/v1")],
@@ -23,29 +33,52 @@ def principal(role="developer", **kwargs) -> Principal:
 
 def test_a_viewer_may_not_run_a_model():
     with pytest.raises(PermissionDenied, match="viewer role"):
-        authorise(principal("viewer"), LOCAL, False)
+        authorise(principal("viewer"), LOCAL)
 
 
 def test_model_lists_of_the_key_and_its_team_both_apply():
-    authorise(principal(limits=Limits(models=["local-*"])), LOCAL, False)
+    authorise(principal(limits=Limits(models=["local-*"])), LOCAL)
     with pytest.raises(ModelNotAllowed) as refused:
-        authorise(principal(limits=Limits(models=["local-*"]), team_limits=Limits(models=["other"])), LOCAL, False)
+        authorise(principal(limits=Limits(models=["local-*"]), team_limits=Limits(models=["other"])), LOCAL)
     assert refused.value.param == "model" and refused.value.code == "model_not_allowed"
 
 
 def test_no_external_transfer_refuses_remote_models_only():
     kept = principal(policy=Policy(no_external=True))
-    authorise(kept, LOCAL, False)
+    authorise(kept, LOCAL)
     with pytest.raises(ModelNotAllowed) as refused:
-        authorise(kept, REMOTE, False)
+        authorise(kept, REMOTE)
     assert refused.value.code == "external_transfer_not_allowed"
 
 
-def test_a_policy_that_masks_answers_refuses_streams():
-    authorise(principal(policy=MASK_PHONES), LOCAL, False)
-    with pytest.raises(InvalidRequest) as refused:
-        authorise(principal(policy=MASK_PHONES), LOCAL, True)
-    assert refused.value.param == "stream" and refused.value.status == 400
+def test_a_budgeted_request_without_a_limit_to_a_model_of_unknown_context_gets_the_reserved_cap():
+    def cap(body: bytes, served: ServedModel, **limits) -> int | None:
+        return budget_cap(principal(**limits), "chat/completions", schemas.decode(body, schemas.ChatCompletionRequest),
+                          served)
+
+    bare = b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}'
+    assert cap(bare, REMOTE, limits=Limits(budget_tokens=1000)) == REMOTE_COMPLETION_CAP
+    assert cap(bare, REMOTE, team_limits=Limits(budget_cost=5.0)) == REMOTE_COMPLETION_CAP
+    assert cap(bare, REMOTE, limits=Limits(rpm=10)) is None  # no budget to overrun
+    assert cap(bare, LOCAL, limits=Limits(budget_tokens=1000)) is None  # its context bounds it
+    named = b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 9}'
+    assert cap(named, REMOTE, limits=Limits(budget_tokens=1000)) is None
+    embedding = schemas.decode(b'{"model": "m", "input": "Hi"}', schemas.EmbeddingRequest)
+    assert budget_cap(principal(limits=Limits(budget_tokens=1000)), "embeddings", embedding, REMOTE) is None
+
+
+def test_the_cap_is_sent_in_each_endpoints_own_field():
+    pool = ModelPool(REMOTE)
+    for endpoint, schema, body, field in [
+        ("chat/completions", schemas.ChatCompletionRequest,
+         b'{"model": "remote-1", "messages": [{"role": "user", "content": "Hi"}]}', "max_completion_tokens"),
+        ("completions", schemas.CompletionRequest, b'{"model": "remote-1", "prompt": "Hi"}', "max_tokens"),
+    ]:
+        parsed = schemas.decode(body, schema)
+        cap = budget_cap(principal(limits=Limits(budget_tokens=10**6)), endpoint, parsed, REMOTE)
+        sent = msgspec.json.decode(adapt(Outgoing(body), parsed, pool, max_n=4, cap=cap).body)
+        assert sent[field] == REMOTE_COMPLETION_CAP and sent["model"] == "remote-1"
+        assert adapt(Outgoing(body), parsed, pool, max_n=4).body == body  # no cap: the client's bytes
 
 
 def test_the_worst_case_bounds_prompt_and_every_choice():

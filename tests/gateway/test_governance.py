@@ -1,7 +1,8 @@
 """Governance on the hot path, on a real stack with two gateway workers in front of a real
 upstream that echoes what it receives: roles, model access, data residency, PII masking
-before a remote upstream, limits with OpenAI's headers, budgets that hold under 100
-parallel requests and across a restart, and keys that keep working while the state
+before a remote upstream and in answers (whole and streamed), limits with OpenAI's headers,
+budgets that hold under 100 parallel requests and across a restart (a budgeted request is
+sent with the completion cap it reserved), and keys that keep working while the state
 database is locked."""
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import httpx
 import openai
 import pytest
 
+from services.gateway.admission import REMOTE_COMPLETION_CAP
 from tests.conftest import UPSTREAM_KEY_ENV, start_stack
 
 pytestmark = pytest.mark.stack
 
 MODEL = "remote-ok"
+SAY = "remote-say"  # answers with the last user message read backwards, 3 characters a chunk
 # One completion token costs 1.0 and prompts are free, so a request's worst case (max_tokens=1)
 # is exactly what the upstream bills (1 completion token): a budget must be spent to the unit.
 PROFILE = """name: governance
@@ -30,6 +33,10 @@ models:
     base_url: {url}
     api_key_env: {key_env}
     price_output_per_million: 1000000
+  - name: remote-say
+    engine: remote
+    base_url: {say_url}
+    api_key_env: {key_env}
 """
 # A post-2020 resident registration number: a valid birth date, no valid check digit.
 RRN = "990101-1234567"
@@ -39,7 +46,7 @@ RRN = "990101-1234567"
 def governed(tmp_path_factory, upstream):
     tmp = tmp_path_factory.mktemp("governance")
     profile = tmp / "profile.yaml"
-    profile.write_text(PROFILE.format(url=upstream.url("ok"), key_env=UPSTREAM_KEY_ENV))
+    profile.write_text(PROFILE.format(url=upstream.url("ok"), say_url=upstream.url("say"), key_env=UPSTREAM_KEY_ENV))
     env = {UPSTREAM_KEY_ENV: upstream.key}
     running = start_stack(tmp, profile, env=env)
     running.restart = lambda: start_stack(tmp, profile, env=env)
@@ -98,7 +105,7 @@ def wait_for(condition, what: str, timeout: float = 15):
 
 def test_a_viewer_lists_models_but_may_not_run_them(governed):
     key = new_key(governed, "viewer", role="viewer")
-    assert [m.id for m in governed.client(key).models.list().data] == [MODEL]
+    assert [m.id for m in governed.client(key).models.list().data] == [MODEL, SAY]
     refused = chat(governed, key)
     assert refused.status_code == 403 and error_of(refused)["code"] == "insufficient_role", refused.text
 
@@ -136,6 +143,40 @@ def governed_metric(stack, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_answers_are_masked_streamed_as_whole(governed):
+    key = new_key(governed, "masked-answers", pii={"phone": "mask", "kr_rrn": "mask"}, pii_responses=True)
+    said = f"Call me at 010-1234-5678; my RRN is {RRN}."
+    # Read backwards, the request holds no value to mask on its way: the values are the model's own.
+    messages = [{"role": "user", "content": said[::-1]}]
+    client = governed.client(key)
+    chunks = list(client.chat.completions.create(model=SAY, messages=messages, stream=True))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == "Call me at [PHONE]; my RRN is [KR_RRN].", streamed
+    assert len(chunks) > len(said) // 3  # every piece the upstream sent, values split across them
+    assert client.chat.completions.create(model=SAY, messages=messages).choices[0].message.content == streamed
+    events = client.responses.create(model=SAY, input=said[::-1], stream=True)  # Responses, from the chat stream
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == streamed
+    unmasked = governed.client(new_key(governed, "raw-answers")).chat.completions.create(
+        model=SAY, messages=messages, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in unmasked if chunk.choices) == said
+
+
+def test_a_budgeted_request_is_sent_with_the_completion_cap_it_reserved(governed):
+    def sent(key: str, **extra) -> dict:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra}
+        answer = httpx.post(f"{governed.base_url}/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["echo"]  # what the upstream received
+
+    budgeted = new_key(governed, "token-budget", budget_tokens=10**9)
+    capped, own = sent(budgeted), sent(budgeted, max_tokens=7)
+    assert capped["max_completion_tokens"] == REMOTE_COMPLETION_CAP and "max_tokens" not in capped
+    assert own["max_tokens"] == 7 and "max_completion_tokens" not in own
+    unbudgeted = sent(new_key(governed, "no-budget"))
+    assert "max_tokens" not in unbudgeted and "max_completion_tokens" not in unbudgeted
 
 
 def test_a_blocked_detector_refuses_the_request_names_the_rule_and_is_audited(governed, upstream):

@@ -474,8 +474,9 @@ class Governor:
             if subject_id not in counters:
                 counters[subject_id] = self._counter(txn, lease.subject.key, clock)
             _give_back(txn, lease, counters[subject_id], clock, finished=lease.in_flight == 0)
+        asked = {s.id for s in subjects}  # the caller writes their counters
         for subject_id, counter in counters.items():
-            if subject_id not in {s.id for s in subjects}:
+            if subject_id not in asked:
                 txn.put(_SUBJECT + subject_id.encode(), _encode(counter))
 
         def given_back() -> None:

@@ -217,8 +217,7 @@ class Ticket:
     """One admitted request: what it reserved (in the ledger, or from leases), and the
     x-ratelimit-* headers for its answer."""
 
-    id: bytes
-    subjects: list[str]
+    id: bytes  # its Reservation in the ledger; empty when it came from leases
     headers: list[tuple[str, str]] = field(default_factory=list)
     settled: bool = False
     leases: list[Lease] | None = None
@@ -226,7 +225,7 @@ class Ticket:
     worst_cost: float = 0.0
 
 
-UNLIMITED = Ticket(b"", [], settled=True)  # a request nobody limits: nothing to settle
+UNLIMITED = Ticket(b"", settled=True)  # a request nobody limits: nothing to settle
 
 
 @functools.lru_cache(maxsize=64)
@@ -422,8 +421,8 @@ class Governor:
                         counter.tokens += worst_tokens
                         counter.reserved_tokens += worst_tokens
                         counter.reserved_cost += worst_cost
-                    ids = [s.id for s in subjects]
-                    txn.put(ticket_id, _encode(Reservation(ids, worst_tokens, worst_cost, clock.minute)))
+                    txn.put(ticket_id, _encode(Reservation([s.id for s in subjects], worst_tokens, worst_cost,
+                                                           clock.minute)))
             for subject, counter in zip(subjects, counters):
                 txn.put(subject.key, _encode(counter))
         given_back()  # committed: now this process forgets what it gave back
@@ -437,14 +436,14 @@ class Governor:
                 lease.take(worst_tokens, worst_cost)
             return self._leased_ticket(leases, worst_tokens, worst_cost, clock.now)
         headers = rate_headers(subjects, [_window(c) for c in counters], clock.into_minute) if any(s.rated for s in subjects) else []
-        return Ticket(ticket_id, ids, headers)
+        return Ticket(ticket_id, headers)
 
     def _leased_ticket(self, leases: list[Lease], worst_tokens: int, worst_cost: float, now: float) -> Ticket:
         headers = []
         if any(lease.subject.rated for lease in leases):
             headers = rate_headers([lease.subject for lease in leases], [_as_seen(lease) for lease in leases],
                                    (now % 60) / 60)
-        return Ticket(b"", [], headers, leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
+        return Ticket(b"", headers, leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
 
     def _grant(self, txn, subject: Subject, counter: Counter, n: int, worst_tokens: int, worst_cost: float,
                clock: Clock) -> Lease:

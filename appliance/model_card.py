@@ -36,30 +36,29 @@ def detect_model_format(path: Path) -> str:
 
 
 def card_from_gguf(path: Path) -> dict:
-    import gguf
+    from gguf import LlamaFileType
+
+    from appliance.gguf_meta import read_metadata
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct or numpy errors on bad bytes
+        meta = read_metadata(path)
+    except (OSError, ValueError) as exc:
         raise ModelFileError(f"{path.name}: not a readable GGUF file (truncated or corrupt: {exc})", param="file") from None
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
+    field = meta.fields.get
 
     arch = field("general.architecture")
     if not arch:
         raise ModelFileError(f"{path.name}: GGUF metadata has no general.architecture", param="file")
     file_type = field("general.file_type")
     try:
-        quantization = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+        quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         quantization = f"file type {file_type}"
     return _clean({
         "format": "gguf",
         "name": field("general.name"),
         "architecture": arch,
-        "parameters": sum(int(t.n_elements) for t in reader.tensors),
+        "parameters": sum(t.n_elements for t in meta.tensors),
         "size_label": field("general.size_label"),
         "quantization": quantization,
         "context_length": field(f"{arch}.context_length"),

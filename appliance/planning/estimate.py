@@ -1,7 +1,7 @@
 """How much memory a model replica needs, from its files alone (never the network).
 
 GGUF files (llama.cpp): weights are the tensors' sizes; layers, KV heads and head size
-come from the GGUF metadata, read with the `gguf` package. HF-format directories
+come from the GGUF metadata, read by appliance.gguf_meta. HF-format directories
 (vLLM): weights are the safetensors files' sizes; the rest comes from config.json.
 
     total = weights + KV cache (context length x parallel sequences) + compute buffers + runtime
@@ -60,16 +60,13 @@ class ModelShape:
 
 
 def gguf_shape(path: Path) -> ModelShape:
-    import gguf
+    from appliance.gguf_meta import read_metadata
 
     try:
-        reader = gguf.GGUFReader(path)
+        meta = read_metadata(path)
     except (OSError, ValueError) as exc:
         raise InstallError(f"{path}: not a readable GGUF file (truncated or corrupt: {exc})") from None
-
-    def field(key: str, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    field = meta.fields.get
 
     arch = field("general.architecture")
     if not arch:
@@ -86,10 +83,9 @@ def gguf_shape(path: Path) -> ModelShape:
     key_size = field(f"{arch}.attention.key_length", head_size)
     value_size = field(f"{arch}.attention.value_length", head_size)
     kv_elements = sum(kv_per_layer) * (key_size + value_size)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocabulary = field(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
+    vocabulary = field(f"{arch}.vocab_size") or meta.array_lengths.get("tokenizer.ggml.tokens", 0)
     return ModelShape(
-        weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        weights_bytes=sum(t.n_bytes for t in meta.tensors),
         layers=int(layers),
         embedding=int(embedding),
         vocabulary=int(vocabulary),
@@ -143,7 +139,7 @@ def model_shape(path: str | Path) -> ModelShape:
 
 @functools.lru_cache(maxsize=64)
 def _cached_gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelShape:
-    """Reading GGUF metadata parses the whole tokenizer (seconds): once per file version."""
+    """Reading GGUF metadata steps through the tokenizer's strings (milliseconds): once per file version."""
     return gguf_shape(path)
 
 

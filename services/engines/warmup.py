@@ -48,15 +48,15 @@ def embeds_only(model: ModelConfig) -> bool:
 
 def _gguf_embeds_only(path: Path) -> bool:
     """Embedding models' GGUF metadata names a pooling type, or turns causal attention off."""
-    import gguf
+    from appliance.gguf_meta import read_metadata
 
     try:
-        fields = gguf.GGUFReader(path).fields
+        fields = read_metadata(path).fields
     except (OSError, ValueError):
         return False
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else ""
+    arch = fields.get("general.architecture", "")
     causal, pooling = fields.get(f"{arch}.attention.causal"), fields.get(f"{arch}.pooling_type")
-    return (causal is not None and not causal.contents()) or (pooling is not None and pooling.contents() != 0)
+    return (causal is not None and not causal) or (pooling is not None and pooling != 0)
 
 
 def warm_up_call(model: ModelConfig, base_url: str, api_key: str) -> Callable[[float], str]:

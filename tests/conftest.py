@@ -63,7 +63,9 @@ def wait_ready(root: str, timeout: float, proc: subprocess.Popen | None = None, 
             raise RuntimeError(f"process exited with {proc.returncode} while waiting for {root}")
         try:
             last = readiness(root)
-            if all(m["healthy"] > 0 for name, m in last["models"].items() if name not in except_models):
+            # Before the server is up, the door answers 503 on its own, with no "models".
+            models = last.get("models")
+            if models is not None and all(m["healthy"] > 0 for name, m in models.items() if name not in except_models):
                 return
         except (OSError, ValueError) as exc:
             last = exc

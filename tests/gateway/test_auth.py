@@ -1,6 +1,7 @@
-"""Signing in on the real stack: passwords (POST /auth/login, the `appliance login` CLI) and
-JWTs from a test identity provider (an RSA key pair made here, its JWKS in a file that the
-profile names)."""
+"""Signing in on the real stack, the governance stack of tests/gateway/conftest.py: passwords
+(POST /auth/login, the `appliance login` CLI) and JWTs from a test identity provider (an RSA
+key pair made for the session, its JWKS in a file that the profile names). Each test signs
+in as users of its own."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 
 from appliance.auth import SIGN_IN_REFUSED
 from services.gateway.admin_auth import FAILURE_DELAY_S, MAX_FAILURES
-from tests.appliance.test_jwt_auth import AUDIENCE, ISSUER, Provider
-from tests.conftest import BIN, UPSTREAM_KEY_ENV, start_stack
+from tests.appliance.test_jwt_auth import Provider
+from tests.conftest import BIN
+from tests.gateway.conftest import SESSION_TTL_S
 
 pytestmark = pytest.mark.stack
 
@@ -25,30 +27,18 @@ CLIENT_ENV = ("APPLIANCE_URL", "APPLIANCE_KEY", "APPLIANCE_HOME", "XDG_CONFIG_HO
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(scope="module")
-def provider():
-    return Provider()
+@pytest.fixture
+def stack(governance_stack):
+    return governance_stack
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, upstream, provider):
-    tmp = tmp_path_factory.mktemp("auth")
-    jwks = tmp / "jwks.json"
-    jwks.write_text(json.dumps(provider.jwks()))
-    profile = tmp / "profile.yaml"
-    profile.write_text(f"name: auth\nmodels:\n  - name: remote-ok\n    engine: remote\n"
-                       f"    base_url: {upstream.url('ok')}\n    api_key_env: {UPSTREAM_KEY_ENV}\n"
-                       f"auth:\n  session_ttl_s: 600\n  jwt:\n    jwks_file: {jwks}\n    issuer: {ISSUER}\n"
-                       f"    audience: {AUDIENCE}\n")
-    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
-    admin = api(running, running.admin_key)
-    for name, role in (("dev", "developer"), ("away", "viewer"), ("guessed", "viewer")):
-        assert admin.post("/admin/users", json={"name": name, "role": role, "password": PASSWORD}).status_code == 201
-    assert admin.patch("/admin/users/away", json={"disabled": True}).status_code == 200
-    assert admin.post("/admin/teams", json={"name": "finance", "rpm": 5}).status_code == 201
-    yield running
-    if running.proc.poll() is None:
-        running.stop()
+def user(stack, name: str, role: str = "developer", disabled: bool = False) -> str:
+    """A user with PASSWORD; answers `name`."""
+    admin = api(stack, stack.admin_key)
+    assert admin.post("/admin/users", json={"name": name, "role": role, "password": PASSWORD}).status_code == 201
+    if disabled:
+        assert admin.patch(f"/admin/users/{name}", json={"disabled": True}).status_code == 200
+    return name
 
 
 def api(stack, key: str | None = None) -> httpx.Client:
@@ -63,7 +53,7 @@ def me(stack, token: str, status: int = 200) -> httpx.Response:
     """GET /auth/me until it answers `status` (the gateway reloads keys and sessions every second)."""
     deadline = time.monotonic() + 10
     while (response := api(stack, token).get("/auth/me")).status_code != status and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     return response
 
 
@@ -71,19 +61,20 @@ def audit(stack, action: str, target: str) -> list[dict]:
     return api(stack, stack.admin_key).get("/admin/audit", params={"action": action, "target": target}).json()
 
 
-def test_a_password_sign_in_is_a_session_that_works_as_a_key_until_sign_out(stack):
-    answer = login(stack, "dev", PASSWORD)
+def test_a_password_sign_in_is_a_session_that_works_as_a_key_until_sign_out(stack, unique):
+    dev = user(stack, unique("dev"))
+    answer = login(stack, dev, PASSWORD)
     assert answer.status_code == 200, answer.text
     session = answer.json()
-    assert session["user"] == "dev" and session["role"] == "developer" and session["token"].startswith("sk-ap-")
-    assert 590 < session["expires_at"] - time.time() <= 600  # auth.session_ttl_s
+    assert session["user"] == dev and session["role"] == "developer" and session["token"].startswith("sk-ap-")
+    assert SESSION_TTL_S - 10 < session["expires_at"] - time.time() <= SESSION_TTL_S  # auth.session_ttl_s
     caller = me(stack, session["token"]).json()
-    assert (caller["name"], caller["role"], caller["key_id"]) == ("dev", "developer", session["session_id"])
+    assert (caller["name"], caller["role"], caller["key_id"]) == (dev, "developer", session["session_id"])
     assert caller["user_id"].startswith("usr_") and session["token"] not in json.dumps(caller)
     assert api(stack, session["token"]).get("/admin/models").status_code == 200
     denied = api(stack, session["token"]).get("/admin/audit")
     assert denied.status_code == 403 and "'audit.read'" in denied.json()["error"]["message"]
-    [entry] = audit(stack, "auth.login", "user/dev")
+    [entry] = audit(stack, "auth.login", f"user/{dev}")
     assert entry["outcome"] == "ok" and entry["key_id"] == session["session_id"]
     assert entry["detail"]["session"] == session["session_id"] and session["token"] not in json.dumps(entry)
 
@@ -93,9 +84,11 @@ def test_a_password_sign_in_is_a_session_that_works_as_a_key_until_sign_out(stac
     assert logout["outcome"] == "ok"
 
 
-def test_a_wrong_password_an_unknown_user_and_a_disabled_user_get_the_same_401(stack):
+def test_a_wrong_password_an_unknown_user_and_a_disabled_user_get_the_same_401(stack, unique):
+    dev, nobody = user(stack, unique("dev")), unique("nobody")
+    away = user(stack, unique("away"), "viewer", disabled=True)
     answers = {}
-    for name, password in (("dev", "wrong password!"), ("nobody", PASSWORD), ("away", PASSWORD)):
+    for name, password in ((dev, "wrong password!"), (nobody, PASSWORD), (away, PASSWORD)):
         started = time.monotonic()
         answers[name] = login(stack, name, password)
         assert time.monotonic() - started >= FAILURE_DELAY_S
@@ -103,8 +96,8 @@ def test_a_wrong_password_an_unknown_user_and_a_disabled_user_get_the_same_401(s
     assert {(r.json()["error"]["message"], r.json()["error"]["code"]) for r in answers.values()} == \
         {(SIGN_IN_REFUSED, "invalid_credentials")}
     outcomes = {name: audit(stack, "auth.login", f"user/{name}")[0]["outcome"] for name in answers}
-    assert outcomes == {"dev": "refused: wrong password", "nobody": "refused: unknown user",
-                        "away": "refused: user disabled"}
+    assert outcomes == {dev: "refused: wrong password", nobody: "refused: unknown user",
+                        away: "refused: user disabled"}
 
 
 def test_a_login_body_that_is_not_valid_is_a_400_naming_the_field(stack):
@@ -112,14 +105,15 @@ def test_a_login_body_that_is_not_valid_is_a_400_naming_the_field(stack):
     assert response.status_code == 400 and response.json()["error"]["param"] == "password"
 
 
-def test_guessing_is_locked_out_after_too_many_refusals_even_in_parallel(stack):
+def test_guessing_is_locked_out_after_too_many_refusals_even_in_parallel(stack, unique):
+    guessed, dev = user(stack, unique("guessed"), "viewer"), user(stack, unique("dev"))
     with concurrent.futures.ThreadPoolExecutor(3 * MAX_FAILURES) as pool:
-        refusals = list(pool.map(lambda _: login(stack, "guessed", "guess guess").status_code,
+        refusals = list(pool.map(lambda _: login(stack, guessed, "guess guess").status_code,
                                  range(3 * MAX_FAILURES)))
     assert sorted(refusals) == [401] * MAX_FAILURES + [429] * (2 * MAX_FAILURES), refusals
-    locked = login(stack, "guessed", PASSWORD)  # even the right password, from this address, for a while
+    locked = login(stack, guessed, PASSWORD)  # even the right password, from this address, for a while
     assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
-    assert login(stack, "dev", PASSWORD).status_code == 200  # another name is not locked
+    assert login(stack, dev, PASSWORD).status_code == 200  # another name is not locked
 
 
 def cli(*args: str, config_home, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -129,15 +123,16 @@ def cli(*args: str, config_home, stdin: str | None = None) -> subprocess.Complet
                           timeout=60, cwd=config_home)
 
 
-def test_appliance_login_keeps_a_private_session_that_the_admin_commands_use(stack, tmp_path):
-    signed_in = cli("login", "--user", "dev", "--password-stdin", "--url", stack.root, config_home=tmp_path,
+def test_appliance_login_keeps_a_private_session_that_the_admin_commands_use(stack, tmp_path, unique):
+    dev = user(stack, unique("dev"))
+    signed_in = cli("login", "--user", dev, "--password-stdin", "--url", stack.root, config_home=tmp_path,
                     stdin=PASSWORD + "\n")
     assert signed_in.returncode == 0, signed_in.stderr
-    assert f"signed in to {stack.root} as dev (developer)" in signed_in.stdout
+    assert f"signed in to {stack.root} as {dev} (developer)" in signed_in.stdout
     session_file = tmp_path / "appliance" / "session"
     assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
     session = json.loads(session_file.read_text())
-    assert session["url"] == stack.root and session["user"] == "dev"
+    assert session["url"] == stack.root and session["user"] == dev
     me(stack, session["token"])
 
     listed = cli("models", "list", "--json", config_home=tmp_path)  # no --url, --key or home: the session's
@@ -151,28 +146,31 @@ def test_appliance_login_keeps_a_private_session_that_the_admin_commands_use(sta
     assert "not signed in" in cli("logout", config_home=tmp_path).stdout
 
 
-def test_a_wrong_password_at_the_cli_is_an_error_and_keeps_no_session(stack, tmp_path):
-    result = cli("login", "-u", "dev", "--password-stdin", "--url", stack.root, config_home=tmp_path,
+def test_a_wrong_password_at_the_cli_is_an_error_and_keeps_no_session(stack, tmp_path, unique):
+    dev = user(stack, unique("dev"))
+    result = cli("login", "-u", dev, "--password-stdin", "--url", stack.root, config_home=tmp_path,
                  stdin="not the password\n")
     assert result.returncode == 1 and SIGN_IN_REFUSED in result.stderr and "HTTP 401" in result.stderr
     assert not (tmp_path / "appliance" / "session").exists()
 
 
-def test_a_jwt_of_the_identity_provider_is_a_caller_mapped_to_its_team(stack, provider):
-    token = provider.token(preferred_username="kim", groups=["/finance"])
-    deadline = time.monotonic() + 10  # the gateway reads teams every second: the fixture's may be new
+def test_a_jwt_of_the_identity_provider_is_a_caller_mapped_to_its_team(stack, identity_provider, unique):
+    kim, finance = unique("kim"), unique("finance")  # kim is no appliance user
+    assert api(stack, stack.admin_key).post("/admin/teams", json={"name": finance, "rpm": 5}).status_code == 201
+    token = identity_provider.token(preferred_username=kim, groups=[f"/{finance}"])
+    deadline = time.monotonic() + 10  # the gateway reads teams every second: this one is new
     while (caller := me(stack, token).json())["team_id"] is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (caller["name"], caller["role"], caller["key_id"], caller["user_id"]) == ("kim", "developer", None, None)
+        time.sleep(0.05)
+    assert (caller["name"], caller["role"], caller["key_id"], caller["user_id"]) == (kim, "developer", None, None)
     assert caller["team_id"].startswith("team_") and caller["team_limits"] == {"rpm": 5}
     assert api(stack, token).get("/v1/models").status_code == 200
     assert api(stack, token).get("/admin/models").status_code == 200
     assert api(stack, token).get("/admin/users").status_code == 403
 
 
-def test_a_jwt_that_is_expired_or_not_signed_by_the_provider_is_a_401(stack, provider):
-    for token in (provider.token(exp=time.time() - 300), Provider(kid=provider.kid).token(),
-                  provider.token(iss="https://elsewhere.example")):
+def test_a_jwt_that_is_expired_or_not_signed_by_the_provider_is_a_401(stack, identity_provider):
+    for token in (identity_provider.token(exp=time.time() - 300), Provider(kid=identity_provider.kid).token(),
+                  identity_provider.token(iss="https://elsewhere.example")):
         for path in ("/auth/me", "/v1/models"):
             response = api(stack, token).get(path)
             assert response.status_code == 401, (path, response.text)

@@ -1,7 +1,7 @@
-"""The role matrix on the real stack: every /admin route the app has (enumerated from it, not
-listed here), called with a key of every role and with none, is refused exactly where
-appliance/permissions.py says and let through everywhere else. A route the matrix does not
-name fails here (and is refused to everyone)."""
+"""The role matrix on the real stack (the governance stack of tests/gateway/conftest.py): every
+/admin route the app has (enumerated from it, not listed here), called with a key of every
+role and with none, is refused exactly where appliance/permissions.py says and let through
+everywhere else. A route the matrix does not name fails here (and is refused to everyone)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from appliance import permissions
 from appliance.config import GatewayConfig
 from appliance.errors import PermissionDenied
 from services.gateway.app import litestar_app
-from tests.conftest import UPSTREAM_KEY_ENV, start_stack
 from tests.gateway.test_admin_keys import create, wait_status
 
 pytestmark = pytest.mark.stack
@@ -72,15 +71,8 @@ def test_the_matrix_follows_the_role_order():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("roles")
-    profile = tmp / "profile.yaml"
-    profile.write_text(f"name: roles\nmodels:\n  - name: remote-ok\n    engine: remote\n"
-                       f"    base_url: {upstream.url('ok')}\n    api_key_env: {UPSTREAM_KEY_ENV}\n")
-    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
-    yield running
-    if running.proc.poll() is None:
-        running.stop()
+def stack(governance_stack):
+    return governance_stack
 
 
 @pytest.fixture(scope="module")

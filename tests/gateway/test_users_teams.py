@@ -1,7 +1,8 @@
-"""Users, teams and keys with limits and policies, through the real CLI and admin API on a
-stack of its own (a remote model only, so it starts in seconds): ownership rules, live
-updates the gateway sees within a second, deletion rules, and 4xx answers naming the
-parameter at fault."""
+"""Users, teams and keys with limits and policies, through the real CLI and admin API on the
+governance stack of tests/gateway/conftest.py (a remote model only, so it starts in
+seconds), each test with users, teams and keys of its own: ownership rules, live updates
+the gateway sees within a second, deletion rules, and 4xx answers naming the parameter at
+fault."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import BIN, UPSTREAM_KEY_ENV, start_stack
+from tests.conftest import BIN
 
 pytestmark = pytest.mark.stack
 
@@ -21,15 +22,9 @@ CLIENT_ENV = ("APPLIANCE_URL", "APPLIANCE_KEY", "APPLIANCE_HOME")
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("governance")
-    profile = tmp / "profile.yaml"
-    profile.write_text(f"name: governance\nmodels:\n  - name: remote-ok\n    engine: remote\n"
-                       f"    base_url: {upstream.url('ok')}\n    api_key_env: {UPSTREAM_KEY_ENV}\n")
-    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
-    yield running
-    running.stop()
+@pytest.fixture
+def stack(governance_stack):
+    return governance_stack
 
 
 def cli(stack, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -73,25 +68,26 @@ def audit(stack, *args: str) -> list[dict]:
     return cli_json(stack, "audit", "list", "--limit", "1000", *args)
 
 
-def test_a_members_key_billed_to_a_team_follows_both_and_changes_live(stack):
-    team = cli_json(stack, "teams", "create", "finance", "--rpm", "100", "--models", "remote-*,local-*",
+def test_a_members_key_billed_to_a_team_follows_both_and_changes_live(stack, unique):
+    finance, kim = unique("finance"), unique("kim")
+    team = cli_json(stack, "teams", "create", finance, "--rpm", "100", "--models", "remote-*,local-*",
                     "--pii", "rrn=block,phone=mask", "--no-external", "--budget-cost", "50", "--period", "day")
     assert team["id"].startswith("team_")
     assert team["limits"] == {"models": ["remote-*", "local-*"], "rpm": 100, "budget_cost": 50.0, "period": "day"}
     assert team["policy"] == {"no_external": True, "pii": {"kr_rrn": "block", "phone": "mask"}}
-    user = cli_json(stack, "users", "create", "kim", "--role", "developer", "--email", "kim@example.com",
+    user = cli_json(stack, "users", "create", kim, "--role", "developer", "--email", "kim@example.com",
                     "--password-stdin", stdin=PASSWORD + "\n")
     assert user["has_password"] and user["role"] == "developer" and "password_hash" not in user
-    assert "kim is a member of finance" in ok(cli(stack, "teams", "add-member", "finance", "kim"))
-    key = cli_json(stack, "keys", "create", "kim-laptop", "--user", "kim", "--team", "finance", "--rpm", "10",
+    assert f"{kim} is a member of {finance}" in ok(cli(stack, "teams", "add-member", finance, kim))
+    key = cli_json(stack, "keys", "create", unique("kim-laptop"), "--user", kim, "--team", finance, "--rpm", "10",
                    "--pii", "mask", "--injection", "flag", "--expires-in", "30d")
     assert (key["user_id"], key["team_id"], key["role"]) == (user["id"], team["id"], "developer")
 
     shown = cli_json(stack, "keys", "show", key["id"])
-    assert (shown["user_name"], shown["team_name"], shown["limits"]) == ("kim", "finance", {"rpm": 10})
+    assert (shown["user_name"], shown["team_name"], shown["limits"]) == (kim, finance, {"rpm": 10})
     assert "key" not in shown and "key_hash" not in shown
     text = ok(cli(stack, "keys", "show", key["prefix"]))
-    assert "owner: user kim, team finance" in text and "limits: rpm=10" in text and "injection=flag" in text
+    assert f"owner: user {kim}, team {finance}" in text and "limits: rpm=10" in text and "injection=flag" in text
 
     principal = me_until(stack, key["key"], lambda p: True)
     assert (principal["key_id"], principal["role"], principal["user_id"], principal["team_id"]) == (
@@ -100,7 +96,7 @@ def test_a_members_key_billed_to_a_team_follows_both_and_changes_live(stack):
     # the key's phone=mask equals the team's "*": mask, so the merged policy needs no entry for it
     assert principal["policy"] == {"no_external": True, "pii": {"*": "mask", "kr_rrn": "block"}, "injection": "flag"}
 
-    ok(cli(stack, "teams", "update", "finance", "--injection", "block", "--deny", "project x", "--rpm", "off"))
+    ok(cli(stack, "teams", "update", finance, "--injection", "block", "--deny", "project x", "--rpm", "off"))
     principal = me_until(stack, key["key"], lambda p: p["policy"].get("injection") == "block")
     assert principal["policy"]["deny"] == ["project x"] and "rpm" not in principal["team_limits"]
     updated = cli_json(stack, "keys", "update", key["id"], "--rpm", "off", "--tpm", "500", "--pii", "off")
@@ -111,74 +107,78 @@ def test_a_members_key_billed_to_a_team_follows_both_and_changes_live(stack):
     [change] = audit(stack, "--action", "key.update", "--target", f"key/{key['id']}")
     assert change["outcome"] == "ok" and change["detail"] == {"id": key["id"],
                                                               "changes": {"rpm": None, "tpm": 500, "pii": None}}
-    [created] = audit(stack, "--action", "user.create")
+    [created] = audit(stack, "--action", "user.create", "--target", f"user/{kim}")
     assert created["detail"]["has_password"] is True and PASSWORD not in json.dumps(audit(stack))
-    shown = cli_json(stack, "teams", "show", "finance")
-    assert [m["name"] for m in shown["members"]] == ["kim"] and [k["id"] for k in shown["keys"]] == [key["id"]]
-    assert [t["name"] for t in cli_json(stack, "users", "show", "kim")["teams"]] == ["finance"]
+    shown = cli_json(stack, "teams", "show", finance)
+    assert [m["name"] for m in shown["members"]] == [kim] and [k["id"] for k in shown["keys"]] == [key["id"]]
+    assert [t["name"] for t in cli_json(stack, "users", "show", kim)["teams"]] == [finance]
 
 
-def test_a_users_key_has_at_most_their_role_and_only_their_teams(stack):
-    ok(cli(stack, "users", "create", "lee", "--role", "viewer"))
-    ok(cli(stack, "teams", "create", "research"))
-    escalate = cli(stack, "keys", "create", "lee-ops", "--user", "lee", "--role", "operator")
+def test_a_users_key_has_at_most_their_role_and_only_their_teams(stack, unique):
+    lee, research = unique("lee"), unique("research")
+    ok(cli(stack, "users", "create", lee, "--role", "viewer"))
+    ok(cli(stack, "teams", "create", research))
+    escalate = cli(stack, "keys", "create", unique("lee-ops"), "--user", lee, "--role", "operator")
     assert escalate.returncode == 1 and "(HTTP 403, parameter role)" in escalate.stderr
-    outsider = cli(stack, "keys", "create", "lee-research", "--user", "lee", "--team", "research")
-    assert outsider.returncode == 1 and "not a member of team 'research'" in outsider.stderr
+    outsider = cli(stack, "keys", "create", unique("lee-research"), "--user", lee, "--team", research)
+    assert outsider.returncode == 1 and f"not a member of team '{research}'" in outsider.stderr
     assert "(HTTP 400, parameter team)" in outsider.stderr
-    assert cli_json(stack, "keys", "create", "lee-read", "--user", "lee")["role"] == "viewer"
-    service = cli_json(stack, "keys", "create", "research-etl", "--team", "research", "--max-parallel", "4")
+    assert cli_json(stack, "keys", "create", unique("lee-read"), "--user", lee)["role"] == "viewer"
+    service = cli_json(stack, "keys", "create", unique("research-etl"), "--team", research, "--max-parallel", "4")
     assert service["user_id"] is None and service["limits"] == {"max_parallel": 4}
 
 
-def test_disabling_a_user_refuses_their_keys_within_a_second(stack):
-    ok(cli(stack, "users", "create", "park", "--role", "developer"))
-    key = cli_json(stack, "keys", "create", "park-key", "--user", "park")["key"]
+def test_disabling_a_user_refuses_their_keys_within_a_second(stack, unique):
+    park = unique("park")
+    ok(cli(stack, "users", "create", park, "--role", "developer"))
+    key = cli_json(stack, "keys", "create", unique("park-key"), "--user", park)["key"]
     assert status_until(stack, key, 200).status_code == 200
-    ok(cli(stack, "users", "update", "park", "--disable"))
+    ok(cli(stack, "users", "update", park, "--disable"))
     refused = status_until(stack, key, 401)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "user_disabled"
-    ok(cli(stack, "users", "update", "park", "--enable"))
+    ok(cli(stack, "users", "update", park, "--enable"))
     assert status_until(stack, key, 200).status_code == 200
 
 
-def test_deleting_a_team_with_keys_needs_force_and_deleting_a_user_revokes_theirs(stack):
-    ok(cli(stack, "teams", "create", "ops"))
-    ok(cli(stack, "users", "create", "ann", "--role", "operator"))
-    own = cli_json(stack, "keys", "create", "ann-own", "--user", "ann")  # before she joins: billed to no team
-    ok(cli(stack, "teams", "add-member", "ops", "ann"))
-    billed = cli_json(stack, "keys", "create", "ann-ops", "--user", "ann")  # billed to her (first) team
-    assert (own["team_id"], billed["team_id"]) == (None, cli_json(stack, "teams", "show", "ops")["id"])
-    leave = cli(stack, "teams", "remove-member", "ops", "ann")
+def test_deleting_a_team_with_keys_needs_force_and_deleting_a_user_revokes_theirs(stack, unique):
+    ops, ann = unique("ops"), unique("ann")
+    ok(cli(stack, "teams", "create", ops))
+    ok(cli(stack, "users", "create", ann, "--role", "operator"))
+    own = cli_json(stack, "keys", "create", unique("ann-own"), "--user", ann)  # before she joins: billed to no team
+    ok(cli(stack, "teams", "add-member", ops, ann))
+    billed = cli_json(stack, "keys", "create", unique("ann-ops"), "--user", ann)  # billed to her (first) team
+    assert (own["team_id"], billed["team_id"]) == (None, cli_json(stack, "teams", "show", ops)["id"])
+    leave = cli(stack, "teams", "remove-member", ops, ann)
     assert leave.returncode == 1 and "(HTTP 409, parameter user)" in leave.stderr and billed["id"] in leave.stderr
-    refused = cli(stack, "teams", "delete", "ops")
+    refused = cli(stack, "teams", "delete", ops)
     assert refused.returncode == 1 and "(HTTP 409, parameter force)" in refused.stderr
-    deleted = cli_json(stack, "teams", "delete", "ops", "--force")
+    deleted = cli_json(stack, "teams", "delete", ops, "--force")
     assert deleted["revoked_keys"] == [billed["id"]]
     assert status_until(stack, billed["key"], 401).status_code == 401
     assert status_until(stack, own["key"], 200).status_code == 200
-    assert cli_json(stack, "users", "show", "ann")["teams"] == []
-    gone = cli_json(stack, "users", "delete", "ann")
-    assert gone["revoked_keys"] == [own["id"]] and "ann" in gone["name"]
+    assert cli_json(stack, "users", "show", ann)["teams"] == []
+    gone = cli_json(stack, "users", "delete", ann)
+    assert gone["revoked_keys"] == [own["id"]] and ann in gone["name"]
     assert status_until(stack, own["key"], 401).status_code == 401
-    [entry] = audit(stack, "--action", "user.delete")
+    [entry] = audit(stack, "--action", "user.delete", "--target", f"user/{ann}")
     assert entry["detail"]["revoked_keys"] == [own["id"]]
-    missing = cli(stack, "users", "show", "ann")
+    missing = cli(stack, "users", "show", ann)
     assert missing.returncode == 1 and "(HTTP 404, parameter user)" in missing.stderr
 
 
-def test_a_password_is_never_shown_and_a_new_one_ends_the_sessions(stack):
-    ok(cli(stack, "users", "create", "cho", "--role", "viewer"))
-    assert "password set for cho" in ok(cli(stack, "users", "set-password", "cho", "--password-stdin",
-                                            stdin=PASSWORD + "\n"))
+def test_a_password_is_never_shown_and_a_new_one_ends_the_sessions(stack, unique):
+    cho = unique("cho")
+    ok(cli(stack, "users", "create", cho, "--role", "viewer"))
+    assert f"password set for {cho}" in ok(cli(stack, "users", "set-password", cho, "--password-stdin",
+                                               stdin=PASSWORD + "\n"))
     listed = ok(cli(stack, "users", "list", "--json"))
     assert PASSWORD not in listed and "$argon2" not in listed
-    assert {u["name"]: u["has_password"] for u in json.loads(listed)}["cho"] is True
-    login = httpx.post(stack.root + "/auth/login", json={"username": "cho", "password": PASSWORD}, timeout=30)
+    assert {u["name"]: u["has_password"] for u in json.loads(listed)}[cho] is True
+    login = httpx.post(stack.root + "/auth/login", json={"username": cho, "password": PASSWORD}, timeout=30)
     assert login.is_success, login.text
     session = login.json()["token"]
     assert status_until(stack, session, 200).status_code == 200
-    ok(cli(stack, "users", "set-password", "cho", "--password-stdin", stdin="another " + PASSWORD + "\n"))
+    ok(cli(stack, "users", "set-password", cho, "--password-stdin", stdin="another " + PASSWORD + "\n"))
     assert status_until(stack, session, 401).json()["error"]["code"] == "invalid_api_key"
 
 
@@ -208,11 +208,11 @@ def test_bad_input_is_a_4xx_naming_the_parameter(stack, method, path, body, stat
     assert response.status_code == status and response.json()["error"]["param"] == param, response.text
 
 
-def test_duplicates_and_bad_updates(stack):
-    assert api(stack).post("/admin/teams", json={"name": "dup"}).status_code == 201
-    again = api(stack).post("/admin/teams", json={"name": "dup"})
+def test_duplicates_and_bad_updates(stack, unique):
+    assert api(stack).post("/admin/teams", json={"name": unique("dup")}).status_code == 201
+    again = api(stack).post("/admin/teams", json={"name": unique("dup")})
     assert again.status_code == 409 and again.json()["error"]["param"] == "name"
-    key = api(stack).post("/admin/keys", json={"name": "k"}).json()
+    key = api(stack).post("/admin/keys", json={"name": unique("k")}).json()
     negative = api(stack).patch(f"/admin/keys/{key['id']}", json={"rpm": -1})
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "rpm"
     api(stack).post(f"/admin/keys/{key['id']}/revoke")
@@ -234,26 +234,27 @@ def test_bad_input_from_the_cli(stack):
         assert "Traceback" not in result.stderr
 
 
-def test_a_developer_manages_only_their_own_keys(stack):
-    ok(cli(stack, "users", "create", "dev1", "--role", "developer"))
-    ok(cli(stack, "users", "create", "dev2", "--role", "developer"))
-    mine = cli_json(stack, "keys", "create", "dev1-main", "--user", "dev1")
-    theirs = cli_json(stack, "keys", "create", "dev2-main", "--user", "dev2")
+def test_a_developer_manages_only_their_own_keys(stack, unique):
+    dev1, dev2 = unique("dev1"), unique("dev2")
+    ok(cli(stack, "users", "create", dev1, "--role", "developer"))
+    ok(cli(stack, "users", "create", dev2, "--role", "developer"))
+    mine = cli_json(stack, "keys", "create", unique("dev1-main"), "--user", dev1)
+    theirs = cli_json(stack, "keys", "create", unique("dev2-main"), "--user", dev2)
     assert status_until(stack, mine["key"], 200).status_code == 200
     as_dev = api(stack, mine["key"])
-    made = as_dev.post("/admin/keys", json={"name": "dev1-ci", "rpm": 5})
+    made = as_dev.post("/admin/keys", json={"name": unique("dev1-ci"), "rpm": 5})
     assert made.status_code == 201 and made.json()["user_id"] == mine["user_id"], made.text
-    assert {k["name"] for k in as_dev.get("/admin/keys").json()} == {"dev1-main", "dev1-ci"}
-    for response in [as_dev.post("/admin/keys", json={"name": "for-dev2", "user": "dev2"}),
+    assert {k["name"] for k in as_dev.get("/admin/keys").json()} == {unique("dev1-main"), unique("dev1-ci")}
+    for response in [as_dev.post("/admin/keys", json={"name": unique("for-dev2"), "user": dev2}),
                      as_dev.get(f"/admin/keys/{theirs['id']}"), as_dev.post(f"/admin/keys/{theirs['id']}/revoke")]:
         assert response.status_code == 403, response.text
     assert as_dev.get(f"/admin/keys/{theirs['id']}").json()["error"]["param"] == "key_id"
-    assert as_dev.post("/admin/keys", json={"name": "x", "user": "dev2"}).json()["error"]["param"] == "user"
-    ownerless = cli_json(stack, "keys", "create", "no-user", "--role", "developer")["key"]
+    assert as_dev.post("/admin/keys", json={"name": "x", "user": dev2}).json()["error"]["param"] == "user"
+    ownerless = cli_json(stack, "keys", "create", unique("no-user"), "--role", "developer")["key"]
     assert status_until(stack, ownerless, 200).status_code == 200
     refused = api(stack, ownerless).post("/admin/keys", json={"name": "x"})
     assert refused.status_code == 403 and refused.json()["error"]["param"] == "user"
-    assert [k["name"] for k in api(stack, ownerless).get("/admin/keys").json()] == ["no-user"]
+    assert [k["name"] for k in api(stack, ownerless).get("/admin/keys").json()] == [unique("no-user")]
 
 
 def test_the_openapi_document_describes_the_bodies(stack):

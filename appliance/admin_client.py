@@ -13,10 +13,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
 from appliance.cli_options import DEFAULT_URL, KEY_ENV
 from appliance.discovery import running_gateway_url
@@ -24,8 +23,13 @@ from appliance.errors import ApplianceError
 from appliance.files import write_new
 from appliance.home import admin_key_path, gateway_url_path, resolve_home
 
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-UPLOAD_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
+# httpx is imported where a request is made: `--help`, and commands that make none, skip its load time.
+if TYPE_CHECKING:
+    import httpx
+
+CONNECT_TIMEOUT_S = 5.0
+TIMEOUT_S = 30.0
+UPLOAD_TIMEOUT_S = 3600.0
 
 
 class AdminApiError(ApplianceError):
@@ -74,12 +78,17 @@ def read_session() -> dict | None:
 
 class AdminClient:
     def __init__(self, url: str, key: str | None, *, origin: str = ""):
+        import httpx
+
         self.url = url.rstrip("/")
         self.origin = origin  # where the URL came from, for an error that cannot reach it
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+        self.http = httpx.Client(base_url=self.url, headers=headers,
+                                 timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
 
     def request(self, method: str, path: str, **kwargs) -> Any:
+        import httpx
+
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -96,6 +105,8 @@ class AdminClient:
 
     def upload(self, path: str, file: Path, **params) -> Any:
         """Stream a file as the request body, with its length, so a cut-off upload is detected."""
+        import httpx
+
         size = file.stat().st_size
         # Progress on stderr, and only for a person watching: stdout stays clean for --json.
         progress = click.progressbar(length=size, label=f"uploading {file.name}", file=sys.stderr,
@@ -107,7 +118,7 @@ class AdminClient:
                     yield chunk
 
             return self.request("POST", path, params={k: v for k, v in params.items() if v is not None},
-                                content=chunks(), timeout=UPLOAD_TIMEOUT,
+                                content=chunks(), timeout=httpx.Timeout(UPLOAD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
                                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
 
 

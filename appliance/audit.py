@@ -23,12 +23,15 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import sqlite_utils
 
 from appliance.db import open_db, transaction
 from appliance.errors import StateError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import click
-import httpx
 import msgspec
 
 from appliance.admin_client import AdminApiError, api_error, make_client
@@ -135,6 +134,8 @@ def audit_export(since, until, output, url, key, home):
 
 def _download(client, params: dict, sink) -> int:
     """Copy the export's lines to `sink` as they arrive; returns how many."""
+    import httpx  # as in appliance/admin_client.py
+
     count = 0
     try:
         with client.http.stream("GET", "/admin/audit/export", params=params,

@@ -21,7 +21,7 @@ from appliance.errors import AuthenticationFailed, InvalidRequest
 from appliance.governance import Principal
 from appliance.jwt_auth import JwtVerifier
 from appliance.keys import SECRET_PREFIX, KeyCache, create_key, find_key, revoke_key
-from appliance.passwords import hash_password, needs_rehash, verify_password
+from appliance.passwords import decoy_hash, hash_password, needs_rehash, verify_password
 
 SESSION_KIND = "session"
 SIGN_IN_REFUSED = "Incorrect user name or password."  # one message for every refusal: no user enumeration
@@ -34,6 +34,7 @@ class Authenticator:
 
     @classmethod
     def from_config(cls, keys: KeyCache, config: AuthConfig) -> Authenticator:
+        decoy_hash()  # made now, so that the first sign-in with an unknown name takes no longer than the rest
         return cls(keys, JwtVerifier(config.jwt) if config.jwt else None)
 
     def authenticate(self, authorization: str | None, *, monitoring: bool = False) -> Principal:

@@ -11,13 +11,15 @@ import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import jsonschema
 import msgspec
 import yaml
 
 from appliance.errors import ProfileError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 DEFAULT_PROFILE = "edge-cpu"
 PACKAGE_SCHEME = "package://"
@@ -256,6 +258,8 @@ def _check_jwt(jwt: JwtConfig | None, base_dir: Path, check_files: bool) -> None
 
 def parse_profile(data: object, *, source: str, base_dir: Path, check_files: bool = True) -> Profile:
     """Validate already-loaded YAML data; errors name `source`, the key and the problem."""
+    import jsonschema  # here, not at import: only commands that read a profile pay for it
+
     validator = jsonschema.Draft202012Validator(profile_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:

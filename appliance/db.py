@@ -10,10 +10,12 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from appliance.errors import StateError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 
 # Each entry is one schema version: SQL statements run together in one transaction.
@@ -219,6 +221,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
 
 def open_db(path: Path, *, migrate: bool = True) -> sqlite_utils.Database:
     """Open (creating if needed) the state database and bring its schema up to date."""
+    import sqlite_utils  # here, not at import: it loads numpy, which only commands that open a database need
+
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
     db = sqlite_utils.Database(conn)

@@ -12,14 +12,16 @@ import json
 import os
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-import sqlite_utils
 
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")

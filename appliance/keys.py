@@ -15,10 +15,9 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
-import sqlite_utils
 
 from appliance import audit, teams, users
 from appliance.db import transaction
@@ -26,6 +25,9 @@ from appliance.errors import AuthenticationFailed, Conflict, InvalidRequest, Not
 from appliance.files import write_new
 from appliance.governance import NO_LIMITS, NO_POLICY, Limits, Policy, Principal, merge_policies
 from appliance.teams import Settings
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 ROLES = (*users.ROLES, "metrics")  # highest first
 # The lowest role: it reads /metrics, /readyz details and /schema and nothing else (not /v1, not /admin).

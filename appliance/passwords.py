@@ -9,6 +9,8 @@ Hashing is CPU- and memory-heavy: call these on a worker thread, never on the ev
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -18,9 +20,13 @@ MIN_LENGTH = 8
 MAX_LENGTH = 1024  # longer input only costs hashing time
 
 _hasher = PasswordHasher()  # Argon2id, RFC 9106 low-memory profile
-# Verified against when there is no hash to verify (an unknown user), so a wrong name and a
-# wrong password take the same time.
-_DECOY_HASH = _hasher.hash("decoy password, never valid")
+
+
+@functools.cache  # made on first use, not at import: every CLI call would pay for it
+def decoy_hash() -> str:
+    """Verified against when there is no hash to verify (an unknown user), so a wrong name and a
+    wrong password take the same time. The gateway makes it at start (appliance/auth.py)."""
+    return _hasher.hash("decoy password, never valid")
 
 
 def check_password(password: str, *, param: str = "password") -> None:
@@ -38,7 +44,7 @@ def verify_password(stored: str | None, password: str) -> bool:
     """Whether `password` matches the `stored` hash (compared in constant time by libargon2).
     No hash (an unknown user or one without a password) is False after the same work."""
     try:
-        return _hasher.verify(stored or _DECOY_HASH, password) and stored is not None
+        return _hasher.verify(stored or decoy_hash(), password) and stored is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-import httpx
 
 from appliance.admin_client import AdminApiError, make_client
 from appliance.cli_format import emit, size, table, when
@@ -65,6 +64,8 @@ def models_register(name, path, sha256, server_path, presigned, background, url,
 
 
 def _presigned_register(client, name: str, file: Path, sha256: str | None) -> dict:
+    import httpx  # as in appliance/admin_client.py
+
     upload = client.post("/admin/uploads", {"bucket": "models"})
     with open(file, "rb") as f:
         try:

@@ -11,19 +11,19 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import msgspec
-import sqlite_utils
 from msgspec import UNSET, UnsetType
 
-from appliance import pii
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
 from appliance.governance import (ALL_DETECTORS, NO_LIMITS, NO_POLICY, Count, Limits, Money, Period, PiiAction, Policy,
                                   RuleAction)
-from appliance.policies import check_policy
 from appliance.users import check_name, find_user
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 ID_PREFIX = "team_"
 LIMIT_FIELDS = Limits.__struct_fields__
@@ -59,6 +59,8 @@ def settings_given(settings: Settings) -> dict:
 def _pii_rule(name: str, action: str) -> tuple[str, str]:
     """A PII policy's entry: a detector (a kind or short name of appliance.pii, or "*" for
     every one) and its action; a bad one is a 400 naming it as given (pii.NAME)."""
+    from appliance import pii  # here, not at import: it loads pyarrow, and every CLI call imports Settings
+
     try:
         kind = name if name == ALL_DETECTORS else pii.detector(name)
     except InvalidRequest as exc:
@@ -72,6 +74,8 @@ def _pii_rule(name: str, action: str) -> tuple[str, str]:
 
 def apply_settings(limits: Limits, policy: Policy, settings: Settings) -> tuple[Limits, Policy]:
     """`limits` and `policy` with `settings` applied and checked (400 naming the field)."""
+    from appliance.policies import check_policy  # as pii in _pii_rule
+
     given = settings_given(settings)
     if given.get("models") == []:
         raise InvalidRequest("an empty model list allows no model at all: give null to allow every model "

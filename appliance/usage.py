@@ -17,11 +17,14 @@ import itertools
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import sqlite_utils
 
 from appliance.db import open_db
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,16 @@ import re
 import sqlite3
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import msgspec
-import sqlite_utils
 
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.passwords import check_password, hash_password
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 ROLES = ("admin", "operator", "developer", "viewer")  # highest first; keys add the metrics role below them
 ID_PREFIX = "usr_"

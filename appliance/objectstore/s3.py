@@ -10,9 +10,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
-import urllib3
-from minio import Minio
-from minio.error import S3Error
 
 from appliance.errors import NotFound, StorageUnavailable
 from appliance.objectstore.base import BUCKETS, CONTENT_KEY, ObjectStore, StoredObject, check_bucket
@@ -46,6 +43,10 @@ class S3Store(ObjectStore):
         url = urlsplit(settings.endpoint)
         if url.scheme not in ("http", "https") or not url.netloc:
             raise StorageUnavailable(f"object store endpoint {settings.endpoint!r} is not an http(s) URL")
+        # The SDK is imported by the store that uses it: it takes longer to load than most CLI commands run.
+        import urllib3
+        from minio import Minio
+
         self.client = Minio(
             url.netloc,
             access_key=settings.access_key,
@@ -69,6 +70,9 @@ class S3Store(ObjectStore):
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """S3 and network failures become appliance errors that say what was being done."""
+        import urllib3
+        from minio.error import S3Error
+
         try:
             yield
         except S3Error as exc:

@@ -11,19 +11,24 @@
 
 both against the fixed-response upstream (bench/fixed_upstream.py) through the gateway,
 non-streaming and streaming, at concurrency 1 and 64, with wrk. The targets take turns
-within each round; the table gives the median of each round's governed/plain ratio.
+within each round, in reverse order every other round (so a drift of the shared machine
+favours none); the table gives the median of each round's ratio to plain, for throughput
+and for the gateway worker's CPU time per request (user + system, all its threads, from
+/proc: steadier than throughput where the machine is shared).
 Usage:
-  .venv/bin/python bench/governance_overhead.py [--seconds 5] [--rounds 3] [--workers 1]
+  .venv/bin/python bench/governance_overhead.py [--seconds 3] [--rounds 8] [--workers 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -42,10 +47,27 @@ def admin_post(root: str, key: str, path: str, body: dict) -> dict:
         return json.load(answer)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (every thread), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_workers(work: Path) -> list[int]:
+    """The Granian worker processes of the gateway whose home is under `work` (not its parent)."""
+    table = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+    granian = [line.split(None, 2) for line in table.splitlines()[1:] if "granian" in line and str(work) in line]
+    pids = {int(pid) for pid, _, _ in granian}
+    return [int(pid) for pid, ppid, _ in granian if int(ppid) in pids]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--concurrency", default="1,64", type=lambda v: tuple(int(c) for c in v.split(",")))
     args = parser.parse_args()
@@ -79,19 +101,24 @@ models:
         plain = admin_post(root, admin_key, "/admin/keys", {"name": "plain"})["key"]
         url = f"{root}/v1/chat/completions"
         wait_until(f"{root}/v1/models", headers={"Authorization": f"Bearer {governed}"})
+        workers = gateway_workers(work)
+        targets = (("plain", plain, PLAIN_MESSAGE), ("governed", governed, PLAIN_MESSAGE),
+                   ("masking", governed, MASKED_MESSAGE))
         rows = []
         for stream in (False, True):
             for concurrency in args.concurrency:
                 for round_ in range(args.rounds):
-                    for name, key, message in (("plain", plain, PLAIN_MESSAGE), ("governed", governed, PLAIN_MESSAGE),
-                                               ("masking", governed, MASKED_MESSAGE)):
+                    for name, key, message in targets if round_ % 2 == 0 else reversed(targets):
                         body = {"model": MODEL, "messages": [{"role": "user", "content": message}], "max_tokens": 16,
                                 "stream": stream}
+                        before = cpu_seconds(workers)
                         result = wrk(url, body, key, concurrency, args.seconds, work)
+                        result["cpu_us"] = (cpu_seconds(workers) - before) / max(result["requests"], 1) * 1e6
                         rows.append({"stream": stream, "concurrency": concurrency, "target": name, "round": round_,
                                      **result})
                         print(f"stream={stream!s:5} c={concurrency:<3} {name:8} {result['rps']:9.1f} req/s  "
                               f"p50 {result['p50_us'] / 1000:7.2f} ms  p99 {result['p99_us'] / 1000:7.2f} ms  "
+                              f"cpu {result['cpu_us']:6.1f} us/req  "
                               f"errors {result['socket_errors'] + result['non2xx']}", flush=True)
         print("\n" + table(rows, args.concurrency))
     finally:
@@ -99,8 +126,8 @@ models:
 
 
 def table(rows: list[dict], concurrency: tuple[int, ...]) -> str:
-    lines = ["| stream | conc. | target | req/s | /plain | p50 ms | added p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stream | conc. | target | req/s | /plain | p50 ms | added p50 ms | p99 ms | worker CPU µs/req | plain/this CPU | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stream in (False, True):
         for c in concurrency:
             runs = {name: [r for r in rows if (r["stream"], r["concurrency"], r["target"]) == (stream, c, name)]
@@ -110,9 +137,11 @@ def table(rows: list[dict], concurrency: tuple[int, ...]) -> str:
                 these = runs[name]
                 ratio = statistics.median(b["rps"] / a["rps"] for a, b in zip(plain, these))
                 added = statistics.median(b["p50_us"] - a["p50_us"] for a, b in zip(plain, these)) / 1000
+                cpu_ratio = statistics.median(a["cpu_us"] / b["cpu_us"] for a, b in zip(plain, these))
                 lines.append(f"| {'yes' if stream else 'no'} | {c} | {name} | {statistics.median(r['rps'] for r in these):.0f} "
                              f"| {ratio:.1%} | {statistics.median(r['p50_us'] for r in these) / 1000:.2f} | {added:.2f} "
                              f"| {statistics.median(r['p99_us'] for r in these) / 1000:.2f} "
+                             f"| {statistics.median(r['cpu_us'] for r in these):.0f} | {cpu_ratio:.1%} "
                              f"| {sum(r['socket_errors'] + r['non2xx'] for r in these)} |")
     return "\n".join(lines)
 

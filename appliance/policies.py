@@ -508,3 +508,40 @@ def mask_answer(policy: Policy, text: str) -> str:
     if not kinds:
         return text
     return pii.mask_text(text, kinds)[0]
+
+
+def mask_arguments(policy: Policy, arguments: str) -> str:
+    """A tool call's arguments (JSON text) with mask_answer applied to every string in them, and to
+    every integer that reads as a value (a card number sent as a number becomes its placeholder),
+    each with its key in view ("account": a context word); as plain text when they are not JSON.
+    The same text when nothing was masked."""
+    try:
+        value = msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return mask_answer(policy, arguments)
+    changed = False
+
+    def masked(item, key: str | None):
+        nonlocal changed
+        if isinstance(item, dict):
+            return {name: masked(inner, name) for name, inner in item.items()}
+        if isinstance(item, list):
+            return [masked(inner, key) for inner in item]
+        if isinstance(item, str) or isinstance(item, int) and not isinstance(item, bool):
+            text = item if isinstance(item, str) else str(item)
+            if (out := _masked_value(policy, key, text)) != text:
+                changed = True
+                return out
+        return item
+
+    value = masked(value, None)
+    return msgspec.json.encode(value).decode() if changed else arguments
+
+
+def _masked_value(policy: Policy, key: str | None, text: str) -> str:
+    """`text` masked with its key before it, as a context word would be in prose."""
+    if key:
+        labelled = mask_answer(policy, f"{key}: {text}")
+        if labelled.startswith(f"{key}: "):
+            return labelled[len(key) + 2 :]
+    return mask_answer(policy, text)

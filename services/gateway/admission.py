@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
-from appliance.errors import ModelNotAllowed, PermissionDenied
+from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
 from appliance.governance import Policy, Principal
 from appliance.permissions import at_least
-from appliance.policies import mask_answer
+from appliance.policies import mask_answer, mask_arguments
 from services.gateway.runtime import ServedModel
 
 INFERENCE_ROLES = frozenset(at_least("developer"))
@@ -66,24 +66,44 @@ def worst_tokens(endpoint: str, parsed, body_size: int, served: ServedModel) -> 
     return prompt, per_choice * (getattr(parsed, "n", None) or 1)
 
 
+def refuse_unmaskable(policy: Policy, parsed) -> None:
+    """Under `pii_responses` every text of an answer is masked, but token log probabilities cannot
+    be (a value spans tokens, and each token comes with its text and bytes): they are refused."""
+    logprobs = getattr(parsed, "logprobs", None)
+    if policy.pii_responses and logprobs is not None and logprobs is not False:  # a completion's 0 asks for them
+        raise InvalidRequest("The policy of this key or its team masks personal data in answers "
+                             "(pii_responses), which token log probabilities would reveal: leave out logprobs.",
+                             param="logprobs")
+
+
 def masked_answer(policy: Policy, payload: bytes) -> bytes:
     """A whole answer (chat, completion or Responses) with the policy's PII detectors masked in
-    its text (`pii_responses`); the same bytes when there was nothing to mask."""
+    every text it carries (`pii_responses`): content, reasoning, tool-call arguments; the same
+    bytes when there was nothing to mask."""
     answer = msgspec.json.decode(payload)
     changed = False
 
-    def mask(holder: dict, field: str) -> None:
+    def mask(holder, field: str, masker=mask_answer) -> None:
         nonlocal changed
-        text = holder.get(field)
-        if isinstance(text, str) and (masked := mask_answer(policy, text)) != text:
+        text = holder.get(field) if isinstance(holder, dict) else None
+        if isinstance(text, str) and (masked := masker(policy, text)) != text:
             holder[field], changed = masked, True
 
     for choice in answer.get("choices") or []:
         mask(choice, "text")
-        if isinstance(choice.get("message"), dict):
-            mask(choice["message"], "content")
+        message = choice.get("message")
+        if isinstance(message, dict):
+            mask(message, "content")
+            mask(message, "reasoning_content")
+            mask(message, "reasoning")  # newer vLLM's name for it
+            mask(message.get("function_call"), "arguments", mask_arguments)
+            for call in message.get("tool_calls") or []:
+                mask(call.get("function") if isinstance(call, dict) else None, "arguments", mask_arguments)
     for item in answer.get("output") or []:
-        for part in item.get("content") or [] if isinstance(item, dict) else []:
-            if isinstance(part, dict):
+        if not isinstance(item, dict):
+            continue
+        mask(item, "arguments", mask_arguments)  # a function_call item
+        for parts in (item.get("content"), item.get("summary")):  # message and reasoning items
+            for part in parts if isinstance(parts, list) else []:
                 mask(part, "text")
     return msgspec.json.encode(answer) if changed else payload

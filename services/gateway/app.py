@@ -53,7 +53,7 @@ from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
 from services.gateway.admin_auth import AuthController
-from services.gateway.admission import authorise, budget_cap, masked_answer, worst_tokens
+from services.gateway.admission import authorise, budget_cap, masked_answer, refuse_unmaskable, worst_tokens
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
@@ -281,6 +281,7 @@ class Gateway:
             if endpoint == "embeddings" and not pool.served.embeddings:
                 raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
             authorise(principal, pool.served)
+            refuse_unmaskable(principal.policy, parsed)
             call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
             if principal.policy.inspects:
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)

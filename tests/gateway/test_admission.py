@@ -6,8 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from appliance.errors import ModelNotAllowed, PermissionDenied
+from appliance.errors import InvalidRequest, ModelNotAllowed, PermissionDenied
 from appliance.governance import Limits, Policy, Principal
+from appliance.policies import mask_arguments
 from services.gateway import schemas
 from services.gateway.adapters import Outgoing, adapt
 from services.gateway.admission import (
@@ -16,6 +17,7 @@ from services.gateway.admission import (
     authorise,
     budget_cap,
     masked_answer,
+    refuse_unmaskable,
     worst_tokens,
 )
 from services.gateway.replicas import ModelPool
@@ -99,3 +101,51 @@ def test_answers_are_masked_when_the_policy_asks_and_left_byte_for_byte_otherwis
     assert b"[PHONE]" in masked_answer(MASK_PHONES, msgspec.json.encode(responses))
     clean = b'{"choices": [{"index": 0, "text": "nothing here"}]}'
     assert masked_answer(MASK_PHONES, clean) is clean
+
+
+def test_reasoning_and_tool_call_arguments_are_masked_too():
+    arguments = '{"to": "010-1234-5678", "body": "hi", "retries": 2}'
+    chat = {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": None, "reasoning_content": "Their number is 010-1234-5678.",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "sms", "arguments": arguments}},
+                       {"id": "c2", "type": "function", "function": {"name": "noop", "arguments": '{ "a": 1 }'}}]}}]}
+    message = msgspec.json.decode(masked_answer(MASK_PHONES, msgspec.json.encode(chat)))["choices"][0]["message"]
+    assert message["reasoning_content"] == "Their number is [PHONE]."
+    assert msgspec.json.decode(message["tool_calls"][0]["function"]["arguments"]) == {
+        "to": "[PHONE]", "body": "hi", "retries": 2}
+    assert message["tool_calls"][1]["function"]["arguments"] == '{ "a": 1 }'  # nothing masked: as sent
+    responses = {"output": [
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "call 010-1234-5678"}]},
+        {"type": "function_call", "name": "sms", "call_id": "c1", "arguments": arguments}]}
+    output = msgspec.json.decode(masked_answer(MASK_PHONES, msgspec.json.encode(responses)))["output"]
+    assert output[0]["summary"][0]["text"] == "call [PHONE]" and "[PHONE]" in output[1]["arguments"]
+
+
+def test_arguments_that_are_not_json_and_numbers_that_are_values_are_masked():
+    cards = Policy(pii={"credit_card": "mask"}, pii_responses=True)
+    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "pay", "arguments": '{"card": 4111111111111111}'}},
+        {"id": "c2", "type": "function", "function": {"name": "pay", "arguments": "card 4111 1111 1111 1111, {"}}]}}]}
+    calls = msgspec.json.decode(masked_answer(cards, msgspec.json.encode(chat)))["choices"][0]["message"]["tool_calls"]
+    assert msgspec.json.decode(calls[0]["function"]["arguments"]) == {"card": "[CREDIT_CARD]"}
+    assert calls[1]["function"]["arguments"] == "card [CREDIT_CARD], {"
+
+
+def test_an_arguments_key_is_context_for_its_value():
+    accounts = Policy(pii={"bank_account": "mask"}, pii_responses=True)
+    assert mask_arguments(accounts, '{"account": "110-123-456789"}') == '{"account":"[BANK_ACCOUNT]"}'
+    assert mask_arguments(accounts, '{"value": "110-123-456789"}') == '{"value": "110-123-456789"}'  # no context word
+
+
+@pytest.mark.parametrize("endpoint, schema, logprobs", [
+    ("chat/completions", schemas.ChatCompletionRequest, '"logprobs": true, "top_logprobs": 2'),
+    ("completions", schemas.CompletionRequest, '"logprobs": 0'),
+])
+def test_logprobs_are_refused_where_answers_are_masked(endpoint, schema, logprobs):
+    field = '"messages": [{"role": "user", "content": "Hi"}]' if endpoint == "chat/completions" else '"prompt": "Hi"'
+    asking = schemas.decode(f'{{"model": "m", {field}, {logprobs}}}'.encode(), schema)
+    with pytest.raises(InvalidRequest, match="pii_responses") as refused:
+        refuse_unmaskable(MASK_PHONES, asking)
+    assert refused.value.param == "logprobs"
+    refuse_unmaskable(Policy(pii={"phone": "mask"}), asking)  # requests masked, answers not: allowed
+    refuse_unmaskable(MASK_PHONES, schemas.decode(f'{{"model": "m", {field}}}'.encode(), schema))

@@ -161,6 +161,9 @@ def test_answers_are_masked_streamed_as_whole(governed):
     unmasked = governed.client(new_key(governed, "raw-answers")).chat.completions.create(
         model=SAY, messages=messages, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in unmasked if chunk.choices) == said
+    with pytest.raises(openai.BadRequestError) as refused:  # log probabilities would spell the values out
+        client.chat.completions.create(model=SAY, messages=messages, logprobs=True)
+    assert refused.value.body["param"] == "logprobs"
 
 
 def test_a_budgeted_request_is_sent_with_the_completion_cap_it_reserved(governed):

@@ -1,13 +1,18 @@
 """Masking a streamed answer (services/gateway/stream_masking.py) on real SSE bytes: values
-split across chunks, several choices, the end of the stream, and events without text."""
+split across chunks, several choices, reasoning, tool-call arguments, the end of the stream,
+and events without text."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from itertools import zip_longest
+
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from appliance.governance import Policy
-from appliance.policies import mask_answer
+from appliance.policies import mask_answer, mask_arguments
 from services.gateway.errors import DONE_EVENT
 from services.gateway.stream_masking import HOLD_AFTER, masked_stream
 
@@ -47,14 +52,38 @@ def events(out: list[bytes]) -> list[bytes]:
     return [e + b"\n\n" for e in b"".join(out).split(b"\n\n") if e]
 
 
-def texts(out: list[bytes]) -> dict[int, str]:
-    """Each choice's text, as a client puts it together."""
+def texts(out: list[bytes], field: str = "content") -> dict[int, str]:
+    """Each choice's text (a chat delta's `field`), as a client puts it together."""
     joined: dict[int, str] = {}
     for e in events(out):
         if e.startswith(b"data: {"):
             for choice in json.loads(e[6:]).get("choices", []):
-                text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                text = choice["delta"].get(field) if "delta" in choice else choice.get("text")
                 joined[choice["index"]] = joined.get(choice["index"], "") + (text or "")
+    return joined
+
+
+def tool_call(at: int, arguments: str, name: str | None = None) -> dict:
+    """A chat choice with a tool call's fragment: the first one of a call names it."""
+    call = {"index": at, "function": {"arguments": arguments}}
+    if name:
+        call = {"index": at, "id": f"call_{at}", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+
+
+def call_pieces(at: int, name: str, arguments: str, size: int) -> list[bytes]:
+    return [chat_chunk(tool_call(at, "", name))] + [
+        chat_chunk(tool_call(at, arguments[i : i + size])) for i in range(0, len(arguments), size)]
+
+
+def arguments(out: list[bytes]) -> dict[int, str]:
+    """Each tool call's arguments (of choice 0), as a client puts them together."""
+    joined: dict[int, str] = {}
+    for e in events(out):
+        if e.startswith(b"data: {"):
+            for choice in json.loads(e[6:]).get("choices", []):
+                for call in choice.get("delta", {}).get("tool_calls") or []:
+                    joined[call["index"]] = joined.get(call["index"], "") + call["function"].get("arguments", "")
     return joined
 
 
@@ -128,8 +157,7 @@ def test_a_stream_that_fails_sends_its_held_text_before_the_error():
 
 def test_events_without_text_pass_byte_for_byte():
     role = chat_chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    call = chat_chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                      "function": {"name": "dial", "arguments": '{"to": "010-1234-5678"}'}}]}, "finish_reason": None})
+    call = chat_chunk(tool_call(0, "", "dial"))  # a call's first chunk, with no arguments yet
     finish = chat_chunk(delta(None, finish="tool_calls"))
     usage = chat_chunk(usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14})
     comment = b": keep-alive\n\n"
@@ -141,3 +169,60 @@ def test_a_stream_with_nothing_to_mask_adds_up_to_the_same_text():
     answer = "서울의 인구는 약 940만 명이며, 2023년 기준입니다. Version 1.2.3 of the tool (build 20240101)."
     pieces = pieces_of(answer, 3) + [chat_chunk(delta(None, finish="stop")), DONE_EVENT]
     assert texts(streamed(pieces)) == {0: answer}
+
+
+def test_reasoning_is_masked_as_the_content_is_and_flushed_in_its_own_field():
+    thought = "The user gave 010-1234-5678 and RRN 990101-1234567, so I should call them."
+    pieces = [chat_chunk({"index": 0, "delta": {"reasoning_content": thought[i : i + 3]}, "finish_reason": None})
+              for i in range(0, len(thought), 3)]
+    for end in ([chat_chunk(delta(None, finish="stop")), DONE_EVENT], [DONE_EVENT]):  # finish_reason, or [DONE]
+        out = streamed(pieces + pieces_of("Done.", 2) + end)
+        assert texts(out, "reasoning_content") == {0: mask_answer(POLICY, thought)}
+        assert texts(out) == {0: "Done."}
+        assert b"1234" not in b"".join(out) and b"990101" not in b"".join(out)
+
+
+def test_tool_call_arguments_are_held_and_sent_whole_and_masked_before_the_finish():
+    args = '{"to": "010-1234-5678", "note": "call after 9"}'
+    finish = chat_chunk(delta(None, finish="tool_calls"))
+    pieces = call_pieces(0, "dial", args, 4) + [finish, DONE_EVENT]
+    out = events(streamed(pieces))
+    assert arguments(out) == {0: mask_arguments(POLICY, args)} == {0: '{"to":"[PHONE]","note":"call after 9"}'}
+    assert b"1234" not in b"".join(out)
+    first = json.loads(out[0][6:])["choices"][0]["delta"]["tool_calls"][0]
+    assert first == {"index": 0, "id": "call_0", "type": "function", "function": {"name": "dial", "arguments": ""}}
+    assert out[-3:] == [b"data: " + json.dumps(  # the whole arguments, then the finish chunk as it came
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {
+             "arguments": '{"to":"[PHONE]","note":"call after 9"}'}}]}, "finish_reason": None}]},
+        separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n", finish, DONE_EVENT]
+    assert len(out) == len(pieces) + 1
+
+
+def test_tool_call_arguments_with_nothing_to_mask_keep_their_exact_text():
+    args = '{"city":  "Seoul", "days": 3, "units": "\\u00b0C", "when": "2024-01-01"}'  # not as msgspec writes it
+    out = streamed(call_pieces(0, "weather", args, 5) + [chat_chunk(delta(None, finish="tool_calls")), DONE_EVENT])
+    assert arguments(out) == {0: args}
+
+
+def test_parallel_tool_calls_are_held_apart_and_flushed_at_the_end():
+    first, second = '{"phone": "010-1234-5678"}', '{"rrn": "990101-1234567", "ok": true}'
+    pieces = [piece for pair in zip_longest(call_pieces(0, "dial", first, 3), call_pieces(1, "file", second, 3))
+              for piece in pair if piece]
+    usage = chat_chunk(usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14})
+    out = events(streamed([*pieces, usage, DONE_EVENT]))  # no finish_reason: the usage event flushes
+    assert arguments(out) == {0: '{"phone":"[PHONE]"}', 1: '{"rrn":"[KR_RRN]","ok":true}'}
+    assert out[-2:] == [usage, DONE_EVENT]
+
+
+def test_the_openai_sdk_puts_masked_arguments_and_text_together():
+    args = '{"to": "010-1234-5678"}'
+    pieces = pieces_of("Calling 010-1234-5678 now.", 3) + call_pieces(0, "dial", args, 4) + [
+        chat_chunk(delta(None, finish="tool_calls"))]
+    state = ChatCompletionStreamState()
+    for e in events(streamed(pieces)):
+        state.handle_chunk(ChatCompletionChunk.model_validate_json(e[6:]))
+    message = state.get_final_completion().choices[0].message
+    assert message.content == "Calling [PHONE] now."
+    assert [(call.id, call.function.name, call.function.arguments) for call in message.tool_calls] == [
+        ("call_0", "dial", '{"to":"[PHONE]"}')]

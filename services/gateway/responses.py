@@ -65,7 +65,7 @@ _STATELESS = "this appliance keeps no responses or conversations; send the earli
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text")
 _NO_PARAMETERS = {"type": "object", "properties": {}}
-_PASSED = {"max_output_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "user": "user"}
+_PASSED = {"max_output_tokens": "max_completion_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "user": "user"}
 
 
 def to_chat(req: ResponsesRequest) -> dict:

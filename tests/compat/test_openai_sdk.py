@@ -216,6 +216,14 @@ def test_responses_create_answers_paris(stack):
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 
 
+def test_responses_max_output_tokens_bounds_the_answer(stack):
+    # Sent on as max_completion_tokens, which OpenAI's reasoning models require and llama.cpp reads.
+    response = stack.client().responses.create(
+        model=DEFAULT_MODEL, input=QUESTION["content"], instructions=SYSTEM["content"], max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3
+
+
 def test_responses_stream_events_in_order(stack):
     events = list(stack.client().responses.create(
         model=DEFAULT_MODEL, input=QUESTION["content"], instructions=SYSTEM["content"], temperature=0,

@@ -129,7 +129,7 @@ def test_sampling_settings_and_stream():
                            store=True, metadata={"k": "v"}, reasoning={"effort": "low"}, truncation="auto",
                            include=["reasoning.encrypted_content"]))
     assert {k: v for k, v in chat.items() if k not in ("model", "messages")} == {
-        "max_tokens": 64, "temperature": 0.2, "top_p": 0.9, "seed": 7, "user": "u1",
+        "max_completion_tokens": 64, "temperature": 0.2, "top_p": 0.9, "seed": 7, "user": "u1",
         "stream": True, "stream_options": {"include_usage": True}}
 
 

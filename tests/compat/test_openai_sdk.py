@@ -15,6 +15,7 @@ from tests.compat.conftest import (
     DEFAULT_MODEL, FRANCE, QUESTION, SYSTEM, TIME, TOOLS, WEATHER, WEATHER_QUESTION, Capital, strict,
     valid_arguments,
 )
+from tests.gateway.test_admin_keys import api, wait_status
 
 pytestmark = pytest.mark.stack
 
@@ -100,9 +101,17 @@ def test_named_tool_choice_calls_exactly_that_function(stack):
     assert isinstance(valid_arguments("get_time", calls[0].function.arguments)["tz"], str)
 
 
-def test_streamed_named_tool_call_accumulates_with_the_sdk_helper(stack):
-    """`chat.completions.stream(...)` accumulates the tool-call deltas the way the SDK does."""
-    client = stack.client()
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "pii_responses"])
+def test_streamed_named_tool_call_accumulates_with_the_sdk_helper(stack, masked):
+    """`chat.completions.stream(...)` accumulates the tool-call deltas the way the SDK does; under
+    pii_responses the arguments are held and come whole before the finish, to the same result."""
+    key = None
+    if masked:
+        answer = api(stack).post("/admin/keys", json={"name": "sdk-masked", "pii": {"phone": "mask"}, "pii_responses": True})
+        assert answer.status_code == 201, answer.text
+        key = answer.json()["key"]
+        assert wait_status(stack, key, 200).status_code == 200
+    client = stack.client(key)
     events = []
     with client.chat.completions.stream(
         model=DEFAULT_MODEL, messages=[SYSTEM, WEATHER_QUESTION], tools=[strict(WEATHER), strict(TIME)],

@@ -306,28 +306,22 @@ _HEADER_NAMES = {kind: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", 
 def _rate(kind: str, limit: int, prev: int, current: int, into: float) -> list[tuple[str, str]]:
     """OpenAI's three headers for what is left of a per-minute limit."""
     limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-    left = limit - windowed(prev, current, into)
-    if current:  # the common case, inlined: until_empty is a minute or more, in whole seconds
-        reset = _whole_seconds(math.ceil(round((2 - into) * 60, 3)))
-    else:
-        reset = duration(until_empty(prev, current, into))
-    return [(limit_name, str(limit)), (remaining_name, str(math.floor(left)) if left > 0 else "0"), (reset_name, reset)]
+    return [(limit_name, str(limit)), (remaining_name, str(max(0, math.floor(limit - windowed(prev, current, into))))),
+            (reset_name, duration(until_empty(prev, current, into)))]
 
 
 def rate_headers(subjects: list[Subject], windows: list[tuple[int, int, int, int]], into: float) -> list[tuple[str, str]]:
     """x-ratelimit-* for requests and for tokens, each from the subject with the least left; a window
-    is (previous minute's requests, this minute's, previous minute's tokens, this minute's). On every
-    answer of a rated key: kept to plain arithmetic."""
-    fade = 1 - into
+    is (previous minute's requests, this minute's, previous minute's tokens, this minute's)."""
     requests = tokens = None
     for subject, (prev_requests, current_requests, prev_tokens, current_tokens) in zip(subjects, windows):
         limits = subject.limits
         if limits.rpm is not None:
-            left = limits.rpm - (prev_requests * fade + current_requests)
+            left = limits.rpm - windowed(prev_requests, current_requests, into)
             if requests is None or left < requests[0]:
                 requests = (left, limits.rpm, prev_requests, current_requests)
         if limits.tpm is not None:
-            left = limits.tpm - (prev_tokens * fade + current_tokens)
+            left = limits.tpm - windowed(prev_tokens, current_tokens, into)
             if tokens is None or left < tokens[0]:
                 tokens = (left, limits.tpm, prev_tokens, current_tokens)
     headers = _rate("requests", *requests[1:], into) if requests else []

@@ -26,9 +26,9 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
-import subprocess
 import urllib.request
 from pathlib import Path
 

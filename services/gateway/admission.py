@@ -69,8 +69,10 @@ def worst_tokens(endpoint: str, parsed, body_size: int, served: ServedModel) -> 
 def refuse_unmaskable(policy: Policy, parsed) -> None:
     """Under `pii_responses` every text of an answer is masked, but token log probabilities cannot
     be (a value spans tokens, and each token comes with its text and bytes): they are refused."""
+    if not policy.pii_responses:
+        return
     logprobs = getattr(parsed, "logprobs", None)
-    if policy.pii_responses and logprobs is not None and logprobs is not False:  # a completion's 0 asks for them
+    if logprobs is not None and logprobs is not False:  # a completion's 0 asks for them
         raise InvalidRequest("The policy of this key or its team masks personal data in answers "
                              "(pii_responses), which token log probabilities would reveal: leave out logprobs.",
                              param="logprobs")

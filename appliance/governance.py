@@ -54,7 +54,8 @@ class Policy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_
     @property
     def inspects(self) -> bool:
         """Whether a request body must be read for this policy at all (the hot path skips it otherwise)."""
-        return bool(self.deny) or self.injection != "off" or any(a != "allow" for a in self.pii.values())
+        actions = self.pii.values()
+        return bool(self.deny) or self.injection != "off" or "mask" in actions or "block" in actions
 
 
 NO_LIMITS = Limits()

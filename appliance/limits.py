@@ -57,7 +57,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -167,10 +167,13 @@ class Subject:
     limits: Limits
     key: bytes = b""  # where its Counter is in the ledger
     rated: bool = False  # has rpm or tpm: its answers carry x-ratelimit-* headers
+    rpm_text: str = ""  # x-ratelimit-limit-*, written once
+    tpm_text: str = ""
 
     def __post_init__(self) -> None:
         self.key = _SUBJECT + self.id.encode()
         self.rated = self.limits.rpm is not None or self.limits.tpm is not None
+        self.rpm_text, self.tpm_text = str(self.limits.rpm), str(self.limits.tpm)
 
 
 @dataclass(slots=True, eq=False)
@@ -191,6 +194,10 @@ class Lease:
     used_tokens: int = 0  # settled, not yet counted as spent in the ledger
     used_cost: float = 0.0
     in_flight: int = 0
+    second: int = -1  # the whole second the three below were worked out for (lease_headers)
+    room_requests: float = 0.0  # what rpm and tpm had left then, less all the lease holds
+    room_tokens: float = 0.0
+    reset: str = ""  # x-ratelimit-reset-* for a window that counts something this minute
 
     def fits(self, tokens: int, cost: float, now: float) -> bool:
         return (self.record.open and now < self.expires and self.requests > 0 and self.slots > 0
@@ -212,13 +219,12 @@ class Lease:
         self.in_flight -= 1
 
 
-@dataclass(slots=True)
-class Ticket:
+class Ticket(msgspec.Struct):
     """One admitted request: what it reserved (in the ledger, or from leases), and the
-    x-ratelimit-* headers for its answer."""
+    x-ratelimit-* headers for its answer. (A Struct: made on every request, in a third of a dataclass's time.)"""
 
     id: bytes  # its Reservation in the ledger; empty when it came from leases
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = []
     settled: bool = False
     leases: list[Lease] | None = None
     worst_tokens: int = 0
@@ -286,11 +292,11 @@ def until_empty(prev: int, current: int, into: float) -> float:
 
 
 def duration(seconds: float) -> str:
-    """OpenAI's form: 20ms, 1s, 6m0s."""
-    seconds = round(seconds, 3)
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    return _whole_seconds(math.ceil(seconds))
+    """OpenAI's form, to the millisecond: 20ms, 1s (whole seconds rounded up), 6m0s."""
+    millis = round(seconds * 1000)  # round() to a whole number, not round(x, 3): that one formats a string
+    if millis < 1000:
+        return f"{millis}ms"
+    return _whole_seconds(-(-millis // 1000))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -301,6 +307,7 @@ def _whole_seconds(whole: int) -> str:
 
 _HEADER_NAMES = {kind: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
                  for kind in ("requests", "tokens")}
+_REQUEST_HEADERS, _TOKEN_HEADERS = _HEADER_NAMES["requests"], _HEADER_NAMES["tokens"]
 
 
 def _rate(kind: str, limit: int, prev: int, current: int, into: float) -> list[tuple[str, str]]:
@@ -310,26 +317,83 @@ def _rate(kind: str, limit: int, prev: int, current: int, into: float) -> list[t
             (reset_name, duration(until_empty(prev, current, into)))]
 
 
-def rate_headers(subjects: list[Subject], windows: list[tuple[int, int, int, int]], into: float) -> list[tuple[str, str]]:
+def rate_headers(windows: list[tuple[Subject, int, int, int, int]], into: float) -> list[tuple[str, str]]:
     """x-ratelimit-* for requests and for tokens, each from the subject with the least left; a window
-    is (previous minute's requests, this minute's, previous minute's tokens, this minute's)."""
+    is (subject, previous minute's requests, this minute's, previous minute's tokens, this minute's).
+    On every request of a rated key: written out, without the helpers above."""
+    keep = 1 - into
     requests = tokens = None
-    for subject, (prev_requests, current_requests, prev_tokens, current_tokens) in zip(subjects, windows):
+    for subject, prev_requests, current_requests, prev_tokens, current_tokens in windows:
         limits = subject.limits
         if limits.rpm is not None:
-            left = limits.rpm - windowed(prev_requests, current_requests, into)
+            left = limits.rpm - (prev_requests * keep + current_requests)
             if requests is None or left < requests[0]:
                 requests = (left, limits.rpm, prev_requests, current_requests)
         if limits.tpm is not None:
-            left = limits.tpm - windowed(prev_tokens, current_tokens, into)
+            left = limits.tpm - (prev_tokens * keep + current_tokens)
             if tokens is None or left < tokens[0]:
                 tokens = (left, limits.tpm, prev_tokens, current_tokens)
-    headers = _rate("requests", *requests[1:], into) if requests else []
-    return headers + _rate("tokens", *tokens[1:], into) if tokens else headers
+    headers = []
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        if tightest is not None:
+            left, limit, prev, current = tightest
+            headers += ((names[0], str(limit)), (names[1], str(max(0, math.floor(left)))),
+                        (names[2], duration(until_empty(prev, current, into))))
+    return headers
 
 
-def _window(counter: Counter) -> tuple[int, int, int, int]:
-    return counter.prev_requests, counter.requests, counter.prev_tokens, counter.tokens
+def lease_headers(leases: list[Lease], now: float) -> list[tuple[str, str]]:
+    """rate_headers for a request admitted from leases (far from every limit), on the hot path: once
+    a second each lease works out what its subject had left then (the previous minute weighed at the
+    second's start: at most prev/60 under the exact count), less everything the lease holds; what the
+    lease has not handed out is added back per request."""
+    second = int(now)
+    requests = tokens = None
+    for lease in leases:
+        subject = lease.subject
+        if not subject.rated:
+            continue
+        if lease.second != second:
+            _work_out_room(lease, second)
+        if subject.limits.rpm is not None:
+            left = lease.room_requests + lease.requests
+            if requests is None or left < requests[0]:
+                requests = (left, subject.rpm_text, lease.reset)
+        if subject.limits.tpm is not None:
+            left = lease.room_tokens + lease.tokens
+            if tokens is None or left < tokens[0]:
+                counting = lease.base.tokens + lease.record.tokens > lease.tokens
+                tokens = (left, subject.tpm_text, lease.reset if counting else _reset_of(lease, now))
+    headers = []
+    if requests is not None:  # this request counts: the window holds something this minute
+        left, limit, reset = requests
+        headers += ((_REQUEST_HEADERS[0], limit), (_REQUEST_HEADERS[1], str(int(left)) if left > 0 else "0"),
+                    (_REQUEST_HEADERS[2], reset))
+    if tokens is not None:
+        left, limit, reset = tokens
+        headers += ((_TOKEN_HEADERS[0], limit), (_TOKEN_HEADERS[1], str(int(left)) if left > 0 else "0"),
+                    (_TOKEN_HEADERS[2], reset))
+    return headers
+
+
+def _work_out_room(lease: Lease, second: int) -> None:
+    base, record, limits = lease.base, lease.record, lease.subject.limits
+    keep = 1 - (second % 60) / 60
+    lease.second = second
+    if limits.rpm is not None:
+        lease.room_requests = limits.rpm - base.prev_requests * keep - base.requests - record.requests
+    if limits.tpm is not None:
+        lease.room_tokens = limits.tpm - base.prev_tokens * keep - base.tokens - record.tokens
+    lease.reset = _whole_seconds(120 - second % 60)  # until_empty with this minute counting, rounded up
+
+
+def _reset_of(lease: Lease, now: float) -> str:
+    """x-ratelimit-reset-tokens for a window with nothing this minute (requests that cost no tokens)."""
+    return duration(until_empty(lease.base.prev_tokens, 0, (now % 60) / 60))
+
+
+def _window(subject: Subject, counter: Counter) -> tuple[Subject, int, int, int, int]:
+    return subject, counter.prev_requests, counter.requests, counter.prev_tokens, counter.tokens
 
 
 class Governor:
@@ -435,15 +499,11 @@ class Governor:
                 self._open[subject.id] = lease
                 lease.take(worst_tokens, worst_cost)
             return self._leased_ticket(leases, worst_tokens, worst_cost, clock.now)
-        headers = rate_headers(subjects, [_window(c) for c in counters], clock.into_minute) if any(s.rated for s in subjects) else []
+        headers = rate_headers([_window(s, c) for s, c in zip(subjects, counters)], clock.into_minute)
         return Ticket(ticket_id, headers)
 
     def _leased_ticket(self, leases: list[Lease], worst_tokens: int, worst_cost: float, now: float) -> Ticket:
-        headers = []
-        if any(lease.subject.rated for lease in leases):
-            headers = rate_headers([lease.subject for lease in leases], [_as_seen(lease) for lease in leases],
-                                   (now % 60) / 60)
-        return Ticket(b"", headers, leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
+        return Ticket(b"", lease_headers(leases, now), leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
 
     def _grant(self, txn, subject: Subject, counter: Counter, n: int, worst_tokens: int, worst_cost: float,
                clock: Clock) -> Lease:
@@ -717,13 +777,6 @@ def _lease_room(subject: Subject, counter: Counter, worst_tokens: int, worst_cos
         left = limits.budget_cost - spent_cost - counter.reserved_cost
         room = min(room, int(left / LEASE_SHARE / worst_cost))
     return room
-
-
-def _as_seen(lease: Lease) -> tuple[int, int, int, int]:
-    """The lease's subject's window as this process sees it: as granted, plus what the lease handed out."""
-    base, record = lease.base, lease.record
-    return (base.prev_requests, base.requests + record.requests - lease.requests, base.prev_tokens,
-            base.tokens + record.tokens - lease.tokens)
 
 
 def _free_room(lease: Lease) -> tuple[int, int, int, float]:

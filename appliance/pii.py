@@ -191,11 +191,10 @@ def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[Match]:
     wanted, plan = _plan(_KIND_SET if kinds is None else frozenset(kinds))
     if not wanted:
         return []
-    marks = _marks(text)
-    wide = _WIDE_MARK in marks  # full-width forms or dashes may be here
-    digits = _DIGIT_MARK in marks or (wide and _FULL_WIDTH_DIGIT.search(text) is not None)
-    if not digits and _AT_MARK not in marks and not _may_hold_secret(text):
-        return []  # ordinary text: no detector can match
+    gate = _gate(text)
+    if gate is None:
+        return []
+    marks, wide, digits = gate
     if wide:
         has_number = digits and _NUMBER_GATE.search(text) is not None
         checked = text.translate(_TO_ASCII) if has_number and _UNUSUAL.search(text) else text
@@ -318,6 +317,22 @@ def _plan(wanted: frozenset[str]) -> tuple[frozenset[str], list]:
     last = max((KINDS.index(kind) for kind in wanted), default=-1)
     return wanted, [(numeric, needs, find) for kinds, numeric, needs, find in _DETECTORS
                     if KINDS.index(kinds[0]) <= last]
+
+
+def ordinary(text: str) -> bool:
+    """Whether no detector can match in `text`: no digit, no "@", nothing a secret starts with."""
+    return _gate(text) is None
+
+
+def _gate(text: str) -> tuple[bytes, bool, bool] | None:
+    """None for ordinary text, or else its marks, whether it may hold full-width forms or dashes,
+    and whether it holds digits."""
+    marks = _marks(text)
+    wide = _WIDE_MARK in marks
+    digits = _DIGIT_MARK in marks or (wide and _FULL_WIDTH_DIGIT.search(text) is not None)
+    if not digits and _AT_MARK not in marks and not _may_hold_secret(text):
+        return None
+    return marks, wide, digits
 
 
 def _marks(text: str) -> bytes:

@@ -490,6 +490,22 @@ def inspect(policy: Policy, endpoint: str, body: dict) -> Inspection:
     return Inspection(body=_rewritten(body, edits) if edits else None, masked=masked, findings=findings)
 
 
+def untouched(policy: Policy, endpoint: str, parsed) -> bool:
+    """Whether `inspect` would leave this request as it is, told without decoding its body again: a
+    chat request whose messages carry plain text only, under a policy of PII detectors alone, where
+    no text holds anything a detector looks for (pii.ordinary). The common case on the hot path;
+    False means only that the body must be inspected."""
+    rules = compiled(policy)
+    if endpoint != "chat/completions" or rules.deny is not None or rules.injection != "off":
+        return False
+    for message in parsed.messages:
+        content = message.content
+        if message.tool_calls is not None or content is not None and not (isinstance(content, str)
+                                                                             and pii.ordinary(content)):
+            return False
+    return True
+
+
 def _pii(rules: _Compiled, path: Path, text: str) -> list[pii.Match]:
     """The matches of the detectors the policy masks; PolicyViolation for one it blocks (the value is never told)."""
     matches = pii.find_pii(text, rules.acting_kinds)

@@ -283,7 +283,7 @@ class Gateway:
             authorise(principal, pool.served)
             refuse_unmaskable(principal.policy, parsed)
             call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
-            if principal.policy.inspects:
+            if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
             cap = budget_cap(principal, endpoint, parsed, pool.served)
             path, adapted, reader = self._adapt(endpoint, body, parsed, pool, cap)
@@ -401,16 +401,14 @@ class Gateway:
     def _apply_policy(self, call: Call, principal: Principal, endpoint: str, body: bytes, parsed, schema):
         """The key's and team's policy on the request (appliance/policies.py): refused, masked or
         flagged before it leaves the gateway. Refusals and flags go to the audit log; values never do."""
-        actor = Actor(principal.key_id, principal.name, principal.role, call.request_id, principal.user_id,
-                      principal.team_id)
         try:
             inspection = policies.inspect(principal.policy, endpoint, msgspec.json.decode(body))
         except PolicyViolation as exc:
-            self.audit.add(actor, "policy.block", f"model/{call.model}", outcome=f"refused: {exc.rule}",
+            self.audit.add(_actor(call, principal), "policy.block", f"model/{call.model}", outcome=f"refused: {exc.rule}",
                            detail={"rule": exc.rule, "param": exc.param, "endpoint": endpoint})
             raise
         for finding in inspection.findings:
-            self.audit.add(actor, "policy.flag", f"model/{call.model}", outcome=f"flagged: {finding.rule}",
+            self.audit.add(_actor(call, principal), "policy.flag", f"model/{call.model}", outcome=f"flagged: {finding.rule}",
                            detail={"rule": finding.rule, "param": finding.param, "entry": finding.detail,
                                    "endpoint": endpoint})
         if inspection.body is None:
@@ -479,6 +477,10 @@ class Gateway:
                 cost=cost,
             )
         )
+
+
+def _actor(call: Call, principal: Principal) -> Actor:
+    return Actor(principal.key_id, principal.name, principal.role, call.request_id, principal.user_id, principal.team_id)
 
 
 GOVERNANCE_REFUSALS = (RateLimited, QuotaExceeded, PolicyViolation, ModelNotAllowed)

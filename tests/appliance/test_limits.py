@@ -22,7 +22,7 @@ from appliance.costs import Costs
 from appliance.db import open_db
 from appliance.errors import QuotaExceeded, RateLimited
 from appliance.governance import Limits, Principal
-from appliance.limits import LEASE_MIN, LEASE_S, Governor
+from appliance.limits import LEASE_MIN, LEASE_S, Governor, duration
 
 ROOT = Path(__file__).resolve().parents[2]
 NOON = float(calendar.timegm((2026, 3, 14, 12, 0, 0)))  # a Saturday noon, UTC; the minute starts on it
@@ -331,6 +331,33 @@ def test_far_from_its_limits_a_key_is_admitted_from_a_lease_and_counted_exactly(
         assert (counter.requests, counter.tokens, counter.day_tokens) == (400, used, used)
         assert counter.day_cost == pytest.approx(0.4)
         assert (counter.in_flight, counter.reserved_tokens, counter.reserved_cost, counter.leases) == (0, 0, 0, 0)
+
+
+def test_answers_from_a_lease_carry_the_sliding_windows_headers(governor):
+    """lease_headers: the tighter subject for each trio, the exact reset, and what is left with the previous
+    minute weighed at the start of the second (never more than the exact count, at most prev/60 under it)."""
+    worst, prev = 100, 600
+    principal = team_key("k1", "t1", Limits(rpm=500_000, tpm=10**9), rpm=10**6, tpm=3 * 10**8)
+    for i in range(prev):
+        ticket = governor.admit(principal, "m", worst_tokens=worst, worst_cost=0, now=NOON - 60 + i / 100)
+        governor.settle(ticket, tokens=0, cost=0, now=NOON - 60 + i / 100)
+    before, current = write_transactions(governor), 0
+    for second in (0.25, 7.5, 12.9, 13.2, 29.9, 59.99):  # 12.9 and 13.2: one lease, two seconds
+        for i in range(50):
+            now = NOON + second + i / 10**5
+            ticket = governor.admit(principal, "m", worst_tokens=worst, worst_cost=0, now=now)
+            current += 1
+            into = (now % 60) / 60
+            exact = 500_000 - (prev * (1 - into) + current)
+            headers = dict(ticket.headers)
+            assert headers["x-ratelimit-limit-requests"] == "500000"  # the team's: less left
+            assert exact - prev / 60 - 1 <= int(headers["x-ratelimit-remaining-requests"]) <= exact
+            assert headers["x-ratelimit-reset-requests"] == duration((2 - into) * 60)
+            assert headers["x-ratelimit-limit-tokens"] == "300000000"  # the key's
+            assert headers["x-ratelimit-remaining-tokens"] == str(3 * 10**8 - worst)  # settled ones used none
+            assert headers["x-ratelimit-reset-tokens"] == headers["x-ratelimit-reset-requests"]
+            governor.settle(ticket, tokens=0, cost=0, now=now)
+    assert write_transactions(governor) - before < 20  # they came from leases
 
 
 def test_near_a_limit_there_is_no_lease(governor):

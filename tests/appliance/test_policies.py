@@ -14,6 +14,7 @@ from appliance import policies
 from appliance.errors import InvalidRequest, PolicyViolation
 from appliance.governance import Policy
 from appliance.policies import Finding, check_policy, injection_rules, inspect, mask_answer
+from services.gateway.schemas import ChatCompletionRequest
 
 RRN = "900101-1234568"
 EMAIL = "kim.minji@example.co.kr"
@@ -282,6 +283,45 @@ def test_injection_corpus_no_benign_prompt_flagged_and_nearly_all_attacks_caught
 
 def chat(*messages: tuple[str, str]) -> dict:
     return {"model": "m", "messages": [{"role": role, "content": content} for role, content in messages]}
+
+
+def pii_corpus_texts() -> list[str]:
+    folder = CORPUS.parent / "pii_corpus"
+    return [json.loads(line)["text"] for path in sorted(folder.glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_untouched_is_said_only_of_requests_inspect_leaves_alone():
+    """The hot path's shortcut (policies.untouched) over every text of both corpora, in each role: where it
+    says a request needs no inspection, inspect finds nothing; ordinary text is the common case it catches."""
+    texts = pii_corpus_texts() + [row["text"] for row in corpus()] + ["What is the capital of Korea?", ""]
+    said = 0
+    for policy in (MASK_ALL, Policy(pii={"email": "block"}), BLOCK_RRN):
+        for text in texts:
+            for role in ("system", "user"):
+                body = chat(("system", "You are a helpful assistant."), (role, text))
+                if policies.untouched(policy, "chat/completions", parse(body)):
+                    said += 1
+                    assert inspect(policy, "chat/completions", body) == policies.Inspection(), text
+    assert said > 500, "ordinary text (most of the injection corpus) takes the shortcut"
+    assert policies.untouched(MASK_ALL, "chat/completions", parse(chat(("user", "What is the capital of Korea?"))))
+
+
+@pytest.mark.parametrize("policy, endpoint, body", [
+    (MASK_ALL, "chat/completions", chat(("user", f"mail {EMAIL}"))),
+    (MASK_ALL, "chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+    (MASK_ALL, "chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}),
+    (Policy(pii={"*": "mask"}, deny=["capital"]), "chat/completions", chat(("user", "hi"))),
+    (Policy(pii={"*": "mask"}, injection="flag"), "chat/completions", chat(("user", "hi"))),
+    (MASK_ALL, "completions", {"model": "m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_untouched_is_not_said_of_what_it_cannot_tell(policy, endpoint, body):
+    assert not policies.untouched(policy, endpoint, parse(body))
+
+
+def parse(body: dict) -> ChatCompletionRequest:
+    return msgspec.convert(body, ChatCompletionRequest)
 
 
 def test_injection_block_names_the_rule_and_where():

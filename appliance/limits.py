@@ -166,14 +166,9 @@ class Subject:
     label: str  # for messages: key 'name', team '<id>'
     limits: Limits
     key: bytes = b""  # where its Counter is in the ledger
-    rated: bool = False  # has rpm or tpm: its answers carry x-ratelimit-* headers
-    rpm_text: str = ""  # x-ratelimit-limit-*, written once
-    tpm_text: str = ""
 
     def __post_init__(self) -> None:
         self.key = _SUBJECT + self.id.encode()
-        self.rated = self.limits.rpm is not None or self.limits.tpm is not None
-        self.rpm_text, self.tpm_text = str(self.limits.rpm), str(self.limits.tpm)
 
 
 @dataclass(slots=True, eq=False)
@@ -194,14 +189,11 @@ class Lease:
     used_tokens: int = 0  # settled, not yet counted as spent in the ledger
     used_cost: float = 0.0
     in_flight: int = 0
-    second: int = -1  # the whole second the three below were worked out for (lease_headers)
-    room_requests: float = 0.0  # what rpm and tpm had left then, less all the lease holds
-    room_tokens: float = 0.0
-    reset: str = ""  # x-ratelimit-reset-* for a window that counts something this minute
-
-    def fits(self, tokens: int, cost: float, now: float) -> bool:
-        return (self.record.open and now < self.expires and self.requests > 0 and self.slots > 0
-                and self.tokens >= tokens and self.cost >= cost)
+    second: int = -1  # the whole second the four below were worked out for (lease_headers)
+    room_requests: int = 0  # what rpm and tpm had left then, less all the lease holds
+    room_tokens: int = 0
+    shown_requests: tuple | None = None  # the limit and reset headers of each trio, that second
+    shown_tokens: tuple | None = None
 
     def take(self, tokens: int, cost: float) -> None:
         self.slots -= 1
@@ -210,13 +202,6 @@ class Lease:
         self.cost -= cost
         self.in_flight += 1
 
-    def settle(self, worst_tokens: int, worst_cost: float, tokens: int, cost: float) -> None:
-        self.slots += 1
-        self.tokens += worst_tokens - tokens
-        self.cost += worst_cost - cost
-        self.used_tokens += tokens
-        self.used_cost += cost
-        self.in_flight -= 1
 
 
 class Ticket(msgspec.Struct):
@@ -317,29 +302,22 @@ def _rate(kind: str, limit: int, prev: int, current: int, into: float) -> list[t
             (reset_name, duration(until_empty(prev, current, into)))]
 
 
-def rate_headers(windows: list[tuple[Subject, int, int, int, int]], into: float) -> list[tuple[str, str]]:
+def rate_headers(subjects: list[Subject], windows: list[tuple[int, int, int, int]], into: float) -> list[tuple[str, str]]:
     """x-ratelimit-* for requests and for tokens, each from the subject with the least left; a window
-    is (subject, previous minute's requests, this minute's, previous minute's tokens, this minute's).
-    On every request of a rated key: written out, without the helpers above."""
-    keep = 1 - into
+    is (previous minute's requests, this minute's, previous minute's tokens, this minute's)."""
     requests = tokens = None
-    for subject, prev_requests, current_requests, prev_tokens, current_tokens in windows:
+    for subject, (prev_requests, current_requests, prev_tokens, current_tokens) in zip(subjects, windows):
         limits = subject.limits
         if limits.rpm is not None:
-            left = limits.rpm - (prev_requests * keep + current_requests)
+            left = limits.rpm - windowed(prev_requests, current_requests, into)
             if requests is None or left < requests[0]:
                 requests = (left, limits.rpm, prev_requests, current_requests)
         if limits.tpm is not None:
-            left = limits.tpm - (prev_tokens * keep + current_tokens)
+            left = limits.tpm - windowed(prev_tokens, current_tokens, into)
             if tokens is None or left < tokens[0]:
                 tokens = (left, limits.tpm, prev_tokens, current_tokens)
-    headers = []
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is not None:
-            left, limit, prev, current = tightest
-            headers += ((names[0], str(limit)), (names[1], str(max(0, math.floor(left)))),
-                        (names[2], duration(until_empty(prev, current, into))))
-    return headers
+    headers = _rate("requests", *requests[1:], into) if requests else []
+    return headers + _rate("tokens", *tokens[1:], into) if tokens else headers
 
 
 def lease_headers(leases: list[Lease], now: float) -> list[tuple[str, str]]:
@@ -350,41 +328,38 @@ def lease_headers(leases: list[Lease], now: float) -> list[tuple[str, str]]:
     second = int(now)
     requests = tokens = None
     for lease in leases:
-        subject = lease.subject
-        if not subject.rated:
-            continue
         if lease.second != second:
             _work_out_room(lease, second)
-        if subject.limits.rpm is not None:
+        if lease.shown_requests is not None:
             left = lease.room_requests + lease.requests
             if requests is None or left < requests[0]:
-                requests = (left, subject.rpm_text, lease.reset)
-        if subject.limits.tpm is not None:
+                requests = (left, lease.shown_requests)
+        if lease.shown_tokens is not None:
             left = lease.room_tokens + lease.tokens
             if tokens is None or left < tokens[0]:
-                counting = lease.base.tokens + lease.record.tokens > lease.tokens
-                tokens = (left, subject.tpm_text, lease.reset if counting else _reset_of(lease, now))
+                tokens = (left, lease.shown_tokens if lease.base.tokens + lease.record.tokens > lease.tokens
+                          else (lease.shown_tokens[0], (_TOKEN_HEADERS[2], _reset_of(lease, now))))
     headers = []
     if requests is not None:  # this request counts: the window holds something this minute
-        left, limit, reset = requests
-        headers += ((_REQUEST_HEADERS[0], limit), (_REQUEST_HEADERS[1], str(int(left)) if left > 0 else "0"),
-                    (_REQUEST_HEADERS[2], reset))
+        left, (limit, reset) = requests
+        headers += (limit, (_REQUEST_HEADERS[1], str(left) if left > 0 else "0"), reset)
     if tokens is not None:
-        left, limit, reset = tokens
-        headers += ((_TOKEN_HEADERS[0], limit), (_TOKEN_HEADERS[1], str(int(left)) if left > 0 else "0"),
-                    (_TOKEN_HEADERS[2], reset))
+        left, (limit, reset) = tokens
+        headers += (limit, (_TOKEN_HEADERS[1], str(left) if left > 0 else "0"), reset)
     return headers
 
 
 def _work_out_room(lease: Lease, second: int) -> None:
     base, record, limits = lease.base, lease.record, lease.subject.limits
     keep = 1 - (second % 60) / 60
+    reset = _whole_seconds(120 - second % 60)  # until_empty with this minute counting, rounded up
     lease.second = second
     if limits.rpm is not None:
-        lease.room_requests = limits.rpm - base.prev_requests * keep - base.requests - record.requests
+        lease.room_requests = math.floor(limits.rpm - base.prev_requests * keep) - base.requests - record.requests
+        lease.shown_requests = ((_REQUEST_HEADERS[0], str(limits.rpm)), (_REQUEST_HEADERS[2], reset))
     if limits.tpm is not None:
-        lease.room_tokens = limits.tpm - base.prev_tokens * keep - base.tokens - record.tokens
-    lease.reset = _whole_seconds(120 - second % 60)  # until_empty with this minute counting, rounded up
+        lease.room_tokens = math.floor(limits.tpm - base.prev_tokens * keep) - base.tokens - record.tokens
+        lease.shown_tokens = ((_TOKEN_HEADERS[0], str(limits.tpm)), (_TOKEN_HEADERS[2], reset))
 
 
 def _reset_of(lease: Lease, now: float) -> str:
@@ -392,8 +367,8 @@ def _reset_of(lease: Lease, now: float) -> str:
     return duration(until_empty(lease.base.prev_tokens, 0, (now % 60) / 60))
 
 
-def _window(subject: Subject, counter: Counter) -> tuple[Subject, int, int, int, int]:
-    return subject, counter.prev_requests, counter.requests, counter.prev_tokens, counter.tokens
+def _window(counter: Counter) -> tuple[int, int, int, int]:
+    return counter.prev_requests, counter.requests, counter.prev_tokens, counter.tokens
 
 
 class Governor:
@@ -450,14 +425,16 @@ class Governor:
         now = time.time() if now is None else now
         with self._lock:
             leases = []
-            for subject in subjects:
+            for subject in subjects:  # written out, as settle below: on every request
                 lease = self._open.get(subject.id)
-                if lease is None or not lease.fits(worst_tokens, worst_cost, now):
+                if (lease is None or not lease.record.open or now >= lease.expires or lease.requests <= 0
+                        or lease.slots <= 0 or lease.tokens < worst_tokens or lease.cost < worst_cost):
                     return self._admit_in_ledger(subjects, worst_tokens, worst_cost, Clock(now))
                 leases.append(lease)
             for lease in leases:
                 lease.take(worst_tokens, worst_cost)
-            return self._leased_ticket(leases, worst_tokens, worst_cost, now)
+            headers = lease_headers(leases, now)
+        return Ticket(b"", headers, leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
 
     def _admit_in_ledger(self, subjects: list[Subject], worst_tokens: int, worst_cost: float, clock: Clock) -> Ticket:
         """One write transaction: give back this process's finished and unfitting leases, check every
@@ -498,12 +475,10 @@ class Governor:
             for subject, lease in zip(subjects, leases):
                 self._open[subject.id] = lease
                 lease.take(worst_tokens, worst_cost)
-            return self._leased_ticket(leases, worst_tokens, worst_cost, clock.now)
-        headers = rate_headers([_window(s, c) for s, c in zip(subjects, counters)], clock.into_minute)
+            return Ticket(b"", lease_headers(leases, clock.now), leases=leases, worst_tokens=worst_tokens,
+                          worst_cost=worst_cost)
+        headers = rate_headers(subjects, [_window(c) for c in counters], clock.into_minute)
         return Ticket(ticket_id, headers)
-
-    def _leased_ticket(self, leases: list[Lease], worst_tokens: int, worst_cost: float, now: float) -> Ticket:
-        return Ticket(b"", lease_headers(leases, now), leases=leases, worst_tokens=worst_tokens, worst_cost=worst_cost)
 
     def _grant(self, txn, subject: Subject, counter: Counter, n: int, worst_tokens: int, worst_cost: float,
                clock: Clock) -> Lease:
@@ -598,9 +573,15 @@ class Governor:
             return
         ticket.settled = True
         if ticket.leases is not None:
+            back_tokens, back_cost = ticket.worst_tokens - tokens, ticket.worst_cost - cost
             with self._lock:
-                for lease in ticket.leases:
-                    lease.settle(ticket.worst_tokens, ticket.worst_cost, tokens, cost)
+                for lease in ticket.leases:  # its slot and the rest of its worst case back; what it used
+                    lease.slots += 1
+                    lease.tokens += back_tokens
+                    lease.cost += back_cost
+                    lease.used_tokens += tokens
+                    lease.used_cost += cost
+                    lease.in_flight -= 1
             return
         clock = Clock(time.time() if now is None else now)
         with self.env.begin(write=True) as txn:

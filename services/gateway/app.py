@@ -404,11 +404,13 @@ class Gateway:
         try:
             inspection = policies.inspect(principal.policy, endpoint, msgspec.json.decode(body))
         except PolicyViolation as exc:
-            self.audit.add(_actor(call, principal), "policy.block", f"model/{call.model}", outcome=f"refused: {exc.rule}",
+            self.audit.add(_actor(call, principal), "policy.block", f"model/{call.model}",
+                           outcome=f"refused: {exc.rule}",
                            detail={"rule": exc.rule, "param": exc.param, "endpoint": endpoint})
             raise
         for finding in inspection.findings:
-            self.audit.add(_actor(call, principal), "policy.flag", f"model/{call.model}", outcome=f"flagged: {finding.rule}",
+            self.audit.add(_actor(call, principal), "policy.flag", f"model/{call.model}",
+                           outcome=f"flagged: {finding.rule}",
                            detail={"rule": finding.rule, "param": finding.param, "entry": finding.detail,
                                    "endpoint": endpoint})
         if inspection.body is None:
@@ -480,7 +482,9 @@ class Gateway:
 
 
 def _actor(call: Call, principal: Principal) -> Actor:
-    return Actor(principal.key_id, principal.name, principal.role, call.request_id, principal.user_id, principal.team_id)
+    """Who a policy refusal or flag is audited as: made only then, not on every request."""
+    return Actor(principal.key_id, principal.name, principal.role, call.request_id, principal.user_id,
+                 principal.team_id)
 
 
 GOVERNANCE_REFUSALS = (RateLimited, QuotaExceeded, PolicyViolation, ModelNotAllowed)

@@ -24,6 +24,7 @@ TEMPLATE_TOKENS = 64
 # with this cap (`budget_cap`), so the reservation bounds it; anyone else's is counted in
 # full when it settles, even where the upstream generated more (docs/governance.md).
 REMOTE_COMPLETION_CAP = 4096
+CHAT_TEXTS = ("content", "reasoning_content", "reasoning")  # a chat message's texts ("reasoning": newer vLLM)
 
 
 def authorise(principal: Principal, served: ServedModel) -> None:
@@ -92,12 +93,13 @@ def masked_answer(policy: Policy, payload: bytes) -> bytes:
             holder[field], changed = masked, True
 
     for choice in answer.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
         mask(choice, "text")
         message = choice.get("message")
         if isinstance(message, dict):
-            mask(message, "content")
-            mask(message, "reasoning_content")
-            mask(message, "reasoning")  # newer vLLM's name for it
+            for field in CHAT_TEXTS:
+                mask(message, field)
             mask(message.get("function_call"), "arguments", mask_arguments)
             for call in message.get("tool_calls") or []:
                 mask(call.get("function") if isinstance(call, dict) else None, "arguments", mask_arguments)

@@ -28,12 +28,12 @@ import msgspec
 
 from appliance.governance import Policy
 from appliance.policies import mask_answer, mask_arguments
+from services.gateway.admission import CHAT_TEXTS
 from services.gateway.proxy import EVENT_BOUNDARY
 
 HOLD_AFTER = 24  # pii.py reads context words up to 20 characters after a value
 CONTEXT = 48  # and up to 30 before it: masked text already sent stays in view this long
 MAX_HELD = 4096  # a longer run without a safe place to cut is sent anyway
-CHAT_TEXTS = ("content", "reasoning_content", "reasoning")  # a chat delta's texts ("reasoning": newer vLLM)
 _LAST_SPACE = re.compile(r"\s\S*\Z")
 _NUMBER = "[0-9\uff10-\uff19+()\uff0b\uff08\uff09.\\-\uff0d\u2010-\u2013\u2212]"
 _GROUP = re.compile(f"{_NUMBER}*")

@@ -101,6 +101,9 @@ def test_answers_are_masked_when_the_policy_asks_and_left_byte_for_byte_otherwis
     assert b"[PHONE]" in masked_answer(MASK_PHONES, msgspec.json.encode(responses))
     clean = b'{"choices": [{"index": 0, "text": "nothing here"}]}'
     assert masked_answer(MASK_PHONES, clean) is clean
+    odd = b'{"choices": [null, "x", {"index": 1, "message": {"content": "010-1234-5678", "reasoning": "ok"}}]}'
+    assert msgspec.json.decode(masked_answer(MASK_PHONES, odd))["choices"] == [  # an odd upstream's stray items pass
+        None, "x", {"index": 1, "message": {"content": "[PHONE]", "reasoning": "ok"}}]
 
 
 def test_reasoning_and_tool_call_arguments_are_masked_too():

@@ -28,6 +28,23 @@ GGUF_MAGIC = b"GGUF"
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
+Balance = Literal["least_busy", "round_robin", "prefix_affinity"]
+
+
+class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A circuit breaker per replica and per remote upstream (services/gateway/breakers.py)."""
+
+    failures: Annotated[int, msgspec.Meta(ge=1)] = 5  # failures in a row that open it
+    open_s: Positive = 30.0  # how long it stays open before one trial request (half-open)
+
+
+class RetryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Another attempt after an engine failure before the answer started (services/gateway/routing.py)."""
+
+    budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2  # retries per request, at most, over time
+    min_per_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0  # retries a second allowed whatever the traffic
+    backoff_s: Positive = 0.05  # the first wait before trying a replica that failed this request again
+    backoff_max_s: Positive = 2.0
 
 
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -46,6 +63,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections_per_client: Annotated[int, msgspec.Meta(ge=1)] = 256
     reserved_connections: Annotated[int, msgspec.Meta(ge=0)] = 64  # above max_connections: health checks and /admin only
     metrics_require_key: bool = False  # /metrics, /schema and /readyz details need a key (a metrics key or above)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -63,6 +82,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None
     node: str | None = None
+    # Which replica takes a request: fewest in flight, in turn, or the one that served its
+    # prompt prefix or session before (its prompt cache holds it) (services/gateway/replicas.py).
+    balance: Balance = "least_busy"
     embeddings: bool = False
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0
@@ -139,6 +161,20 @@ class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retention_days: Annotated[int, msgspec.Meta(ge=1)] = 365
 
 
+class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: Name  # a served model: a profile model or a deployment
+    weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1  # its share of the route's requests
+
+
+class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A name clients ask for, served by weighted targets, with fallbacks tried in order when
+    the chosen target fails before its answer starts (appliance/routes.py)."""
+
+    name: Name
+    targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=16)]
+    fallbacks: Annotated[list[Name], msgspec.Meta(max_length=8)] = []
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     description: str = ""
@@ -150,6 +186,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     costs: CostConfig = msgspec.field(default_factory=CostConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    routes: list[RouteSpec] = []
 
 
 @functools.cache
@@ -243,6 +280,18 @@ def _check_storage(storage: StorageConfig, backup: BackupConfig, base_dir: Path)
         backup.path = _resolve_path(backup.path, base_dir)
 
 
+def check_route(route: RouteSpec, where: str) -> None:
+    """What the schema cannot say: some weight, and each model named once."""
+    if not any(t.weight for t in route.targets):
+        raise ValueError(f"{where}.targets: every weight is 0; give at least one target a weight above 0")
+    seen: set[str] = set()
+    named = [(f"targets[{i}].model", t.model) for i, t in enumerate(route.targets)]
+    for field, model in named + [(f"fallbacks[{i}]", m) for i, m in enumerate(route.fallbacks)]:
+        if model in seen:
+            raise ValueError(f"{where}.{field}: {model!r} is named twice in the route")
+        seen.add(model)
+
+
 def _check_jwt(jwt: JwtConfig | None, base_dir: Path, check_files: bool) -> None:
     if jwt is None:
         return
@@ -275,6 +324,12 @@ def parse_profile(data: object, *, source: str, base_dir: Path, check_files: boo
                 raise ValueError(f"{where}.name: duplicate model name {model.name!r}")
             seen.add(model.name)
             _check_model(model, where, base_dir, check_files)
+        routes: set[str] = set()
+        for i, route in enumerate(profile.routes):
+            if route.name in routes:
+                raise ValueError(f"routes[{i}].name: duplicate route name {route.name!r}")
+            routes.add(route.name)
+            check_route(route, f"routes[{i}]")
     except ValueError as exc:
         raise ProfileError(f"{source}: {exc}") from None
     return profile

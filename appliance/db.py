@@ -216,6 +216,18 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "INSERT INTO audit_anchor SELECT 1, 0, '" + "0" * 64 + "', coalesce(max(id), 0),"
         " (julianday('now') - 2440587.5) * 86400 FROM audit_log",
     ),
+    (
+        # Routes set through /admin/routes (appliance/routes.py): they add to the profile's
+        # routes, or replace one of the same name. `spec` is the JSON of config.RouteSpec.
+        """CREATE TABLE routes (
+            name TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            updated_at REAL NOT NULL,
+            updated_by TEXT
+        )""",
+    ),
 ]
 
 

@@ -35,7 +35,7 @@ from services.engines.commands import engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_runtime
 from services.engines.warmup import warm_up_argv
-from services.stack import gateway_argv, governance_settings, remote_endpoint, served_model
+from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import store_settings
 
@@ -141,7 +141,7 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
         served.append(served_model(model, profile.gateway, [endpoint], created.get(model.name, now)))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
     return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store,
-                          **governance_settings(profile))
+                          **runtime_settings(profile))
 
 
 # --- MinIO -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from services.engines.commands import KEY_ENV, EngineCommand, engine_command
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, read_runtime
 from services.engines.warmup import warm_up_argv
-from services.stack import gateway_argv, governance_settings, remote_endpoint, served_model
+from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import (
     DEFAULT_MINIO_ENDPOINT, ROOT_USER, filesystem_settings, server_argv, store_kind, store_settings,
@@ -325,7 +325,7 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
                          for r in replicas if r.model is model]
         served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
-                          storage=store, **governance_settings(profile))
+                          storage=store, **runtime_settings(profile))
 
 
 def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,

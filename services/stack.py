@@ -22,14 +22,15 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
         embeddings=model.embeddings,
         context_length=model.context_length if model.engine != "remote" else None,
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
-        created=created, engine_params=model.engine_params,
+        created=created, engine_params=model.engine_params, balance=model.balance,
         price_input_per_million=model.price_input_per_million, price_output_per_million=model.price_output_per_million,
     )
 
 
-def governance_settings(profile: Profile) -> dict:
-    """The profile's settings the gateway governs with: GatewayRuntime's auth, costs and audit."""
-    return {"auth": profile.auth, "costs": profile.costs, "audit": profile.audit}
+def runtime_settings(profile: Profile) -> dict:
+    """The profile's settings the gateway governs and routes with: GatewayRuntime's auth, costs,
+    audit and routes."""
+    return {"auth": profile.auth, "costs": profile.costs, "audit": profile.audit, "routes": profile.routes}
 
 
 def remote_endpoint(model: ModelConfig) -> ReplicaEndpoint:

@@ -38,7 +38,7 @@ from services.gateway.metrics import MULTIPROC_ENV
 from services.storage import litestream
 from services.storage.minio import resolve_object_store
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, write_runtime
-from services.stack import gateway_argv, governance_settings, remote_endpoint, served_model
+from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.worker.main import SHUTDOWN_TIMEOUT_S
 
 TEND_INTERVAL_S = 0.5
@@ -175,7 +175,7 @@ class Supervisor:
             self.say(f"{child.name} is ready ({child.ready_note})")
         gateway = msgspec.structs.replace(self.profile.gateway, host=self.host, port=self.port)  # as actually served
         return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served,
-                              storage=self.store, **governance_settings(self.profile))
+                              storage=self.store, **runtime_settings(self.profile))
 
     def _start_gateway(self, runtime: GatewayRuntime) -> Path:
         runtime_file = gateway_runtime_path(self.home)

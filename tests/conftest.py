@@ -104,6 +104,13 @@ class Upstream:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as resp:
             return json.load(resp)
 
+    def fail_with(self, mode: str, status: int) -> None:
+        """A ctl- mode answers `status` from now on (0: answers again)."""
+        httpx.post(f"http://127.0.0.1:{self.port}/control/{mode}", json={"status": status}, timeout=5).raise_for_status()
+
+    def requests(self, mode: str) -> int:
+        return self.stats()["by_mode"].get(mode, 0)
+
 
 @pytest.fixture(scope="session")
 def upstream():

@@ -14,6 +14,9 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
               each event cut in two writes
   /flaky/v1   drops every other request's connection unanswered, as a server does to a
               kept-alive connection it has just closed
+  /ctl-NAME/v1 answers like /ok until told otherwise: POST /control/ctl-NAME {"status": 500}
+              makes it answer that status (0: answer again); GET /stats counts its chat
+              requests under "by_mode"
 GET /stats reports how many /slow and /endless requests ended because the client disconnected.
 Usage: python upstream_server.py PORT EXPECTED_KEY
 """
@@ -27,7 +30,8 @@ import time
 
 from aiohttp import web
 
-STATS = {"disconnects": 0, "requests": 0}
+STATS = {"disconnects": 0, "requests": 0, "by_mode": {}}
+FAIL_WITH: dict[str, int] = {}  # ctl- mode -> the status it answers with
 
 
 def completion(body: dict, content: str = "pong") -> dict:
@@ -69,7 +73,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return denied
     STATS["requests"] += 1
     mode = request.match_info["mode"]
+    STATS["by_mode"][mode] = STATS["by_mode"].get(mode, 0) + 1
     body = await request.json()
+    if FAIL_WITH.get(mode):
+        status = FAIL_WITH[mode]
+        return web.json_response({"error": {"message": f"{mode} told to fail with {status}"}}, status=status)
     if mode == "flaky":
         STATS["flaky"] = STATS.get("flaky", 0) + 1
         if STATS["flaky"] % 2 == 0:
@@ -136,6 +144,11 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(STATS)
 
 
+async def control(request: web.Request) -> web.Response:
+    FAIL_WITH[request.match_info["mode"]] = (await request.json())["status"]
+    return web.json_response(FAIL_WITH)
+
+
 def make_app(key: str) -> web.Application:
     app = web.Application()
     app["key"] = key
@@ -143,6 +156,7 @@ def make_app(key: str) -> web.Application:
         web.get("/{mode}/v1/models", models),
         web.post("/{mode}/v1/chat/completions", chat),
         web.get("/stats", stats),
+        web.post("/control/{mode}", control),
     ])
     return app
 

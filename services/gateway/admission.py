@@ -24,20 +24,33 @@ TEMPLATE_TOKENS = 64
 # with this cap (`budget_cap`), so the reservation bounds it; anyone else's is counted in
 # full when it settles, even where the upstream generated more (docs/governance.md).
 REMOTE_COMPLETION_CAP = 4096
+AFFINITY_BYTES = 512
 CHAT_TEXTS = ("content", "reasoning_content", "reasoning")  # a chat message's texts ("reasoning": newer vLLM)
 
 
-def authorise(principal: Principal, served: ServedModel) -> None:
+def authorise(principal: Principal, name: str) -> None:
+    """May this caller run the model (or route) `name`? Where it may go is the route's part
+    (services/gateway/app.py Gateway._plan leaves out remote upstreams under no_external)."""
     if principal.role not in INFERENCE_ROLES:
         raise PermissionDenied(f"The {principal.role} role reads /v1/models but may not run models; "
                                "a developer, operator or admin key may.")
-    if not principal.allows_model(served.name):
-        raise ModelNotAllowed(f"The `models` limit of this key or its team does not include '{served.name}'.",
+    if not principal.allows_model(name):
+        raise ModelNotAllowed(f"The `models` limit of this key or its team does not include '{name}'.",
                               param="model")
-    if principal.policy.no_external and served.engine == "remote":
-        raise ModelNotAllowed(f"The model '{served.name}' is a remote upstream, and the policy of this key or its "
-                              "team keeps requests on the appliance (no external transfer).", param="model",
-                              code="external_transfer_not_allowed")
+
+
+def affinity(headers, body: bytes) -> bytes:
+    """What a prefix_affinity model keeps on one replica (services/gateway/replicas.py): the
+    client's session (the x-session-id header), else the first AFFINITY_BYTES of its messages,
+    prompt or input as sent (the system prompt and the conversation's first turns)."""
+    session = headers.get("x-session-id")
+    if session:
+        return b"session:" + session.encode()
+    for field in (b'"messages"', b'"prompt"', b'"input"'):
+        start = body.find(field)
+        if start >= 0:
+            return body[start : start + AFFINITY_BYTES]
+    return body[:AFFINITY_BYTES]
 
 
 def completion_cap(parsed, served: ServedModel) -> int | None:

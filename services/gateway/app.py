@@ -24,7 +24,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import __version__, audit, deployments, policies
+from appliance import __version__, audit, deployments, policies, routes
 from appliance.audit import Actor, AuditQueue
 from appliance.auth import Authenticator
 from appliance.costs import Costs
@@ -41,6 +41,7 @@ from appliance.errors import (
     PolicyViolation,
     QuotaExceeded,
     RateLimited,
+    ServiceUnavailable,
     StorageUnavailable,
 )
 from appliance.governance import Principal
@@ -53,7 +54,7 @@ from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
 from services.gateway.admin_api import admin_router
 from services.gateway.admin_auth import AuthController
-from services.gateway.admission import authorise, budget_cap, masked_answer, refuse_unmaskable, worst_tokens
+from services.gateway.admission import affinity, authorise, budget_cap, masked_answer, refuse_unmaskable, worst_tokens
 from services.gateway.answers import AnswerReader, collect
 from services.gateway.asgi_bridge import AsgiBridge
 from services.gateway.body_reads import drain, expire_reads, timed
@@ -63,9 +64,11 @@ from services.gateway.inflight import InFlight, Ticker
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import complete
 from services.gateway.proxy import Call, Forwarder
-from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, watch_health
+from services.gateway.breakers import LEVELS
+from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, Replica, watch_health
 from services.gateway.request_ids import new_request_id
 from services.gateway.responses import ResponsesRequest, to_chat
+from services.gateway.routing import RetryBudget, Route, route_readiness
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 from services.gateway.stream_masking import masked_stream
 from services.worker.queue import JobQueue
@@ -98,11 +101,14 @@ class Gateway:
                                        currency=runtime.costs.currency)
         self.governor: Governor | None = None  # opened in start(): the ledger shared by the workers
         self.audit = AuditQueue()  # policy refusals and flags, written by a background task
-        self.pools = {m.name: ModelPool(m) for m in runtime.models}
+        self.pools = {m.name: self._pool(m) for m in runtime.models}
         self.profile_models = frozenset(self.pools)
         self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
+        self.route_specs = routes.effective(runtime.routes, {})  # the profile's, until the database is read
+        self.routes = {name: Route(spec) for name, spec in self.route_specs.items()}
         self.store = runtime.storage.open() if runtime.storage else None
         self._list_models()
+        self.budget = RetryBudget(self.config.retry)
         self.forwarder: Forwarder | None = None
         self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
@@ -110,14 +116,29 @@ class Gateway:
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
 
-    def _list_models(self) -> None:
-        self.model_list = msgspec.json.encode(
-            {"object": "list", "data": [self._model_object(p.served) for p in self.pools.values()]}
-        )
+    def _pool(self, served: ServedModel) -> ModelPool:
+        pool = ModelPool(served, self.config.breaker, self._on_breaker)
+        for replica in pool.replicas:
+            self._on_breaker(replica)
+        self.metrics.child(self.metrics.replicas, served.name).set(len(pool.replicas))
+        return pool
 
-    @staticmethod
-    def _model_object(served) -> dict:
-        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "appliance"}
+    def _on_breaker(self, replica: Replica) -> None:
+        self.metrics.child(self.metrics.breaker_state, replica.model, replica.base_url).set(LEVELS[replica.breaker.state])
+
+    def _list_models(self) -> None:
+        names = [*self.pools, *(name for name in self.routes if name not in self.pools)]
+        self.model_list = msgspec.json.encode({"object": "list", "data": [self.model_object(n) for n in names]})
+
+    def model_object(self, name: str) -> dict | None:
+        """A served model's or a route's entry in /v1/models; None if the name is neither."""
+        pool = self.pools.get(name)
+        if pool is None and name in self.routes:  # a route is as old as its oldest served target
+            pool = min((p for t in self.routes[name].spec.targets if (p := self.pools.get(t.model))),
+                       key=lambda p: p.served.created, default=None)
+        elif pool is None:
+            return None
+        return {"id": name, "object": "model", "created": pool.served.created if pool else 0, "owned_by": "appliance"}
 
     async def start(self) -> None:
         self._db = await asyncio.to_thread(open_db, self.db_path)
@@ -132,9 +153,7 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(), timeout=UPSTREAM_TIMEOUT,
         )
-        self.forwarder = Forwarder(session)
-        for pool in self.pools.values():
-            self.metrics.child(self.metrics.replicas, pool.served.name).set(len(pool.replicas))
+        self.forwarder = Forwarder(session, self.budget, self.metrics)
         self._tasks = [
             asyncio.create_task(watch_health(session, self.pools, self.config.health_interval_s, self._on_health)),
             asyncio.create_task(self._flush_usage()),
@@ -219,19 +238,27 @@ class Gateway:
                 log.warning("%s; retrying in %g s", exc.message, BUCKETS_RETRY_S)
             await asyncio.sleep(BUCKETS_RETRY_S)
 
-    def _read_state(self) -> tuple[list[dict], dict]:
+    def _read_state(self) -> tuple[list[dict], dict, dict]:
         self.auth.refresh(self._db)
-        return deployments.running(self._db), read_statuses(Path(self.runtime.home))
+        return deployments.running(self._db), read_statuses(Path(self.runtime.home)), routes.stored(self._db)
 
-    def _apply_state(self, rows: list[dict], statuses: dict) -> None:
-        """Deployments, then what each engine's supervisor reports (services/engines/status.py)."""
-        self._apply_deployments(rows)
+    def _apply_state(self, rows: list[dict], statuses: dict, admin_routes: dict) -> None:
+        """Deployments, then what each engine's supervisor reports (services/engines/status.py), then routes."""
+        changed = self._apply_deployments(rows)
         for pool in self.pools.values():
             pool.apply_statuses(statuses)
             self.metrics.child(self.metrics.failed_replicas, pool.served.name).set(pool.failed_count)
+        specs = routes.effective(self.runtime.routes, admin_routes)
+        if specs != self.route_specs:
+            self.route_specs, self.routes = specs, {name: Route(spec) for name, spec in specs.items()}
+            log.info("serving routes: %s", ", ".join(sorted(specs)) or "none")
+            changed = True
+        if changed:
+            self._list_models()
 
-    def _apply_deployments(self, rows: list[dict]) -> None:
-        """Serve every running deployment, keeping pools (and their health) that did not change."""
+    def _apply_deployments(self, rows: list[dict]) -> bool:
+        """Serve every running deployment, keeping pools (and their health) that did not change;
+        whether any changed."""
         wanted = {r["name"]: r for r in rows if r["name"] not in self.profile_models}
         changed = False
         for name in [n for n in self.deployed if n not in wanted]:
@@ -246,15 +273,14 @@ class Gateway:
                 request_timeout_s=self.config.request_timeout_s,
                 created=int(row["created_at"]),
             )
-            pool = ModelPool(served)
+            pool = self._pool(served)
             for replica in pool.replicas:
                 replica.probe_ok = True  # the controller saw it healthy; the health watch takes over
             self.pools[name], self.deployed[name] = pool, source
-            self.metrics.child(self.metrics.replicas, name).set(len(pool.replicas))
             changed = True
         if changed:
-            self._list_models()
             log.info("serving deployments: %s", ", ".join(sorted(self.deployed)) or "none")
+        return changed
 
     def unready_models(self) -> list[str]:
         return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
@@ -273,20 +299,18 @@ class Gateway:
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
-            call.model = parsed.model
             call.stream = getattr(parsed, "stream", False)
-            pool = self.pools.get(parsed.model)
-            if pool is None:
-                raise ModelNotFound(parsed.model)
-            if endpoint == "embeddings" and not pool.served.embeddings:
-                raise InvalidRequest(f"The model '{parsed.model}' does not serve embeddings.", param="model")
-            authorise(principal, pool.served)
+            authorise(principal, parsed.model)
+            plan = self._plan(call, principal, parsed.model)
+            pool = plan[0]
+            call.model = pool.served.name
             refuse_unmaskable(principal.policy, parsed)
             call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
             if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
-            cap = budget_cap(principal, endpoint, parsed, pool.served)
-            path, adapted, reader = self._adapt(endpoint, body, parsed, pool, cap)
+            prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
+            if pool.served.balance == "prefix_affinity":
+                call.affinity = affinity(headers, body)
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -301,14 +325,28 @@ class Gateway:
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
         flight = self.ticker.track(call, proto)
+
+        def prepare(option: ModelPool) -> tuple[str, bytes, bool]:
+            """The request for a route's next model (one that cannot serve it raises InvalidRequest)."""
+            if option not in prepared:
+                prepared[option] = self._adapt(endpoint, body, parsed, option, call.principal)
+            path, adapted, _ = prepared[option]
+            return path, adapted.body, call.stream or adapted.collect
+
         try:
+            pool, response = await self.forwarder.open(call, plan, prepare)
+            _, adapted, reader = prepared[pool]
+            if call.route is not None:
+                call.model = pool.served.name
+                self.metrics.child(self.metrics.route_requests, call.route, call.model,
+                                   "no" if pool is plan[0] else "yes").inc()
             if call.stream:
-                await self._answer_stream(call, pool, path, adapted, reader, proto, flight)
+                await self._answer_stream(call, pool, response, adapted, reader, proto, flight)
             else:
                 if adapted.collect:
-                    payload = await self._collect(call, pool, path, adapted.body)
+                    payload = await self._collect(call, pool, response)
                 else:
-                    payload = await self.forwarder.complete(call, pool, path, adapted.body)
+                    payload = await self.forwarder.complete(call, pool, response)
                 if reader is not None:
                     payload = reader.complete(payload)
                 if call.principal.policy.pii_responses:
@@ -337,12 +375,44 @@ class Gateway:
         finally:
             self.ticker.untrack(flight)
             in_flight.dec()
+            if call.replica is not None:
+                call.replica.in_flight -= 1
             self.finish(call)
 
+    def _plan(self, call: Call, principal: Principal, name: str) -> list[ModelPool]:
+        """The models that may answer a request for `name`, in the order to try them: the model
+        itself, or a route's target drawn by weight, its other targets and its fallbacks
+        (services/gateway/routing.py); remote upstreams are left out for a caller whose policy
+        keeps requests on the appliance."""
+        route = self.routes.get(name)
+        if route is None:
+            pool = self.pools.get(name)
+            if pool is None:
+                raise ModelNotFound(name)
+            plan = [pool]
+        else:
+            call.route = name
+            plan = [pool for model in route.choose() if (pool := self.pools.get(model)) is not None]
+        if principal.policy.no_external:
+            local = [pool for pool in plan if pool.served.engine != "remote"]
+            if plan and not local:
+                raise ModelNotAllowed(f"The model '{name}' is served only by remote upstreams, and the policy of this "
+                                      "key or its team keeps requests on the appliance (no external transfer).",
+                                      param="model", code="external_transfer_not_allowed")
+            plan = local
+        if not plan:
+            models = [t.model for t in route.spec.targets] + route.spec.fallbacks
+            raise ServiceUnavailable(f"No model of the route '{name}' is served right now (it names "
+                                     f"{', '.join(models)}).", retry_after=5)
+        return plan
+
     def _adapt(self, endpoint: str, body: bytes, parsed, pool: ModelPool,
-               cap: int | None) -> tuple[str, Adapted, AnswerReader | None]:
+               principal: Principal) -> tuple[str, Adapted, AnswerReader | None]:
         """The engine path and request (services/gateway/adapters.py), and who reads its answer
         back when the engine's own answer is not what the client asked for."""
+        if endpoint == "embeddings" and not pool.served.embeddings:
+            raise InvalidRequest(f"The model '{pool.served.name}' does not serve embeddings.", param="model")
+        cap = budget_cap(principal, endpoint, parsed, pool.served)
         if endpoint == "responses":  # answered by the engine's chat completions
             responses, outgoing = parsed, Outgoing(data=to_chat(parsed))
             parsed, path = msgspec.convert(outgoing.data, schemas.ChatCompletionRequest), "/chat/completions"
@@ -352,18 +422,18 @@ class Gateway:
         reader = AnswerReader(adapted.tools, responses) if adapted.tools or responses else None
         return path, adapted, reader
 
-    async def _collect(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
+    async def _collect(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse) -> bytes:
         """A whole answer, asked of the engine as a stream (services/gateway/adapters.py says when)."""
-        response = await self.forwarder.open_stream(call, pool, path, body)
+        await self.forwarder.check_stream(call, pool, response)
         events = self.forwarder.relay(call, pool, response, hide_usage=True)
         try:
             return await collect(events, call)
         finally:
             await close_answer(response, events)
 
-    async def _answer_stream(self, call: Call, pool: ModelPool, path: str, adapted: Adapted,
+    async def _answer_stream(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
-        response = await self.forwarder.open_stream(call, pool, path, adapted.body)
+        await self.forwarder.check_stream(call, pool, response)
         relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
         policy = call.principal.policy  # pii_responses: masked before a reader makes Responses events of it
         masked = masked_stream(policy, relayed) if policy.pii_responses else relayed
@@ -422,9 +492,12 @@ class Gateway:
 
     @staticmethod
     def _headers(call: Call, base: list) -> list:
+        headers = [*base, ("x-request-id", call.request_id)]
+        if call.route is not None:
+            headers.append(("x-appliance-model", call.model))  # which of the route's models answered
         if call.ticket is not None and call.ticket.headers:
-            return [*base, ("x-request-id", call.request_id), *call.ticket.headers]
-        return [*base, ("x-request-id", call.request_id)]
+            headers += call.ticket.headers
+        return headers
 
     def _fail(self, call: Call, error: ApplianceError) -> None:
         call.status, call.error_type = error.status, error.type
@@ -545,10 +618,10 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
     gateway.auth.authenticate(request.headers.get("authorization"))
-    pool = gateway.pools.get(model)
-    if pool is None:
+    entry = gateway.model_object(model)
+    if entry is None:
         raise ModelNotFound(model)
-    return Response(msgspec.json.encode(gateway._model_object(pool.served)), media_type="application/json")
+    return Response(msgspec.json.encode(entry), media_type="application/json")
 
 
 def monitoring_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -575,6 +648,8 @@ async def readyz(request: Request) -> Response:
             return Response(body, status_code=status)
         gateway.auth.authenticate(authorization, monitoring=True)
     body["models"] = {name: pool.readiness() for name, pool in gateway.pools.items()}
+    if gateway.routes:
+        body["routes"] = {name: route_readiness(route, gateway.pools) for name, route in gateway.routes.items()}
     if unready:
         body["waiting_for"] = unready
     return Response(body, status_code=status)

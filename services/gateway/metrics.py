@@ -69,6 +69,26 @@ class GatewayMetrics:
             "Engine replicas marked failed after crashing max_crashes times within crash_window_s (/readyz says why).",
             ["model"], registry=r, multiprocess_mode="livemostrecent",
         )
+        self.upstream_failures = Counter(
+            "appliance_upstream_failures", "Attempts on an engine replica or remote upstream that failed before the "
+            "answer started, by model and reason (HTTP, unreachable, dropped, timeout).", ["model", "reason"], registry=r,
+        )
+        self.retries = Counter(
+            "appliance_retries", "Attempts after a request's first (another replica, or a route's next model), by "
+            "the model tried.", ["model"], registry=r,
+        )
+        self.retries_refused = Counter(
+            "appliance_retries_refused", "Retries not made because the retry budget was spent, by the model not tried.",
+            ["model"], registry=r,
+        )
+        self.route_requests = Counter(
+            "appliance_route_requests", "Requests for a route, by route and the model that answered; fallback says "
+            "whether it was not the target drawn.", ["route", "model", "fallback"], registry=r,
+        )
+        self.breaker_state = Gauge(
+            "appliance_breaker_state", "Circuit breaker of each replica: 0 closed, 1 half-open, 2 open.",
+            ["model", "replica"], registry=r, multiprocess_mode="livemax",
+        )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
             multiprocess_mode="livesum",

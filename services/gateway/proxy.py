@@ -14,22 +14,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from time import perf_counter
 
 import aiohttp
 import msgspec
 
-from appliance.errors import ApplianceError, EngineError, EngineRejected, EngineTimeout, ServiceUnavailable
+from appliance.errors import (
+    ApplianceError,
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    InvalidRequest,
+    ServiceUnavailable,
+)
 from appliance.governance import Principal
 from appliance.limits import Ticket
 from services.gateway.errors import error_event
-from services.gateway.replicas import ModelPool
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.replicas import ModelPool, Replica
+from services.gateway.routing import RetryBudget
 from services.gateway.schemas import HasUsage, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
 EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class Dropped(ServiceUnavailable):
+    """The engine closed the connection before answering: a kept-alive one it had closed, or it died."""
 
 
 def carries_usage(data: bytes) -> bool:
@@ -43,7 +56,8 @@ class Call:
 
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
-        "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket",
+        "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
+        "affinity",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -64,6 +78,9 @@ class Call:
         self.finished = False  # metered (services/gateway/app.py Gateway.finish)
         self.principal: Principal | None = None  # who asks, once authenticated
         self.ticket: Ticket | None = None  # what the governor reserved for it (appliance/limits.py)
+        self.route: str | None = None  # the route asked for, when the name is one (services/gateway/routing.py)
+        self.replica: Replica | None = None  # the replica answering, once one does
+        self.affinity: bytes | None = None  # its session or prompt prefix, for a prefix_affinity model
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -137,46 +154,130 @@ def _count_cut_stream(call: Call, last: bytes, relayed: int) -> None:
     call.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+# An engine answering one of these has failed or refused this request for its own reasons
+# (overloaded, misconfigured, rate limited upstream): another attempt, elsewhere, may answer.
+RETRY_STATUSES = frozenset({401, 403, 404, 408, 429})
+ATTEMPTS_PER_MODEL = 2  # tries of one model's replicas before its route's next model
+
+
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession):
-        self.session = session
+    def __init__(self, session: aiohttp.ClientSession, budget: RetryBudget, metrics: GatewayMetrics):
+        self.session, self.budget, self.metrics = session, budget, metrics
 
-    async def _open(self, call: Call, pool: ModelPool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
-        """POST to a healthy replica by the call's deadline. One that cannot be connected to
-        (refused, not connected within CONNECT_TIMEOUT_S: a dead or restarting engine) is
-        marked down, as is a local engine answering 503 (restarted, still loading); a connection
-        that breaks before the answer (a kept-alive one the engine had closed, or an engine
-        dying) is not, by itself. Either way the request is sent once more, to the next
-        healthy replica: generation has no side effects to repeat."""
-        call.deadline = perf_counter() + pool.timeout_s
-        for _ in range(2):
-            replica = pool.pick()  # 503 when no replica is healthy
-            headers = replica.stream_headers if stream else replica.headers
+    async def open(self, call: Call, plan: Sequence[ModelPool], prepare) -> tuple[ModelPool, aiohttp.ClientResponse]:
+        """POST the request to the first model of `plan` that answers, by the call's deadline.
+
+        `prepare(pool)` gives (path, body, stream) for a model: a model after the first that
+        cannot serve the request (InvalidRequest) is skipped. A model is tried on up to
+        ATTEMPTS_PER_MODEL replicas (services/gateway/replicas.py picks them); a failure before
+        the answer starts moves on: a connection refused (the replica is marked down until its
+        next good health check), a connection dropped before answering (a kept-alive one the
+        engine had closed: sent again at once), an engine timeout (the next model), a 5xx or
+        one of RETRY_STATUSES (a local engine's 503 marks it down: restarted, still loading).
+        Failures count toward the replica's circuit breaker. Every attempt after the first is
+        paid from the retry budget (services/gateway/routing.py), and one to a replica that
+        already failed this request waits a backoff. Generation has no side effects to repeat.
+        """
+        self.budget.deposit()
+        first_error: ApplianceError | None = None
+        attempts = 0
+        failed_on: dict[Replica, int] = {}
+        for index, pool in enumerate(plan):
             try:
-                response = await self.session.post(replica.url(path), data=body, headers=headers)
-                if response.status != 503 or pool.served.engine == "remote":
-                    return response
-                # A local engine restarted between two health checks, still loading its model:
-                # down until its next good health check; the request goes to another replica.
-                response.release()
-                replica.probe_ok = False
-                log.warning("%s is not ready (503); marked unhealthy", replica)
-            except asyncio.CancelledError:
-                if _timed_out(call):
-                    raise _timeout(pool) from None
-                raise
-            except aiohttp.ClientConnectorError as exc:
-                replica.probe_ok = False  # down until its next good health check
-                log.warning("%s could not be reached (%s); marked unhealthy", replica, exc)
-            except aiohttp.ClientConnectionError as exc:
-                log.warning("%s dropped the connection before answering (%s); sending again", replica, exc)
-            except aiohttp.ClientError as exc:
-                raise EngineError(f"The engine for '{pool.served.name}' failed: {exc}") from None
-        raise ServiceUnavailable(f"The model '{pool.served.name}' has no reachable replica right now; retry shortly.", retry_after=2)
+                path, body, stream = prepare(pool)
+            except InvalidRequest:
+                if index == 0:
+                    raise
+                continue
+            for _ in range(ATTEMPTS_PER_MODEL):
+                try:
+                    replica = pool.pick(call.affinity)
+                except ServiceUnavailable as exc:
+                    first_error = first_error or exc
+                    break
+                if attempts:
+                    if not self.budget.withdraw():
+                        self.metrics.child(self.metrics.retries_refused, pool.served.name).inc()
+                        log.warning("request %s: the retry budget is spent; not trying %s", call.request_id, replica)
+                        raise first_error
+                    self.metrics.child(self.metrics.retries, pool.served.name).inc()
+                    if failed := failed_on.get(replica):
+                        await self._wait(call, pool, self.budget.backoff(failed + 1))
+                attempts += 1
+                error, response = await self._attempt(call, pool, replica, path, body, stream)
+                if error is None:
+                    return pool, response
+                first_error = first_error or error
+                if isinstance(error, EngineTimeout):
+                    break  # the model's whole timeout has passed: its next replica would wait as long
+                if not isinstance(error, Dropped):
+                    failed_on[replica] = failed_on.get(replica, 0) + 1
+        raise first_error or ServiceUnavailable(
+            f"No model of the route '{call.route}' can serve this request.", retry_after=2)
 
-    async def complete(self, call: Call, pool: ModelPool, path: str, body: bytes) -> bytes:
-        """Forward a non-streaming request; returns the engine's JSON answer."""
-        response = await self._open(call, pool, path, body, stream=False)
+    async def _wait(self, call: Call, pool: ModelPool, delay: float) -> None:
+        call.deadline = perf_counter() + pool.timeout_s
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            if _timed_out(call):
+                raise _timeout(pool) from None
+            raise
+
+    async def _attempt(self, call: Call, pool: ModelPool, replica: Replica, path: str, body: bytes,
+                       stream: bool) -> tuple[ApplianceError | None, aiohttp.ClientResponse | None]:
+        """One try: (None, the response) when the replica answered, else (why not, None)."""
+        call.deadline = perf_counter() + pool.timeout_s
+        replica.in_flight += 1
+        replica.breaker.sent()
+        name = pool.served.name
+        try:
+            response = await self.session.post(replica.url(path), data=body,
+                                               headers=replica.stream_headers if stream else replica.headers)
+            status = response.status
+            if status < 500 and status not in RETRY_STATUSES:
+                replica.breaker.succeeded()  # a 4xx is the request's fault, not the engine's
+                call.replica = replica
+                return None, response
+            try:
+                payload = await response.read()
+            finally:
+                response.release()
+            if status == 503 and pool.served.engine != "remote":
+                # A local engine restarted between two health checks, still loading its model:
+                # down until its next good health check.
+                replica.probe_ok = False
+            error, reason = engine_error(status, payload, name), f"HTTP {status}"
+        except asyncio.CancelledError:
+            replica.in_flight -= 1
+            if not _timed_out(call):
+                raise
+            replica.breaker.failed("timeout")
+            self._failed(call, replica, "timeout")
+            return _timeout(pool), None
+        except aiohttp.ClientConnectorError as exc:
+            replica.probe_ok = False  # down until its next good health check
+            error, reason = ServiceUnavailable(f"The model '{name}' has no reachable replica right now; retry shortly.",
+                                               retry_after=2), f"unreachable ({exc})"
+        except aiohttp.ClientConnectionError as exc:
+            replica.in_flight -= 1
+            self._failed(call, replica, f"dropped the connection before answering ({exc})", "dropped")
+            return Dropped(f"The engine for '{name}' dropped the connection before answering; retry shortly.",
+                           retry_after=1), None
+        except aiohttp.ClientError as exc:
+            replica.in_flight -= 1
+            raise EngineError(f"The engine for '{name}' failed: {exc}") from None
+        replica.in_flight -= 1
+        replica.breaker.failed(reason)
+        self._failed(call, replica, reason)
+        return error, None
+
+    def _failed(self, call: Call, replica: Replica, reason: str, kind: str | None = None) -> None:
+        log.warning("request %s: %s failed: %s", call.request_id, replica, reason)
+        self.metrics.child(self.metrics.upstream_failures, replica.model, kind or reason.split(" ", 1)[0]).inc()
+
+    async def complete(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse) -> bytes:
+        """Read a non-streaming answer (opened by `open`); returns the engine's JSON answer."""
         try:
             payload = await response.read()
         except asyncio.CancelledError:
@@ -184,6 +285,7 @@ class Forwarder:
                 raise _timeout(pool) from None
             raise
         except aiohttp.ClientError as exc:
+            call.replica.breaker.failed("cut mid-answer")
             raise EngineError(f"The engine for '{pool.served.name}' failed mid-answer: {exc}") from None
         finally:
             call.deadline = None
@@ -196,9 +298,9 @@ class Forwarder:
             call.usage = None
         return payload
 
-    async def open_stream(self, call: Call, pool: ModelPool, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """Start a streaming request; engine errors before the first byte raise as usual."""
-        response = await self._open(call, pool, path, body, stream=True)
+    @staticmethod
+    async def check_stream(call: Call, pool: ModelPool, response: aiohttp.ClientResponse) -> None:
+        """A stream opened by `open`: an engine's refusal raises as usual."""
         call.deadline = None
         if response.status >= 400:
             try:
@@ -206,7 +308,6 @@ class Forwarder:
             finally:
                 response.release()
             raise engine_error(response.status, payload, pool.served.name)
-        return response
 
     async def relay(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, hide_usage: bool) -> AsyncIterator[bytes]:
         """Yield the engine's SSE events as they arrive, reading usage on the way.
@@ -270,6 +371,7 @@ class Forwarder:
         except ApplianceError as error:
             call.status, call.error_type = error.status, error.type
             log.warning("stream %s ended with an error: %s", call.request_id, error.message)
+            call.replica.breaker.failed(error.message)
             _count_cut_stream(call, last, relayed)
             call.answered = True
             yield error_event(error)

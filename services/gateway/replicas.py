@@ -1,19 +1,34 @@
 """Engine replicas behind each served model: health checks, what their supervisor
-reports (services/engines/status.py), round-robin choice, and what a llama.cpp model's
-chat template can do (its server's GET /props, read once)."""
+reports (services/engines/status.py), their circuit breakers (services/gateway/breakers.py),
+which replica takes a request, and what a llama.cpp model's chat template can do (its
+server's GET /props, read once).
+
+A model's `balance` chooses among the replicas that pass their health check and whose
+breaker lets a request through:
+- least_busy: the fewest requests in flight, ties taken in turn (at low load, round-robin);
+- round_robin: in turn;
+- prefix_affinity: the replica that rendezvous hashing gives the request's session (the
+  x-session-id header) or prompt prefix, so the engine's prompt cache already holds it, unless
+  that replica has more than AFFINITY_LOAD times its share of the requests in flight
+  (consistent hashing with bounded loads): then the next in the hash order. Nothing is
+  stored per prefix; a replica that leaves moves only its own prefixes.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import logging
+import math
 
 import aiohttp
 import yarl
 
+from appliance.config import BreakerConfig
 from appliance.errors import ServiceUnavailable
 from services.engines.process import FAILED, READY
 from services.engines.status import ReplicaStatus
+from services.gateway.breakers import Breaker
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
 log = logging.getLogger(__name__)
@@ -24,10 +39,12 @@ CONNECT_TIMEOUT_S = 5.0
 # Only connecting has an aiohttp timeout (it arms no timer on a pooled connection); engine
 # deadlines are kept by one ticker for all requests (services/gateway/inflight.py).
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+AFFINITY_LOAD = 1.25  # prefix_affinity: how far above its share of the load a replica still takes its prefixes
 
 
 class Replica:
-    def __init__(self, model: str, endpoint: ReplicaEndpoint, closes_after_streams: bool = False):
+    def __init__(self, model: str, endpoint: ReplicaEndpoint, closes_after_streams: bool = False,
+                 breaker: BreakerConfig | None = None, on_breaker=None):
         self.model = model
         self.base_url = endpoint.base_url.rstrip("/")
         self.health_url = endpoint.health_url or self.base_url + "/models"
@@ -41,6 +58,10 @@ class Replica:
         self.probe_ok = False
         self.status: ReplicaStatus | None = None  # None: nothing supervises it here (remote, systemd)
         self.failures = 0
+        self.in_flight = 0  # requests sent to it and not finished
+        self.breaker = Breaker(breaker or BreakerConfig(), f"{model} @ {self.base_url}",
+                               on_change=(lambda _: on_breaker(self)) if on_breaker else None)
+        self.hash_key = hashlib.blake2b(self.base_url.encode(), digest_size=16).digest()  # prefix_affinity
         self._urls: dict[str, yarl.URL] = {}
 
     @property
@@ -54,7 +75,8 @@ class Replica:
 
     def readiness(self) -> dict:
         """Its line in /readyz."""
-        out = {"healthy": self.healthy}
+        out = {"healthy": self.healthy, "base_url": self.base_url, "breaker": self.breaker.state,
+               "in_flight": self.in_flight}
         if self.status is not None:
             out |= {"replica": self.status.replica, "state": self.status.state, "restarts": self.status.restarts}
             if self.status.last_exit:
@@ -86,12 +108,13 @@ class Replica:
 
 
 class ModelPool:
-    """The replicas of one served model; picks healthy ones in turn."""
+    """The replicas of one served model, and which of them takes a request."""
 
-    def __init__(self, served: ServedModel):
+    def __init__(self, served: ServedModel, breaker: BreakerConfig | None = None, on_breaker=None):
         self.served = served
-        self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp") for r in served.replicas]
-        self._turn = itertools.cycle(range(len(self.replicas)))
+        self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp", breaker=breaker,
+                                 on_breaker=on_breaker) for r in served.replicas]
+        self._turn = 0
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
         # Whether the engine renders `tools` itself; None: not known (yet), or not llama.cpp.
         self.native_tools: bool | None = None
@@ -104,16 +127,49 @@ class ModelPool:
     def failed_count(self) -> int:
         return sum(r.failed for r in self.replicas)
 
-    def pick(self) -> Replica:
-        for _ in range(len(self.replicas)):
-            replica = self.replicas[next(self._turn)]
-            if replica.healthy:
+    def pick(self, affinity: bytes | None = None) -> Replica:
+        """The replica for a request (the model's `balance`); `affinity`: its session or prompt prefix."""
+        replicas = self.replicas
+        if len(replicas) == 1:
+            replica = replicas[0]
+            if replica.healthy and replica.breaker.allows():
                 return replica
-        raise self.unavailable()
+            raise self.unavailable()
+        if affinity is not None:
+            return self._by_affinity(affinity)
+        count, start = len(replicas), self._turn
+        self._turn = (start + 1) % count
+        least = self.served.balance == "least_busy"
+        best = None
+        for i in range(count):
+            replica = replicas[(start + i) % count]
+            if replica.healthy and replica.breaker.allows() and (best is None or replica.in_flight < best.in_flight):
+                best = replica
+                if not least or not replica.in_flight:
+                    break
+        if best is None:
+            raise self.unavailable()
+        return best
+
+    def _by_affinity(self, affinity: bytes) -> Replica:
+        usable = [r for r in self.replicas if r.healthy and r.breaker.allows()]
+        if not usable:
+            raise self.unavailable()
+        bound = math.ceil(AFFINITY_LOAD * (sum(r.in_flight for r in usable) + 1) / len(usable))
+        ranked = sorted(usable, key=lambda r: hashlib.blake2b(affinity, key=r.hash_key, digest_size=8).digest(),
+                        reverse=True)
+        return next((r for r in ranked if r.in_flight < bound), ranked[0])
 
     def unavailable(self) -> ServiceUnavailable:
-        """The 503 for a request that found no healthy replica, saying why where the supervisor said."""
+        """The 503 for a request that found no replica to take it, saying why where the supervisor
+        or the breakers said."""
         name = self.served.name
+        tripped = [r.breaker for r in self.replicas if r.healthy and r.breaker.state != "closed"]
+        if tripped:
+            wait = min(b.retry_after() for b in tripped)
+            return ServiceUnavailable(
+                f"The model '{name}' failed repeatedly: the circuit breaker of every replica that passes its health "
+                f"check is open, and lets a trial request through in {wait:.0f} s.", retry_after=max(1, math.ceil(wait)))
         if self.replicas and self.failed_count == len(self.replicas):
             reasons = "; ".join(f"replica #{r.status.replica}: {r.status.reason}" for r in self.replicas)
             return ServiceUnavailable(
@@ -127,10 +183,8 @@ class ModelPool:
 
     def readiness(self) -> dict:
         """The model's entry in /readyz."""
-        out = {"replicas": len(self.replicas), "healthy": self.healthy_count, "failed": self.failed_count}
-        if any(r.status for r in self.replicas):
-            out["engines"] = [r.readiness() for r in self.replicas]
-        return out
+        return {"replicas": len(self.replicas), "healthy": self.healthy_count, "failed": self.failed_count,
+                "balance": self.served.balance, "engines": [r.readiness() for r in self.replicas]}
 
     def apply_statuses(self, statuses: dict[tuple[str, str], ReplicaStatus]) -> None:
         """What the supervisor reported (services.engines.status.read_statuses), replica by replica."""

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.config import AuditConfig, AuthConfig, CostConfig, GatewayConfig
+from appliance.config import AuditConfig, AuthConfig, Balance, CostConfig, GatewayConfig, RouteSpec
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
-
 
 
 class ReplicaEndpoint(msgspec.Struct, kw_only=True):
@@ -39,6 +38,7 @@ class ServedModel(msgspec.Struct, kw_only=True):
     request_timeout_s: float = 300.0
     created: int = 0
     engine_params: list[str] = []  # engine-specific request fields forwarded as sent
+    balance: Balance = "least_busy"  # how a replica is chosen (services/gateway/replicas.py)
     price_input_per_million: float | None = None  # unset: local models' cost comes from the hardware's
     price_output_per_million: float | None = None
 
@@ -52,6 +52,7 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     costs: CostConfig = msgspec.field(default_factory=CostConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    routes: list[RouteSpec] = []  # the profile's; /admin/routes adds and overrides (appliance/routes.py)
 
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:

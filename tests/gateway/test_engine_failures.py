@@ -49,8 +49,9 @@ def engine_log(stack, model: str = DEFAULT_MODEL) -> str:
 
 
 def engine_state(stack, model: str = DEFAULT_MODEL) -> dict:
-    """The replica's entry in /readyz."""
-    return readiness(stack.root)["models"][model]["engines"][0]
+    """What the supervisor and the health check say of the replica, from its entry in /readyz."""
+    entry = readiness(stack.root)["models"][model]["engines"][0]
+    return {k: v for k, v in entry.items() if k not in ("base_url", "breaker", "in_flight")}
 
 
 def wait_for(condition, what: str, timeout: float = 90):

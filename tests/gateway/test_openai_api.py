@@ -201,7 +201,10 @@ def test_health_and_readiness(stack):
     local = body["models"][DEFAULT_MODEL]
     assert (local["replicas"], local["healthy"], local["failed"]) == (1, 1, 0)
     assert [(e["replica"], e["state"], e["healthy"]) for e in local["engines"]] == [(0, "ready", True)]
-    assert readiness(stack.root)["models"]["remote-ok"] == {"replicas": 1, "healthy": 1, "failed": 0}  # nothing supervises it here
+    remote = readiness(stack.root)["models"]["remote-ok"]
+    assert {k: remote[k] for k in ("replicas", "healthy", "failed")} == {"replicas": 1, "healthy": 1, "failed": 0}
+    [upstream] = remote["engines"]
+    assert "state" not in upstream and upstream["breaker"] == "closed"  # nothing supervises it here
 
 
 def metric_value(text: str, name: str, **labels) -> float | None:

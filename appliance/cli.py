@@ -22,6 +22,7 @@ from appliance.jobs_cli import jobs
 from appliance.objects_cli import objects
 from appliance.audit_cli import audit
 from appliance.registry_cli import REGISTRY_COMMANDS
+from appliance.routes_cli import routes
 from appliance.usage_cli import usage
 from installer.bundle_cli import bundle
 from installer.render_cli import render
@@ -184,6 +185,7 @@ cli.add_command(login_command, "login")
 cli.add_command(logout_command, "logout")
 for command in REGISTRY_COMMANDS:
     models.add_command(command)
+cli.add_command(routes, "routes")
 cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")

@@ -47,6 +47,13 @@ class RetryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_max_s: Positive = 2.0
 
 
+class QueueConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Requests waiting for a local model's engine slots (services/gateway/queueing.py)."""
+
+    max_waiting: Annotated[int, msgspec.Meta(ge=0)] = 128  # per model; beyond, shed with 429
+    max_wait_s: Positive = 120.0  # then shed with 503
+
+
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "0.0.0.0"
     port: Port = 8080
@@ -65,6 +72,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_require_key: bool = False  # /metrics, /schema and /readyz details need a key (a metrics key or above)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -110,6 +110,20 @@ class ServiceUnavailable(ApplianceError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class Overloaded(ServiceUnavailable):
+    """A model's engines are busy and its wait queue full: shed at once (services/gateway/queueing.py)."""
+
+    status = 429
+    type = "overloaded"
+    code = "model_overloaded"
+
+
+class QueueTimeout(ServiceUnavailable):
+    """A request waited a model's max_wait_s for an engine slot."""
+
+    code = "queue_timeout"
+
+
 class RateLimited(ApplianceError):
     """A rate limit (requests or tokens per minute, parallel requests) of a key or team is reached.
     `limits` holds OpenAI's x-ratelimit-* headers; Retry-After says when to try again."""

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 
 Period = Literal["day", "month"]
+Priority = Literal["interactive", "batch"]
 PiiAction = Literal["allow", "mask", "block"]
 RuleAction = Literal["off", "flag", "block"]
 Count = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
@@ -33,6 +34,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_
     budget_tokens: Count | None = None  # tokens per period
     budget_cost: Money | None = None  # cost per period, in the profile's currency
     period: Period = "month"  # the budget's period: calendar day or month, UTC
+    priority: Priority | None = None  # waiting for a busy model: interactive before batch (the key's, else the team's)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -93,3 +95,7 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 
     def allows_model(self, model: str) -> bool:
         return self.limits.allows_model(model) and self.team_limits.allows_model(model)
+
+    @property
+    def priority(self) -> Priority:
+        return self.limits.priority or self.team_limits.priority or "interactive"

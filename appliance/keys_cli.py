@@ -65,6 +65,10 @@ def _pii(ctx, param, value):
     return rules
 
 
+def _cleared(ctx, param, value):
+    return _NULL if value == CLEAR else value
+
+
 def _deny(ctx, param, value):
     if not value:
         return None
@@ -83,6 +87,9 @@ _SETTINGS_OPTIONS = [
     click.option("--budget-cost", type=_Limit(float), metavar="X",
                  help="Cost per budget period, in the profile's currency."),
     click.option("--period", type=click.Choice(["day", "month"]), help="The budget period (UTC); default month."),
+    click.option("--priority", type=click.Choice(["interactive", "batch", CLEAR]), callback=_cleared,
+                 help="Waiting for a busy local model: interactive requests go before batch ones; default "
+                      f"interactive (a key's, else its team's; '{CLEAR}' clears)."),
     click.option("--pii", metavar="SPEC", callback=_pii,
                  help="PII policy: 'mask' (or block, allow) for every detector, 'rrn=block,phone=mask' for "
                       f"named ones, '{CLEAR}' to clear."),

@@ -27,6 +27,8 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "models.delete": at_least("operator"),
     "deployments.read": at_least("viewer"),
     "deployments.write": at_least("operator"),  # deploy and undeploy: engines take GPUs and memory
+    "routes.read": at_least("viewer"),
+    "routes.write": at_least("operator"),  # canary weights and fallbacks change what every caller is served
     "datasets.read": at_least("viewer"),  # names, versions, schema, quality and PII reports
     "datasets.content": at_least("developer"),  # the rows themselves: files, split parts, diffs
     "datasets.write": at_least("developer"),  # register, upload, mask, split
@@ -64,6 +66,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/deployments/{name}"): "deployments.read",
     ("POST", "/admin/deployments"): "deployments.write",
     ("DELETE", "/admin/deployments/{name}"): "deployments.write",
+    ("GET", "/admin/routes"): "routes.read",
+    ("GET", "/admin/routes/{name}"): "routes.read",
+    ("PUT", "/admin/routes/{name}"): "routes.write",
+    ("DELETE", "/admin/routes/{name}"): "routes.write",
     ("GET", "/admin/datasets"): "datasets.read",
     ("GET", "/admin/datasets/{name}"): "datasets.read",
     ("GET", "/admin/datasets/{name}/versions/{version}"): "datasets.read",

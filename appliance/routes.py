@@ -47,7 +47,8 @@ def effective(profile_routes: list[RouteSpec], admin_routes: dict[str, RouteSpec
     return {**{r.name: r for r in profile_routes}, **admin_routes}
 
 
-def put(db: sqlite_utils.Database, spec: RouteSpec, *, served: set[str], by: str | None) -> dict:
+def put(db: sqlite_utils.Database, spec: RouteSpec, *, served: set[str], by: str | None,
+        profile_routes: list[RouteSpec]) -> dict:
     """Create or replace the admin route `spec.name`."""
     validate(spec, served)
     now = time.time()
@@ -58,7 +59,7 @@ def put(db: sqlite_utils.Database, spec: RouteSpec, *, served: set[str], by: str
                ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at,
                                                 updated_by = excluded.updated_by""",
             [spec.name, msgspec.json.encode(spec).decode(), now, by, now, by])
-    return get(db, spec.name, [])
+    return get(db, spec.name, profile_routes)
 
 
 def delete(db: sqlite_utils.Database, name: str, profile_routes: list[RouteSpec]) -> dict:

@@ -19,7 +19,7 @@ from msgspec import UNSET, UnsetType
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
 from appliance.governance import (ALL_DETECTORS, NO_LIMITS, NO_POLICY, Count, Limits, Money, Period, PiiAction, Policy,
-                                  RuleAction)
+                                  Priority, RuleAction)
 from appliance.users import check_name, find_user
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     budget_tokens: Count | None | UnsetType = UNSET
     budget_cost: Money | None | UnsetType = UNSET
     period: Period | None | UnsetType = UNSET
+    priority: Priority | None | UnsetType = UNSET
     no_external: bool | None | UnsetType = UNSET
     pii: dict[str, str] | None | UnsetType = UNSET  # detector (or "*" for every one) -> allow, mask or block
     pii_responses: bool | None | UnsetType = UNSET

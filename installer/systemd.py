@@ -37,6 +37,7 @@ from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Set
 from installer.layout import ENGINE_BASE_PORT, Layout, write_if_changed
 from appliance.planning.plan_model import Placement, Plan, planned_model
 from services.engines.commands import KEY_ENV, EngineCommand, engine_command
+from services.engines.launch import engine_slots
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, read_runtime
 from services.engines.warmup import warm_up_argv
@@ -176,6 +177,7 @@ class _Replica:
     index: int  # in the plan's replicas of the model
     placement: Placement
     port: int
+    slots: int | None  # what the gateway lets it run at once
 
     @property
     def unit(self) -> str:
@@ -204,7 +206,7 @@ def _local_replicas(profile: Profile, plan: Plan, node: str) -> list[_Replica]:
                                "systemd units serve one machine: render k3s manifests for a cluster")
         for index, placement in here:
             port = ENGINE_BASE_PORT + len(replicas)
-            replicas.append(_Replica(model, index, placement, port))
+            replicas.append(_Replica(model, index, placement, port, engine_slots(planned_model(model, mp, placement))))
     return replicas
 
 
@@ -321,7 +323,8 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
             endpoints = [remote_endpoint(model)]
         else:
             endpoints = [ReplicaEndpoint(base_url=f"http://{ENGINE_HOST}:{r.port}/v1",
-                                         health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.unit])
+                                         health_url=f"http://{ENGINE_HOST}:{r.port}/health", api_key=keys[r.unit],
+                                         slots=r.slots)
                          for r in replicas if r.model is model]
         served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,

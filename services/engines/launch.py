@@ -29,11 +29,18 @@ def free_port(host: str = ENGINE_HOST) -> int:
         return s.getsockname()[1]
 
 
+def engine_slots(engine_model: ModelConfig) -> int | None:
+    """Sequences the engine runs at once: llama.cpp's --parallel (services/engines/commands.py),
+    vLLM's --max-num-seqs where set (else vLLM's own default, which the gateway does not cap)."""
+    return engine_model.max_num_seqs or (1 if engine_model.engine == "llamacpp" else None)
+
+
 def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement, index: int,
                     home: Path) -> tuple[ManagedProcess, ReplicaEndpoint]:
     """The (not yet started) process of replica `index` and the endpoint the gateway uses."""
     key = secrets.token_hex(24)
-    cmd = engine_command(planned_model(model, planned, placement), ENGINE_HOST, free_port(), key)
+    engine_model = planned_model(model, planned, placement)
+    cmd = engine_command(engine_model, ENGINE_HOST, free_port(), key)
     child = ManagedProcess(
         f"engine {model.name}#{index}",
         cmd.argv,
@@ -49,4 +56,5 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
         restart_at_once=True,
         on_change=StatusReporter(home, model.name, index, cmd.base_url),
     )
-    return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key)
+    return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key,
+                                  slots=engine_slots(engine_model))

@@ -117,7 +117,7 @@ class Gateway:
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
 
     def _pool(self, served: ServedModel) -> ModelPool:
-        pool = ModelPool(served, self.config.breaker, self._on_breaker)
+        pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue)
         for replica in pool.replicas:
             self._on_breaker(replica)
         self.metrics.child(self.metrics.replicas, served.name).set(len(pool.replicas))
@@ -125,6 +125,9 @@ class Gateway:
 
     def _on_breaker(self, replica: Replica) -> None:
         self.metrics.child(self.metrics.breaker_state, replica.model, replica.base_url).set(LEVELS[replica.breaker.state])
+
+    def _on_queue(self, queue) -> None:
+        self.metrics.child(self.metrics.queue_depth, queue.name).set(queue.depth)
 
     def _list_models(self) -> None:
         names = [*self.pools, *(name for name in self.routes if name not in self.pools)]
@@ -186,6 +189,7 @@ class Gateway:
 
     def _on_health(self, pool: ModelPool) -> None:
         self.metrics.child(self.metrics.healthy_replicas, pool.served.name).set(pool.healthy_count)
+        pool.queue.resize(pool.capacity())
 
     async def _flush_usage(self) -> None:
         while True:
@@ -377,6 +381,8 @@ class Gateway:
             in_flight.dec()
             if call.replica is not None:
                 call.replica.in_flight -= 1
+            if call.slot is not None:
+                call.slot.release()
             self.finish(call)
 
     def _plan(self, call: Call, principal: Principal, name: str) -> list[ModelPool]:

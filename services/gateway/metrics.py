@@ -89,6 +89,18 @@ class GatewayMetrics:
             "appliance_breaker_state", "Circuit breaker of each replica: 0 closed, 1 half-open, 2 open.",
             ["model", "replica"], registry=r, multiprocess_mode="livemax",
         )
+        self.queue_depth = Gauge(
+            "appliance_queue_depth", "Requests waiting for an engine slot of a model.", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "appliance_queue_wait_seconds", "Time requests to a model with limited slots waited for one.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.shed = Counter(
+            "appliance_shed", "Requests shed by a model's wait queue: model_overloaded (full, 429) or queue_timeout "
+            "(waited queue.max_wait_s, 503).", ["model", "reason"], registry=r,
+        )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
             multiprocess_mode="livesum",

@@ -32,6 +32,7 @@ from appliance.governance import Principal
 from appliance.limits import Ticket
 from services.gateway.errors import error_event
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.queueing import PRIORITIES, ModelQueue
 from services.gateway.replicas import ModelPool, Replica
 from services.gateway.routing import RetryBudget
 from services.gateway.schemas import HasUsage, StreamChunk, Usage
@@ -57,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity",
+        "affinity", "slot",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -81,6 +82,7 @@ class Call:
         self.route: str | None = None  # the route asked for, when the name is one (services/gateway/routing.py)
         self.replica: Replica | None = None  # the replica answering, once one does
         self.affinity: bytes | None = None  # its session or prompt prefix, for a prefix_affinity model
+        self.slot: ModelQueue | None = None  # the model whose engine slot it holds (services/gateway/queueing.py)
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -189,6 +191,13 @@ class Forwarder:
                 if index == 0:
                     raise
                 continue
+            if pool.queue.capacity is not None:
+                call.deadline = None  # a slot is waited for up to queue.max_wait_s, not the engine timeout
+                try:
+                    await self._take_slot(call, pool)
+                except ServiceUnavailable as exc:  # overloaded: the route's next model may have room
+                    first_error = first_error or exc
+                    continue
             for _ in range(ATTEMPTS_PER_MODEL):
                 try:
                     replica = pool.pick(call.affinity)
@@ -212,8 +221,22 @@ class Forwarder:
                     break  # the model's whole timeout has passed: its next replica would wait as long
                 if not isinstance(error, Dropped):
                     failed_on[replica] = failed_on.get(replica, 0) + 1
+            if call.slot is not None:  # this model failed: its slot goes to the next request
+                call.slot.release()
+                call.slot = None
         raise first_error or ServiceUnavailable(
             f"No model of the route '{call.route}' can serve this request.", retry_after=2)
+
+    async def _take_slot(self, call: Call, pool: ModelPool) -> None:
+        name = pool.served.name
+        try:
+            waited = await pool.queue.acquire(PRIORITIES[call.principal.priority])
+        except ServiceUnavailable as exc:
+            self.metrics.child(self.metrics.shed, name, exc.code).inc()
+            log.warning("request %s shed: %s", call.request_id, exc.message)
+            raise
+        call.slot = pool.queue
+        self.metrics.child(self.metrics.queue_wait, name).observe(waited)
 
     async def _wait(self, call: Call, pool: ModelPool, delay: float) -> None:
         call.deadline = perf_counter() + pool.timeout_s

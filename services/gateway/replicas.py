@@ -24,11 +24,12 @@ import math
 import aiohttp
 import yarl
 
-from appliance.config import BreakerConfig
+from appliance.config import BreakerConfig, QueueConfig
 from appliance.errors import ServiceUnavailable
 from services.engines.process import FAILED, READY
 from services.engines.status import ReplicaStatus
 from services.gateway.breakers import Breaker
+from services.gateway.queueing import ModelQueue
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Replica:
         self.status: ReplicaStatus | None = None  # None: nothing supervises it here (remote, systemd)
         self.failures = 0
         self.in_flight = 0  # requests sent to it and not finished
+        self.slots = endpoint.slots
         self.breaker = Breaker(breaker or BreakerConfig(), f"{model} @ {self.base_url}",
                                on_change=(lambda _: on_breaker(self)) if on_breaker else None)
         self.hash_key = hashlib.blake2b(self.base_url.encode(), digest_size=16).digest()  # prefix_affinity
@@ -110,14 +112,23 @@ class Replica:
 class ModelPool:
     """The replicas of one served model, and which of them takes a request."""
 
-    def __init__(self, served: ServedModel, breaker: BreakerConfig | None = None, on_breaker=None):
+    def __init__(self, served: ServedModel, breaker: BreakerConfig | None = None, on_breaker=None,
+                 queue: QueueConfig | None = None, on_queue=None):
         self.served = served
         self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp", breaker=breaker,
                                  on_breaker=on_breaker) for r in served.replicas]
         self._turn = 0
+        self.queue = ModelQueue(served.name, queue or QueueConfig(), self.capacity(), on_queue)
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
         # Whether the engine renders `tools` itself; None: not known (yet), or not llama.cpp.
         self.native_tools: bool | None = None
+
+    def capacity(self) -> int | None:
+        """Requests the healthy replicas run at once; None: not limited here (a remote upstream, an
+        engine of unknown slots) or no healthy replica (a request fails at once, not after a wait)."""
+        if any(r.slots is None for r in self.replicas):
+            return None
+        return sum(r.slots for r in self.replicas if r.healthy) or None
 
     @property
     def healthy_count(self) -> int:
@@ -183,8 +194,11 @@ class ModelPool:
 
     def readiness(self) -> dict:
         """The model's entry in /readyz."""
-        return {"replicas": len(self.replicas), "healthy": self.healthy_count, "failed": self.failed_count,
-                "balance": self.served.balance, "engines": [r.readiness() for r in self.replicas]}
+        out = {"replicas": len(self.replicas), "healthy": self.healthy_count, "failed": self.failed_count,
+               "balance": self.served.balance, "engines": [r.readiness() for r in self.replicas]}
+        if self.queue.capacity is not None:
+            out |= {"slots": self.queue.capacity, "busy": self.queue.active, "queued": self.queue.depth}
+        return out
 
     def apply_statuses(self, statuses: dict[tuple[str, str], ReplicaStatus]) -> None:
         """What the supervisor reported (services.engines.status.read_statuses), replica by replica."""

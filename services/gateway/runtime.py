@@ -21,6 +21,7 @@ class ReplicaEndpoint(msgspec.Struct, kw_only=True):
     health_url: str | None = None  # answers 200 when ready; default: base_url + /models
     api_key: str | None = None
     api_key_env: str | None = None  # for remote upstreams: read the key from this variable
+    slots: int | None = None  # requests the engine runs at once; None: not limited by the gateway
 
     def resolved_key(self) -> str | None:
         if self.api_key_env:

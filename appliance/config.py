@@ -75,6 +75,14 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
 
 
+class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A model's response cache for deterministic requests (services/gateway/cache.py)."""
+
+    max_mb: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 64  # per gateway worker
+    ttl_s: Positive = 600.0
+    shared: bool = False  # answers shared across teams (else each team, or team-less key, has its own)
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     engine: Literal["llamacpp", "vllm", "remote"]
@@ -93,6 +101,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Which replica takes a request: fewest in flight, in turn, or the one that served its
     # prompt prefix or session before (its prompt cache holds it) (services/gateway/replicas.py).
     balance: Balance = "least_busy"
+    cache: CacheConfig | None = None  # off unless set
     embeddings: bool = False
     extra_args: list[str] = []
     startup_timeout_s: Positive = 120.0

@@ -228,6 +228,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
             updated_by TEXT
         )""",
     ),
+    (
+        # Answers from the response cache (services/gateway/cache.py): no tokens processed or
+        # billed; saved_tokens holds what the cached answer had cost.
+        "ALTER TABLE usage ADD COLUMN cached INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE usage ADD COLUMN saved_tokens INTEGER",
+    ),
 ]
 
 

@@ -50,6 +50,9 @@ class UsageRecord(msgspec.Struct, array_like=True, gc=False):
     user_id: str | None = None  # the key's owner, or the caller signed in by an identity provider
     team_id: str | None = None
     cost: float | None = None  # in the profile's currency (appliance/costs.py)
+    # Added with the response cache: an answer from it processed no tokens; these are what it saved.
+    cached: bool = False
+    saved_tokens: int | None = None
 
 
 _COLUMNS = UsageRecord.__struct_fields__
@@ -227,6 +230,8 @@ def summarize(db: sqlite_utils.Database, *, since: float | None = None, by: tupl
                coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
                coalesce(sum(u.total_tokens), 0) AS total_tokens,
                coalesce(sum(u.cost), 0) AS cost,
+               sum(u.cached) AS cached,
+               coalesce(sum(u.saved_tokens), 0) AS saved_tokens,
                round(avg(u.latency_ms), 1) AS avg_latency_ms,
                round(avg(u.ttft_ms), 1) AS avg_ttft_ms,
                max(u.ts) AS last_ts

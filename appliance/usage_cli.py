@@ -37,8 +37,8 @@ def render(answer: dict) -> str:
     rows = [{**r, "cost": f"{r['cost']:.4f} {currency}", "last": when(r["last_ts"]),
              **{NAMES[g]: r.get(NAMES[g]) or r.get(f"{g}_id") for g in answer["by"]}} for r in answer["rows"]]
     columns = [NAMES[g] for g in answer["by"]]
-    columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "cost", "avg_latency_ms", "avg_ttft_ms",
-                "last"]
+    columns += ["requests", "errors", "prompt_tokens", "completion_tokens", "cost", "cached", "saved_tokens",
+                "avg_latency_ms", "avg_ttft_ms", "last"]
     note = "\n(your own usage only)" if answer["own_only"] else ""
     return table(rows, columns) + note
 

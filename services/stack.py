@@ -22,7 +22,7 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
         embeddings=model.embeddings,
         context_length=model.context_length if model.engine != "remote" else None,
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
-        created=created, engine_params=model.engine_params, balance=model.balance,
+        created=created, engine_params=model.engine_params, balance=model.balance, cache=model.cache,
         price_input_per_million=model.price_input_per_million, price_output_per_million=model.price_output_per_million,
     )
 

@@ -65,11 +65,13 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import complete
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.breakers import LEVELS
+from services.gateway.cache import Cached, ResponseCache, cache_control, deterministic
 from services.gateway.replicas import UPSTREAM_TIMEOUT, ModelPool, Replica, watch_health
 from services.gateway.request_ids import new_request_id
 from services.gateway.responses import ResponsesRequest, to_chat
 from services.gateway.routing import RetryBudget, Route, route_readiness
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
+from services.gateway.schemas import Usage
 from services.gateway.stream_masking import masked_stream
 from services.worker.queue import JobQueue
 
@@ -315,6 +317,7 @@ class Gateway:
             prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
             if pool.served.balance == "prefix_affinity":
                 call.affinity = affinity(headers, body)
+            hit = self._look_up(call, pool, headers, endpoint, parsed, body)
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -326,6 +329,9 @@ class Gateway:
             error = internal_error(exc, call.request_id)
             self._fail(call, error)
             raise error from exc
+        if hit is not None:
+            await self._replay(call, proto, hit)
+            return
         in_flight = self.metrics.child(self.metrics.in_flight, call.model)
         in_flight.inc()
         flight = self.ticker.track(call, proto)
@@ -344,8 +350,9 @@ class Gateway:
                 call.model = pool.served.name
                 self.metrics.child(self.metrics.route_requests, call.route, call.model,
                                    "no" if pool is plan[0] else "yes").inc()
+            keep = pool.cache if call.cache_key is not None and pool is plan[0] else None
             if call.stream:
-                await self._answer_stream(call, pool, response, adapted, reader, proto, flight)
+                await self._answer_stream(call, pool, response, adapted, reader, proto, flight, keep)
             else:
                 if adapted.collect:
                     payload = await self._collect(call, pool, response)
@@ -355,6 +362,8 @@ class Gateway:
                     payload = reader.complete(payload)
                 if call.principal.policy.pii_responses:
                     payload = masked_answer(call.principal.policy, payload)
+                if keep is not None:
+                    self._keep(keep, call, payload)
                 flight.disarm()
                 call.answer_started = True
                 self.finish(call)  # journaled before the client has the answer
@@ -438,23 +447,57 @@ class Gateway:
             await close_answer(response, events)
 
     async def _answer_stream(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, adapted: Adapted,
-                             reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight) -> None:
+                             reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight,
+                             keep: ResponseCache | None) -> None:
         await self.forwarder.check_stream(call, pool, response)
         relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
         policy = call.principal.policy  # pii_responses: masked before a reader makes Responses events of it
         masked = masked_stream(policy, relayed) if policy.pii_responses else relayed
         events = reader.stream(masked) if reader is not None else masked
+        kept = [] if keep is not None else None  # the stream as sent, for the response cache
         try:
             call.answer_started = True
             transport = proto.response_stream(200, self._headers(call, SSE))
             async for piece in events:
+                if kept is not None:
+                    kept.append(piece)
                 if call.answered:  # this piece ends the stream; the client may hang up after it
                     flight.disarm()
+                    if kept is not None and call.status == 200:
+                        self._keep(keep, call, b"".join(kept))
                     self.finish(call)  # journaled before the client has the answer's end
                 await transport.send_bytes(piece)
             flight.disarm()
         finally:
             await close_answer(response, events, masked, relayed)  # now, not when collected: it meters a stream cut short
+
+    def _look_up(self, call: Call, pool: ModelPool, headers, endpoint: str, parsed, body: bytes) -> Cached | None:
+        """A cached answer to a deterministic request, for a model with a cache (services/gateway/cache.py)."""
+        if pool.cache is None or not deterministic(endpoint, parsed):
+            return None
+        call.cache = cache_control(headers.get("cache-control"))
+        hit = None
+        if call.cache != "bypass":
+            call.cache_key = pool.cache.key(call.principal, pool.served.name, endpoint, body)
+            if call.cache == "lookup":
+                hit = pool.cache.get(call.cache_key)
+                call.cache = "hit" if hit is not None else "miss"
+        self.metrics.child(self.metrics.cache_requests, pool.served.name, call.cache).inc()
+        return hit
+
+    def _keep(self, cache: ResponseCache, call: Call, answer: bytes) -> None:
+        cache.put(call.cache_key, answer, call.usage)
+        self.metrics.child(self.metrics.cache_bytes, call.model).set(cache.size_bytes)
+
+    async def _replay(self, call: Call, proto: HTTPProtocol, hit: Cached) -> None:
+        """Answer from the cache: the same bytes the first caller got, a stream as a stream."""
+        call.usage, call.answer_started, call.answered = hit.usage, True, True
+        self.finish(call)
+        with contextlib.suppress(ProtocolClosed):
+            if call.stream:
+                await proto.response_stream(200, self._headers(call, SSE)).send_bytes(hit.body)
+            else:
+                proto.response_bytes(200, self._headers(call, JSON), hit.body)
 
     async def _admit(self, call: Call, principal: Principal, prompt: int, completion: int) -> Ticket:
         """Reserve the request's worst case against its key's and team's limits and budgets. Room held
@@ -501,6 +544,8 @@ class Gateway:
         headers = [*base, ("x-request-id", call.request_id)]
         if call.route is not None:
             headers.append(("x-appliance-model", call.model))  # which of the route's models answered
+        if call.cache is not None:
+            headers.append(("x-appliance-cache", call.cache))
         if call.ticket is not None and call.ticket.headers:
             headers += call.ticket.headers
         return headers
@@ -527,7 +572,10 @@ class Gateway:
             m.child(m.errors, model, call.endpoint, call.error_type).inc()
         if call.ttft is not None:
             m.child(m.ttft, model, call.endpoint).observe(call.ttft)
-        usage = call.usage
+        usage, saved = call.usage, None
+        if call.cache == "hit":  # nothing processed: what the answer had cost is saved
+            saved, usage = usage.total_tokens if usage else 0, NO_USAGE
+            m.child(m.cache_saved_tokens, model).inc(saved)
         if usage is not None:
             m.child(m.tokens, model, "prompt").inc(usage.prompt_tokens)
             m.child(m.tokens, model, "completion").inc(usage.completion_tokens)
@@ -537,7 +585,7 @@ class Gateway:
         cost = self.costs.cost(call.model, usage.prompt_tokens, usage.completion_tokens) if usage and call.model else None
         if call.ticket is not None:
             self.governor.settle(call.ticket, tokens=usage.total_tokens if usage else 0, cost=cost or 0.0)
-        if usage and call.status == 200 and self.costs.measured(call.model):
+        if usage and call.status == 200 and saved is None and self.costs.measured(call.model):
             self.costs.throughput.record(call.model, usage.total_tokens, elapsed, time.time())
         self.recorder.record(
             UsageRecord(
@@ -556,6 +604,8 @@ class Gateway:
                 user_id=principal.user_id,
                 team_id=principal.team_id,
                 cost=cost,
+                cached=saved is not None,
+                saved_tokens=saved,
             )
         )
 
@@ -566,6 +616,7 @@ def _actor(call: Call, principal: Principal) -> Actor:
                  principal.team_id)
 
 
+NO_USAGE = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
 GOVERNANCE_REFUSALS = (RateLimited, QuotaExceeded, PolicyViolation, ModelNotAllowed)
 JSON = [("content-type", "application/json")]
 SSE = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]

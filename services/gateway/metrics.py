@@ -101,6 +101,18 @@ class GatewayMetrics:
             "appliance_shed", "Requests shed by a model's wait queue: model_overloaded (full, 429) or queue_timeout "
             "(waited queue.max_wait_s, 503).", ["model", "reason"], registry=r,
         )
+        self.cache_requests = Counter(
+            "appliance_cache_requests", "Deterministic requests to a model with a response cache, by result: hit, "
+            "miss, refresh (Cache-Control: no-cache) or bypass (no-store).", ["model", "result"], registry=r,
+        )
+        self.cache_saved_tokens = Counter(
+            "appliance_cache_saved_tokens", "Tokens the response cache's answers did not have to process.", ["model"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "appliance_cache_bytes", "Bytes held by a model's response cache (each worker's own).", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
             multiprocess_mode="livesum",

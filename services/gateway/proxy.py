@@ -58,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity", "slot",
+        "affinity", "slot", "cache", "cache_key",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -83,6 +83,8 @@ class Call:
         self.replica: Replica | None = None  # the replica answering, once one does
         self.affinity: bytes | None = None  # its session or prompt prefix, for a prefix_affinity model
         self.slot: ModelQueue | None = None  # the model whose engine slot it holds (services/gateway/queueing.py)
+        self.cache: str | None = None  # hit, miss or bypass, for a model with a response cache
+        self.cache_key: bytes | None = None  # where its answer is kept (services/gateway/cache.py)
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:

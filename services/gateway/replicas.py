@@ -29,6 +29,7 @@ from appliance.errors import ServiceUnavailable
 from services.engines.process import FAILED, READY
 from services.engines.status import ReplicaStatus
 from services.gateway.breakers import Breaker
+from services.gateway.cache import ResponseCache
 from services.gateway.queueing import ModelQueue
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
 
@@ -119,6 +120,7 @@ class ModelPool:
                                  on_breaker=on_breaker) for r in served.replicas]
         self._turn = 0
         self.queue = ModelQueue(served.name, queue or QueueConfig(), self.capacity(), on_queue)
+        self.cache = ResponseCache(served.cache) if served.cache else None
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
         # Whether the engine renders `tools` itself; None: not known (yet), or not llama.cpp.
         self.native_tools: bool | None = None

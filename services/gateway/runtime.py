@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.config import AuditConfig, AuthConfig, Balance, CostConfig, GatewayConfig, RouteSpec
+from appliance.config import AuditConfig, AuthConfig, Balance, CacheConfig, CostConfig, GatewayConfig, RouteSpec
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
 
@@ -40,6 +40,7 @@ class ServedModel(msgspec.Struct, kw_only=True):
     created: int = 0
     engine_params: list[str] = []  # engine-specific request fields forwarded as sent
     balance: Balance = "least_busy"  # how a replica is chosen (services/gateway/replicas.py)
+    cache: CacheConfig | None = None  # the response cache (services/gateway/cache.py); None: off
     price_input_per_million: float | None = None  # unset: local models' cost comes from the hardware's
     price_output_per_million: float | None = None
 

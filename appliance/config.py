@@ -183,6 +183,11 @@ class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1  # its share of the route's requests
 
 
+class ShadowSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: Name  # a served model that gets a copy of the route's requests
+    percent: Annotated[float, msgspec.Meta(gt=0, le=100)]  # of the route's answered requests
+
+
 class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A name clients ask for, served by weighted targets, with fallbacks tried in order when
     the chosen target fails before its answer starts (appliance/routes.py)."""
@@ -190,6 +195,9 @@ class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=16)]
     fallbacks: Annotated[list[Name], msgspec.Meta(max_length=8)] = []
+    # A share of the answered requests is sent again to this model, off the client's path,
+    # and the two answers compared (services/gateway/shadow.py).
+    shadow: ShadowSpec | None = None
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -303,7 +311,10 @@ def check_route(route: RouteSpec, where: str) -> None:
         raise ValueError(f"{where}.targets: every weight is 0; give at least one target a weight above 0")
     seen: set[str] = set()
     named = [(f"targets[{i}].model", t.model) for i, t in enumerate(route.targets)]
-    for field, model in named + [(f"fallbacks[{i}]", m) for i, m in enumerate(route.fallbacks)]:
+    named += [(f"fallbacks[{i}]", m) for i, m in enumerate(route.fallbacks)]
+    if route.shadow is not None:
+        named.append(("shadow.model", route.shadow.model))
+    for field, model in named:
         if model in seen:
             raise ValueError(f"{where}.{field}: {model!r} is named twice in the route")
         seen.add(model)

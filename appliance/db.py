@@ -234,6 +234,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE usage ADD COLUMN cached INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE usage ADD COLUMN saved_tokens INTEGER",
     ),
+    (
+        # A route's shadow traffic (services/gateway/shadow.py): each mirrored request's two answers.
+        """CREATE TABLE shadow_results (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            route TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            primary_model TEXT NOT NULL,
+            shadow_model TEXT NOT NULL,
+            primary_ms REAL NOT NULL,
+            shadow_ms REAL NOT NULL,
+            primary_tokens INTEGER,
+            shadow_tokens INTEGER,
+            status INTEGER NOT NULL,
+            error TEXT,
+            similarity REAL
+        )""",
+        "CREATE INDEX shadow_route_ts ON shadow_results (route, ts)",
+    ),
 ]
 
 

@@ -29,8 +29,11 @@ def validate(spec: RouteSpec, served: set[str]) -> None:
     except ValueError as exc:
         field = str(exc).split(":", 1)[0].removeprefix("route.")
         raise InvalidRequest(str(exc).removeprefix("route."), param=field) from None
-    for field, model in [(f"targets[{i}].model", t.model) for i, t in enumerate(spec.targets)] + \
-                        [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]:
+    named = [(f"targets[{i}].model", t.model) for i, t in enumerate(spec.targets)]
+    named += [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]
+    if spec.shadow is not None:
+        named.append(("shadow.model", spec.shadow.model))
+    for field, model in named:
         if model not in served:
             raise InvalidRequest(f"{field}: {model!r} is not a served model (a profile model or a deployment); "
                                  f"served now: {', '.join(sorted(served)) or 'none'}", param=field)
@@ -82,6 +85,7 @@ def describe(spec: RouteSpec, source: str, row: dict | None = None) -> dict:
         "targets": [{"model": t.model, "weight": t.weight, "share": round(100 * t.weight / total, 2)}
                     for t in spec.targets],
         "fallbacks": list(spec.fallbacks),
+        "shadow": msgspec.to_builtins(spec.shadow),
         "source": source,
     }
     if row is not None:
@@ -104,3 +108,26 @@ def get(db: sqlite_utils.Database, name: str, profile_routes: list[RouteSpec]) -
 def list_all(db: sqlite_utils.Database, profile_routes: list[RouteSpec]) -> list[dict]:
     names = {r.name for r in profile_routes} | {row["name"] for row in db.query("SELECT name FROM routes")}
     return [get(db, name, profile_routes) for name in sorted(names)]
+
+
+SHADOW_COLUMNS = ("ts", "route", "request_id", "primary_model", "shadow_model", "primary_ms", "shadow_ms",
+                  "primary_tokens", "shadow_tokens", "status", "error", "similarity")
+
+
+def record_shadow(db: sqlite_utils.Database, rows: list[tuple]) -> None:
+    """Shadow results (tuples in SHADOW_COLUMNS order), as the gateway batches them."""
+    with transaction(db):
+        db.conn.executemany(f"INSERT INTO shadow_results ({', '.join(SHADOW_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(SHADOW_COLUMNS))})", rows)
+
+
+def shadow_summary(db: sqlite_utils.Database, name: str, since: float) -> list[dict]:
+    """A route's shadow traffic since `since`, per pair of models: how many, how often the shadow
+    failed, how alike the answers were (0 to 1) and what each took."""
+    return list(db.query(
+        """SELECT primary_model, shadow_model, count(*) AS requests, sum(status != 200) AS shadow_errors,
+                  round(avg(similarity), 3) AS similarity, round(avg(primary_ms), 1) AS primary_ms,
+                  round(avg(shadow_ms), 1) AS shadow_ms, round(avg(primary_tokens), 1) AS primary_tokens,
+                  round(avg(shadow_tokens), 1) AS shadow_tokens, max(ts) AS last_ts
+           FROM shadow_results WHERE route = ? AND ts >= ? GROUP BY primary_model, shadow_model
+           ORDER BY requests DESC""", [name, since]))

@@ -7,15 +7,20 @@ now: each target's and fallback's state (services/gateway/routing.py route_readi
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from litestar import Controller, Request, Response, delete, get, put
 
 from appliance import routes
 from appliance.audit import Actor
-from appliance.config import RouteSpec, RouteTarget
+from appliance.config import RouteSpec, RouteTarget, ShadowSpec
 from appliance.errors import invalid_value
 from services.gateway.admin import decoded, gateway_of, request_body, run
 from services.gateway.routing import route_readiness
+
+
+SHADOW_WINDOW_S = 86400
 
 
 class SetRoute(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -24,6 +29,7 @@ class SetRoute(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     targets: list[RouteTarget]
     fallbacks: list[str] = []
+    shadow: ShadowSpec | None = None
 
 
 def _spec(name: str, body: SetRoute) -> RouteSpec:
@@ -47,7 +53,7 @@ def _with_live(route: dict, live: dict[str, dict]) -> dict:
 def _detail(route: dict) -> dict:
     """A change's audit detail: the targets with their weights, and the fallbacks."""
     return {"targets": [{"model": t["model"], "weight": t["weight"]} for t in route["targets"]],
-            "fallbacks": route["fallbacks"]}
+            "fallbacks": route["fallbacks"], "shadow": route["shadow"]}
 
 
 class RouteController(Controller):
@@ -62,8 +68,14 @@ class RouteController(Controller):
 
     @get("/{name:str}")
     async def get_route(self, request: Request, actor: Actor, name: str) -> Response:
+        """The route, with `live` when served, and `shadow_results`: its shadow traffic of the last day."""
         profile, live = gateway_of(request).runtime.routes, _live(request)
-        return await run(request, actor, lambda db: _with_live(routes.get(db, name, profile), live))
+
+        def work(db) -> dict:
+            route = _with_live(routes.get(db, name, profile), live)
+            return route | {"shadow_results": routes.shadow_summary(db, name, time.time() - SHADOW_WINDOW_S)}
+
+        return await run(request, actor, work)
 
     @put("/{name:str}", opt=request_body(SetRoute))
     async def set_route(self, request: Request, actor: Actor, name: str) -> Response:

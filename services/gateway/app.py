@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from time import perf_counter
@@ -72,6 +73,7 @@ from services.gateway.responses import ResponsesRequest, to_chat
 from services.gateway.routing import RetryBudget, Route, route_readiness
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedModel, read_runtime
 from services.gateway.schemas import Usage
+from services.gateway.shadow import SKIPPED, answer_text, non_streamed, similarity
 from services.gateway.stream_masking import masked_stream
 from services.worker.queue import JobQueue
 
@@ -111,6 +113,8 @@ class Gateway:
         self.store = runtime.storage.open() if runtime.storage else None
         self._list_models()
         self.budget = RetryBudget(self.config.retry)
+        self.shadow_rows: list[tuple] = []  # shadow results waiting to be written (routes.SHADOW_COLUMNS)
+        self._shadows: set[asyncio.Task] = set()  # shadow requests in flight
         self.forwarder: Forwarder | None = None
         self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
@@ -174,9 +178,9 @@ class Gateway:
     async def stop(self) -> None:
         if self.door is not None:
             self.door.close()  # no new connections while the rest stops
-        for task in self._tasks:
+        for task in [*self._tasks, *self._shadows]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._shadows]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.recorder.flush()
@@ -221,11 +225,21 @@ class Gateway:
                 self.governor.return_leases()  # a few microseconds: idle room goes back to the other workers
                 await asyncio.to_thread(self.governor.sweep)
                 await self.audit.flush(self.db_path)
+                if self.shadow_rows:
+                    rows, self.shadow_rows = self.shadow_rows, []
+                    await asyncio.to_thread(self._write_shadow, rows)
                 if ticks % AUDIT_PRUNE_EVERY == 0:
                     await asyncio.to_thread(self._prune_audit)
             except Exception:
                 log.exception("housekeeping (limits ledger, audit log) failed; retrying in a second")
             ticks += 1
+
+    def _write_shadow(self, rows: list[tuple]) -> None:
+        db = open_db(self.db_path, migrate=False)
+        try:
+            routes.record_shadow(db, rows)
+        finally:
+            db.conn.close()
 
     def _prune_audit(self) -> None:
         db = open_db(self.db_path, migrate=False)
@@ -351,8 +365,11 @@ class Gateway:
                 self.metrics.child(self.metrics.route_requests, call.route, call.model,
                                    "no" if pool is plan[0] else "yes").inc()
             keep = pool.cache if call.cache_key is not None and pool is plan[0] else None
+            shadow = self._shadow_of(call, endpoint) if call.route is not None else None
             if call.stream:
-                await self._answer_stream(call, pool, response, adapted, reader, proto, flight, keep)
+                kept = [] if keep is not None or shadow is not None else None  # the stream as sent
+                await self._answer_stream(call, pool, response, adapted, reader, proto, flight, kept)
+                answer = b"".join(kept) if kept is not None else None
             else:
                 if adapted.collect:
                     payload = await self._collect(call, pool, response)
@@ -362,12 +379,16 @@ class Gateway:
                     payload = reader.complete(payload)
                 if call.principal.policy.pii_responses:
                     payload = masked_answer(call.principal.policy, payload)
-                if keep is not None:
-                    self._keep(keep, call, payload)
                 flight.disarm()
                 call.answer_started = True
                 self.finish(call)  # journaled before the client has the answer
                 proto.response_bytes(200, self._headers(call, JSON), payload)
+                answer = payload
+            if answer is not None and call.status == 200:
+                if keep is not None:
+                    self._keep(keep, call, answer)
+                if shadow is not None:
+                    self._mirror(call, shadow, endpoint, body, parsed, answer)
         except ApplianceError as error:  # raised before the answer started
             call.status, call.error_type = error.status, error.type
             error.request_id = call.request_id
@@ -448,13 +469,13 @@ class Gateway:
 
     async def _answer_stream(self, call: Call, pool: ModelPool, response: aiohttp.ClientResponse, adapted: Adapted,
                              reader: AnswerReader | None, proto: HTTPProtocol, flight: InFlight,
-                             keep: ResponseCache | None) -> None:
+                             kept: list[bytes] | None) -> None:
+        """Relay the stream; `kept`, where given, gets every piece sent."""
         await self.forwarder.check_stream(call, pool, response)
         relayed = self.forwarder.relay(call, pool, response, adapted.hide_usage)
         policy = call.principal.policy  # pii_responses: masked before a reader makes Responses events of it
         masked = masked_stream(policy, relayed) if policy.pii_responses else relayed
         events = reader.stream(masked) if reader is not None else masked
-        kept = [] if keep is not None else None  # the stream as sent, for the response cache
         try:
             call.answer_started = True
             transport = proto.response_stream(200, self._headers(call, SSE))
@@ -463,8 +484,6 @@ class Gateway:
                     kept.append(piece)
                 if call.answered:  # this piece ends the stream; the client may hang up after it
                     flight.disarm()
-                    if kept is not None and call.status == 200:
-                        self._keep(keep, call, b"".join(kept))
                     self.finish(call)  # journaled before the client has the answer's end
                 await transport.send_bytes(piece)
             flight.disarm()
@@ -488,6 +507,60 @@ class Gateway:
     def _keep(self, cache: ResponseCache, call: Call, answer: bytes) -> None:
         cache.put(call.cache_key, answer, call.usage)
         self.metrics.child(self.metrics.cache_bytes, call.model).set(cache.size_bytes)
+
+    def _shadow_of(self, call: Call, endpoint: str) -> ModelPool | None:
+        """The model a routed request is copied to, if this one is drawn (services/gateway/shadow.py)."""
+        spec = self.routes[call.route].spec.shadow
+        if spec is None or endpoint not in SHADOWED or random.random() * 100 >= spec.percent:
+            return None
+        pool = self.pools.get(spec.model)
+        queue = pool.queue if pool is not None else None
+        if (pool is None or (call.principal.policy.no_external and pool.served.engine == "remote")
+                or (queue.capacity is not None and queue.active >= queue.capacity)):
+            self.metrics.child(self.metrics.shadow_requests, call.route, spec.model, SKIPPED).inc()
+            return None
+        return pool
+
+    def _mirror(self, call: Call, pool: ModelPool, endpoint: str, body: bytes, parsed, answer: bytes) -> None:
+        primary = (answer_text(answer, call.stream), (perf_counter() - call.started) * 1000,
+                   call.usage.total_tokens if call.usage else None)
+        task = asyncio.create_task(self._shadow(call, pool, endpoint, non_streamed(body), type(parsed), *primary))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, call: Call, pool: ModelPool, endpoint: str, body: bytes, schema, primary_text: str,
+                      primary_ms: float, primary_tokens: int | None) -> None:
+        """Send the copy and record both answers; nothing of it reaches the client or its budget."""
+        copy = Call(new_request_id(), call.key_id, endpoint, perf_counter())
+        copy.principal, copy.model, copy.route = call.principal, pool.served.name, call.route
+        status, error, text = 200, None, ""
+        try:
+            async with asyncio.timeout(pool.timeout_s):
+                path, adapted, reader = self._adapt(endpoint, body, schemas.decode(body, schema), pool, copy.principal)
+                _, response = await self.forwarder.open(copy, [pool], lambda _: (path, adapted.body, adapted.collect))
+                if adapted.collect:
+                    payload = await self._collect(copy, pool, response)
+                else:
+                    payload = await self.forwarder.complete(copy, pool, response)
+                text = answer_text(reader.complete(payload) if reader is not None else payload, False)
+        except ApplianceError as exc:
+            status, error = exc.status, exc.message
+        except TimeoutError:
+            status, error = 504, f"no answer within {pool.timeout_s:g} s"
+        except Exception as exc:
+            log.exception("shadow request %s for %s failed", copy.request_id, call.request_id)
+            status, error = 500, type(exc).__name__
+        finally:
+            if copy.replica is not None:
+                copy.replica.in_flight -= 1
+            if copy.slot is not None:
+                copy.slot.release()
+        self.shadow_rows.append((
+            time.time(), call.route, call.request_id, call.model, pool.served.name, primary_ms,
+            (perf_counter() - copy.started) * 1000, primary_tokens, copy.usage.total_tokens if copy.usage else None,
+            status, error, similarity(primary_text, text) if status == 200 else None))
+        self.metrics.child(self.metrics.shadow_requests, call.route, pool.served.name,
+                           "ok" if status == 200 else "error").inc()
 
     async def _replay(self, call: Call, proto: HTTPProtocol, hit: Cached) -> None:
         """Answer from the cache: the same bytes the first caller got, a stream as a stream."""
@@ -616,6 +689,7 @@ def _actor(call: Call, principal: Principal) -> Actor:
                  principal.team_id)
 
 
+SHADOWED = ("chat/completions", "completions")  # the endpoints whose answers a shadow copy is compared on
 NO_USAGE = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
 GOVERNANCE_REFUSALS = (RateLimited, QuotaExceeded, PolicyViolation, ModelNotAllowed)
 JSON = [("content-type", "application/json")]

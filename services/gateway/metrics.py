@@ -113,6 +113,11 @@ class GatewayMetrics:
             "appliance_cache_bytes", "Bytes held by a model's response cache (each worker's own).", ["model"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.shadow_requests = Counter(
+            "appliance_shadow_requests", "Copies of a route's requests sent to its shadow model, by outcome: ok, "
+            "error, or skipped (not served, busy, or remote for a caller kept on the appliance).",
+            ["route", "model", "outcome"], registry=r,
+        )
         self.usage_pending = Gauge(
             "appliance_usage_rows_pending", "Usage rows waiting to be written to the state database.", registry=r,
             multiprocess_mode="livesum",

@@ -66,7 +66,7 @@ def test_a_canary_route_is_listed_with_its_shares_and_served_within_seconds(stac
     [audit] = audited(stack, "route.set", name)
     assert audit["outcome"] == "ok" and audit["detail"] == {
         "targets": [{"model": DEFAULT_MODEL, "weight": 95}, {"model": "remote-ok", "weight": 5}],
-        "fallbacks": ["remote-broken"]}
+        "fallbacks": ["remote-broken"], "shadow": None}
     assert api(stack).delete(f"/admin/routes/{name}").status_code == 200
 
 
@@ -88,7 +88,7 @@ def test_a_route_is_answered_by_its_target_until_it_is_deleted(stack, unique):
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert [e["outcome"] for e in audited(stack, "route.delete", name)] == [f"refused: no route named {name!r}", "ok"]
     assert audited(stack, "route.set", name)[0]["detail"] == {"targets": [{"model": "remote-ok", "weight": 1}],
-                                                               "fallbacks": [DEFAULT_MODEL]}
+                                                               "fallbacks": [DEFAULT_MODEL], "shadow": None}
 
 
 @pytest.mark.parametrize(("path_name", "body", "param"), [

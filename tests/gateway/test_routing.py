@@ -23,7 +23,8 @@ from services.gateway.queueing import ModelQueue
 from services.gateway.replicas import ModelPool
 from services.gateway.routing import RetryBudget, Route
 from services.gateway.runtime import ReplicaEndpoint, ServedModel
-from tests.conftest import DEFAULT_MODEL, QUESTION, SYSTEM, UPSTREAM_KEY_ENV, engine_tasks, free_port, start_stack
+from tests.conftest import (DEFAULT_MODEL, QUESTION, SYSTEM, UPSTREAM_KEY_ENV, appliance, engine_tasks, free_port,
+                            start_stack)
 from tests.gateway.test_governance import admin, created, error_of, governed_metric, new_key, wait_for
 
 
@@ -181,6 +182,9 @@ routes:
   - name: local-first
     targets: [{{model: {model}}}]
     fallbacks: [r-ok]
+  - name: shadowed
+    targets: [{{model: r-ok}}]
+    shadow: {{model: r-a, percent: 100}}
 """
 
 
@@ -410,6 +414,14 @@ def engine_generations(stack) -> int:
     return engine_tasks((stack.home / "logs" / f"engine-{DEFAULT_MODEL}-0.log").read_text())[0]
 
 
+def generated(stack, count: int) -> bool:
+    """Whether the engine has run exactly `count` generations (its log's timings come just after the answer)."""
+    deadline = time.monotonic() + 5
+    while engine_generations(stack) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return engine_generations(stack) == count
+
+
 def cache_of(response: httpx.Response) -> str | None:
     return response.headers.get("x-appliance-cache")
 
@@ -418,13 +430,12 @@ def test_a_deterministic_answer_is_answered_again_from_the_cache_streamed_or_not
     question = {"role": "user", "content": "Name a colour of the sky."}
     before = engine_generations(routed)
     first = ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8)
-    assert cache_of(first) == "miss" and engine_generations(routed) == before + 1
+    assert cache_of(first) == "miss" and generated(routed, before + 1)
     again = httpx.post(f"{routed.base_url}/chat/completions", timeout=60,  # the same request, its fields reordered
                        headers={"Authorization": f"Bearer {routed.admin_key}"},
                        content=json.dumps({"temperature": 0, "max_tokens": 8, "messages": [SYSTEM, question],
                                            "model": DEFAULT_MODEL}))
     assert cache_of(again) == "hit" and again.content == first.content
-    assert engine_generations(routed) == before + 1  # the engine was not asked
 
     def streamed(**headers) -> tuple[str | None, bytes]:
         with httpx.stream("POST", f"{routed.base_url}/chat/completions", timeout=60,
@@ -436,9 +447,9 @@ def test_a_deterministic_answer_is_answered_again_from_the_cache_streamed_or_not
     miss, events = streamed()
     assert miss == "miss" and events.rstrip().endswith(b"data: [DONE]")
     assert streamed() == ("hit", events)  # replayed as the same stream
-    assert engine_generations(routed) == before + 2
-    assert streamed(**{"Cache-Control": "no-cache"})[0] == "refresh" and engine_generations(routed) == before + 3
-    assert streamed(**{"Cache-Control": "no-store"})[0] == "bypass" and engine_generations(routed) == before + 4
+    assert generated(routed, before + 2)  # the hits did not ask the engine
+    assert streamed(**{"Cache-Control": "no-cache"})[0] == "refresh" and generated(routed, before + 3)
+    assert streamed(**{"Cache-Control": "no-store"})[0] == "bypass" and generated(routed, before + 4)
     sampled = ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8, temperature=0.7)
     assert cache_of(sampled) is None  # not deterministic: never cached
     seeded = [ask(routed, DEFAULT_MODEL, messages=[SYSTEM, question], max_tokens=8, temperature=0.7, seed=7)
@@ -464,3 +475,38 @@ def test_cached_answers_stay_within_a_team_and_are_metered_as_saved_tokens(route
     hit, miss = usage[unique("r2")], usage[unique("r1")]
     assert (hit["cached"], hit["total_tokens"], hit["saved_tokens"], hit["cost"]) == (1, 0, 8, 0)
     assert (miss["cached"], miss["total_tokens"], miss["saved_tokens"]) == (0, 8, 0)
+
+
+def test_a_shadow_model_gets_a_copy_off_the_clients_path_and_the_answers_are_compared(routed, upstream):
+    def shadow_results() -> list[dict]:
+        return admin(routed).get("/admin/routes/shadowed").json()["shadow_results"]
+
+    def usage_of(model: str) -> int:
+        rows = admin(routed).get("/admin/usage", params={"by": "model", "since": "1h"}).json()["rows"]
+        return sum(r["requests"] for r in rows if r["model"] == model)
+
+    before, used = upstream.requests("ctl-a"), usage_of("r-a")
+    assert answered_by(ask(routed, "shadowed", temperature=0.7)) == "r-ok"
+    wait_for(lambda: shadow_results(), "the shadow result")
+    [pair] = shadow_results()
+    assert (pair["primary_model"], pair["shadow_model"], pair["requests"], pair["shadow_errors"]) == ("r-ok", "r-a", 1, 0)
+    assert pair["similarity"] == 1.0 and pair["shadow_tokens"] == 8  # both answered "pong"
+    assert upstream.requests("ctl-a") == before + 1
+    assert usage_of("r-a") == used  # outside metering: no usage row, no budget spent
+    upstream.fail_with("ctl-a", 500)
+    try:
+        assert answered_by(ask(routed, "shadowed", temperature=0.7)) == "r-ok"  # the client never sees the shadow
+        wait_for(lambda: shadow_results()[0]["shadow_errors"] == 1, "the failed shadow's result")
+    finally:
+        upstream.fail_with("ctl-a", 0)
+    assert governed_metric(routed, 'appliance_shadow_requests_total{model="r-a",outcome="error",route="shadowed"}') == 1
+
+
+def test_the_cli_sets_a_shadow_and_names_a_bad_one(routed):
+    options = ["--url", routed.root, "--key", routed.admin_key]
+    bad = appliance("routes", "set", "cli-shadow", "--target", "r-ok", "--shadow", "r-a=most", *options, check=False)
+    assert bad.returncode == 2 and "'r-a=most': expected MODEL=PERCENT" in bad.stderr
+    appliance("routes", "set", "cli-shadow", "--target", "r-ok", "--shadow", "r-a=25", *options)
+    shown = appliance("routes", "show", "cli-shadow", *options).stdout
+    assert "shadow" in shown and "r-a" in shown and "25%" in shown
+    appliance("routes", "delete", "cli-shadow", *options)

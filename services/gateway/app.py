@@ -319,6 +319,7 @@ class Gateway:
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
+            call.model = parsed.model  # metered under the name asked for until a served model takes it
             call.stream = getattr(parsed, "stream", False)
             authorise(principal, parsed.model)
             plan = self._plan(call, principal, parsed.model)

@@ -330,7 +330,7 @@ class Gateway:
             if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
             prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
-            if pool.served.balance == "prefix_affinity":
+            if any(option.served.balance == "prefix_affinity" for option in plan):
                 call.affinity = affinity(headers, body)
             hit = self._look_up(call, pool, headers, endpoint, parsed, body)
         except ApplianceError as error:

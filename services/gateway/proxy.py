@@ -277,6 +277,7 @@ class Forwarder:
             replica.in_flight -= 1
             if not _timed_out(call):
                 raise
+            call.timed_out = False  # the next attempt has a deadline of its own
             replica.breaker.failed("timeout")
             self._failed(call, replica, "timeout")
             return _timeout(pool), None

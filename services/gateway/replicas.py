@@ -148,7 +148,7 @@ class ModelPool:
             if replica.healthy and replica.breaker.allows():
                 return replica
             raise self.unavailable()
-        if affinity is not None:
+        if affinity is not None and self.served.balance == "prefix_affinity":
             return self._by_affinity(affinity)
         count, start = len(replicas), self._turn
         self._turn = (start + 1) % count

@@ -168,6 +168,9 @@ routes:
   - name: slow-first
     targets: [{{model: r-slow}}]
     fallbacks: [r-ok]
+  - name: slow-both
+    targets: [{{model: r-slow}}]
+    fallbacks: [r-slow-too]
   - name: breaking
     targets: [{{model: r-b}}]
     fallbacks: [r-ok]
@@ -196,7 +199,7 @@ def routed(tmp_path_factory, upstream):
         + (f"\n    request_timeout_s: {timeout}" if timeout else "")
         + ("\n    cache: {shared: false}" if name == "r-ok" else "")
         for name, mode, timeout in [("r-ok", "ok", None), ("r-a", "ctl-a", None), ("r-b", "ctl-b", None),
-                                    ("r-c", "ctl-c", None), ("r-slow", "slow", 1)])
+                                    ("r-c", "ctl-c", None), ("r-slow", "slow", 1), ("r-slow-too", "slow", 1)])
     profile = tmp / "profile.yaml"
     profile.write_text(PROFILE.format(model=DEFAULT_MODEL, remotes=remotes, closed=free_port()))
     running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
@@ -241,6 +244,13 @@ def test_an_engine_timeout_falls_back(routed):
     assert answered_by(ask(routed, "slow-first")) == "r-ok"
     assert time.monotonic() - started >= 1  # r-slow's request_timeout_s passed first
     assert governed_metric(routed, 'appliance_upstream_failures_total{model="r-slow",reason="timeout"}') >= 1
+
+
+def test_each_model_tried_keeps_its_own_timeout(routed):
+    started = time.monotonic()
+    late = ask(routed, "slow-both")
+    assert late.status_code == 504 and error_of(late)["type"] == "timeout", late.text
+    assert 2 <= time.monotonic() - started < 10  # each slow model's 1 s, not the upstream's 30 s
 
 
 def test_a_breaker_opens_on_failures_sends_to_the_fallback_and_closes_after_a_good_trial(routed, upstream):

@@ -330,9 +330,10 @@ class Gateway:
             if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
             prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
-            if any(option.served.balance == "prefix_affinity" for option in plan):
+            if pool.served.balance == "prefix_affinity" or (
+                    call.route is not None and any(option.served.balance == "prefix_affinity" for option in plan)):
                 call.affinity = affinity(headers, body)
-            hit = self._look_up(call, pool, headers, endpoint, parsed, body)
+            hit = self._look_up(call, pool, headers, endpoint, parsed, body) if pool.cache is not None else None
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -492,8 +493,8 @@ class Gateway:
             await close_answer(response, events, masked, relayed)  # now, not when collected: it meters a stream cut short
 
     def _look_up(self, call: Call, pool: ModelPool, headers, endpoint: str, parsed, body: bytes) -> Cached | None:
-        """A cached answer to a deterministic request, for a model with a cache (services/gateway/cache.py)."""
-        if pool.cache is None or not deterministic(endpoint, parsed):
+        """A cached answer to a deterministic request to a model with a cache (services/gateway/cache.py)."""
+        if not deterministic(endpoint, parsed):
             return None
         call.cache = cache_control(headers.get("cache-control"))
         hit = None

@@ -15,7 +15,8 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
   /flaky/v1   drops every other request's connection unanswered, as a server does to a
               kept-alive connection it has just closed
   /ctl-NAME/v1 answers like /ok until told otherwise: POST /control/ctl-NAME {"status": 500}
-              makes it answer that status (0: answer again); GET /stats counts its chat
+              makes it answer that status (0: answer again; -1: drop the connection unanswered);
+              GET /stats counts its chat
               requests under "by_mode"
 GET /stats reports how many /slow and /endless requests ended because the client disconnected.
 Usage: python upstream_server.py PORT EXPECTED_KEY
@@ -75,6 +76,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     mode = request.match_info["mode"]
     STATS["by_mode"][mode] = STATS["by_mode"].get(mode, 0) + 1
     body = await request.json()
+    if FAIL_WITH.get(mode) == -1:
+        request.transport.abort()
+        return web.Response()
     if FAIL_WITH.get(mode):
         status = FAIL_WITH[mode]
         return web.json_response({"error": {"message": f"{mode} told to fail with {status}"}}, status=status)

@@ -173,7 +173,8 @@ class Forwarder:
 
         `prepare(pool)` gives (path, body, stream) for a model: a model after the first that
         cannot serve the request (InvalidRequest) is skipped. A model is tried on up to
-        ATTEMPTS_PER_MODEL replicas (services/gateway/replicas.py picks them); a failure before
+        ATTEMPTS_PER_MODEL replicas (services/gateway/replicas.py picks them; a replica that
+        failed already is tried again only when no model follows); a failure before
         the answer starts moves on: a connection refused (the replica is marked down until its
         next good health check), a connection dropped before answering (a kept-alive one the
         engine had closed: sent again at once), an engine timeout (the next model), a 5xx or
@@ -186,6 +187,7 @@ class Forwarder:
         first_error: ApplianceError | None = None
         attempts = 0
         failed_on: dict[Replica, int] = {}
+        tried: set[Replica] = set()
         for index, pool in enumerate(plan):
             try:
                 path, body, stream = prepare(pool)
@@ -206,6 +208,8 @@ class Forwarder:
                 except ServiceUnavailable as exc:
                     first_error = first_error or exc
                     break
+                if replica in tried and index + 1 < len(plan):
+                    break  # the same replica again: the route's next model is the better bet
                 if attempts:
                     if not self.budget.withdraw():
                         self.metrics.child(self.metrics.retries_refused, pool.served.name).inc()
@@ -215,6 +219,7 @@ class Forwarder:
                     if failed := failed_on.get(replica):
                         await self._wait(call, pool, self.budget.backoff(failed + 1))
                 attempts += 1
+                tried.add(replica)
                 error, response = await self._attempt(call, pool, replica, path, body, stream)
                 if error is None:
                     return pool, response
@@ -287,6 +292,8 @@ class Forwarder:
                                                retry_after=2), f"unreachable ({exc})"
         except aiohttp.ClientConnectionError as exc:
             replica.in_flight -= 1
+            # Once, a kept-alive connection the engine had closed; every time, an engine failing.
+            replica.breaker.failed("dropped the connection")
             self._failed(call, replica, f"dropped the connection before answering ({exc})", "dropped")
             return Dropped(f"The engine for '{name}' dropped the connection before answering; retry shortly.",
                            retry_after=1), None

@@ -174,6 +174,9 @@ routes:
   - name: breaking
     targets: [{{model: r-b}}]
     fallbacks: [r-ok]
+  - name: dropping
+    targets: [{{model: r-d}}]
+    fallbacks: [r-ok]
   - name: rejecting
     targets: [{{model: r-c}}]
     fallbacks: [r-ok]
@@ -199,7 +202,7 @@ def routed(tmp_path_factory, upstream):
         + (f"\n    request_timeout_s: {timeout}" if timeout else "")
         + ("\n    cache: {shared: false}" if name == "r-ok" else "")
         for name, mode, timeout in [("r-ok", "ok", None), ("r-a", "ctl-a", None), ("r-b", "ctl-b", None),
-                                    ("r-c", "ctl-c", None), ("r-slow", "slow", 1), ("r-slow-too", "slow", 1)])
+                                    ("r-c", "ctl-c", None), ("r-slow", "slow", 1), ("r-slow-too", "slow", 1), ("r-d", "ctl-d", None)])
     profile = tmp / "profile.yaml"
     profile.write_text(PROFILE.format(model=DEFAULT_MODEL, remotes=remotes, closed=free_port()))
     running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
@@ -269,6 +272,18 @@ def test_a_breaker_opens_on_failures_sends_to_the_fallback_and_closes_after_a_go
     assert answered_by(ask(routed, "breaking")) == "r-b"
     [replica] = httpx.get(routed.root + "/readyz").json()["models"]["r-b"]["engines"]
     assert replica["breaker"] == "closed"
+
+
+def test_an_upstream_that_drops_every_connection_is_left_for_the_fallback_and_its_breaker_opens(routed, upstream):
+    upstream.fail_with("ctl-d", -1)
+    try:
+        before = upstream.requests("ctl-d")
+        assert [answered_by(ask(routed, "dropping")) for _ in range(6)] == ["r-ok"] * 6
+        assert upstream.requests("ctl-d") - before == 2  # one try each (not again: a fallback follows), then open
+        [replica] = httpx.get(routed.root + "/readyz").json()["models"]["r-d"]["engines"]
+        assert replica["breaker"] == "open"
+    finally:
+        upstream.fail_with("ctl-d", 0)
 
 
 def test_a_client_error_from_the_engine_is_not_retried_elsewhere(routed, upstream):

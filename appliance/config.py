@@ -27,6 +27,8 @@ GGUF_MAGIC = b"GGUF"
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+# A served model, or a registered version NAME@VERSION served by a deployment (in routes).
+ServedName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(@[1-9][0-9]{0,17})?$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Balance = Literal["least_busy", "round_robin", "prefix_affinity"]
 
@@ -179,12 +181,12 @@ class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: Name  # a served model: a profile model or a deployment
+    model: ServedName  # a profile model, a deployment, or a registry version NAME@VERSION that one serves
     weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1  # its share of the route's requests
 
 
 class ShadowSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: Name  # a served model that gets a copy of the route's requests
+    model: ServedName  # a served model that gets a copy of the route's requests
     percent: Annotated[float, msgspec.Meta(gt=0, le=100)]  # of the route's answered requests
 
 
@@ -194,7 +196,7 @@ class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     name: Name
     targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=16)]
-    fallbacks: Annotated[list[Name], msgspec.Meta(max_length=8)] = []
+    fallbacks: Annotated[list[ServedName], msgspec.Meta(max_length=8)] = []
     # A share of the answered requests is sent again to this model, off the client's path,
     # and the two answers compared (services/gateway/shadow.py).
     shadow: ShadowSpec | None = None

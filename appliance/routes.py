@@ -4,8 +4,8 @@ starts. The gateway follows them within a second (services/gateway/routing.py).
 
 A profile's `routes:` are the defaults; a route set through /admin/routes is stored in the
 state database and replaces the profile's route of the same name until it is deleted, when
-the profile's comes back. Targets and fallbacks name served models: profile models or
-deployments (a registry version is served through its deployment).
+the profile's comes back. Targets and fallbacks name served models: profile models,
+deployments, or registry versions NAME@VERSION (whichever deployment serves that version).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def validate(spec: RouteSpec, served: set[str]) -> None:
         named.append(("shadow.model", spec.shadow.model))
     for field, model in named:
         if model not in served:
-            raise InvalidRequest(f"{field}: {model!r} is not a served model (a profile model or a deployment); "
+            raise InvalidRequest(f"{field}: {model!r} is not a served model (a profile model, a deployment, or a "
+                                 "registry version NAME@VERSION that a deployment serves); "
                                  f"served now: {', '.join(sorted(served)) or 'none'}", param=field)
 
 

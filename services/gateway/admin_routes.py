@@ -43,7 +43,7 @@ def _spec(name: str, body: SetRoute) -> RouteSpec:
 def _live(request: Request) -> dict[str, dict]:
     """The state of every route this gateway serves, taken on the event loop that changes it."""
     gateway = gateway_of(request)
-    return {name: route_readiness(route, gateway.pools) for name, route in gateway.routes.items()}
+    return {name: route_readiness(route, gateway.pool_of) for name, route in gateway.routes.items()}
 
 
 def _with_live(route: dict, live: dict[str, dict]) -> dict:
@@ -82,7 +82,7 @@ class RouteController(Controller):
         """Create or replace the route `name`: weighted targets and fallbacks, all served models."""
         spec = _spec(name, await decoded(request))
         gateway = gateway_of(request)
-        served, profile = set(gateway.pools), gateway.runtime.routes
+        served, profile = set(gateway.pools) | set(gateway.versions), gateway.runtime.routes
 
         def work(db) -> dict:
             return routes.put(db, spec, served=served, by=actor.key_id, profile_routes=profile)

@@ -108,6 +108,7 @@ class Gateway:
         self.pools = {m.name: self._pool(m) for m in runtime.models}
         self.profile_models = frozenset(self.pools)
         self.deployed: dict[str, tuple] = {}  # deployment name -> what its pool was built from
+        self.versions: dict[str, str] = {}  # registry version NAME@VERSION -> a deployment serving it
         self.route_specs = routes.effective(runtime.routes, {})  # the profile's, until the database is read
         self.routes = {name: Route(spec) for name, spec in self.route_specs.items()}
         self.store = runtime.storage.open() if runtime.storage else None
@@ -135,6 +136,13 @@ class Gateway:
     def _on_queue(self, queue) -> None:
         self.metrics.child(self.metrics.queue_depth, queue.name).set(queue.depth)
 
+    def pool_of(self, model: str) -> ModelPool | None:
+        """A route's model: a served model, or the deployment serving a registry version NAME@VERSION."""
+        pool = self.pools.get(model)
+        if pool is None and "@" in model and (deployment := self.versions.get(model)) is not None:
+            pool = self.pools.get(deployment)
+        return pool
+
     def _list_models(self) -> None:
         names = [*self.pools, *(name for name in self.routes if name not in self.pools)]
         self.model_list = msgspec.json.encode({"object": "list", "data": [self.model_object(n) for n in names]})
@@ -143,7 +151,7 @@ class Gateway:
         """A served model's or a route's entry in /v1/models; None if the name is neither."""
         pool = self.pools.get(name)
         if pool is None and name in self.routes:  # a route is as old as its oldest served target
-            pool = min((p for t in self.routes[name].spec.targets if (p := self.pools.get(t.model))),
+            pool = min((p for t in self.routes[name].spec.targets if (p := self.pool_of(t.model))),
                        key=lambda p: p.served.created, default=None)
         elif pool is None:
             return None
@@ -300,6 +308,9 @@ class Gateway:
             changed = True
         if changed:
             log.info("serving deployments: %s", ", ".join(sorted(self.deployed)) or "none")
+            self.versions = {}
+            for name, row in sorted(wanted.items()):
+                self.versions.setdefault(f"{row['model']}@{row['version']}", name)
         return changed
 
     def unready_models(self) -> list[str]:
@@ -430,7 +441,7 @@ class Gateway:
             plan = [pool]
         else:
             call.route = name
-            plan = [pool for model in route.choose() if (pool := self.pools.get(model)) is not None]
+            plan = [pool for model in route.choose() if (pool := self.pool_of(model)) is not None]
         if principal.policy.no_external:
             local = [pool for pool in plan if pool.served.engine != "remote"]
             if plan and not local:
@@ -515,7 +526,7 @@ class Gateway:
         spec = self.routes[call.route].spec.shadow
         if spec is None or endpoint not in SHADOWED or random.random() * 100 >= spec.percent:
             return None
-        pool = self.pools.get(spec.model)
+        pool = self.pool_of(spec.model)
         queue = pool.queue if pool is not None else None
         if (pool is None or (call.principal.policy.no_external and pool.served.engine == "remote")
                 or (queue.capacity is not None and queue.active >= queue.capacity)):
@@ -782,7 +793,7 @@ async def readyz(request: Request) -> Response:
         gateway.auth.authenticate(authorization, monitoring=True)
     body["models"] = {name: pool.readiness() for name, pool in gateway.pools.items()}
     if gateway.routes:
-        body["routes"] = {name: route_readiness(route, gateway.pools) for name, route in gateway.routes.items()}
+        body["routes"] = {name: route_readiness(route, gateway.pool_of) for name, route in gateway.routes.items()}
     if unready:
         body["waiting_for"] = unready
     return Response(body, status_code=status)

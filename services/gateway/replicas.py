@@ -7,11 +7,14 @@ A model's `balance` chooses among the replicas that pass their health check and 
 breaker lets a request through:
 - least_busy: the fewest requests in flight, ties taken in turn (at low load, round-robin);
 - round_robin: in turn;
-- prefix_affinity: the replica that rendezvous hashing gives the request's session (the
-  x-session-id header) or prompt prefix, so the engine's prompt cache already holds it, unless
-  that replica has more than AFFINITY_LOAD times its share of the requests in flight
-  (consistent hashing with bounded loads): then the next in the hash order. Nothing is
-  stored per prefix; a replica that leaves moves only its own prefixes.
+- prefix_affinity: the replica that served the request's session (the x-session-id header)
+  or prompt prefix before, so the engine's prompt cache already holds it. A new one goes to
+  the first replica in its rendezvous-hash order that holds no more than its even share of
+  the prefixes (consistent hashing with bounded loads: the workers of a gateway mostly
+  agree, and the prefixes, hence the prompt caches, are spread evenly); a replica with more
+  than AFFINITY_LOAD times its share of the requests in flight passes a request on to the
+  next in that order for the time being. The last AFFINITY_KEYS prefixes of a model are
+  remembered (bounded memory); those of a replica that leaves go to the others.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import math
+from collections import OrderedDict
 
 import aiohttp
 import yarl
@@ -42,6 +46,7 @@ CONNECT_TIMEOUT_S = 5.0
 # deadlines are kept by one ticker for all requests (services/gateway/inflight.py).
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
 AFFINITY_LOAD = 1.25  # prefix_affinity: how far above its share of the load a replica still takes its prefixes
+AFFINITY_KEYS = 4096  # prefixes and sessions remembered per model, the least recently seen forgotten first
 
 
 class Replica:
@@ -61,6 +66,7 @@ class Replica:
         self.status: ReplicaStatus | None = None  # None: nothing supervises it here (remote, systemd)
         self.failures = 0
         self.in_flight = 0  # requests sent to it and not finished
+        self.homes = 0  # prefixes and sessions it is the home of (prefix_affinity)
         self.slots = endpoint.slots
         self.breaker = Breaker(breaker or BreakerConfig(), f"{model} @ {self.base_url}",
                                on_change=(lambda _: on_breaker(self)) if on_breaker else None)
@@ -119,6 +125,7 @@ class ModelPool:
         self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp", breaker=breaker,
                                  on_breaker=on_breaker) for r in served.replicas]
         self._turn = 0
+        self._homes: OrderedDict[bytes, Replica] = OrderedDict()  # prefix_affinity: prefix -> its replica
         self.queue = ModelQueue(served.name, queue or QueueConfig(), self.capacity(), on_queue)
         self.cache = ResponseCache(served.cache) if served.cache else None
         self.timeout_s = served.request_timeout_s  # enforced by services/gateway/inflight.py
@@ -168,10 +175,27 @@ class ModelPool:
         usable = [r for r in self.replicas if r.healthy and r.breaker.allows()]
         if not usable:
             raise self.unavailable()
-        bound = math.ceil(AFFINITY_LOAD * (sum(r.in_flight for r in usable) + 1) / len(usable))
+        busy = math.ceil(AFFINITY_LOAD * (sum(r.in_flight for r in usable) + 1) / len(usable))
+        home = self._homes.get(affinity)
+        if home is not None and home in usable:
+            self._homes.move_to_end(affinity)
+            if home.in_flight < busy:
+                return home
         ranked = sorted(usable, key=lambda r: hashlib.blake2b(affinity, key=r.hash_key, digest_size=8).digest(),
                         reverse=True)
-        return next((r for r in ranked if r.in_flight < bound), ranked[0])
+        if home is not None and home in usable:  # too busy for now: the next in its order takes this one
+            return next((r for r in ranked if r.in_flight < busy), home)
+        share = math.ceil((len(self._homes) + (home is None)) / len(usable))
+        chosen = next((r for r in ranked if r.homes < share and r.in_flight < busy),
+                      next((r for r in ranked if r.in_flight < busy), ranked[0]))
+        if home is not None:
+            home.homes -= 1
+        chosen.homes += 1
+        self._homes[affinity] = chosen
+        self._homes.move_to_end(affinity)
+        while len(self._homes) > AFFINITY_KEYS:
+            self._homes.popitem(last=False)[1].homes -= 1
+        return chosen
 
     def unavailable(self) -> ServiceUnavailable:
         """The 503 for a request that found no replica to take it, saying why where the supervisor

@@ -70,12 +70,12 @@ class RetryBudget:
         return random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (tries - 2)))
 
 
-def route_readiness(route: Route, pools: dict) -> dict:
+def route_readiness(route: Route, pool_of) -> dict:
     """A route's entry in /readyz: its targets' shares and fallbacks, each with whether it can answer now."""
     total = sum(t.weight for t in route.spec.targets)
 
     def state(model: str) -> str:
-        pool = pools.get(model)
+        pool = pool_of(model)
         if pool is None:
             return "not served"
         return "ready" if any(r.healthy and r.breaker.state != "open" for r in pool.replicas) else "unavailable"

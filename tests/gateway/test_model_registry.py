@@ -145,6 +145,17 @@ def test_deploy_serves_without_restart_and_delete_waits_for_undeploy(stack, stor
     answer = client.chat.completions.create(model="smol-deployed", messages=[SYSTEM, QUESTION], temperature=0, max_tokens=20)
     assert "Paris" in answer.choices[0].message.content
     assert [p.pid for p in stack.descendants() if "granian" in " ".join(p.cmdline())] == gateway_pid  # no restart
+    # A route may name the registry version itself: whichever deployment serves it answers.
+    assert api(stack).put("/admin/routes/deployable-route", json={"targets": [{"model": "deployable@1"}]}).status_code == 200
+    deadline = time.monotonic() + 5  # the gateway serves a new route within a second
+    while (routed := api(stack).post("/v1/chat/completions", json={
+            "model": "deployable-route", "messages": [SYSTEM, QUESTION], "max_tokens": 3})).status_code == 404 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert routed.status_code == 200 and routed.headers["x-appliance-model"] == "smol-deployed", routed.text
+    unserved = api(stack).put("/admin/routes/deployable-route", json={"targets": [{"model": "deployable@2"}]})
+    assert unserved.status_code == 400 and unserved.json()["error"]["param"] == "targets[0].model"
+    assert api(stack).delete("/admin/routes/deployable-route").status_code == 200
 
     refused = cli(stack, "models", "delete", "deployable:1", check=False)
     assert refused.returncode == 1 and "deployed as smol-deployed: undeploy it first" in refused.stderr

@@ -103,23 +103,33 @@ def test_round_robin_ignores_load():
     assert [turns.pick() for _ in range(6)] == turns.replicas * 2
 
 
-def test_prefix_affinity_keeps_a_prefix_on_one_replica_spreads_prefixes_and_moves_only_a_leavers():
+def test_prefix_affinity_keeps_a_prefix_on_one_replica_spreads_prefixes_evenly_and_moves_only_a_leavers():
     sticky = pool("prefix_affinity")
-    keys = [f"system prompt {i}".encode() for i in range(300)]
+    keys = [f"system prompt {i}".encode() for i in range(8)]
     home = {key: sticky.pick(key) for key in keys}
     assert all(sticky.pick(key) is home[key] for key in keys)
-    spread = collections.Counter(home.values())
-    assert len(spread) == 3 and min(spread.values()) > 60
+    assert sorted(collections.Counter(home.values()).values()) == [2, 3, 3]  # even, however the hashes fall
     leaver = sticky.replicas[1]
     leaver.probe_ok = False
     moved = {key: sticky.pick(key) for key in keys}
     assert all(moved[key] is home[key] for key in keys if home[key] is not leaver)
     assert all(moved[key] is not leaver for key in keys)
-    # Bounded load: a replica far above its share of the requests in flight passes its prefixes on.
+    assert sorted(r.homes for r in sticky.replicas) == [0, 4, 4]
+    # A replica far above its share of the requests in flight passes a request on, and keeps its prefix.
     leaver.probe_ok = True
     key = keys[0]
-    home[key].in_flight = 10
-    assert sticky.pick(key) is not home[key]
+    moved[key].in_flight = 10
+    assert sticky.pick(key) is not moved[key]
+    moved[key].in_flight = 0
+    assert sticky.pick(key) is moved[key]
+
+
+def test_prefix_affinity_remembers_a_bounded_number_of_prefixes(monkeypatch):
+    monkeypatch.setattr("services.gateway.replicas.AFFINITY_KEYS", 50)
+    sticky = pool("prefix_affinity")
+    for i in range(500):
+        sticky.pick(f"prefix {i}".encode())
+    assert len(sticky._homes) == 50 and sum(r.homes for r in sticky.replicas) == 50
 
 
 def test_a_profile_route_needs_a_weight_and_names_each_model_once(tmp_path):

@@ -124,7 +124,8 @@ class Gateway:
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
 
     def _pool(self, served: ServedModel) -> ModelPool:
-        pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue)
+        pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue,
+                         self.config.workers)
         for replica in pool.replicas:
             self._on_breaker(replica)
         self.metrics.child(self.metrics.replicas, served.name).set(len(pool.replicas))

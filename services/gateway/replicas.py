@@ -5,7 +5,8 @@ server's GET /props, read once).
 
 A model's `balance` chooses among the replicas that pass their health check and whose
 breaker lets a request through:
-- least_busy: the fewest requests in flight, ties taken in turn (at low load, round-robin);
+- least_busy: the fewest requests in flight per engine slot, ties taken in turn (at low
+  load, round-robin);
 - round_robin: in turn;
 - prefix_affinity: the replica that served the request's session (the x-session-id header)
   or prompt prefix before, so the engine's prompt cache already holds it. A new one goes to
@@ -15,6 +16,8 @@ breaker lets a request through:
   than AFFINITY_LOAD times its share of the requests in flight passes a request on to the
   next in that order for the time being. The last AFFINITY_KEYS prefixes of a model are
   remembered (bounded memory); those of a replica that leaves go to the others.
+Whatever the balance, a replica running all its engine slots takes a request only when every
+replica does (the model's queue, services/gateway/queueing.py, keeps that rare).
 """
 
 from __future__ import annotations
@@ -120,8 +123,9 @@ class ModelPool:
     """The replicas of one served model, and which of them takes a request."""
 
     def __init__(self, served: ServedModel, breaker: BreakerConfig | None = None, on_breaker=None,
-                 queue: QueueConfig | None = None, on_queue=None):
+                 queue: QueueConfig | None = None, on_queue=None, workers: int = 1):
         self.served = served
+        self.workers = workers  # gateway workers sharing the engines: each takes its share of the slots
         self.replicas = [Replica(served.name, r, closes_after_streams=served.engine == "llamacpp", breaker=breaker,
                                  on_breaker=on_breaker) for r in served.replicas]
         self._turn = 0
@@ -133,11 +137,12 @@ class ModelPool:
         self.native_tools: bool | None = None
 
     def capacity(self) -> int | None:
-        """Requests the healthy replicas run at once; None: not limited here (a remote upstream, an
-        engine of unknown slots) or no healthy replica (a request fails at once, not after a wait)."""
+        """This worker's share of what the healthy replicas run at once (rounded up); None: not
+        limited here (a remote upstream, an engine of unknown slots) or no healthy replica (a
+        request fails at once, not after a wait)."""
         if any(r.slots is None for r in self.replicas):
             return None
-        return sum(r.slots for r in self.replicas if r.healthy) or None
+        return math.ceil(sum(r.slots for r in self.replicas if r.healthy) / self.workers) or None
 
     @property
     def healthy_count(self) -> int:
@@ -160,12 +165,18 @@ class ModelPool:
         count, start = len(replicas), self._turn
         self._turn = (start + 1) % count
         least = self.served.balance == "least_busy"
-        best = None
+        best = rank = None
         for i in range(count):
             replica = replicas[(start + i) % count]
-            if replica.healthy and replica.breaker.allows() and (best is None or replica.in_flight < best.in_flight):
-                best = replica
-                if not least or not replica.in_flight:
+            if not (replica.healthy and replica.breaker.allows()):
+                continue
+            # A replica running all its engine slots is taken only when every one is; least_busy
+            # weighs the requests in flight by the slots.
+            ranked = (replica.slots is not None and replica.in_flight >= replica.slots,
+                      replica.in_flight / (replica.slots or 1) if least else 0)
+            if best is None or ranked < rank:
+                best, rank = replica, ranked
+                if ranked == (False, 0):
                     break
         if best is None:
             raise self.unavailable()
@@ -175,19 +186,22 @@ class ModelPool:
         usable = [r for r in self.replicas if r.healthy and r.breaker.allows()]
         if not usable:
             raise self.unavailable()
-        busy = math.ceil(AFFINITY_LOAD * (sum(r.in_flight for r in usable) + 1) / len(usable))
+        bound = math.ceil(AFFINITY_LOAD * (sum(r.in_flight for r in usable) + 1) / len(usable))
+
+        def room(r: Replica) -> bool:
+            return r.in_flight < bound and (r.slots is None or r.in_flight < r.slots)
+
         home = self._homes.get(affinity)
         if home is not None and home in usable:
             self._homes.move_to_end(affinity)
-            if home.in_flight < busy:
+            if room(home):
                 return home
         ranked = sorted(usable, key=lambda r: hashlib.blake2b(affinity, key=r.hash_key, digest_size=8).digest(),
                         reverse=True)
         if home is not None and home in usable:  # too busy for now: the next in its order takes this one
-            return next((r for r in ranked if r.in_flight < busy), home)
+            return next((r for r in ranked if room(r)), home)
         share = math.ceil((len(self._homes) + (home is None)) / len(usable))
-        chosen = next((r for r in ranked if r.homes < share and r.in_flight < busy),
-                      next((r for r in ranked if r.in_flight < busy), ranked[0]))
+        chosen = next((r for r in ranked if r.homes < share and room(r)), next((r for r in ranked if room(r)), ranked[0]))
         if home is not None:
             home.homes -= 1
         chosen.homes += 1

@@ -97,10 +97,38 @@ def test_least_busy_takes_the_replica_with_fewest_in_flight_and_ties_in_turn():
         least.pick()
 
 
-def test_round_robin_ignores_load():
+def test_a_models_capacity_is_its_healthy_replicas_slots_shared_by_the_workers():
+    served = ServedModel(name="m", engine="llamacpp", replicas=[
+        ReplicaEndpoint(base_url=f"http://10.0.0.{i}:8000/v1", slots=slots) for i, slots in enumerate((4, 1))])
+    alone, shared = ModelPool(served), ModelPool(served, workers=2)
+    for made in (alone, shared):
+        for replica in made.replicas:
+            replica.probe_ok = True
+    assert (alone.capacity(), shared.capacity()) == (5, 3)  # rounded up: a worker never gets none
+    alone.replicas[0].probe_ok = shared.replicas[0].probe_ok = False
+    assert (alone.capacity(), shared.capacity()) == (1, 1)
+    alone.replicas[1].probe_ok = False
+    assert alone.capacity() is None  # no healthy replica: fail at once rather than wait
+    remote = ModelPool(ServedModel(name="r", engine="remote", replicas=[ReplicaEndpoint(base_url="http://x/v1")]))
+    assert remote.capacity() is None  # an upstream's concurrency is its own business
+
+
+def test_round_robin_ignores_load_but_not_a_full_engine():
     turns = pool("round_robin")
     turns.replicas[0].in_flight = 10
     assert [turns.pick() for _ in range(6)] == turns.replicas * 2
+    turns.replicas[0].slots = 10  # running all its slots: passed over while another has room
+    assert turns.replicas[0] not in [turns.pick() for _ in range(6)]
+
+
+def test_least_busy_weighs_requests_in_flight_by_slots():
+    least = pool("least_busy", replicas=2)
+    big, small = least.replicas
+    big.slots, small.slots = 8, 1
+    big.in_flight = 3
+    assert least.pick() is small  # idle
+    small.in_flight = 1
+    assert {least.pick() for _ in range(4)} == {big}  # the small one is full
 
 
 def test_prefix_affinity_keeps_a_prefix_on_one_replica_spreads_prefixes_evenly_and_moves_only_a_leavers():

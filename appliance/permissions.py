@@ -68,6 +68,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/admin/deployments/{name}"): "deployments.write",
     ("GET", "/admin/routes"): "routes.read",
     ("GET", "/admin/routes/{name}"): "routes.read",
+    ("GET", "/admin/serving"): "routes.read",
     ("PUT", "/admin/routes/{name}"): "routes.write",
     ("DELETE", "/admin/routes/{name}"): "routes.write",
     ("GET", "/admin/datasets"): "datasets.read",

@@ -38,6 +38,7 @@ class Cached(msgspec.Struct, frozen=True):
 class ResponseCache:
     def __init__(self, config: CacheConfig):
         self.config = config
+        self.lookups = self.hits = 0  # this worker's, since it started
         self.entries: cachetools.TTLCache = cachetools.TTLCache(
             maxsize=config.max_mb * 2**20, ttl=config.ttl_s, getsizeof=lambda e: len(e.body) + ENTRY_OVERHEAD)
 
@@ -49,7 +50,10 @@ class ResponseCache:
                                digest_size=20).digest()
 
     def get(self, key: bytes) -> Cached | None:
-        return self.entries.get(key)
+        hit = self.entries.get(key)
+        self.lookups += 1
+        self.hits += hit is not None
+        return hit
 
     def put(self, key: bytes, body: bytes, usage: Usage | None) -> None:
         if len(body) <= MAX_ENTRY_BYTES:
@@ -58,6 +62,12 @@ class ResponseCache:
     @property
     def size_bytes(self) -> int:
         return int(self.entries.currsize)
+
+    def state(self) -> dict:
+        """What /admin/serving shows of it."""
+        return {"entries": len(self.entries), "bytes": self.size_bytes, "max_bytes": int(self.entries.maxsize),
+                "ttl_s": self.config.ttl_s, "shared": self.config.shared, "lookups": self.lookups, "hits": self.hits,
+                "hit_rate": round(self.hits / self.lookups, 4) if self.lookups else None}
 
 
 def deterministic(endpoint: str, parsed) -> bool:

@@ -302,6 +302,8 @@ def test_a_breaker_opens_on_failures_sends_to_the_fallback_and_closes_after_a_go
         assert upstream.requests("ctl-b") - before == 2  # two failures opened it: nothing more was sent
         [replica] = httpx.get(routed.root + "/readyz").json()["models"]["r-b"]["engines"]
         assert replica["breaker"] == "open"
+        [seen] = serving(routed)["models"]["r-b"]["engines"]  # the admin API shows it too
+        assert seen["breaker"] == "open" and seen["base_url"] == upstream.url("ctl-b")
         assert governed_metric(routed, f'appliance_breaker_state{{model="r-b",replica="{upstream.url("ctl-b")}"}}') == 2
         assert "circuit breaker of r-b @" in (routed.home / "logs" / "gateway.log").read_text()
     finally:
@@ -364,6 +366,12 @@ def holding_the_slot(stack):
         yield
 
 
+def serving(stack) -> dict:
+    answer = admin(stack).get("/admin/serving")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def local_queue(stack) -> dict:
     local = httpx.get(stack.root + "/readyz").json()["models"][DEFAULT_MODEL]
     return {k: local[k] for k in ("slots", "busy", "queued")}
@@ -382,6 +390,8 @@ def test_a_busy_model_queues_interactive_before_batch_and_sheds_with_retry_after
         evicted = waiting_batch.result(timeout=30)
         assert evicted.status_code == 429 and error_of(evicted)["code"] == "model_overloaded"
         assert local_queue(routed)["queued"] == 1
+        local = serving(routed)["models"][DEFAULT_MODEL]
+        assert (local["slots"], local["busy"], local["queued"]) == (1, 1, 1)
     assert interactive.result(timeout=60).status_code == 200  # the slot came free when the long answer was closed
     assert governed_metric(routed, f'appliance_shed_total{{model="{DEFAULT_MODEL}",reason="model_overloaded"}}') == 2
     assert governed_metric(routed, f'appliance_queue_wait_seconds_count{{model="{DEFAULT_MODEL}"}}') >= 2
@@ -519,6 +529,8 @@ def test_a_deterministic_answer_is_answered_again_from_the_cache_streamed_or_not
               for _ in range(2)]
     assert [cache_of(r) for r in seeded] == ["miss", "hit"]
     assert governed_metric(routed, f'appliance_cache_requests_total{{model="{DEFAULT_MODEL}",result="hit"}}') == 3
+    cache = serving(routed)["models"][DEFAULT_MODEL]["cache"]
+    assert cache["hits"] == 3 and cache["entries"] >= 3 and 0 < cache["bytes"] <= cache["max_bytes"] == 8 * 2**20
 
 
 def test_cached_answers_stay_within_a_team_and_are_metered_as_saved_tokens(routed, upstream, unique):

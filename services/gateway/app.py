@@ -38,6 +38,7 @@ from appliance.errors import (
     MethodNotAllowed,
     ModelNotAllowed,
     ModelNotFound,
+    Overloaded,
     PayloadTooLarge,
     PolicyViolation,
     QuotaExceeded,
@@ -334,11 +335,11 @@ class Gateway:
             call.model = parsed.model  # metered under the name asked for until a served model takes it
             call.stream = getattr(parsed, "stream", False)
             authorise(principal, parsed.model)
-            plan = self._plan(call, principal, parsed.model)
+            plan = self._plan(call, principal, parsed.model, endpoint)
             pool = plan[0]
             call.model = pool.served.name
             refuse_unmaskable(principal.policy, parsed)
-            call.ticket = await self._admit(call, principal, *worst_tokens(endpoint, parsed, len(body), pool.served))
+            call.ticket = await self._admit(call, principal, endpoint, parsed, len(body), plan)
             if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
             prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
@@ -399,10 +400,13 @@ class Gateway:
                 proto.response_bytes(200, self._headers(call, JSON), payload)
                 answer = payload
             if answer is not None and call.status == 200:
-                if keep is not None:
-                    self._keep(keep, call, answer)
-                if shadow is not None:
-                    self._mirror(call, shadow, endpoint, body, parsed, answer)
+                try:
+                    if keep is not None:
+                        self._keep(keep, call, answer)
+                    if shadow is not None:
+                        self._mirror(call, shadow, endpoint, body, parsed, answer)
+                except Exception:  # the client has its answer: what fails here is only logged
+                    log.exception("keeping or shadowing the answer of %s failed", call.request_id)
         except ApplianceError as error:  # raised before the answer started
             call.status, call.error_type = error.status, error.type
             error.request_id = call.request_id
@@ -429,11 +433,12 @@ class Gateway:
                 call.slot.release()
             self.finish(call)
 
-    def _plan(self, call: Call, principal: Principal, name: str) -> list[ModelPool]:
+    def _plan(self, call: Call, principal: Principal, name: str, endpoint: str) -> list[ModelPool]:
         """The models that may answer a request for `name`, in the order to try them: the model
         itself, or a route's target drawn by weight, its other targets and its fallbacks
         (services/gateway/routing.py); remote upstreams are left out for a caller whose policy
-        keeps requests on the appliance."""
+        keeps requests on the appliance, and a route's models without embeddings from an
+        embeddings request."""
         route = self.routes.get(name)
         if route is None:
             pool = self.pools.get(name)
@@ -441,8 +446,10 @@ class Gateway:
                 raise ModelNotFound(name)
             plan = [pool]
         else:
-            call.route = name
+            call.route, call.shadow = name, route.spec.shadow
             plan = [pool for model in route.choose() if (pool := self.pool_of(model)) is not None]
+            if endpoint == "embeddings" and plan:
+                plan = [pool for pool in plan if pool.served.embeddings] or plan[:1]  # else: 400 naming the model
         if principal.policy.no_external:
             local = [pool for pool in plan if pool.served.engine != "remote"]
             if plan and not local:
@@ -524,7 +531,7 @@ class Gateway:
 
     def _shadow_of(self, call: Call, endpoint: str) -> ModelPool | None:
         """The model a routed request is copied to, if this one is drawn (services/gateway/shadow.py)."""
-        spec = self.routes[call.route].spec.shadow
+        spec = call.shadow
         if spec is None or endpoint not in SHADOWED or random.random() * 100 >= spec.percent:
             return None
         pool = self.pool_of(spec.model)
@@ -551,12 +558,16 @@ class Gateway:
         try:
             async with asyncio.timeout(pool.timeout_s):
                 path, adapted, reader = self._adapt(endpoint, body, schemas.decode(body, schema), pool, copy.principal)
-                _, response = await self.forwarder.open(copy, [pool], lambda _: (path, adapted.body, adapted.collect))
+                _, response = await self.forwarder.open(copy, [pool], lambda _: (path, adapted.body, adapted.collect),
+                                                        spare=True)
                 if adapted.collect:
                     payload = await self._collect(copy, pool, response)
                 else:
                     payload = await self.forwarder.complete(copy, pool, response)
                 text = answer_text(reader.complete(payload) if reader is not None else payload, False)
+        except Overloaded:  # its engines got busy meanwhile: a shadow never waits for a slot
+            self.metrics.child(self.metrics.shadow_requests, call.route, pool.served.name, SKIPPED).inc()
+            return
         except ApplianceError as exc:
             status, error = exc.status, exc.message
         except TimeoutError:
@@ -586,12 +597,18 @@ class Gateway:
             else:
                 proto.response_bytes(200, self._headers(call, JSON), hit.body)
 
-    async def _admit(self, call: Call, principal: Principal, prompt: int, completion: int) -> Ticket:
-        """Reserve the request's worst case against its key's and team's limits and budgets. Room held
-        only by requests in flight (they settle to their real usage, usually far less) or leased by
-        other workers (given back within a second or so) is waited for, up to the request timeout;
-        anything else refuses at once."""
-        worst_cost = self.costs.worst_cost(call.model, prompt, completion)
+    async def _admit(self, call: Call, principal: Principal, endpoint: str, parsed, size: int,
+                     plan: list[ModelPool]) -> Ticket:
+        """Reserve the request's worst case, on whichever model of its plan answers, against its key's
+        and team's limits and budgets. Room held only by requests in flight (they settle to their real
+        usage, usually far less) or leased by other workers (given back within a second or so) is
+        waited for, up to the request timeout; anything else refuses at once."""
+        prompt, completion = worst_tokens(endpoint, parsed, size, plan[0].served)
+        worst_cost = self.costs.worst_cost(plan[0].served.name, prompt, completion)
+        for other in plan[1:]:  # a route's other models, should the first fail
+            tokens = worst_tokens(endpoint, parsed, size, other.served)
+            worst_cost = max(worst_cost, self.costs.worst_cost(other.served.name, *tokens))
+            completion = max(completion, tokens[1])
         deadline = perf_counter() + self.config.request_timeout_s
         pause = ADMIT_PAUSE_S
         while True:

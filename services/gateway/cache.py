@@ -43,7 +43,8 @@ class ResponseCache:
             maxsize=config.max_mb * 2**20, ttl=config.ttl_s, getsizeof=lambda e: len(e.body) + ENTRY_OVERHEAD)
 
     def key(self, principal: Principal, model: str, endpoint: str, body: bytes) -> bytes:
-        scope = "*" if self.config.shared else principal.team_id or f"key:{principal.key_id}"
+        scope = "*" if self.config.shared else principal.team_id or (
+            f"key:{principal.key_id}" if principal.key_id else f"user:{principal.user_id or principal.name}")
         masks = msgspec.json.encode(principal.policy) if principal.policy.pii_responses else b""
         request = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
         return hashlib.blake2b(b"\0".join((scope.encode(), model.encode(), endpoint.encode(), masks, request)),

@@ -58,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity", "slot", "cache", "cache_key",
+        "affinity", "slot", "cache", "cache_key", "shadow",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -85,6 +85,7 @@ class Call:
         self.slot: ModelQueue | None = None  # the model whose engine slot it holds (services/gateway/queueing.py)
         self.cache: str | None = None  # hit, miss or bypass, for a model with a response cache
         self.cache_key: bytes | None = None  # where its answer is kept (services/gateway/cache.py)
+        self.shadow = None  # its route's shadow (config.ShadowSpec), as the route was when the request came
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -168,7 +169,8 @@ class Forwarder:
     def __init__(self, session: aiohttp.ClientSession, budget: RetryBudget, metrics: GatewayMetrics):
         self.session, self.budget, self.metrics = session, budget, metrics
 
-    async def open(self, call: Call, plan: Sequence[ModelPool], prepare) -> tuple[ModelPool, aiohttp.ClientResponse]:
+    async def open(self, call: Call, plan: Sequence[ModelPool], prepare,
+                   spare: bool = False) -> tuple[ModelPool, aiohttp.ClientResponse]:
         """POST the request to the first model of `plan` that answers, by the call's deadline.
 
         `prepare(pool)` gives (path, body, stream) for a model: a model after the first that
@@ -182,8 +184,10 @@ class Forwarder:
         Failures count toward the replica's circuit breaker. Every attempt after the first is
         paid from the retry budget (services/gateway/routing.py), and one to a replica that
         already failed this request waits a backoff. Generation has no side effects to repeat.
+        `spare` (a shadow copy): one attempt, only on a free engine slot, outside the retry budget.
         """
-        self.budget.deposit()
+        if not spare:
+            self.budget.deposit()
         first_error: ApplianceError | None = None
         attempts = 0
         failed_on: dict[Replica, int] = {}
@@ -198,7 +202,10 @@ class Forwarder:
             if pool.queue.capacity is not None:
                 call.deadline = None  # a slot is waited for up to queue.max_wait_s, not the engine timeout
                 try:
-                    await self._take_slot(call, pool)
+                    if spare:
+                        call.slot = pool.queue.take_free()
+                    else:
+                        await self._take_slot(call, pool)
                 except ServiceUnavailable as exc:  # overloaded: the route's next model may have room
                     first_error = first_error or exc
                     continue
@@ -211,6 +218,8 @@ class Forwarder:
                 if replica in tried and index + 1 < len(plan):
                     break  # the same replica again: the route's next model is the better bet
                 if attempts:
+                    if spare:
+                        raise first_error
                     if not self.budget.withdraw():
                         self.metrics.child(self.metrics.retries_refused, pool.served.name).inc()
                         log.warning("request %s: the retry budget is spent; not trying %s", call.request_id, replica)
@@ -286,7 +295,7 @@ class Forwarder:
             replica.breaker.failed("timeout")
             self._failed(call, replica, "timeout")
             return _timeout(pool), None
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             replica.probe_ok = False  # down until its next good health check
             error, reason = ServiceUnavailable(f"The model '{name}' has no reachable replica right now; retry shortly.",
                                                retry_after=2), f"unreachable ({exc})"

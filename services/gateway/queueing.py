@@ -45,6 +45,8 @@ class ModelQueue:
             self.active += 1
             return 0.0
         if len(self._waiting) >= self.config.max_waiting:
+            if not self._waiting:  # max_waiting 0: nothing waits
+                raise self._overloaded()
             worst = max(self._waiting)
             if worst[0] <= priority:
                 raise self._overloaded()
@@ -69,6 +71,13 @@ class ModelQueue:
                 self._drop(entry)
             raise
         return perf_counter() - started
+
+    def take_free(self) -> ModelQueue:
+        """A slot only if one is free and nobody waits (a shadow copy never queues); else Overloaded."""
+        if self.capacity is not None and (self.active >= self.capacity or self._waiting):
+            raise self._overloaded()
+        self.active += 1
+        return self
 
     def release(self) -> None:
         self.active -= 1

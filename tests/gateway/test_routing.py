@@ -467,6 +467,13 @@ async def test_a_full_queue_sheds_with_429_unless_the_newcomer_outranks_a_waitin
 
 @on_a_loop
 async def test_a_request_waits_at_most_max_wait_and_one_that_leaves_gives_its_place_back():
+    nothing_waits = queue(1, max_waiting=0)
+    await nothing_waits.acquire(0)
+    with pytest.raises(Overloaded):
+        await nothing_waits.acquire(0)
+    with pytest.raises(Overloaded):
+        nothing_waits.take_free()  # what a shadow copy does: never waits
+
     slots = queue(1, max_wait_s=0.05)
     await slots.acquire(0)
     with pytest.raises(QueueTimeout) as late:
@@ -585,3 +592,47 @@ def test_the_cli_sets_a_shadow_and_names_a_bad_one(routed):
     shown = appliance("routes", "show", "cli-shadow", *options).stdout
     assert "shadow" in shown and "r-a" in shown and "25%" in shown
     appliance("routes", "delete", "cli-shadow", *options)
+
+
+def test_cached_answers_are_scoped_to_a_team_else_a_key_else_a_user():
+    from appliance.config import CacheConfig
+    from appliance.governance import Principal
+    from services.gateway.cache import ResponseCache
+
+    cache, body = ResponseCache(CacheConfig()), b'{"model": "m", "temperature": 0, "messages": []}'
+
+    def key(**who) -> bytes:
+        return cache.key(Principal(role="developer", **{"key_id": None, "name": "x", **who}), "m", "chat/completions",
+                         body)
+
+    assert key(team_id="t1", key_id="k1") == key(team_id="t1", key_id="k2")  # a team shares
+    assert key(key_id="k1") != key(key_id="k2")
+    assert key(user_id="u1", name="ann") != key(user_id="u2", name="bob")  # team-less identity-provider users
+    assert ResponseCache(CacheConfig(shared=True)).key(Principal(role="developer", key_id="k1", name="x"), "m",
+                                                       "chat/completions", body) == \
+        ResponseCache(CacheConfig(shared=True)).key(Principal(role="developer", key_id="k2", name="y"), "m",
+                                                    "chat/completions", body)
+
+
+def test_an_embeddings_request_to_a_mixed_route_goes_to_a_model_that_serves_them(tmp_path):
+    from appliance.config import GatewayConfig
+    from appliance.governance import Principal
+    from services.gateway.app import Gateway
+    from services.gateway.proxy import Call
+    from services.gateway.runtime import GatewayRuntime
+
+    def served(name: str, embeddings: bool) -> ServedModel:
+        return ServedModel(name=name, engine="llamacpp", embeddings=embeddings,
+                           replicas=[ReplicaEndpoint(base_url=f"http://127.0.0.1:1/{name}/v1")])
+
+    gateway = Gateway(GatewayRuntime(home=str(tmp_path), profile="p", gateway=GatewayConfig(),
+                                     models=[served("chat", False), served("embed", True)],
+                                     routes=[RouteSpec(name="mixed", targets=[RouteTarget(model="chat"),
+                                                                              RouteTarget(model="embed")])]))
+    caller = Principal(key_id="k", name="k", role="developer")
+    plans = {tuple(p.served.name for p in gateway._plan(Call("r", "k", "embeddings", 0), caller, "mixed", "embeddings"))
+             for _ in range(50)}
+    assert plans == {("embed",)}
+    chats = {gateway._plan(Call("r", "k", "chat/completions", 0), caller, "mixed", "chat/completions")[0].served.name
+             for _ in range(50)}
+    assert chats == {"chat", "embed"}

@@ -518,7 +518,8 @@ class Gateway:
         call.cache = cache_control(headers.get("cache-control"))
         hit = None
         if call.cache != "bypass":
-            call.cache_key = pool.cache.key(call.principal, pool.served.name, endpoint, body)
+            call.cache_key = pool.cache.key(call.principal, pool.served.name, endpoint, body,
+                                            budget_cap(call.principal, endpoint, parsed, pool.served))
             if call.cache == "lookup":
                 hit = pool.cache.get(call.cache_key)
                 call.cache = "hit" if hit is not None else "miss"

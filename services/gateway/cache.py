@@ -3,8 +3,9 @@
 A model with `cache` in its profile keeps, in each gateway worker's memory, the answers to
 requests that ask for a deterministic one: temperature 0 or a fixed seed (chat and
 completions), and every embedding. The key is the client's request (after the policy
-masked it), its fields in any order, with the model that answers it and the
-caller's team (a key without a team: the key), unless the cache is `shared`; a caller whose
+masked it), its fields in any order, with the completion cap a budgeted caller's request is
+sent with, the model that answers it and the caller's team (a key without a team: the key;
+a team-less identity-provider user: the user), unless the cache is `shared`; a caller whose
 policy masks answers (pii_responses) has its own entries. What is stored is the answer as
 the client got it: a stream is replayed as the same stream. Entries expire after ttl_s,
 and the least recently used go first past max_mb.
@@ -42,13 +43,14 @@ class ResponseCache:
         self.entries: cachetools.TTLCache = cachetools.TTLCache(
             maxsize=config.max_mb * 2**20, ttl=config.ttl_s, getsizeof=lambda e: len(e.body) + ENTRY_OVERHEAD)
 
-    def key(self, principal: Principal, model: str, endpoint: str, body: bytes) -> bytes:
+    def key(self, principal: Principal, model: str, endpoint: str, body: bytes, cap: int | None = None) -> bytes:
+        """`cap`: the completion cap a budgeted caller's request is sent with (admission.budget_cap)."""
         scope = "*" if self.config.shared else principal.team_id or (
             f"key:{principal.key_id}" if principal.key_id else f"user:{principal.user_id or principal.name}")
         masks = msgspec.json.encode(principal.policy) if principal.policy.pii_responses else b""
         request = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-        return hashlib.blake2b(b"\0".join((scope.encode(), model.encode(), endpoint.encode(), masks, request)),
-                               digest_size=20).digest()
+        parts = (scope.encode(), model.encode(), endpoint.encode(), masks, str(cap).encode(), request)
+        return hashlib.blake2b(b"\0".join(parts), digest_size=20).digest()
 
     def get(self, key: bytes) -> Cached | None:
         hit = self.entries.get(key)

@@ -607,6 +607,8 @@ def test_cached_answers_are_scoped_to_a_team_else_a_key_else_a_user():
 
     assert key(team_id="t1", key_id="k1") == key(team_id="t1", key_id="k2")  # a team shares
     assert key(key_id="k1") != key(key_id="k2")
+    budgeted = cache.key(Principal(role="developer", key_id="k1", name="x"), "m", "chat/completions", body, 4096)
+    assert budgeted != key(key_id="k1")  # sent with the cap its budget reserved: not another caller's answer
     assert key(user_id="u1", name="ann") != key(user_id="u2", name="bob")  # team-less identity-provider users
     assert ResponseCache(CacheConfig(shared=True)).key(Principal(role="developer", key_id="k1", name="x"), "m",
                                                        "chat/completions", body) == \

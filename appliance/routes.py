@@ -78,13 +78,18 @@ def delete(db: sqlite_utils.Database, name: str, profile_routes: list[RouteSpec]
     return {"name": name, "deleted": True, "serving": describe(restored, PROFILE) if restored else None}
 
 
+def shares(spec: RouteSpec) -> list[float]:
+    """Each target's share of the route's requests, in percent."""
+    total = sum(t.weight for t in spec.targets)
+    return [round(100 * t.weight / total, 2) for t in spec.targets]
+
+
 def describe(spec: RouteSpec, source: str, row: dict | None = None) -> dict:
     """A route as the admin API shows it: its targets' shares in percent, and where it comes from."""
-    total = sum(t.weight for t in spec.targets)
     out = {
         "name": spec.name,
-        "targets": [{"model": t.model, "weight": t.weight, "share": round(100 * t.weight / total, 2)}
-                    for t in spec.targets],
+        "targets": [{"model": t.model, "weight": t.weight, "share": share}
+                    for t, share in zip(spec.targets, shares(spec))],
         "fallbacks": list(spec.fallbacks),
         "shadow": msgspec.to_builtins(spec.shadow),
         "source": source,

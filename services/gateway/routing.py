@@ -17,6 +17,7 @@ import random
 from time import monotonic
 
 from appliance.config import RetryConfig, RouteSpec
+from appliance.routes import shares
 
 BUDGET_BURST = 10.0  # retries the budget holds at most: a burst of failures is not retried unboundedly
 
@@ -24,10 +25,10 @@ BUDGET_BURST = 10.0  # retries the budget holds at most: a burst of failures is 
 class Route:
     """A route compiled for the hot path."""
 
-    __slots__ = ("spec", "name", "_models", "_cumulative", "_total", "_orders")
+    __slots__ = ("spec", "_models", "_cumulative", "_total", "_orders")
 
     def __init__(self, spec: RouteSpec):
-        self.spec, self.name = spec, spec.name
+        self.spec = spec
         weighted = [t for t in spec.targets if t.weight > 0]
         self._models = [t.model for t in weighted]
         self._cumulative = list(itertools.accumulate(t.weight for t in weighted))
@@ -72,8 +73,6 @@ class RetryBudget:
 
 def route_readiness(route: Route, pool_of) -> dict:
     """A route's entry in /readyz: its targets' shares and fallbacks, each with whether it can answer now."""
-    total = sum(t.weight for t in route.spec.targets)
-
     def state(model: str) -> str:
         pool = pool_of(model)
         if pool is None:
@@ -81,7 +80,7 @@ def route_readiness(route: Route, pool_of) -> dict:
         return "ready" if any(r.healthy and r.breaker.state != "open" for r in pool.replicas) else "unavailable"
 
     return {
-        "targets": [{"model": t.model, "share": round(100 * t.weight / total, 2), "state": state(t.model)}
-                    for t in route.spec.targets],
+        "targets": [{"model": t.model, "share": share, "state": state(t.model)}
+                    for t, share in zip(route.spec.targets, shares(route.spec))],
         "fallbacks": [{"model": m, "state": state(m)} for m in route.spec.fallbacks],
     }

@@ -133,9 +133,9 @@ def gateway_url(url: str | None, home_dir: Path) -> tuple[str, str]:
     return DEFAULT_URL, f" (the default: {recorded} does not exist; pass --url)"
 
 
-def make_client(url: str | None, key: str | None, home: str | None) -> AdminClient:
-    """A client of the gateway at `url`, else the session's, else the one serving `home`, else the default;
-    see the module's doc."""
+def connection(url: str | None, key: str | None, home: str | None) -> tuple[str, str, str]:
+    """The gateway's URL, the key to present and where the URL came from: `url`, else the
+    session's, else the gateway serving `home`, else the default; see the module's doc."""
     home_dir = resolve_home(home)
     session = None if key else read_session()
     if not url and session:
@@ -144,7 +144,13 @@ def make_client(url: str | None, key: str | None, home: str | None) -> AdminClie
         url, origin = gateway_url(url, home_dir)
     if session and session["url"] == url:
         key = session["token"]
-    return AdminClient(url, _resolve_key(key, home_dir), origin=origin)
+    return url, _resolve_key(key, home_dir), origin
+
+
+def make_client(url: str | None, key: str | None, home: str | None) -> AdminClient:
+    """A client of the gateway that `connection` resolves."""
+    url, key, origin = connection(url, key, home)
+    return AdminClient(url, key, origin=origin)
 
 
 def api_error(response: httpx.Response) -> AdminApiError:

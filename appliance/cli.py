@@ -28,6 +28,7 @@ from installer.bundle_cli import bundle
 from installer.render_cli import render
 from appliance.planning_cli import plan_command, probe_command
 from installer.install import install_command, uninstall_command
+from tui.command import console_command
 
 PORT_ENV = "APPLIANCE_PORT"
 served_profile_option = profile_option(envvar=PROFILE_ENV)
@@ -193,6 +194,7 @@ cli.add_command(usage, "usage")
 cli.add_command(backup, "backup")
 cli.add_command(restore_command, "restore")
 cli.add_command(objects, "objects")
+cli.add_command(console_command, "console")
 
 # Planning commands (core), then the installer's: each lives with its module.
 cli.add_command(probe_command, "probe")

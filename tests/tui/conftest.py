@@ -1,0 +1,88 @@
+"""The console's tests drive the real app (Textual's Pilot) against the real shared stack:
+gateway, llama.cpp engine, state database and S3 object store. Everything the console
+shows arrives over the network, so tests wait for what they expect (`until`) rather than
+for a fixed time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.gateway.conftest import unique  # noqa: F401 (a fixture, shared)
+from tui.app import ConsoleApp
+from tui.client import Api
+
+WAIT_S = 20.0
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def console(stack):
+    """`async with console("keys") as pilot:` a console on the shared stack, opened on a view."""
+
+    def start(view: str = "dashboard", *, key: str | None = None, url: str | None = None,
+              size: tuple[int, int] = (160, 45), refresh_s: float = 0.5):
+        app = ConsoleApp(Api(url or stack.root, key or stack.admin_key), start=view, refresh_s=refresh_s)
+        return app.run_test(size=size)
+
+    return start
+
+
+async def until(pilot, condition: Callable[[], object], what: str = "", timeout: float = WAIT_S):
+    """Let the app run until `condition()` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    notes = [n.message for n in pilot.app._notifications]
+    raise AssertionError(f"timed out waiting for {what or condition}; notifications: {notes}")
+
+
+def cells(pilot) -> list[list[str]]:
+    """The rows the current view's table shows, as text."""
+    table = pilot.app.screen.table
+    return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def column(pilot, name: str) -> list[str]:
+    """One column (by its key) of the current view's table, as text."""
+    table = pilot.app.screen.table
+    return [str(table.get_cell_at((i, table.get_column_index(name)))) for i in range(table.row_count)]
+
+
+def notes(pilot) -> list[str]:
+    """The notifications shown so far."""
+    return [n.message for n in pilot.app._notifications]
+
+
+async def select_row(pilot, text: str) -> None:
+    """Move the cursor to the first row with `text` in a cell."""
+
+    def position():  # the row's index + 1, so the first row is truthy too
+        return next((i + 1 for i, row in enumerate(cells(pilot)) if any(text in c for c in row)), None)
+
+    row = await until(pilot, position, f"a row with {text!r}")
+    pilot.app.screen.table.move_cursor(row=row - 1)
+    await pilot.pause()
+
+
+async def fill(pilot, values: dict[str, str]) -> None:
+    """Type into the open form's fields (by field name); selects take one of their choices."""
+    from textual.widgets import Input, Select
+
+    for name, value in values.items():
+        widget = pilot.app.screen.query_one(f"#field-{name}")
+        if isinstance(widget, Select):
+            widget.value = value
+        else:
+            assert isinstance(widget, Input)
+            widget.value = value
+    await pilot.pause()

@@ -1,0 +1,59 @@
+"""The console's client of the admin API: asynchronous, so the screen never waits on the
+network. URL and key are resolved as the CLI resolves them (appliance.admin_client), and an
+error answer becomes an AdminApiError carrying the API's own message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from appliance.admin_client import CONNECT_TIMEOUT_S, TIMEOUT_S, AdminApiError, api_error
+
+
+class Api:
+    def __init__(self, url: str, key: str | None, *, origin: str = ""):
+        self.url = url.rstrip("/")
+        self.origin = origin  # where the URL came from, for an error that cannot reach it
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers,
+                                      timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+
+    async def _send(self, method: str, path: str, *, also_ok: tuple[int, ...] = (), **kwargs) -> httpx.Response:
+        try:
+            response = await self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {exc or type(exc).__name__}",
+                                status=503) from None
+        if not response.is_success and response.status_code not in also_ok:
+            raise api_error(response)
+        return response
+
+    async def request(self, method: str, path: str, **kwargs) -> Any:
+        return (await self._send(method, path, **kwargs)).json()
+
+    async def get(self, path: str, **params) -> Any:
+        return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    async def post(self, path: str, body: dict | None = None) -> Any:
+        return await self.request("POST", path, json=body or {})
+
+    async def put(self, path: str, body: dict) -> Any:
+        return await self.request("PUT", path, json=body)
+
+    async def patch(self, path: str, body: dict) -> Any:
+        return await self.request("PATCH", path, json=body)
+
+    async def delete(self, path: str) -> Any:
+        return await self.request("DELETE", path)
+
+    async def metrics(self) -> str:
+        """The gateway's Prometheus text (every worker's values summed)."""
+        return (await self._send("GET", "/metrics")).text
+
+    async def readiness(self) -> dict:
+        """/readyz's answer, ready (200) or not (503): both carry the details."""
+        return (await self._send("GET", "/readyz", also_ok=(503,))).json()
+
+    async def close(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,220 @@
+"""What every view of the console shares: the context line, the `:` and `/` prompt, the help
+and back keys, loading off the screen's thread with API errors as notifications; and, for the
+list views, a table whose row enter opens and ctrl-d deletes after a confirmation."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import work
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Label
+
+from appliance.admin_client import AdminApiError
+from tui.modals import ConfirmScreen, HelpScreen
+from tui.widgets import Column, ContextBar, Prompt, ResourceTable
+
+if TYPE_CHECKING:
+    from tui.app import ConsoleApp
+    from tui.client import Api
+
+
+class View(Screen):
+    """A view: `load()` fills it, every REFRESH_S seconds when set, and on ctrl-r."""
+
+    TITLE: ClassVar[str] = ""
+    AUTO_FOCUS = None  # not the hidden prompt
+    REFRESH_S: ClassVar[float | None] = None
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("colon", "command", "Views", key_display=":"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("ctrl+r", "reload", "Refresh"),
+    ]
+
+    app: ConsoleApp
+
+    def compose(self):
+        yield ContextBar(id="context")
+        yield Prompt(self.app.command_names())
+        yield Label(self.heading(), id="heading")
+        yield from self.body()
+        yield Footer()
+
+    def body(self):
+        return []
+
+    def heading(self) -> str:
+        return self.TITLE
+
+    @property
+    def api(self) -> Api:
+        return self.app.api
+
+    async def load(self) -> None:
+        """Fetch and show this view's data."""
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "status", lambda _: self.show_context(), init=False)
+        self.show_context()
+        self.reload()
+        if self.REFRESH_S:
+            self.set_interval(self.REFRESH_S, self.reload)
+
+    def show_context(self) -> None:
+        self.query_one(ContextBar).show(self.app.api.url, self.app.who, self.app.status, self.TITLE)
+
+    def set_heading(self, text: str) -> None:
+        self.query_one("#heading", Label).update(text)
+
+    @work(exclusive=True, group="load")
+    async def reload(self) -> None:
+        try:
+            await self.load()
+        except AdminApiError as exc:
+            self.notify(str(exc), title=f"{self.TITLE}: not loaded", severity="error", timeout=8)
+
+    async def attempt(self, call: Awaitable[Any], done: str | None = None) -> Any:
+        """An API call whose error becomes a notification (and None); `done` is said on success."""
+        try:
+            answer = await call
+        except AdminApiError as exc:
+            self.notify(str(exc), title="Refused", severity="error", timeout=10)
+            return None
+        if done:
+            self.notify(done)
+        return answer
+
+    async def confirm(self, question: str) -> bool:
+        return bool(await self.app.push_screen_wait(ConfirmScreen(question)))
+
+    def prompt(self) -> Prompt:
+        return self.query_one(Prompt)
+
+    def action_command(self) -> None:
+        self.prompt().open(":")
+
+    def action_reload(self) -> None:
+        self.reload()
+
+    def action_back(self) -> None:
+        self.app.back()
+
+    def action_help(self) -> None:
+        keys = [(binding.key_display or self.app.get_key_display(binding), binding.description)
+                for binding in self.active_bindings_list() if binding.description]
+        self.app.push_screen(HelpScreen(self.TITLE, keys, self.app.command_help()))
+
+    def active_bindings_list(self) -> list[Binding]:
+        """The view's and the app's own keys (not those of the widget in focus), once each."""
+        seen, bindings = set(), []
+        for active in self.active_bindings.values():
+            if active.node in (self, self.app) and active.binding.description not in seen:
+                seen.add(active.binding.description)
+                bindings.append(active.binding)
+        return bindings
+
+    def on_prompt_done(self, message: Prompt.Done) -> None:
+        if message.mode == ":" and message.value:
+            self.app.run_command(message.value)
+        self.focus_main()
+
+    def focus_main(self) -> None:
+        """Focus what the keys act on once the prompt closes."""
+
+
+class TableView(View):
+    """A list of API objects. Subclasses give COLUMNS, `fetch()`, `key(row)` and, where the API
+    allows, `open(row)` and `delete_question(row)` with `delete(row)`."""
+
+    COLUMNS: ClassVar[Sequence[Column]] = ()
+    AUTO_FOCUS = "#table"
+
+    BINDINGS = [
+        Binding("slash", "filter", "Filter", key_display="/"),
+        Binding("enter", "open", "Open", show=False),
+        Binding("ctrl+d", "delete", "Delete"),
+    ]
+
+    def key(self, row: dict) -> str:
+        return str(row["id"])
+
+    async def fetch(self) -> list[dict]:
+        raise NotImplementedError
+
+    def body(self):
+        yield ResourceTable(self.COLUMNS, self.key, id="table")
+
+    @property
+    def table(self) -> ResourceTable:
+        return self.query_one(ResourceTable)
+
+    @property
+    def selected(self) -> dict | None:
+        return self.table.selected
+
+    async def load(self) -> None:
+        self.table.show(await self.fetch())
+        self._count()
+
+    def _count(self) -> None:
+        table, shown = self.table, self.table.row_count
+        counted = f"{shown}/{len(table.all_rows)}" if table.filter else str(shown)
+        self.set_heading(f"{self.heading()} [{counted}]" + (f"  filter: {table.filter}" if table.filter else ""))
+
+    def focus_main(self) -> None:
+        self.table.focus()
+
+    def action_filter(self) -> None:
+        self.prompt().open("/", self.table.filter)
+
+    def on_prompt_changed(self, message: Prompt.Changed) -> None:
+        if message.mode == "/":
+            self.table.set_filter(message.value)
+            self._count()
+
+    def on_prompt_done(self, message: Prompt.Done) -> None:
+        if message.mode == "/":
+            self.table.set_filter(message.value or "")
+            self._count()
+        super().on_prompt_done(message)
+
+    def action_back(self) -> None:
+        if self.table.filter:
+            self.table.set_filter("")
+            self._count()
+        else:
+            super().action_back()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_open()
+
+    @work(group="action")
+    async def action_open(self) -> None:
+        row = self.selected
+        if row is not None:
+            await self.open(row)
+
+    async def open(self, row: dict) -> None:
+        """What enter on a row does."""
+
+    def delete_question(self, row: dict) -> str | None:
+        """The confirmation ctrl-d asks for `row`; None where this view deletes nothing."""
+        return None
+
+    async def delete(self, row: dict) -> None:
+        raise NotImplementedError
+
+    @work(group="action")
+    async def action_delete(self) -> None:
+        row = self.selected
+        question = None if row is None else self.delete_question(row)
+        if question is None:
+            self.notify("Nothing to delete here.", severity="warning")
+        elif await self.confirm(question):
+            await self.delete(row)
+            self.reload()

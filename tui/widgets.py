@@ -1,0 +1,142 @@
+"""The console's building blocks: the context line, the prompt that `:` and `/` open, and
+the table every list view shows (filtered as you type, its cursor kept across refreshes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.suggester import SuggestFromList
+from textual.widgets import DataTable, Input, Label, Static
+
+from tui import format as fmt
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its heading and how a row's value is shown (default: the field as text)."""
+
+    key: str
+    label: str
+    show: Callable[[dict], Any] | None = None
+
+    def cell(self, row: dict) -> Any:
+        return self.show(row) if self.show else fmt.text(row.get(self.key))
+
+
+class ResourceTable(DataTable):
+    """Rows of API objects; `filter` keeps those with the text in any cell (case-insensitive)."""
+
+    BINDINGS = [Binding("g", "scroll_top", "Top", show=False), Binding("G", "scroll_bottom", "Bottom", show=False)]
+
+    def __init__(self, columns: Sequence[Column], key: Callable[[dict], str], **kwargs):
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.spec = list(columns)
+        self.key_of = key
+        self.rows_by_key: dict[str, dict] = {}
+        self.all_rows: list[dict] = []
+        self.filter = ""
+
+    def on_mount(self) -> None:
+        for column in self.spec:
+            self.add_column(column.label, key=column.key)
+
+    def show(self, rows: list[dict]) -> None:
+        self.all_rows = rows
+        self._render_rows()
+
+    def set_filter(self, text: str) -> None:
+        self.filter = text
+        self._render_rows()
+
+    def _render_rows(self) -> None:
+        selected = self.selected_key
+        needle = self.filter.casefold()
+        self.clear()
+        self.rows_by_key = {}
+        for row in self.all_rows:
+            cells = [column.cell(row) for column in self.spec]
+            if needle and not any(needle in str(cell).casefold() for cell in cells):
+                continue
+            key = self.key_of(row)
+            self.rows_by_key[key] = row
+            self.add_row(*cells, key=key)
+        if selected in self.rows_by_key:
+            self.move_cursor(row=self.get_row_index(selected), scroll=False)
+
+    @property
+    def selected_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+
+    @property
+    def selected(self) -> dict | None:
+        key = self.selected_key
+        return None if key is None else self.rows_by_key.get(key)
+
+
+class ContextBar(Static):
+    """The top line: the gateway, who the console acts as, and whether the gateway is ready."""
+
+    def show(self, url: str, who: str, status: str, view: str) -> None:
+        style = {"ready": "bold green", "degraded": "bold yellow"}.get(status, "bold red")
+        line = Text.assemble((" appliance ", "bold reverse"), " ", (url, "bold"), "  ", who, "  ",
+                             (status, style), "  ", (view, "italic"))
+        self.update(line)
+
+
+class Prompt(Horizontal):
+    """The line that `:` (a command) and `/` (a filter) open; hidden otherwise."""
+
+    class Done(Message):
+        def __init__(self, mode: str, value: str) -> None:
+            super().__init__()
+            self.mode, self.value = mode, value
+
+    class Changed(Message):
+        def __init__(self, mode: str, value: str) -> None:
+            super().__init__()
+            self.mode, self.value = mode, value
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+
+    def __init__(self, commands: Sequence[str]) -> None:
+        super().__init__(id="prompt")
+        self.commands = list(commands)
+        self.mode = ":"
+
+    def compose(self):
+        yield Label(":", id="prompt-sign")
+        yield Input(id="prompt-input", suggester=SuggestFromList(self.commands, case_sensitive=False))
+
+    def open(self, mode: str, value: str = "") -> None:
+        self.mode = mode
+        self.query_one(Label).update(mode)
+        field = self.query_one(Input)
+        field.suggester = SuggestFromList(self.commands, case_sensitive=False) if mode == ":" else None
+        field.placeholder = "a view: " + ", ".join(self.commands[:8]) + ", …" if mode == ":" else "filter the rows"
+        field.value = value
+        self.display = True
+        field.focus()
+
+    def close(self) -> None:
+        self.display = False
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.post_message(self.Changed(self.mode, event.value))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.close()
+        self.post_message(self.Done(self.mode, event.value.strip()))
+
+    def action_cancel(self) -> None:
+        self.close()
+        self.post_message(self.Done(self.mode, "" if self.mode == "/" else None))

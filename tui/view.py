@@ -36,6 +36,8 @@ class View(Screen):
     ]
 
     app: ConsoleApp
+    loading = False  # a load is running
+    load_again = False  # and another was asked for meanwhile
 
     def compose(self):
         yield ContextBar(id="context")
@@ -62,7 +64,7 @@ class View(Screen):
         self.show_context()
         self.reload()
         if self.REFRESH_S:
-            self.set_interval(self.REFRESH_S, self.reload)
+            self.set_interval(self.REFRESH_S, self.tick)
 
     def show_context(self) -> None:
         self.query_one(ContextBar).show(self.app.api.url, self.app.who, self.app.status, self.TITLE)
@@ -70,12 +72,33 @@ class View(Screen):
     def set_heading(self, text: str) -> None:
         self.query_one("#heading", Label).update(text)
 
-    @work(exclusive=True, group="load")
-    async def reload(self) -> None:
+    def reload(self) -> None:
+        """Load now; while a load runs, once more when it ends (a slow gateway is never
+        asked twice at once, and what an action changed still shows)."""
+        if self.loading:
+            self.load_again = True
+        else:
+            self.loading = True
+            self._load()
+
+    def tick(self) -> None:
+        """A periodic refresh: skipped while the last one still runs."""
+        if not self.loading:
+            self.reload()
+
+    @work(group="load")
+    async def _load(self) -> None:
         try:
-            await self.load()
-        except AdminApiError as exc:
-            self.notify(str(exc), title=f"{self.TITLE}: not loaded", severity="error", timeout=8)
+            while True:
+                self.load_again = False
+                try:
+                    await self.load()
+                except AdminApiError as exc:
+                    self.notify(str(exc), title=f"{self.TITLE}: not loaded", severity="error", timeout=8)
+                if not self.load_again:
+                    return
+        finally:
+            self.loading = False
 
     async def attempt(self, call: Awaitable[Any], done: str | None = None) -> Any:
         """An API call whose error becomes a notification (and None); `done` is said on success."""
@@ -118,9 +141,9 @@ class View(Screen):
         return bindings
 
     def on_prompt_done(self, message: Prompt.Done) -> None:
+        self.focus_main()
         if message.mode == ":" and message.value:
             self.app.run_command(message.value)
-        self.focus_main()
 
     def focus_main(self) -> None:
         """Focus what the keys act on once the prompt closes."""

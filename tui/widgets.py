@@ -41,9 +41,7 @@ class ResourceTable(DataTable):
         self.rows_by_key: dict[str, dict] = {}
         self.all_rows: list[dict] = []
         self.filter = ""
-
-    def on_mount(self) -> None:
-        for column in self.spec:
+        for column in self.spec:  # now, not at mount: rows may arrive before the table is mounted
             self.add_column(column.label, key=column.key)
 
     def show(self, rows: list[dict]) -> None:

@@ -42,8 +42,8 @@ async def until(pilot, condition: Callable[[], object], what: str = "", timeout:
         if value:
             return value
         await pilot.pause(0.05)
-    notes = [n.message for n in pilot.app._notifications]
-    raise AssertionError(f"timed out waiting for {what or condition}; notifications: {notes}")
+    raise AssertionError(f"timed out waiting for {what or condition} on {pilot.app.screen!r}; "
+                         f"notifications: {notes(pilot)}; workers: {list(pilot.app.workers)}")
 
 
 def cells(pilot) -> list[list[str]]:
@@ -86,3 +86,16 @@ async def fill(pilot, values: dict[str, str]) -> None:
             assert isinstance(widget, Input)
             widget.value = value
     await pilot.pause()
+
+
+def make_key(stack, name: str, **fields) -> dict:
+    """A key made through the admin API, returned once the gateway accepts it (within a second)."""
+    import httpx
+
+    made = httpx.post(f"{stack.root}/admin/keys", json={"name": name, **fields},
+                      headers={"Authorization": f"Bearer {stack.admin_key}"}).raise_for_status().json()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{stack.root}/auth/me", headers={"Authorization": f"Bearer {made['key']}"}).status_code != 200:
+        assert time.monotonic() < deadline, f"the gateway does not accept the new key {made['id']}"
+        time.sleep(0.05)
+    return made

@@ -19,7 +19,8 @@ from tui.modals import DetailScreen, as_yaml
 from tui.view import TableView
 from tui.widgets import Column
 
-STATE_STYLES = {"ready": "green", "starting": "yellow", "restarting": "yellow", "failed": "bold red",
+STATE_STYLES = {"ready": "green", "starting": "yellow", "restarting": "yellow", "degraded": "yellow",
+                "failed": "bold red", "down": "bold red",
                 "stopped": "dim", "open": "bold red", "half-open": "yellow", "closed": "green"}
 
 
@@ -52,8 +53,21 @@ TILES = (("requests / s", "rps"), ("latency p50 · p95", "latency"), ("time to f
 
 
 def _replica_state(engine: dict) -> str:
-    state = engine.get("state") or ("ready" if engine.get("healthy") else "unhealthy")
-    return state if state != "ready" or engine.get("healthy") else "unhealthy"
+    """The supervisor's state of an engine it runs (starting, ready, failed…); a remote
+    upstream's is its health check's: ready or down."""
+    if engine.get("state") and (engine["state"] != "ready" or engine.get("healthy")):
+        return engine["state"]
+    return "ready" if engine.get("healthy") else "down"
+
+
+def _model_state(model: dict) -> str:
+    states = {_replica_state(engine) for engine in model.get("engines", [])}
+    healthy, replicas = model.get("healthy", 0), model.get("replicas", 0)
+    if replicas and healthy == replicas:
+        return "ready"
+    if healthy:
+        return "degraded"
+    return next((s for s in ("starting", "restarting", "failed") if s in states), "down")
 
 
 def _gpu_line(gpu: dict) -> str:
@@ -102,7 +116,7 @@ class Dashboard(TableView):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.set_interval(self.app.refresh_s, self.reload)
+        self.set_interval(self.app.refresh_s, self.tick)
 
     async def fetch(self) -> list[dict]:
         metrics, serving, system = await asyncio.gather(
@@ -167,7 +181,7 @@ class Dashboard(TableView):
             cache = model.get("cache")
             rows.append({
                 "key": name, "name": name, "replica": f"{model.get('healthy', 0)}/{model.get('replicas', 0)}",
-                "state": "ready" if model.get("healthy") else "failed" if model.get("failed") else "starting",
+                "state": _model_state(model),
                 "in_flight": f"{now.in_flight:.0f}", "queued": f"{now.queued:.0f}",
                 "rps": fmt.rate(now.requests_per_s), "p50": fmt.seconds(now.p50_s), "p95": fmt.seconds(now.p95_s),
                 "ttft": fmt.seconds(now.ttft_p50_s), "tokens": fmt.rate(now.tokens_per_s),

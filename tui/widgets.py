@@ -53,19 +53,29 @@ class ResourceTable(DataTable):
         self._render_rows()
 
     def _render_rows(self) -> None:
-        selected = self.selected_key
+        """Show the rows that pass the filter. Rows as before (the same keys in the same order)
+        have only their changed cells redrawn, so a refresh neither flickers nor scrolls."""
         needle = self.filter.casefold()
-        self.clear()
-        self.rows_by_key = {}
+        shown = {}
         for row in self.all_rows:
             cells = [column.cell(row) for column in self.spec]
-            if needle and not any(needle in str(cell).casefold() for cell in cells):
-                continue
-            key = self.key_of(row)
-            self.rows_by_key[key] = row
+            if not needle or any(needle in str(cell).casefold() for cell in cells):
+                shown[self.key_of(row)] = (row, cells)
+        if list(shown) == list(self.rows_by_key):
+            for key, (row, cells) in shown.items():
+                for column, cell, before in zip(self.spec, cells, self.get_row(key)):
+                    if str(cell) != str(before) or type(cell) is not type(before):
+                        self.update_cell(key, column.key, cell, update_width=True)
+                self.rows_by_key[key] = row
+            return
+        selected, scrolled = self.selected_key, self.scroll_y
+        self.clear()
+        self.rows_by_key = {key: row for key, (row, _) in shown.items()}
+        for key, (_, cells) in shown.items():
             self.add_row(*cells, key=key)
         if selected in self.rows_by_key:
             self.move_cursor(row=self.get_row_index(selected), scroll=False)
+        self.scroll_y = scrolled
 
     @property
     def selected_key(self) -> str | None:

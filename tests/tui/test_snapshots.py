@@ -1,0 +1,115 @@
+"""SVG snapshots of the console's main screens (pytest-textual-snapshot), drawn from a real
+gateway of their own with known contents.
+
+What changes from run to run is pinned in the answers before the console draws them, and
+nothing else is touched: ids and key prefixes become stable stand-ins, times become "five
+minutes ago", the uptime an hour and the gateway's address gateway.lan:8080 (the test's
+port is random). Accept a changed screen with `pytest tests/tui/test_snapshots.py
+--snapshot-update`, after looking at it (tests/tui/__snapshots__)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_stack, write_profile
+from tests.gateway.registry_stores import path_without_minio
+from tests.tui.conftest import cells, until
+from tui.app import ConsoleApp
+from tui.client import Api
+
+pytestmark = pytest.mark.stack
+
+SIZE = (150, 40)
+AGO_S = 300
+TIMES = {"created_at", "updated_at", "ts", "started_at", "finished_at", "revoked_at", "disabled_at", "last_login_at"}
+IDS = re.compile(r"\b(key|usr|team|user|job|sess)_[0-9a-f]{6,}\b")
+PREFIX = re.compile(r"\bsk-ap-[A-Za-z0-9_-]{6}\b")
+
+
+class PinnedApi(Api):
+    """The real client; its answers with the volatile values pinned (see the module's doc)."""
+
+    def __init__(self, url: str, key: str, ids: dict[str, str]):
+        super().__init__(url, key)
+        self.url = "http://gateway.lan:8080"  # shown in the context line; requests still go to the real URL
+        self.ids = ids
+
+    def _pin(self, value, name: str = ""):
+        if isinstance(value, dict):
+            return {k: self._pin(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._pin(v, name) for v in value]
+        if name in TIMES and isinstance(value, (int, float)):
+            return time.time() - AGO_S
+        if name == "uptime_s":
+            return 3600.0
+        if isinstance(value, str):
+            value = IDS.sub(lambda m: self.ids.get(m.group(0), f"{m.group(1)}_unknown"), value)
+            return PREFIX.sub("sk-ap-XXXXXX", value)
+        return value
+
+    async def request(self, method: str, path: str, **kwargs):
+        return self._pin(await super().request(method, path, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def snapshot_stack(tmp_path_factory):
+    """A fresh gateway serving the default model, with a few keys, a user and a team."""
+    tmp = tmp_path_factory.mktemp("snapshots")
+    running = start_stack(tmp, write_profile(tmp / "profile.yaml", None), env={"PATH": path_without_minio()})
+    admin = httpx.Client(base_url=running.root, headers={"Authorization": f"Bearer {running.admin_key}"})
+    admin.post("/admin/teams", json={"name": "research", "budget_tokens": 2_000_000, "period": "month"}).raise_for_status()
+    admin.post("/admin/users", json={"name": "alice", "role": "developer", "password": "correct horse battery"}
+               ).raise_for_status()
+    admin.post("/admin/teams/research/members", json={"user": "alice"}).raise_for_status()
+    for body in ({"name": "alice-laptop", "user": "alice", "team": "research", "rpm": 60},
+                 {"name": "batch-pipeline", "team": "research", "priority": "batch", "tpm": 50000},
+                 {"name": "grafana", "role": "metrics"}):
+        admin.post("/admin/keys", json=body).raise_for_status()
+    # Stand-ins for the ids, numbered in an order that does not change: by kind, then name.
+    objects = [o for kind in ("keys", "users", "teams") for o in sorted(admin.get(f"/admin/{kind}").json(),
+                                                                       key=lambda o: o["name"])]
+    running.ids = {o["id"]: f"{o['id'].partition('_')[0]}_{n:012d}" for n, o in enumerate(objects, 1)}
+    yield running
+    running.stop()
+
+
+def console(stack, view: str = "dashboard") -> ConsoleApp:
+    return ConsoleApp(PinnedApi(stack.root, stack.admin_key, stack.ids), start=view, refresh_s=1.0)
+
+
+def test_dashboard(snap_compare, snapshot_stack):
+    async def settled(pilot):
+        await until(pilot, lambda: any(r[0] == "smollm2-135m-instruct" for r in cells(pilot)), "the models")
+        await until(pilot, lambda: "version" in str(pilot.app.screen.query_one("#system-panel").render()),
+                    "the system panel")
+        await pilot.pause(1.5)  # a second scrape: rates (nothing sent, so 0.0) and flat sparklines
+
+    assert snap_compare(console(snapshot_stack), terminal_size=SIZE, run_before=settled)
+
+
+async def _keys_listed(pilot):
+    await until(pilot, lambda: len(cells(pilot)) >= 4, "the keys")
+
+
+def test_keys(snap_compare, snapshot_stack):
+    assert snap_compare(console(snapshot_stack, "keys"), terminal_size=SIZE, run_before=_keys_listed)
+
+
+def test_keys_help(snap_compare, snapshot_stack):
+    assert snap_compare(console(snapshot_stack, "keys"), terminal_size=SIZE, run_before=_keys_listed,
+                        press=["question_mark"])
+
+
+def test_new_key_form(snap_compare, snapshot_stack):
+    assert snap_compare(console(snapshot_stack, "keys"), terminal_size=SIZE, run_before=_keys_listed,
+                        press=["n", *"ci-runner"])
+
+
+def test_command_prompt(snap_compare, snapshot_stack):
+    assert snap_compare(console(snapshot_stack, "keys"), terminal_size=SIZE, run_before=_keys_listed,
+                        press=["colon", "d", "a"])

@@ -253,6 +253,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX shadow_route_ts ON shadow_results (route, ts)",
     ),
+    (
+        # A job's log (appliance/jobs.py): its lines, numbered 1, 2, 3... per job in the order written.
+        """CREATE TABLE job_logs (
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            seq INTEGER NOT NULL,
+            at REAL NOT NULL,
+            text TEXT NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        )""",
+    ),
 ]
 
 

@@ -4,6 +4,10 @@ A job is a row in the state database's `jobs` table; the worker (services/worker
 it from Huey's queue in jobs.db and runs it. States: queued -> running -> succeeded or
 failed; a queued job may be cancelled instead. A job the worker was running when it
 stopped is marked failed ("interrupted") when the worker starts again.
+
+Each job has a log (table `job_logs`): every change of state writes a line (queued,
+started, succeeded with its result, failed with the reason, cancelled), and the work adds
+lines of its own as it goes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+MAX_LINE_CHARS = 4000  # a longer log line is cut to this
+INTERRUPTED = "interrupted: the worker stopped while the job ran; submit it again"
 
 
 class ModelImport(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,7 +75,9 @@ def create(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, actor: 
         "created_by": actor.key_id, "created_by_name": actor.key_name, "created_by_role": actor.role,
         "started_at": None, "finished_at": None,
     }
-    db["jobs"].insert(row)
+    with transaction(db):
+        db["jobs"].insert(row)
+        log(db, row["id"], f"queued by {actor.key_name}")
     return _public(row)
 
 
@@ -87,7 +95,7 @@ def list_jobs(db: sqlite_utils.Database, *, state: str | None = None, limit: int
     return [_public(r) for r in db.query(f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT ?", [*params, limit])]
 
 
-def cancel(db: sqlite_utils.Database, job_id: str) -> dict:
+def cancel(db: sqlite_utils.Database, job_id: str, actor: Actor) -> dict:
     """Cancel a queued job; the worker skips it. A running or finished job is refused."""
     with transaction(db):
         job = get(db, job_id)
@@ -95,6 +103,7 @@ def cancel(db: sqlite_utils.Database, job_id: str) -> dict:
             raise Conflict(f"job {job_id} is {job['state']}: only a queued job can be cancelled", param="job_id")
         db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = 'cancelled before it ran' "
                    "WHERE id = ?", [time.time(), job_id])
+        log(db, job_id, f"cancelled by {actor.key_name}")
     return get(db, job_id)
 
 
@@ -103,29 +112,58 @@ def claim(db: sqlite_utils.Database, job_id: str) -> dict | None:
     with transaction(db):
         claimed = db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
                              [time.time(), job_id]).rowcount
-    return get(db, job_id) if claimed else None
+        job = get(db, job_id) if claimed else None
+        if job is not None:
+            log(db, job_id, f"started {job['kind']}: {_listing(job['params'])}")
+    return job
 
 
 def finish(db: sqlite_utils.Database, job_id: str, *, result: dict | None = None, error: str | None = None) -> None:
-    db.execute("UPDATE jobs SET state = ?, result = ?, message = ?, finished_at = ? WHERE id = ?",
-               ["failed" if error else "succeeded", json.dumps(result) if result is not None else None, error,
-                time.time(), job_id])
+    with transaction(db):
+        db.execute("UPDATE jobs SET state = ?, result = ?, message = ?, finished_at = ? WHERE id = ?",
+                   ["failed" if error else "succeeded", json.dumps(result) if result is not None else None, error,
+                    time.time(), job_id])
+        log(db, job_id, f"failed: {error}" if error else f"succeeded: {_listing(result or {})}")
 
 
 def interrupt_running(db: sqlite_utils.Database) -> list[str]:
     """Fail the jobs a stopped worker left running; returns their ids."""
     with transaction(db):
         ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()]
-        db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, "
-                   "message = 'interrupted: the worker stopped while the job ran; submit it again' "
-                   "WHERE state = 'running'", [time.time()])
+        db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, message = ? WHERE state = 'running'",
+                   [time.time(), INTERRUPTED])
+        for job_id in ids:
+            log(db, job_id, f"failed: {INTERRUPTED}")
     return ids
+
+
+def log(db: sqlite_utils.Database, job_id: str, text: str) -> None:
+    """Append a line to the job's log, cut to MAX_LINE_CHARS; numbered one above the job's last."""
+    if len(text) > MAX_LINE_CHARS:
+        text = text[: MAX_LINE_CHARS - 1] + "…"
+    db.execute("INSERT INTO job_logs (job_id, seq, at, text) "
+               "SELECT ?, coalesce(max(seq), 0) + 1, ?, ? FROM job_logs WHERE job_id = ?",
+               [job_id, time.time(), text, job_id])
+
+
+def log_lines(db: sqlite_utils.Database, job_id: str, *, after: int = 0, limit: int = 1000) -> list[dict]:
+    """The job's log lines numbered above `after`, oldest first, at most `limit` (404 for an unknown job)."""
+    if db.execute("SELECT 1 FROM jobs WHERE id = ?", [job_id]).fetchone() is None:
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    rows = db.execute("SELECT seq, at, text FROM job_logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                      [job_id, after, limit]).fetchall()
+    return [{"seq": seq, "at": at, "text": text} for seq, at, text in rows]
 
 
 def actor_of(job: dict) -> Actor:
     """Who asked for the job, as the audit log names them; the job id stands in for a request id."""
     by = job["created_by"]
     return Actor(by["key_id"], by["key_name"], by["role"], job["id"])
+
+
+def _listing(values: dict) -> str:
+    """name=x, path=/y: the values that are set, for a log line."""
+    return ", ".join(f"{name}={value}" for name, value in values.items() if value is not None)
 
 
 def _public(row: dict) -> dict:

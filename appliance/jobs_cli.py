@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import click
@@ -10,6 +11,9 @@ from appliance.admin_client import AdminApiError, AdminClient, make_client
 from appliance.cli_format import emit, table, when
 from appliance.cli_options import client_options, json_option
 from appliance.jobs import FINISHED, STATES
+
+LOG_PAGE = 1000  # log lines asked for at once
+FOLLOW_POLL_S = 1.0
 
 
 def submit(client: AdminClient, kind: str, params: dict, as_json: bool) -> None:
@@ -29,7 +33,7 @@ def _summary(job: dict) -> str:
 
 @click.group()
 def jobs() -> None:
-    """Background jobs (model and dataset imports): list, show, wait for, cancel."""
+    """Background jobs (model and dataset imports): list, show, follow the log of, wait for, cancel."""
 
 
 @jobs.command("list")
@@ -53,6 +57,30 @@ def jobs_list(state, limit, url, key, home, as_json):
 def jobs_show(job_id, url, key, home, as_json):
     """One job: its parameters, state and result."""
     emit(make_client(url, key, home).get(f"/admin/jobs/{job_id}"), as_json, _summary)
+
+
+@jobs.command("log")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines, about once a second, until the job has "
+                                                   "finished (Ctrl-C stops).")
+@client_options
+@json_option("Print each line as a JSON object (seq, at, text), one per line.")
+def jobs_log(job_id, follow, url, key, home, as_json):
+    """A job's log: when it was queued and started, what it did, and how it ended."""
+    client = make_client(url, key, home)
+    after = 0
+    try:
+        while True:
+            page = client.get(f"/admin/jobs/{job_id}/log", after=after, limit=LOG_PAGE)
+            for line in page["lines"]:
+                click.echo(json.dumps(line) if as_json else f"{when(line['at'])}  {line['text']}")
+            after = page["next"]
+            if len(page["lines"]) < LOG_PAGE:  # nothing more for now
+                if not follow or page["job"]["state"] in FINISHED:
+                    return
+                time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:  # how --follow is stopped before the job ends
+        return
 
 
 @jobs.command("wait")

@@ -85,6 +85,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/admin/uploads"): "uploads.write",
     ("GET", "/admin/jobs"): "jobs.read",
     ("GET", "/admin/jobs/{job_id}"): "jobs.read",
+    ("GET", "/admin/jobs/{job_id}/log"): "jobs.read",
     ("POST", "/admin/jobs"): "jobs.write",
     ("POST", "/admin/jobs/{job_id}/cancel"): "jobs.write",
     ("GET", "/admin/users"): "users.read",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -11,7 +11,7 @@ from litestar.params import Parameter
 from appliance import jobs, permissions
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
-from services.gateway.admin import decoded, gateway_of, request_body, run
+from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, request_body, run
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,7 +55,21 @@ class JobController(Controller):
     async def get_job(self, request: Request, actor: Actor, job_id: str) -> Response:
         return await run(request, actor, lambda db: jobs.get(db, job_id))
 
+    @get("/{job_id:str}/log")
+    async def job_log(self, request: Request, actor: Actor, job_id: str,
+                      after: Annotated[int, Parameter(ge=0, le=SQLITE_MAX)] = 0,
+                      limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000) -> Response:
+        """The job and its log lines numbered above `after`; `next` is the `after` of the next call."""
+
+        def work(db) -> dict:
+            job = jobs.get(db, job_id)  # read first: once it has finished, the lines read next are all there are
+            lines = jobs.log_lines(db, job_id, after=after, limit=limit)
+            return {"job": job, "lines": lines, "next": lines[-1]["seq"] if lines else after}
+
+        return await run(request, actor, work)
+
     @post("/{job_id:str}/cancel")
     async def cancel_job(self, request: Request, actor: Actor, job_id: str) -> Response:
         """Cancel a queued job (409 once it runs or has finished)."""
-        return await run(request, actor, lambda db: jobs.cancel(db, job_id), action="job.cancel", target=f"job/{job_id}")
+        return await run(request, actor, lambda db: jobs.cancel(db, job_id, actor), action="job.cancel",
+                         target=f"job/{job_id}")

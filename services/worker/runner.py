@@ -1,4 +1,7 @@
-"""Running one job: claim it, do its work, record the outcome and audit it."""
+"""Running one job: claim it, do its work, record the outcome and audit it.
+
+Claiming and finishing write the job's first and last log lines (appliance/jobs.py); the
+work writes what it does in between."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from appliance.home import state_db_path
 from appliance.objectstore import ObjectStore, ObjectStoreSettings
 
 log = logging.getLogger("appliance.worker")
+Note = Callable[[str], None]  # writes a line to the running job's log
 
 
 def _store(settings: ObjectStoreSettings | None) -> ObjectStore:
@@ -21,21 +25,39 @@ def _store(settings: ObjectStoreSettings | None) -> ObjectStore:
     return settings.open()
 
 
-def _model_import(db, store: ObjectStore, params: dict, actor: audit.Actor) -> tuple[dict, dict]:
-    row = model_registry.register(db, store, params["name"], Path(params["path"]), source=params["path"],
+def _sized(path: Path) -> str:
+    """The path with its size, where it is a file or a folder."""
+    if path.is_file():
+        return f"{path} ({path.stat().st_size} bytes)"
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        return f"{path} ({len(files)} files, {sum(p.stat().st_size for p in files)} bytes)"
+    return str(path)
+
+
+def _model_import(db, store: ObjectStore, params: dict, actor: audit.Actor, note: Note) -> tuple[dict, dict]:
+    path = Path(params["path"])
+    note(f"reading the model card of {_sized(path)}, then hashing and uploading it "
+         f"to the object store at {store.location}")
+    row = model_registry.register(db, store, params["name"], path, source=params["path"],
                                   created_by=actor.key_id, sha256=params["sha256"])
+    note(f"registered model {row['model']} version {row['version']}, sha256 {row['sha256']}")
     result = {"model": row["model"], "version": row["version"], "sha256": row["sha256"], "size": row["size"]}
     return result, {k: result[k] for k in ("version", "sha256", "size")}
 
 
-def _dataset_import(db, store: ObjectStore, params: dict, actor: audit.Actor) -> tuple[dict, dict]:
-    row = dataset_registry.register(db, store, params["name"], Path(params["path"]), source=params["path"],
+def _dataset_import(db, store: ObjectStore, params: dict, actor: audit.Actor, note: Note) -> tuple[dict, dict]:
+    path = Path(params["path"])
+    note(f"loading {_sized(path)} for its schema, quality report and PII scan, then hashing and uploading it "
+         f"to the object store at {store.location}")
+    row = dataset_registry.register(db, store, params["name"], path, source=params["path"],
                                     created_by=actor.key_id, fmt=params["format"], sha256=params["sha256"])
+    note(f"registered dataset {row['dataset']} version {row['version']} ({row['rows']} rows), sha256 {row['sha256']}")
     result = {"dataset": row["dataset"], "version": row["version"], "sha256": row["sha256"], "rows": row["rows"]}
     return result, {k: result[k] for k in ("version", "sha256", "rows")}
 
 
-# kind -> (audit action, audit target kind, work(db, store, params, actor) -> (result, audit detail)):
+# kind -> (audit action, audit target kind, work(db, store, params, actor, note) -> (result, audit detail)):
 # a job is audited as the /admin call that does the same work synchronously.
 WORK: dict[str, tuple[str, str, Callable]] = {
     "model.import": ("model.register", "model", _model_import),
@@ -65,7 +87,7 @@ class JobRunner:
         target = f"{what}/{params['name']}"
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
-            result, detail = work(db, _store(self.store), params, actor)
+            result, detail = work(db, _store(self.store), params, actor, lambda text: jobs.log(db, job["id"], text))
         except ApplianceError as exc:
             jobs.finish(db, job["id"], error=exc.message)
             audit.record(db, actor, action, target, outcome=f"refused: {exc.message}")

@@ -72,8 +72,8 @@ def backup_status(home: str | None, config_file: str | None, as_json: bool) -> N
 
     Reads litestream's config and the replica itself; S3 credentials come from
     APPLIANCE_S3_ACCESS_KEY and APPLIANCE_S3_SECRET_KEY, else from the home's managed
-    MinIO, else from the litestream.env beside the config. Runs on this machine: the
-    admin API has no backup route yet.
+    MinIO, else from the litestream.env beside the config. Runs on this machine; through
+    the admin API, GET /admin/system gives each database's state and lag.
     """
     home_path = resolve_home(home)
     config = Path(config_file) if config_file else litestream_config_path(home_path)

@@ -69,6 +69,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/routes"): "routes.read",
     ("GET", "/admin/routes/{name}"): "routes.read",
     ("GET", "/admin/serving"): "routes.read",
+    ("GET", "/admin/system"): "routes.read",
     ("PUT", "/admin/routes/{name}"): "routes.write",
     ("DELETE", "/admin/routes/{name}"): "routes.write",
     ("GET", "/admin/datasets"): "datasets.read",

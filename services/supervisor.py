@@ -70,6 +70,7 @@ class Supervisor:
         self.store: ObjectStoreSettings | None = None
         self.store_note = ""
         self.backup_note = ""
+        self.litestream_config: Path | None = None  # where replication is on
         self.controller: DeploymentController | None = None
         self._stopping = False
 
@@ -152,6 +153,7 @@ class Supervisor:
         child.start()
         self.storage.append(child)
         child.wait_ready(lambda: self._stopping)
+        self.litestream_config = config
         self.backup_note = (f"{target.url('state.db')} (and jobs.db beside it), "
                             f"every {self.profile.backup.sync_interval_s:g} s")
 
@@ -175,7 +177,8 @@ class Supervisor:
             self.say(f"{child.name} is ready ({child.ready_note})")
         gateway = msgspec.structs.replace(self.profile.gateway, host=self.host, port=self.port)  # as actually served
         return GatewayRuntime(home=str(self.home), profile=self.profile.name, gateway=gateway, models=served,
-                              storage=self.store, **runtime_settings(self.profile))
+                              storage=self.store, **runtime_settings(self.profile),
+                              litestream_config=str(self.litestream_config) if self.litestream_config else None)
 
     def _start_gateway(self, runtime: GatewayRuntime) -> Path:
         runtime_file = gateway_runtime_path(self.home)

@@ -19,13 +19,15 @@ from services.gateway.admin_keys import KeyController
 from services.gateway.admin_models import ModelController
 from services.gateway.admin_routes import RouteController
 from services.gateway.admin_serving import ServingController
+from services.gateway.admin_system import SystemController
 from services.gateway.admin_teams import TeamController
 from services.gateway.admin_uploads import UploadController
 from services.gateway.admin_usage import UsageController
 from services.gateway.admin_users import UserController
 
-CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteController, ServingController, UploadController,
-               DatasetController, JobController, AuditController, UserController, TeamController, UsageController]
+CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteController, ServingController, SystemController,
+               UploadController, DatasetController, JobController, AuditController, UserController, TeamController,
+               UsageController]
 
 
 def admin_router() -> Router:

@@ -76,6 +76,7 @@ from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedMode
 from services.gateway.schemas import Usage
 from services.gateway.shadow import SKIPPED, answer_text, non_streamed, similarity
 from services.gateway.stream_masking import masked_stream
+from services.gateway.system import SystemState
 from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
@@ -123,6 +124,7 @@ class Gateway:
         self._db = None
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
+        self.system = SystemState(runtime)  # GET /admin/system
 
     def _pool(self, served: ServedModel) -> ModelPool:
         pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue,

@@ -6,7 +6,8 @@ app does, and then becomes Granian (exec: the same process, so the supervisor's 
 systemd's signals reach Granian) serving the app on home/run/gateway.sock, mode 0600.
 Each Granian worker opens the door on H:P (services/gateway/door.py), passed on in
 DOOR_ENV. Granian's header timeout is the profile's, and its backpressure is above the
-door's caps, so Granian never stops accepting: the door does the refusing.
+door's caps, so Granian never stops accepting: the door does the refusing. STARTED_ENV
+tells the workers when the gateway started (a worker Granian restarts keeps that time).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from appliance.config import GatewayConfig
@@ -23,6 +25,7 @@ from services.gateway.runtime import read_runtime
 
 GATEWAY_FACTORY = "services.gateway.app:create_app"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+STARTED_ENV = "APPLIANCE_GATEWAY_STARTED"  # Unix time
 
 
 def granian_argv(python: str, socket: Path, gateway: GatewayConfig, workers: int) -> list[str]:
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     socket.parent.mkdir(parents=True, exist_ok=True)
     socket.unlink(missing_ok=True)  # left by a gateway that was killed
     os.environ[DOOR_ENV] = f"{args.host}:{args.port}"
+    os.environ[STARTED_ENV] = repr(time.time())
     command = granian_argv(sys.executable, socket, runtime.gateway, args.workers)
     os.execv(command[0], command)
 

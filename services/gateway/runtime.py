@@ -55,6 +55,9 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     costs: CostConfig = msgspec.field(default_factory=CostConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     routes: list[RouteSpec] = []  # the profile's; /admin/routes adds and overrides (appliance/routes.py)
+    # The config of the litestream that replicates the state, as the gateway reads it (GET
+    # /admin/system reports the replica's lag from it); None: the state is not replicated.
+    litestream_config: str | None = None
 
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:

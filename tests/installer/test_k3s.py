@@ -213,6 +213,8 @@ def test_control_pod(rendered):
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "worker-health"}
     assert {e["name"] for e in worker["env"]} == {"APPLIANCE_HOME", "APPLIANCE_GATEWAY_RUNTIME", "UPSTREAM_API_KEY"}
     assert [m["name"] for m in worker["volumeMounts"]] == ["state", "runtime"]  # not the gateway's metrics folder
+    # The gateway reads litestream's config, where gateway.json says, for the replicas' lag (GET /admin/system).
+    assert {"name": "litestream", "mountPath": "/etc/litestream", "readOnly": True} in gateway["volumeMounts"]
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"
 
 
@@ -284,6 +286,7 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     assert replicas["Llama_3B"][0].health_url == "http://engine-llama-3b.llm.svc:8000/health"
     assert (replicas["upstream"][0].base_url, replicas["upstream"][0].api_key_env) == ("https://llm.example.com/v1", "UPSTREAM_API_KEY")
     assert runtime.home == "/var/lib/appliance" and runtime.gateway.host == "0.0.0.0"
+    assert runtime.litestream_config == "/etc/litestream/litestream.yml"
     # The registries use the cluster's MinIO, with the credentials MinIO itself is given.
     assert (runtime.storage.endpoint, runtime.storage.access_key, runtime.storage.secret_key) == (
         "http://minio.llm.svc:9000", first["minio-credentials"]["root-user"], first["minio-credentials"]["root-password"])

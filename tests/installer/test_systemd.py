@@ -22,7 +22,7 @@ import yaml
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from appliance.config import load_profile, parse_profile
+from appliance.config import BackupConfig, load_profile, parse_profile
 from appliance.errors import InstallError
 from appliance.objectstore import FilesystemSettings
 from appliance.planning.inventory import read_inventory
@@ -288,6 +288,7 @@ def test_edge_cpu_units(edge):
     runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
     # edge-cpu's object store is auto: the filesystem store in the home without MinIO's binary.
     assert runtime.storage == FilesystemSettings(path="/var/lib/appliance/blobs")
+    assert runtime.litestream_config == "/etc/appliance/litestream.yml"  # the gateway reports the replicas' lag
 
     target = read_unit(out / UNITS / "appliance.target")
     assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]
@@ -419,6 +420,17 @@ def test_an_s3_object_store_takes_its_credentials_at_install(edge_plan, tmp_path
     assert not (out / UNITS / "appliance-minio.service").exists()
     # A later install without the variables keeps what the first one was given.
     assert render_systemd(profile, plan, LAYOUT, out, env={}).changed == []
+
+
+def test_without_replication_there_is_no_litestream_and_the_gateway_is_told_so(edge_plan, tmp_path):
+    _, plan = edge_plan
+    profile = msgspec.structs.replace(load_profile("edge-cpu"), backup=BackupConfig(target="none"))
+    out = tmp_path / "out"
+    render_systemd(profile, plan, LAYOUT, out)
+    assert not (out / UNITS / "appliance-litestream.service").exists()
+    assert not (out / "etc/appliance/litestream.yml").exists()
+    runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
+    assert runtime.litestream_config is None
 
 
 def test_a_replica_no_longer_planned_is_removed(gpu):

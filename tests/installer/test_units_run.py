@@ -106,6 +106,10 @@ def test_units_serve_registries_deploy_and_replicate(tmp_path, request, store_ki
         replicas = [db["replica"].split("?")[0] for db in status["databases"]]
         assert replicas == [replica.format(db=db) for db in ("state.db", "jobs.db")]
         assert status["replicating"]
+        # The gateway reads the same from the config and credentials its unit is given.
+        system = wait_for(lambda: _all_in_sync({"databases": httpx.get(
+            url + "/admin/system", headers={"Authorization": f"Bearer {secret}"}).json()["backup"]}))
+        assert [db["name"] for db in system["databases"]] == ["state.db", "jobs.db"]
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import math
+from datetime import datetime, timezone
 
 import click
 
 
 def when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def money(amount: float) -> str:
+    """Two decimals, four below one unit of the currency (0.0123)."""
+    return f"{amount:.2f}" if amount >= 1 or amount == 0 else f"{amount:.4f}"
+
+
+def percent(part: float, whole: float) -> str:
+    """Rounded down, so 100% means all of it; <1% for a little."""
+    share = part / whole * 100
+    return "<1%" if 0 < share < 1 else f"{math.floor(share)}%"
 
 
 def size(n: float) -> str:

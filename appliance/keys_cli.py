@@ -9,7 +9,7 @@ import functools
 import click
 
 from appliance.admin_client import make_client
-from appliance.cli_format import emit, table, when
+from appliance.cli_format import emit, money, percent, table, utc, when
 from appliance.cli_options import client_options, home_option, json_option
 from appliance.errors import StateError
 from appliance.governance import ALL_DETECTORS
@@ -134,6 +134,42 @@ def describe_settings(row: dict) -> str:
     return f"limits: {limits_text(row['limits'])}\npolicy: {policy_text(row['policy'])}"
 
 
+def _spent_parts(spend: dict, *, short: bool) -> list[str]:
+    parts, of = [], "/" if short else " of "
+    if spend["budget_tokens"] is not None:
+        unit = "" if short else " tokens"
+        parts.append(f"{spend['tokens']}{of}{spend['budget_tokens']}{unit} "
+                     f"({percent(spend['tokens'], spend['budget_tokens'])})")
+    if spend["budget_cost"] is not None:
+        parts.append(f"{money(spend['cost'])}{of}{money(spend['budget_cost'])} {spend['currency']} "
+                     f"({percent(spend['cost'], spend['budget_cost'])})")
+    return parts
+
+
+def spend_text(spend: dict | None) -> str | None:
+    """A key's or team's `spend` line: what its budget has used this period, and what is reserved now."""
+    if spend is None:
+        return None
+    period = "today" if spend["period"] == "day" else "this month"
+    line = f"spend: {', '.join(_spent_parts(spend, short=False))} {period} (resets {utc(spend['period_end'])})"
+    reserved = [f"{spend['reserved_tokens']} tokens" if spend["budget_tokens"] is not None else "",
+                f"{money(spend['reserved_cost'])} {spend['currency']}" if spend["budget_cost"] is not None else ""]
+    if spend["reserved_tokens"] or spend["reserved_cost"]:
+        line += f"; reserved now: {', '.join(r for r in reserved if r)}"
+    return line
+
+
+def spent_cell(spend: dict | None) -> str | None:
+    """The SPENT column of a list: 420/1000 (42%), 0.0123/5.00 USD (<1%); - without a budget."""
+    return None if spend is None else ", ".join(_spent_parts(spend, short=True))
+
+
+def with_spend(text: str, row: dict) -> str:
+    """`text` and, where the row has a budget, its spend line."""
+    line = spend_text(row.get("spend"))
+    return text if line is None else f"{text}\n{line}"
+
+
 def _expiry(expires_in: str | None) -> dict:
     if expires_in is None:
         return {}
@@ -180,11 +216,12 @@ def keys_create(name, role, user, team, expires_in, settings, url, key, home, as
 @client_options
 @json_option()
 def keys_list(include_revoked, url, key, home, as_json):
-    """List API keys (never their secrets)."""
+    """List API keys (never their secrets), with what each budget has spent this period."""
     rows = make_client(url, key, home).get("/admin/keys", include_revoked=include_revoked or None)
     emit(rows, as_json, lambda rs: table(
-        [{**r, "prefix": r["prefix"] + "…", "created": when(r["created_at"]), "expires": when(r["expires_at"])}
-         for r in rs], ["id", "name", "role", "kind", "prefix", "state", "created", "expires"]))
+        [{**r, "prefix": r["prefix"] + "…", "created": when(r["created_at"]), "expires": when(r["expires_at"]),
+          "spent": spent_cell(r.get("spend"))}
+         for r in rs], ["id", "name", "role", "kind", "prefix", "state", "created", "expires", "spent"]))
 
 
 def _render_key(k: dict) -> str:
@@ -193,7 +230,7 @@ def _render_key(k: dict) -> str:
     return (f"{k['id']} ({k['role']}, {k['kind']}, {k['state']}) named {k['name']!r}, prefix {k['prefix']}…\n"
             f"owner: {', '.join(o for o in owner if o) or 'none'}\n"
             f"created {when(k['created_at'])}, expires {when(k['expires_at']) if k['expires_at'] else 'never'}\n"
-            + describe_settings(k))
+            + with_spend(describe_settings(k), k))
 
 
 @keys.command("show")
@@ -201,7 +238,8 @@ def _render_key(k: dict) -> str:
 @client_options
 @json_option()
 def keys_show(key_id, url, key, home, as_json):
-    """Show the key with id (or displayed prefix, or unique name) KEY_ID: owner, expiry, limits and policy."""
+    """Show the key with id (or displayed prefix, or unique name) KEY_ID: owner, expiry, limits, policy, and
+    what its budget has spent this period."""
     emit(make_client(url, key, home).get(f"/admin/keys/{key_id}"), as_json, _render_key)
 
 

@@ -32,12 +32,14 @@ limit has left. The next requests of this process are admitted from the lease in
 and settle into it (a request's unused worst case goes back to the lease); a lease admits
 for LEASE_S at most, and within its minute. When a request does not fit its lease (or
 the lease expired), the next ledger transaction gives back what the lease did not hand
-out, and counts what it did once its requests have settled. n adapts to the traffic
-(about LEASE_S worth of it). Near a limit no lease is granted and every request is
-counted in the ledger on its own, so the limits stay exact: a refusal is only ever
-decided in the ledger, after this process gave back its own leases, and a refusal that
-only another worker's lease stands behind says so (`held`: the gateway waits for it,
-at most LEASE_S plus a housekeeping tick).
+out and counts what its settled requests used as spent; a request still in flight then is
+counted at the next give-back after it settles (the gateway's housekeeping gives back
+every second), so the spending others read lags a worker by at most LEASE_S and a tick
+(`usages`). n adapts to the traffic (about LEASE_S worth of it). Near a limit no lease
+is granted and every request is counted in the ledger on its own, so the limits stay
+exact: a refusal is only ever decided in the ledger, after this process gave back its own
+leases, and a refusal that only another worker's lease stands behind says so (`held`: the
+gateway waits for it, at most LEASE_S plus a housekeeping tick).
 
 Reservations and leases are recorded per holder: each Governor holds an flock'ed file
 named by a random token for its life. `sweep()` releases the reservations of holders
@@ -76,6 +78,7 @@ _RESERVATION = b"r:"
 _LEASE = b"l:"
 _THROUGHPUT = b"tp:"
 _SEEDED = b"meta:seeded"
+KEY_SUBJECT, TEAM_SUBJECT = "k:", "t:"  # a key's counter in the ledger is k:<key id>; a team's, t:<team id>
 SUBJECTS_CACHED = 10_000  # principals whose subjects are remembered
 LEASE_S = 0.5  # a lease admits for at most this long
 LEASE_SHARE = 8  # a lease takes at most 1/8 of what any limit has left...
@@ -240,9 +243,9 @@ def subjects_of(principal: Principal) -> list[Subject]:
     caller has no key: only its team's limits apply)."""
     subjects = []
     if principal.key_id is not None and counts(principal.limits):
-        subjects.append(Subject("k:" + principal.key_id, f"key '{principal.name}'", principal.limits))
+        subjects.append(Subject(KEY_SUBJECT + principal.key_id, f"key '{principal.name}'", principal.limits))
     if principal.team_id is not None and counts(principal.team_limits):
-        subjects.append(Subject("t:" + principal.team_id, f"team '{principal.team_name or principal.team_id}'",
+        subjects.append(Subject(TEAM_SUBJECT + principal.team_id, f"team '{principal.team_name or principal.team_id}'",
                                 principal.team_limits))
     return subjects
 
@@ -497,13 +500,14 @@ class Governor:
         return Lease(key, subject, record, base, clock.now, expires, n, n, record.tokens, record.cost)
 
     def _give_back_leases(self, txn, subjects: list[Subject], clock: Clock):
-        """The subjects' counters, once this process has given back, in `txn`, the free room of its
-        leases on them and everything of its closed leases whose requests have all settled. Returns
-        the counters and what to call once `txn` is committed."""
+        """The subjects' counters, once this process has given back, in `txn`, its leases on them
+        and what requests of its closed leases settled since (`_give_back`): everything, for a lease
+        whose requests have all settled. Returns the counters and what to call once `txn` is committed."""
         closing = [lease for s in subjects if (lease := self._open.get(s.id)) is not None]
         finished = [lease for lease in self._closed if lease.in_flight == 0]
+        settling = [lease for lease in self._closed if lease.in_flight and lease.slots]  # some settled since
         counters = {s.id: self._counter(txn, s.key, clock) for s in subjects}
-        for lease in finished + closing:
+        for lease in finished + settling + closing:
             subject_id = lease.subject.id
             if subject_id not in counters:
                 counters[subject_id] = self._counter(txn, lease.subject.key, clock)
@@ -517,9 +521,11 @@ class Governor:
             for lease in closing:
                 del self._open[lease.subject.id]
                 self._adapt(lease, clock.now)
-                _forget_free_room(lease)
+                _forget_given_back(lease)
                 if lease.in_flight:
                     self._closed.append(lease)
+            for lease in settling:
+                _forget_given_back(lease)
             for lease in finished:
                 self._closed.remove(lease)
 
@@ -535,13 +541,13 @@ class Governor:
         self._lease_sizes[lease.subject.id] = size
 
     def return_leases(self, now: float | None = None, every: bool = False) -> None:
-        """Give back the leases of this process that are expired (or `every` one), and those whose
-        requests have settled. The gateway calls it every second: idle room goes back to the
-        other workers."""
+        """Give back the leases of this process that are expired (or `every` one), and what requests
+        of its closed leases settled since. The gateway calls it every second: idle room goes back
+        to the other workers, and what their requests used is counted as spent."""
         clock = Clock(time.time() if now is None else now)
         with self._lock:
             expired = [lease.subject for lease in self._open.values() if every or clock.now >= lease.expires]
-            if not expired and not any(lease.in_flight == 0 for lease in self._closed):
+            if not expired and not any(lease.in_flight == 0 or lease.slots for lease in self._closed):
                 return
             with self.env.begin(write=True) as txn:
                 counters, given_back = self._give_back_leases(txn, expired, clock)
@@ -652,15 +658,23 @@ class Governor:
         return True
 
     def usage(self, subject: str, now: float | None = None) -> Counter:
-        """A subject's counters as of `now` (k:<key id> or t:<team id>), once this process has given
-        back its leases."""
+        """A subject's counters as of `now` (k:<key id> or t:<team id>): `usages` of one."""
+        return self.usages([subject], now)[subject]
+
+    def usages(self, subjects: list[str], now: float | None = None) -> dict[str, Counter]:
+        """The counters of `subjects` as of `now`, read in one transaction once this process has given
+        back its leases, so what its settled requests used is spent. Another worker counts what its
+        requests used as reserved, not yet spent, while the lease they came from is open and until
+        its next give-back: at its next ledger transaction, or its next return_leases once the lease
+        expired (within LEASE_S) or the request settled. A subject never counted is all zeros.
+        Blocking: call it off the event loop."""
         self.return_leases(now, every=True)
         clock = Clock(time.time() if now is None else now)
+        counters = {}
         with self.env.begin() as txn:
-            raw = txn.get(_SUBJECT + subject.encode())
-        counter = _decode_counter(raw) if raw is not None else Counter()
-        counter.roll(clock)
-        return counter
+            for subject in subjects:
+                counters[subject] = self._counter(txn, _SUBJECT + subject.encode(), clock)
+        return counters
 
     # --- throughput (appliance/costs.py), kept in the ledger ---------------
 
@@ -760,50 +774,51 @@ def _lease_room(subject: Subject, counter: Counter, worst_tokens: int, worst_cos
     return room
 
 
-def _free_room(lease: Lease) -> tuple[int, int, int, float]:
-    """What an open lease has not handed out: slots, requests, tokens, cost."""
-    if not lease.record.open:
-        return 0, 0, 0, 0.0
+def _unheld(lease: Lease) -> tuple[int, int, int, float]:
+    """What a lease holds that no request in flight does (slots, requests, tokens, cost): its free
+    room while open; once closed, the slots and unused worst cases its settled requests brought back."""
     return lease.slots, lease.requests, max(lease.tokens, 0), max(lease.cost, 0.0)
 
 
-def _shrunk(lease: Lease) -> LeaseRecord:
-    """The lease's record once its free room is given back: closed."""
+def _kept(lease: Lease) -> LeaseRecord:
+    """The lease's record once `_unheld` goes back and what its settled requests used is spent:
+    closed, holding what its requests in flight hold."""
     record = lease.record
-    slots, requests, tokens, cost = _free_room(lease)
-    return LeaseRecord(record.subject, record.slots - slots, record.requests - requests, record.tokens - tokens,
-                       record.cost - cost, record.minute, open=False)
+    slots, requests, tokens, cost = _unheld(lease)
+    return LeaseRecord(record.subject, record.slots - slots, record.requests - requests,
+                       record.tokens - (tokens + lease.used_tokens), record.cost - (cost + lease.used_cost),
+                       record.minute, open=False)
 
 
-def _forget_free_room(lease: Lease) -> None:
+def _forget_given_back(lease: Lease) -> None:
     """This process's side of _give_back, once the ledger has it."""
-    if lease.record.open:
-        lease.record = _shrunk(lease)
-        lease.slots = lease.requests = 0
-        lease.tokens, lease.cost = min(lease.tokens, 0), min(lease.cost, 0.0)
+    lease.record = _kept(lease)
+    lease.slots = lease.requests = 0
+    lease.tokens, lease.cost = min(lease.tokens, 0), min(lease.cost, 0.0)
+    lease.used_tokens, lease.used_cost = 0, 0.0
 
 
 def _give_back(txn: lmdb.Transaction, lease: Lease, counter: Counter, clock: Clock, *, finished: bool) -> None:
-    """Into `counter` and the lease's record: the free room of an open lease; and, once its requests
-    are `finished`, everything it holds, what they used counted as spent."""
+    """Into `counter` and the lease's record: what the lease holds that no request in flight does
+    (`_unheld`), and what its settled requests used, counted as spent, so the ledger's spending lags
+    a worker's requests only until its next give-back; once its requests are `finished` (or at a
+    close), the whole record, what requests still in flight hold going back as unused."""
     record = lease.record
+    slots, requests, tokens, cost = _unheld(lease)
     if record.open:
-        slots, requests, tokens, cost = _free_room(lease)
         counter.leases = max(0, counter.leases - 1)
+    if finished:  # the whole record in one subtraction each: no float dust left in reserved_cost
+        txn.delete(lease.key)
+        counter.in_flight = max(0, counter.in_flight - record.slots)
+        counter.reserved_tokens = max(0, counter.reserved_tokens - record.tokens)
+        counter.reserved_cost = max(0.0, counter.reserved_cost - record.cost)
+        _uncount(counter, record.minute, requests, record.tokens - lease.used_tokens)  # the window counted worst cases
+    else:
+        txn.put(lease.key, _encode(_kept(lease)))
         counter.in_flight = max(0, counter.in_flight - slots)
-        counter.reserved_tokens = max(0, counter.reserved_tokens - tokens)
-        counter.reserved_cost = max(0.0, counter.reserved_cost - cost)
+        counter.reserved_tokens = max(0, counter.reserved_tokens - (tokens + lease.used_tokens))
+        counter.reserved_cost = max(0.0, counter.reserved_cost - (cost + lease.used_cost))  # as _kept does
         _uncount(counter, record.minute, requests, tokens)
-        record = _shrunk(lease)
-    if not finished:
-        txn.put(lease.key, _encode(record))
-        return
-    # What it still holds is what its requests used, plus the worst cases they did not use.
-    txn.delete(lease.key)
-    counter.in_flight = max(0, counter.in_flight - record.slots)
-    counter.reserved_tokens = max(0, counter.reserved_tokens - record.tokens)
-    counter.reserved_cost = max(0.0, counter.reserved_cost - record.cost)
-    _uncount(counter, record.minute, 0, record.tokens - lease.used_tokens)
     _spend(counter, lease.used_tokens, lease.used_cost)
 
 
@@ -863,9 +878,9 @@ def _usage_since(db: sqlite_utils.Database, since: float) -> Iterator[tuple[str,
     )
     for key_id, team_id, ts, tokens, cost in rows:
         if key_id is not None:
-            yield "k:" + key_id, ts, tokens, cost
+            yield KEY_SUBJECT + key_id, ts, tokens, cost
         if team_id is not None:
-            yield "t:" + team_id, ts, tokens, cost
+            yield TEAM_SUBJECT + team_id, ts, tokens, cost
 
 
 def _hold(directory: Path) -> tuple[str, int]:

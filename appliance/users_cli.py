@@ -13,7 +13,7 @@ import click
 from appliance.admin_client import make_client
 from appliance.cli_format import emit, table, when
 from appliance.cli_options import client_options, json_option
-from appliance.keys_cli import describe_settings, limits_text, policy_text, settings_options
+from appliance.keys_cli import describe_settings, limits_text, policy_text, settings_options, spent_cell, with_spend
 from appliance.users import ROLES
 
 password_stdin_option = click.option(
@@ -155,11 +155,12 @@ def teams_create(name, settings, url, key, home, as_json):
 @client_options
 @json_option()
 def teams_list(url, key, home, as_json):
-    """List teams with their limits and policies."""
+    """List teams with their limits, policies, and what each budget has spent this period."""
     rows = make_client(url, key, home).get("/admin/teams")
     emit(rows, as_json, lambda rs: table(
-        [{**r, "limits": limits_text(r["limits"]), "policy": policy_text(r["policy"])} for r in rs],
-        ["id", "name", "limits", "policy"]))
+        [{**r, "limits": limits_text(r["limits"]), "policy": policy_text(r["policy"]),
+          "spent": spent_cell(r.get("spend"))} for r in rs],
+        ["id", "name", "spent", "limits", "policy"]))
 
 
 @teams.command("show")
@@ -167,12 +168,14 @@ def teams_list(url, key, home, as_json):
 @client_options
 @json_option()
 def teams_show(team, url, key, home, as_json):
-    """Show TEAM (name or id) with its members and active keys."""
+    """Show TEAM (name or id) with its members and active keys, and what its budget and theirs have
+    spent this period."""
 
     def render(t):
         members = ", ".join(f"{m['name']} ({m['role']})" for m in t["members"]) or "none"
-        keys = table(t["keys"], ["id", "name", "role", "user_id", "expires_at"])
-        return f"{_render_team(t)}\nmembers: {members}\nkeys:\n{keys}"
+        keys = table([{**k, "spent": spent_cell(k.get("spend"))} for k in t["keys"]],
+                     ["id", "name", "role", "user_id", "expires_at", "spent"])
+        return f"{with_spend(_render_team(t), t)}\nmembers: {members}\nkeys:\n{keys}"
 
     emit(make_client(url, key, home).get(f"/admin/teams/{team}"), as_json, render)
 

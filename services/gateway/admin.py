@@ -11,7 +11,8 @@ change is written to the audit log with its outcome, refused or not, in the same
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -20,11 +21,11 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Parameter
 
-from appliance import audit, permissions
+from appliance import audit, budgets, permissions
 from appliance.audit import Actor
 from appliance.db import open_db
 from appliance.errors import ApplianceError, StorageUnavailable
-from appliance.governance import Principal
+from appliance.governance import Limits, Principal
 from appliance.objectstore import ObjectStore
 from services.gateway import schemas
 from services.gateway.request_ids import new_request_id
@@ -71,6 +72,13 @@ def current_actor(request: Request) -> Actor:
     """The `actor` dependency: the guarded caller, with a fresh request id for this call."""
     caller = principal_of(request)
     return Actor(caller.key_id, caller.name, caller.role, new_request_id(), caller.user_id, caller.team_id)
+
+
+def spending(connection: ASGIConnection) -> Callable[[Sequence[tuple[str, Limits]]], list[budgets.Spend | None]]:
+    """For a handler's work, on its thread: the `spend` of each (ledger subject, limits) that sets a
+    budget, None for the others, read from this worker's ledger at once (appliance/budgets.py)."""
+    gateway = gateway_of(connection)
+    return functools.partial(budgets.spending, gateway.governor, currency=gateway.runtime.costs.currency)
 
 
 def store_of(connection: ASGIConnection) -> ObjectStore:

@@ -21,8 +21,9 @@ from appliance import keys, users
 from appliance.audit import Actor
 from appliance.durations import parse_duration
 from appliance.errors import InvalidRequest, PermissionDenied
+from appliance.limits import KEY_SUBJECT
 from appliance.teams import Settings
-from services.gateway.admin import MANAGER_ROLES, decoded, request_body, run
+from services.gateway.admin import MANAGER_ROLES, decoded, request_body, run, spending
 
 
 class CreateKey(Settings, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +62,11 @@ def changes_of(body: msgspec.Struct) -> dict:
 def _key_detail(key: dict) -> dict:
     owner = {field: key[field] for field in ("user_id", "team_id", "limits", "policy") if key[field]}
     return {"name": key["name"], "role": key["role"], "prefix": key["prefix"], "expires_at": key["expires_at"], **owner}
+
+
+def with_spend(described: list[dict], found: list[keys.ApiKey], spend) -> list[dict]:
+    """Each key's `described` answer with its budget's `spend` (None without a budget), read at once."""
+    return [{**d, "spend": s} for d, s in zip(described, spend([(KEY_SUBJECT + k.id, k.limits) for k in found]))]
 
 
 def _may_see(actor: Actor, key: keys.ApiKey) -> bool:
@@ -106,18 +112,26 @@ class KeyController(Controller):
 
     @get()
     async def list_keys(self, request: Request, actor: Actor, include_revoked: bool = False) -> Response:
-        """Every key without its secret; revoked ones only with include_revoked=true."""
-        return await run(request, actor, lambda db: [keys.describe(k)
-                                                     for k in keys.list_keys(db, include_revoked=include_revoked)
-                                                     if _may_see(actor, k)])
+        """Every key without its secret, with its budget's `spend` this period (null without a budget);
+        revoked ones only with include_revoked=true."""
+        spend = spending(request)
+
+        def work(db) -> list[dict]:
+            found = [k for k in keys.list_keys(db, include_revoked=include_revoked) if _may_see(actor, k)]
+            return with_spend([keys.describe(k) for k in found], found, spend)
+
+        return await run(request, actor, work)
 
     @get("/{key_id:str}")
     async def show_key(self, request: Request, actor: Actor, key_id: str) -> Response:
-        """One key by id, displayed prefix or unique name, with the names of its user and team."""
+        """One key by id, displayed prefix or unique name, with the names of its user and team and its
+        budget's `spend` this period (null without a budget)."""
+        spend = spending(request)
 
         def work(db) -> dict:
-            _check_own(actor, keys.find_key(db, key_id))
-            return keys.show_key(db, key_id)
+            key = keys.find_key(db, key_id)
+            _check_own(actor, key)
+            return with_spend([keys.show_key(db, key.id)], [key], spend)[0]
 
         return await run(request, actor, work)
 

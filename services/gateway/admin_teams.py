@@ -14,8 +14,9 @@ from litestar import Controller, Request, Response, delete, get, patch, post
 
 from appliance import keys, teams
 from appliance.audit import Actor
+from appliance.limits import KEY_SUBJECT, TEAM_SUBJECT
 from appliance.teams import Settings
-from services.gateway.admin import decoded, request_body, run
+from services.gateway.admin import decoded, request_body, run, spending
 from services.gateway.admin_keys import changes_of
 
 
@@ -52,16 +53,29 @@ class TeamController(Controller):
 
     @get()
     async def list_teams(self, request: Request, actor: Actor) -> Response:
-        return await run(request, actor, lambda db: [teams.describe(t) for t in teams.list_teams(db)])
+        """Every team with its budget's `spend` this period (null without a budget)."""
+        spend = spending(request)
+
+        def work(db) -> list[dict]:
+            found = teams.list_teams(db)
+            spent = spend([(TEAM_SUBJECT + t.id, t.limits) for t in found])
+            return [{**teams.describe(t), "spend": s} for t, s in zip(found, spent)]
+
+        return await run(request, actor, work)
 
     @get("/{name:str}")
     async def show_team(self, request: Request, actor: Actor, name: str) -> Response:
-        """A team (by id or name) with its members and active keys."""
+        """A team (by id or name) with its members and active keys, each with its budget's `spend`
+        this period (null without a budget)."""
+        spend = spending(request)
 
         def work(db) -> dict:
             found = teams.find_team(db, name)
-            return {**teams.describe(found), "members": teams.members(db, found.id),
-                    "keys": [keys.describe(k) for k in keys.list_keys(db, include_revoked=False, team_id=found.id)]}
+            billed = keys.list_keys(db, include_revoked=False, team_id=found.id)
+            # one read of the ledger: the team's counter and its keys', as of the same moment
+            spent = spend([(TEAM_SUBJECT + found.id, found.limits), *((KEY_SUBJECT + k.id, k.limits) for k in billed)])
+            return {**teams.describe(found), "spend": spent[0], "members": teams.members(db, found.id),
+                    "keys": [{**keys.describe(k), "spend": s} for k, s in zip(billed, spent[1:])]}
 
         return await run(request, actor, work)
 

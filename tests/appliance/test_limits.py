@@ -22,7 +22,7 @@ from appliance.costs import Costs
 from appliance.db import open_db
 from appliance.errors import QuotaExceeded, RateLimited
 from appliance.governance import Limits, Principal
-from appliance.limits import LEASE_MIN, LEASE_S, Governor, duration
+from appliance.limits import LEASE_MIN, LEASE_S, Clock, Counter, Governor, duration
 
 ROOT = Path(__file__).resolve().parents[2]
 NOON = float(calendar.timegm((2026, 3, 14, 12, 0, 0)))  # a Saturday noon, UTC; the minute starts on it
@@ -383,6 +383,46 @@ def test_a_lease_gives_back_what_it_did_not_hand_out_when_it_expires(governor):
     assert (counter.requests, counter.tokens, counter.month_tokens, counter.in_flight, counter.reserved_tokens) == (
         1, 3, 3, 0, 0)
     assert governor._closed == []
+
+
+def in_ledger(governor: Governor, subject: str, now: float) -> Counter:
+    """What another worker reads: the ledger as it is, this process's leases not given back."""
+    with governor.env.begin() as txn:
+        return governor._counter(txn, b"s:" + subject.encode(), Clock(now))
+
+
+def test_what_leased_requests_used_is_spent_at_each_give_back_while_others_are_in_flight(governor):
+    """The spending the admin API shows lags a worker only until its next give-back, even while a
+    long request of the same lease is still in flight."""
+    principal = key(budget_tokens=10**6, budget_cost=10**3)
+    first, second, third = (governor.admit(principal, "m", worst_tokens=100, worst_cost=0.5, now=NOON + i / 100)
+                            for i in range(3))
+    assert first.leases == second.leases == third.leases and first.leases  # one lease
+    leased = first.leases[0].record.tokens
+    governor.settle(first, tokens=30, cost=0.25, now=NOON + 0.1)
+    counter = in_ledger(governor, "k:k1", NOON + 0.1)  # the lease is open: its use is still reserved
+    assert (counter.month_tokens, counter.reserved_tokens, counter.leases) == (0, leased, 1)
+    governor.return_leases(now=NOON + LEASE_S)  # expired: closed, two requests in flight
+    counter = in_ledger(governor, "k:k1", NOON + LEASE_S)
+    assert (counter.month_tokens, counter.month_cost, counter.in_flight, counter.reserved_tokens, counter.leases) == (
+        30, 0.25, 2, 200, 0)
+    assert counter.reserved_cost == pytest.approx(1.0)
+    governor.settle(second, tokens=40, cost=0.125, now=NOON + 1)
+    governor.return_leases(now=NOON + 1)  # what `second` used, spent; `third` still holds its worst case
+    counter = in_ledger(governor, "k:k1", NOON + 1)
+    assert (counter.month_tokens, counter.month_cost, counter.in_flight, counter.reserved_tokens) == (
+        70, 0.375, 1, 100)
+    assert counter.reserved_cost == pytest.approx(0.5) and counter.tokens == 170  # the window: 30 + 40 + 100
+    governor.settle(third, tokens=50, cost=0.0625, now=NOON + 2)
+    governor.return_leases(now=NOON + 2)
+    counter = in_ledger(governor, "k:k1", NOON + 2)
+    assert (counter.month_tokens, counter.month_cost, counter.in_flight, counter.reserved_tokens) == (
+        120, 0.4375, 0, 0)
+    assert counter.reserved_cost == 0 and counter.requests == 3 and counter.tokens == 120
+    assert governor._closed == []
+    before = write_transactions(governor)
+    governor.return_leases(now=NOON + 3)  # nothing left to give back: no write
+    assert write_transactions(governor) == before
 
 
 LEASER = textwrap.dedent("""

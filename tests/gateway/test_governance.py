@@ -2,13 +2,17 @@
 upstream that echoes what it receives: roles, model access, data residency, PII masking
 before a remote upstream and in answers (whole and streamed), limits with OpenAI's headers,
 budgets that hold under 100 parallel requests and across a restart (a budgeted request is
-sent with the completion cap it reserved), and keys that keep working while the state
-database is locked."""
+sent with the completion cap it reserved), each budget's spend in the admin API and the CLI,
+and keys that keep working while the state database is locked."""
 
 from __future__ import annotations
 
 import asyncio
+import calendar
+import json
+import os
 import sqlite3
+import subprocess
 import time
 
 import httpx
@@ -16,7 +20,7 @@ import openai
 import pytest
 
 from services.gateway.admission import REMOTE_COMPLETION_CAP
-from tests.conftest import UPSTREAM_KEY_ENV, start_stack
+from tests.conftest import BIN, UPSTREAM_KEY_ENV, start_stack
 
 pytestmark = pytest.mark.stack
 
@@ -234,6 +238,102 @@ def test_100_parallel_requests_never_overspend_a_budget_over_two_workers(governe
     assert error_of(refusal)["code"] == "insufficient_quota" and "budget_cost" in error_of(refusal)["message"]
     assert int(refusal.headers["retry-after"]) >= 1
     assert wait_for(lambda: spent(governed, made["id"]) == 37.0, "the usage rows")
+
+
+def this_period(period: str, now: float) -> tuple[int, int]:
+    """The UTC day or month around `now`: its start and end, Unix seconds."""
+    t = time.gmtime(now)
+    if period == "day":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+        return start, start + 86400
+    year, month = divmod(t.tm_mon, 12)  # the next month, 0-based
+    return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)), calendar.timegm((t.tm_year + year, month + 1, 1, 0, 0, 0))
+
+
+def usage_row(stack, by: str, owner_id: str) -> dict | None:
+    rows = admin(stack).get("/admin/usage", params={"since": "all", "by": by}).json()["rows"]
+    return next((r for r in rows if r[f"{by}_id"] == owner_id), None)
+
+
+def appliance(stack, *args: str) -> str:
+    """The installed CLI against the stack's home (its gateway and admin.key)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_URL", "APPLIANCE_KEY")}
+    done = subprocess.run([str(BIN / "appliance"), *args], capture_output=True, text=True, timeout=60,
+                          env=env | {"APPLIANCE_HOME": str(stack.home)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_keys_spend_is_what_its_answers_used_in_the_api_and_the_cli(governed):
+    made = made_key(governed, "spend", budget_tokens=1000, budget_cost=50, period="month")
+    unbudgeted = made_key(governed, "spend-none", rpm=1000)  # counted in the ledger, but no budget
+    answers = [chat(governed, made["key"]) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    used = sum(a.json()["usage"]["total_tokens"] for a in answers)
+    assert used == 24  # 7 prompt and 1 completion token each; 1.0 a completion token
+    assert chat(governed, unbudgeted["key"]).status_code == 200
+    start, end = this_period("month", time.time())
+    expected = {"period": "month", "period_start": start, "period_end": end, "tokens": used, "cost": 3.0,
+                "reserved_tokens": 0, "reserved_cost": 0.0, "budget_tokens": 1000, "budget_cost": 50.0,
+                "currency": "USD"}
+    shown = admin(governed).get(f"/admin/keys/{made['id']}")
+    assert shown.status_code == 200 and shown.json()["spend"] == expected, shown.text
+    listed = {k["id"]: k for k in admin(governed).get("/admin/keys").json()}
+    assert listed[made["id"]]["spend"] == expected
+    assert listed[unbudgeted["id"]]["spend"] is None
+    assert admin(governed).get(f"/admin/keys/{unbudgeted['id']}").json()["spend"] is None
+    metered = wait_for(lambda: (row := usage_row(governed, "key", made["id"])) and row["requests"] == 3 and row,
+                       "the usage rows")
+    assert (metered["total_tokens"], metered["cost"]) == (used, 3.0)  # the usage API agrees with the ledger
+    resets = time.strftime("%Y-%m-%d 00:00 UTC", time.gmtime(end))
+    line = f"spend: 24 of 1000 tokens (2%), 3.00 of 50.00 USD (6%) this month (resets {resets})"
+    assert line in appliance(governed, "keys", "show", made["id"]).splitlines()
+    assert "spend:" not in appliance(governed, "keys", "show", unbudgeted["id"])
+    table = appliance(governed, "keys", "list").splitlines()
+    assert table[0].split()[-1] == "SPENT"
+    assert next(row for row in table if row.startswith(made["id"])).endswith("24/1000 (2%), 3.00/50.00 USD (6%)")
+    assert json.loads(appliance(governed, "keys", "show", made["id"], "--json"))["spend"] == expected
+
+
+def test_a_teams_spend_sums_its_keys_over_two_workers(governed):
+    name = f"spenders-{time.time_ns()}"
+    team = new_team(governed, name, budget_tokens=10**6, budget_cost=10**6, period="day")  # far: leases
+    free = made_key(governed, f"{name}-free", team=name)
+    budgeted = made_key(governed, f"{name}-budgeted", team=name, budget_tokens=10**5)
+    answers = asyncio.run(_parallel(governed, free["key"], 20)) + asyncio.run(_parallel(governed, budgeted["key"], 30))
+    assert [a.status_code for a in answers] == [200] * 50
+    used = {key: sum(a.json()["usage"]["total_tokens"] for a in part)
+            for key, part in ((free["id"], answers[:20]), (budgeted["id"], answers[20:]))}
+
+    def shown() -> dict | None:
+        team_spend = admin(governed).get(f"/admin/teams/{name}").json()
+        # settled in the ledger once every worker has given its leases back (about 1.5 s at most)
+        return team_spend if team_spend["spend"]["reserved_tokens"] == 0 else None
+
+    started = time.monotonic()
+    found = wait_for(shown, "the workers' leases given back", timeout=10)
+    assert time.monotonic() - started < 5
+    start, end = this_period("day", time.time())
+    assert found["spend"] == {"period": "day", "period_start": start, "period_end": end,
+                              "tokens": used[free["id"]] + used[budgeted["id"]], "cost": 50.0, "reserved_tokens": 0,
+                              "reserved_cost": 0.0, "budget_tokens": 10**6, "budget_cost": 10**6, "currency": "USD"}
+    keys = {k["id"]: k["spend"] for k in found["keys"]}
+    assert keys[free["id"]] is None  # no budget of its own
+    assert (keys[budgeted["id"]]["tokens"], keys[budgeted["id"]]["period"]) == (used[budgeted["id"]], "month")
+    assert keys[budgeted["id"]]["budget_cost"] is None and keys[budgeted["id"]]["cost"] == 30.0
+    listed = next(t for t in admin(governed).get("/admin/teams").json() if t["id"] == team["id"])
+    assert listed["spend"] == found["spend"]
+    metered = wait_for(lambda: (row := usage_row(governed, "team", team["id"])) and row["requests"] == 50 and row,
+                       "the usage rows")
+    assert (metered["total_tokens"], metered["cost"]) == (found["spend"]["tokens"], 50.0)
+    lines = appliance(governed, "teams", "show", name).splitlines()
+    assert f"spend: {found['spend']['tokens']} of 1000000 tokens (<1%), 50.00 of 1000000.00 USD (<1%) today " \
+           f"(resets {time.strftime('%Y-%m-%d 00:00 UTC', time.gmtime(end))})" in lines
+    assert next(row for row in lines if row.startswith(budgeted["id"])).endswith(
+        f"{used[budgeted['id']]}/100000 (<1%)")
+    assert any(row.startswith(team["id"]) and "<1%" in row for row in appliance(governed, "teams", "list").splitlines())
+    plain = new_team(governed, f"{name}-plain", rpm=5)
+    assert admin(governed).get(f"/admin/teams/{plain['id']}").json()["spend"] is None
 
 
 def test_valid_keys_keep_working_while_the_state_database_is_locked(governed):

@@ -23,7 +23,7 @@ class Api:
         try:
             response = await self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {exc or type(exc).__name__}",
+            raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {str(exc) or type(exc).__name__}",
                                 status=503) from None
         if not response.is_success and response.status_code not in also_ok:
             raise api_error(response)
@@ -44,8 +44,8 @@ class Api:
     async def patch(self, path: str, body: dict) -> Any:
         return await self.request("PATCH", path, json=body)
 
-    async def delete(self, path: str) -> Any:
-        return await self.request("DELETE", path)
+    async def delete(self, path: str, **params) -> Any:
+        return await self.request("DELETE", path, params={k: v for k, v in params.items() if v is not None})
 
     async def metrics(self) -> str:
         """The gateway's Prometheus text (every worker's values summed)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import work
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label
 
@@ -62,9 +63,12 @@ class View(Screen):
     def on_mount(self) -> None:
         self.watch(self.app, "status", lambda _: self.show_context(), init=False)
         self.show_context()
-        self.reload()
         if self.REFRESH_S:
             self.set_interval(self.REFRESH_S, self.tick)
+
+    def on_screen_resume(self) -> None:
+        """Shown (first, or back from a detail, a form or another view): load what is there now."""
+        self.reload()
 
     def show_context(self) -> None:
         self.query_one(ContextBar).show(self.app.api.url, self.app.who, self.app.status, self.TITLE)
@@ -82,8 +86,8 @@ class View(Screen):
             self._load()
 
     def tick(self) -> None:
-        """A periodic refresh: skipped while the last one still runs."""
-        if not self.loading:
+        """A periodic refresh: skipped while the last one still runs, or another screen covers this one."""
+        if not self.loading and self.is_current:
             self.reload()
 
     @work(group="load")
@@ -95,6 +99,10 @@ class View(Screen):
                     await self.load()
                 except AdminApiError as exc:
                     self.notify(str(exc), title=f"{self.TITLE}: not loaded", severity="error", timeout=8)
+                except NoMatches:
+                    if self.is_attached:
+                        raise
+                    return  # the view was closed while its answer was on the way
                 if not self.load_again:
                     return
         finally:
@@ -132,12 +140,16 @@ class View(Screen):
         self.app.push_screen(HelpScreen(self.TITLE, keys, self.app.command_help()))
 
     def active_bindings_list(self) -> list[Binding]:
-        """The view's and the app's own keys (not those of the widget in focus), once each."""
+        """The view's and the app's own keys (not those of the widget in focus), once each,
+        less those this view does not offer (check_action)."""
         seen, bindings = set(), []
-        for active in self.active_bindings.values():
-            if active.node in (self, self.app) and active.binding.description not in seen:
-                seen.add(active.binding.description)
-                bindings.append(active.binding)
+        for node in (self, self.app):
+            for key_bindings in node._bindings.key_to_bindings.values():
+                for binding in key_bindings:
+                    if binding.description and binding.description not in seen and \
+                            self.check_action(binding.action, ()) is not False:
+                        seen.add(binding.description)
+                        bindings.append(binding)
         return bindings
 
     def on_prompt_done(self, message: Prompt.Done) -> None:
@@ -162,6 +174,11 @@ class TableView(View):
         Binding("ctrl+d", "delete", "Delete"),
     ]
 
+    def __init__(self, argument: str = "") -> None:
+        """`argument`: what `:name TEXT` gave, the table's first filter."""
+        super().__init__()
+        self.first_filter = argument
+
     def key(self, row: dict) -> str:
         return str(row["id"])
 
@@ -169,7 +186,7 @@ class TableView(View):
         raise NotImplementedError
 
     def body(self):
-        yield ResourceTable(self.COLUMNS, self.key, id="table")
+        yield ResourceTable(self.COLUMNS, self.key, filter=self.first_filter, id="table")
 
     @property
     def table(self) -> ResourceTable:
@@ -199,11 +216,10 @@ class TableView(View):
             self.table.set_filter(message.value)
             self._count()
 
-    def on_prompt_done(self, message: Prompt.Done) -> None:
+    def on_prompt_done(self, message: Prompt.Done) -> None:  # View's handler runs too (Textual calls each class's)
         if message.mode == "/":
             self.table.set_filter(message.value or "")
             self._count()
-        super().on_prompt_done(message)
 
     def action_back(self) -> None:
         if self.table.filter:
@@ -224,6 +240,11 @@ class TableView(View):
 
     async def open(self, row: dict) -> None:
         """What enter on a row does."""
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """ctrl-d is not offered where the view deletes nothing."""
+        return action != "delete" or type(self).delete is not TableView.delete or \
+            type(self).action_delete is not TableView.action_delete
 
     def delete_question(self, row: dict) -> str | None:
         """The confirmation ctrl-d asks for `row`; None where this view deletes nothing."""

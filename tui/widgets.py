@@ -34,13 +34,13 @@ class ResourceTable(DataTable):
 
     BINDINGS = [Binding("g", "scroll_top", "Top", show=False), Binding("G", "scroll_bottom", "Bottom", show=False)]
 
-    def __init__(self, columns: Sequence[Column], key: Callable[[dict], str], **kwargs):
+    def __init__(self, columns: Sequence[Column], key: Callable[[dict], str], *, filter: str = "", **kwargs):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.spec = list(columns)
         self.key_of = key
         self.rows_by_key: dict[str, dict] = {}
         self.all_rows: list[dict] = []
-        self.filter = ""
+        self.filter = filter
         for column in self.spec:  # now, not at mount: rows may arrive before the table is mounted
             self.add_column(column.label, key=column.key)
 
@@ -121,7 +121,8 @@ class Prompt(Horizontal):
 
     def compose(self):
         yield Label(":", id="prompt-sign")
-        yield Input(id="prompt-input", suggester=SuggestFromList(self.commands, case_sensitive=False))
+        # Disabled while hidden, so it never takes the focus from the view.
+        yield Input(id="prompt-input", disabled=True, suggester=SuggestFromList(self.commands, case_sensitive=False))
 
     def open(self, mode: str, value: str = "") -> None:
         self.mode = mode
@@ -130,11 +131,13 @@ class Prompt(Horizontal):
         field.suggester = SuggestFromList(self.commands, case_sensitive=False) if mode == ":" else None
         field.placeholder = "a view: " + ", ".join(self.commands[:8]) + ", …" if mode == ":" else "filter the rows"
         field.value = value
+        field.disabled = False
         self.display = True
         field.focus()
 
     def close(self) -> None:
         self.display = False
+        self.query_one(Input).disabled = True
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()

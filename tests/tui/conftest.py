@@ -99,3 +99,8 @@ def make_key(stack, name: str, **fields) -> dict:
         assert time.monotonic() < deadline, f"the gateway does not accept the new key {made['id']}"
         time.sleep(0.05)
     return made
+
+
+def loaded(pilot) -> bool:
+    """The current view's first load arrived: its heading counts the rows (an empty list too)."""
+    return "[" in str(pilot.app.screen.query_one("#heading").content)

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import DEFAULT_MODEL, default_gguf
-from tests.tui.conftest import cells, column, fill, make_key, notes, select_row, until
+from tests.tui.conftest import cells, column, fill, loaded, make_key, notes, select_row, until
 from tui import format as fmt
 from tui.modals import ConfirmScreen, DetailScreen, FormScreen
 from tui.views.models import DeploymentsView, VersionsView
@@ -53,11 +53,6 @@ def register(stack, name: str, *files: Path) -> None:
 def versions(stack, name: str) -> list[dict]:
     answer = api(stack).get(f"/admin/models/{name}")
     return [] if answer.status_code == 404 else answer.raise_for_status().json()["versions"]
-
-
-def loaded(pilot) -> bool:
-    """The view's first load arrived (its heading counts the rows)."""
-    return "[" in str(pilot.app.screen.query_one("#heading").content)
 
 
 def page(pilot) -> str:

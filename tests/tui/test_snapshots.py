@@ -27,7 +27,7 @@ SIZE = (150, 40)
 AGO_S = 300
 TIMES = {"created_at", "updated_at", "ts", "started_at", "finished_at", "revoked_at", "disabled_at", "last_login_at"}
 IDS = re.compile(r"\b(key|usr|team|user|job|sess)_[0-9a-f]{6,}\b")
-PREFIX = re.compile(r"\bsk-ap-[A-Za-z0-9_-]{6}\b")
+PREFIX = re.compile(r"\bsk-ap-[A-Za-z0-9_-]{6}")
 
 
 class PinnedApi(Api):
@@ -74,6 +74,11 @@ def snapshot_stack(tmp_path_factory):
     objects = [o for kind in ("keys", "users", "teams") for o in sorted(admin.get(f"/admin/{kind}").json(),
                                                                        key=lambda o: o["name"])]
     running.ids = {o["id"]: f"{o['id'].partition('_')[0]}_{n:012d}" for n, o in enumerate(objects, 1)}
+    # The dashboard shows the replica's lag: wait until it has caught up with what was just made.
+    deadline = time.monotonic() + 60
+    while any(db["state"] != "in sync" or db["lag_transactions"] for db in admin.get("/admin/system").json()["backup"]):
+        assert time.monotonic() < deadline, admin.get("/admin/system").json()["backup"]
+        time.sleep(1)
     yield running
     running.stop()
 

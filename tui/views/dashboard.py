@@ -95,14 +95,17 @@ class Dashboard(TableView):
         Column("reason", "REASON"),
     )
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, argument: str = "") -> None:
+        super().__init__(argument)
         self.window = Window()
         self.serving: dict = {}
         self.last_error: str | None = None
 
     def key(self, row: dict) -> str:
         return row["key"]
+
+    def heading(self) -> str:
+        return "models and replicas"
 
     def body(self):
         points = int(HISTORY_S / self.app.refresh_s)
@@ -114,9 +117,13 @@ class Dashboard(TableView):
             yield Static(id="system-panel", classes="panel")
         yield from super().body()
 
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.set_interval(self.app.refresh_s, self.tick)
+    def on_mount(self) -> None:  # after View's (Textual calls each class's handler)
+        self.set_interval(self.app.refresh_s, self.sample)
+
+    def sample(self) -> None:
+        """Scrape even while another view covers the dashboard: its charts have no gaps."""
+        if not self.loading:
+            self.reload()
 
     async def fetch(self) -> list[dict]:
         metrics, serving, system = await asyncio.gather(
@@ -143,7 +150,7 @@ class Dashboard(TableView):
             self.notify(message, title="dashboard", severity="error", timeout=8)
 
     def _show_tiles(self, now: Figures) -> None:
-        tiles = {tile.id: tile for tile in self.query(Tile)}
+        tiles = {tile_id: self.query_one(f"#{tile_id}", Tile) for _, tile_id in TILES}
         tiles["rps"].show(fmt.rate(now.requests_per_s), now.requests_per_s)
         tiles["latency"].show(f"{fmt.seconds(now.p50_s)} · {fmt.seconds(now.p95_s)}", now.p95_s or 0.0)
         tiles["ttft"].show(fmt.seconds(now.ttft_p50_s), now.ttft_p50_s or 0.0)

@@ -48,8 +48,8 @@ class KeysView(TableView):
         Binding("a", "toggle_revoked", "Show revoked"),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, argument: str = "") -> None:
+        super().__init__(argument)
         self.include_revoked = False
 
     def heading(self) -> str:

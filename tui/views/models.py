@@ -144,18 +144,7 @@ class UploadBar(Horizontal):
         self.display = False
 
 
-class FilteredView(TableView):
-    """A list that `:name TEXT` opens filtered by TEXT."""
-
-    def __init__(self, text: str = "") -> None:
-        super().__init__()
-        self.initial_filter = text
-
-    def on_mount(self) -> None:  # before View.on_mount's first load (Textual calls each class's handler)
-        self.table.filter = self.initial_filter
-
-
-class RegistryView(FilteredView):
+class RegistryView(TableView):
     """A list in the registry, where `u` uploads a file from this machine as a model's next version."""
 
     BINDINGS = [Binding("u", "upload", "Upload a version")]
@@ -197,7 +186,6 @@ class RegistryView(FilteredView):
 
 class ModelsView(RegistryView):
     TITLE = "models"
-    stale = False  # a model's versions were opened, and may have changed
     COLUMNS = (
         Column("name", "NAME"), Column("latest", "LATEST", lambda r: f"v{r['latest']}" if r["latest"] else "-"),
         Column("versions", "VERSIONS"), Column("size", "SIZE", lambda r: fmt.size(r["size"]) if r.get("size") else "-"),
@@ -223,14 +211,7 @@ class ModelsView(RegistryView):
         return self.selected["name"] if self.selected else ""
 
     async def open(self, row: dict) -> None:
-        self.stale = True
         await self.app.push_screen(VersionsView(row["name"]))
-
-    def on_screen_resume(self) -> None:
-        """Back from a model's versions: show what was changed there."""
-        if self.stale:
-            self.stale = False
-            self.reload()
 
     def action_delete(self) -> None:
         self.notify("Open the model (enter) and delete its versions there: the model goes with its last one.",
@@ -441,7 +422,7 @@ def comparison(compared: dict) -> Group:
     return Group(Text(f"{differ} of {len(rows)} fields differ", style="bold"), Text(), table)
 
 
-class DeploymentsView(FilteredView):
+class DeploymentsView(TableView):
     TITLE = "deployments"
     REFRESH_S = 2.0
     COLUMNS = (

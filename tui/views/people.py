@@ -178,7 +178,7 @@ class TeamsView(TableView):
             question = f"{exc}\nRevoke the team's active keys and delete it anyway?"
             if not await self.confirm(question):
                 return
-            deleted = await self.attempt(self.api.delete(f"{path}?force=true"))
+            deleted = await self.attempt(self.api.delete(path, force="true"))
             if deleted is None:
                 return
         revoked = len(deleted["revoked_keys"])

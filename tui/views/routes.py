@@ -12,7 +12,7 @@ from textual.binding import Binding
 
 from tui import format as fmt
 from tui.modals import DetailScreen, Field, FormScreen
-from tui.views.models import FilteredView
+from tui.view import TableView
 from tui.widgets import Column
 
 STATE_STYLES = {"ready": "green", "degraded": "yellow", "down": "bold red", "unavailable": "bold red",
@@ -131,7 +131,7 @@ def route_page(route: dict) -> Group:
     return Group(*parts)
 
 
-class RoutesView(FilteredView):
+class RoutesView(TableView):
     TITLE = "routes"
     REFRESH_S = 3.0
     COLUMNS = (

@@ -133,6 +133,29 @@ def worker(runtime_file: str, threads: int, health: tuple[str, int] | None) -> N
     run_worker(_read_runtime(runtime_file), threads=threads, health=health, say=lambda line: click.echo(line))
 
 
+@cli.command("gpu-sampler")
+@runtime_option
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=2.0, show_default=True,
+              help="Seconds between two readings.")
+def gpu_sampler(runtime_file: str, interval: float) -> None:
+    """Read the GPUs (NVML) every few seconds for a gateway without the devices, until SIGTERM.
+
+    It writes their memory, utilisation and temperature to the file that the runtime's
+    gpu_readings names, which GET /admin/system reads. A bare-metal install runs it as
+    appliance-gpu-sampler.service, the only unit besides the engines and the controller that
+    may open the NVIDIA devices; under `appliance up` the gateway reads NVML itself.
+    """
+    from pathlib import Path
+
+    from services.gpus import run_sampler_until_signalled
+
+    runtime = _read_runtime(runtime_file)
+    if not runtime.gpu_readings:
+        raise click.BadParameter(f"{runtime_file} names no GPU readings file (gpu_readings): its gateway reads "
+                                 "the GPUs itself", param_hint="--runtime")
+    run_sampler_until_signalled(Path(runtime.gpu_readings), say=lambda line: click.echo(line), interval_s=interval)
+
+
 @cli.group()
 def models() -> None:
     """Models: those a profile serves, the model registry and deployments."""

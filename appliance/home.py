@@ -45,6 +45,11 @@ def engine_status_dir(home: Path) -> Path:
     return run_dir(home) / "engines"
 
 
+def gpu_readings_path(home: Path) -> Path:
+    """The GPUs' last reading, written by a GPU sampler for a gateway without the devices (services/gpus.py)."""
+    return run_dir(home) / "gpus.json"
+
+
 def gateway_runtime_path(home: Path) -> Path:
     """The gateway's runtime file (services/gateway/runtime.py), written by `appliance up`."""
     return run_dir(home) / "gateway.json"

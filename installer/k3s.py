@@ -47,6 +47,9 @@ HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state 
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
 LITESTREAM_CONFIG = f"{LITESTREAM_DIR}/litestream.yml"  # the gateway reads it too, for the replica's lag
+# GET /admin/system's gpu_error: the control pod has no GPU, and nothing brings the GPU nodes' readings to it.
+NO_GPUS_REASON = ("on k3s the gateway's pod has no GPU, and the GPU nodes' readings are not collected: "
+                  "see docs/k3s.md (GPU readings)")
 WORKER_HEALTH_PORT = 8091
 SECRETS_FILE = "10-secrets.yaml"
 ENGINE_KEYS = "engine-keys"
@@ -142,7 +145,8 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
         served.append(served_model(model, profile.gateway, [endpoint], created.get(model.name, now)))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
     return GatewayRuntime(home=HOME_DIR, profile=profile.name, gateway=gateway, models=served, storage=store,
-                          **runtime_settings(profile), litestream_config=LITESTREAM_CONFIG)
+                          **runtime_settings(profile), litestream_config=LITESTREAM_CONFIG,
+                          no_gpus_reason=NO_GPUS_REASON)
 
 
 # --- MinIO -----------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from string import Template
 import msgspec
 
 from appliance.discovery import local_url
-from appliance.home import RUNTIME_ENV, jobs_db_path, litestream_socket_path, minio_data_dir, state_db_path
+from appliance.home import (
+    RUNTIME_ENV, gpu_readings_path, jobs_db_path, litestream_socket_path, minio_data_dir, state_db_path,
+)
 from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.objectstore import FilesystemSettings, ObjectStoreSettings, S3Settings
@@ -40,6 +42,7 @@ from services.engines.commands import KEY_ENV, EngineCommand, engine_command
 from services.engines.launch import engine_slots
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, read_runtime
+from services.gpus import SAMPLE_INTERVAL_S
 from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.storage import litestream
@@ -54,6 +57,7 @@ CONTROLLER_UNIT = "appliance-controller.service"
 WORKER_UNIT = "appliance-worker.service"
 LITESTREAM_UNIT = "appliance-litestream.service"
 MINIO_UNIT = "appliance-minio.service"
+GPU_SAMPLER_UNIT = "appliance-gpu-sampler.service"
 LEGACY_ENGINES_ENV = "engines.env"  # every engine's key, from renders that put keys in ExecStart; removed
 MINIO_ENV = "minio.env"
 REMOTE_KEYS_ENV = "remote-keys.env"  # written by the operator: one line per remote model's api_key_env
@@ -109,8 +113,8 @@ def _fill(name: str, **values: str) -> str:
 
 def _hardening(layout: Layout, *, gpu: bool = False, capabilities: str = "", writable: tuple[Path, ...] = ()) -> str:
     if gpu:
-        devices = ("# CUDA opens /dev/nvidia*, which PrivateDevices=yes would hide: the host's /dev stays, and\n"
-                   "# the device cgroup admits only NVIDIA devices (and /dev/null, /dev/urandom, ...).\n"
+        devices = ("# CUDA and NVML open /dev/nvidia*, which PrivateDevices=yes would hide: the host's /dev\n"
+                   "# stays, and the device cgroup admits only NVIDIA devices (and /dev/null, /dev/urandom, ...).\n"
                    "PrivateDevices=no\nDevicePolicy=closed\nDeviceAllow=char-nvidia* rw")
     else:
         devices = "PrivateDevices=yes"
@@ -270,12 +274,26 @@ def _gateway_unit(profile: Profile, replicas: list[_Replica], layout: Layout, he
     )
 
 
+def _has_gpus(plan: Plan, node: str) -> bool:
+    """The node's inventory lists GPUs (whether or not the profile's models use them)."""
+    return any(d.node == node and d.device.startswith("gpu") for d in plan.devices)
+
+
 def _controller_unit(plan: Plan, node: str, layout: Layout, header: str, after: str, writable: tuple[Path, ...]) -> str:
-    gpu = any(d.node == node and d.device.startswith("gpu") for d in plan.devices)
+    gpu = _has_gpus(plan, node)
     argv = [str(layout.bin / "appliance"), "controller", "--runtime", str(layout.etc / GATEWAY_RUNTIME)]
     return _fill("appliance-controller.service.in", header=header, after=after, exec_start=_command(argv),
                  home=str(layout.data), runtime_env=RUNTIME_ENV, runtime=str(layout.etc / GATEWAY_RUNTIME),
                  hardening=_hardening(layout, gpu=gpu, writable=writable))
+
+
+def _gpu_sampler_unit(layout: Layout, header: str) -> str:
+    """The one process that reads NVML for the gateway, which has PrivateDevices=yes."""
+    argv = [str(layout.bin / "appliance"), "gpu-sampler", "--runtime", str(layout.etc / GATEWAY_RUNTIME),
+            "--interval", f"{SAMPLE_INTERVAL_S:g}"]
+    return _fill("appliance-gpu-sampler.service.in", header=header, exec_start=_command(argv), home=str(layout.data),
+                 interval=f"{SAMPLE_INTERVAL_S:g}", readings=str(gpu_readings_path(layout.data)),
+                 hardening=_hardening(layout, gpu=True))
 
 
 def _worker_unit(layout: Layout, header: str, after: str, writable: tuple[Path, ...]) -> str:
@@ -313,7 +331,8 @@ def _litestream(profile: Profile, layout: Layout, target: litestream.BackupTarge
 
 
 def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], layout: Layout,
-             created: dict[str, int], store: ObjectStoreSettings | None, replicated: bool) -> GatewayRuntime:
+             created: dict[str, int], store: ObjectStoreSettings | None, replicated: bool,
+             sampled: bool) -> GatewayRuntime:
     """What the gateway serves: as `appliance up` writes it, with the units' ports and keys."""
     now = int(time.time())
     served = []
@@ -328,7 +347,8 @@ def _runtime(profile: Profile, replicas: list[_Replica], keys: dict[str, str], l
         served.append(served_model(model, profile.gateway, endpoints, created.get(model.name, now)))
     return GatewayRuntime(home=str(layout.data), profile=profile.name, gateway=profile.gateway, models=served,
                           storage=store, **runtime_settings(profile),
-                          litestream_config=str(layout.etc / LITESTREAM_CONFIG) if replicated else None)
+                          litestream_config=str(layout.etc / LITESTREAM_CONFIG) if replicated else None,
+                          gpu_readings=str(gpu_readings_path(layout.data)) if sampled else None)
 
 
 def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, *, node: str | None = None,
@@ -362,7 +382,9 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
         objects = (Path(store.path),)
     created = {m.name: m.created for m in previous.models} if previous else {}
     backup = litestream.backup_target(profile.backup, layout.data, store)
-    runtime = _runtime(profile, replicas, keys, layout, created, store, replicated=backup is not None)
+    # On a node with GPUs, appliance-gpu-sampler.service reads them for the gateway, which cannot.
+    sampled = _has_gpus(plan, node)
+    runtime = _runtime(profile, replicas, keys, layout, created, store, replicated=backup is not None, sampled=sampled)
 
     files = {
         **{etc / r.env_file: (_env_file(f"# The API key of {r.unit}: generated on the first render, kept on the next.\n",
@@ -386,6 +408,8 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
     units[GATEWAY_UNIT] = _gateway_unit(profile, replicas, layout, header, after, objects)
     units[CONTROLLER_UNIT] = _controller_unit(plan, node, layout, header, after, objects)
     units[WORKER_UNIT] = _worker_unit(layout, header, after, objects)
+    if sampled:
+        units[GPU_SAMPLER_UNIT] = _gpu_sampler_unit(layout, header)
     litestream_unit, litestream_files, backup_folder = _litestream(profile, layout, backup, header, after)
     if litestream_unit is not None:
         units[LITESTREAM_UNIT] = litestream_unit
@@ -401,8 +425,9 @@ def render_systemd(profile: Profile, plan: Plan, layout: Layout, out_dir: Path, 
         if write_if_changed(path, text.encode(), mode):
             changed.append(path)
     unit_paths = [units_dir / name for name in units]
-    # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO or backup).
-    removed = [p for p in [*units_dir.glob("appliance-engine-*.service"), units_dir / MINIO_UNIT, units_dir / LITESTREAM_UNIT]
+    # Units of an earlier render that this one no longer has (a removed model or replica, no MinIO, backup or GPU).
+    removed = [p for p in [*units_dir.glob("appliance-engine-*.service"), units_dir / MINIO_UNIT, units_dir / LITESTREAM_UNIT,
+                           units_dir / GPU_SAMPLER_UNIT]
                if p.exists() and p not in unit_paths]
     for path in removed:
         path.unlink()

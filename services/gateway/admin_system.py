@@ -1,8 +1,9 @@
 """The appliance at a glance: /admin/system, for the admin console's dashboard.
 
 The gateway's version, when it started and its worker processes; this machine's GPUs as
-NVML reads them live; and, where the state is replicated, how far each database's replica
-is behind (services/gateway/system.py). With /readyz, /metrics and /admin/serving it is
+NVML reads them (in the gateway, or in a GPU sampler that has the devices it lacks); and,
+where the state is replicated, how far each database's replica is behind
+(services/gateway/system.py). With /readyz, /metrics and /admin/serving it is
 everything the dashboard shows.
 """
 

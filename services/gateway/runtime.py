@@ -58,6 +58,12 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     # The config of the litestream that replicates the state, as the gateway reads it (GET
     # /admin/system reports the replica's lag from it); None: the state is not replicated.
     litestream_config: str | None = None
+    # Where GET /admin/system takes the GPUs from. None: NVML in the gateway itself (`appliance
+    # up`, whose gateway has the machine's devices); else the file a GPU sampler writes
+    # (services/gpus.py; systemd's appliance-gpu-sampler.service), the gateway having no devices.
+    gpu_readings: str | None = None
+    # Set where the gateway can read no GPU at all, and why (k3s: its pod has none); NVML is then not tried.
+    no_gpus_reason: str | None = None
 
 
 def write_runtime(runtime: GatewayRuntime, path: Path) -> None:

@@ -2,9 +2,12 @@
 version, start and workers, the machine's GPUs (NVML) and how far the state's replica is
 (litestream).
 
-Both readings block: NVML calls into the driver, and litestream's status runs litestream
-and reads the replica. Each is taken on a thread and kept a while, so that many consoles
-polling cost one reading per interval in each gateway worker, and the event loop never waits.
+The GPUs come from NVML in the gateway where it has the devices (`appliance up`), else from
+the file that a GPU sampler with the devices writes (services/gpus.py), as the runtime says.
+Both readings block: NVML calls into the driver (or the sampler's file is read), and
+litestream's status runs litestream and reads the replica. Each is taken on a thread and
+kept a while, so that many consoles polling cost one reading per interval in each gateway
+worker, and the event loop never waits.
 (litestream's own /metrics has its local position but not the replica's, so no lag.)
 """
 
@@ -23,10 +26,9 @@ from appliance import __version__
 from appliance.errors import ApplianceError
 from appliance.home import DATABASES
 from appliance.objectstore import ObjectStoreSettings, S3Settings
-from appliance.planning.inventory import GpuInfo
-from appliance.planning.probe import probe_gpus
 from services.gateway.launch import STARTED_ENV
 from services.gateway.runtime import GatewayRuntime
+from services.gpus import read_gpus, read_reading
 from services.storage import litestream
 
 log = logging.getLogger("appliance.gateway")
@@ -55,19 +57,6 @@ class Reading(Generic[T]):
             return self._value
 
 
-def gpu_state(gpu: GpuInfo) -> dict:
-    return {"index": gpu.index, "name": gpu.name, "memory_used_bytes": gpu.memory_total_bytes - gpu.memory_free_bytes,
-            "memory_total_bytes": gpu.memory_total_bytes, "utilization_percent": gpu.utilization_percent,
-            "temperature_c": gpu.temperature_c}
-
-
-def read_gpus() -> dict:
-    """`gpus` and `gpu_error`: why NVML is unavailable, or which GPUs it could not read."""
-    nvml, gpus = probe_gpus()
-    error = nvml.reason if not nvml.available else "; ".join(nvml.problems) or None
-    return {"gpus": [gpu_state(gpu) for gpu in gpus], "gpu_error": error}
-
-
 def read_backup(config: Path, store: ObjectStoreSettings | None) -> list[dict]:
     """Each replicated database's state and lag; what keeps them from being read is each one's `detail`.
 
@@ -92,6 +81,15 @@ def _unread(why: str) -> list[dict]:
              "detail": f"cannot read the replication status: {why}"} for name in DATABASES]
 
 
+def gpu_source(runtime: GatewayRuntime) -> Callable[[], dict]:
+    """How this gateway reads the GPUs: not at all (and why), the sampler's file, or NVML itself."""
+    if runtime.no_gpus_reason:
+        return lambda: {"gpus": [], "gpu_error": runtime.no_gpus_reason, "gpus_read_at": None}
+    if runtime.gpu_readings:
+        return partial(read_reading, Path(runtime.gpu_readings))
+    return read_gpus
+
+
 class SystemState:
     """One gateway worker's answer to GET /admin/system."""
 
@@ -99,7 +97,7 @@ class SystemState:
         # launch.py sets the gateway's start; an app made in-process (tests) starts with itself.
         self.started_at = float(os.environ.get(STARTED_ENV) or time.time())
         self.workers = runtime.gateway.workers
-        self.gpus = Reading(read_gpus, GPU_READING_S)
+        self.gpus = Reading(gpu_source(runtime), GPU_READING_S)
         self.backup = None
         if runtime.litestream_config:
             self.backup = Reading(partial(read_backup, Path(runtime.litestream_config), runtime.storage),

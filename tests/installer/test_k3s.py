@@ -215,6 +215,9 @@ def test_control_pod(rendered):
     assert [m["name"] for m in worker["volumeMounts"]] == ["state", "runtime"]  # not the gateway's metrics folder
     # The gateway reads litestream's config, where gateway.json says, for the replicas' lag (GET /admin/system).
     assert {"name": "litestream", "mountPath": "/etc/litestream", "readOnly": True} in gateway["volumeMounts"]
+    # No NVIDIA device reaches the LAN-facing pod: no GPU limit, no nvidia runtime.
+    assert "runtimeClassName" not in pod and all("limits" not in c["resources"] or "nvidia.com/gpu" not in
+                                                 c["resources"]["limits"] for c in pod["containers"])
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"
 
 
@@ -287,6 +290,8 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     assert (replicas["upstream"][0].base_url, replicas["upstream"][0].api_key_env) == ("https://llm.example.com/v1", "UPSTREAM_API_KEY")
     assert runtime.home == "/var/lib/appliance" and runtime.gateway.host == "0.0.0.0"
     assert runtime.litestream_config == "/etc/litestream/litestream.yml"
+    # The control pod has no GPU and no sampler feeds it: GET /admin/system says so instead of NVML's reason.
+    assert runtime.gpu_readings is None and "k3s" in runtime.no_gpus_reason and "docs/k3s.md" in runtime.no_gpus_reason
     # The registries use the cluster's MinIO, with the credentials MinIO itself is given.
     assert (runtime.storage.endpoint, runtime.storage.access_key, runtime.storage.secret_key) == (
         "http://minio.llm.svc:9000", first["minio-credentials"]["root-user"], first["minio-credentials"]["root-password"])

@@ -4,11 +4,13 @@ with nothing changed changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -31,7 +33,10 @@ from appliance.planning.plan_model import planned_model
 from appliance.planning.planner import make_plan
 from installer.systemd import render_systemd
 from services.engines.commands import KEY_ENV, engine_command
-from services.gateway.runtime import GatewayRuntime
+from appliance.planning.probe import probe_gpus
+from services.gateway.runtime import GatewayRuntime, read_runtime
+from services.gateway.system import SystemState
+from services.gpus import gpu_error, read_reading
 from services.engines.process import http_ok
 from tests.conftest import free_port
 
@@ -199,7 +204,7 @@ def test_edge_cpu_units_pass_systemd_analyze_verify(edge_plan, tmp_path, with_mi
 @needs_systemd
 def test_gpu_units_pass_systemd_analyze_verify(gpu, tmp_path):
     _, _, out, rendered = gpu
-    assert len(rendered.units) == 8  # 3 engines, gateway, controller, worker, litestream, target
+    assert len(rendered.units) == 9  # 3 engines, gateway, controller, worker, GPU sampler, litestream, target
     assert verify_errors(out, tmp_path) == ""
 
 
@@ -289,6 +294,7 @@ def test_edge_cpu_units(edge):
     # edge-cpu's object store is auto: the filesystem store in the home without MinIO's binary.
     assert runtime.storage == FilesystemSettings(path="/var/lib/appliance/blobs")
     assert runtime.litestream_config == "/etc/appliance/litestream.yml"  # the gateway reports the replicas' lag
+    assert runtime.gpu_readings is None  # no GPU on this node: no sampler, the gateway says NVML's reason itself
 
     target = read_unit(out / UNITS / "appliance.target")
     assert target["Unit"]["Wants"][0].split() == [p.name for p in rendered.units[:-1]]
@@ -351,6 +357,77 @@ def test_gateway_json_matches_the_engine_units(gpu):
     assert environment(gateway_path)["PROMETHEUS_MULTIPROC_DIR"] == "/run/appliance-gateway"  # workers: 2
     assert gateway["RuntimeDirectory"] == "appliance-gateway"
     assert gateway["CapabilityBoundingSet"] == gateway["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"  # port 443
+
+
+def test_only_the_gpu_sampler_engines_and_controller_may_open_the_gpus(gpu):
+    """The gateway, on the LAN, keeps PrivateDevices=yes; the GPUs reach GET /admin/system
+    through the sampler, which has the NVIDIA devices and no network."""
+    _, _, out, rendered = gpu
+    sampler_path = out / UNITS / "appliance-gpu-sampler.service"
+    assert sampler_path in rendered.units
+    assert "appliance-gpu-sampler.service" in read_unit(out / UNITS / "appliance.target")["Unit"]["Wants"][0].split()
+    sampler = service(sampler_path)
+    assert shlex.split(sampler["ExecStart"]) == ["/opt/appliance/bin/appliance", "gpu-sampler", "--runtime",
+                                                "/etc/appliance/gateway.json", "--interval", "2"]
+    assert (sampler["PrivateDevices"], sampler["DevicePolicy"], sampler["DeviceAllow"]) == ("no", "closed", "char-nvidia* rw")
+    assert sampler["PrivateNetwork"] == "yes" and sampler["CapabilityBoundingSet"] == "" and sampler["User"] == "appliance"
+    runtime = msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime)
+    assert runtime.gpu_readings == "/var/lib/appliance/run/gpus.json" and runtime.no_gpus_reason is None
+
+    with_devices = {"appliance-gpu-sampler.service", "appliance-controller.service",
+                    *(p.name for p in rendered.units if p.name.startswith("appliance-engine-"))}  # all on GPUs here
+    for path in [p for p in rendered.units if p.suffix == ".service"]:
+        keys, lines = service(path), read_unit(path)["Service"]
+        if path.name in with_devices:
+            assert (keys["PrivateDevices"], lines["DeviceAllow"]) == ("no", ["char-nvidia* rw"]), path.name
+        else:
+            assert keys["PrivateDevices"] == "yes" and "DeviceAllow" not in lines and "DevicePolicy" not in lines, path.name
+    assert {p.name for p in rendered.units if p.suffix == ".service" and service(p)["PrivateDevices"] == "yes"} >= {
+        "appliance-gateway.service", "appliance-worker.service", "appliance-litestream.service"}
+
+
+def test_a_node_without_gpus_has_no_sampler(gpu):
+    profile, plan, out, _ = gpu
+    without_gpus = msgspec.structs.replace(plan, devices=[d for d in plan.devices if not d.device.startswith("gpu")])
+    rendered = render_systemd(profile, without_gpus, LAYOUT, out)
+    assert [p.name for p in rendered.removed] == ["appliance-gpu-sampler.service"]
+    assert not (out / UNITS / "appliance-gpu-sampler.service").exists()
+    assert msgspec.json.decode((out / "etc/appliance/gateway.json").read_bytes(), type=GatewayRuntime).gpu_readings is None
+
+
+def test_the_sampler_unit_feeds_the_gateway(gpu_plan, tmp_path):
+    """The sampler unit's ExecStart run as systemd runs it (no GPU here: NVML's reason is its
+    reading), writing where the gateway of the same render reads, every 2 s, until SIGTERM."""
+    profile, plan = gpu_plan
+    layout = Layout(prefix=Path(sys.prefix), etc=tmp_path / "etc", data=tmp_path / "data", units=tmp_path / "units")
+    render_systemd(profile, plan, layout, Path("/"))
+    runtime = read_runtime(layout.etc / "gateway.json")
+    readings = Path(runtime.gpu_readings)
+    assert readings == layout.data / "run" / "gpus.json"
+    argv = shlex.split(service(layout.units / "appliance-gpu-sampler.service")["ExecStart"])
+    log = tmp_path / "sampler.log"
+    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not readings.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        first = json.loads(readings.read_text())
+        while (second := json.loads(readings.read_text()))["sampled_at"] == first["sampled_at"]:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert 1.5 < second["sampled_at"] - first["sampled_at"] < 4 and second["pid"] == proc.pid
+        nvml, gpus = probe_gpus()
+        system = asyncio.run(SystemState(runtime).snapshot())
+        assert [g["name"] for g in system["gpus"]] == [g.name for g in gpus]
+        assert system["gpu_error"] == gpu_error(nvml) and time.time() - system["gpus_read_at"] < 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, log.read_text()
+    assert "GPU sampler stopped." in log.read_text()
+    last = json.loads(readings.read_text())["sampled_at"]
+    stale = read_reading(readings, now=last + 30)
+    assert stale["gpus"] == [] and stale["gpus_read_at"] == last and "30 s old" in stale["gpu_error"]
 
 
 # --- secrets and idempotency ------------------------------------------------------------

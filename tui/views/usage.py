@@ -1,0 +1,197 @@
+"""Usage and cost (GET /admin/usage): totals over a period, grouped by team, user, key, model
+or a pair of them, costliest first, with a totals line and a bar chart of the top rows' cost
+or tokens. A caller below operator sees only its own usage, and the heading says so."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from rich.console import Group
+from rich.text import Text
+from textual.binding import Binding
+from textual.widget import Widget
+from textual.widgets import Static
+
+from tui import format as fmt
+from tui.modals import DetailScreen, as_yaml
+from tui.view import TableView
+from tui.widgets import Column, ResourceTable
+
+PERIODS = ("15m", "1h", "24h", "7d", "30d", "all")
+GROUPINGS = (("team",), ("user",), ("key",), ("model",), ("team", "model"), ("user", "model"), ("key", "model"))
+GROUP_FIELDS = {"team": ("team_name", "team_id"), "user": ("user_name", "user_id"), "key": ("key_name", "key_id"),
+                "model": ("model", "model")}  # (shown, identity) of each grouping's row fields
+CHART_ROWS = 10
+EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def group_name(row: dict, group: str) -> str:
+    shown, identity = GROUP_FIELDS[group]
+    return fmt.text(row.get(shown) or row.get(identity))
+
+
+def milliseconds(value: float | None) -> str:
+    return fmt.seconds(None if value is None else value / 1000)
+
+
+def columns_for(by: Sequence[str], currency: str) -> tuple[Column, ...]:
+    groups = tuple(Column(group, group.upper(), lambda r, g=group: group_name(r, g)) for group in by)
+    return groups + (
+        Column("requests", "REQUESTS"), Column("errors", "ERRORS"), Column("prompt_tokens", "PROMPT TOK"),
+        Column("completion_tokens", "COMPLETION TOK"), Column("total_tokens", "TOKENS"),
+        Column("cost", "COST", lambda r: fmt.money(r["cost"], currency)), Column("cached", "CACHED"),
+        Column("avg_latency_ms", "AVG LATENCY", lambda r: milliseconds(r["avg_latency_ms"])),
+        Column("avg_ttft_ms", "AVG TTFT", lambda r: milliseconds(r["avg_ttft_ms"])),
+        Column("last_ts", "LAST", lambda r: fmt.age(r.get("last_ts"))),
+    )
+
+
+def bar(value: float, largest: float, width: int) -> str:
+    """A bar of block characters `width` long for `largest`, in eighths of a character."""
+    eighths = round(value / largest * width * 8) if largest > 0 else 0
+    full, part = divmod(eighths, 8)
+    return "█" * full + (EIGHTHS[part] if part else "")
+
+
+class UsageTable(ResourceTable):
+    """A ResourceTable whose columns follow the grouping."""
+
+    def set_columns(self, columns: Sequence[Column]) -> None:
+        self.spec = list(columns)
+        self.clear(columns=True)
+        self.rows_by_key = {}  # no row is kept: each is drawn again with the new columns
+        for column in self.spec:
+            self.add_column(column.label, key=column.key)
+
+
+class BarChart(Widget):
+    """Labelled horizontal bars scaled to the largest value, drawn at the widget's width."""
+
+    DEFAULT_CSS = """
+    BarChart { height: auto; border: round $secondary; padding: 0 1; }
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.title, self.empty = "", ""
+        self.bars: list[tuple[str, float, str]] = []  # label, value, value as shown
+
+    def show(self, title: str, bars: list[tuple[str, float, str]], empty: str) -> None:
+        self.title, self.bars, self.empty = title, bars, empty
+        self.refresh(layout=True)
+
+    def render(self) -> Group:
+        lines = [Text(self.title, style="bold")]
+        largest = max((value for _, value, _ in self.bars), default=0)
+        if largest <= 0:
+            return Group(*lines, Text(self.empty, style="dim"))
+        label_width = min(40, max(len(label) for label, _, _ in self.bars))
+        value_width = max(len(shown) for _, _, shown in self.bars)
+        width = max(10, self.content_size.width - label_width - value_width - 2)
+        for label, value, shown in self.bars:
+            drawn = bar(value, largest, width).ljust(width)
+            lines.append(Text.assemble(label[:label_width].ljust(label_width), " ", (drawn, "cyan"), " ",
+                                       shown.rjust(value_width)))
+        return Group(*lines)
+
+
+class UsageView(TableView):
+    TITLE = "usage"
+    REFRESH_S = 10.0
+    BINDINGS = [
+        Binding("p", "next_period", "Period"),
+        *(Binding(str(i + 1), f"period({i})", "Period 15m 1h 24h 7d 30d all", key_display="1-6", show=False)
+          for i in range(len(PERIODS))),
+        Binding("b", "next_grouping", "Group by"),
+        Binding("t", "toggle_chart", "Chart cost/tokens"),
+    ]
+
+    def __init__(self, argument: str = "") -> None:
+        """`argument`: a period (like 7d, or all), a grouping (like team+model), and any other
+        words the table's first filter."""
+        self.period, self.by, words = "24h", ("key", "model"), []
+        for word in argument.split():
+            groups = tuple(word.replace(",", "+").split("+"))
+            if all(group in GROUP_FIELDS for group in groups):
+                self.by = groups
+            elif word == "all" or re.fullmatch(r"[\d.]+[smhd]", word):
+                self.period = word
+            else:
+                words.append(word)
+        super().__init__(" ".join(words))
+        self.chart_tokens = False
+        self.answer: dict = {"by": list(self.by), "currency": "", "own_only": False}
+
+    def body(self):
+        yield UsageTable(columns_for(self.by, ""), self.key, filter=self.first_filter, id="table")
+        yield Static(id="usage-totals")
+        yield BarChart(id="usage-chart")
+
+    def key(self, row: dict) -> str:
+        return "|".join(str(row.get(GROUP_FIELDS[group][1])) for group in self.answer["by"])
+
+    def heading(self) -> str:
+        period = "all time" if self.period == "all" else f"last {self.period}"
+        text = f"usage · {period} · by {'+'.join(self.by)}"
+        if self.answer["currency"]:
+            text += f" · cost in {self.answer['currency']}"
+        return text + (" · your own usage only" if self.answer["own_only"] else "")
+
+    async def fetch(self) -> list[dict]:
+        answer = await self.api.get("/admin/usage", since=self.period, by=",".join(self.by))
+        by, currency = tuple(answer["by"]), answer["currency"]
+        if (by, currency) != (tuple(self.answer["by"]), self.answer["currency"]):
+            self.table.set_columns(columns_for(by, currency))
+        self.answer = answer
+        return sorted(answer["rows"], key=lambda r: (-r["cost"], -r["total_tokens"]))
+
+    def _count(self) -> None:
+        super()._count()
+        self.show_summary(list(self.table.rows_by_key.values()))
+
+    def show_summary(self, rows: list[dict]) -> None:
+        """The totals line and the chart, of the rows shown (the filter applied)."""
+        currency = self.answer["currency"]
+
+        def total(field: str) -> float:
+            return sum(r[field] or 0 for r in rows)
+
+        requests = total("requests")
+        latency = sum((r["avg_latency_ms"] or 0) * r["requests"] for r in rows) / requests if requests else None
+        self.query_one("#usage-totals", Static).update(
+            f"{'shown' if self.table.filter else 'total'}: requests {requests}, errors {total('errors')}, "
+            f"tokens {total('prompt_tokens')} prompt + {total('completion_tokens')} completion = "
+            f"{total('total_tokens')}, cost {fmt.money(total('cost'), currency)}, from the cache {total('cached')}, "
+            f"avg latency {milliseconds(latency)}")
+        what, other = ("tokens", "cost") if self.chart_tokens else ("cost", "tokens")
+        top = sorted(rows, key=lambda r: -r["total_tokens" if self.chart_tokens else "cost"])[:CHART_ROWS]
+        bars = [(" · ".join(group_name(r, g) for g in self.answer["by"]),
+                 r["total_tokens"] if self.chart_tokens else r["cost"],
+                 f"{r['total_tokens']} tok" if self.chart_tokens else fmt.money(r["cost"], currency)) for r in top]
+        empty = f"no {what} recorded: t charts {other}" if rows else "no usage in this period"
+        self.query_one(BarChart).show(f"top {len(bars)} by {what} (t: {other})", bars, empty)
+
+    def action_next_period(self) -> None:
+        index = PERIODS.index(self.period) + 1 if self.period in PERIODS else 0
+        self.action_period(index % len(PERIODS))
+
+    def action_period(self, index: int) -> None:
+        self.period = PERIODS[index]
+        self._count()
+        self.reload()
+
+    def action_next_grouping(self) -> None:
+        index = GROUPINGS.index(self.by) + 1 if self.by in GROUPINGS else 0
+        self.by = GROUPINGS[index % len(GROUPINGS)]
+        self._count()
+        self.reload()
+
+    def action_toggle_chart(self) -> None:
+        self.chart_tokens = not self.chart_tokens
+        self._count()
+
+    async def open(self, row: dict) -> None:
+        title = " · ".join(group_name(row, g) for g in self.answer["by"])
+        detail = row | {"currency": self.answer["currency"], "last": fmt.when(row.get("last_ts"))}
+        await self.app.push_screen(DetailScreen(f"usage of {title}", as_yaml(detail)))

@@ -36,6 +36,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(VENV)/bin/python docs/cli_reference.py
+	$(VENV)/bin/python docs/console_reference.py
 	$(VENV)/bin/appliance profiles schema > docs/profile.schema.json
 
 clean:

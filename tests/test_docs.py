@@ -21,6 +21,14 @@ def test_cli_reference_is_current():
     assert (DOCS / "cli.md").read_text() == module.reference(), "docs/cli.md is stale: run `make docs`"
 
 
+def test_console_keys_are_current():
+    spec = importlib.util.spec_from_file_location("console_reference", DOCS / "console_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (DOCS / "console.md").read_text()
+    assert text == module.rewritten(text), "docs/console.md's key tables are stale: run `make docs`"
+
+
 def test_every_profile_key_is_documented():
     documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", (DOCS / "profiles.md").read_text(), re.MULTILINE))
     schema = profile_schema()

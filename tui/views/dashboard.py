@@ -86,6 +86,13 @@ def _backup_line(database: dict) -> str:
 
 
 class Dashboard(TableView):
+    """What the gateway does now: requests per second, latency, time to first token, tokens
+    per second and errors, each with a sparkline of the last five minutes; replicas healthy,
+    requests in flight and queued, the cache's hit rate; version, uptime, GPUs and backup lag;
+    and every model with its replicas (state, breaker, in flight, and the reason a replica
+    failed). Rates are over the last 10 seconds of the gateway's /metrics. enter shows all the
+    gateway knows of a model or replica; `/` filters the table."""
+
     TITLE = "dashboard"
     COLUMNS = (
         Column("name", "MODEL"), Column("replica", "REPLICA"), Column("state", "STATE", lambda r: styled(r["state"])),

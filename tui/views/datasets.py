@@ -178,8 +178,7 @@ class DatasetsView(TableView):
     def key(self, row: dict) -> str:
         return row["name"]
 
-    def on_mount(self) -> None:
-        super().on_mount()
+    def on_mount(self) -> None:  # after View's (Textual calls each class's handler)
         if self.dataset:
             self.app.push_screen(DatasetVersionsView(self.dataset))
 

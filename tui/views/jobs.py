@@ -77,7 +77,7 @@ class JobsView(TableView):
         Binding("ctrl+d", "cancel", "Cancel job", show=False),
     ]
 
-    def __init__(self, argument: str | None = None) -> None:
+    def __init__(self, argument: str = "") -> None:
         super().__init__()
         self.state = argument if argument in STATES else None
         self.job_id = argument if argument and argument not in STATES else None
@@ -85,8 +85,7 @@ class JobsView(TableView):
     def heading(self) -> str:
         return f"jobs ({self.state})" if self.state else "jobs"
 
-    def on_mount(self) -> None:
-        super().on_mount()
+    def on_mount(self) -> None:  # after View's (Textual calls each class's handler)
         if self.job_id:
             self.app.push_screen(JobLogScreen(self.job_id))
 
@@ -147,8 +146,7 @@ class JobLogScreen(View):
     def heading(self) -> str:
         return f"job {self.job_id}"
 
-    def on_mount(self) -> None:
-        super().on_mount()
+    def on_mount(self) -> None:  # after View's (Textual calls each class's handler)
         self.poller = self.set_interval(LOG_POLL_S, self.reload)
 
     def focus_main(self) -> None:

@@ -34,6 +34,9 @@ def spend_text(row: dict) -> str:
 
 
 class KeysView(TableView):
+    """API keys and sign-in sessions: n creates a key (its secret shown once), e changes its
+    limits, ctrl-d revokes it, a shows revoked ones too; SPENT is the budget's use this period."""
+
     TITLE = "keys"
     COLUMNS = (
         Column("name", "NAME"), Column("id", "ID"), Column("prefix", "PREFIX"), Column("role", "ROLE"),

@@ -70,8 +70,8 @@ class PoliciesView(TableView):
         Binding("ctrl+d", "delete", "Clear policy"),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, argument: str = "") -> None:
+        super().__init__(argument)
         self.teams: dict[str, dict] = {}  # by id, as last fetched
 
     def key(self, row: dict) -> str:

@@ -86,8 +86,7 @@ class AuditView(TableView):
         super().__init__(" ".join(words))
         self.live = False
 
-    def on_mount(self) -> None:
-        super().on_mount()
+    def on_mount(self) -> None:  # after View's (Textual calls each class's handler)
         self.tail = self.set_interval(TAIL_S, self.tick, pause=True)
 
     def heading(self) -> str:

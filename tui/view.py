@@ -4,7 +4,7 @@ list views, a table whose row enter opens and ctrl-d deletes after a confirmatio
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import work
@@ -14,7 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label
 
 from appliance.admin_client import AdminApiError
-from tui.modals import ConfirmScreen, HelpScreen
+from tui.modals import ConfirmScreen, Field, FormScreen, HelpScreen
 from tui.widgets import Column, ContextBar, Prompt, ResourceTable
 
 if TYPE_CHECKING:
@@ -117,6 +117,15 @@ class View(Screen):
             return None
         if done:
             self.notify(done)
+        return answer
+
+    async def form(self, title: str, fields: Sequence[Field], submit: Callable[[dict[str, str]], Awaitable[Any]],
+                   done: Callable[[Any], str]) -> Any:
+        """A form whose saved answer is said (`done(answer)`) and shown (a reload); None if cancelled."""
+        answer = await self.app.push_screen_wait(FormScreen(title, fields, submit))
+        if answer is not None:
+            self.notify(done(answer))
+            self.reload()
         return answer
 
     async def confirm(self, question: str) -> bool:

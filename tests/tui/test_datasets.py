@@ -10,28 +10,12 @@ import httpx
 import pytest
 from rich.console import Console
 
+from tests.gateway.test_dataset_registry import REVIEWS_V1 as V1, REVIEWS_V2 as V2
 from tests.tui.conftest import cells, column, fill, notes, select_row, until
 from tui.modals import ConfirmScreen, DetailScreen, FormScreen
 from tui.views.datasets import DatasetsView, DatasetVersionsView
 
 pytestmark = [pytest.mark.stack, pytest.mark.anyio]
-
-V1 = """id,text,label
-1,Call me at 010-1234-5678,pos
-2,mail kim@example.com now,neg
-3,hello world,pos
-4,RRN 900101-1234568 and card 4111 1111 1111 1111,neg
-5,server 192.168.0.10 key sk-ap-Abc123def456GHI789jkl012,pos
-6,"office 02-312-4567, +1 415 555 2671",neg
-"""
-V2 = """id,text,label
-1,Call me at 010-1234-5678,pos
-2,mail kim@example.com now,pos
-3,hello world,pos
-5,server 192.168.0.10 key sk-ap-Abc123def456GHI789jkl012,pos
-6,"office 02-312-4567, +1 415 555 2671",neg
-7,a new row,neg
-"""
 
 
 def admin(stack) -> httpx.Client:

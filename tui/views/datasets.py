@@ -8,47 +8,22 @@ import asyncio
 import json
 from pathlib import Path
 
-import httpx
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
 
-from appliance.admin_client import CONNECT_TIMEOUT_S, UPLOAD_TIMEOUT_S, AdminApiError
+from appliance.admin_client import AdminApiError
 from tui import format as fmt
-from tui.client import Api
+from tui.client import local_file
 from tui.modals import DetailScreen, Field, FormScreen
 from tui.view import TableView
 from tui.widgets import Column
 
 FORMATS = ("csv", "jsonl", "parquet")
-UPLOAD_CHUNK = 1 << 20
 PARALLEL_READS = 8  # versions asked for at once when listing datasets
 DEFAULT_RATIOS = "train=0.8,validation=0.1,test=0.1"
-
-
-async def upload(api: Api, name: str, path: Path, values: dict[str, str]) -> dict:
-    """Stream a local file to POST /admin/datasets/{name}/upload, as `appliance datasets upload`
-    does: with its length, so the gateway refuses an upload that was cut off."""
-
-    async def chunks():
-        with open(path, "rb") as f:
-            while chunk := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
-                yield chunk
-
-    params = {"filename": path.name, "format": values.get("format"), "sha256": values.get("sha256")}
-    return await api.request(
-        "POST", f"/admin/datasets/{name}/upload", params={k: v for k, v in params.items() if v}, content=chunks(),
-        headers={"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"},
-        timeout=httpx.Timeout(UPLOAD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
-
-
-def local_file(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not text or not path.is_file():
-        raise ValueError(f"{text or 'path'}: no such file on this machine")
-    return path
 
 
 def upload_fields(name: str | None) -> list[Field]:
@@ -58,6 +33,10 @@ def upload_fields(name: str | None) -> list[Field]:
             Field("path", "File on this machine (CSV, JSON Lines or Parquet)", placeholder="~/data/train.jsonl"),
             Field("format", "Format (empty: from the file's extension, else its content)", choices=FORMATS),
             Field("sha256", "Expected SHA-256 (optional: a mismatch registers nothing)")]
+
+
+def upload_params(path: Path, values: dict[str, str]) -> dict[str, str | None]:
+    return {"filename": path.name, "format": values.get("format"), "sha256": values.get("sha256")}
 
 
 def uploaded_note(row: dict) -> str:
@@ -211,7 +190,7 @@ class DatasetsView(TableView):
                 raise ValueError("name: which dataset the file is a version of")
             path = local_file(values["path"])
             self.notify(f"Uploading {path.name} ({fmt.size(path.stat().st_size)})…")
-            return await upload(self.api, values["name"], path, values)
+            return await self.api.upload(f"/admin/datasets/{values['name']}/upload", path, upload_params(path, values))
 
         selected = self.selected
         row = await self.app.push_screen_wait(
@@ -357,10 +336,8 @@ class DatasetVersionsView(TableView):
         async def send(values: dict[str, str]) -> dict:
             path = local_file(values["path"])
             self.notify(f"Uploading {path.name} ({fmt.size(path.stat().st_size)})…")
-            return await upload(self.api, self.dataset, path, values)
+            return await self.api.upload(f"/admin/datasets/{self.dataset}/upload", path, upload_params(path, values))
 
-        row = await self.app.push_screen_wait(FormScreen(f"Upload a new version of {self.dataset}",
-                                                         upload_fields(None), send))
-        if row is not None:
-            self.notify(uploaded_note(row))
-            self.reload()
+        await self.form(f"Upload a new version of {self.dataset}",
+                                                         upload_fields(None), send,
+                        done=lambda row: uploaded_note(row))

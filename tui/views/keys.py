@@ -110,6 +110,5 @@ class KeysView(TableView):
         async def update(values: dict[str, str]) -> dict:
             return await self.api.patch(f"/admin/keys/{row['id']}", settings_body(values, row))
 
-        if await self.app.push_screen_wait(FormScreen(f"Limits of key {row['name']}", limit_fields(row), update)):
-            self.notify(f"Key {row['name']} updated.")
-            self.reload()
+        await self.form(f"Limits of key {row['name']}", limit_fields(row), update,
+                        done=lambda key: f"Key {key['name']} updated.")

@@ -5,10 +5,8 @@ version, deploying a version and undeploying it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -17,14 +15,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Label, ProgressBar
 
-from appliance.admin_client import CONNECT_TIMEOUT_S, UPLOAD_TIMEOUT_S, AdminApiError, api_error
+from appliance.admin_client import AdminApiError
 from tui import format as fmt
-from tui.client import Api
+from tui.client import local_file
 from tui.modals import DetailScreen, Field, FormScreen, as_yaml
 from tui.view import TableView
 from tui.widgets import Column
 
-CHUNK = 1 << 20
 # The card fields an admin may change (appliance.model_card.EDITABLE); tags are a list.
 CARD_LABELS = {
     "description": "Description", "license": "License", "tags": "Tags (comma-separated)",
@@ -70,54 +67,11 @@ def whole(name: str, text: str, *, low: int, high: int | None = None) -> int | N
     return int(text)
 
 
-async def upload(api: Api, name: str, path: Path, sha256: str | None, progress: Callable[[int], None]) -> dict:
-    """Stream the file at `path` (on this machine) to POST /admin/models/{name}/upload, with its
-    length so that a cut-off upload registers nothing; `progress(bytes sent)` after each chunk."""
-    size = path.stat().st_size
-
-    async def chunks():
-        sent = 0
-        with open(path, "rb") as f:
-            while chunk := await asyncio.to_thread(f.read, CHUNK):
-                sent += len(chunk)
-                progress(sent)
-                yield chunk
-
-    url, params = f"/admin/models/{name}/upload", {"filename": path.name} | ({"sha256": sha256} if sha256 else {})
-    try:
-        response = await api.http.post(
-            url, params=params, content=chunks(),
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-            timeout=httpx.Timeout(UPLOAD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
-    except httpx.TransportError as exc:
-        if not isinstance(exc, httpx.ConnectError):
-            await refusal(api, url, params)
-        raise AdminApiError(f"the upload to {api.url} did not complete ({type(exc).__name__} {exc}); "
-                            "nothing was registered", status=503) from None
-    if not response.is_success:
-        raise api_error(response)
-    return response.json()
-
-
-async def refusal(api: Api, url: str, params: dict) -> None:
-    """Raise the gateway's refusal of an upload it hung up on before reading the body (a bad name,
-    a missing role): the same request without a body gets that answer, or 'the upload is empty'."""
-    try:
-        answer = await api.http.post(url, params=params, content=b"")
-    except httpx.TransportError:
-        return
-    if not answer.is_success and (error := api_error(answer)).param != "body":
-        raise error
-
-
-def local_file(text: str) -> Path:
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory: only a file (GGUF) can be uploaded; register a directory "
+def model_file(text: str) -> Path:
+    if Path(text).expanduser().is_dir():
+        raise ValueError(f"{text} is a directory: only a file (GGUF) can be uploaded; register a directory "
                          "on the gateway's machine with `appliance models register --server-path`")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file on this machine")
-    return path
+    return local_file(text)
 
 
 class UploadBar(Horizontal):
@@ -162,7 +116,7 @@ class RegistryView(TableView):
         async def check(values: dict[str, str]) -> tuple[str, Path, str]:
             if not values["name"]:
                 raise ValueError("name: give the model's name (a new name registers a new model)")
-            return values["name"], local_file(values["path"]), values["sha256"]
+            return values["name"], model_file(values["path"]), values["sha256"]
 
         fields = [Field("name", "Model (a new name registers a new model)", self.upload_model()),
                   Field("path", "File on this machine (a GGUF file)", placeholder="~/models/model.gguf"),
@@ -175,7 +129,8 @@ class RegistryView(TableView):
         bar = self.query_one(UploadBar)
         bar.start(f"uploading {path.name} ({fmt.size(size)}) to {name}; leaving this view cancels it", size)
         try:
-            row = await self.attempt(upload(self.api, name, path, sha256 or None, bar.advance))
+            row = await self.attempt(self.api.upload(f"/admin/models/{name}/upload", path,
+                                                     {"filename": path.name, "sha256": sha256}, bar.advance))
         finally:
             bar.stop()
         if row is not None:
@@ -341,11 +296,9 @@ class VersionsView(RegistryView):
                   Field("replicas", "Replicas (1 to 16)", "1"),
                   Field("context_length", f"Context length (empty: the model's{f' {context}' if context else ''}, "
                                           "at most 4096)")]
-        done = await self.app.push_screen_wait(FormScreen(f"Deploy {self.model} version {row['version']}", fields, deploy))
-        if done is not None:
-            self.notify(f"{self.model} version {row['version']} is {done['state']} as {done['name']}: "
-                        ":deployments follows it.", title="Deploying")
-            self.reload()
+        await self.form(f"Deploy {self.model} version {row['version']}", fields, deploy,
+                        done=lambda made: f"{self.model} version {row['version']} is {made['state']} as {made['name']}: "
+                        ":deployments follows it.")
 
     def delete_question(self, row: dict) -> str | None:
         last = " It is the model's last version: the model goes too." if len(self.table.all_rows) == 1 else ""

@@ -90,10 +90,8 @@ class UsersView(TableView):
                   Field("role", "Role (at most yours)", "developer", choices=ROLES),
                   Field("email", "Email (optional)"),
                   *password_fields("Password for signing in (8 characters or more; empty: keys only)")]
-        user = await self.app.push_screen_wait(FormScreen("New user", fields, create))
-        if user is not None:
-            self.notify(f"User {user['name']} created" + ("." if user["has_password"] else ", without a password."))
-            self.reload()
+        await self.form("New user", fields, create, done=lambda user: f"User {user['name']} created"
+                        + ("." if user["has_password"] else ", without a password."))
 
     @work(group="action")
     async def action_edit(self) -> None:
@@ -114,10 +112,8 @@ class UsersView(TableView):
                   Field("email", "Email (empty: none)", row["email"] or ""),
                   Field("state", "State (disabled: their keys and sessions are refused at once)", row["state"],
                         choices=STATES)]
-        user = await self.app.push_screen_wait(FormScreen(f"User {row['name']}", fields, update))
-        if user is not None:
-            self.notify(f"User {user['name']} updated.")
-            self.reload()
+        await self.form(f"User {row['name']}", fields, update,
+                        done=lambda user: f"User {user['name']} updated.")
 
     @work(group="action")
     async def action_password(self) -> None:
@@ -191,10 +187,8 @@ class TeamsView(TableView):
             return await self.api.post("/admin/teams", {"name": values["name"]} | settings_body(values))
 
         fields = [Field("name", "Name (letters, digits, . _ @ -)"), *limit_fields()]
-        team = await self.app.push_screen_wait(FormScreen("New team", fields, create))
-        if team is not None:
-            self.notify(f"Team {team['name']} created.")
-            self.reload()
+        await self.form("New team", fields, create,
+                        done=lambda team: f"Team {team['name']} created.")
 
     @work(group="action")
     async def action_edit(self) -> None:
@@ -209,10 +203,8 @@ class TeamsView(TableView):
             return await self.api.patch(f"/admin/teams/{row['id']}", body) if body else row
 
         fields = [Field("name", "Name", row["name"]), *limit_fields(row)]
-        team = await self.app.push_screen_wait(FormScreen(f"Limits of team {row['name']}", fields, update))
-        if team is not None:
-            self.notify(f"Team {team['name']} updated.")
-            self.reload()
+        await self.form(f"Limits of team {row['name']}", fields, update,
+                        done=lambda team: f"Team {team['name']} updated.")
 
 
 class MembersView(TableView):

@@ -11,7 +11,7 @@ from textual import work
 from textual.binding import Binding
 
 from tui import format as fmt
-from tui.modals import DetailScreen, Field, FormScreen
+from tui.modals import DetailScreen, Field
 from tui.view import TableView
 from tui.widgets import Column
 
@@ -169,10 +169,8 @@ class RoutesView(TableView):
             return await self.put(values["name"], route_body(values))
 
         fields = [Field("name", "Name (what clients send as `model`)"), *route_fields()]
-        route = await self.app.push_screen_wait(FormScreen("New route", fields, create))
-        if route is not None:
-            self.notify(f"Route {route['name']} set: {shares(route)}; served within a second.")
-            self.reload()
+        await self.form("New route", fields, create,
+                        done=lambda route: f"Route {route['name']} set: {shares(route)}; served within a second.")
 
     @work(group="action")
     async def action_edit(self) -> None:
@@ -186,10 +184,8 @@ class RoutesView(TableView):
         title = f"Route {row['name']}"
         if row["source"] == "profile":
             title += " (saved, it replaces the profile's route until deleted)"
-        route = await self.app.push_screen_wait(FormScreen(title, route_fields(row), save))
-        if route is not None:
-            self.notify(f"Route {route['name']} set: {shares(route)}.")
-            self.reload()
+        await self.form(title, route_fields(row), save,
+                        done=lambda route: f"Route {route['name']} set: {shares(route)}.")
 
     @work(group="action")
     async def action_weights(self) -> None:
@@ -214,10 +210,8 @@ class RoutesView(TableView):
 
         fields = [Field(f"t{i}", f"{t['model']}: percent of the requests (now {t['share']:g}%)", str(round(t["share"])))
                   for i, t in enumerate(targets)]
-        route = await self.app.push_screen_wait(FormScreen(f"Shares of route {row['name']}", fields, save))
-        if route is not None:
-            self.notify(f"Route {route['name']}: {shares(route)}.")
-            self.reload()
+        await self.form(f"Shares of route {row['name']}", fields, save,
+                        done=lambda route: f"Route {route['name']}: {shares(route)}.")
 
     def delete_question(self, row: dict) -> str | None:
         if row.get("replaces_profile_route"):

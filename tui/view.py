@@ -100,9 +100,9 @@ class View(Screen):
                 except AdminApiError as exc:
                     self.notify(str(exc), title=f"{self.TITLE}: not loaded", severity="error", timeout=8)
                 except NoMatches:
-                    if self.is_attached:
+                    if self.is_attached and self.app.is_running:
                         raise
-                    return  # the view was closed while its answer was on the way
+                    return  # the view or the app was closed while its answer was on the way
                 if not self.load_again:
                     return
         finally:

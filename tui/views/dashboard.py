@@ -180,7 +180,7 @@ class Dashboard(TableView):
         if system is None:
             self.query_one("#system-panel", Static).update("system: not available")
             return
-        lines = [f"version {system.get('version', '?')}, up {fmt.age(time.time() - system.get('uptime_s', 0))}, "
+        lines = [f"version {system.get('version', '?')}, up {fmt.duration(system.get('uptime_s', 0))}, "
                  f"{system.get('workers', '?')} worker(s)"]
         gpus = system.get("gpus") or []
         lines += [_gpu_line(gpu) for gpu in gpus] or [f"GPU: none ({system.get('gpu_error') or 'no GPU found'})"]

@@ -164,13 +164,15 @@ class UsageView(TableView):
             f"tokens {total('prompt_tokens')} prompt + {total('completion_tokens')} completion = "
             f"{total('total_tokens')}, cost {fmt.money(total('cost'), currency)}, from the cache {total('cached')}, "
             f"avg latency {milliseconds(latency)}")
-        what, other = ("tokens", "cost") if self.chart_tokens else ("cost", "tokens")
-        top = sorted(rows, key=lambda r: -r["total_tokens" if self.chart_tokens else "cost"])[:CHART_ROWS]
+        by_tokens = self.chart_tokens or not any(r["cost"] for r in rows)  # no prices set: tokens
+        hint = "t: cost" if self.chart_tokens else "no cost recorded" if by_tokens else "t: tokens"
+        what = "tokens" if by_tokens else "cost"
+        top = sorted(rows, key=lambda r: -r["total_tokens" if by_tokens else "cost"])[:CHART_ROWS]
         bars = [(" · ".join(group_name(r, g) for g in self.answer["by"]),
-                 r["total_tokens"] if self.chart_tokens else r["cost"],
-                 f"{r['total_tokens']} tok" if self.chart_tokens else fmt.money(r["cost"], currency)) for r in top]
-        empty = f"no {what} recorded: t charts {other}" if rows else "no usage in this period"
-        self.query_one(BarChart).show(f"top {len(bars)} by {what} (t: {other})", bars, empty)
+                 r["total_tokens"] if by_tokens else r["cost"],
+                 f"{r['total_tokens']} tok" if by_tokens else fmt.money(r["cost"], currency)) for r in top]
+        empty = "no tokens recorded" if rows else "no usage in this period"
+        self.query_one(BarChart).show(f"top {len(bars)} by {what} ({hint})", bars, empty)
 
     def action_next_period(self) -> None:
         index = PERIODS.index(self.period) + 1 if self.period in PERIODS else 0

@@ -207,9 +207,11 @@ class TableView(View):
 
     async def load(self) -> None:
         self.table.show(await self.fetch())
-        self._count()
+        self.rows_shown()
 
-    def _count(self) -> None:
+    def rows_shown(self) -> None:
+        """The rows shown changed (a load, a filter): the heading counts them. A view that
+        shows more of its rows (totals, a chart) adds to this."""
         table, shown = self.table, self.table.row_count
         counted = f"{shown}/{len(table.all_rows)}" if table.filter else str(shown)
         self.set_heading(f"{self.heading()} [{counted}]" + (f"  filter: {table.filter}" if table.filter else ""))
@@ -223,17 +225,17 @@ class TableView(View):
     def on_prompt_changed(self, message: Prompt.Changed) -> None:
         if message.mode == "/":
             self.table.set_filter(message.value)
-            self._count()
+            self.rows_shown()
 
     def on_prompt_done(self, message: Prompt.Done) -> None:  # View's handler runs too (Textual calls each class's)
         if message.mode == "/":
             self.table.set_filter(message.value or "")
-            self._count()
+            self.rows_shown()
 
     def action_back(self) -> None:
         if self.table.filter:
             self.table.set_filter("")
-            self._count()
+            self.rows_shown()
         else:
             super().action_back()
 

@@ -1,5 +1,6 @@
-"""The console's building blocks: the context line, the prompt that `:` and `/` open, and
-the table every list view shows (filtered as you type, its cursor kept across refreshes)."""
+"""The console's building blocks: the context line, the prompt that `:` and `/` open, the
+table every list view shows (filtered as you type, its cursor kept across refreshes) and a
+bar chart."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.console import Group
 from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.suggester import SuggestFromList
+from textual.widget import Widget
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui import format as fmt
@@ -42,6 +45,14 @@ class ResourceTable(DataTable):
         self.all_rows: list[dict] = []
         self.filter = filter
         for column in self.spec:  # now, not at mount: rows may arrive before the table is mounted
+            self.add_column(column.label, key=column.key)
+
+    def set_columns(self, columns: Sequence[Column]) -> None:
+        """Other columns (a view whose rows change shape): the next `show` draws every row anew."""
+        self.spec = list(columns)
+        self.clear(columns=True)
+        self.rows_by_key = {}
+        for column in self.spec:
             self.add_column(column.label, key=column.key)
 
     def show(self, rows: list[dict]) -> None:
@@ -151,3 +162,44 @@ class Prompt(Horizontal):
     def action_cancel(self) -> None:
         self.close()
         self.post_message(self.Done(self.mode, "" if self.mode == "/" else None))
+
+
+EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def bar(value: float, largest: float, width: int) -> str:
+    """A bar of block characters `width` long for `largest`, in eighths of a character."""
+    eighths = round(value / largest * width * 8) if largest > 0 else 0
+    full, part = divmod(eighths, 8)
+    return "█" * full + (EIGHTHS[part] if part else "")
+
+
+class BarChart(Widget):
+    """Labelled horizontal bars scaled to the largest value, drawn at the widget's width."""
+
+    DEFAULT_CSS = """
+    BarChart { height: auto; border: round $secondary; padding: 0 1; }
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.title, self.empty = "", ""
+        self.bars: list[tuple[str, float, str]] = []  # label, value, value as shown
+
+    def show(self, title: str, bars: list[tuple[str, float, str]], empty: str) -> None:
+        self.title, self.bars, self.empty = title, bars, empty
+        self.refresh(layout=True)
+
+    def render(self) -> Group:
+        lines = [Text(self.title, style="bold")]
+        largest = max((value for _, value, _ in self.bars), default=0)
+        if largest <= 0:
+            return Group(*lines, Text(self.empty, style="dim"))
+        label_width = min(40, max(len(label) for label, _, _ in self.bars))
+        value_width = max(len(shown) for _, _, shown in self.bars)
+        width = max(10, self.content_size.width - label_width - value_width - 2)
+        for label, value, shown in self.bars:
+            drawn = bar(value, largest, width).ljust(width)
+            lines.append(Text.assemble(label[:label_width].ljust(label_width), " ", (drawn, "cyan"), " ",
+                                       shown.rjust(value_width)))
+        return Group(*lines)

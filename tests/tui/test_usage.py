@@ -12,7 +12,8 @@ from rich.console import Console
 
 from tests.tui.conftest import WAIT_S, cells, column, make_key, notes, until
 from tui.modals import DetailScreen
-from tui.views.usage import GROUPINGS, BarChart, UsageView
+from tui.views.usage import GROUPINGS, UsageView
+from tui.widgets import BarChart
 
 pytestmark = [pytest.mark.stack, pytest.mark.anyio]
 

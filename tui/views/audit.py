@@ -118,13 +118,13 @@ class AuditView(TableView):
                   Field("limit", f"How many of the newest (1-10000; empty: {DEFAULT_LIMIT})",
                         str(self.filters.get("limit", "")))]
         await self.app.push_screen_wait(FormScreen("Audit log: server filter", fields, apply))
-        self._count()  # the heading names the filter at once; the rows come as the view shows again
+        self.rows_shown()  # the heading names the filter at once; the rows come as the view shows again
 
     def action_back(self) -> None:
         """esc: the local filter goes first, then the server filter, then the view."""
         if not self.table.filter and self.filters:
             self.filters = {}
-            self._count()
+            self.rows_shown()
             self.reload()
         else:
             super().action_back()
@@ -146,5 +146,5 @@ class AuditView(TableView):
             self.reload()
         else:
             self.tail.pause()
-        self._count()
+        self.rows_shown()
         self.notify(f"Live tail: every {TAIL_S:g} s." if self.live else "Live tail off.")

@@ -262,7 +262,7 @@ class DatasetVersionsView(TableView):
             return
         self.marked = None if self.marked == row["version"] else row["version"]
         self.table.show([r | {"marked": r["version"] == self.marked} for r in self.table.all_rows])
-        self._count()
+        self.rows_shown()
 
     @work(group="action")
     async def action_diff(self) -> None:

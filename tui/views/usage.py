@@ -7,23 +7,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rich.console import Group
-from rich.text import Text
 from textual.binding import Binding
-from textual.widget import Widget
 from textual.widgets import Static
 
 from tui import format as fmt
 from tui.modals import DetailScreen, as_yaml
 from tui.view import TableView
-from tui.widgets import Column, ResourceTable
+from tui.widgets import BarChart, Column, ResourceTable
 
 PERIODS = ("15m", "1h", "24h", "7d", "30d", "all")
 GROUPINGS = (("team",), ("user",), ("key",), ("model",), ("team", "model"), ("user", "model"), ("key", "model"))
 GROUP_FIELDS = {"team": ("team_name", "team_id"), "user": ("user_name", "user_id"), "key": ("key_name", "key_id"),
                 "model": ("model", "model")}  # (shown, identity) of each grouping's row fields
 CHART_ROWS = 10
-EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def group_name(row: dict, group: str) -> str:
@@ -45,55 +41,6 @@ def columns_for(by: Sequence[str], currency: str) -> tuple[Column, ...]:
         Column("avg_ttft_ms", "AVG TTFT", lambda r: milliseconds(r["avg_ttft_ms"])),
         Column("last_ts", "LAST", lambda r: fmt.age(r.get("last_ts"))),
     )
-
-
-def bar(value: float, largest: float, width: int) -> str:
-    """A bar of block characters `width` long for `largest`, in eighths of a character."""
-    eighths = round(value / largest * width * 8) if largest > 0 else 0
-    full, part = divmod(eighths, 8)
-    return "█" * full + (EIGHTHS[part] if part else "")
-
-
-class UsageTable(ResourceTable):
-    """A ResourceTable whose columns follow the grouping."""
-
-    def set_columns(self, columns: Sequence[Column]) -> None:
-        self.spec = list(columns)
-        self.clear(columns=True)
-        self.rows_by_key = {}  # no row is kept: each is drawn again with the new columns
-        for column in self.spec:
-            self.add_column(column.label, key=column.key)
-
-
-class BarChart(Widget):
-    """Labelled horizontal bars scaled to the largest value, drawn at the widget's width."""
-
-    DEFAULT_CSS = """
-    BarChart { height: auto; border: round $secondary; padding: 0 1; }
-    """
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.title, self.empty = "", ""
-        self.bars: list[tuple[str, float, str]] = []  # label, value, value as shown
-
-    def show(self, title: str, bars: list[tuple[str, float, str]], empty: str) -> None:
-        self.title, self.bars, self.empty = title, bars, empty
-        self.refresh(layout=True)
-
-    def render(self) -> Group:
-        lines = [Text(self.title, style="bold")]
-        largest = max((value for _, value, _ in self.bars), default=0)
-        if largest <= 0:
-            return Group(*lines, Text(self.empty, style="dim"))
-        label_width = min(40, max(len(label) for label, _, _ in self.bars))
-        value_width = max(len(shown) for _, _, shown in self.bars)
-        width = max(10, self.content_size.width - label_width - value_width - 2)
-        for label, value, shown in self.bars:
-            drawn = bar(value, largest, width).ljust(width)
-            lines.append(Text.assemble(label[:label_width].ljust(label_width), " ", (drawn, "cyan"), " ",
-                                       shown.rjust(value_width)))
-        return Group(*lines)
 
 
 class UsageView(TableView):
@@ -124,7 +71,7 @@ class UsageView(TableView):
         self.answer: dict = {"by": list(self.by), "currency": "", "own_only": False}
 
     def body(self):
-        yield UsageTable(columns_for(self.by, ""), self.key, filter=self.first_filter, id="table")
+        yield ResourceTable(columns_for(self.by, ""), self.key, filter=self.first_filter, id="table")
         yield Static(id="usage-totals")
         yield BarChart(id="usage-chart")
 
@@ -146,8 +93,8 @@ class UsageView(TableView):
         self.answer = answer
         return sorted(answer["rows"], key=lambda r: (-r["cost"], -r["total_tokens"]))
 
-    def _count(self) -> None:
-        super()._count()
+    def rows_shown(self) -> None:
+        super().rows_shown()
         self.show_summary(list(self.table.rows_by_key.values()))
 
     def show_summary(self, rows: list[dict]) -> None:
@@ -180,18 +127,18 @@ class UsageView(TableView):
 
     def action_period(self, index: int) -> None:
         self.period = PERIODS[index]
-        self._count()
+        self.rows_shown()
         self.reload()
 
     def action_next_grouping(self) -> None:
         index = GROUPINGS.index(self.by) + 1 if self.by in GROUPINGS else 0
         self.by = GROUPINGS[index % len(GROUPINGS)]
-        self._count()
+        self.rows_shown()
         self.reload()
 
     def action_toggle_chart(self) -> None:
         self.chart_tokens = not self.chart_tokens
-        self._count()
+        self.rows_shown()
 
     async def open(self, row: dict) -> None:
         title = " · ".join(group_name(row, g) for g in self.answer["by"])

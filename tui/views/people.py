@@ -42,6 +42,13 @@ def checked_password(values: dict[str, str]) -> str:
     return values["password"]
 
 
+async def show_user(view: TableView, user_id: str) -> None:
+    """A user in full, as the API has it now."""
+    user = await view.attempt(view.api.get(f"/admin/users/{user_id}"))
+    if user is not None:
+        await view.app.push_screen(DetailScreen(f"user {user['name']} ({user['id']})", as_yaml(user)))
+
+
 class UsersView(TableView):
     TITLE = "users"
     COLUMNS = (
@@ -64,9 +71,7 @@ class UsersView(TableView):
         return [u | {"teams": member_of.get(u["id"], [])} for u in users]
 
     async def open(self, row: dict) -> None:
-        user = await self.attempt(self.api.get(f"/admin/users/{row['id']}"))
-        if user is not None:
-            await self.app.push_screen(DetailScreen(f"user {user['name']} ({user['id']})", as_yaml(user)))
+        await show_user(self, row["id"])
 
     def delete_question(self, row: dict) -> str | None:
         return f"Delete user {row['name']!r}? Their keys and sessions are revoked and they leave their teams."
@@ -232,9 +237,7 @@ class MembersView(TableView):
         return [m | {"keys": keys.get(m["id"], [])} for m in team["members"]]
 
     async def open(self, row: dict) -> None:
-        user = await self.attempt(self.api.get(f"/admin/users/{row['id']}"))
-        if user is not None:
-            await self.app.push_screen(DetailScreen(f"user {user['name']} ({user['id']})", as_yaml(user)))
+        await show_user(self, row["id"])
 
     def delete_question(self, row: dict) -> str | None:
         return f"Remove {row['name']!r} from team {self.team['name']!r}?"

@@ -295,6 +295,10 @@ def _entry(row: tuple) -> _Entry:
         expires_at, user_id is not None and (found_user is None or disabled_at is not None))
 
 
+class UnknownKey(AuthenticationFailed):
+    """A key the cache does not hold: wrong, revoked, or made since the cache was read."""
+
+
 class KeyCache:
     """In-memory map of active key hashes to who they are (governance.Principal: role, owner,
     limits, merged policy), refreshed from the database off the request path."""
@@ -324,7 +328,7 @@ class KeyCache:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
         entry = self._by_hash.get(hash_secret(secret.strip()))
         if entry is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
+            raise UnknownKey("Incorrect API key provided.")
         if entry.expires_at is not None and entry.expires_at <= time.time():
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
         if entry.user_disabled:

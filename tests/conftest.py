@@ -136,14 +136,15 @@ class Stack:
     proc: subprocess.Popen
     admin_key: str
     output: Path
+    address: str = "127.0.0.1"  # where clients reach it
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root}/v1"
 
     @property
     def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     def client(self, key: str | None = None, **kwargs):
         import openai
@@ -213,15 +214,17 @@ def s3_env(settings) -> dict[str, str]:
 
 def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout: float = 180,
                 appliance: Path = BIN / "appliance", host: str = "127.0.0.1") -> Stack:
-    """`appliance up` in `tmp` (its working directory too, so nothing is imported from this checkout by accident)."""
+    """`appliance up` in `tmp` (its working directory too, so nothing is imported from this checkout by accident),
+    listening on `host`."""
     home, port = tmp / "home", free_port()
+    address = "127.0.0.1" if host == "0.0.0.0" else host
     output = tmp / "up.log"
     proc = subprocess.Popen(
         [str(appliance), "up", "--profile", str(profile), "--home", str(home), "--host", host, "--port", str(port)],
         stdout=output.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=tmp,
     )
     try:
-        wait_ready(f"http://127.0.0.1:{port}", ready_timeout, proc)
+        wait_ready(f"http://{address}:{port}", ready_timeout, proc)
         deadline = time.monotonic() + 10
         while "Press Ctrl-C" not in output.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -229,7 +232,7 @@ def start_stack(tmp: Path, profile: Path, env: dict | None = None, ready_timeout
         proc.kill()
         raise RuntimeError(f"the stack did not become ready:\n{output.read_text()}") from None
     key = (home / "admin.key").read_text().strip()
-    return Stack(home=home, port=port, proc=proc, admin_key=key, output=output)
+    return Stack(home=home, port=port, proc=proc, admin_key=key, output=output, address=address)
 
 
 @pytest.fixture(scope="session")

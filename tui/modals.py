@@ -62,6 +62,7 @@ class FormScreen(ModalScreen[Any]):
     the form stays open with what was typed. Enter or ctrl-s submits, esc cancels."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Save")]
+    AUTO_FOCUS = ""  # none: on_mount focuses the first field without scrolling
 
     def __init__(self, title: str, fields: Sequence[Field], submit: Callable[[dict[str, str]], Awaitable[Any]]):
         super().__init__(classes="dialog")
@@ -70,18 +71,22 @@ class FormScreen(ModalScreen[Any]):
     def compose(self):
         with Vertical(classes="box form"):
             yield Label(self.title_text, classes="title")
-            with VerticalScroll(classes="fields"):
+            with VerticalScroll(classes="fields", can_focus=False):  # tab goes field to field
                 for field in self.fields:
                     yield Label(field.label, classes="field-label")
                     if field.choices is not None:
                         yield Select([(c, c) for c in field.choices], value=field.value or Select.NULL,
-                                     allow_blank=True, compact=True, id=f"field-{field.name}")
+                                     allow_blank=True, compact=True, id=f"field-{field.name}", classes="field")
                     else:
                         yield Input(field.value, placeholder=field.placeholder, password=field.password,
-                                    compact=True, id=f"field-{field.name}")
+                                    compact=True, id=f"field-{field.name}", classes="field")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", variant="primary", id="save")
                 yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        """What is typed as the form opens goes to its first field (its label kept in view)."""
+        self.set_focus(self.query(".field").first(), scroll_visible=False)
 
     def values(self) -> dict[str, str]:
         values = {}

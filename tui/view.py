@@ -31,7 +31,9 @@ class View(Screen):
 
     BINDINGS = [
         Binding("escape", "back", "Back"),
-        Binding("colon", "command", "Views", key_display=":"),
+        # Priority: handled as it arrives, so the keys typed after it (fast, or in one packet
+        # over SSH) reach the prompt it opens, not the table under it.
+        Binding("colon", "command", "Views", key_display=":", priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+r", "reload", "Refresh"),
     ]
@@ -134,6 +136,10 @@ class View(Screen):
     def prompt(self) -> Prompt:
         return self.query_one(Prompt)
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """While the prompt is open, `:` and `/` are text typed into it."""
+        return action not in ("command", "filter") or not self.prompt().display
+
     def action_command(self) -> None:
         self.prompt().open(":")
 
@@ -178,7 +184,7 @@ class TableView(View):
     AUTO_FOCUS = "#table"
 
     BINDINGS = [
-        Binding("slash", "filter", "Filter", key_display="/"),
+        Binding("slash", "filter", "Filter", key_display="/", priority=True),
         Binding("enter", "open", "Open", show=False),
         Binding("ctrl+d", "delete", "Delete"),
     ]
@@ -254,8 +260,9 @@ class TableView(View):
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """ctrl-d is not offered where the view deletes nothing."""
-        return action != "delete" or type(self).delete is not TableView.delete or \
-            type(self).action_delete is not TableView.action_delete
+        if action == "delete":
+            return type(self).delete is not TableView.delete or type(self).action_delete is not TableView.action_delete
+        return super().check_action(action, parameters)
 
     def delete_question(self, row: dict) -> str | None:
         """The confirmation ctrl-d asks for `row`; None where this view deletes nothing."""

@@ -144,7 +144,9 @@ class Prompt(Horizontal):
         field.value = value
         field.disabled = False
         self.display = True
-        field.focus()
+        # At once, not after a refresh (as focus() does): keys typed fast, or arriving in one
+        # packet over SSH, go to the prompt rather than the table under it.
+        self.screen.set_focus(field)
 
     def close(self) -> None:
         self.display = False

@@ -41,18 +41,19 @@ def gateway_of(connection: ASGIConnection):
     return connection.app.state.gateway
 
 
-def principal_of(connection: ASGIConnection) -> Principal:
+async def principal_of(connection: ASGIConnection) -> Principal:
     """The caller, authenticated once per request (401 without a valid key, session or token)."""
     principal = connection.scope.get("principal")
     if principal is None:
-        principal = gateway_of(connection).auth.authenticate(connection.headers.get("authorization"))
+        principal = await gateway_of(connection).authenticate(connection.headers.get("authorization"))
         connection.scope["principal"] = principal
     return principal
 
 
-def requires_permission(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def requires_permission(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """The admin router's guard: the caller's role must hold the route's permission (403 naming both)."""
-    permissions.check(principal_of(connection).role, connection.scope["method"], connection.scope["path_template"])
+    caller = await principal_of(connection)
+    permissions.check(caller.role, connection.scope["method"], connection.scope["path_template"])
 
 
 def request_body(schema: Any) -> dict:
@@ -68,9 +69,9 @@ async def decoded(request: Request, *, required: bool = True) -> Any:
     return schemas.decode(raw, schema) if required or raw.strip() else schema()
 
 
-def current_actor(request: Request) -> Actor:
+async def current_actor(request: Request) -> Actor:
     """The `actor` dependency: the guarded caller, with a fresh request id for this call."""
-    caller = principal_of(request)
+    caller = await principal_of(request)
     return Actor(caller.key_id, caller.name, caller.role, new_request_id(), caller.user_id, caller.team_id)
 
 

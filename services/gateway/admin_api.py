@@ -32,4 +32,4 @@ CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteContro
 
 def admin_router() -> Router:
     return Router(path="/admin", route_handlers=CONTROLLERS, guards=[requires_permission],
-                  dependencies={"actor": Provide(current_actor, sync_to_thread=False)})
+                  dependencies={"actor": Provide(current_actor)})

@@ -110,7 +110,7 @@ class AuthController(Controller):
     @post("/logout")
     async def logout(self, request: Request) -> Response:
         """End the caller's session (the token stops working within a second)."""
-        actor = current_actor(request)
+        actor = await current_actor(request)
         await perform(request, actor, lambda db: auth.sign_out(db, actor.key_id), action="auth.logout",
                       target=f"session/{actor.key_id}")
         return Response({"signed_out": True}, status_code=200, headers={"x-request-id": actor.request_id})
@@ -118,4 +118,4 @@ class AuthController(Controller):
     @get("/me")
     async def me(self, request: Request) -> Response:
         """Who the caller is, as the gateway governs it: role, user, team, limits, policy (no secrets)."""
-        return Response(msgspec.to_builtins(principal_of(request)))
+        return Response(msgspec.to_builtins(await principal_of(request)))

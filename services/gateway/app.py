@@ -48,7 +48,7 @@ from appliance.errors import (
 )
 from appliance.governance import Principal
 from appliance.home import RUNTIME_ENV, ledger_dir, state_db_path, usage_journal_dir
-from appliance.keys import KeyCache
+from appliance.keys import KeyCache, UnknownKey
 from appliance.limits import Governor, Ticket
 from appliance.usage import UsageRecord, UsageRecorder
 from services.engines.status import read_statuses
@@ -122,6 +122,8 @@ class Gateway:
         self.ticker = Ticker()
         self._tasks: list[asyncio.Task] = []
         self._db = None
+        self._db_lock = asyncio.Lock()  # one thread at a time on self._db
+        self._keys_read_from = 0.0  # when the last reading of the keys began
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
         self.system = SystemState(runtime)  # GET /admin/system
@@ -222,7 +224,8 @@ class Gateway:
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
-                self._apply_state(*await asyncio.to_thread(self._read_state))
+                async with self._db_lock:
+                    self._apply_state(*await asyncio.to_thread(self._read_state))
             except Exception:
                 log.exception("refreshing keys, deployments and engine states failed; keeping the current ones")
 
@@ -271,6 +274,7 @@ class Gateway:
             await asyncio.sleep(BUCKETS_RETRY_S)
 
     def _read_state(self) -> tuple[list[dict], dict, dict]:
+        self._keys_read_from = perf_counter()
         self.auth.refresh(self._db)
         return deployments.running(self._db), read_statuses(Path(self.runtime.home)), routes.stored(self._db)
 
@@ -320,6 +324,24 @@ class Gateway:
     def unready_models(self) -> list[str]:
         return [name for name, pool in self.pools.items() if pool.healthy_count == 0]
 
+    async def authenticate(self, authorization: str | None, *, monitoring: bool = False) -> Principal:
+        """The caller (401 otherwise). A key the cache does not hold may have been made a moment
+        ago, by this worker or another: unless a reading of the keys began since, they are read
+        again first (one query while they are unchanged), so a new key or session works at once
+        on every worker. Unknown keys that arrive together share one reading."""
+        try:
+            return self.auth.authenticate(authorization, monitoring=monitoring)
+        except UnknownKey:
+            missed_at = perf_counter()
+            async with self._db_lock:
+                if self._keys_read_from < missed_at:
+                    self._keys_read_from = perf_counter()
+                    try:
+                        await asyncio.to_thread(self.auth.keys.refresh, self._db)
+                    except Exception:  # the answer is the cache's: a 401
+                        log.exception("reading the keys for a key not in the cache failed")
+        return self.auth.authenticate(authorization, monitoring=monitoring)
+
     # --- the OpenAI routes: raw RSGI, the hot path -----------------------------
 
     async def serve(self, scope: Scope, proto: HTTPProtocol, endpoint: str, schema: type[msgspec.Struct]) -> None:
@@ -330,7 +352,7 @@ class Gateway:
             if scope.method != "POST":
                 raise MethodNotAllowed(f"Use POST for /v1/{endpoint}.")
             headers = scope.headers
-            principal = call.principal = self.auth.authenticate(headers.get("authorization"))
+            principal = call.principal = await self.authenticate(headers.get("authorization"))
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             parsed = schemas.decode(body, schema)
@@ -775,25 +797,25 @@ def gateway_of(request: Request) -> Gateway:
 @get("/v1/models")
 async def list_models(request: Request) -> Response:
     gateway = gateway_of(request)
-    gateway.auth.authenticate(request.headers.get("authorization"))
+    await gateway.authenticate(request.headers.get("authorization"))
     return Response(gateway.model_list, media_type="application/json")
 
 
 @get("/v1/models/{model:str}")
 async def get_model(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
-    gateway.auth.authenticate(request.headers.get("authorization"))
+    await gateway.authenticate(request.headers.get("authorization"))
     entry = gateway.model_object(model)
     if entry is None:
         raise ModelNotFound(model)
     return Response(msgspec.json.encode(entry), media_type="application/json")
 
 
-def monitoring_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def monitoring_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guards /metrics and /schema: with gateway.metrics_require_key, a key of any role (metrics or above)."""
     gateway = gateway_of(connection)
     if gateway.config.metrics_require_key:
-        gateway.auth.authenticate(connection.headers.get("authorization"), monitoring=True)
+        await gateway.authenticate(connection.headers.get("authorization"), monitoring=True)
 
 
 @get("/healthz")
@@ -811,7 +833,7 @@ async def readyz(request: Request) -> Response:
         authorization = request.headers.get("authorization")
         if not authorization:  # a load balancer's probe
             return Response(body, status_code=status)
-        gateway.auth.authenticate(authorization, monitoring=True)
+        await gateway.authenticate(authorization, monitoring=True)
     body["models"] = {name: pool.readiness() for name, pool in gateway.pools.items()}
     if gateway.routes:
         body["routes"] = {name: route_readiness(route, gateway.pool_of) for name, route in gateway.routes.items()}

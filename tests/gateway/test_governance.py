@@ -73,12 +73,16 @@ def new_key(stack, name: str, **settings) -> str:
 
 
 def made_key(stack, name: str, **settings) -> dict:
-    """A new key, once every gateway worker knows it (their key caches follow within a second)."""
+    """A new key, which every gateway worker accepts at once (one that has not read it yet reads the keys)."""
     made = created(admin(stack).post("/admin/keys", json={"name": name, **settings}))
-    auth = {"Authorization": f"Bearer {made['key']}"}
-    for _ in range(8):  # two workers, picked by the kernel per connection: ask several times
-        wait_for(lambda: httpx.get(f"{stack.base_url}/models", headers=auth).status_code == 200, "the key cache")
+    assert_accepted_everywhere(stack, made["key"])
     return made
+
+
+def assert_accepted_everywhere(stack, secret: str) -> None:
+    for _ in range(8):  # two workers, picked by the kernel per connection: ask several times
+        answer = httpx.get(f"{stack.base_url}/models", headers={"Authorization": f"Bearer {secret}"})
+        assert answer.status_code == 200, answer.text
 
 
 def new_team(stack, name: str, **settings) -> dict:
@@ -112,6 +116,14 @@ def test_a_viewer_lists_models_but_may_not_run_them(governed):
     assert [m.id for m in governed.client(key).models.list().data] == [MODEL, SAY]
     refused = chat(governed, key)
     assert refused.status_code == 403 and error_of(refused)["code"] == "insufficient_role", refused.text
+
+
+def test_a_new_session_works_at_once_on_every_worker(governed):
+    password = "correct horse battery"
+    created(admin(governed).post("/admin/users", json={"name": "prompt", "role": "developer", "password": password}))
+    signed_in = httpx.post(f"{governed.root}/auth/login", json={"username": "prompt", "password": password}, timeout=30)
+    assert signed_in.status_code == 200, signed_in.text
+    assert_accepted_everywhere(governed, signed_in.json()["token"])
 
 
 def test_a_key_runs_only_the_models_it_may(governed):

@@ -5,15 +5,12 @@ unreachable gateway, a role the API refuses), and `appliance console` runs in a 
 from __future__ import annotations
 
 import os
-import pty
-import select
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import BIN, free_port
-from tests.tui.conftest import cells, make_key, notes, until
+from tests.tui.conftest import Terminal, cells, make_key, notes, until
 from tui.modals import HelpScreen
 from tui.views import COMMANDS
 from tui.views.dashboard import Dashboard
@@ -74,40 +71,14 @@ async def test_a_role_the_api_refuses_sees_its_message(console, stack, unique):
 def test_the_command_runs_in_a_terminal_and_quits(stack, tmp_path):
     """`appliance console` in a real pseudo-terminal: it draws the dashboard of the gateway
     it was pointed at, and ctrl+q ends it with status 0."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the console, in its own terminal
-        os.chdir(tmp_path)
-        os.execve(str(BIN / "appliance"), ["appliance", "console", "--url", stack.root, "--key", stack.admin_key],
-                  {**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "40"})
-    seen, deadline = b"", time.monotonic() + 60
+    terminal = Terminal([str(BIN / "appliance"), "console", "--url", stack.root, "--key", stack.admin_key],
+                        dict(os.environ), tmp_path)
     try:
-        while b"remote-ok" not in seen and time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(fd, 65536)
-                except OSError:
-                    break
-        assert b"remote-ok" in seen, seen[-2000:]
-        os.write(fd, b"\x11")  # ctrl+q
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                assert os.waitstatus_to_exitcode(status) == 0
-                return
-            if select.select([fd], [], [], 0.2)[0]:
-                try:
-                    os.read(fd, 65536)
-                except OSError:
-                    pass
-        pytest.fail("the console did not quit on ctrl+q")
+        terminal.wait_for("remote-ok")
+        terminal.type(b"\x11")  # ctrl+q
+        assert terminal.exit_code() == 0, "the console did not quit on ctrl+q"
     finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        terminal.close()
 
 
 def test_help_of_the_command_names_its_options():

@@ -33,15 +33,8 @@ async def test_create_shows_the_secret_once_and_it_works(console, stack, unique)
         assert "rpm=7" in " ".join(row) and "budget_tokens=5000" in " ".join(row)
         assert secret not in " ".join(" ".join(r) for r in cells(pilot))  # never shown again
 
-    # The secret is a real key of the gateway (accepted within a second of its creation).
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            assert stack.client(secret).models.list().data
-            return
-        except openai.AuthenticationError:
-            assert time.monotonic() < deadline, "the new key is refused"
-            time.sleep(0.1)
+    # The secret is a real key of the gateway, accepted at once.
+    assert stack.client(secret).models.list().data
 
 
 async def test_edit_limits_then_revoke_with_confirmation(console, stack, unique):

@@ -8,10 +8,14 @@ import asyncio
 
 import pytest
 
+from appliance.planning.inventory import read_inventory
+from services.gpus import gpu_state
+from tests.appliance.test_probe import INVENTORIES
 from tests.conftest import DEFAULT_MODEL
 from tests.tui.conftest import cells, notes, select_row, until
+from tui import format as fmt
 from tui.modals import DetailScreen
-from tui.views.dashboard import Tile
+from tui.views.dashboard import Tile, _gpu_line
 
 pytestmark = [pytest.mark.stack, pytest.mark.anyio]
 
@@ -83,3 +87,14 @@ async def test_system_panel_reports_the_gateway_and_gpus(console):
         assert "worker" in text
         assert "GPU" in text  # none here: the panel says why
         assert not any("HTTP" in n for n in notes(pilot))
+
+
+def test_a_gpu_line_from_a_recorded_h100_probe():
+    """What the system panel says of a GPU as GET /admin/system reports it, here one of the
+    8x H100 server's recorded probe (no GPU on the test machines)."""
+    gpu = gpu_state(read_inventory(INVENTORIES / "server-8x-h100-80gb.json").gpus[3])
+    line = _gpu_line(gpu)
+    assert line.startswith("GPU 3 NVIDIA H100 80GB HBM3: mem ")
+    assert f"{fmt.size(gpu['memory_used_bytes'])} / {fmt.size(gpu['memory_total_bytes'])}" in line
+    assert line.endswith(f"util {gpu['utilization_percent']}%  {gpu['temperature_c']}°C")
+

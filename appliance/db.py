@@ -263,6 +263,46 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (job_id, seq)
         )""",
     ),
+    (
+        # Fine-tuning (appliance/finetune.py, services/worker/training.py) and experiment
+        # tracking (appliance/experiments.py). A job's metrics, one row per training step:
+        # {"loss", "learning_rate", "tokens_per_s", "step_time_s", "epoch", ...} as JSON.
+        """CREATE TABLE job_metrics (
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            step INTEGER NOT NULL,
+            at REAL NOT NULL,
+            metrics TEXT NOT NULL,
+            PRIMARY KEY (job_id, step)
+        )""",
+        # A running job asked to stop (`jobs cancel`): the work sees it and stops.
+        "ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL",
+        """CREATE TABLE experiments (
+            name TEXT PRIMARY KEY,
+            description TEXT,
+            created_at REAL NOT NULL,
+            created_by TEXT
+        )""",
+        # A run is a job within an experiment: what it was given (params, resolved), where it
+        # ran (environment), what it made (artifacts, the model version) and how it ended.
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY REFERENCES jobs (id),
+            experiment TEXT NOT NULL REFERENCES experiments (name),
+            params TEXT NOT NULL,
+            tags TEXT NOT NULL DEFAULT '[]',
+            environment TEXT,
+            final_metrics TEXT,
+            artifacts TEXT NOT NULL DEFAULT '[]',
+            base_version_id TEXT REFERENCES model_versions (id),
+            dataset_version_id TEXT REFERENCES dataset_versions (id),
+            model_version_id TEXT REFERENCES model_versions (id),
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX runs_experiment ON runs (experiment, created_at)",
+        # A version made by a fine-tuning run: a LoRA adapter (format 'gguf-lora') served on
+        # its base version (base_id), and where it came from (lineage, JSON).
+        "ALTER TABLE model_versions ADD COLUMN base_id TEXT REFERENCES model_versions (id)",
+        "ALTER TABLE model_versions ADD COLUMN lineage TEXT",
+    ),
 ]
 
 

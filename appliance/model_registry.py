@@ -102,6 +102,7 @@ def _forget_unreferenced(db: sqlite_utils.Database, store: ObjectStore, files: l
 def _public(row: dict) -> dict:
     out = dict(row)
     out["files"] = json.loads(row["files"]) if isinstance(row["files"], str) else row["files"]
+    out["lineage"] = json.loads(row["lineage"]) if isinstance(row.get("lineage"), str) else row.get("lineage")
     card, edits = json.loads(row["card"]), json.loads(row["card_edits"])
     out.pop("card_edits")
     out["card"] = apply_edits(card, edits)

@@ -303,6 +303,19 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE model_versions ADD COLUMN base_id TEXT REFERENCES model_versions (id)",
         "ALTER TABLE model_versions ADD COLUMN lineage TEXT",
     ),
+    (
+        # A fine-tuning job's checkpoints (services/worker/training.py): each an archive in the
+        # object store's checkpoints bucket; the job resumes from its last.
+        """CREATE TABLE job_checkpoints (
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            step INTEGER NOT NULL,
+            at REAL NOT NULL,
+            key TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (job_id, step)
+        )""",
+    ),
 ]
 
 

@@ -209,6 +209,7 @@ def delete_version(db: sqlite_utils.Database, store: ObjectStore, name: str, ver
     with transaction(db):
         row = get_version(db, name, version)
         keys = [f"sha256/{row['sha256']}"] + [p["key"] for s in row["splits"] for p in s["parts"].values()]
+        db.execute("UPDATE runs SET dataset_version_id = NULL WHERE dataset_version_id = ?", [row["id"]])
         db.execute("DELETE FROM dataset_splits WHERE version_id = ?", [row["id"]])
         db.execute("UPDATE dataset_versions SET parent_id = NULL WHERE parent_id = ?", [row["id"]])
         db.execute("DELETE FROM dataset_versions WHERE id = ?", [row["id"]])

@@ -20,7 +20,7 @@ from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.model_registry import check_name, get_version
 
 STATES = ("pending", "starting", "running", "failed", "stopping")
-ENGINES_BY_FORMAT = {"gguf": "llamacpp", "hf": "vllm"}
+ENGINES_BY_FORMAT = {"gguf": "llamacpp", "gguf-lora": "llamacpp", "hf": "vllm"}  # a LoRA runs on its GGUF base
 
 
 def deploy(db: sqlite_utils.Database, model: str, version: int, *, name: str | None, replicas: int,

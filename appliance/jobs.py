@@ -2,8 +2,10 @@
 
 A job is a row in the state database's `jobs` table; the worker (services/worker) takes
 it from Huey's queue in jobs.db and runs it. States: queued -> running -> succeeded or
-failed; a queued job may be cancelled instead. A job the worker was running when it
-stopped is marked failed ("interrupted") when the worker starts again.
+failed; a queued job may be cancelled instead, and a running fine-tuning job asked to
+stop (it stops at its next step, keeping its checkpoints). A job the worker was running
+when it stopped is marked failed ("interrupted") when the worker starts again; a
+fine-tuning job is queued again instead, and resumes from its last checkpoint.
 
 Each job has a log (table `job_logs`): every change of state writes a line (queued,
 started, succeeded with its result, failed with the reason, cancelled), and the work adds
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from appliance import finetune
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
@@ -50,7 +53,9 @@ class DatasetImport(msgspec.Struct, forbid_unknown_fields=True):
     sha256: str | None = None
 
 
-KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport}
+KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport,
+                                          "finetune": finetune.FineTune}
+RESUMABLE = ("finetune",)  # kinds that checkpoint: stopped, they are queued again; running, they can be cancelled
 
 
 def parse_params(kind: str, params: Any) -> msgspec.Struct:
@@ -61,10 +66,16 @@ def parse_params(kind: str, params: Any) -> msgspec.Struct:
         checked = msgspec.convert(params, KINDS[kind])
     except msgspec.ValidationError as exc:
         raise invalid_value(exc, "params") from None
-    if not os.path.isabs(checked.path):
+    if hasattr(checked, "path") and not os.path.isabs(checked.path):
         raise InvalidRequest(f"{kind} job: `path` must be absolute (a path on the worker's machine), got {checked.path!r}",
                              param="params.path")
     return checked
+
+
+def prepare(db: sqlite_utils.Database, kind: str, params: msgspec.Struct) -> msgspec.Struct:
+    """What the job will run with: a fine-tuning job resolved against the registries (4xx
+    before anything is queued; appliance/finetune.py)."""
+    return finetune.resolve(db, params) if kind == "finetune" else params
 
 
 def create(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, actor: Actor) -> dict:
@@ -96,15 +107,35 @@ def list_jobs(db: sqlite_utils.Database, *, state: str | None = None, limit: int
 
 
 def cancel(db: sqlite_utils.Database, job_id: str, actor: Actor) -> dict:
-    """Cancel a queued job; the worker skips it. A running or finished job is refused."""
+    """Cancel a queued job (the worker skips it), or ask a running fine-tuning job to stop (it
+    does at its next step). A finished job, or a running one that cannot stop, is refused."""
     with transaction(db):
         job = get(db, job_id)
+        if job["state"] == "running" and job["kind"] in RESUMABLE:
+            if job["cancel_requested_at"] is None:
+                db.execute("UPDATE jobs SET cancel_requested_at = ? WHERE id = ?", [time.time(), job_id])
+                log(db, job_id, f"cancel asked by {actor.key_name}: stopping at the next step")
+            return get(db, job_id)
         if job["state"] != "queued":
-            raise Conflict(f"job {job_id} is {job['state']}: only a queued job can be cancelled", param="job_id")
+            raise Conflict(f"job {job_id} is {job['state']}: only a queued job or a running fine-tuning job can be "
+                           "cancelled", param="job_id")
         db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = 'cancelled before it ran' "
                    "WHERE id = ?", [time.time(), job_id])
         log(db, job_id, f"cancelled by {actor.key_name}")
     return get(db, job_id)
+
+
+def cancel_requested(db: sqlite_utils.Database, job_id: str) -> bool:
+    row = db.execute("SELECT cancel_requested_at FROM jobs WHERE id = ?", [job_id]).fetchone()
+    return row is not None and row[0] is not None
+
+
+def stopped(db: sqlite_utils.Database, job_id: str, message: str, result: dict | None = None) -> None:
+    """running -> cancelled: the work stopped when asked."""
+    with transaction(db):
+        db.execute("UPDATE jobs SET state = 'cancelled', result = ?, message = ?, finished_at = ? WHERE id = ?",
+                   [json.dumps(result) if result is not None else None, message, time.time(), job_id])
+        log(db, job_id, f"cancelled: {message}")
 
 
 def claim(db: sqlite_utils.Database, job_id: str) -> dict | None:
@@ -126,15 +157,27 @@ def finish(db: sqlite_utils.Database, job_id: str, *, result: dict | None = None
         log(db, job_id, f"failed: {error}" if error else f"succeeded: {_listing(result or {})}")
 
 
-def interrupt_running(db: sqlite_utils.Database) -> list[str]:
-    """Fail the jobs a stopped worker left running; returns their ids."""
+def interrupt_running(db: sqlite_utils.Database) -> tuple[list[str], list[str]]:
+    """What a stopped worker left running: jobs that checkpoint are queued again (to resume),
+    or cancelled when that was asked; the others fail. Returns (failed, queued again) ids."""
+    failed, again = [], []
     with transaction(db):
-        ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()]
-        db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, message = ? WHERE state = 'running'",
-                   [time.time(), INTERRUPTED])
-        for job_id in ids:
-            log(db, job_id, f"failed: {INTERRUPTED}")
-    return ids
+        for job_id, kind, cancel_asked in db.execute(
+                "SELECT id, kind, cancel_requested_at FROM jobs WHERE state = 'running'").fetchall():
+            if kind in RESUMABLE and cancel_asked is not None:
+                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = ? WHERE id = ?",
+                           [time.time(), "cancelled: the worker stopped before the job did", job_id])
+                log(db, job_id, "cancelled: the worker stopped before the job did; its checkpoints are kept")
+            elif kind in RESUMABLE:
+                db.execute("UPDATE jobs SET state = 'queued' WHERE id = ?", [job_id])
+                log(db, job_id, "the worker stopped while the job ran: queued again, to resume from its last checkpoint")
+                again.append(job_id)
+            else:
+                db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, message = ? WHERE id = ?",
+                           [time.time(), INTERRUPTED, job_id])
+                log(db, job_id, f"failed: {INTERRUPTED}")
+                failed.append(job_id)
+    return failed, again
 
 
 def log(db: sqlite_utils.Database, job_id: str, text: str) -> None:
@@ -171,5 +214,6 @@ def _public(row: dict) -> dict:
         "id": row["id"], "kind": row["kind"], "state": row["state"], "params": json.loads(row["params"]),
         "message": row["message"], "result": json.loads(row["result"]) if row["result"] else None,
         "created_at": row["created_at"], "started_at": row["started_at"], "finished_at": row["finished_at"],
+        "cancel_requested_at": row.get("cancel_requested_at"),
         "created_by": {"key_id": row["created_by"], "key_name": row["created_by_name"], "role": row["created_by_role"]},
     }

@@ -19,7 +19,7 @@ FOLLOW_POLL_S = 1.0
 def submit(client: AdminClient, kind: str, params: dict, as_json: bool) -> None:
     """Queue a job and say how to follow it."""
     job = client.post("/admin/jobs", {"kind": kind, "params": params})
-    emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs wait {j['id']}`")
+    emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs log -f {j['id']}`")
 
 
 def _summary(job: dict) -> str:
@@ -107,6 +107,6 @@ def jobs_wait(job_id, timeout, url, key, home, as_json):
 @click.argument("job_id")
 @client_options
 def jobs_cancel(job_id, url, key, home):
-    """Cancel a queued job (one that runs already is refused)."""
-    make_client(url, key, home).post(f"/admin/jobs/{job_id}/cancel")
-    click.echo(f"cancelled {job_id}")
+    """Cancel a queued job, or stop a running fine-tuning job at its next step (its checkpoints are kept)."""
+    job = make_client(url, key, home).post(f"/admin/jobs/{job_id}/cancel")
+    click.echo(f"cancelled {job_id}" if job["state"] == "cancelled" else f"{job_id} stops at its next step")

@@ -70,6 +70,28 @@ def register(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Pat
         if sha256 is not None and digest != sha256.lower():
             _forget_unreferenced(db, store, files)
             raise ChecksumMismatch(f"{path.name}: manifest SHA-256 is {digest}, expected {sha256.lower()}", param="sha256")
+    return _insert_version(db, store, name, fmt, files, digest, card, source=source, created_by=created_by)
+
+
+def register_adapter(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Path, *, base: dict,
+                     lineage: dict, created_by: str | None) -> dict:
+    """Register a GGUF LoRA adapter trained on version `base` as the next version of `name`
+    (format 'gguf-lora'): llama.cpp serves it on that base. Its card is the base's, with
+    where it came from (`lineage`: the run's base, dataset, job, parameters and metrics)."""
+    check_name(name)
+    obj = store.put_file(BUCKET, path)
+    files = [{"path": path.name, "key": obj.key, "sha256": obj.sha256, "size": obj.size}]
+    card = {**base["card"], "adapter": "lora", "base_model": f"{base['model']} v{base['version']}",
+            "fine_tuned_from": lineage}
+    return _insert_version(db, store, name, "gguf-lora", files, obj.sha256, card,
+                           source=f"fine-tuned from {base['model']} version {base['version']} by job {lineage['job']}",
+                           created_by=created_by, base_id=base["id"], lineage=lineage)
+
+
+def _insert_version(db: sqlite_utils.Database, store: ObjectStore, name: str, fmt: str, files: list[dict],
+                    digest: str, card: dict, *, source: str, created_by: str | None, base_id: str | None = None,
+                    lineage: dict | None = None) -> dict:
+    """The version's row, once its files are stored; the files are forgotten if it cannot be written."""
     try:
         with transaction(db):
             existing = db.execute("SELECT version FROM model_versions WHERE model = ? AND sha256 = ?", [name, digest]).fetchone()
@@ -83,6 +105,7 @@ def register(db: sqlite_utils.Database, store: ObjectStore, name: str, path: Pat
                 "id": "mv_" + uuid.uuid4().hex[:12], "model": name, "version": version, "format": fmt, "sha256": digest,
                 "size": sum(f["size"] for f in files), "files": json.dumps(files), "source": source,
                 "card": json.dumps(card), "card_edits": "{}", "created_at": now, "created_by": created_by,
+                "base_id": base_id, "lineage": json.dumps(lineage) if lineage is not None else None,
             }
             db["model_versions"].insert(row)
     except BaseException:
@@ -181,6 +204,13 @@ def delete_version(db: sqlite_utils.Database, store: ObjectStore, name: str, ver
                 f"{name} version {version} is deployed as {', '.join(row['deployed_as'])}: undeploy it first",
                 param="version",
             )
+        adapters = [f"{m} v{v}" for m, v in db.execute(
+            "SELECT model, version FROM model_versions WHERE base_id = ? ORDER BY model, version", [row["id"]])]
+        if adapters:
+            raise Conflict(f"{name} version {version} is the base of fine-tuned versions ({', '.join(adapters)}): "
+                           "delete those first", param="version")
+        for column in ("base_version_id", "model_version_id"):  # a run keeps its record of a deleted version
+            db.execute(f"UPDATE runs SET {column} = NULL WHERE {column} = ?", [row["id"]])
         db.execute("DELETE FROM model_versions WHERE id = ?", [row["id"]])
         if not db.execute("SELECT 1 FROM model_versions WHERE model = ?", [name]).fetchone():
             db.execute("DELETE FROM registered_models WHERE name = ?", [name])
@@ -191,11 +221,12 @@ def delete_version(db: sqlite_utils.Database, store: ObjectStore, name: str, ver
 def materialize(store: ObjectStore, row: dict, cache: Path) -> Path:
     """The version's files on local disk (checked against their SHA-256), for an engine to load.
 
-    GGUF: cache/<sha256>.gguf; HF: cache/<sha256>/ with the directory's files.
+    GGUF: cache/<sha256>.gguf; a LoRA adapter: cache/<sha256>.lora.gguf (its base is
+    materialized on its own); HF: cache/<sha256>/ with the directory's files.
     """
     files = row["files"]
-    if row["format"] == "gguf":
-        target = cache / f"{row['sha256']}.gguf"
+    if row["format"] in ("gguf", "gguf-lora"):
+        target = cache / (f"{row['sha256']}.gguf" if row["format"] == "gguf" else f"{row['sha256']}.lora.gguf")
         if not target.exists():
             store.get_file(StoredObject(BUCKET, files[0]["key"], files[0]["sha256"], files[0]["size"]), target)
         return target

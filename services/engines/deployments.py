@@ -103,10 +103,10 @@ class DeploymentController:
             deployments.set_state(db, name, "starting", message="fetching the model files")
             if self.store is None:
                 raise ApplianceError("no object store is configured (storage.object_store), so no files to run")
-            version = {**row, "files": _version_files(db, row["version_id"])}
-            path = materialize(self.store, version, models_cache_dir(self.home))
+            path, adapters = self._version_paths(db, row["version_id"])
             model = ModelConfig(name=name, engine=row["engine"], path=str(path), replicas=row["replicas"],
-                                context_length=row["context_length"])
+                                context_length=row["context_length"],
+                                extra_args=[arg for adapter in adapters for arg in ("--lora", str(adapter))])
             machine = probe(self.home)
             plan = make_plan(Profile(name=f"deployment-{name}", models=[model]), [machine])
             check_engine_builds(plan, machine)
@@ -116,6 +116,15 @@ class DeploymentController:
             self._failed(db, running, exc)
         finally:
             db.conn.close()
+
+    def _version_paths(self, db, version_id: str) -> tuple[Path, list[Path]]:
+        """The model file an engine loads, and the LoRA adapters it applies: a fine-tuned
+        version is its base's file with its own adapter (appliance/finetune.py)."""
+        version = _version_row(db, version_id)
+        if version["format"] != "gguf-lora":
+            return materialize(self.store, version, models_cache_dir(self.home)), []
+        base, _ = self._version_paths(db, version["base_id"])
+        return base, [materialize(self.store, version, models_cache_dir(self.home))]
 
     def _launch(self, running: _Running) -> None:
         """Start the replicas from the supervisor's own thread: they die with the thread that made them."""
@@ -204,5 +213,7 @@ def run_controller(home: Path, store: ObjectStoreSettings | None, say: Callable[
         say("deployment controller stopped.")
 
 
-def _version_files(db, version_id: str) -> list[dict]:
-    return json.loads(db.execute("SELECT files FROM model_versions WHERE id = ?", [version_id]).fetchone()[0])
+def _version_row(db, version_id: str) -> dict:
+    format_, sha256, files, base_id = db.execute(
+        "SELECT format, sha256, files, base_id FROM model_versions WHERE id = ?", [version_id]).fetchone()
+    return {"format": format_, "sha256": sha256, "files": json.loads(files), "base_id": base_id}

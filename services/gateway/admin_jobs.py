@@ -33,7 +33,7 @@ class JobController(Controller):
         queue = gateway_of(request).job_queue
 
         def work(db) -> dict:
-            job = jobs.create(db, body.kind, params, actor)
+            job = jobs.create(db, body.kind, jobs.prepare(db, body.kind, params), actor)
             try:
                 queue.enqueue(job["id"])
             except Exception as exc:
@@ -70,6 +70,7 @@ class JobController(Controller):
 
     @post("/{job_id:str}/cancel")
     async def cancel_job(self, request: Request, actor: Actor, job_id: str) -> Response:
-        """Cancel a queued job (409 once it runs or has finished)."""
+        """Cancel a queued job, or ask a running fine-tuning job to stop at its next step (409 for
+        a finished job, or a running one of a kind that cannot stop)."""
         return await run(request, actor, lambda db: jobs.cancel(db, job_id, actor), action="job.cancel",
                          target=f"job/{job_id}")

@@ -33,11 +33,15 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
     home = Path(runtime.home)
     db = open_db(state_db_path(home))
     try:
-        for job_id in jobs.interrupt_running(db):
-            say(f"job {job_id} was running when the worker stopped: marked failed")
+        failed, again = jobs.interrupt_running(db)
     finally:
         db.conn.close()
+    for job_id in failed:
+        say(f"job {job_id} was running when the worker stopped: marked failed")
     queue = JobQueue(home, JobRunner(home, runtime.storage))
+    for job_id in again:
+        queue.enqueue(job_id)
+        say(f"job {job_id} was running when the worker stopped: queued again, to resume from its last checkpoint")
     consumer = queue.huey.create_consumer(
         workers=threads, worker_type="thread", periodic=False, max_delay=POLL_MAX_S,
         graceful_signal="TERM", shutdown_timeout=SHUTDOWN_TIMEOUT_S,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import audit, dataset_registry, jobs, model_registry
@@ -16,7 +17,36 @@ from appliance.home import state_db_path
 from appliance.objectstore import ObjectStore, ObjectStoreSettings
 
 log = logging.getLogger("appliance.worker")
-Note = Callable[[str], None]  # writes a line to the running job's log
+
+
+@dataclass
+class Work:
+    """What a job's work is given: the state database, the object store, the job and its home."""
+
+    db: object
+    store: ObjectStore
+    job: dict
+    home: Path
+
+    @property
+    def params(self) -> dict:
+        return self.job["params"]
+
+    @property
+    def actor(self) -> audit.Actor:
+        return jobs.actor_of(self.job)
+
+    def note(self, text: str) -> None:
+        """A line in the job's log."""
+        jobs.log(self.db, self.job["id"], text)
+
+
+class Stopped(Exception):
+    """The work stopped because it was asked to (a running job cancelled); `result` is what it leaves."""
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.message, self.result = message, result
 
 
 def _store(settings: ObjectStoreSettings | None) -> ObjectStore:
@@ -35,33 +65,41 @@ def _sized(path: Path) -> str:
     return str(path)
 
 
-def _model_import(db, store: ObjectStore, params: dict, actor: audit.Actor, note: Note) -> tuple[dict, dict]:
-    path = Path(params["path"])
-    note(f"reading the model card of {_sized(path)}, then hashing and uploading it "
-         f"to the object store at {store.location}")
-    row = model_registry.register(db, store, params["name"], path, source=params["path"],
-                                  created_by=actor.key_id, sha256=params["sha256"])
-    note(f"registered model {row['model']} version {row['version']}, sha256 {row['sha256']}")
+def _model_import(work: Work) -> tuple[dict, dict]:
+    params, path = work.params, Path(work.params["path"])
+    work.note(f"reading the model card of {_sized(path)}, then hashing and uploading it "
+              f"to the object store at {work.store.location}")
+    row = model_registry.register(work.db, work.store, params["name"], path, source=params["path"],
+                                  created_by=work.actor.key_id, sha256=params["sha256"])
+    work.note(f"registered model {row['model']} version {row['version']}, sha256 {row['sha256']}")
     result = {"model": row["model"], "version": row["version"], "sha256": row["sha256"], "size": row["size"]}
     return result, {k: result[k] for k in ("version", "sha256", "size")}
 
 
-def _dataset_import(db, store: ObjectStore, params: dict, actor: audit.Actor, note: Note) -> tuple[dict, dict]:
-    path = Path(params["path"])
-    note(f"loading {_sized(path)} for its schema, quality report and PII scan, then hashing and uploading it "
-         f"to the object store at {store.location}")
-    row = dataset_registry.register(db, store, params["name"], path, source=params["path"],
-                                    created_by=actor.key_id, fmt=params["format"], sha256=params["sha256"])
-    note(f"registered dataset {row['dataset']} version {row['version']} ({row['rows']} rows), sha256 {row['sha256']}")
+def _dataset_import(work: Work) -> tuple[dict, dict]:
+    params, path = work.params, Path(work.params["path"])
+    work.note(f"loading {_sized(path)} for its schema, quality report and PII scan, then hashing and uploading it "
+              f"to the object store at {work.store.location}")
+    row = dataset_registry.register(work.db, work.store, params["name"], path, source=params["path"],
+                                    created_by=work.actor.key_id, fmt=params["format"], sha256=params["sha256"])
+    work.note(f"registered dataset {row['dataset']} version {row['version']} ({row['rows']} rows), "
+              f"sha256 {row['sha256']}")
     result = {"dataset": row["dataset"], "version": row["version"], "sha256": row["sha256"], "rows": row["rows"]}
     return result, {k: result[k] for k in ("version", "sha256", "rows")}
 
 
-# kind -> (audit action, audit target kind, work(db, store, params, actor, note) -> (result, audit detail)):
-# a job is audited as the /admin call that does the same work synchronously.
-WORK: dict[str, tuple[str, str, Callable]] = {
+def _finetune(work: Work) -> tuple[dict, dict]:
+    from services.worker.training import finetune  # torch and transformers: loaded for training only
+
+    return finetune(work)
+
+
+# kind -> (audit action, audit target kind, work(Work) -> (result, audit detail)): a job is
+# audited as the /admin call that does the same work synchronously.
+WORK: dict[str, tuple[str, str, Callable[[Work], tuple[dict, dict]]]] = {
     "model.import": ("model.register", "model", _model_import),
     "dataset.import": ("dataset.register", "dataset", _dataset_import),
+    "finetune": ("model.finetune", "model", _finetune),
 }
 
 
@@ -87,7 +125,11 @@ class JobRunner:
         target = f"{what}/{params['name']}"
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
-            result, detail = work(db, _store(self.store), params, actor, lambda text: jobs.log(db, job["id"], text))
+            result, detail = work(Work(db, _store(self.store), job, self.home))
+        except Stopped as exc:
+            jobs.stopped(db, job["id"], exc.message, exc.result)
+            audit.record(db, actor, action, target, outcome="cancelled", detail=exc.result)
+            log.info("job %s stopped: %s", job["id"], exc.message)
         except ApplianceError as exc:
             jobs.finish(db, job["id"], error=exc.message)
             audit.record(db, actor, action, target, outcome=f"refused: {exc.message}")

@@ -19,6 +19,7 @@ from appliance.login_cli import login_command, logout_command
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.jobs_cli import jobs
+from appliance.experiments_cli import experiments, runs
 from appliance.objects_cli import objects
 from appliance.audit_cli import audit
 from appliance.registry_cli import REGISTRY_COMMANDS
@@ -213,6 +214,8 @@ cli.add_command(routes, "routes")
 cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")
+cli.add_command(experiments, "experiments")
+cli.add_command(runs, "runs")
 cli.add_command(usage, "usage")
 cli.add_command(backup, "backup")
 cli.add_command(restore_command, "restore")

@@ -36,6 +36,8 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "uploads.write": at_least("developer"),  # staged uploads for model and dataset versions
     "jobs.read": at_least("viewer"),
     "jobs.write": at_least("developer"),  # submit and cancel fine-tuning and evaluation jobs
+    "experiments.read": at_least("developer"),  # runs: their params, metrics, environment; compare, export
+    "experiments.write": at_least("developer"),  # tag runs
     # Read any file the gateway's machine lets the appliance read: registering by `path`
     # (POST .../versions) and import jobs. Below operator, files come as uploads.
     "files.server": at_least("operator"),
@@ -89,6 +91,13 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/jobs/{job_id}/log"): "jobs.read",
     ("POST", "/admin/jobs"): "jobs.write",
     ("POST", "/admin/jobs/{job_id}/cancel"): "jobs.write",
+    ("GET", "/admin/experiments"): "experiments.read",
+    ("GET", "/admin/runs"): "experiments.read",
+    ("GET", "/admin/runs/compare"): "experiments.read",
+    ("GET", "/admin/runs/export"): "experiments.read",
+    ("GET", "/admin/runs/{run_id}"): "experiments.read",
+    ("GET", "/admin/runs/{run_id}/metrics"): "experiments.read",
+    ("PATCH", "/admin/runs/{run_id}"): "experiments.write",
     ("GET", "/admin/users"): "users.read",
     ("GET", "/admin/users/{name}"): "users.read",
     ("POST", "/admin/users"): "users.write",

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
-from appliance import dataset_registry, model_registry
 from appliance.errors import InvalidRequest, NotFound
 
 if TYPE_CHECKING:
@@ -80,6 +79,8 @@ def resolve(db: sqlite_utils.Database, job: FineTune) -> FineTune:
     """The job with its versions, name and dataset shape filled in; 4xx naming the parameter
     for a base that llama.cpp cannot serve a LoRA on, a dataset it cannot train on, or one
     with unmasked PII findings."""
+    from appliance import dataset_registry, model_registry  # pyarrow: loaded by the gateway, not the CLI
+
     for value, what in ((job.name or f"{job.base}-ft", "name"), (job.experiment, "experiment")):
         try:
             model_registry.check_name(value, "model" if what == "name" else what)

@@ -89,6 +89,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/jobs"): "jobs.read",
     ("GET", "/admin/jobs/{job_id}"): "jobs.read",
     ("GET", "/admin/jobs/{job_id}/log"): "jobs.read",
+    ("GET", "/admin/jobs/{job_id}/events"): "jobs.read",
     ("POST", "/admin/jobs"): "jobs.write",
     ("POST", "/admin/jobs/{job_id}/cancel"): "jobs.write",
     ("GET", "/admin/experiments"): "experiments.read",

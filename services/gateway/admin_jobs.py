@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 
-from appliance import jobs, permissions
+from appliance import experiments, jobs, permissions
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
-from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, request_body, run
+from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, perform, request_body, run
+
+EVENTS_POLL_S = 0.5  # how often a job's event stream looks for new lines and metrics
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,6 +73,37 @@ class JobController(Controller):
             return {"job": job, "lines": lines, "next": lines[-1]["seq"] if lines else after}
 
         return await run(request, actor, work)
+
+    @get("/{job_id:str}/events")
+    async def job_events(self, request: Request, actor: Actor, job_id: str,
+                         after: Annotated[int, Parameter(ge=0, le=SQLITE_MAX)] = 0,
+                         after_step: Annotated[int, Parameter(ge=0, le=SQLITE_MAX)] = 0) -> ServerSentEvent:
+        """The job live, as server-sent events: `log` (each line numbered above `after`),
+        `metrics` (each training step above `after_step`: loss, learning rate, tokens per
+        second, step time), then `end` with the job once it has finished. A reconnecting
+        client passes the last `seq` and `step` it saw."""
+        await perform(request, actor, lambda db: jobs.get(db, job_id))  # 404 before the stream starts
+
+        def read(db, seen: tuple[int, int]) -> tuple[dict, list[dict], list[dict]]:
+            job = jobs.get(db, job_id)  # first: once it has finished, what is read next is all there is
+            return job, jobs.log_lines(db, job_id, after=seen[0]), experiments.metrics(db, job_id, after_step=seen[1])
+
+        async def events() -> AsyncIterator[ServerSentEventMessage]:
+            seen = (after, after_step)
+            while True:
+                job, lines, steps = await perform(request, actor, lambda db: read(db, seen))
+                for line in lines:
+                    yield ServerSentEventMessage(msgspec.json.encode(line).decode(), event="log", id=str(line["seq"]))
+                for step in steps:
+                    yield ServerSentEventMessage(msgspec.json.encode(step).decode(), event="metrics")
+                seen = (lines[-1]["seq"] if lines else seen[0], steps[-1]["step"] if steps else seen[1])
+                if job["state"] in jobs.FINISHED and not lines and not steps:
+                    yield ServerSentEventMessage(msgspec.json.encode(job).decode(), event="end")
+                    return
+                if not lines and not steps:
+                    await asyncio.sleep(EVENTS_POLL_S)
+
+        return ServerSentEvent(events(), headers={"x-request-id": actor.request_id})
 
     @post("/{job_id:str}/cancel")
     async def cancel_job(self, request: Request, actor: Actor, job_id: str) -> Response:

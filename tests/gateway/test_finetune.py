@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from httpx_sse import connect_sse
 
 from appliance import model_registry
 from appliance.config import ModelConfig
@@ -116,11 +117,23 @@ def test_a_job_trains_registers_a_served_version_and_the_template_is_the_trainin
     assert answer.status_code == 202, answer.text
     job = answer.json()
     assert job["params"]["base_version"] == 1 and job["params"]["shape"]["kind"] == "chat"
-    done = wait_job(stack, job["id"])
+    # Followed live as server-sent events, from the queue to the end.
+    events: list[tuple[str, dict]] = []
+    with api(stack) as client, connect_sse(client, "GET", f"/admin/jobs/{job['id']}/events") as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for event in source.iter_sse():
+            events.append((event.event, event.json()))
+            if event.event == "end":
+                break
+    done = events[-1][1]
     lines = log(stack, job["id"])
     assert done["state"] == "succeeded", lines[-5:]
+    assert [e["text"] for kind, e in events if kind == "log"] == lines
+    metrics = {e["step"]: e["metrics"] for kind, e in events if kind == "metrics"}
     loss = losses(lines)
-    assert sorted(loss) == list(range(1, 9)) and loss[8] < loss[1], loss  # it learned
+    assert sorted(metrics) == sorted(loss) == list(range(1, 9)) and loss[8] < loss[1], loss  # it learned
+    assert all(metrics[s]["loss"] == pytest.approx(loss[s], abs=1e-4) and metrics[s]["tokens_per_s"] > 0
+               for s in metrics)
     assert any("checkpoint at step 4" in t for t in lines)
 
     version = api(stack).get(f"/admin/models/ft-tuned/versions/{done['result']['version']}").json()

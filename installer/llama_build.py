@@ -24,13 +24,30 @@ Its version is a PEP 440 local version, so `appliance-llama-server==0.3.36` in p
 matches it. Wheels are kept per recipe in ~/.cache/appliance/wheels/<recipe key>/
 (APPLIANCE_WHEEL_CACHE overrides): a changed recipe never reuses an older build.
 
+The same sdist's Python side, llama.cpp's own conversion scripts, goes into a second,
+pure-Python wheel, copied as they are (nothing is compiled), so that fine-tuning turns a
+PEFT LoRA adapter into the GGUF adapter this llama-server applies (`--lora`) with the
+converter of the same llama.cpp, offline:
+
+    appliance_llama_convert-0.3.36+<recipe hash>-py3-none-any.whl
+        appliance_llama_convert/__init__.py   script(name) -> Path, build_info() -> dict
+        appliance_llama_convert/build.json    the sdist and the files copied
+        appliance_llama_convert/llama.cpp/    convert_lora_to_gguf.py, convert_hf_to_gguf.py,
+                                              conversion/, gguf-py/, LICENSE
+
+Its own recipe key (the sdist, the files copied, the package code) names its folder,
+~/.cache/appliance/wheels/<version>-convert-<hash>/, so the server's key is unchanged. The
+scripts need torch and transformers, which the appliance's `train` extra brings.
+
 Used by the Makefile, install.sh (source installs) and `appliance bundle build`, so every
 llama.cpp binary the appliance installs comes from here. Stdlib only: the Makefile runs
 it before the virtual environment exists (it needs pip, cmake, ninja, a C++ compiler and
 objdump).
 
-    python installer/llama_build.py [CACHE]   # builds if needed; prints the folder for pip --find-links
-    python installer/llama_build.py --check   # the installed llama-server is that build: no AMX, no AVX-512, runs
+    python installer/llama_build.py [CACHE]            # builds if needed; prints the folder for pip --find-links
+    python installer/llama_build.py --convert [CACHE]  # the same for the conversion scripts' wheel (nothing compiled)
+    python installer/llama_build.py --check            # the installed llama-server is that build: no AMX, no AVX-512, runs;
+                                                       # the installed conversion scripts are their wheel's
 """
 from __future__ import annotations
 
@@ -136,6 +153,48 @@ def build_info() -> dict:
     return json.loads((_HERE / "build.json").read_text(encoding="utf-8"))
 '''
 
+# The conversion scripts' wheel: what it copies of the llama.cpp tree, as they are, into
+# its package's llama.cpp/ folder. The scripts import conversion/ and gguf-py/ from beside
+# themselves (not the installed gguf package); torch and transformers come from the
+# appliance's `train` extra, so the wheel asks only for what gguf-py imports.
+CONVERT_DISTRIBUTION = "appliance-llama-convert"
+CONVERT_PACKAGE = "appliance_llama_convert"
+CONVERT_TAG = "py3-none-any"
+CONVERT_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CONVERT_REQUIRES = ("numpy", "pyyaml", "tqdm")
+
+CONVERT_INIT = '''\
+"""llama.cpp's own conversion scripts, from the same pinned llama.cpp tree as the appliance's
+llama-server (installer/llama_build.py), so that what they write is what that server reads.
+
+Run one with this Python, as a program: `[sys.executable, str(script("convert_lora_to_gguf.py")), ...]`.
+They import conversion/ and gguf-py/ from beside themselves (unless NO_LOCAL_GGUF is set),
+and need torch and transformers (the appliance's `train` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+TREE = _HERE / "llama.cpp"
+
+
+def script(name: str) -> Path:
+    """The path of one of llama.cpp's scripts in this package: "convert_lora_to_gguf.py" (the
+    .py may be left out), "convert_hf_to_gguf.py"."""
+    path = TREE / (name if name.endswith(".py") else f"{name}.py")
+    if path.parent != TREE or not path.is_file():
+        raise FileNotFoundError(f"{name!r} is not one of the llama.cpp scripts in {TREE}")
+    return path
+
+
+def build_info() -> dict:
+    """What this package holds (build.json): the sdist it was copied from and the files copied."""
+    return json.loads((_HERE / "build.json").read_text(encoding="utf-8"))
+'''
+
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed: the same binary always packs into the same wheel
 WHEEL_LAYOUT = "1"  # part of the recipe: bump it when write_wheel() packs differently
 
@@ -155,6 +214,18 @@ def cmake_args() -> tuple[str, ...]:
 def wheel_version() -> str:
     """0.3.36+<recipe hash>: a local version, so ==0.3.36 matches it."""
     return f"{VERSION}+{recipe_key().rsplit('-', 1)[1]}"
+
+
+def convert_key() -> str:
+    """Names the conversion scripts' wheel by its own recipe: the sdist, what is copied, the package code."""
+    recipe = (REQUIREMENT, SDIST_SHA256, CONVERT_TAG, WHEEL_LAYOUT, *CONVERT_FILES, *CONVERT_REQUIRES, CONVERT_INIT)
+    digest = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:12]
+    return f"{VERSION}-convert-{digest}"
+
+
+def convert_version() -> str:
+    """0.3.36+<convert recipe hash>, which covers the sdist's SHA-256: ==0.3.36 matches it."""
+    return f"{VERSION}+{convert_key().rsplit('-', 1)[1]}"
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -270,28 +341,22 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def write_wheel(out_dir: Path, binary: Path, info: dict, licenses: dict[str, Path]) -> Path:
-    """Pack `binary`, build.json and the package code into this recipe's wheel in `out_dir`; return its path.
-
-    `licenses` maps a file name under the package's licenses/ folder to its source file.
-    """
-    version = wheel_version()
-    dist_info = f"{PACKAGE}-{version}.dist-info"
-    metadata = (f"Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {version}\n"
-                f"Summary: llama.cpp's llama-server ({REQUIREMENT}'s vendor/llama.cpp), built portable for the appliance\n"
-                "License: MIT\nRequires-Python: >=3.8\n")
-    members: list[tuple[str, bytes, int]] = [
-        (f"{PACKAGE}/__init__.py", PACKAGE_INIT.encode(), 0o644),
-        (f"{PACKAGE}/build.json", (json.dumps(info, indent=2) + "\n").encode(), 0o644),
-        (f"{PACKAGE}/bin/{TARGET}", binary.read_bytes(), 0o755),
-        *((f"{PACKAGE}/licenses/{name}", path.read_bytes(), 0o644) for name, path in sorted(licenses.items())),
+def _pack_wheel(path: Path, distribution: str, version: str, tag: str, summary: str,
+                files: list[tuple[str, bytes, int]], *, purelib: bool = False, python: str = ">=3.8",
+                requires: tuple[str, ...] = ()) -> Path:
+    """Write a wheel to `path`: `files` (name in the wheel, content, permission bits), then its
+    METADATA, WHEEL and RECORD."""
+    dist_info = f"{distribution.replace('-', '_')}-{version}.dist-info"
+    metadata = (f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\nSummary: {summary}\n"
+                f"License: MIT\nRequires-Python: {python}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    members = [
+        *files,
         (f"{dist_info}/METADATA", metadata.encode(), 0o644),
         (f"{dist_info}/WHEEL", (f"Wheel-Version: 1.0\nGenerator: appliance installer/llama_build.py\n"
-                                f"Root-Is-Purelib: false\nTag: {WHEEL_TAG}\n").encode(), 0o644),
+                                f"Root-Is-Purelib: {str(purelib).lower()}\nTag: {tag}\n").encode(), 0o644),
     ]
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data, _ in members) + f"{dist_info}/RECORD,,\n"
     members.append((f"{dist_info}/RECORD", record.encode(), 0o644))
-    path = out_dir / f"{PACKAGE}-{version}-{WHEEL_TAG}.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
         for name, data, mode in members:
             entry = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
@@ -301,11 +366,64 @@ def write_wheel(out_dir: Path, binary: Path, info: dict, licenses: dict[str, Pat
     return path
 
 
+def write_wheel(out_dir: Path, binary: Path, info: dict, licenses: dict[str, Path]) -> Path:
+    """Pack `binary`, build.json and the package code into this recipe's wheel in `out_dir`; return its path.
+
+    `licenses` maps a file name under the package's licenses/ folder to its source file.
+    """
+    version = wheel_version()
+    files = [
+        (f"{PACKAGE}/__init__.py", PACKAGE_INIT.encode(), 0o644),
+        (f"{PACKAGE}/build.json", (json.dumps(info, indent=2) + "\n").encode(), 0o644),
+        (f"{PACKAGE}/bin/{TARGET}", binary.read_bytes(), 0o755),
+        *((f"{PACKAGE}/licenses/{name}", path.read_bytes(), 0o644) for name, path in sorted(licenses.items())),
+    ]
+    return _pack_wheel(out_dir / f"{PACKAGE}-{version}-{WHEEL_TAG}.whl", DISTRIBUTION, version, WHEEL_TAG,
+                       f"llama.cpp's llama-server ({REQUIREMENT}'s vendor/llama.cpp), built portable for the appliance",
+                       files)
+
+
+def convert_files(tree: Path) -> dict[str, Path]:
+    """What the conversion scripts' wheel copies of the llama.cpp `tree`: its path under llama.cpp/ -> the file."""
+    found: dict[str, Path] = {}
+    for name in CONVERT_FILES:
+        top = tree / name
+        if not top.exists():
+            raise SystemExit(f"llama_build: the llama.cpp tree has no {name}")
+        for path in sorted([top] if top.is_file() else top.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                found[path.relative_to(tree).as_posix()] = path
+    return found
+
+
+def write_convert_wheel(out_dir: Path, tree: Path) -> Path:
+    """Pack llama.cpp's conversion scripts (CONVERT_FILES of `tree`) and the package code into
+    the conversion wheel in `out_dir`; return its path."""
+    version = convert_version()
+    copied = convert_files(tree)
+    info = {
+        "distribution": CONVERT_DISTRIBUTION,
+        "version": version,
+        "recipe": convert_key(),
+        "source": {"requirement": REQUIREMENT, "sha256": SDIST_SHA256, "tree": "vendor/llama.cpp"},
+        "files": list(copied),
+    }
+    files = [
+        (f"{CONVERT_PACKAGE}/__init__.py", CONVERT_INIT.encode(), 0o644),
+        (f"{CONVERT_PACKAGE}/build.json", (json.dumps(info, indent=2) + "\n").encode(), 0o644),
+        *((f"{CONVERT_PACKAGE}/llama.cpp/{name}", path.read_bytes(), 0o644) for name, path in copied.items()),
+    ]
+    return _pack_wheel(out_dir / f"{CONVERT_PACKAGE}-{version}-{CONVERT_TAG}.whl", CONVERT_DISTRIBUTION, version,
+                       CONVERT_TAG, f"llama.cpp's conversion scripts ({REQUIREMENT}'s vendor/llama.cpp) for the appliance",
+                       files, purelib=True, python=">=3.10", requires=CONVERT_REQUIRES)
+
+
 def build_wheel(cache: Path) -> Path:
     """The folder holding this recipe's wheel under `cache`, building it first if absent.
 
     The source, the build tree and the wheel are made in a temporary folder inside `cache`
-    (removed afterwards); only the finished wheel is moved, atomically, into place.
+    (removed afterwards); only the finished wheel is moved, atomically, into place. The
+    conversion scripts' wheel is made from the same source then, if it is absent too.
     """
     folder = cache / recipe_key()
     if list(folder.glob(f"{PACKAGE}-*.whl")):
@@ -321,10 +439,30 @@ def build_wheel(cache: Path) -> Path:
         licenses = {"LICENSE": tree / "LICENSE", **{p.name: p for p in sorted((tree / "licenses").glob("LICENSE*"))}}
         (staging / "dist").mkdir()
         wheel = write_wheel(staging / "dist", binary, describe_build(binary, staging / "build"), licenses)
-        folder.mkdir(exist_ok=True)
-        os.replace(wheel, folder / wheel.name)  # atomic: a half-written wheel is never found
+        _move_into(wheel, folder)
+        build_convert_wheel(cache, tree)
     print(f"llama_build: built {folder / wheel.name} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return folder
+
+
+def build_convert_wheel(cache: Path, tree: Path | None = None) -> Path:
+    """The folder holding the conversion scripts' wheel under `cache`, making it first if absent:
+    from the llama.cpp `tree` given, else from the pinned sdist, fetched and checked as for the server."""
+    folder = cache / convert_key()
+    if list(folder.glob(f"{CONVERT_PACKAGE}-*.whl")):
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".convert-") as tmp:
+        staging = Path(tmp)
+        wheel = write_convert_wheel(staging, tree or fetch_source(staging / "source"))
+        _move_into(wheel, folder)
+    print(f"llama_build: made {folder / wheel.name}", file=sys.stderr)
+    return folder
+
+
+def _move_into(wheel: Path, folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    os.replace(wheel, folder / wheel.name)  # atomic: a half-written wheel is never found
 
 
 def instructions(binary: Path, patterns: dict[str, re.Pattern], limit: int = 5) -> dict[str, list[str]]:
@@ -385,13 +523,9 @@ def installed_problems() -> list[str]:
     except ImportError:
         return [f"{DISTRIBUTION} is not installed in {sys.prefix}"]
     problems = []
-    try:  # PEP 610: pip records the wheel file it installed from
-        source = json.loads(importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json") or "{}")
-    except importlib.metadata.PackageNotFoundError:
-        source = {}
-    if recipe_key() not in source.get("url", ""):
+    if recipe_key() not in (url := _installed_from(DISTRIBUTION)):
         problems.append(f"the installed {DISTRIBUTION} is not this recipe's wheel ({recipe_key()}); "
-                        f"it came from {source.get('url') or 'a package index or pip cache'}")
+                        f"it came from {url or 'a package index or pip cache'}")
     info = appliance_llama_server.build_info()
     if info.get("recipe") != recipe_key():
         problems.append(f"the installed llama-server was built by recipe {info.get('recipe')}, not {recipe_key()}")
@@ -401,24 +535,63 @@ def installed_problems() -> list[str]:
     return problems + binary_problems(binary)
 
 
+def _installed_from(distribution: str) -> str:
+    """The wheel file pip installed `distribution` from (PEP 610's direct_url.json), or ''."""
+    try:
+        return json.loads(importlib.metadata.distribution(distribution).read_text("direct_url.json") or "{}").get("url", "")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def installed_convert_problems() -> list[str]:
+    """What is wrong with the conversion scripts this Python's environment provides: not this
+    recipe's wheel, a file the recipe copies missing, or a file unlike the wheel's (RECORD)."""
+    try:
+        import appliance_llama_convert  # only in the appliance's environment, after pip install
+    except ImportError:
+        return [f"{CONVERT_DISTRIBUTION} is not installed in {sys.prefix}"]
+    problems = []
+    if convert_key() not in (url := _installed_from(CONVERT_DISTRIBUTION)):
+        problems.append(f"the installed {CONVERT_DISTRIBUTION} is not this recipe's wheel ({convert_key()}); "
+                        f"it came from {url or 'a package index or pip cache'}")
+    info = appliance_llama_convert.build_info()
+    if info.get("recipe") != convert_key():
+        problems.append(f"the installed conversion scripts were copied by recipe {info.get('recipe')}, not {convert_key()}")
+    tree = appliance_llama_convert.TREE
+    problems += [f"{tree / top} is missing" for top in CONVERT_FILES if not (tree / top).exists()]
+    problems += [f"{tree / name} is missing" for name in info.get("files", []) if not (tree / name).is_file()]
+    for file in importlib.metadata.distribution(CONVERT_DISTRIBUTION).files or []:
+        if file.hash and file.hash.mode == "sha256" and (path := Path(file.locate())).is_file():
+            digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
+            if digest != file.hash.value:
+                problems.append(f"{path} differs from the file its wheel installed")
+    return problems
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--check"]:
-        problems = installed_problems()
+        problems = installed_problems() + installed_convert_problems()
         for problem in problems:
             print(f"llama_build: {problem}; rebuild with installer/llama_build.py", file=sys.stderr)
         if not problems:
+            import appliance_llama_convert
             import appliance_llama_server
 
             info = appliance_llama_server.build_info()
             print(f"llama_build: {appliance_llama_server.binary()} is recipe {info['recipe']} "
                   f"(llama.cpp {info.get('llama_cpp_commit') or 'commit unknown'}): no AMX, no AVX-512, runs")
+            print(f"llama_build: {appliance_llama_convert.TREE} holds the conversion scripts of recipe "
+                  f"{convert_key()}, as its wheel installed them")
         return 1 if problems else 0
+    build = build_wheel
+    if argv[:1] == ["--convert"]:
+        build, argv = build_convert_wheel, argv[1:]
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
         usage = [line.strip() for line in __doc__.splitlines() if line.strip().startswith("python installer/")]
         print("usage: " + "\n       ".join(usage), file=sys.stderr)
         return 2
     try:
-        print(build_wheel(Path(argv[0]).expanduser().resolve() if argv else DEFAULT_CACHE))
+        print(build(Path(argv[0]).expanduser().resolve() if argv else DEFAULT_CACHE))
     except subprocess.CalledProcessError as exc:
         print(f"llama_build: {' '.join(map(str, exc.cmd))} failed (exit {exc.returncode}); its output is above",
               file=sys.stderr)

@@ -125,6 +125,13 @@ def cancel(db: sqlite_utils.Database, job_id: str, actor: Actor) -> dict:
     return get(db, job_id)
 
 
+def wait(db: sqlite_utils.Database, job_id: str, why: str) -> None:
+    """running -> queued: the job cannot start yet (`why`); the worker tries it again later."""
+    with transaction(db):
+        db.execute("UPDATE jobs SET state = 'queued', message = ? WHERE id = ?", [why, job_id])
+        log(db, job_id, why)
+
+
 def cancel_requested(db: sqlite_utils.Database, job_id: str) -> bool:
     row = db.execute("SELECT cancel_requested_at FROM jobs WHERE id = ?", [job_id]).fetchone()
     return row is not None and row[0] is not None

@@ -54,7 +54,7 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
         max_crashes=model.max_crashes,
         crash_window_s=model.crash_window_s,
         restart_at_once=True,
-        on_change=StatusReporter(home, model.name, index, cmd.base_url),
+        on_change=StatusReporter(home, model.name, index, cmd.base_url, placement.gpus, placement.gpu_bytes),
     )
     return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key,
                                   slots=engine_slots(engine_model))

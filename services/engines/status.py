@@ -30,14 +30,17 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     last_exit: str | None = None  # e.g. "killed by SIGILL (illegal instruction: ...)"
     reason: str | None = None  # why it failed, when it did
     updated_at: float = 0.0
+    gpus: list[int] = []  # the GPUs the plan gives it (indexes)
+    gpu_bytes: int = 0  # and what it plans to use of each: a training job leaves that room
 
 
 class StatusReporter:
     """ManagedProcess.on_change for one replica."""
 
-    def __init__(self, home: Path, model: str, replica: int, base_url: str):
+    def __init__(self, home: Path, model: str, replica: int, base_url: str, gpus: list[int] = (), gpu_bytes: int = 0):
         self.path = engine_status_dir(home) / f"{model}-{replica}.json"
         self.model, self.replica, self.base_url = model, replica, base_url
+        self.gpus, self.gpu_bytes = list(gpus), gpu_bytes
 
     def __call__(self, process: ManagedProcess) -> None:
         if process.state == STOPPED:
@@ -45,7 +48,8 @@ class StatusReporter:
             return
         status = ReplicaStatus(model=self.model, replica=self.replica, base_url=self.base_url, state=process.state,
                                pid=process.pid, restarts=process.restarts, last_exit=process.last_exit,
-                               reason=process.reason, updated_at=time.time())
+                               reason=process.reason, updated_at=time.time(), gpus=self.gpus,
+                               gpu_bytes=self.gpu_bytes)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         tmp.write_bytes(msgspec.json.encode(status))

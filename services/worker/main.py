@@ -38,7 +38,9 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
         db.conn.close()
     for job_id in failed:
         say(f"job {job_id} was running when the worker stopped: marked failed")
-    queue = JobQueue(home, JobRunner(home, runtime.storage))
+    runner = JobRunner(home, runtime.storage)
+    queue = JobQueue(home, runner)
+    runner.later = queue.enqueue_later
     for job_id in again:
         queue.enqueue(job_id)
         say(f"job {job_id} was running when the worker stopped: queued again, to resume from its last checkpoint")

@@ -30,5 +30,8 @@ class JobQueue:
     def enqueue(self, job_id: str) -> None:
         self.run_job(job_id)
 
+    def enqueue_later(self, job_id: str, delay_s: float) -> None:
+        self.run_job.schedule(args=(job_id,), delay=delay_s)
+
     def pending(self) -> int:
         return self.huey.pending_count()

@@ -41,6 +41,14 @@ class Work:
         jobs.log(self.db, self.job["id"], text)
 
 
+class Waiting(Exception):
+    """The work cannot start yet (no GPU room beside serving): the job goes back to the queue."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 class Stopped(Exception):
     """The work stopped because it was asked to (a running job cancelled); `result` is what it leaves."""
 
@@ -103,10 +111,14 @@ WORK: dict[str, tuple[str, str, Callable[[Work], tuple[dict, dict]]]] = {
 }
 
 
+WAIT_RETRY_S = 30.0  # a waiting job is tried again after this long
+
+
 class JobRunner:
     def __init__(self, home: Path, store: ObjectStoreSettings | None):
         self.home = home
         self.store = store
+        self.later: Callable[[str, float], None] | None = None  # queues a job again after a delay (the queue's)
 
     def __call__(self, job_id: str) -> None:
         db = open_db(state_db_path(self.home), migrate=False)
@@ -126,6 +138,10 @@ class JobRunner:
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
             result, detail = work(Work(db, _store(self.store), job, self.home))
+        except Waiting as exc:
+            jobs.wait(db, job["id"], exc.message)
+            self.later(job["id"], WAIT_RETRY_S)
+            log.info("job %s waits: %s", job["id"], exc.message)
         except Stopped as exc:
             jobs.stopped(db, job["id"], exc.message, exc.result)
             audit.record(db, actor, action, target, outcome="cancelled", detail=exc.result)

@@ -20,6 +20,7 @@ metrics (appliance/experiments.py) and a line of its log.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
 import tarfile
@@ -35,8 +36,13 @@ from appliance.errors import ApplianceError
 from appliance.finetune import FineTune, Shape
 from appliance.home import cache_dir, models_cache_dir
 from appliance.objectstore import StoredObject
+from appliance.planning.probe import probe_gpus
+from services.engines.status import read_statuses
+from services.worker.gpu_room import choose_gpu, reserved_by_serving, training_bytes
 from services.worker.lora_gguf import adapter_to_gguf, base_config_dir
-from services.worker.runner import Stopped, Work
+from services.worker.runner import Stopped, Waiting, Work
+
+os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # torch numbers the GPUs as NVML does
 
 CHECKPOINTS = "checkpoints"
 IGNORE = -100  # the label of a token the loss does not count
@@ -48,17 +54,15 @@ class TrainingError(ApplianceError):
 
 
 def finetune(work: Work) -> tuple[dict, dict]:
-    import torch
-
     job = msgspec.convert(work.params, FineTune)
     job_id = work.job["id"]
     scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=_mkdir(cache_dir(work.home, "finetune"))))
     try:
         base = model_registry.get_version(work.db, job.base, job.base_version)
+        device = _device(work, job, base)
         data = dataset_registry.get_version(work.db, job.dataset, job.dataset_version)
         gguf = model_registry.materialize(work.store, base, models_cache_dir(work.home))
         chats = rows_to_chats(_rows(work, job, data), job.shape)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         work.note(f"loading {job.base} v{job.base_version} ({gguf.name}) with transformers on {device}; "
                   f"{len(chats)} training examples from {job.dataset} v{job.dataset_version}")
         model, tokenizer = _load_base(gguf, device)
@@ -210,9 +214,24 @@ def environment(device: str) -> dict:
         except metadata.PackageNotFoundError:
             pass
     hardware = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "device": device}
-    if device == "cuda":
-        hardware["gpu"] = torch.cuda.get_device_name(0)
+    if device.startswith("cuda"):
+        hardware["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return {"packages": versions, "hardware": hardware}
+
+
+def _device(work: Work, job: FineTune, base: dict) -> str:
+    """The CPU, or the GPU with room for the job beside serving (services/worker/gpu_room.py);
+    Waiting when there is a GPU but no room yet."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    need = training_bytes(base["card"], job.batch_size, job.sequence_length)
+    _, gpus = probe_gpus()
+    index, why = choose_gpu(need, gpus, reserved_by_serving(read_statuses(work.home).values()))
+    if index is None:
+        raise Waiting(why)
+    return f"cuda:{index}"
 
 
 def _load_base(gguf: Path, device: str):

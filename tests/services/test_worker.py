@@ -129,7 +129,8 @@ def test_a_cancelled_job_never_runs(stack, tmp_path):
         cancelled = api(stack).post(f"/admin/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
         again = api(stack).post(f"/admin/jobs/{job['id']}/cancel")
-        assert again.status_code == 409 and "only a queued job can be cancelled" in again.json()["error"]["message"]
+        assert again.status_code == 409 and "only a queued job or a running fine-tuning job can be cancelled" in \
+            again.json()["error"]["message"]
     finally:
         os.kill(pid, signal.SIGCONT)
     marker = submit(stack, "dataset.import", name="after-cancel", path=str(data)).json()

@@ -1,20 +1,24 @@
-"""Background jobs (imports the worker runs): the list, refreshed as they move, a job's log
-followed live, cancelling a queued job, and submitting an import."""
+"""Background jobs (imports and fine-tuning the worker runs): the list, refreshed as they move,
+a job's log followed live (a fine-tuning job's metrics and loss too), cancelling a queued job or
+stopping a running fine-tuning job, and submitting an import or a fine-tuning job."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
-from textual.widgets import Log
+from textual.containers import Horizontal
+from textual.widgets import Log, Sparkline, Static
 
 from appliance.admin_client import AdminApiError
 from appliance.jobs import FINISHED, KINDS, STATES
 from tui import format as fmt
 from tui.modals import Field, FormScreen
 from tui.views.datasets import FORMATS
+from tui.views.models import whole
 from tui.view import TableView, View
 from tui.widgets import Column
 
@@ -22,6 +26,10 @@ STATE_STYLES = {"queued": "yellow", "running": "bold cyan", "succeeded": "green"
                 "cancelled": "dim"}
 LOG_POLL_S = 1.0
 LOG_PAGE = 1000  # lines asked for at once
+METRICS_PAGE = 1000  # training steps asked for at once
+FINETUNE = "finetune"
+TOTAL_LINE = re.compile(r"^training steps \d+-\d+ of (\d+)")  # the worker's line as training starts
+RESUMED_LINE = re.compile(r"^resuming from the checkpoint at step (\d+)")  # the steps after it are trained again
 
 
 def state_text(state: str) -> Text:
@@ -33,10 +41,17 @@ def duration(job: dict) -> str:
     return "-" if job["started_at"] is None else fmt.age(job["started_at"], now=job["finished_at"] or time.time())
 
 
+def stopping(job: dict) -> bool:
+    """A running fine-tuning job asked to stop: it does at its next step."""
+    return job["state"] == "running" and bool(job.get("cancel_requested_at"))
+
+
 def outcome(job: dict) -> str:
     """Why it failed or was cancelled, else what it made (name, version, rows…)."""
     if job["message"]:
         return job["message"]
+    if stopping(job):
+        return "asked to stop: stopping at its next step"
     return ", ".join(f"{k}={v}" for k, v in (job["result"] or {}).items() if k != "sha256")
 
 
@@ -46,21 +61,72 @@ def describe(job: dict) -> str:
 
 
 async def cancel(view: View, job: dict) -> bool:
-    """Cancel `job` after a confirmation; a job that runs or has finished is refused by the API."""
+    """Cancel a queued `job`, or ask a running fine-tuning job to stop, after a confirmation;
+    the API refuses a running job of another kind (it cannot stop midway) and a finished one."""
     if job["state"] in FINISHED:
         view.notify(f"{describe(job)} has finished ({job['state']}): nothing to cancel.", severity="warning")
         return False
-    if not await view.confirm(f"Cancel {describe(job)}? A queued job is skipped by the worker; "
-                              "one that already runs cannot be cancelled."):
+    if stopping(job):
+        view.notify(f"{describe(job)} was already asked to stop: it stops at its next step.", severity="warning")
         return False
-    return await view.attempt(view.api.post(f"/admin/jobs/{job['id']}/cancel"),
-                              done=f"Cancelled {describe(job)}.") is not None
+    if job["state"] == "running" and job["kind"] == FINETUNE:
+        question = (f"Stop {describe(job)}? It stops at its next step, within seconds, keeps a checkpoint "
+                    "and ends as cancelled; it registers no model version.")
+        done = f"Asked {describe(job)} to stop: it stops at its next step."
+    elif job["state"] == "running":
+        question = (f"Cancel {describe(job)}? It already runs: only a queued job, or a running fine-tuning job, "
+                    "can be cancelled, so the gateway will likely refuse.")
+        done = f"Cancelled {describe(job)}."
+    else:
+        question = f"Cancel {describe(job)}? The worker skips a queued job."
+        done = f"Cancelled {describe(job)}."
+    if not await view.confirm(question):
+        return False
+    return await view.attempt(view.api.post(f"/admin/jobs/{job['id']}/cancel"), done=done) is not None
+
+
+def finetune_params(values: dict[str, str]) -> dict:
+    """The fine-tuning form's fields as the job's params: only those filled in (the API's
+    defaults for the rest); ValueError naming a field that is not a number."""
+    params: dict = {k: values[k] for k in ("base", "dataset", "name", "experiment") if values[k]}
+    for name in ("steps", "batch_size", "sequence_length"):
+        if (number := whole(name, values[name], low=1)) is not None:
+            params[name] = number
+    if (rank := whole("lora.rank", values["lora_rank"], low=1)) is not None:
+        params["lora"] = {"rank": rank}
+    if values["learning_rate"]:
+        try:
+            params["learning_rate"] = float(values["learning_rate"])
+        except ValueError:
+            raise ValueError(f"learning_rate: {values['learning_rate']!r} is not a number (e.g. 2e-4)") from None
+    if values["allow_pii"] == "yes":  # "no" is the API's default
+        params["allow_pii"] = True
+    return params
+
+
+def finetune_fields(like: dict | None) -> list[Field]:
+    """The fine-tuning form; `like` (a fine-tuning job's params) fills in its base, dataset and experiment."""
+    like = like or {}
+    return [Field("base", "Base model (a registered model with a GGUF version; its latest version)",
+                  like.get("base", "")),
+            Field("dataset", "Dataset (chat 'messages', or instruction and response columns; its latest version)",
+                  like.get("dataset", "")),
+            Field("name", "Name of the model it registers", placeholder="<base>-ft"),
+            Field("steps", "Steps", placeholder="one epoch"),
+            Field("learning_rate", "Learning rate", placeholder="2e-4"),
+            Field("lora_rank", "LoRA rank", placeholder="8"),
+            Field("batch_size", "Batch size (examples per step)", placeholder="2"),
+            Field("sequence_length", "Sequence length (tokens per example)", placeholder="512"),
+            Field("experiment", "Experiment (the run's; :runs compares them)", like.get("experiment", ""),
+                  placeholder="default"),
+            Field("allow_pii", "Allow PII (train on a dataset with unmasked PII findings)", "no",
+                  choices=("no", "yes"))]
 
 
 class JobsView(TableView):
     """Jobs, newest first, refreshed every REFRESH_S; enter follows a job's log, c cancels a
-    queued one, n submits an import. `:jobs STATE` lists the jobs in that state only, `:jobs
-    JOB_ID` opens that job's log."""
+    queued one or stops a running fine-tuning job, n submits an import, f starts a fine-tuning
+    job. `:jobs STATE` lists the jobs in that state only, `:jobs JOB_ID` opens that job's log."""
 
     TITLE = "jobs"
     REFRESH_S = 2.0
@@ -73,6 +139,7 @@ class JobsView(TableView):
     )
     BINDINGS = [
         Binding("n", "submit", "New import"),
+        Binding("f", "finetune", "Fine-tune"),
         Binding("c", "cancel", "Cancel job"),
         Binding("ctrl+d", "cancel", "Cancel job", show=False),
     ]
@@ -123,9 +190,56 @@ class JobsView(TableView):
             self.reload()
             await self.app.push_screen(JobLogScreen(job["id"]))
 
+    @work(group="action")
+    async def action_finetune(self) -> None:
+        async def submit(values: dict[str, str]) -> dict:
+            return await self.api.post("/admin/jobs", {"kind": FINETUNE, "params": finetune_params(values)})
+
+        row = self.selected
+        like = row["params"] if row is not None and row["kind"] == FINETUNE else None
+        job = await self.app.push_screen_wait(FormScreen("Fine-tune a model", finetune_fields(like), submit))
+        if job is not None:
+            self.notify(f"Queued {describe(job)}: its log shows the loss step by step.")
+            self.reload()
+            await self.app.push_screen(JobLogScreen(job["id"]))
+
+
+class TrainingPanel(Horizontal):
+    """A fine-tuning job's latest metrics and its loss so far, as a sparkline."""
+
+    DEFAULT_CSS = """
+    TrainingPanel { height: 3; display: none; border: round $secondary; padding: 0 1; }
+    TrainingPanel #metrics { width: auto; margin-right: 2; }
+    TrainingPanel #loss { width: 1fr; height: 1; }
+    """
+
+    def compose(self):
+        yield Static("waiting for the first step", id="metrics")
+        yield Sparkline([], id="loss")
+
+    def show(self, text: str, losses: list[float]) -> None:
+        self.display = True
+        self.query_one("#metrics", Static).update(text)
+        self.query_one("#loss", Sparkline).data = losses
+
+
+def metrics_line(step: dict | None, total: int | None) -> str:
+    """'step 5/12  loss 2.3456  lr 2.00e-04  812 tok/s  0.51 s/step'."""
+    if step is None:
+        return "waiting for the first step"
+    m = step["metrics"]
+
+    def shown(name: str, form: str) -> str:
+        return "-" if m.get(name) is None else format(m[name], form)
+
+    return (f"step {step['step']}/{total or '?'}  loss {shown('loss', '.4f')}  lr {shown('learning_rate', '.2e')}  "
+            f"{shown('tokens_per_s', '.0f')} tok/s  {shown('step_time_s', '.2f')} s/step")
+
 
 class JobLogScreen(View):
-    """One job's log, followed: new lines about once a second until the job has finished."""
+    """One job's log, followed: new lines about once a second until the job has finished; a
+    fine-tuning job's latest metrics (step, loss, learning rate, tokens per second, seconds
+    per step) and its loss as a sparkline above it."""
 
     TITLE = "job log"
     AUTO_FOCUS = "#log"
@@ -139,8 +253,12 @@ class JobLogScreen(View):
         self.job_id = job_id
         self.job: dict | None = None
         self.next = 0  # the last line shown
+        self.steps: dict[int, dict] = {}  # a fine-tuning job's metrics by step
+        self.total: int | None = None  # its steps in all, once training has started
+        self.metrics_denied = False  # the key may read jobs but not runs (experiments.read)
 
     def body(self):
+        yield TrainingPanel()
         yield Log(id="log", highlight=False)
 
     def heading(self) -> str:
@@ -164,12 +282,50 @@ class JobLogScreen(View):
             self.job = page["job"]
             log.write_lines(f"{fmt.when(line['at'])}  {line['text']}" for line in page["lines"])
             self.next = page["next"]
+            self.read_training_lines(page["lines"])
             if len(page["lines"]) < LOG_PAGE:
                 break
         job = self.job
-        self.set_heading(Text.assemble(f"{describe(job)}: ", state_text(job["state"]), f"  {duration(job)}"))
-        if job["state"] in FINISHED:  # every line is in: the API reads the job before its lines
+        if job["kind"] == FINETUNE:
+            await self.load_metrics()
+        self.set_heading(Text.assemble(f"{describe(job)}: ", state_text(job["state"]),
+                                       " (stopping)" if stopping(job) else "", f"  {duration(job)}"))
+        if job["state"] in FINISHED:  # every line is in: the API reads the job before its lines (and metrics)
             self.poller.stop()
+
+    def read_training_lines(self, lines: list[dict]) -> None:
+        """What a fine-tuning job's log says of its steps: how many in all, and a resume (the
+        steps after its checkpoint are trained, and recorded, again)."""
+        for line in lines:
+            if found := TOTAL_LINE.match(line["text"]):
+                self.total = int(found[1])
+            elif found := RESUMED_LINE.match(line["text"]):
+                resumed = int(found[1])
+                self.steps = {n: s for n, s in self.steps.items() if n <= resumed}
+
+    async def load_metrics(self) -> None:
+        """The steps recorded since the last look (GET /admin/runs/{id}/metrics?after=N)."""
+        if self.metrics_denied:
+            return
+        while True:
+            after = max(self.steps, default=0)
+            try:
+                page = await self.api.get(f"/admin/runs/{self.job_id}/metrics", after=after, limit=METRICS_PAGE)
+            except AdminApiError as exc:
+                if exc.status == 404:  # not a run yet: the worker records it once the base is loaded
+                    break
+                if exc.status == 403:
+                    self.metrics_denied = True
+                    self.query_one(TrainingPanel).show(f"metrics: {exc}", [])
+                    return
+                raise
+            self.steps.update((s["step"], s) for s in page["metrics"])
+            if len(page["metrics"]) < METRICS_PAGE:
+                break
+        total = self.total or self.job["params"].get("steps")
+        latest = self.steps[max(self.steps)] if self.steps else None
+        losses = [s["metrics"]["loss"] for _, s in sorted(self.steps.items()) if s["metrics"].get("loss") is not None]
+        self.query_one(TrainingPanel).show(metrics_line(latest, total), losses)
 
     @work(group="action")
     async def action_cancel(self) -> None:

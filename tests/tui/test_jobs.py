@@ -117,7 +117,8 @@ async def test_a_running_job_is_followed_live_and_cancelling_it_is_refused(conso
             await pilot.press("c")
             await until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen), "the confirmation")
             await pilot.press("y")
-            await until(pilot, lambda: any("only a queued job can be cancelled" in n for n in notes(pilot)),
+            await until(pilot, lambda: any("only a queued job or a running fine-tuning job can be cancelled" in n
+                                              for n in notes(pilot)),
                         "the API's refusal")
 
             # Let the import read its file: the log shows how it ends, without a refresh key.

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.binding import Binding
 from textual.css.query import NoMatches
@@ -174,6 +175,40 @@ class View(Screen):
 
     def focus_main(self) -> None:
         """Focus what the keys act on once the prompt closes."""
+
+
+MARK_COLUMN = Column("marked", "", lambda r: Text("●", style="bold yellow") if r.get("marked") else "")
+
+
+class Marking:
+    """A TableView mixin: space marks one row for an action on two (compare, diff). The row's
+    MARK_KEY field names it; rows carry `marked` for a column to show it."""
+
+    MARK_KEY: ClassVar[str] = "id"
+    marked: Any = None
+
+    def with_marks(self, rows: list[dict]) -> list[dict]:
+        return [r | {"marked": r[self.MARK_KEY] == self.marked} for r in rows]
+
+    def mark(self, value: Any) -> None:
+        self.marked = value
+        self.table.show(self.with_marks(self.table.all_rows))
+        self.rows_shown()
+
+    def mark_note(self) -> str | None:
+        """What to say once a row is marked."""
+        return None
+
+    def action_mark(self) -> None:
+        row = self.selected
+        if row is not None:
+            self.mark(None if self.marked == row[self.MARK_KEY] else row[self.MARK_KEY])
+            if self.marked is not None and (note := self.mark_note()):
+                self.notify(note)
+
+    def marked_other(self, row: dict) -> Any:
+        """The marked row's key, when it is not `row`'s."""
+        return self.marked if self.marked not in (None, row[self.MARK_KEY]) else None
 
 
 class TableView(View):

@@ -18,7 +18,7 @@ from appliance.admin_client import AdminApiError
 from tui import format as fmt
 from tui.client import local_file
 from tui.modals import DetailScreen, Field, FormScreen
-from tui.view import TableView
+from tui.view import MARK_COLUMN, Marking, TableView
 from tui.widgets import Column
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -200,13 +200,14 @@ class DatasetsView(TableView):
             self.reload()
 
 
-class DatasetVersionsView(TableView):
+class DatasetVersionsView(Marking, TableView):
     """One dataset's versions: enter shows a version's report; mark one (space or m) and f
     diffs it with another; x masks PII into a new version, s splits, ctrl-d deletes, u uploads."""
 
     TITLE = "dataset versions"
+    MARK_KEY = "version"
     COLUMNS = (
-        Column("mark", " ", lambda r: "●" if r.get("marked") else ""),
+        MARK_COLUMN,
         Column("version", "VERSION"), Column("format", "FORMAT"), Column("rows", "ROWS"),
         Column("size", "SIZE", size_cell), Column("pii_found", "PII"),
         Column("source", "SOURCE", lambda r: r.get("derivation") or r["source"]),
@@ -224,7 +225,6 @@ class DatasetVersionsView(TableView):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.dataset = name
-        self.marked: int | None = None
         self.emptied = False  # its last version deleted here: the dataset is gone
 
     def heading(self) -> str:
@@ -247,8 +247,8 @@ class DatasetVersionsView(TableView):
             raise dataset
         self.emptied = False
         key_names = {k["id"]: k["name"] for k in keys} if isinstance(keys, list) else {}
-        return [v | {"marked": v["version"] == self.marked, "by": key_names.get(v["created_by"], v["created_by"])}
-                for v in dataset["versions"]]
+        return self.with_marks([v | {"by": key_names.get(v["created_by"], v["created_by"])}
+                                for v in dataset["versions"]])
 
     async def open(self, row: dict) -> None:
         version = await self.attempt(self.api.get(f"{self.path}/versions/{row['version']}"))
@@ -256,20 +256,12 @@ class DatasetVersionsView(TableView):
             await self.app.push_screen(DetailScreen(f"dataset {self.dataset} version {row['version']}",
                                                     version_report(version, row["by"])))
 
-    def action_mark(self) -> None:
-        row = self.selected
-        if row is None:
-            return
-        self.marked = None if self.marked == row["version"] else row["version"]
-        self.table.show([r | {"marked": r["version"] == self.marked} for r in self.table.all_rows])
-        self.rows_shown()
-
     @work(group="action")
     async def action_diff(self) -> None:
         row = self.selected
         if row is None:
             return
-        if self.marked is not None and self.marked != row["version"]:
+        if self.marked_other(row) is not None:
             diff = await self.attempt(self.api.get(f"{self.path}/diff", a=self.marked, b=row["version"]))
         else:
             async def ask(values: dict[str, str]) -> dict:

@@ -16,7 +16,7 @@ from textual.binding import Binding
 
 from tui import format as fmt
 from tui.modals import DetailScreen, Field, FormScreen, as_yaml
-from tui.view import TableView
+from tui.view import MARK_COLUMN, Marking, TableView
 from tui.views.jobs import JobLogScreen, state_text
 from tui.widgets import Column
 
@@ -58,7 +58,7 @@ def tags_of(text: str) -> list[str]:
     return [t for t in re.split(r"[\s,]+", text) if t]
 
 
-class RunsView(TableView):
+class RunsView(Marking, TableView):
     """Fine-tuning runs, newest first: enter shows a run in full, space marks one and c compares
     it with another side by side, t tags a run, l follows its job's log. `:runs TEXT` lists the
     runs with TEXT in a cell (an experiment, a base, a tag)."""
@@ -66,7 +66,7 @@ class RunsView(TableView):
     TITLE = "runs"
     REFRESH_S = 5.0
     COLUMNS = (
-        Column("marked", "", lambda r: Text("●", style="bold yellow") if r.get("marked") else ""),
+        MARK_COLUMN,
         Column("id", "ID"), Column("experiment", "EXPERIMENT"),
         Column("state", "STATE", lambda r: state_text(r["state"])),
         Column("base", "BASE", lambda r: versioned(r["params"].get("base"), "model")),
@@ -85,12 +85,8 @@ class RunsView(TableView):
         Binding("l", "log", "Job log"),
     ]
 
-    def __init__(self, argument: str = "") -> None:
-        super().__init__(argument)
-        self.marked: str | None = None
-
     async def fetch(self) -> list[dict]:
-        return [r | {"marked": r["id"] == self.marked} for r in await self.api.get("/admin/runs")]
+        return self.with_marks(await self.api.get("/admin/runs"))
 
     async def open(self, row: dict) -> None:
         run = await self.attempt(self.api.get(f"/admin/runs/{row['id']}"))
@@ -98,30 +94,20 @@ class RunsView(TableView):
             await self.app.push_screen(DetailScreen(f"run {run['id']} ({run['experiment']}, {run['state']})",
                                                     as_yaml(run)))
 
-    def show_marks(self) -> None:
-        self.table.show([r | {"marked": r["id"] == self.marked} for r in self.table.all_rows])
-
-    def action_mark(self) -> None:
-        row = self.selected
-        if row is None:
-            return
-        self.marked = None if self.marked == row["id"] else row["id"]
-        self.show_marks()
-        if self.marked is not None:
-            self.notify(f"Run {self.marked} marked: c on another run compares them.")
+    def mark_note(self) -> str:
+        return f"Run {self.marked} marked: c on another run compares them."
 
     @work(group="action")
     async def action_compare(self) -> None:
         row = self.selected
         if row is None:
             return
-        other = self.marked if self.marked not in (None, row["id"]) else await self.ask_other(row)
+        other = self.marked_other(row) or await self.ask_other(row)
         if other is None:
             return
         compared = await self.attempt(self.api.get("/admin/runs/compare", ids=f"{other},{row['id']}"))
         if compared is not None:
-            self.marked = None
-            self.show_marks()
+            self.mark(None)
             a, b = (r["id"] for r in compared["runs"])
             await self.app.push_screen(DetailScreen(f"run {a} and run {b}", comparison(compared)))
 

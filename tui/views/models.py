@@ -19,7 +19,7 @@ from appliance.admin_client import AdminApiError
 from tui import format as fmt
 from tui.client import local_file
 from tui.modals import DetailScreen, Field, FormScreen, as_yaml
-from tui.view import TableView
+from tui.view import MARK_COLUMN, Marking, TableView
 from tui.widgets import Column
 
 # The card fields an admin may change (appliance.model_card.EDITABLE); tags are a list.
@@ -173,13 +173,14 @@ class ModelsView(RegistryView):
                     severity="warning")
 
 
-class VersionsView(RegistryView):
+class VersionsView(Marking, RegistryView):
     """The versions of one model: enter shows a card, e edits it, space marks one and c compares
     it with another, d deploys, ctrl-d deletes."""
 
     TITLE = "versions"
+    MARK_KEY = "version"
     COLUMNS = (
-        Column("marked", "", lambda r: Text("●", style="bold yellow") if r.get("marked") else ""),
+        MARK_COLUMN,
         Column("version", "VERSION", lambda r: f"v{r['version']}"), Column("format", "FORMAT"),
         Column("size", "SIZE", lambda r: fmt.size(r["size"])), Column("sha256", "SHA256", lambda r: r["sha256"][:12]),
         Column("created_at", "AGE", lambda r: fmt.age(r["created_at"])),
@@ -196,7 +197,6 @@ class VersionsView(RegistryView):
     def __init__(self, model: str) -> None:
         super().__init__()
         self.model = model
-        self.marked: int | None = None
 
     def heading(self) -> str:
         return f"{self.model}: versions"
@@ -214,7 +214,7 @@ class VersionsView(RegistryView):
             if exc.status != 404:
                 raise
             versions = []  # its last version was deleted: the model is gone
-        return [v | {"marked": v["version"] == self.marked} for v in versions]
+        return self.with_marks(versions)
 
     def upload_model(self) -> str:
         return self.model
@@ -244,28 +244,21 @@ class VersionsView(RegistryView):
             self.notify(f"Card of {self.model} version {row['version']} updated.")
             self.reload()
 
-    def action_mark(self) -> None:
-        row = self.selected
-        if row is None:
-            return
-        self.marked = None if self.marked == row["version"] else row["version"]
-        self.table.show([r | {"marked": r["version"] == self.marked} for r in self.table.all_rows])
-        if self.marked is not None:
-            self.notify(f"Version {self.marked} marked: c on another version compares them.")
+    def mark_note(self) -> str:
+        return f"Version {self.marked} marked: c on another version compares them."
 
     @work(group="action")
     async def action_compare(self) -> None:
         row = self.selected
         if row is None:
             return
-        other = self.marked if self.marked not in (None, row["version"]) else await self.ask_other(row["version"])
+        other = self.marked_other(row) or await self.ask_other(row["version"])
         if other is None:
             return
         a, b = sorted((other, row["version"]))
         compared = await self.attempt(self.api.get(self.path() + "/compare", a=a, b=b))
         if compared is not None:
-            self.marked = None
-            self.table.show([r | {"marked": False} for r in self.table.all_rows])
+            self.mark(None)
             await self.app.push_screen(DetailScreen(f"{self.model}: version {a} and version {b}", comparison(compared)))
 
     async def ask_other(self, version: int) -> int | None:

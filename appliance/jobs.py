@@ -26,6 +26,7 @@ from appliance import finetune
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
+from appliance.objectstore.base import StoredObject
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 MAX_LINE_CHARS = 4000  # a longer log line is cut to this
+CHECKPOINTS = "checkpoints"  # the object store bucket of fine-tuning checkpoints
 INTERRUPTED = "interrupted: the worker stopped while the job ran; submit it again"
 
 
@@ -185,6 +187,18 @@ def interrupt_running(db: sqlite_utils.Database) -> tuple[list[str], list[str]]:
                 log(db, job_id, f"failed: {INTERRUPTED}")
                 failed.append(job_id)
     return failed, again
+
+
+def add_checkpoint(db: sqlite_utils.Database, job_id: str, step: int, obj: StoredObject) -> None:
+    """A job's checkpoint at `step`: an archive stored in the CHECKPOINTS bucket."""
+    db.execute("INSERT OR REPLACE INTO job_checkpoints (job_id, step, at, key, sha256, size) VALUES (?, ?, ?, ?, ?, ?)",
+               [job_id, step, time.time(), obj.key, obj.sha256, obj.size])
+
+
+def last_checkpoint(db: sqlite_utils.Database, job_id: str) -> StoredObject | None:
+    row = db.execute("SELECT key, sha256, size FROM job_checkpoints WHERE job_id = ? ORDER BY step DESC LIMIT 1",
+                     [job_id]).fetchone()
+    return None if row is None else StoredObject(CHECKPOINTS, *row)
 
 
 def log(db: sqlite_utils.Database, job_id: str, text: str) -> None:

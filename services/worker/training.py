@@ -35,7 +35,6 @@ from appliance import __version__, dataset_registry, experiments, jobs, model_re
 from appliance.errors import ApplianceError
 from appliance.finetune import FineTune, Shape
 from appliance.home import cache_dir, models_cache_dir
-from appliance.objectstore import StoredObject
 from appliance.planning.probe import probe_gpus
 from services.engines.status import read_statuses
 from services.worker.gpu_room import choose_gpu, reserved_by_serving, training_bytes
@@ -44,7 +43,6 @@ from services.worker.runner import Stopped, Waiting, Work
 
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # torch numbers the GPUs as NVML does
 
-CHECKPOINTS = "checkpoints"
 IGNORE = -100  # the label of a token the loss does not count
 PACKAGES = ("torch", "transformers", "peft", "gguf", "numpy")
 
@@ -73,10 +71,9 @@ def finetune(work: Work) -> tuple[dict, dict]:
         total = job.steps or math.ceil((job.epochs or 1.0) * len(examples) / job.batch_size)
         trainer = Trainer(job, model, examples, total, device)
         start = _resume(work, trainer, scratch)
-        if not work.db.execute("SELECT 1 FROM runs WHERE id = ?", [job_id]).fetchone():
-            experiments.start_run(work.db, job_id, job.experiment, _recorded(job), created_by=work.actor.key_id,
-                                  base_version_id=base["id"], dataset_version_id=data["id"],
-                                  environment=environment(device))
+        experiments.start_run(  # again on a resumed job: it stays the same runwork.db, job_id, job.experiment, _recorded(job), created_by=work.actor.key_id,
+                              base_version_id=base["id"], dataset_version_id=data["id"],
+                              environment=environment(device))
         work.note(f"training steps {start + 1}-{total} of {total}: LoRA rank {job.lora.rank} on "
                   f"{', '.join(job.lora.target_modules)}, batch {job.batch_size}, lr {job.learning_rate:g}")
         last: dict = {}
@@ -106,6 +103,7 @@ class Trainer:
 
         torch.manual_seed(job.seed)
         self.job, self.examples, self.total, self.device = job, examples, total, device
+        self._order: tuple[int, list[int]] = (-1, [])  # the last epoch's shuffle
         self.model = get_peft_model(model, LoraConfig(
             r=job.lora.rank, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
             target_modules=list(job.lora.target_modules), task_type="CAUSAL_LM"))
@@ -117,15 +115,16 @@ class Trainer:
 
     def batch(self, step: int) -> list[dict]:
         """The examples of step `step`: the seed's shuffle of each epoch, read in order."""
+        n, size = len(self.examples), self.job.batch_size
+        return [self.examples[self._shuffle(epoch)[index]]
+                for epoch, index in (divmod(position, n) for position in range(step * size, (step + 1) * size))]
+
+    def _shuffle(self, epoch: int) -> list[int]:
         import numpy as np
 
-        n, size = len(self.examples), self.job.batch_size
-        picked = []
-        for position in range(step * size, (step + 1) * size):
-            epoch, index = divmod(position, n)
-            order = np.random.default_rng([self.job.seed, epoch]).permutation(n)
-            picked.append(self.examples[order[index]])
-        return picked
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.job.seed, epoch]).permutation(len(self.examples)).tolist())
+        return self._order[1]
 
     def step(self, step: int) -> dict:
         import torch
@@ -259,23 +258,20 @@ def _checkpoint(work: Work, trainer: Trainer, step: int, scratch: Path) -> None:
     archive = scratch / f"step-{step}.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(folder, arcname=".")
-    obj = work.store.put_file(CHECKPOINTS, archive)
-    work.db.execute("INSERT OR REPLACE INTO job_checkpoints (job_id, step, at, key, sha256, size) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", [work.job["id"], step, time.time(), obj.key, obj.sha256, obj.size])
-    work.note(f"checkpoint at step {step} ({obj.size} bytes) in the object store: {CHECKPOINTS}/{obj.key}")
+    obj = work.store.put_file(jobs.CHECKPOINTS, archive)
+    jobs.add_checkpoint(work.db, work.job["id"], step, obj)
+    work.note(f"checkpoint at step {step} ({obj.size} bytes) in the object store: {jobs.CHECKPOINTS}/{obj.key}")
     shutil.rmtree(folder)
     archive.unlink()
 
 
 def _resume(work: Work, trainer: Trainer, scratch: Path) -> int:
     """The step to start from: 0, or the last checkpoint's (its state loaded)."""
-    row = work.db.execute("SELECT step, key, sha256, size FROM job_checkpoints WHERE job_id = ? "
-                          "ORDER BY step DESC LIMIT 1", [work.job["id"]]).fetchone()
-    if row is None:
+    obj = jobs.last_checkpoint(work.db, work.job["id"])
+    if obj is None:
         return 0
-    step, key, sha256, size = row
     folder = scratch / "resume"
-    with work.store.local_file(StoredObject(CHECKPOINTS, key, sha256, size), scratch) as archive, \
+    with work.store.local_file(obj, scratch) as archive, \
             tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
     loaded = trainer.load(folder)

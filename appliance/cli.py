@@ -126,7 +126,7 @@ def _host_port(ctx, param, value: str | None) -> tuple[str, int] | None:
 def worker(runtime_file: str, threads: int, health: tuple[str, int] | None) -> None:
     """Run the job worker (Huey's consumer) until SIGTERM.
 
-    It runs the jobs queued through /admin/jobs (model and dataset imports); SIGTERM
+    It runs the jobs queued through /admin/jobs (imports and fine-tuning); SIGTERM
     lets running jobs finish first, for up to 30 s. `appliance up` runs it as a child;
     a bare-metal install runs it as appliance-worker.service.
     """

@@ -33,7 +33,7 @@ def _summary(job: dict) -> str:
 
 @click.group()
 def jobs() -> None:
-    """Background jobs (model and dataset imports): list, show, follow the log of, wait for, cancel."""
+    """Background jobs (imports and fine-tuning): list, show, follow the log of, wait for, cancel."""
 
 
 @jobs.command("list")

@@ -71,9 +71,9 @@ def finetune(work: Work) -> tuple[dict, dict]:
         total = job.steps or math.ceil((job.epochs or 1.0) * len(examples) / job.batch_size)
         trainer = Trainer(job, model, examples, total, device)
         start = _resume(work, trainer, scratch)
-        experiments.start_run(  # again on a resumed job: it stays the same runwork.db, job_id, job.experiment, _recorded(job), created_by=work.actor.key_id,
+        experiments.start_run(work.db, job_id, job.experiment, _recorded(job), created_by=work.actor.key_id,
                               base_version_id=base["id"], dataset_version_id=data["id"],
-                              environment=environment(device))
+                              environment=environment(device))  # again when resumed: the same run
         work.note(f"training steps {start + 1}-{total} of {total}: LoRA rank {job.lora.rank} on "
                   f"{', '.join(job.lora.target_modules)}, batch {job.batch_size}, lr {job.learning_rate:g}")
         last: dict = {}

@@ -213,6 +213,14 @@ class ClientGone(ApplianceError):
     code = "client_closed_request"
 
 
+class TrainingNotInstalled(ApplianceError):
+    """This install has no fine-tuning stack (the `train` extra)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "training_not_installed"
+
+
 class StorageUnavailable(ApplianceError):
     """The object store is not configured, unreachable, or refused an operation."""
 

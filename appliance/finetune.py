@@ -12,14 +12,18 @@ records the resolved parameters, so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
-from appliance.errors import InvalidRequest, NotFound
+from appliance.errors import InvalidRequest, NotFound, TrainingNotInstalled
 
 if TYPE_CHECKING:
     import sqlite_utils
+
+# What the worker trains with: the `train` extra (llama.cpp's converter makes the GGUF adapter).
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "appliance_llama_convert")
 
 # Column names a dataset may use for each part of an instruction and its answer.
 INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")
@@ -73,6 +77,16 @@ class FineTune(msgspec.Struct, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give `steps` or `epochs`, not both")
+
+
+def require_training_stack(packages: tuple[str, ...] = TRAINING_PACKAGES) -> None:
+    """503 naming what is missing when this install cannot train (no `train` extra)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TrainingNotInstalled(
+            f"this appliance was installed without the fine-tuning stack (missing: {', '.join(missing)}): "
+            "install the `train` extra (pip install 'appliance[train]'), or an air-gapped bundle built with "
+            "`appliance bundle build --with-training`")
 
 
 def resolve(db: sqlite_utils.Database, job: FineTune) -> FineTune:

@@ -12,12 +12,13 @@ from appliance.jobs_cli import submit
 @click.group()
 def finetune() -> None:
     """Fine-tune a registered GGUF model on a registered dataset: a LoRA adapter, registered as
-    a new version that llama.cpp serves on its base. Follow a job with `appliance jobs log -f`."""
+    a new version that llama.cpp serves on its base. Follow a job with `appliance jobs logs -f`."""
 
 
 @finetune.command("start")
 @click.option("--base", required=True, metavar="MODEL[:VERSION]",
-              help="The registered GGUF model to train on (default version: the latest).")
+              help="The registered GGUF model to train on (default version: the latest), or a GGUF model "
+                   "the profile serves, such as the default model (registered as version 1 the first time).")
 @click.option("--dataset", required=True, metavar="NAME[:VERSION]",
               help="The registered dataset: a 'messages' column (chat JSONL), or instruction and response columns.")
 @click.option("--split", metavar="SPLIT_ID", help="Train on this split's 'train' part (appliance datasets split).")

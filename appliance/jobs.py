@@ -76,8 +76,11 @@ def parse_params(kind: str, params: Any) -> msgspec.Struct:
 
 def prepare(db: sqlite_utils.Database, kind: str, params: msgspec.Struct) -> msgspec.Struct:
     """What the job will run with: a fine-tuning job resolved against the registries (4xx
-    before anything is queued; appliance/finetune.py)."""
-    return finetune.resolve(db, params) if kind == "finetune" else params
+    before anything is queued; appliance/finetune.py), on an install that can train."""
+    if kind != "finetune":
+        return params
+    finetune.require_training_stack()
+    return finetune.resolve(db, params)
 
 
 def create(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, actor: Actor) -> dict:

@@ -19,7 +19,7 @@ FOLLOW_POLL_S = 1.0
 def submit(client: AdminClient, kind: str, params: dict, as_json: bool) -> None:
     """Queue a job and say how to follow it."""
     job = client.post("/admin/jobs", {"kind": kind, "params": params})
-    emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs log -f {j['id']}`")
+    emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs logs -f {j['id']}`")
 
 
 def _summary(job: dict) -> str:
@@ -59,7 +59,7 @@ def jobs_show(job_id, url, key, home, as_json):
     emit(make_client(url, key, home).get(f"/admin/jobs/{job_id}"), as_json, _summary)
 
 
-@jobs.command("log")
+@jobs.command("logs")
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines, about once a second, until the job has "
                                                    "finished (Ctrl-C stops).")
@@ -81,6 +81,11 @@ def jobs_log(job_id, follow, url, key, home, as_json):
                 time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:  # how --follow is stopped before the job ends
         return
+
+
+# `jobs log`, the name before `logs`: still accepted, not listed.
+jobs.add_command(click.Command("log", callback=jobs_log.callback, params=jobs_log.params, help=jobs_log.help,
+                               hidden=True))
 
 
 @jobs.command("wait")

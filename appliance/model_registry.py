@@ -144,6 +144,10 @@ def list_models(db: sqlite_utils.Database) -> list[dict]:
     return [{**r, "deployed_as": r["deployed_as"].split(",") if r["deployed_as"] else []} for r in rows]
 
 
+def has_versions(db: sqlite_utils.Database, name: str) -> bool:
+    return db.execute("SELECT 1 FROM model_versions WHERE model = ? LIMIT 1", [name]).fetchone() is not None
+
+
 def versions(db: sqlite_utils.Database, name: str) -> list[dict]:
     rows = [_public(r) for r in db.query("SELECT * FROM model_versions WHERE model = ? ORDER BY version", [name])]
     if not rows and not db.execute("SELECT 1 FROM registered_models WHERE name = ?", [name]).fetchone():

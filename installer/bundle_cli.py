@@ -23,6 +23,7 @@ def summary(result: BuildResult) -> str:
     for f in m.files:
         if f.path.startswith("models/"):
             models[f.path.split("/")[1]] += f.size
+    extras = m.requirement.partition("[")[2].partition("]")[0].split(",")
     minio = ("yes (bin/minio)" if "minio" in m.binaries else
              "no (add --minio PATH_OR_URL --minio-sha256 HEX to include it)")
     return "\n".join([
@@ -34,6 +35,8 @@ def summary(result: BuildResult) -> str:
         "models:     " + (", ".join(f"{name} ({_size(size)})" for name, size in models.items()) or "none"),
         f"litestream: {m.binaries['litestream']}",
         f"minio:      {minio}",
+        "training:   " + ("yes (torch, transformers, peft)" if "train" in extras else
+                          "no (add --with-training to run fine-tuning jobs)"),
     ])
 
 
@@ -51,7 +54,11 @@ def bundle() -> None:
                    "appliance is installed from (pip install -e).")
 @click.option("--minio", metavar="PATH_OR_URL", help="The MinIO server binary to include: a file or an http(s) URL.")
 @click.option("--minio-sha256", metavar="HEX", help="The pinned SHA-256 of the MinIO binary (required with --minio).")
-def bundle_build(profile_name: str, output: Path, source: Path | None, minio: str | None, minio_sha256: str | None) -> None:
+@click.option("--with-training", "training", is_flag=True,
+              help="Include the fine-tuning stack (torch, transformers, peft; about 250 MB more), so "
+                   "fine-tuning jobs run on the installed appliance.")
+def bundle_build(profile_name: str, output: Path, source: Path | None, minio: str | None, minio_sha256: str | None,
+                 training: bool) -> None:
     """Build an air-gapped bundle: wheels, models, binaries and their checksums.
 
     Run it on a connected machine with the target's OS, Python version and CPU
@@ -60,7 +67,8 @@ def bundle_build(profile_name: str, output: Path, source: Path | None, minio: st
     """
     from installer.bundle import build_bundle
 
-    result = build_bundle(profile_name, output, source=source, minio=minio, minio_sha256=minio_sha256)
+    result = build_bundle(profile_name, output, source=source, minio=minio, minio_sha256=minio_sha256,
+                          training=training)
     click.echo(summary(result))
 
 

@@ -24,6 +24,7 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
         request_timeout_s=model.request_timeout_s or gateway.request_timeout_s,
         created=created, engine_params=model.engine_params, balance=model.balance, cache=model.cache,
         price_input_per_million=model.price_input_per_million, price_output_per_million=model.price_output_per_million,
+        path=model.path if model.engine == "llamacpp" else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,10 +13,10 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from appliance import experiments, jobs, permissions
+from appliance import audit, experiments, jobs, model_registry, permissions
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest, ServiceUnavailable
-from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, perform, request_body, run
+from services.gateway.admin import SQLITE_MAX, decoded, gateway_of, perform, request_body, run, store_of
 
 EVENTS_POLL_S = 0.5  # how often a job's event stream looks for new lines and metrics
 
@@ -23,6 +24,23 @@ EVENTS_POLL_S = 0.5  # how often a job's event stream looks for new lines and me
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True):
     kind: str  # one of appliance.jobs.KINDS
     params: dict[str, Any] = {}
+
+
+def _register_profile_base(db, request: Request, name: str, actor: Actor) -> None:
+    """A GGUF model the profile serves (the default model, say) is registered, its file as
+    version 1, the first time a fine-tune names it as its base."""
+    gateway = gateway_of(request)
+    pool = gateway.pools.get(name)
+    if name not in gateway.profile_models or pool.served.path is None or model_registry.has_versions(db, name):
+        return
+    path = Path(pool.served.path)
+    if not path.is_file():
+        raise InvalidRequest(f"model {name} is served from {path}, which is not on the gateway's machine: register "
+                             f"its GGUF file (appliance models register {name} FILE)", param="params.base")
+    row = model_registry.register(db, store_of(request), name, path, source=f"the profile's model {name}",
+                                  created_by=actor.key_id)
+    audit.record(db, actor, "model.register", f"model/{name}",
+                 detail={"version": row["version"], "sha256": row["sha256"], "size": row["size"]})
 
 
 class JobController(Controller):
@@ -39,6 +57,8 @@ class JobController(Controller):
         queue = gateway_of(request).job_queue
 
         def work(db) -> dict:
+            if body.kind == "finetune":
+                _register_profile_base(db, request, params.base, actor)
             job = jobs.create(db, body.kind, jobs.prepare(db, body.kind, params), actor)
             try:
                 queue.enqueue(job["id"])

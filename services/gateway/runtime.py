@@ -43,6 +43,7 @@ class ServedModel(msgspec.Struct, kw_only=True):
     cache: CacheConfig | None = None  # the response cache (services/gateway/cache.py); None: off
     price_input_per_million: float | None = None  # unset: local models' cost comes from the hardware's
     price_output_per_million: float | None = None
+    path: str | None = None  # a llamacpp model's GGUF file: a fine-tune may name the model as its base
 
 
 class GatewayRuntime(msgspec.Struct, kw_only=True):

@@ -13,6 +13,7 @@ from pathlib import Path
 from appliance import audit, dataset_registry, jobs, model_registry
 from appliance.db import open_db
 from appliance.errors import ApplianceError, StorageUnavailable
+from appliance.finetune import require_training_stack
 from appliance.home import state_db_path
 from appliance.objectstore import ObjectStore, ObjectStoreSettings
 
@@ -97,6 +98,7 @@ def _dataset_import(work: Work) -> tuple[dict, dict]:
 
 
 def _finetune(work: Work) -> tuple[dict, dict]:
+    require_training_stack()  # the worker's install may differ from the gateway's
     from services.worker.training import finetune  # torch and transformers: loaded for training only
 
     return finetune(work)

@@ -6,6 +6,7 @@ running job cancelled; and the served template checked against the training's.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from httpx_sse import connect_sse
 
 from appliance import model_registry
 from appliance.config import ModelConfig
-from tests.conftest import default_gguf, running_engine
+from tests.conftest import DEFAULT_MODEL, default_gguf, running_engine
 from tests.gateway.test_model_registry import api
 
 pytestmark = pytest.mark.stack
@@ -47,10 +48,19 @@ def register(stack, tmp_path: Path, name: str, rows: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def base(stack) -> dict:
-    """The default model's GGUF file as a registered model."""
-    answer = api(stack).post("/admin/models/ft-base/versions", json={"path": str(default_gguf())})
-    assert answer.status_code in (201, 409), answer.text
-    return api(stack).get("/admin/models/ft-base/versions/1").json()
+    """The profile's default model: the first fine-tune naming it registers its GGUF file as
+    version 1 (here one refused for its dataset, which still registers the base), once."""
+    assert api(stack).get(f"/admin/models/{DEFAULT_MODEL}").status_code == 404
+    for _ in range(2):
+        refused = submit(stack, base=DEFAULT_MODEL, dataset="ft-none")
+        assert refused.json()["error"]["param"] == "params.dataset", refused.text
+    [version] = api(stack).get(f"/admin/models/{DEFAULT_MODEL}").json()["versions"]
+    assert version["version"] == 1 and version["source"] == f"the profile's model {DEFAULT_MODEL}"
+    assert version["sha256"] == hashlib.sha256(default_gguf().read_bytes()).hexdigest()
+    registered = api(stack).get("/admin/audit", params={"action": "model.register",
+                                                        "target": f"model/{DEFAULT_MODEL}"}).json()
+    assert len(registered) == 1, registered
+    return api(stack).get(f"/admin/models/{DEFAULT_MODEL}/versions/1").json()
 
 
 def submit(stack, **params) -> httpx.Response:
@@ -88,14 +98,14 @@ def test_bad_requests_are_refused_before_anything_is_queued(stack, base, tmp_pat
     before = len(api(stack).get("/admin/jobs", params={"limit": 10_000}).json())
     cases = [
         ({"base": "nope", "dataset": "ft-chat"}, "params.base", "no registered model"),
-        ({"base": "ft-base", "base_version": 9, "dataset": "ft-chat"}, "params.base_version", "no version 9"),
-        ({"base": "ft-base", "dataset": "ft-plain"}, "params.dataset", "'messages' column"),
-        ({"base": "ft-base", "dataset": "ft-pii"}, "params.allow_pii", "unmasked PII (1 email)"),
-        ({"base": "ft-base", "dataset": "ft-chat", "split": "ds_nope"}, "params.split", "no split"),
-        ({"base": "ft-base", "dataset": "ft-chat", "steps": 3, "epochs": 1}, "params", "not both"),
-        ({"base": "ft-base", "dataset": "ft-chat", "lora": {"rank": 0}}, "params.lora.rank", ">= 1"),
-        ({"base": "ft-base", "dataset": "ft-chat", "learning_rate": "fast"}, "params.learning_rate", "float"),
-        ({"base": "ft-base", "dataset": "ft-chat", "name": "bad name!"}, "params.name", "not valid"),
+        ({"base": DEFAULT_MODEL, "base_version": 9, "dataset": "ft-chat"}, "params.base_version", "no version 9"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-plain"}, "params.dataset", "'messages' column"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-pii"}, "params.allow_pii", "unmasked PII (1 email)"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-chat", "split": "ds_nope"}, "params.split", "no split"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-chat", "steps": 3, "epochs": 1}, "params", "not both"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-chat", "lora": {"rank": 0}}, "params.lora.rank", ">= 1"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-chat", "learning_rate": "fast"}, "params.learning_rate", "float"),
+        ({"base": DEFAULT_MODEL, "dataset": "ft-chat", "name": "bad name!"}, "params.name", "not valid"),
     ]
     for params, param, words in cases:
         answer = submit(stack, **params)
@@ -106,13 +116,13 @@ def test_bad_requests_are_refused_before_anything_is_queued(stack, base, tmp_pat
     # A role below developer may not start one.
     viewer = api(stack).post("/admin/keys", json={"name": "ft-viewer", "role": "viewer"}).json()["key"]
     assert api(stack, viewer).post("/admin/jobs", json={"kind": "finetune", "params": {
-        "base": "ft-base", "dataset": "ft-chat"}}).status_code == 403
+        "base": DEFAULT_MODEL, "dataset": "ft-chat"}}).status_code == 403
 
 
 def test_a_job_trains_registers_a_served_version_and_the_template_is_the_trainings(stack, stack_store, base,
                                                                                     tmp_path):
     register(stack, tmp_path, "ft-train", chat_rows())
-    answer = submit(stack, base="ft-base", dataset="ft-train", name="ft-tuned", steps=8, batch_size=2,
+    answer = submit(stack, base=DEFAULT_MODEL, dataset="ft-train", name="ft-tuned", steps=8, batch_size=2,
                     learning_rate=1e-3, checkpoint_every=4, sequence_length=128, experiment="ft-tests")
     assert answer.status_code == 202, answer.text
     job = answer.json()
@@ -143,7 +153,7 @@ def test_a_job_trains_registers_a_served_version_and_the_template_is_the_trainin
     assert lineage["dataset"]["name"] == "ft-train" and lineage["params"]["lora"]["rank"] == 8
     assert lineage["metrics"]["loss"] == pytest.approx(loss[8], rel=1e-4)
     assert {"torch", "transformers", "peft"} <= set(lineage["environment"]["packages"])
-    assert version["card"]["base_model"] == "ft-base v1" and version["card"]["fine_tuned_from"]["job"] == job["id"]
+    assert version["card"]["base_model"] == f"{DEFAULT_MODEL} v1" and version["card"]["fine_tuned_from"]["job"] == job["id"]
 
     # The adapter on its base, in llama.cpp's own server: the prompt it renders for a chat is
     # the one training rendered, byte for byte (the same GGUF file carries the template).
@@ -182,7 +192,7 @@ def test_a_job_trains_registers_a_served_version_and_the_template_is_the_trainin
 
 def test_a_worker_killed_midway_resumes_from_its_last_checkpoint(stack, base, tmp_path):
     register(stack, tmp_path, "ft-resume", chat_rows())
-    job = submit(stack, base="ft-base", dataset="ft-resume", name="ft-resumed", steps=12, checkpoint_every=3,
+    job = submit(stack, base=DEFAULT_MODEL, dataset="ft-resume", name="ft-resumed", steps=12, checkpoint_every=3,
                  sequence_length=96, learning_rate=1e-3).json()
     wait_log(stack, job["id"], r"^checkpoint at step 3 ")
     [worker] = [p for p in psutil.Process(stack.proc.pid).children(recursive=True)
@@ -203,7 +213,7 @@ def test_a_worker_killed_midway_resumes_from_its_last_checkpoint(stack, base, tm
 
 def test_a_running_job_is_cancelled_within_seconds_and_keeps_its_checkpoint(stack, base, tmp_path):
     register(stack, tmp_path, "ft-cancel", chat_rows())
-    job = submit(stack, base="ft-base", dataset="ft-cancel", name="ft-cancelled", steps=5000, checkpoint_every=5000,
+    job = submit(stack, base=DEFAULT_MODEL, dataset="ft-cancel", name="ft-cancelled", steps=5000, checkpoint_every=5000,
                  sequence_length=64).json()
     wait_log(stack, job["id"], r"^step 2/5000 ")
     asked = api(stack).post(f"/admin/jobs/{job['id']}/cancel")

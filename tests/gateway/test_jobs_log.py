@@ -1,5 +1,5 @@
 """A job's log on the shared stack: the real worker writes what a job did, line by line, and
-GET /admin/jobs/{id}/log and `appliance jobs log [--follow]` page through it."""
+GET /admin/jobs/{id}/log and `appliance jobs logs [--follow]` page through it."""
 
 from __future__ import annotations
 
@@ -81,15 +81,15 @@ def test_bad_log_requests_name_the_parameter(stack, tmp_path):
 
 
 def follow(stack, job_id: str, *args: str) -> subprocess.Popen:
-    """`appliance jobs log JOB --follow` in the background, its output unbuffered."""
+    """`appliance jobs logs JOB --follow` in the background, its output unbuffered."""
     env = {**os.environ, "APPLIANCE_URL": stack.root, "APPLIANCE_KEY": stack.admin_key, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(BIN / "appliance"), "jobs", "log", job_id, "--follow", *args], env=env,
+    return subprocess.Popen([str(BIN / "appliance"), "jobs", "logs", job_id, "--follow", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def first_line(proc: subprocess.Popen) -> str:
     line = proc.stdout.readline()
-    assert line, f"`jobs log --follow` printed nothing; it exited with {proc.poll()}: {proc.stderr.read()}"
+    assert line, f"`jobs logs --follow` printed nothing; it exited with {proc.poll()}: {proc.stderr.read()}"
     return line
 
 
@@ -115,11 +115,12 @@ def test_the_cli_prints_the_log_and_follows_a_job_until_it_ends(stack, tmp_path)
     assert out.splitlines()[-1].endswith("  succeeded: dataset=followed, version=1, sha256="
                                          f"{wait_job(stack, job['id'])['result']['sha256']}, rows=1")
 
-    printed = cli(stack, "jobs", "log", job["id"]).stdout.splitlines()
+    printed = cli(stack, "jobs", "logs", job["id"]).stdout.splitlines()
     texts = [line["text"] for line in log_of(stack, job["id"])["lines"]]
     assert [line.split("  ", 1)[1] for line in printed] == texts and len(texts) == 5
     assert all(time.strptime(line.split("  ")[0], "%Y-%m-%d %H:%M:%S") for line in printed)
-    as_json = [json.loads(line) for line in cli(stack, "jobs", "log", job["id"], "--json").stdout.splitlines()]
+    old_name = cli(stack, "jobs", "log", job["id"], "--json").stdout.splitlines()  # `log`: still accepted
+    as_json = [json.loads(line) for line in old_name]
     assert as_json == log_of(stack, job["id"])["lines"]
-    unknown = cli(stack, "jobs", "log", "job_000000000000", check=False)
+    unknown = cli(stack, "jobs", "logs", "job_000000000000", check=False)
     assert unknown.returncode == 1 and "no job 'job_000000000000'" in unknown.stderr

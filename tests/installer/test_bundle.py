@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -153,15 +154,16 @@ def test_cli_verify(edge_bundle, tmp_path):
 
 
 @pytest.mark.bundle
-def test_cli_build_with_minio(tmp_path):
+def test_cli_build_with_minio_and_training(tmp_path):
     minio = tmp_path / "minio"
     shutil.copy("/bin/true", minio)
     digest = hashlib.sha256(minio.read_bytes()).hexdigest()
     out = tmp_path / "out" / "with-minio.tar"
     out.parent.mkdir()
     summary = appliance("bundle", "build", "--profile", "edge-cpu", "--output", str(out), "--minio", str(minio),
-                        "--minio-sha256", digest.upper()).stdout
+                        "--minio-sha256", digest.upper(), "--with-training").stdout
     assert "minio:      yes (bin/minio)" in summary and f"bundle:     {out}" in summary
+    assert "training:   yes" in summary
     assert f"sha256:     {hashlib.sha256(out.read_bytes()).hexdigest()}" in summary
     assert os.listdir(out.parent) == ["with-minio.tar"]  # no temporary files left
     manifest = verify_bundle(out)
@@ -170,6 +172,19 @@ def test_cli_build_with_minio(tmp_path):
     dest = unpack_bundle(out, tmp_path / "unpacked")
     assert os.access(dest / "bin/minio", os.X_OK)
     assert subprocess.run([dest / "bin/minio"]).returncode == 0
+    # The fine-tuning stack, with llama.cpp's converter from the pinned source, installs with no index.
+    assert manifest.requirement == f"appliance[train]=={__version__}" and manifest.accelerator == "none"
+    wheels = {project(f.path): f for f in manifest.files if f.path.startswith("wheels/")}
+    assert {"torch", "transformers", "peft", "appliance-llama-convert"} <= set(wheels)
+    convert = next(llama_build.build_convert_wheel(llama_build.DEFAULT_CACHE).glob("*.whl"))
+    assert wheels["appliance-llama-convert"].sha256 == hashlib.sha256(convert.read_bytes()).hexdigest()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    offline = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index",
+                              "--find-links", dest / "wheels", "--quiet", "--report", "-", manifest.requirement],
+                             env=env, capture_output=True, text=True)
+    assert offline.returncode == 0, offline.stderr
+    resolved = {item["metadata"]["name"].lower() for item in json.loads(offline.stdout)["install"]}
+    assert {"appliance", "torch", "transformers", "peft", "appliance-llama-convert"} <= resolved
 
 
 # Refusals before anything is built.

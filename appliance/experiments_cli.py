@@ -16,6 +16,9 @@ from appliance.cli_options import client_options, json_option
 
 
 def _short(value) -> str:
+    """A value for a table: floats to 4 significant digits (--json has them whole), long ones cut."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
     text = "-" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
 

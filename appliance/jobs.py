@@ -228,9 +228,15 @@ def actor_of(job: dict) -> Actor:
     return Actor(by["key_id"], by["key_name"], by["role"], job["id"])
 
 
-def _listing(values: dict) -> str:
-    """name=x, path=/y: the values that are set, for a log line."""
-    return ", ".join(f"{name}={value}" for name, value in values.items() if value is not None)
+def _listing(values: dict, prefix: str = "") -> str:
+    """name=x, lora.rank=8, lora.target_modules=q_proj,v_proj: the values that are set, for a log line."""
+    parts = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            parts.append(_listing(value, f"{prefix}{name}."))
+        elif value is not None:
+            parts.append(f"{prefix}{name}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return ", ".join(p for p in parts if p)
 
 
 def _public(row: dict) -> dict:

@@ -188,6 +188,6 @@ def test_the_cli_lists_and_shows_runs(stack, tracked):
     assert bad.returncode == 2 and "PATH=VALUE" in bad.stderr
     shown = cli(stack, "runs", "show", c).stdout
     assert f"experiment  {name}" in shown and "  lora.rank = 8" in shown and "  learning_rate = 0.0001" in shown
-    assert f"dataset     {name}-data2 version 1" in shown and "last step   3: loss=0.75 tokens_per_s=300.0" in shown
+    assert f"dataset     {name}-data2 version 1" in shown and "last step   3: loss=0.75 tokens_per_s=300" in shown
     experiments_listed = cli(stack, "experiments", "list").stdout
     assert any(line.split()[:2] == [name, "3"] for line in experiments_listed.splitlines())

@@ -107,7 +107,7 @@ def finetune_params(values: dict[str, str]) -> dict:
 def finetune_fields(like: dict | None) -> list[Field]:
     """The fine-tuning form; `like` (a fine-tuning job's params) fills in its base, dataset and experiment."""
     like = like or {}
-    return [Field("base", "Base model (a registered model with a GGUF version; its latest version)",
+    return [Field("base", "Base model (a registered GGUF model, or one the profile serves; its latest version)",
                   like.get("base", "")),
             Field("dataset", "Dataset (chat 'messages', or instruction and response columns; its latest version)",
                   like.get("dataset", "")),

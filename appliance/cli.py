@@ -18,6 +18,7 @@ from appliance.users_cli import teams, users
 from appliance.login_cli import login_command, logout_command
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
+from appliance.eval_cli import eval_group
 from appliance.finetune_cli import finetune
 from appliance.jobs_cli import jobs
 from appliance.experiments_cli import experiments, runs
@@ -216,6 +217,7 @@ cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")
 cli.add_command(finetune, "finetune")
+cli.add_command(eval_group, "eval")
 cli.add_command(experiments, "experiments")
 cli.add_command(runs, "runs")
 cli.add_command(usage, "usage")

@@ -7,6 +7,7 @@ import math
 from datetime import datetime, timezone
 
 import click
+from rich.cells import cell_len
 
 
 def when(ts: float | None) -> str:
@@ -40,9 +41,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     if not rows:
         return "(none)"
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max(len(c), *(cell_len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines += ["  ".join(v + " " * (w - cell_len(v)) for v, w in zip(row, widths)) for row in cells]  # Hangul: 2 cells
     return "\n".join(line.rstrip() for line in lines)
 
 

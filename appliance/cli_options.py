@@ -48,3 +48,13 @@ def client_options(function):
     function = click.option("--url", envvar=URL_ENV, show_envvar=True,
                             help=f"The gateway's base URL. Default: the gateway serving the home, else {DEFAULT_URL}.")(function)
     return function
+
+
+def name_and_version(value: str, option: str) -> tuple[str, int | None]:
+    """NAME or NAME:VERSION, as options that name a registered model or dataset take them."""
+    name, _, version = value.partition(":")
+    if not version:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise click.BadParameter(f"{value!r}: the version after ':' is a number from 1", param_hint=option)
+    return name, int(version)

@@ -140,6 +140,17 @@ def load(store: ObjectStore, row: dict, cache: Path) -> pa.Table:
     return tabular.load_table(fetch(store, row, cache), row["format"])
 
 
+def rows(db: sqlite_utils.Database, store: ObjectStore, row: dict, cache: Path, *, split: str | None = None,
+         part: str = "train") -> list[dict]:
+    """The rows of version `row`, or of one part of its split `split`, as dicts (for jobs)."""
+    if split is None:
+        return load(store, row, cache).to_pylist()
+    obj, fmt = part_object(db, row["dataset"], row["version"], split, part)
+    cache.mkdir(parents=True, exist_ok=True)
+    with store.local_file(obj, cache) as path:
+        return tabular.load_table(path, fmt).to_pylist()
+
+
 def diff(db: sqlite_utils.Database, store: ObjectStore, name: str, a: int, b: int, *, key: str | None,
          cache: Path) -> dict:
     old, new = get_version(db, name, a), get_version(db, name, b)

@@ -316,6 +316,23 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (job_id, step)
         )""",
     ),
+    (
+        # An evaluation job's samples (appliance/evaluation.py): what was asked, expected and
+        # answered, each metric's score, and the judge's own words where one judged.
+        """CREATE TABLE eval_samples (
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            idx INTEGER NOT NULL,
+            row INTEGER NOT NULL,
+            input TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            answer TEXT,
+            scores TEXT NOT NULL DEFAULT '{}',
+            judge_output TEXT,
+            error TEXT,
+            latency_s REAL,
+            PRIMARY KEY (job_id, idx)
+        )""",
+    ),
 ]
 
 

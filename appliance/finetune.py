@@ -100,11 +100,11 @@ def resolve(db: sqlite_utils.Database, job: FineTune) -> FineTune:
             model_registry.check_name(value, "model" if what == "name" else what)
         except InvalidRequest as exc:
             raise InvalidRequest(exc.message, param=f"params.{what}") from None
-    base = _version(db, model_registry, job.base, job.base_version, "base")
+    base = version_for_job(db, model_registry, job.base, job.base_version, "base")
     if base["format"] != "gguf":
         raise InvalidRequest(f"model {job.base} version {base['version']} is {base['format']}: fine-tuning "
                              "trains on a GGUF base (llama.cpp serves the adapter on it)", param="params.base")
-    data = _version(db, dataset_registry, job.dataset, job.dataset_version, "dataset")
+    data = version_for_job(db, dataset_registry, job.dataset, job.dataset_version, "dataset")
     if job.split is not None:
         split = next((s for s in data["splits"] if s["id"] == job.split), None)
         if split is None:
@@ -148,8 +148,9 @@ def shape_of(schema: list[dict], dataset: str, version: int) -> Shape:
                  input=first(INPUT_COLUMNS))
 
 
-def _version(db: sqlite_utils.Database, registry, name: str, version: int | None, param: str) -> dict:
-    """A registered version (the latest when `version` is None); 400 naming the job's parameter."""
+def version_for_job(db: sqlite_utils.Database, registry, name: str, version: int | None, param: str) -> dict:
+    """A registered model or dataset version (the latest when `version` is None); 400 naming
+    the job's parameter `param` (or `<param>_version`)."""
     try:
         if version is None:
             versions = registry.versions(db, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from appliance.admin_client import make_client
-from appliance.cli_options import client_options, json_option
+from appliance.cli_options import client_options, json_option, name_and_version
 from appliance.jobs_cli import submit
 
 
@@ -48,8 +48,8 @@ def finetune_start(base, dataset, split, name, rank, alpha, dropout, target_modu
                    batch_size, sequence_length, seed, checkpoint_every, experiment, allow_pii, url, key, home,
                    as_json):
     """Queue a fine-tuning job. Its parameters are checked (and the dataset's PII findings) before it is queued."""
-    base_name, base_version = _versioned(base, "--base")
-    dataset_name, dataset_version = _versioned(dataset, "--dataset")
+    base_name, base_version = name_and_version(base, "--base")
+    dataset_name, dataset_version = name_and_version(dataset, "--dataset")
     params = {
         "base": base_name, "base_version": base_version, "dataset": dataset_name, "dataset_version": dataset_version,
         "split": split, "name": name, "learning_rate": learning_rate, "steps": steps, "epochs": epochs,
@@ -59,13 +59,3 @@ def finetune_start(base, dataset, split, name, rank, alpha, dropout, target_modu
                  "target_modules": [m.strip() for m in target_modules.split(",") if m.strip()]},
     }
     submit(make_client(url, key, home), "finetune", {k: v for k, v in params.items() if v is not None}, as_json)
-
-
-def _versioned(value: str, option: str) -> tuple[str, int | None]:
-    """NAME or NAME:VERSION."""
-    name, _, version = value.partition(":")
-    if not version:
-        return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise click.BadParameter(f"{value!r}: the version after ':' is a number from 1", param_hint=option)
-    return name, int(version)

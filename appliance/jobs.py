@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from appliance import finetune
+from appliance import evaluation, finetune
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
 from appliance.objectstore.base import StoredObject
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     import sqlite_utils
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -56,7 +58,7 @@ class DatasetImport(msgspec.Struct, forbid_unknown_fields=True):
 
 
 KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport,
-                                          "finetune": finetune.FineTune}
+                                          "finetune": finetune.FineTune, "eval": evaluation.Evaluate}
 RESUMABLE = ("finetune",)  # kinds that checkpoint: stopped, they are queued again; running, they can be cancelled
 
 
@@ -74,13 +76,16 @@ def parse_params(kind: str, params: Any) -> msgspec.Struct:
     return checked
 
 
-def prepare(db: sqlite_utils.Database, kind: str, params: msgspec.Struct) -> msgspec.Struct:
-    """What the job will run with: a fine-tuning job resolved against the registries (4xx
-    before anything is queued; appliance/finetune.py), on an install that can train."""
-    if kind != "finetune":
-        return params
-    finetune.require_training_stack()
-    return finetune.resolve(db, params)
+def prepare(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, served: Collection[str] = ()) -> msgspec.Struct:
+    """What the job will run with: a fine-tuning job (on an install that can train) or an
+    evaluation resolved against the registries and the `served` models (4xx before anything
+    is queued; appliance/finetune.py, appliance/evaluation.py)."""
+    if kind == "finetune":
+        finetune.require_training_stack()
+        return finetune.resolve(db, params)
+    if kind == "eval":
+        return evaluation.resolve(db, params, served)
+    return params
 
 
 def create(db: sqlite_utils.Database, kind: str, params: msgspec.Struct, actor: Actor) -> dict:
@@ -228,6 +233,9 @@ def actor_of(job: dict) -> Actor:
     return Actor(by["key_id"], by["key_name"], by["role"], job["id"])
 
 
+LISTED_CHARS = 200  # a longer value (a rubric, say) is cut to this in a log line
+
+
 def _listing(values: dict, prefix: str = "") -> str:
     """name=x, lora.rank=8, lora.target_modules=q_proj,v_proj: the values that are set, for a log line."""
     parts = []
@@ -235,7 +243,8 @@ def _listing(values: dict, prefix: str = "") -> str:
         if isinstance(value, dict):
             parts.append(_listing(value, f"{prefix}{name}."))
         elif value is not None:
-            parts.append(f"{prefix}{name}={','.join(map(str, value)) if isinstance(value, list) else value}")
+            text = " ".join((",".join(map(str, value)) if isinstance(value, list) else str(value)).split())
+            parts.append(f"{prefix}{name}={text if len(text) <= LISTED_CHARS else text[:LISTED_CHARS - 1] + '…'}")
     return ", ".join(p for p in parts if p)
 
 

@@ -22,6 +22,18 @@ def submit(client: AdminClient, kind: str, params: dict, as_json: bool) -> None:
     emit(job, as_json, lambda j: f"queued {j['kind']} as {j['id']}; follow it with `appliance jobs logs -f {j['id']}`")
 
 
+def wait_for(client: AdminClient, job_id: str, timeout: float) -> dict:
+    """The job once it has finished; an error after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    job = client.get(f"/admin/jobs/{job_id}")
+    while job["state"] not in FINISHED:
+        if time.monotonic() > deadline:
+            raise AdminApiError(f"job {job_id} is still {job['state']} after {timeout:g} s")
+        time.sleep(0.5)
+        job = client.get(f"/admin/jobs/{job_id}")
+    return job
+
+
 def _summary(job: dict) -> str:
     line = f"{job['id']}  {job['kind']}  {job['state']}"
     if job["result"]:
@@ -95,14 +107,7 @@ jobs.add_command(click.Command("log", callback=jobs_log.callback, params=jobs_lo
 @json_option()
 def jobs_wait(job_id, timeout, url, key, home, as_json):
     """Wait until a job has finished; exits non-zero unless it succeeded."""
-    client = make_client(url, key, home)
-    deadline = time.monotonic() + timeout
-    job = client.get(f"/admin/jobs/{job_id}")
-    while job["state"] not in FINISHED:
-        if time.monotonic() > deadline:
-            raise AdminApiError(f"job {job_id} is still {job['state']} after {timeout:g} s")
-        time.sleep(0.5)
-        job = client.get(f"/admin/jobs/{job_id}")
+    job = wait_for(make_client(url, key, home), job_id, timeout)
     emit(job, as_json, _summary)
     if job["state"] != "succeeded":
         raise SystemExit(1)

@@ -98,6 +98,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/runs/export"): "experiments.read",
     ("GET", "/admin/runs/{run_id}"): "experiments.read",
     ("GET", "/admin/runs/{run_id}/metrics"): "experiments.read",
+    ("GET", "/admin/runs/{run_id}/samples"): "experiments.read",
     ("PATCH", "/admin/runs/{run_id}"): "experiments.write",
     ("GET", "/admin/users"): "users.read",
     ("GET", "/admin/users/{name}"): "users.read",

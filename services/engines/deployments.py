@@ -25,7 +25,7 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError, ProcessFailed
 from appliance.home import models_cache_dir, state_db_path
 from appliance.model_registry import materialize
-from appliance.objectstore import ObjectStoreSettings
+from appliance.objectstore import ObjectStore, ObjectStoreSettings
 from services.engines.launch import replica_process
 from services.engines.process import FAILED, READY, ManagedProcess
 
@@ -103,10 +103,8 @@ class DeploymentController:
             deployments.set_state(db, name, "starting", message="fetching the model files")
             if self.store is None:
                 raise ApplianceError("no object store is configured (storage.object_store), so no files to run")
-            path, adapters = self._version_paths(db, row["version_id"])
-            model = ModelConfig(name=name, engine=row["engine"], path=str(path), replicas=row["replicas"],
-                                context_length=row["context_length"],
-                                extra_args=[arg for adapter in adapters for arg in ("--lora", str(adapter))])
+            model = version_model(db, self.store, self.home, row["version_id"], name=name, engine=row["engine"],
+                                  replicas=row["replicas"], context_length=row["context_length"])
             machine = probe(self.home)
             plan = make_plan(Profile(name=f"deployment-{name}", models=[model]), [machine])
             check_engine_builds(plan, machine)
@@ -117,14 +115,6 @@ class DeploymentController:
         finally:
             db.conn.close()
 
-    def _version_paths(self, db, version_id: str) -> tuple[Path, list[Path]]:
-        """The model file an engine loads, and the LoRA adapters it applies: a fine-tuned
-        version is its base's file with its own adapter (appliance/finetune.py)."""
-        version = _version_row(db, version_id)
-        if version["format"] != "gguf-lora":
-            return materialize(self.store, version, models_cache_dir(self.home)), []
-        base, _ = self._version_paths(db, version["base_id"])
-        return base, [materialize(self.store, version, models_cache_dir(self.home))]
 
     def _launch(self, running: _Running) -> None:
         """Start the replicas from the supervisor's own thread: they die with the thread that made them."""
@@ -211,6 +201,20 @@ def run_controller(home: Path, store: ObjectStoreSettings | None, say: Callable[
     finally:
         controller.stop()
         say("deployment controller stopped.")
+
+
+def version_model(db, store: ObjectStore, home: Path, version_id: str, *, name: str, engine: str, replicas: int,
+                  context_length: int) -> ModelConfig:
+    """The engine model of a registered version, its files fetched into the home's cache: a
+    fine-tuned version (gguf-lora) is its base's file with its own adapter (`--lora`)."""
+    version = _version_row(db, version_id)
+    adapters = []
+    if version["format"] == "gguf-lora":
+        adapters.append(materialize(store, version, models_cache_dir(home)))
+        version = _version_row(db, version["base_id"])
+    path = materialize(store, version, models_cache_dir(home))
+    return ModelConfig(name=name, engine=engine, path=str(path), replicas=replicas, context_length=context_length,
+                       extra_args=[arg for adapter in adapters for arg in ("--lora", str(adapter))])
 
 
 def _version_row(db, version_id: str) -> dict:

@@ -1,6 +1,6 @@
 """Experiment tracking in the admin API: /admin/experiments and /admin/runs (appliance/experiments.py).
 
-A run is a fine-tuning job in an experiment; its id is the job's. Runs are searched by
+A run is a fine-tuning or evaluation job in an experiment; its id is the job's. Runs are searched by
 experiment, tag and parameter (`param.<dotted path>=<value>` query parameters), compared
 side by side and exported as CSV or JSON.
 """
@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, patch
 from litestar.params import Parameter
 
-from appliance import experiments
+from appliance import evaluation, experiments
 from appliance.audit import Actor
 from appliance.errors import InvalidRequest
 from services.gateway.admin import SQLITE_MAX, decoded, perform, request_body, run
@@ -105,6 +105,20 @@ class RunController(Controller):
             experiments.check_run(db, run_id)
             rows = experiments.metrics(db, run_id, after_step=after, limit=limit)
             return {"run": run_id, "metrics": rows, "next": rows[-1]["step"] if rows else after}
+
+        return await run(request, actor, work)
+
+    @get("/{run_id:str}/samples")
+    async def run_samples(self, request: Request, actor: Actor, run_id: str,
+                          after: Annotated[int, Parameter(ge=-1, le=SQLITE_MAX)] = -1,
+                          limit: Annotated[int, Parameter(ge=1, le=10_000)] = evaluation.SAMPLES_PAGE) -> Response:
+        """An evaluation run's samples after index `after` (input, reference, answer, scores, the
+        judge's words, error); `next` is the `after` of the next call."""
+
+        def work(db) -> dict:
+            experiments.check_run(db, run_id)
+            rows = evaluation.samples(db, run_id, after=after, limit=limit)
+            return {"run": run_id, "samples": rows, "next": rows[-1]["idx"] if rows else after}
 
         return await run(request, actor, work)
 

@@ -54,12 +54,13 @@ class JobController(Controller):
         params = jobs.parse_params(body.kind, body.params)  # a bad request is refused before anything is recorded
         if hasattr(params, "path"):  # it reads a file on the worker's machine
             permissions.require(actor.role, "files.server", param="params.path")
-        queue = gateway_of(request).job_queue
+        gateway = gateway_of(request)
+        queue = gateway.job_queue
 
         def work(db) -> dict:
             if body.kind == "finetune":
                 _register_profile_base(db, request, params.base, actor)
-            job = jobs.create(db, body.kind, jobs.prepare(db, body.kind, params), actor)
+            job = jobs.create(db, body.kind, jobs.prepare(db, body.kind, params, served=set(gateway.pools)), actor)
             try:
                 queue.enqueue(job["id"])
             except Exception as exc:

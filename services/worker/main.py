@@ -38,7 +38,7 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
         db.conn.close()
     for job_id in failed:
         say(f"job {job_id} was running when the worker stopped: marked failed")
-    runner = JobRunner(home, runtime.storage)
+    runner = JobRunner(home, runtime.storage, runtime.models)
     queue = JobQueue(home, runner)
     runner.later = queue.enqueue_later
     for job_id in again:

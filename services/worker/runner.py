@@ -6,7 +6,7 @@ work writes what it does in between."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError, StorageUnavailable
 from appliance.finetune import require_training_stack
 from appliance.home import state_db_path
 from appliance.objectstore import ObjectStore, ObjectStoreSettings
+from services.gateway.runtime import ServedModel
 
 log = logging.getLogger("appliance.worker")
 
@@ -28,6 +29,7 @@ class Work:
     store: ObjectStore
     job: dict
     home: Path
+    served: Sequence[ServedModel] = ()  # the profile's models, where they answer (evaluation jobs call them)
 
     @property
     def params(self) -> dict:
@@ -97,6 +99,12 @@ def _dataset_import(work: Work) -> tuple[dict, dict]:
     return result, {k: result[k] for k in ("version", "sha256", "rows")}
 
 
+def _evaluate(work: Work) -> tuple[dict, dict]:
+    from services.worker.evaluation import evaluate  # sacrebleu, rouge-score, kiwipiepy: loaded for evaluation only
+
+    return evaluate(work)
+
+
 def _finetune(work: Work) -> tuple[dict, dict]:
     require_training_stack()  # the worker's install may differ from the gateway's
     from services.worker.training import finetune  # torch and transformers: loaded for training only
@@ -110,6 +118,7 @@ WORK: dict[str, tuple[str, str, Callable[[Work], tuple[dict, dict]]]] = {
     "model.import": ("model.register", "model", _model_import),
     "dataset.import": ("dataset.register", "dataset", _dataset_import),
     "finetune": ("model.finetune", "model", _finetune),
+    "eval": ("model.evaluate", "model", _evaluate),
 }
 
 
@@ -117,9 +126,10 @@ WAIT_RETRY_S = 30.0  # a waiting job is tried again after this long
 
 
 class JobRunner:
-    def __init__(self, home: Path, store: ObjectStoreSettings | None):
+    def __init__(self, home: Path, store: ObjectStoreSettings | None, served: Sequence[ServedModel] = ()):
         self.home = home
         self.store = store
+        self.served = served
         self.later: Callable[[str, float], None] | None = None  # queues a job again after a delay (the queue's)
 
     def __call__(self, job_id: str) -> None:
@@ -139,7 +149,7 @@ class JobRunner:
         target = f"{what}/{params['name']}"
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
-            result, detail = work(Work(db, _store(self.store), job, self.home))
+            result, detail = work(Work(db, _store(self.store), job, self.home, self.served))
         except Waiting as exc:
             jobs.wait(db, job["id"], exc.message)
             self.later(job["id"], WAIT_RETRY_S)

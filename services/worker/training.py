@@ -31,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from appliance import __version__, dataset_registry, experiments, jobs, model_registry, tabular
+from appliance import __version__, dataset_registry, experiments, jobs, model_registry
 from appliance.errors import ApplianceError
 from appliance.finetune import FineTune, Shape
 from appliance.home import cache_dir, models_cache_dir
@@ -60,7 +60,8 @@ def finetune(work: Work) -> tuple[dict, dict]:
         device = _device(work, job, base)
         data = dataset_registry.get_version(work.db, job.dataset, job.dataset_version)
         gguf = model_registry.materialize(work.store, base, models_cache_dir(work.home))
-        chats = rows_to_chats(_rows(work, job, data), job.shape)
+        chats = rows_to_chats(dataset_registry.rows(work.db, work.store, data, cache_dir(work.home, "datasets"),
+                                                    split=job.split), job.shape)
         work.note(f"loading {job.base} v{job.base_version} ({gguf.name}) with transformers on {device}; "
                   f"{len(chats)} training examples from {job.dataset} v{job.dataset_version}")
         model, tokenizer = _load_base(gguf, device)
@@ -240,16 +241,6 @@ def _load_base(gguf: Path, device: str):
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return model.to(device), tokenizer
-
-
-def _rows(work: Work, job: FineTune, data: dict) -> list[dict]:
-    """The dataset version's rows, or its split's train part."""
-    cache = cache_dir(work.home, "datasets")
-    if job.split is None:
-        return dataset_registry.load(work.store, data, cache).to_pylist()
-    obj, fmt = dataset_registry.part_object(work.db, job.dataset, data["version"], job.split, "train")
-    with work.store.local_file(obj, _mkdir(cache)) as path:
-        return tabular.load_table(path, fmt).to_pylist()
 
 
 def _checkpoint(work: Work, trainer: Trainer, step: int, scratch: Path) -> None:

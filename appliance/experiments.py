@@ -1,4 +1,4 @@
-"""Experiment tracking: every fine-tuning job is a run in an experiment.
+"""Experiment tracking: every fine-tuning or evaluation job is a run in an experiment.
 
 A run (table `runs`, keyed by its job's id) records what the job was given (`params`,
 resolved, as JSON), where it ran (`environment`), the versions it links (base model,

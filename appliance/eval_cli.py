@@ -115,3 +115,44 @@ def _text(run: dict, rows: list[dict]) -> str:
                              "judge said": _cut(r["judge_output"]) if r["judge_output"] else "-"} for r in rows],
                            ["#", "input", "answer", "token_f1", "rougeL", "judge", "judge said"]))
     return "\n".join(lines)
+
+
+@eval_group.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--metric", help="The score samples are compared on. Default: judge, rougeL, token_f1 or exact_match, "
+                               "the first every run measured.")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True,
+              help="Changed samples listed.")
+@client_options
+@json_option()
+def eval_compare(run_ids, metric, limit, url, key, home, as_json):
+    """Evaluations of one dataset side by side, the first the baseline: each metric, then the
+    samples whose score changed, most first, with each run's answer."""
+    report = make_client(url, key, home).get("/admin/evaluations/compare", ids=",".join(run_ids), metric=metric,
+                                             limit=limit)
+    emit(report, as_json, _comparison)
+
+
+def _label(model: dict) -> str:
+    return model["name"] + (f":{model['version']}" if model.get("version") else "")
+
+
+def _comparison(report: dict) -> str:
+    runs = report["runs"]
+    heads = [f"{r['id']} ({_label(r['model'])})" for r in runs]
+    rows = [{"metric": m["metric"], **{h: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                       for h, v in zip(heads, m["values"])}} for m in report["metrics"]]
+    data = report["dataset"]
+    lines = [f"on {data['name']} v{data['version']}" + (f" (split {data['split']})" if data["split"] else ""),
+             table(rows, ["metric", *heads]), "",
+             f"{report['metric']} on {report['samples_compared']} samples, {runs[-1]['id']} against {runs[0]['id']}: "
+             f"{report['improved']} improved, {report['regressed']} regressed, {report['same']} the same"]
+    if report["changed"]:
+        lines.append("")
+        lines.append(table([{"row": c["row"], "input": _cut(c["input"]),
+                             **{h: f"{run['score']:.2f} {_cut(run['answer'])}" if run["score"] is not None else "-"
+                                for h, run in zip(heads, c["runs"])}} for c in report["changed"]],
+                           ["row", "input", *heads]))
+        if report["changed_total"] > len(report["changed"]):
+            lines.append(f"… {report['changed_total'] - len(report['changed'])} more changed (--limit)")
+    return "\n".join(lines)

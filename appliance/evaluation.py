@@ -23,7 +23,7 @@ from appliance.errors import InvalidRequest, NotFound
 from appliance.eval_metrics import RULE_METRICS
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Sequence
 
     import sqlite_utils
 
@@ -32,6 +32,9 @@ INPUT_COLUMNS = ("input", "prompt", "question", "instruction")
 REFERENCE_COLUMNS = ("reference", "answer", "expected", "output", "response", "target")
 SERVABLE_FORMATS = ("gguf", "gguf-lora")  # what the worker can serve on a temporary llama.cpp engine
 SAMPLES_PAGE = 1000
+MAX_COMPARED = 10  # evaluation runs compared at once
+COMPARED_SAMPLES = 50  # changed samples shown by default
+MAX_SAMPLES = 1_000_000  # of a run, read to compare
 
 DEFAULT_RUBRIC = """You are grading an answer to a question against a reference answer.
 Give a score from 1 (wrong or unrelated) to {scale} (correct and complete, as good as the reference).
@@ -165,3 +168,56 @@ def samples(db: sqlite_utils.Database, job_id: str, *, after: int = -1, limit: i
                     [job_id, after, limit])
     return [{**{k: v for k, v in r.items() if k != "job_id"}, "reference": json.loads(r["reference"]),
              "scores": json.loads(r["scores"])} for r in rows]
+
+
+def compare(db: sqlite_utils.Database, run_ids: Sequence[str], *, metric: str | None = None,
+            limit: int = COMPARED_SAMPLES) -> dict:
+    """Evaluation runs of one dataset version side by side: each run's aggregates, metric by
+    metric, and the samples (rows all the runs answered) whose `metric` score differs, the
+    largest difference first. The first run is the baseline: a sample `improved` or
+    `regressed` as the last run scored it against the first."""
+    from appliance.experiments import runs_by_ids
+
+    runs = runs_by_ids(db, run_ids, most=MAX_COMPARED)
+    if len(runs) < 2:
+        raise InvalidRequest("name two or more evaluation runs to compare", param="ids")
+    for run in runs:
+        if db.execute("SELECT kind FROM jobs WHERE id = ?", [run["id"]]).fetchone()[0] != "eval":
+            raise InvalidRequest(f"run {run['id']} is not an evaluation", param="ids")
+    datasets = {(r["params"]["dataset"]["name"], r["params"]["dataset"]["version"], r["params"]["dataset"]["split"])
+                for r in runs}
+    if len(datasets) > 1:
+        listed = "; ".join(f"{n} v{v}" + (f" split {s}" if s else "") for n, v, s in sorted(datasets, key=str))
+        raise InvalidRequest(f"the runs evaluated different datasets ({listed}): compare runs of one", param="ids")
+    shared = [m for m in runs[0]["params"]["metrics"] if all(m in r["params"]["metrics"] for r in runs)]
+    metric = metric or next((m for m in ("judge", "rougeL", "token_f1", "exact_match") if m in shared), shared[0])
+    if metric not in shared:
+        raise InvalidRequest(f"not every run measured {metric!r} (all measured: {', '.join(shared)})", param="metric")
+    by_run = {r["id"]: {s["row"]: s for s in samples(db, r["id"], limit=MAX_SAMPLES)} for r in runs}
+    rows = sorted(set.intersection(*(set(s) for s in by_run.values())))
+    changed, counts = [], {"improved": 0, "regressed": 0, "same": 0}
+    for row in rows:
+        scores = [by_run[r["id"]][row]["scores"].get(metric) for r in runs]
+        first, last = scores[0], scores[-1]
+        if first is not None and last is not None:
+            counts["same" if abs(last - first) < 1e-9 else "improved" if last > first else "regressed"] += 1
+        known = [s for s in scores if s is not None]
+        if len(known) < 2 or max(known) - min(known) < 1e-9:
+            continue
+        any_sample = by_run[runs[0]["id"]][row]
+        changed.append({"row": row, "input": any_sample["input"], "reference": any_sample["reference"],
+                        "spread": max(known) - min(known),
+                        "runs": [{"answer": by_run[r["id"]][row]["answer"], "score": s} for r, s in zip(runs, scores)]})
+    changed.sort(key=lambda c: (-c["spread"], c["row"]))
+    names = _ordered_metrics(runs)
+    return {
+        "runs": [{"id": r["id"], "model": r["params"]["model"], "state": r["state"]} for r in runs],
+        "dataset": dict(zip(("name", "version", "split"), next(iter(datasets)))),
+        "metrics": [{"metric": m, "values": [(r["final_metrics"] or {}).get(m) for r in runs]} for m in names],
+        "metric": metric, "samples_compared": len(rows), **counts, "changed": changed[:limit],
+        "changed_total": len(changed),
+    }
+
+
+def _ordered_metrics(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(m for r in runs for m in (r["final_metrics"] or {})))

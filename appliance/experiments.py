@@ -204,7 +204,7 @@ def compare(db: sqlite_utils.Database, run_ids: Sequence[str]) -> dict:
     values are not all the same (a param one run lacks differs), their final metrics, and their
     per-step metrics aligned by step for charts: `steps` (every step any run recorded) and
     `series[metric][run_id]`, one value (or null) per step."""
-    runs = _runs_by_ids(db, run_ids, most=MAX_COMPARED)
+    runs = runs_by_ids(db, run_ids, most=MAX_COMPARED)
     ids = [r["id"] for r in runs]
     params = [_flatten(r["params"]) for r in runs]
     finals = [r["final_metrics"] or {} for r in runs]
@@ -238,7 +238,7 @@ def export(db: sqlite_utils.Database, run_ids_or_experiment: str | Sequence[str]
         ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE experiment = ? ORDER BY created_at, id",
                                         [run_ids_or_experiment]).fetchall()]
     else:
-        ids = [r["id"] for r in _runs_by_ids(db, run_ids_or_experiment, most=None)]
+        ids = [r["id"] for r in runs_by_ids(db, run_ids_or_experiment, most=None)]
     runs = [get_run(db, run_id) for run_id in ids]
     if fmt == "json":
         for run in runs:
@@ -314,7 +314,7 @@ def _dataset_version(db: sqlite_utils.Database, version_id: str | None) -> dict 
     return {"id": version_id, "dataset": row[0], "version": row[1]} if row else {"id": version_id, "deleted": True}
 
 
-def _runs_by_ids(db: sqlite_utils.Database, run_ids: Sequence[str], *, most: int | None) -> list[dict]:
+def runs_by_ids(db: sqlite_utils.Database, run_ids: Sequence[str], *, most: int | None) -> list[dict]:
     """The runs in the order named (each once); 400 for none or too many, 404 naming `ids` for an unknown one."""
     if isinstance(run_ids, str):
         raise InvalidRequest("ids must be a list of run ids", param="ids")

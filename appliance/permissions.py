@@ -99,6 +99,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/runs/{run_id}"): "experiments.read",
     ("GET", "/admin/runs/{run_id}/metrics"): "experiments.read",
     ("GET", "/admin/runs/{run_id}/samples"): "experiments.read",
+    ("GET", "/admin/evaluations/compare"): "experiments.read",
     ("PATCH", "/admin/runs/{run_id}"): "experiments.write",
     ("GET", "/admin/users"): "users.read",
     ("GET", "/admin/users/{name}"): "users.read",

@@ -14,6 +14,7 @@ from services.gateway.admin import current_actor, requires_permission
 from services.gateway.admin_audit import AuditController
 from services.gateway.admin_datasets import DatasetController
 from services.gateway.admin_deployments import DeploymentController
+from services.gateway.admin_evaluations import EvaluationController
 from services.gateway.admin_experiments import ExperimentController, RunController
 from services.gateway.admin_jobs import JobController
 from services.gateway.admin_keys import KeyController
@@ -28,7 +29,7 @@ from services.gateway.admin_users import UserController
 
 CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteController, ServingController, SystemController,
                UploadController, DatasetController, JobController, AuditController, UserController, TeamController,
-               UsageController, ExperimentController, RunController]
+               UsageController, ExperimentController, RunController, EvaluationController]
 
 
 def admin_router() -> Router:

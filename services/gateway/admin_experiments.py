@@ -27,7 +27,7 @@ class TagChange(msgspec.Struct, forbid_unknown_fields=True):
     remove_tags: list[str] = []
 
 
-def _ids(text: str) -> list[str]:
+def run_ids(text: str) -> list[str]:
     ids = [part.strip() for part in text.split(",")]
     if not all(ids):
         raise InvalidRequest("ids: run ids separated by commas, none empty (ids=job_a,job_b)", param="ids")
@@ -72,8 +72,8 @@ class RunController(Controller):
     async def compare_runs(self, request: Request, actor: Actor, ids: str) -> Response:
         """Runs side by side (ids=a,b[,c], at most 10): params with those that differ marked, final
         metrics, and per-step metrics aligned by step (`steps`, `series[metric][run]`)."""
-        run_ids = _ids(ids)
-        return await run(request, actor, lambda db: experiments.compare(db, run_ids))
+        named = run_ids(ids)
+        return await run(request, actor, lambda db: experiments.compare(db, named))
 
     @get("/export")
     async def export_runs(self, request: Request, actor: Actor, format: Literal["csv", "json"],
@@ -82,7 +82,7 @@ class RunController(Controller):
         and final metrics as columns) or JSON (each run in full, with its per-step metrics)."""
         if (experiment is None) == (ids is None):
             raise InvalidRequest("give experiment=NAME or ids=RUN,RUN (one of the two)", param="experiment")
-        chosen = experiment if experiment is not None else _ids(ids)
+        chosen = experiment if experiment is not None else run_ids(ids)
         text = await perform(request, actor, lambda db: experiments.export(db, chosen, format))
         filename = f"{experiment if experiment is not None else 'runs'}.{format}"
         return Response(text.encode(), media_type=MEDIA_TYPES[format],

@@ -144,3 +144,36 @@ def test_a_registered_version_is_served_on_a_temporary_engine(stack, qa):
     run = api(stack).get(f"/admin/runs/{run_id}").json()
     assert run["params"]["model"]["name"] == "eval-base" and run["params"]["model"]["version"] == 1
     assert run["links"]["base_version"]["model"] == "eval-base"
+
+
+def test_two_evaluations_are_compared_metric_by_metric_with_the_samples_that_changed(stack, qa, tmp_path):
+    base = evaluate(stack, model="remote-ok", dataset=qa, metrics=["exact_match", "token_f1"])
+    other = evaluate(stack, model=DEFAULT_MODEL, dataset=qa, metrics=["exact_match", "token_f1"], system=SYSTEM,
+                     max_tokens=16)
+    ids = f"{base['id']},{other['id']}"
+    report = api(stack).get("/admin/evaluations/compare", params={"ids": ids, "metric": "token_f1"}).json()
+    assert [r["id"] for r in report["runs"]] == [base["id"], other["id"]]
+    assert report["runs"][0]["model"]["name"] == "remote-ok" and report["dataset"] == {"name": qa, "version": 1,
+                                                                                      "split": None}
+    finals = [api(stack).get(f"/admin/runs/{i}").json()["final_metrics"] for i in (base["id"], other["id"])]
+    assert {m["metric"]: m["values"] for m in report["metrics"]}["token_f1"] == [f["token_f1"] for f in finals]
+    by_row = [{s["row"]: s["scores"]["token_f1"] for s in samples(stack, i)} for i in (base["id"], other["id"])]
+    differ = {row for row in by_row[0] if abs(by_row[0][row] - by_row[1][row]) > 1e-9}
+    assert {c["row"] for c in report["changed"]} == differ and report["changed_total"] == len(differ)
+    spreads = [c["spread"] for c in report["changed"]]
+    assert spreads == sorted(spreads, reverse=True)
+    assert report["improved"] == sum(by_row[1][r] > by_row[0][r] for r in differ)
+    assert report["improved"] + report["regressed"] + report["same"] == report["samples_compared"] == len(QA)
+    for change in report["changed"]:
+        assert change["runs"][0]["answer"] == "pong" and change["runs"][1]["score"] == by_row[1][change["row"]]
+    out = cli(stack, "eval", "compare", base["id"], other["id"], "--metric", "token_f1").stdout
+    assert out.startswith(f"on {qa} v1") and f"{other['id']} against {base['id']}: {report['improved']} improved" in out
+    # What cannot be compared is refused, naming why.
+    register(stack, tmp_path, "eval-qa-2", [{"question": "Say pong.", "answer": "pong"}])
+    elsewhere = evaluate(stack, model="remote-ok", dataset="eval-qa-2", metrics=["exact_match"])
+    for params, param, words in [({"ids": base["id"]}, "ids", "two or more"),
+                                 ({"ids": f"{base['id']},{elsewhere['id']}"}, "ids", "different datasets"),
+                                 ({"ids": ids, "metric": "judge"}, "metric", "not every run measured 'judge'")]:
+        refused = api(stack).get("/admin/evaluations/compare", params=params)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+        assert words in refused.json()["error"]["message"]

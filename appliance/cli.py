@@ -24,6 +24,7 @@ from appliance.jobs_cli import jobs
 from appliance.experiments_cli import experiments, runs
 from appliance.objects_cli import objects
 from appliance.audit_cli import audit
+from appliance.gate_cli import models_gate
 from appliance.registry_cli import REGISTRY_COMMANDS
 from appliance.routes_cli import routes
 from appliance.usage_cli import usage
@@ -212,6 +213,7 @@ cli.add_command(login_command, "login")
 cli.add_command(logout_command, "logout")
 for command in REGISTRY_COMMANDS:
     models.add_command(command)
+models.add_command(models_gate)
 cli.add_command(routes, "routes")
 cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")

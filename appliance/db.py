@@ -333,6 +333,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (job_id, idx)
         )""",
     ),
+    (
+        # Quality gates (appliance/gates.py): a rule per model, and each version's verdict.
+        """CREATE TABLE model_gates (
+            model TEXT PRIMARY KEY REFERENCES registered_models (name),
+            rule TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        "ALTER TABLE model_versions ADD COLUMN gate TEXT",
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ import sqlite_utils
 
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound
+from appliance import gates
 from appliance.model_registry import check_name, get_version
 
 STATES = ("pending", "starting", "running", "failed", "stopping")
@@ -24,8 +25,9 @@ ENGINES_BY_FORMAT = {"gguf": "llamacpp", "gguf-lora": "llamacpp", "hf": "vllm"} 
 
 
 def deploy(db: sqlite_utils.Database, model: str, version: int, *, name: str | None, replicas: int,
-           context_length: int | None, reserved: set[str], created_by: str | None) -> dict:
-    """Ask for `model` version `version` to be served as `name` (default: the model's name)."""
+           context_length: int | None, reserved: set[str], created_by: str | None, force: bool = False) -> dict:
+    """Ask for `model` version `version` to be served as `name` (default: the model's name);
+    409 for a version that has not passed its model's quality gate, unless `force`."""
     served = check_name(name or model, "deployment")
     if served in reserved:
         raise Conflict(f"{served!r} is already served by the profile; deploy under another name", param="name")
@@ -33,6 +35,7 @@ def deploy(db: sqlite_utils.Database, model: str, version: int, *, name: str | N
         raise InvalidRequest("replicas must be between 1 and 16", param="replicas")
     with transaction(db):
         row = get_version(db, model, version)
+        gates.check_deployable(db, row, force=force)
         card_context = row["card"].get("context_length") or 2048
         context = context_length or min(card_context, 4096)
         if context < 128:

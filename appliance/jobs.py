@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from appliance import evaluation, finetune
+from appliance import evaluation, finetune, gates
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
@@ -58,7 +58,8 @@ class DatasetImport(msgspec.Struct, forbid_unknown_fields=True):
 
 
 KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport,
-                                          "finetune": finetune.FineTune, "eval": evaluation.Evaluate}
+                                          "finetune": finetune.FineTune, "eval": evaluation.Evaluate,
+                                          "gate": gates.Check}
 RESUMABLE = ("finetune",)  # kinds that checkpoint: stopped, they are queued again; running, they can be cancelled
 
 

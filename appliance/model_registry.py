@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from appliance import gates
 from appliance.db import transaction
 from appliance.errors import ChecksumMismatch, Conflict, InvalidRequest, NotFound
 from appliance.model_card import (
@@ -111,7 +112,7 @@ def _insert_version(db: sqlite_utils.Database, store: ObjectStore, name: str, fm
     except BaseException:
         _forget_unreferenced(db, store, files)
         raise
-    return _public(row)
+    return gates.schedule(db, _public(row))  # a gated model's new version: its evaluation, for the caller to queue
 
 
 def _forget_unreferenced(db: sqlite_utils.Database, store: ObjectStore, files: list[dict]) -> None:
@@ -126,6 +127,7 @@ def _public(row: dict) -> dict:
     out = dict(row)
     out["files"] = json.loads(row["files"]) if isinstance(row["files"], str) else row["files"]
     out["lineage"] = json.loads(row["lineage"]) if isinstance(row.get("lineage"), str) else row.get("lineage")
+    out["gate"] = json.loads(row["gate"]) if isinstance(row.get("gate"), str) else row.get("gate")
     card, edits = json.loads(row["card"]), json.loads(row["card_edits"])
     out.pop("card_edits")
     out["card"] = apply_edits(card, edits)

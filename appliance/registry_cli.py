@@ -112,7 +112,10 @@ def models_show(name_version, url, key, home, as_json):
     def render(r):
         lines = [f"{name} version {version}  ({r['format']}, {size(r['size'])}, sha256 {r['sha256']})",
                  f"source: {r['source']}   registered {when(r['created_at'])}",
-                 f"deployed as: {', '.join(r['deployed_as']) or '-'}", "", "card:"]
+                 f"deployed as: {', '.join(r['deployed_as']) or '-'}"]
+        if r["gate"]:
+            lines.append(f"quality gate: {r['gate']['state']}: {r['gate']['reason']}")
+        lines += ["", "card:"]
         for field, value in r["card"].items():
             edited = " (edited)" if field in r["edited_fields"] else ""
             text = value if not isinstance(value, str) or len(value) < 100 else value[:97] + "..."
@@ -186,14 +189,16 @@ def models_delete(name_version, url, key, home):
 @click.option("--context-length", type=click.IntRange(128), help="Default: the model's, at most 4096.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it serves (or fails).")
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait.")
+@click.option("--force", is_flag=True, help="Deploy a version that has not passed its model's quality gate (audited).")
 @client_options
 @json_option()
-def models_deploy(name_version, served_name, replicas, context_length, wait, timeout, url, key, home, as_json):
-    """Serve a registered version; the gateway picks it up without a restart."""
+def models_deploy(name_version, served_name, replicas, context_length, wait, timeout, force, url, key, home, as_json):
+    """Serve a registered version; the gateway picks it up without a restart. A gated model's
+    version must have passed its quality gate (`appliance models gate`)."""
     name, version = parse_name_version(name_version)
     client = make_client(url, key, home)
     row = client.post("/admin/deployments", {"model": name, "version": version, "name": served_name,
-                                             "replicas": replicas, "context_length": context_length})
+                                             "replicas": replicas, "context_length": context_length, "force": force})
     deadline = time.monotonic() + timeout
     while wait and row["state"] in ("pending", "starting") and time.monotonic() < deadline:
         time.sleep(0.5)

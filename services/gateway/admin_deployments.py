@@ -18,6 +18,7 @@ class Deploy(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
     replicas: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     context_length: Annotated[int, msgspec.Meta(ge=128, le=SQLITE_MAX)] | None = None
+    force: bool = False  # deploy a version that has not passed its model's quality gate
 
 
 class DeploymentController(Controller):
@@ -40,11 +41,13 @@ class DeploymentController(Controller):
 
         def work(db):
             return deployments.deploy(db, body.model, body.version, name=body.name, replicas=body.replicas,
-                                      context_length=body.context_length, reserved=reserved, created_by=actor.key_id)
+                                      context_length=body.context_length, reserved=reserved, created_by=actor.key_id,
+                                      force=body.force)
 
         return await run(request, actor, work, action="deployment.create",
                          target=f"deployment/{body.name or body.model}",
-                         detail=lambda row: {"model": row["model"], "version": row["version"], "replicas": row["replicas"]},
+                         detail=lambda row: {"model": row["model"], "version": row["version"], "replicas": row["replicas"],
+                                             **({"forced_past_gate": True} if body.force else {})},
                          status=201)
 
     @delete("/{name:str}", status_code=200)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar import Controller, Request, Response, delete, get, patch, post, put
 
-from appliance import model_registry
+from appliance import gates, model_registry
 from appliance.audit import Actor
-from services.gateway.admin import VersionNumber, decoded, request_body, run, store_of
+from services.gateway.admin import VersionNumber, decoded, gateway_of, request_body, run, store_of
 from services.gateway.admin_uploads import Register, from_body, from_path_or_upload
 
 
@@ -25,9 +25,15 @@ def _version_detail(row: dict) -> dict:
 
 
 def _register(request: Request, actor: Actor, name: str, sha256: str | None) -> Register:
-    store = store_of(request)
-    return lambda db, path, source: model_registry.register(db, store, name, path, source=source,
-                                                            created_by=actor.key_id, sha256=sha256)
+    store, queue = store_of(request), gateway_of(request).job_queue
+
+    def register(db, path, source) -> dict:
+        row = model_registry.register(db, store, name, path, source=source, created_by=actor.key_id, sha256=sha256)
+        if row["gate"] is not None:  # a gated model: its evaluation runs on the worker
+            queue.enqueue(row["gate"]["job"])
+        return row
+
+    return register
 
 
 class ModelController(Controller):
@@ -73,6 +79,40 @@ class ModelController(Controller):
     async def compare_versions(self, request: Request, actor: Actor, name: str, a: VersionNumber,
                                b: VersionNumber) -> Response:
         return await run(request, actor, lambda db: model_registry.compare(db, name, a, b))
+
+    @get("/{name:str}/gate")
+    async def get_gate(self, request: Request, actor: Actor, name: str) -> Response:
+        return await run(request, actor, lambda db: gates.get_gate(db, name))
+
+    @put("/{name:str}/gate", opt=request_body(gates.Gate))
+    async def set_gate(self, request: Request, actor: Actor, name: str) -> Response:
+        """Set or replace the model's quality gate: what a new version must score before it may be deployed."""
+        body = await decoded(request)
+        served = set(gateway_of(request).pools)
+        return await run(request, actor, lambda db: gates.set_gate(db, name, body, served=served,
+                                                                    created_by=actor.key_id),
+                         action="model.gate.set", target=f"model/{name}",
+                         detail=lambda gate: {k: gate[k] for k in ("dataset", "dataset_version", "metric", "max_drop",
+                                                                   "min_score")})
+
+    @delete("/{name:str}/gate", status_code=200)
+    async def delete_gate(self, request: Request, actor: Actor, name: str) -> Response:
+        return await run(request, actor, lambda db: gates.delete_gate(db, name), action="model.gate.delete",
+                         target=f"model/{name}")
+
+    @post("/{name:str}/versions/{version:int}/gate")
+    async def check_gate(self, request: Request, actor: Actor, name: str, version: VersionNumber) -> Response:
+        """Evaluate a version against the gate now (one registered before the gate was set, or again):
+        202 with the version, its gate pending on the job."""
+        queue = gateway_of(request).job_queue
+
+        def work(db) -> dict:
+            row = gates.schedule(db, model_registry.get_version(db, name, version), required=True)
+            queue.enqueue(row["gate"]["job"])
+            return row
+
+        return await run(request, actor, work, action="model.gate.check", target=f"model/{name}/{version}",
+                         detail=lambda row: {"job": row["gate"]["job"]}, status=202)
 
     @delete("/{name:str}/versions/{version:int}", status_code=200)
     async def delete_model_version(self, request: Request, actor: Actor, name: str, version: VersionNumber) -> Response:

@@ -40,7 +40,7 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
         say(f"job {job_id} was running when the worker stopped: marked failed")
     runner = JobRunner(home, runtime.storage, runtime.models)
     queue = JobQueue(home, runner)
-    runner.later = queue.enqueue_later
+    runner.later, runner.enqueue = queue.enqueue_later, queue.enqueue
     for job_id in again:
         queue.enqueue(job_id)
         say(f"job {job_id} was running when the worker stopped: queued again, to resume from its last checkpoint")

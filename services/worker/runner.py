@@ -30,6 +30,7 @@ class Work:
     job: dict
     home: Path
     served: Sequence[ServedModel] = ()  # the profile's models, where they answer (evaluation jobs call them)
+    enqueue: Callable[[str], None] | None = None  # queues a job the work made (a quality gate's evaluation)
 
     @property
     def params(self) -> dict:
@@ -42,6 +43,12 @@ class Work:
     def note(self, text: str) -> None:
         """A line in the job's log."""
         jobs.log(self.db, self.job["id"], text)
+
+    def registered(self, version: dict) -> None:
+        """A model version the work registered: its quality gate's evaluation, if it has one, is queued."""
+        if version["gate"] is not None and self.enqueue is not None:
+            self.enqueue(version["gate"]["job"])
+            self.note(f"{version['model']} version {version['version']} has a quality gate: {version['gate']['reason']}")
 
 
 class Waiting(Exception):
@@ -83,6 +90,7 @@ def _model_import(work: Work) -> tuple[dict, dict]:
     row = model_registry.register(work.db, work.store, params["name"], path, source=params["path"],
                                   created_by=work.actor.key_id, sha256=params["sha256"])
     work.note(f"registered model {row['model']} version {row['version']}, sha256 {row['sha256']}")
+    work.registered(row)
     result = {"model": row["model"], "version": row["version"], "sha256": row["sha256"], "size": row["size"]}
     return result, {k: result[k] for k in ("version", "sha256", "size")}
 
@@ -105,6 +113,12 @@ def _evaluate(work: Work) -> tuple[dict, dict]:
     return evaluate(work)
 
 
+def _gate(work: Work) -> tuple[dict, dict]:
+    from services.worker.gates import check
+
+    return check(work)
+
+
 def _finetune(work: Work) -> tuple[dict, dict]:
     require_training_stack()  # the worker's install may differ from the gateway's
     from services.worker.training import finetune  # torch and transformers: loaded for training only
@@ -119,6 +133,7 @@ WORK: dict[str, tuple[str, str, Callable[[Work], tuple[dict, dict]]]] = {
     "dataset.import": ("dataset.register", "dataset", _dataset_import),
     "finetune": ("model.finetune", "model", _finetune),
     "eval": ("model.evaluate", "model", _evaluate),
+    "gate": ("model.gate", "model", _gate),
 }
 
 
@@ -131,6 +146,7 @@ class JobRunner:
         self.store = store
         self.served = served
         self.later: Callable[[str, float], None] | None = None  # queues a job again after a delay (the queue's)
+        self.enqueue: Callable[[str], None] | None = None  # queues a job (the queue's)
 
     def __call__(self, job_id: str) -> None:
         db = open_db(state_db_path(self.home), migrate=False)
@@ -149,7 +165,7 @@ class JobRunner:
         target = f"{what}/{params['name']}"
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
-            result, detail = work(Work(db, _store(self.store), job, self.home, self.served))
+            result, detail = work(Work(db, _store(self.store), job, self.home, self.served, self.enqueue))
         except Waiting as exc:
             jobs.wait(db, job["id"], exc.message)
             self.later(job["id"], WAIT_RETRY_S)

@@ -295,6 +295,7 @@ def _register(work: Work, job: FineTune, base: dict, data: dict, trainer: Traine
                "environment": environment(trainer.device)}
     row = model_registry.register_adapter(work.db, work.store, job.name, gguf, base=base, lineage=lineage,
                                           created_by=work.actor.key_id)
+    work.registered(row)
     artifacts = [{"kind": "lora-gguf", "bucket": model_registry.BUCKET, **f} for f in row["files"]]
     experiments.finish_run(work.db, work.job["id"], final_metrics=last, artifacts=artifacts,
                            model_version_id=row["id"])

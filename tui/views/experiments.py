@@ -1,7 +1,8 @@
-"""Experiments: every fine-tuning job is a run in one (docs/experiments.md). The runs, newest
-first, with what they trained on and how they ended; a run in full; two runs compared side by
-side (their params, those that differ first, their final metrics and their loss step by step
-on one scale); a run's tags; and its job's log, followed live."""
+"""Experiments: every fine-tuning and evaluation job is a run in one (docs/experiments.md). The
+runs, newest first, with what they trained or evaluated and how they ended; a run in full (an
+evaluation's samples too); two runs compared side by side (fine-tuning runs: their params,
+those that differ first, their final metrics and their loss step by step on one scale;
+evaluations: their scores and the samples that changed); a run's tags; and its job's log."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 60  # characters of a loss sparkline in a comparison (more steps are averaged into them)
 STEP_ROWS = 20  # steps listed in a comparison's loss table (evenly spread when there are more)
 DIFFERS = "*"  # marks a param whose values differ, as `appliance runs compare` does
+SAMPLE_ROWS = 50  # an evaluation's samples shown in its detail
 
 
 def number(value) -> str:
@@ -53,14 +55,31 @@ def final_loss(run: dict) -> str:
     return number((run.get("final_metrics") or {}).get("loss"))
 
 
+def run_model(params: dict) -> str:
+    """What a run trained on (a fine-tune's base) or evaluated."""
+    return versioned(params["base"], "model") if "base" in params else versioned(params.get("model"), "name")
+
+
+def is_evaluation(run: dict) -> bool:
+    return "metrics" in run["params"] and isinstance(run["params"].get("model"), dict)
+
+
+def main_score(run: dict) -> str:
+    """An evaluation's headline score: the judge's, else ROUGE-L, token F1 or exact match."""
+    final = run.get("final_metrics") or {}
+    name = next((m for m in ("judge", "rougeL", "token_f1", "exact_match") if m in final), None)
+    return f"{name} {final[name]:.3f}" if name and is_evaluation(run) else "-"
+
+
 def tags_of(text: str) -> list[str]:
     """'best, baseline  v2' -> ['best', 'baseline', 'v2']."""
     return [t for t in re.split(r"[\s,]+", text) if t]
 
 
 class RunsView(Marking, TableView):
-    """Fine-tuning runs, newest first: enter shows a run in full, space marks one and c compares
-    it with another side by side, t tags a run, l follows its job's log. `:runs TEXT` lists the
+    """Fine-tuning and evaluation runs, newest first: enter shows a run in full (an evaluation's
+    samples too), space marks one and c compares it with another side by side, t tags a run, l
+    follows its job's log. `:runs TEXT` lists the
     runs with TEXT in a cell (an experiment, a base, a tag)."""
 
     TITLE = "runs"
@@ -69,12 +88,13 @@ class RunsView(Marking, TableView):
         MARK_COLUMN,
         Column("id", "ID"), Column("experiment", "EXPERIMENT"),
         Column("state", "STATE", lambda r: state_text(r["state"])),
-        Column("base", "BASE", lambda r: versioned(r["params"].get("base"), "model")),
+        Column("model", "MODEL", lambda r: run_model(r["params"])),
         Column("dataset", "DATASET", lambda r: versioned(r["params"].get("dataset"), "name")),
         Column("lora_rank", "LORA RANK", lambda r: number((r["params"].get("lora") or {}).get("rank"))),
         Column("learning_rate", "LR", lambda r: number(r["params"].get("learning_rate"))),
         Column("steps", "STEPS", lambda r: steps_of(r["params"])),
         Column("final_loss", "FINAL LOSS", final_loss),
+        Column("score", "SCORE", lambda r: main_score(r)),
         Column("tags", "TAGS", lambda r: fmt.text(r["tags"])),
         Column("created_at", "AGE", lambda r: fmt.age(r["created_at"])),
     )
@@ -90,9 +110,13 @@ class RunsView(Marking, TableView):
 
     async def open(self, row: dict) -> None:
         run = await self.attempt(self.api.get(f"/admin/runs/{row['id']}"))
-        if run is not None:
-            await self.app.push_screen(DetailScreen(f"run {run['id']} ({run['experiment']}, {run['state']})",
-                                                    as_yaml(run)))
+        if run is None:
+            return
+        body = as_yaml(run)
+        if is_evaluation(run):
+            page = await self.attempt(self.api.get(f"/admin/runs/{run['id']}/samples", limit=SAMPLE_ROWS))
+            body = Group(evaluation_samples(page["samples"] if page else []), Text(), body)
+        await self.app.push_screen(DetailScreen(f"run {run['id']} ({run['experiment']}, {run['state']})", body))
 
     def mark_note(self) -> str:
         return f"Run {self.marked} marked: c on another run compares them."
@@ -105,11 +129,15 @@ class RunsView(Marking, TableView):
         other = self.marked_other(row) or await self.ask_other(row)
         if other is None:
             return
-        compared = await self.attempt(self.api.get("/admin/runs/compare", ids=f"{other},{row['id']}"))
+        ids = f"{other},{row['id']}"
+        evaluations = is_evaluation(row) and any(r["id"] == other and is_evaluation(r) for r in self.table.all_rows)
+        path = "/admin/evaluations/compare" if evaluations else "/admin/runs/compare"
+        compared = await self.attempt(self.api.get(path, ids=ids))
         if compared is not None:
             self.mark(None)
             a, b = (r["id"] for r in compared["runs"])
-            await self.app.push_screen(DetailScreen(f"run {a} and run {b}", comparison(compared)))
+            shown = evaluation_comparison(compared) if evaluations else comparison(compared)
+            await self.app.push_screen(DetailScreen(f"run {a} and run {b}", shown))
 
     async def ask_other(self, row: dict) -> str | None:
         """The run to compare `row` with, when none is marked: the next older one is offered."""
@@ -210,3 +238,33 @@ def comparison(compared: dict) -> Group:
     for i in spread(len(steps), STEP_ROWS):
         table.add_row(str(steps[i]), *(number(losses.get(run_id, [None] * len(steps))[i]) for run_id in ids))
     return Group(*parts, curves, Text(), table)
+
+
+def evaluation_samples(samples: list[dict]) -> Table:
+    """An evaluation's samples: input, answer (or error), each score, what the judge said."""
+    names = list(dict.fromkeys(m for s in samples for m in s["scores"]))
+    table = grid("#", "INPUT", "ANSWER", *(n.upper() for n in names), "JUDGE SAID")
+    for s in samples:
+        answer = Text(s["error"], style="red") if s["error"] else Text(s["answer"] or "")
+        table.add_row(str(s["idx"]), s["input"], answer, *(number(s["scores"].get(n)) for n in names),
+                      s["judge_output"] or "-")
+    return table
+
+
+def evaluation_comparison(report: dict) -> Group:
+    """Evaluations side by side: their scores, then the samples whose score changed, most first."""
+    ids = [r["id"] for r in report["runs"]]
+    runs = grid("RUN", "MODEL", "STATE")
+    for r in report["runs"]:
+        runs.add_row(r["id"], versioned(r["model"], "name"), state_text(r["state"]))
+    scores = grid("METRIC", *ids)
+    for m in report["metrics"]:
+        scores.add_row(Text(m["metric"], style="bold"), *(number(v) for v in m["values"]))
+    summary = Text(f"{report['metric']} on {report['samples_compared']} samples, {ids[-1]} against {ids[0]}: "
+                   f"{report['improved']} improved, {report['regressed']} regressed, {report['same']} the same",
+                   style="bold")
+    changed = grid("ROW", "INPUT", *ids)
+    for c in report["changed"]:
+        changed.add_row(str(c["row"]), c["input"], *(Text(f"{number(r['score'])}  {r['answer'] or ''}")
+                                                      for r in c["runs"]))
+    return Group(runs, Text(), scores, Text(), summary, changed if report["changed"] else Text("No sample changed."))

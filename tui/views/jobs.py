@@ -14,7 +14,7 @@ from textual.containers import Horizontal
 from textual.widgets import Log, Sparkline, Static
 
 from appliance.admin_client import AdminApiError
-from appliance.jobs import FINISHED, KINDS, STATES
+from appliance.jobs import FINISHED, STATES
 from tui import format as fmt
 from tui.modals import Field, FormScreen
 from tui.views.datasets import FORMATS
@@ -28,6 +28,8 @@ LOG_POLL_S = 1.0
 LOG_PAGE = 1000  # lines asked for at once
 METRICS_PAGE = 1000  # training steps asked for at once
 FINETUNE = "finetune"
+EVAL = "eval"
+IMPORTS = ("dataset.import", "model.import")
 TOTAL_LINE = re.compile(r"^training steps \d+-\d+ of (\d+)")  # the worker's line as training starts
 RESUMED_LINE = re.compile(r"^resuming from the checkpoint at step (\d+)")  # the steps after it are trained again
 
@@ -126,7 +128,7 @@ def finetune_fields(like: dict | None) -> list[Field]:
 class JobsView(TableView):
     """Jobs, newest first, refreshed every REFRESH_S; enter follows a job's log, c cancels a
     queued one or stops a running fine-tuning job, n submits an import, f starts a fine-tuning
-    job. `:jobs STATE` lists the jobs in that state only, `:jobs JOB_ID` opens that job's log."""
+    job, e an evaluation. `:jobs STATE` lists the jobs in that state only, `:jobs JOB_ID` opens that job's log."""
 
     TITLE = "jobs"
     REFRESH_S = 2.0
@@ -140,6 +142,7 @@ class JobsView(TableView):
     BINDINGS = [
         Binding("n", "submit", "New import"),
         Binding("f", "finetune", "Fine-tune"),
+        Binding("e", "evaluate", "Evaluate"),
         Binding("c", "cancel", "Cancel job"),
         Binding("ctrl+d", "cancel", "Cancel job", show=False),
     ]
@@ -178,7 +181,7 @@ class JobsView(TableView):
             params = {k: values[k] for k in ("name", "path", "format", "sha256") if values[k]}
             return await self.api.post("/admin/jobs", {"kind": values["kind"], "params": params})
 
-        fields = [Field("kind", "Kind", "dataset.import", choices=tuple(KINDS)), Field("name", "Name in the registry"),
+        fields = [Field("kind", "Kind", "dataset.import", choices=IMPORTS), Field("name", "Name in the registry"),
                   Field("path", "Path on the worker's machine (absolute: a GGUF file or HF folder, a CSV, JSONL "
                                 "or Parquet file)"),
                   Field("format", "Dataset format (empty: from the file's extension, else its content)",
@@ -202,6 +205,59 @@ class JobsView(TableView):
             self.notify(f"Queued {describe(job)}: its log shows the loss step by step.")
             self.reload()
             await self.app.push_screen(JobLogScreen(job["id"]))
+
+
+    @work(group="action")
+    async def action_evaluate(self) -> None:
+        async def submit(values: dict[str, str]) -> dict:
+            return await self.api.post("/admin/jobs", {"kind": EVAL, "params": eval_params(values)})
+
+        row = self.selected
+        like = row["params"] if row is not None and row["kind"] == EVAL else None
+        job = await self.app.push_screen_wait(FormScreen("Evaluate a model", eval_fields(like), submit))
+        if job is not None:
+            self.notify(f"Queued {describe(job)}: :runs shows its scores and samples once it ends.")
+            self.reload()
+            await self.app.push_screen(JobLogScreen(job["id"]))
+
+
+def eval_fields(like: dict | None) -> list[Field]:
+    """The evaluation form; `like` (an evaluation job's params) fills in what it evaluated and how."""
+    like = like or {}
+    model = like.get("model", "") + (f":{like['model_version']}" if like.get("model_version") else "")
+    dataset = like.get("dataset", "")
+    return [Field("model", "Model: a served model, or NAME:VERSION of a registered one", model),
+            Field("dataset", "Dataset: NAME or NAME:VERSION (an input column and a reference column)", dataset),
+            Field("judge", "Judge: a served model that scores each answer (empty: no judge)",
+                  (like.get("judge") or {}).get("model", "")),
+            Field("metrics", "Metrics, comma-separated (empty: all; judge with a judge)",
+                  placeholder="exact_match,token_f1,bleu,rouge1,rouge2,rougeL"),
+            Field("sample", "Rows to evaluate (empty: all; quick mode)", placeholder="all"),
+            Field("system", "System prompt for every sample", like.get("system") or ""),
+            Field("experiment", "Experiment (the run's; :runs compares them)", like.get("experiment", ""),
+                  placeholder="default")]
+
+
+def eval_params(values: dict[str, str]) -> dict:
+    """The evaluation form's fields as the job's params; ValueError naming a field that is wrong."""
+    params: dict = {}
+    for field, key in (("model", "model_version"), ("dataset", "dataset_version")):
+        name, _, version = values[field].partition(":")
+        if not name:
+            raise ValueError(f"{field}: required")
+        params[field] = name
+        if version:
+            params[key] = whole(field + " version", version, low=1)
+    if values["judge"]:
+        params["judge"] = {"model": values["judge"]}
+    if values["metrics"]:
+        params["metrics"] = [m.strip() for m in values["metrics"].split(",") if m.strip()]
+    if (sample := whole("sample", values["sample"], low=1)) is not None:
+        params["sample"] = sample
+    for key in ("system", "experiment"):
+        if values[key]:
+            params[key] = values[key]
+    return params
 
 
 class TrainingPanel(Horizontal):

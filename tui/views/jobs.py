@@ -195,28 +195,27 @@ class JobsView(TableView):
 
     @work(group="action")
     async def action_finetune(self) -> None:
-        async def submit(values: dict[str, str]) -> dict:
-            return await self.api.post("/admin/jobs", {"kind": FINETUNE, "params": finetune_params(values)})
-
-        row = self.selected
-        like = row["params"] if row is not None and row["kind"] == FINETUNE else None
-        job = await self.app.push_screen_wait(FormScreen("Fine-tune a model", finetune_fields(like), submit))
-        if job is not None:
-            self.notify(f"Queued {describe(job)}: its log shows the loss step by step.")
-            self.reload()
-            await self.app.push_screen(JobLogScreen(job["id"]))
-
+        await self.start(FINETUNE, "Fine-tune a model", finetune_fields(self.like(FINETUNE)), finetune_params,
+                         "its log shows the loss step by step")
 
     @work(group="action")
     async def action_evaluate(self) -> None:
-        async def submit(values: dict[str, str]) -> dict:
-            return await self.api.post("/admin/jobs", {"kind": EVAL, "params": eval_params(values)})
+        await self.start(EVAL, "Evaluate a model", eval_fields(self.like(EVAL)), eval_params,
+                         ":runs shows its scores and samples once it ends")
 
+    def like(self, kind: str) -> dict | None:
+        """The selected job's params, where it is of `kind`: a new one's form starts from them."""
         row = self.selected
-        like = row["params"] if row is not None and row["kind"] == EVAL else None
-        job = await self.app.push_screen_wait(FormScreen("Evaluate a model", eval_fields(like), submit))
+        return row["params"] if row is not None and row["kind"] == kind else None
+
+    async def start(self, kind: str, title: str, fields: list[Field], params_of, note: str) -> None:
+        """A job of `kind` from a form (the API's refusal keeps it open); its log opens."""
+        async def submit(values: dict[str, str]) -> dict:
+            return await self.api.post("/admin/jobs", {"kind": kind, "params": params_of(values)})
+
+        job = await self.app.push_screen_wait(FormScreen(title, fields, submit))
         if job is not None:
-            self.notify(f"Queued {describe(job)}: :runs shows its scores and samples once it ends.")
+            self.notify(f"Queued {describe(job)}: {note}.")
             self.reload()
             await self.app.push_screen(JobLogScreen(job["id"]))
 

@@ -20,6 +20,7 @@ from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.eval_cli import eval_group
 from appliance.finetune_cli import finetune
+from appliance.prompts_cli import prompts
 from appliance.jobs_cli import jobs
 from appliance.experiments_cli import experiments, runs
 from appliance.objects_cli import objects
@@ -220,6 +221,7 @@ cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")
 cli.add_command(finetune, "finetune")
 cli.add_command(eval_group, "eval")
+cli.add_command(prompts, "prompts")
 cli.add_command(experiments, "experiments")
 cli.add_command(runs, "runs")
 cli.add_command(usage, "usage")

@@ -344,6 +344,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "ALTER TABLE model_versions ADD COLUMN gate TEXT",
     ),
+    (
+        # Prompt templates (appliance/prompts.py): versions never change; `ab` splits requests
+        # between them. A request's template version goes into its usage row.
+        """CREATE TABLE prompt_templates (
+            name TEXT PRIMARY KEY,
+            ab TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE prompt_template_versions (
+            name TEXT NOT NULL REFERENCES prompt_templates (name),
+            version INTEGER NOT NULL,
+            system TEXT,
+            user TEXT,
+            variables TEXT NOT NULL DEFAULT '[]',
+            description TEXT,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            PRIMARY KEY (name, version)
+        )""",
+        "ALTER TABLE usage ADD COLUMN template TEXT",
+    ),
 ]
 
 

@@ -38,6 +38,8 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "jobs.write": at_least("developer"),  # submit and cancel fine-tuning and evaluation jobs
     "experiments.read": at_least("developer"),  # runs: their params, metrics, environment; compare, export
     "experiments.write": at_least("developer"),  # tag runs
+    "prompts.read": at_least("viewer"),  # prompt templates, their versions and A/B weights
+    "prompts.write": at_least("developer"),  # new versions, A/B weights, delete
     # Read any file the gateway's machine lets the appliance read: registering by `path`
     # (POST .../versions) and import jobs. Below operator, files come as uploads.
     "files.server": at_least("operator"),
@@ -104,6 +106,13 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/runs/{run_id}/metrics"): "experiments.read",
     ("GET", "/admin/runs/{run_id}/samples"): "experiments.read",
     ("GET", "/admin/evaluations/compare"): "experiments.read",
+    ("GET", "/admin/prompts"): "prompts.read",
+    ("GET", "/admin/prompts/{name}"): "prompts.read",
+    ("GET", "/admin/prompts/{name}/versions/{version}"): "prompts.read",
+    ("POST", "/admin/prompts/{name}/versions"): "prompts.write",
+    ("PUT", "/admin/prompts/{name}/ab"): "prompts.write",
+    ("POST", "/admin/prompts/{name}/render"): "prompts.read",
+    ("DELETE", "/admin/prompts/{name}"): "prompts.write",
     ("PATCH", "/admin/runs/{run_id}"): "experiments.write",
     ("GET", "/admin/users"): "users.read",
     ("GET", "/admin/users/{name}"): "users.read",

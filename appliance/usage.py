@@ -53,6 +53,8 @@ class UsageRecord(msgspec.Struct, array_like=True, gc=False):
     # Added with the response cache: an answer from it processed no tokens; these are what it saved.
     cached: bool = False
     saved_tokens: int | None = None
+    # Added with prompt templates: the template version the gateway rendered ("name:version").
+    template: str | None = None
 
 
 _COLUMNS = UsageRecord.__struct_fields__
@@ -205,12 +207,13 @@ GROUPINGS = {
     "user": ("u.user_id AS user_id", "us.name AS user_name"),
     "key": ("u.key_id AS key_id", "k.name AS key_name"),
     "model": ("u.model AS model",),
+    "template": ("u.template AS template",),  # the prompt template version ("name:version"): A/B results
 }
 
 
 def summarize(db: sqlite_utils.Database, *, since: float | None = None, by: tuple[str, ...] = ("key", "model"),
               user_id: str | None = None, key_id: str | None = None) -> list[dict]:
-    """Usage totals (requests, tokens, cost, latency) grouped by any of team, user, key and model,
+    """Usage totals (requests, tokens, cost, latency) grouped by any of team, user, key, model and template,
     newest activity first; only a user's (`user_id`) or a key's (`key_id`) usage when given."""
     unknown = [group for group in by if group not in GROUPINGS]
     if unknown or not by:

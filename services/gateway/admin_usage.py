@@ -41,7 +41,7 @@ class UsageController(Controller):
     @get()
     async def usage(self, request: Request, actor: Actor, since: str = "24h", by: str = "key,model") -> Response:
         """Requests, tokens, cost and latency since `since` (15m, 24h, 7d or all), grouped `by` any of
-        team, user, key and model (comma-separated)."""
+        team, user, key, model and template (comma-separated)."""
         since_ts, groups = since_of(since, time.time()), groups_of(by)
         mine: dict[str, str | None] = {}
         if actor.role not in MANAGER_ROLES:

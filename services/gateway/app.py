@@ -51,6 +51,7 @@ from appliance.home import RUNTIME_ENV, ledger_dir, state_db_path, usage_journal
 from appliance.keys import KeyCache, UnknownKey
 from appliance.limits import Governor, Ticket
 from appliance.usage import UsageRecord, UsageRecorder
+from services.gateway.prompting import PromptTemplates
 from services.engines.status import read_statuses
 from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
@@ -127,6 +128,7 @@ class Gateway:
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
         self.system = SystemState(runtime)  # GET /admin/system
+        self.templates = PromptTemplates()  # rendered into chat requests that name one
 
     def _pool(self, served: ServedModel) -> ModelPool:
         pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue,
@@ -276,6 +278,7 @@ class Gateway:
     def _read_state(self) -> tuple[list[dict], dict, dict]:
         self._keys_read_from = perf_counter()
         self.auth.refresh(self._db)
+        self.templates.refresh(self._db)
         return deployments.running(self._db), read_statuses(Path(self.runtime.home)), routes.stored(self._db)
 
     def _apply_state(self, rows: list[dict], statuses: dict, admin_routes: dict) -> None:
@@ -355,6 +358,8 @@ class Gateway:
             principal = call.principal = await self.authenticate(headers.get("authorization"))
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
+            if endpoint == "chat/completions" and b'"template"' in body:  # maybe a prompt template's name
+                body, call.template = self.templates.apply(body)
             parsed = schemas.decode(body, schema)
             call.model = parsed.model  # metered under the name asked for until a served model takes it
             call.stream = getattr(parsed, "stream", False)
@@ -735,6 +740,7 @@ class Gateway:
                 cost=cost,
                 cached=saved is not None,
                 saved_tokens=saved,
+                template=call.template,
             )
         )
 

@@ -58,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity", "slot", "cache", "cache_key", "shadow",
+        "affinity", "slot", "cache", "cache_key", "shadow", "template",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -86,6 +86,7 @@ class Call:
         self.cache: str | None = None  # hit, miss or bypass, for a model with a response cache
         self.cache_key: bytes | None = None  # where its answer is kept (services/gateway/cache.py)
         self.shadow = None  # its route's shadow (config.ShadowSpec), as the route was when the request came
+        self.template: str | None = None  # the prompt template version rendered into it ("name:version")
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:

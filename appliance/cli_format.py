@@ -37,12 +37,14 @@ def size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
+def table(rows: list[dict], columns: list[str], headings: list[str] | None = None) -> str:
+    """Rows as aligned columns under their names in capitals (or `headings`, as given)."""
     if not rows:
         return "(none)"
+    headings = headings or [c.upper() for c in columns]
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(cell_len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    widths = [max(cell_len(h), *(cell_len(row[i]) for row in cells)) for i, h in enumerate(headings)]
+    lines = ["  ".join(h + " " * (w - cell_len(h)) for h, w in zip(headings, widths))]
     lines += ["  ".join(v + " " * (w - cell_len(v)) for v, w in zip(row, widths)) for row in cells]  # Hangul: 2 cells
     return "\n".join(line.rstrip() for line in lines)
 

@@ -28,6 +28,9 @@ def eval_group() -> None:
 @click.option("--input-column", help="Default: input, prompt, question or instruction, the first there is.")
 @click.option("--reference-column", help="Default: reference, answer, expected, output, response or target.")
 @click.option("--system", help="A system prompt for every sample (a 'system' column overrides it).")
+@click.option("--prompt", metavar="TEMPLATE[:VERSION]",
+              help="A prompt template makes each sample's messages, its variables from the row's columns "
+                   "(default version: the latest).")
 @click.option("--metrics", help=f"Comma-separated, from {', '.join(METRICS)}. Default: all but judge, and judge "
                                 "with --judge.")
 @click.option("--judge", "judge_model", metavar="MODEL", help="A served model that scores each answer with the rubric.")
@@ -45,12 +48,16 @@ def eval_group() -> None:
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait, with --wait.")
 @client_options
 @json_option()
-def eval_run(model, dataset, split, input_column, reference_column, system, metrics, judge_model, rubric, scale,
-             sample, seed, max_tokens, concurrency, experiment, wait, timeout, url, key, home, as_json):
+def eval_run(model, dataset, split, input_column, reference_column, system, prompt, metrics, judge_model, rubric,
+             scale, sample, seed, max_tokens, concurrency, experiment, wait, timeout, url, key, home, as_json):
     """Queue an evaluation of MODEL (a served model) or MODEL:VERSION (a registered version,
     served on a temporary engine for the job). Checked before it is queued."""
     model_name, model_version = name_and_version(model, "MODEL")
     dataset_name, dataset_version = name_and_version(dataset, "--dataset")
+    template = None
+    if prompt:
+        template_name, template_version = name_and_version(prompt, "--prompt")
+        template = {"name": template_name, "version": template_version}
     judge = None
     if judge_model:
         judge = {"model": judge_model, "scale": scale, **({"rubric": rubric.read()} if rubric else {})}
@@ -59,7 +66,8 @@ def eval_run(model, dataset, split, input_column, reference_column, system, metr
     params = {
         "model": model_name, "model_version": model_version, "dataset": dataset_name,
         "dataset_version": dataset_version, "split": split, "input_column": input_column,
-        "reference_column": reference_column, "system": system, "judge": judge, "sample": sample, "seed": seed,
+        "reference_column": reference_column, "system": system, "prompt": template, "judge": judge,
+        "sample": sample, "seed": seed,
         "max_tokens": max_tokens, "concurrency": concurrency, "experiment": experiment,
         "metrics": [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
     }
@@ -133,18 +141,20 @@ def eval_compare(run_ids, metric, limit, url, key, home, as_json):
     emit(report, as_json, _comparison)
 
 
-def _label(model: dict) -> str:
-    return model["name"] + (f":{model['version']}" if model.get("version") else "")
+def _label(run: dict) -> str:
+    model, prompt = run["model"], run.get("prompt")
+    return (model["name"] + (f":{model['version']}" if model.get("version") else "")
+            + (f" prompt {prompt['name']}:{prompt['version']}" if prompt else ""))
 
 
 def _comparison(report: dict) -> str:
     runs = report["runs"]
-    heads = [f"{r['id']} ({_label(r['model'])})" for r in runs]
+    heads = [f"{r['id']} ({_label(r)})" for r in runs]
     rows = [{"metric": m["metric"], **{h: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
                                        for h, v in zip(heads, m["values"])}} for m in report["metrics"]]
     data = report["dataset"]
     lines = [f"on {data['name']} v{data['version']}" + (f" (split {data['split']})" if data["split"] else ""),
-             table(rows, ["metric", *heads]), "",
+             table(rows, ["metric", *heads], ["METRIC", *heads]), "",
              f"{report['metric']} on {report['samples_compared']} samples, {runs[-1]['id']} against {runs[0]['id']}: "
              f"{report['improved']} improved, {report['regressed']} regressed, {report['same']} the same"]
     if report["changed"]:
@@ -152,7 +162,7 @@ def _comparison(report: dict) -> str:
         lines.append(table([{"row": c["row"], "input": _cut(c["input"]),
                              **{h: f"{run['score']:.2f} {_cut(run['answer'])}" if run["score"] is not None else "-"
                                 for h, run in zip(heads, c["runs"])}} for c in report["changed"]],
-                           ["row", "input", *heads]))
+                           ["row", "input", *heads], ["ROW", "INPUT", *heads]))
         if report["changed_total"] > len(report["changed"]):
             lines.append(f"… {report['changed_total'] - len(report['changed'])} more changed (--limit)")
     return "\n".join(lines)

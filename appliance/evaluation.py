@@ -56,6 +56,14 @@ class Judge(msgspec.Struct, forbid_unknown_fields=True):
     structured: bool = True
 
 
+class Prompt(msgspec.Struct, forbid_unknown_fields=True):
+    """A prompt template version (appliance/prompts.py) that makes each sample's messages, its
+    variables taken from the row's columns of the same names."""
+
+    name: str
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None  # default: the latest, recorded
+
+
 class Evaluate(msgspec.Struct, forbid_unknown_fields=True):
     """An `eval` job's parameters. `model` names a served model; with `model_version`, a
     registered model's version instead."""
@@ -70,6 +78,7 @@ class Evaluate(msgspec.Struct, forbid_unknown_fields=True):
     system: Annotated[str, msgspec.Meta(max_length=20_000)] | None = None  # a `system` column overrides it
     metrics: Annotated[list[str], msgspec.Meta(min_length=1, max_length=len(METRICS))] | None = None
     judge: Judge | None = None
+    prompt: Prompt | None = None  # a prompt template instead of `system`
     sample: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None  # quick mode: this many rows
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32_768)] = 256
@@ -126,8 +135,30 @@ def resolve(db: sqlite_utils.Database, job: Evaluate, served: Collection[str]) -
     input_column = _column(types, job.input_column, INPUT_COLUMNS, "input_column", job.dataset, data["version"])
     reference_column = _column(types, job.reference_column, REFERENCE_COLUMNS, "reference_column", job.dataset,
                                data["version"], lists=True)
+    prompt = _prompt(db, job.prompt, types) if job.prompt else None
     return msgspec.structs.replace(job, dataset_version=data["version"], input_column=input_column,
-                                   reference_column=reference_column, metrics=list(dict.fromkeys(metrics)), name=name)
+                                   reference_column=reference_column, metrics=list(dict.fromkeys(metrics)), name=name,
+                                   prompt=prompt)
+
+
+def _prompt(db: sqlite_utils.Database, prompt: Prompt, types: dict[str, str]) -> Prompt:
+    """The template version (the latest when none is named), when the dataset's columns give
+    every variable it needs."""
+    from appliance import prompts
+
+    try:
+        template = prompts.get_template(db, prompt.name)
+        version = prompts.get_version(db, prompt.name, prompt.version or template["versions"][-1]["version"])
+    except (NotFound, IndexError):
+        raise InvalidRequest(f"no prompt template {prompt.name!r}" + (f" version {prompt.version}" if prompt.version
+                                                                       else " with a version"),
+                             param="params.prompt") from None
+    missing = [v["name"] for v in version["variables"]
+               if v["required"] and v["default"] is None and v["name"] not in types]
+    if missing:
+        raise InvalidRequest(f"prompt template {prompt.name} version {version['version']} needs variables the dataset "
+                             f"has no columns for: {', '.join(missing)}", param="params.prompt")
+    return Prompt(prompt.name, version["version"])
 
 
 def _check_rubric(rubric: str) -> None:
@@ -211,7 +242,8 @@ def compare(db: sqlite_utils.Database, run_ids: Sequence[str], *, metric: str | 
     changed.sort(key=lambda c: (-c["spread"], c["row"]))
     names = _ordered_metrics(runs)
     return {
-        "runs": [{"id": r["id"], "model": r["params"]["model"], "state": r["state"]} for r in runs],
+        "runs": [{"id": r["id"], "model": r["params"]["model"], "prompt": r["params"].get("prompt"),
+                  "state": r["state"]} for r in runs],
         "dataset": dict(zip(("name", "version", "split"), next(iter(datasets)))),
         "metrics": [{"metric": m, "values": [(r["final_metrics"] or {}).get(m) for r in runs]} for m in names],
         "metric": metric, "samples_compared": len(rows), **counts, "changed": changed[:limit],

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 import msgspec
 
-from appliance import __version__, dataset_registry, deployments, evaluation, experiments, model_registry
+from appliance import __version__, dataset_registry, deployments, evaluation, experiments, model_registry, prompts
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.eval_metrics import RULE_METRICS, corpus_bleu, judge_score, score
 from appliance.evaluation import Evaluate
@@ -77,7 +77,9 @@ def evaluate(work: Work) -> tuple[dict, dict]:
                           base_version_id=version["id"] if version else None, dataset_version_id=data["id"],
                           environment={"appliance": __version__})
     work.note(f"evaluating {job.name} on {len(picked)} of {len(rows)} rows of {job.dataset} v{data['version']}"
-              + (f" (split {job.split}, test part)" if job.split else "") + f": {', '.join(job.metrics)}")
+              + (f" (split {job.split}, test part)" if job.split else "")
+              + (f" with prompt template {job.prompt.name} v{job.prompt.version}" if job.prompt else "")
+              + f": {', '.join(job.metrics)}")
     judge = _served_endpoint(work, job.judge.model, "params.judge.model") if job.judge else None
     with _target(work, job, version) as target, httpx.Client() as client:
         samples = _answer_and_score(work, job, rows, picked, target, judge, client)
@@ -140,15 +142,22 @@ def _target(work: Work, job: Evaluate, version: dict | None) -> Iterator[Endpoin
         child.stop()
 
 
-def _messages(job: Evaluate, row: dict) -> list[dict]:
-    system = row.get("system") or job.system
+def _messages(job: Evaluate, row: dict, template: prompts.Template | None) -> list[dict]:
+    """A sample's chat: the prompt template's rendering (its variables from the row's columns),
+    else the system prompt; then the input, where the template has no user part."""
+    system, user = row.get("system") or job.system, None
+    if template is not None:
+        declared = {v["name"] for v in template.versions[job.prompt.version][0]["variables"]}
+        parts = template.render(job.prompt.version, {k: v for k, v in row.items() if k in declared})
+        system, user = parts.get("system", system), parts.get("user")
     return [*([{"role": "system", "content": str(system)}] if system else []),
-            {"role": "user", "content": str(row[job.input_column])}]
+            {"role": "user", "content": user if user is not None else str(row[job.input_column])}]
 
 
 def _answer_and_score(work: Work, job: Evaluate, rows: list[dict], picked: list[int], target: Endpoint,
                       judge: Endpoint | None, client: httpx.Client) -> list[dict]:
     rules = [m for m in job.metrics if m in RULE_METRICS]
+    template = prompts.load(work.db, job.prompt.name) if job.prompt else None
 
     def one(position: int) -> dict:
         index = picked[position]
@@ -156,9 +165,15 @@ def _answer_and_score(work: Work, job: Evaluate, rows: list[dict], picked: list[
         reference = row[job.reference_column]
         sample = {"idx": position, "row": index, "input": str(row[job.input_column]), "reference": reference,
                   "answer": None, "scores": {}, "judge_output": None, "error": None, "latency_s": None}
+        try:
+            messages = _messages(job, row, template)
+        except InvalidRequest as exc:  # this row's values do not fit the template
+            sample["error"] = f"the prompt template could not be rendered: {exc.message}"
+            return sample
+        sample["input"] = messages[-1]["content"]  # what the model was asked, as a template rendered it
         started = time.monotonic()
         try:
-            sample["answer"] = target.chat(client, _messages(job, row), max_tokens=job.max_tokens,
+            sample["answer"] = target.chat(client, messages, max_tokens=job.max_tokens,
                                            temperature=job.temperature, seed=job.seed)
         except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
             sample["error"] = f"the model did not answer: {exc}"

@@ -6,6 +6,7 @@ queued."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 
@@ -125,14 +126,20 @@ def test_a_sample_with_several_references_takes_its_best_score(stack, tmp_path):
     assert [s["scores"] for s in rows] == [{"exact_match": 1.0, "token_f1": 1.0}, {"exact_match": 0.0, "token_f1": 0.0}]
 
 
-def llama_servers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
+def llama_servers(stack) -> set[int]:
+    """The stack's own llama.cpp engines (its worker's temporary ones included)."""
+    found = set()
+    for process in stack.descendants():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.name() == "llama-server":
+                found.add(process.pid)
+    return found
 
 
 def test_a_registered_version_is_served_on_a_temporary_engine(stack, qa):
     answer = api(stack).post("/admin/models/eval-base/versions", json={"path": str(default_gguf())})
     assert answer.status_code == 201, answer.text
-    before = llama_servers()
+    before = llama_servers(stack)
     out = cli(stack, "eval", "run", "eval-base:1", "--dataset", f"{qa}:1", "--sample", "2", "--system", SYSTEM,
               "--max-tokens", "16", "--metrics", "token_f1,rougeL", "--wait").stdout
     run_id = out.split()[0]
@@ -140,7 +147,7 @@ def test_a_registered_version_is_served_on_a_temporary_engine(stack, qa):
     lines = log(stack, run_id)
     assert any(t == "starting a temporary llama.cpp engine for eval-base:1" for t in lines)
     assert any(t.startswith("temporary engine ready") for t in lines)
-    assert llama_servers() == before  # stopped at the end
+    assert llama_servers(stack) == before  # stopped at the end
     run = api(stack).get(f"/admin/runs/{run_id}").json()
     assert run["params"]["model"]["name"] == "eval-base" and run["params"]["model"]["version"] == 1
     assert run["links"]["base_version"]["model"] == "eval-base"

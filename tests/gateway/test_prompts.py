@@ -157,3 +157,39 @@ def test_the_cli_pushes_shows_renders_and_deletes(stack, tmp_path):
     assert cli(stack, "prompts", "delete", "greeting").stdout.strip() == "deleted prompt template greeting"
     gone = cli(stack, "prompts", "show", "greeting", check=False)
     assert gone.returncode == 1 and "no prompt template named 'greeting'" in gone.stderr
+
+
+def test_two_template_versions_are_evaluated_and_compared(stack, tmp_path):
+    from tests.gateway.test_finetune import register, wait_job
+
+    register(stack, tmp_path, "prompt-qa", [{"question": "Say pong.", "answer": "pong"},
+                                            {"question": "Say ping.", "answer": "ping"}])
+    for user in ("Q: {{ question }}", "Question: {{ question }}\nAnswer in one word."):
+        made = api(stack).post("/admin/prompts/qa-prompt/versions",
+                               json={"user": user, "variables": [{"name": "question"}]})
+        assert made.status_code == 201, made.text
+    runs = []
+    for version in (1, None):  # None: the latest, 2, recorded as such
+        answer = api(stack).post("/admin/jobs", json={"kind": "eval", "params": {
+            "model": "remote-ok", "dataset": "prompt-qa", "metrics": ["exact_match"],
+            "prompt": {"name": "qa-prompt", "version": version}}})
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["params"]["prompt"] == {"name": "qa-prompt", "version": version or 2}
+        runs.append(wait_job(stack, answer.json()["id"], timeout=120))
+    assert [r["state"] for r in runs] == ["succeeded", "succeeded"]
+    inputs = [[s["input"] for s in api(stack).get(f"/admin/runs/{r['id']}/samples").json()["samples"]] for r in runs]
+    assert inputs == [["Q: Say pong.", "Q: Say ping."],
+                      ["Question: Say pong.\nAnswer in one word.", "Question: Say ping.\nAnswer in one word."]]
+    report = api(stack).get("/admin/evaluations/compare", params={"ids": ",".join(r["id"] for r in runs)}).json()
+    assert [r["prompt"] for r in report["runs"]] == [{"name": "qa-prompt", "version": 1},
+                                                     {"name": "qa-prompt", "version": 2}]
+    out = cli(stack, "eval", "compare", runs[0]["id"], runs[1]["id"]).stdout
+    assert "(remote-ok prompt qa-prompt:1)" in out and "(remote-ok prompt qa-prompt:2)" in out
+    # A template whose variables the dataset has no columns for is refused before anything is queued.
+    assert api(stack).post("/admin/prompts/needs-customer/versions", json={
+        "user": "{{ customer }} asks {{ question }}", "variables": [{"name": "customer"}, {"name": "question"}]
+    }).status_code == 201
+    refused = api(stack).post("/admin/jobs", json={"kind": "eval", "params": {
+        "model": "remote-ok", "dataset": "prompt-qa", "prompt": {"name": "needs-customer"}}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "params.prompt"
+    assert "has no columns for: customer" in refused.json()["error"]["message"]

@@ -21,6 +21,7 @@ from appliance.dataset_cli import datasets
 from appliance.eval_cli import eval_group
 from appliance.finetune_cli import finetune
 from appliance.prompts_cli import prompts
+from appliance.tools_cli import tools_group
 from appliance.jobs_cli import jobs
 from appliance.experiments_cli import experiments, runs
 from appliance.objects_cli import objects
@@ -222,6 +223,7 @@ cli.add_command(jobs, "jobs")
 cli.add_command(finetune, "finetune")
 cli.add_command(eval_group, "eval")
 cli.add_command(prompts, "prompts")
+cli.add_command(tools_group, "tools")
 cli.add_command(experiments, "experiments")
 cli.add_command(runs, "runs")
 cli.add_command(usage, "usage")

@@ -367,6 +367,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "ALTER TABLE usage ADD COLUMN template TEXT",
     ),
+    (
+        # Tools the gateway runs for a model (appliance/tools.py): a sandboxed command or an MCP server's.
+        """CREATE TABLE tools (
+            name TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            updated_at REAL NOT NULL
+        )""",
+    ),
 ]
 
 

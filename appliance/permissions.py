@@ -40,6 +40,9 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "experiments.write": at_least("developer"),  # tag runs
     "prompts.read": at_least("viewer"),  # prompt templates, their versions and A/B weights
     "prompts.write": at_least("developer"),  # new versions, A/B weights, delete
+    "tools.read": at_least("developer"),  # the tools the gateway runs for models, and how
+    "tools.run": at_least("developer"),  # run one by hand (POST /admin/tools/{name}/call)
+    "tools.write": at_least("admin"),  # register commands the gateway's machine runs (sandboxed), MCP servers
     # Read any file the gateway's machine lets the appliance read: registering by `path`
     # (POST .../versions) and import jobs. Below operator, files come as uploads.
     "files.server": at_least("operator"),
@@ -113,6 +116,12 @@ ROUTES: dict[tuple[str, str], str] = {
     ("PUT", "/admin/prompts/{name}/ab"): "prompts.write",
     ("POST", "/admin/prompts/{name}/render"): "prompts.read",
     ("DELETE", "/admin/prompts/{name}"): "prompts.write",
+    ("GET", "/admin/tools"): "tools.read",
+    ("GET", "/admin/tools/{name}"): "tools.read",
+    ("POST", "/admin/tools/{name}"): "tools.write",
+    ("PUT", "/admin/tools/{name}"): "tools.write",
+    ("DELETE", "/admin/tools/{name}"): "tools.write",
+    ("POST", "/admin/tools/{name}/call"): "tools.run",
     ("PATCH", "/admin/runs/{run_id}"): "experiments.write",
     ("GET", "/admin/users"): "users.read",
     ("GET", "/admin/users/{name}"): "users.read",

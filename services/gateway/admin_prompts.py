@@ -56,7 +56,7 @@ class PromptController(Controller):
         return await run(request, actor, lambda db: prompts.set_ab(db, name, body.weights), action="prompt.ab.set",
                          target=f"prompt/{name}", detail=lambda template: {"ab": template["ab"]})
 
-    @post("/{name:str}/render", opt=request_body(Preview))
+    @post("/{name:str}/render", opt=request_body(Preview), status_code=200)
     async def render(self, request: Request, actor: Actor, name: str) -> Response:
         """What a request naming the template would get: the version chosen and its rendered parts."""
         body = await decoded(request)

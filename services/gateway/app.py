@@ -52,6 +52,7 @@ from appliance.keys import KeyCache, UnknownKey
 from appliance.limits import Governor, Ticket
 from appliance.usage import UsageRecord, UsageRecorder
 from services.gateway.prompting import PromptTemplates
+from services.gateway.tool_loop import StepFailed, ToolLoop
 from services.engines.status import read_statuses
 from services.gateway import schemas
 from services.gateway.adapters import Adapted, Outgoing, adapt
@@ -129,6 +130,7 @@ class Gateway:
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
         self.system = SystemState(runtime)  # GET /admin/system
         self.templates = PromptTemplates()  # rendered into chat requests that name one
+        self.tool_loop = ToolLoop(Path(runtime.home), self.audit)  # runs the tools a chat request names
 
     def _pool(self, served: ServedModel) -> ModelPool:
         pool = ModelPool(served, self.config.breaker, self._on_breaker, self.config.queue, self._on_queue,
@@ -279,6 +281,7 @@ class Gateway:
         self._keys_read_from = perf_counter()
         self.auth.refresh(self._db)
         self.templates.refresh(self._db)
+        self.tool_loop.refresh(self._db)
         return deployments.running(self._db), read_statuses(Path(self.runtime.home)), routes.stored(self._db)
 
     def _apply_state(self, rows: list[dict], statuses: dict, admin_routes: dict) -> None:
@@ -358,6 +361,16 @@ class Gateway:
             principal = call.principal = await self.authenticate(headers.get("authorization"))
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
+            if endpoint == "chat/completions" and b'"server_tools"' in body:
+                # Tools the gateway runs: each step of the loop is a request of its own, metered as such.
+                try:
+                    answer = await self.tool_loop.serve(call.request_id, _actor(call, principal),
+                                                        headers.get("authorization"), body)
+                except StepFailed as failed:  # a step's own error answer, as it came
+                    proto.response_bytes(failed.status, self._headers(call, JSON), failed.body)
+                    return
+                proto.response_bytes(200, self._headers(call, JSON), answer)
+                return
             if endpoint == "chat/completions" and b'"template"' in body:  # maybe a prompt template's name
                 body, call.template = self.templates.apply(body)
             parsed = schemas.decode(body, schema)

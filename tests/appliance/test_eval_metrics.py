@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from appliance.eval_metrics import RULE_METRICS, corpus_bleu, judge_score, score, tokens
@@ -58,3 +62,14 @@ def test_corpus_bleu_is_one_for_perfect_answers_and_takes_several_references():
 ])
 def test_a_judge_score_is_read_only_when_it_is_clear(said, scale, expected):
     assert judge_score(said, scale) == expected
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (.ci/run installs it)")
+def test_the_metrics_and_the_korean_tokenizer_need_no_network():
+    """Scored in a process with a network namespace of its own, where nothing can be reached."""
+    script = ("from appliance.eval_metrics import corpus_bleu, score\n"
+              "print(score('서울이에요', '서울입니다')['token_f1'] > 0, corpus_bleu(['a b c d'], ['a b c d']))")
+    offline = subprocess.run(["bwrap", "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-net", "--",
+                              sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.split() == ["True", "1.0"]

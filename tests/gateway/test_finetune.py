@@ -189,6 +189,24 @@ def test_a_job_trains_registers_a_served_version_and_the_template_is_the_trainin
     finally:
         api(stack).delete("/admin/deployments/ft-served")
 
+    # The base and the fine-tuned version evaluated on the training questions, every metric
+    # and a judge (the default model), then compared: the tuned one learnt the short answers.
+    register(stack, tmp_path, "ft-eval", [{"question": q, "answer": a} for q, a in PAIRS])
+    evaluations = []
+    for model, version in ((DEFAULT_MODEL, None), ("ft-tuned", version["version"])):
+        answer = api(stack).post("/admin/jobs", json={"kind": "eval", "params": {
+            "model": model, "model_version": version, "dataset": "ft-eval", "system": SYSTEM, "max_tokens": 24,
+            "judge": {"model": DEFAULT_MODEL, "max_tokens": 48}, "experiment": "ft-tests"}})
+        assert answer.status_code == 202, answer.text
+        evaluations.append(wait_job(stack, answer.json()["id"]))
+    assert [e["state"] for e in evaluations] == ["succeeded", "succeeded"], [log(stack, e["id"])[-3:] for e in evaluations]
+    finals = [api(stack).get(f"/admin/runs/{e['id']}").json()["final_metrics"] for e in evaluations]
+    assert all({"exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL", "judge"} <= set(f) for f in finals)
+    report = api(stack).get("/admin/evaluations/compare",
+                            params={"ids": ",".join(e["id"] for e in evaluations), "metric": "token_f1"}).json()
+    assert report["runs"][1]["model"]["name"] == "ft-tuned" and report["samples_compared"] == len(PAIRS)
+    assert finals[1]["token_f1"] > finals[0]["token_f1"], finals  # "Paris." rather than a sentence about Paris
+
 
 def test_a_worker_killed_midway_resumes_from_its_last_checkpoint(stack, base, tmp_path):
     register(stack, tmp_path, "ft-resume", chat_rows())

@@ -100,9 +100,9 @@ class ToolLoop:
                     answer = await self._step(client, data, authorization, f"{step} of {request_id}")
                     for key in usage:
                         usage[key] += (answer.get("usage") or {}).get(key) or 0
-                    message = answer["choices"][0]["message"]
+                    message = ((answer.get("choices") or [{}])[0] or {}).get("message") or {}
                     calls = message.get("tool_calls") or []
-                    if not calls or any(c["function"]["name"] not in names for c in calls):
+                    if not calls or any((c.get("function") or {}).get("name") not in names for c in calls):
                         break  # an answer, or calls the client's own tools: the client's to handle
                     data["messages"] = [*data.get("messages", []), {k: v for k, v in message.items()
                                                                      if k in ("role", "content", "tool_calls")}]

@@ -90,6 +90,14 @@ def test_a_worse_version_is_refused_deployment_and_an_equal_one_passes(stack, tm
         assert audited[0]["detail"]["forced_past_gate"] is True
         api(stack).delete("/admin/deployments/gated-broken")
 
+        # A version the worker registers (an import job here; a fine-tune the same way) queues its check too.
+        imported = api(stack).post("/admin/jobs", json={"kind": "model.import", "params": {
+            "name": MODEL, "path": str(gguf_copy(tmp_path, "imported", "--general-name", "imported weights"))}})
+        assert imported.status_code == 202, imported.text
+        done = wait_job(stack, imported.json()["id"], timeout=120)
+        assert done["state"] == "succeeded" and any("has a quality gate" in t for t in log(stack, done["id"]))
+        assert gate_of(stack, done["result"]["version"])["state"] == "passed"
+
         # Checked again on asking; the gate cleared, any version deploys.
         again = api(stack).post(f"/admin/models/{MODEL}/versions/{same['version']}/gate")
         assert again.status_code == 202 and gate_of(stack, same["version"])["state"] == "passed"

@@ -189,11 +189,9 @@ def _answer_and_score(work: Work, job: Evaluate, rows: list[dict], picked: list[
         for sample in pool.map(one, range(len(picked))):
             samples.append(sample)
             if len(samples) % PROGRESS_EVERY == 0 or len(samples) == len(picked):
-                evaluation.record_samples(work.db, work.job["id"], samples[-PROGRESS_EVERY:])
+                unwritten = (len(samples) - 1) // PROGRESS_EVERY * PROGRESS_EVERY
+                evaluation.record_samples(work.db, work.job["id"], samples[unwritten:])
                 work.note(f"sample {len(samples)}/{len(picked)}")
-    written = (len(samples) // PROGRESS_EVERY) * PROGRESS_EVERY
-    if written < len(samples):
-        evaluation.record_samples(work.db, work.job["id"], samples[written:])
     return samples
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from appliance import evaluation, gates, jobs, model_registry
+from appliance import deployments, evaluation, gates, jobs, model_registry
 from appliance.gates import Check, Gate
 from services.worker.evaluation import evaluate
 from services.worker.runner import Work
@@ -45,7 +45,7 @@ def check(work: Work) -> tuple[dict, dict]:
 def _score(work: Work, gate: Gate, model: str, version: int) -> tuple[float, str]:
     """The gate's metric for one version (0..1), and the evaluation job it comes from: an
     earlier one with the same settings, else one run now."""
-    served = {m.name for m in work.served} | {d["name"] for d in _running(work)}
+    served = {m.name for m in work.served} | {d["name"] for d in deployments.running(work.db)}
     asked = evaluation.resolve(work.db, gates.evaluation_of(gate, model, version, gates.experiment_of(model)), served)
     wanted = msgspec.to_builtins(asked)
     for job in jobs.list_jobs(work.db, state="succeeded", limit=10_000):
@@ -65,8 +65,3 @@ def _score(work: Work, gate: Gate, model: str, version: int) -> tuple[float, str
         raise gates.GateError(f"evaluation {job['id']} has no {gate.metric} score (no sample could be scored on it)")
     return result[gate.metric], job["id"]
 
-
-def _running(work: Work) -> list[dict]:
-    from appliance import deployments
-
-    return deployments.running(work.db)

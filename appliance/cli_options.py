@@ -58,3 +58,25 @@ def name_and_version(value: str, option: str) -> tuple[str, int | None]:
     if not version.isdigit() or int(version) < 1:
         raise click.BadParameter(f"{value!r}: the version after ':' is a number from 1", param_hint=option)
     return name, int(version)
+
+
+class MappingFile(click.File):
+    """A YAML (or JSON) file holding one mapping, e.g. a prompt template's or a tool's fields."""
+
+    name = "file"
+
+    def __init__(self, fields: str):
+        super().__init__()
+        self.fields = fields  # what the mapping holds, for the error
+
+    def convert(self, value, param, ctx) -> dict:
+        import yaml
+
+        file = super().convert(value, param, ctx)
+        try:
+            body = yaml.safe_load(file)
+        except yaml.YAMLError as exc:
+            self.fail(f"not YAML or JSON: {exc}", param, ctx)
+        if not isinstance(body, dict):
+            self.fail(f"a mapping of {self.fields}", param, ctx)
+        return body

@@ -9,7 +9,7 @@ import yaml
 
 from appliance.admin_client import make_client
 from appliance.cli_format import emit, table, when
-from appliance.cli_options import client_options, json_option, name_and_version
+from appliance.cli_options import MappingFile, client_options, json_option, name_and_version
 
 
 @click.group()
@@ -21,17 +21,11 @@ def prompts() -> None:
 
 @prompts.command("push")
 @click.argument("name")
-@click.argument("file", type=click.File())
+@click.argument("body", metavar="FILE", type=MappingFile("system, user, variables and description"))
 @client_options
 @json_option()
-def prompts_push(name, file, url, key, home, as_json):
+def prompts_push(name, body, url, key, home, as_json):
     """Add FILE (YAML or JSON: system, user, variables, description) as the next version of NAME."""
-    try:
-        body = yaml.safe_load(file)
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"not YAML or JSON: {exc}", param_hint="FILE") from None
-    if not isinstance(body, dict):
-        raise click.BadParameter("a mapping of system, user, variables and description", param_hint="FILE")
     row = make_client(url, key, home).post(f"/admin/prompts/{name}/versions", body)
     emit(row, as_json, lambda r: f"{name} version {r['version']}: variables "
                                  f"{', '.join(v['name'] for v in r['variables']) or 'none'}")

@@ -9,7 +9,7 @@ import yaml
 
 from appliance.admin_client import make_client
 from appliance.cli_format import emit, table, when
-from appliance.cli_options import client_options, json_option
+from appliance.cli_options import MappingFile, client_options, json_option
 
 
 @click.group("tools")
@@ -18,26 +18,16 @@ def tools_group() -> None:
     A chat request names the ones it may use ("server_tools": [NAME, ...])."""
 
 
-def _spec(file) -> dict:
-    try:
-        body = yaml.safe_load(file)
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"not YAML or JSON: {exc}", param_hint="FILE") from None
-    if not isinstance(body, dict):
-        raise click.BadParameter("a mapping: description, parameters, and command or mcp", param_hint="FILE")
-    return body
-
-
 @tools_group.command("add")
 @click.argument("name")
-@click.argument("file", type=click.File())
+@click.argument("body", metavar="FILE", type=MappingFile("description, parameters, and command or mcp"))
 @click.option("--replace", is_flag=True, help="Replace the tool of that name.")
 @client_options
 @json_option()
-def tools_add(name, file, replace, url, key, home, as_json):
+def tools_add(name, body, replace, url, key, home, as_json):
     """Register tool NAME from FILE (YAML or JSON: description, parameters, and command or mcp)."""
     client = make_client(url, key, home)
-    tool = client.request("PUT" if replace else "POST", f"/admin/tools/{name}", json=_spec(file))
+    tool = client.request("PUT" if replace else "POST", f"/admin/tools/{name}", json=body)
     emit(tool, as_json, lambda t: f"tool {name}: {_how(t)}")
 
 

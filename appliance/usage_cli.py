@@ -12,7 +12,7 @@ from appliance.cli_options import client_options, json_option
 from appliance.durations import parse_duration
 from appliance.usage import GROUPINGS
 
-NAMES = {"team": "team_name", "user": "user_name", "key": "key_name", "model": "model"}
+NAMES = {"team": "team_name", "user": "user_name", "key": "key_name", "model": "model", "template": "template"}
 
 
 def since(_ctx, _param, value: str) -> str:
@@ -46,7 +46,8 @@ def render(answer: dict) -> str:
 @click.command()
 @click.option("--since", default="24h", show_default=True, callback=since, help="How far back: e.g. 15m, 24h, 7d, or 'all'.")
 @click.option("--by", default="key,model", show_default=True, callback=groups,
-              help="How to group the totals: team, user, key or model, or a comma-separated combination.")
+              help="How to group the totals: team, user, key, model or template (a prompt template's version), "
+                   "or a comma-separated combination.")
 @client_options
 @json_option()
 def usage(since: str, by: str, url, key, home, as_json: bool) -> None:

@@ -136,6 +136,8 @@ def test_requests_are_split_between_versions_by_weight_and_a_change_is_live(stac
     assert usage_template(stack, last.headers["x-request-id"]) == "ab-test:2"
     by_template = {r["template"]: r for r in api(stack).get("/admin/usage", params={"by": "template"}).json()["rows"]}
     assert {"ab-test:1", "ab-test:2"} <= set(by_template) and by_template["ab-test:2"]["requests"] >= 11
+    listed = cli(stack, "usage", "--by", "template").stdout.splitlines()
+    assert listed[0].split()[:2] == ["TEMPLATE", "REQUESTS"] and any(line.startswith("ab-test:2 ") for line in listed)
     for weights, param in [({"3": 1}, "ab.3"), ({"1": -1}, "ab.1"), ({"1": 0}, "ab")]:
         refused = api(stack).put("/admin/prompts/ab-test/ab", json={"weights": weights})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text

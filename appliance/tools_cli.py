@@ -72,7 +72,8 @@ def tools_call(name, arguments, url, key, home, as_json):
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="ARGUMENTS_JSON") from None
     answer = make_client(url, key, home).post(f"/admin/tools/{name}/call", {"arguments": parsed})
-    emit(answer, as_json, lambda a: a["result"] if a["ok"] else f"failed after {a['seconds']:g} s: {a['result']}")
+    emit(answer, as_json, lambda a: a["result"].rstrip("\n") if a["ok"] else
+         f"failed after {a['seconds']:g} s: {a['result']}")
     if not answer["ok"]:
         raise SystemExit(1)
 

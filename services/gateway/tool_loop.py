@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import jsonschema
 import msgspec
 
 from appliance import tools
@@ -135,10 +134,8 @@ class ToolLoop:
         tool = self.by_name[name]
         try:
             arguments = json.loads(call["function"].get("arguments") or "{}")
-            jsonschema.validate(arguments, tool.parameters)
-        except (ValueError, jsonschema.ValidationError) as exc:
-            outcome = Outcome(False, f"the arguments do not fit the tool's parameters: "
-                                     f"{getattr(exc, 'message', None) or exc}", 0.0)
+        except ValueError as exc:
+            outcome = Outcome(False, f"the arguments are not JSON: {exc}", 0.0)
         else:
             outcome = await run(name, tool, arguments)
         self._audit.add(actor, "tool.call", f"tool/{name}", outcome="ok" if outcome.ok else "error: the tool failed",

@@ -13,6 +13,8 @@ import signal
 import time
 from dataclasses import dataclass
 
+import jsonschema
+
 from appliance.tools import SANDBOX, Command, Mcp, NewTool
 
 STDERR_TAIL = 2000  # characters of a failed command's stderr in its result
@@ -105,7 +107,12 @@ async def call_mcp(spec: Mcp, name: str, arguments: dict) -> Outcome:
     return Outcome(not result.is_error, "\n".join(texts), time.monotonic() - started)
 
 
-async def run(name: str, tool: NewTool, arguments: dict) -> Outcome:
+async def run(name: str, tool: NewTool, arguments) -> Outcome:
+    """The call, once its arguments fit the tool's parameters (else what does not fit is the result)."""
+    try:
+        jsonschema.validate(arguments, tool.parameters)
+    except jsonschema.ValidationError as exc:
+        return Outcome(False, f"the arguments do not fit the tool's parameters: {exc.message}", 0.0)
     if tool.command is not None:
         return await run_command(tool.command, arguments)
     return await call_mcp(tool.mcp, name, arguments)

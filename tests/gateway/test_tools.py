@@ -107,6 +107,9 @@ def test_a_command_runs_in_the_sandbox_within_its_limits(stack):
                             "command": {"argv": [PYTHON, "-c", ADD]}})
     assert call(stack, "add", {"a": 2, "b": 40}) == {"name": "add", "ok": True, "result": "42\n",
                                                      "seconds": pytest.approx(0.5, abs=5)}
+    assert call(stack, "add", {"a": 2}) == {"name": "add", "ok": False, "seconds": 0.0,  # checked, never run
+                                            "result": "the arguments do not fit the tool's parameters: "
+                                                      "'b' is a required property"}
     probe = {"description": "Probe the sandbox.", "parameters": {"type": "object"},
              "command": {"argv": [PYTHON, "-c", PROBE.format(port=stack.port, home=str(stack.home))],
                          "memory_mb": 256, "cpu_s": 1, "timeout_s": 3}}

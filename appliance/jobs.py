@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from appliance import evaluation, finetune, gates
+from appliance import evaluation, finetune
 from appliance.audit import Actor
 from appliance.db import transaction
 from appliance.errors import Conflict, InvalidRequest, NotFound, invalid_value
@@ -57,9 +57,10 @@ class DatasetImport(msgspec.Struct, forbid_unknown_fields=True):
     sha256: str | None = None
 
 
+# What POST /admin/jobs takes. A `gate` job is queued by appliance/gates.py only (a new version of a
+# gated model, or POST /admin/models/{name}/versions/{version}/gate), which marks the version pending.
 KINDS: dict[str, type[msgspec.Struct]] = {"model.import": ModelImport, "dataset.import": DatasetImport,
-                                          "finetune": finetune.FineTune, "eval": evaluation.Evaluate,
-                                          "gate": gates.Check}
+                                          "finetune": finetune.FineTune, "eval": evaluation.Evaluate}
 RESUMABLE = ("finetune",)  # kinds that checkpoint: stopped, they are queued again; running, they can be cancelled
 
 

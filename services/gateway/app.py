@@ -361,6 +361,8 @@ class Gateway:
             principal = call.principal = await self.authenticate(headers.get("authorization"))
             call.key_id = principal.key_id
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
+            if endpoint == "chat/completions" and b'"template"' in body:  # maybe a prompt template's name
+                body, call.template = self.templates.apply(body)
             if endpoint == "chat/completions" and b'"server_tools"' in body:
                 # Tools the gateway runs: each step of the loop is a request of its own, metered as such.
                 try:
@@ -371,8 +373,6 @@ class Gateway:
                     return
                 proto.response_bytes(200, self._headers(call, JSON), answer)
                 return
-            if endpoint == "chat/completions" and b'"template"' in body:  # maybe a prompt template's name
-                body, call.template = self.templates.apply(body)
             parsed = schemas.decode(body, schema)
             call.model = parsed.model  # metered under the name asked for until a served model takes it
             call.stream = getattr(parsed, "stream", False)

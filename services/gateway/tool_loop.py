@@ -23,7 +23,7 @@ import msgspec
 
 from appliance import tools
 from appliance.audit import Actor
-from appliance.errors import ApplianceError, EngineTimeout, InvalidRequest, invalid_value
+from appliance.errors import EngineTimeout, InvalidRequest, invalid_value
 from appliance.home import gateway_socket_path
 from services.gateway.tool_runtime import Outcome, run
 
@@ -35,11 +35,11 @@ class LoopLimits(msgspec.Struct, forbid_unknown_fields=True):
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 120.0
 
 
-class StepFailed(ApplianceError):
+class StepFailed(Exception):
     """A step's own error answer, passed on as it came."""
 
     def __init__(self, status: int, body: bytes):
-        super().__init__(body.decode("utf-8", "replace"))
+        super().__init__(status)
         self.status, self.body = status, body
 
 

@@ -103,5 +103,8 @@ def test_a_worse_version_is_refused_deployment_and_an_equal_one_passes(stack, tm
         assert again.status_code == 202 and gate_of(stack, same["version"])["state"] == "passed"
         assert cli(stack, "models", "gate", "clear", MODEL).stdout.strip() == f"{MODEL} has no quality gate now"
         assert api(stack).get(f"/admin/models/{MODEL}/gate").status_code == 404
+        # A check goes through the gate's own route (which marks the version pending), not /admin/jobs.
+        direct = api(stack).post("/admin/jobs", json={"kind": "gate", "params": {"model": MODEL, "version": 1}})
+        assert direct.status_code == 400 and direct.json()["error"]["param"] == "kind"
     finally:
         api(stack).delete("/admin/deployments/gated-served")

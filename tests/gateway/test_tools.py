@@ -170,6 +170,21 @@ def test_the_gateway_runs_the_models_tool_calls_in_a_bounded_loop(stack):
         "server_tools": ["add"], "server_tool_loop": {"max_steps": 1}}).json()
     assert stopped["appliance"]["steps"] == 1 and stopped["appliance"]["stopped"].startswith("max_steps (1)")
 
+    # A prompt template is rendered once, before the loop: every step has the same messages in
+    # order (remote-ok echoes what it got and calls no tool, so one step).
+    assert api(stack).post("/admin/prompts/tool-prompt/versions", json={
+        "system": "Sums by tool.", "user": "{{ q }}", "variables": [{"name": "q"}]}).status_code == 201
+    deadline = time.monotonic() + 10
+    while (echoed := api(stack).post("/v1/chat/completions", json={
+            "model": "remote-ok", "messages": [], "server_tools": ["add"],
+            "template": {"name": "tool-prompt", "variables": {"q": "2+3?"}}})).status_code != 200:
+        assert time.monotonic() < deadline, echoed.text  # until every gateway worker has read the template
+        time.sleep(0.3)
+    sent = echoed.json()["echo"]
+    assert "template" not in sent and "server_tools" not in sent
+    assert sent["messages"] == [{"role": "system", "content": "Sums by tool."}, {"role": "user", "content": "2+3?"}]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["add"] and echoed.json()["appliance"]["steps"] == 1
+
     # A client's mistake is a 400 naming the field.
     for extra, param in [({"server_tools": ["nope"]}, "server_tools"), ({"server_tools": "add"}, "server_tools"),
                          ({"server_tools": ["add"], "stream": True}, "stream"),

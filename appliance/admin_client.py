@@ -100,6 +100,18 @@ class AdminClient:
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
 
+    def download(self, path: str, **params) -> bytes:
+        """A GET whose answer is not JSON (CSV, a file): its bytes."""
+        import httpx
+
+        try:
+            response = self.http.get(path, params={k: v for k, v in params.items() if v is not None})
+        except httpx.TransportError as exc:
+            raise AdminApiError(f"cannot reach the gateway at {self.url}{self.origin}: {exc}") from None
+        if not response.is_success:
+            raise api_error(response)
+        return response.content
+
     def post(self, path: str, body: dict | None = None) -> Any:
         return self.request("POST", path, json=body or {})
 

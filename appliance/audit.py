@@ -196,11 +196,6 @@ def prune(db: sqlite_utils.Database, older_than: float, *, actor: Actor = SYSTEM
     return deleted
 
 
-def prune_expired(db: sqlite_utils.Database, retention_days: int) -> int:
-    """`prune` what is older than the profile's audit.retention_days."""
-    return prune(db, time.time() - retention_days * 86400)
-
-
 # --- verifying ---------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from appliance import __version__
+from appliance.alerts_cli import alerts
 from appliance.cli_format import table
 from appliance.cli_options import PROFILE_ENV, home_option, json_option, profile_option, runtime_option
 from appliance.config import builtin_profiles, load_profile, profile_schema
@@ -217,6 +218,7 @@ for command in REGISTRY_COMMANDS:
     models.add_command(command)
 models.add_command(models_gate)
 cli.add_command(routes, "routes")
+cli.add_command(alerts, "alerts")
 cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 from rich.cells import cell_len
@@ -52,3 +55,19 @@ def table(rows: list[dict], columns: list[str], headings: list[str] | None = Non
 def emit(data, as_json: bool, render) -> None:
     """JSON with --json, else what `render(data)` makes of it."""
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+def write_output(content: bytes, output: Path | None) -> None:
+    """To standard output, or to the file `output`: complete or not at all."""
+    if output is None:
+        click.get_binary_stream("stdout").write(content)
+        return
+    partial = output.with_name(output.name + ".partial")
+    try:
+        partial.write_bytes(content)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    os.replace(partial, output)
+    click.echo(f"written to {output}", err=True)

@@ -180,6 +180,65 @@ class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retention_days: Annotated[int, msgspec.Meta(ge=1)] = 365
 
 
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long each kind of record is kept (appliance/retention.py); the audit log's is audit.retention_days."""
+
+    usage_days: Annotated[int, msgspec.Meta(ge=1)] = 90  # per-request usage rows; the rollups are kept
+    request_logs_days: Annotated[int, msgspec.Meta(ge=1)] = 90  # logged requests and answers
+    job_logs_days: Annotated[int, msgspec.Meta(ge=1)] = 30  # the log lines of finished jobs
+
+
+AlertKind = Literal["error_rate", "latency", "token_surge", "gpu_memory", "gpu_temperature", "engine_crash_loop",
+                    "budget"]
+
+
+class AlertRuleSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A condition the appliance watches (appliance/alerts.py says what each kind measures and its defaults)."""
+
+    name: Name
+    kind: AlertKind
+    threshold: Annotated[float, msgspec.Meta(ge=0)] | None = None  # None: the kind's default
+    window_s: Positive | None = None  # what a rate or an increase is measured over; None: the kind's default
+    for_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # how long the condition holds before the alert fires
+    severity: Literal["info", "warning", "critical"] = "warning"
+    channels: list[Name] = []  # where it is sent; empty: every channel
+    model: ServedName | None = None  # only this model (error_rate, latency, token_surge, engine_crash_loop)
+    enabled: bool = True
+
+
+class WebhookChannel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
+    format: Literal["slack", "json"] = "slack"  # slack: Slack's incoming-webhook payload; json: the alert as is
+
+
+class EmailChannel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    host: str  # the SMTP server
+    port: Port = 25
+    sender: Annotated[str, msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+$")]
+    to: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+$")]], msgspec.Meta(min_length=1)]
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None  # the password's variable
+
+
+class AlertChannelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Where alerts go: a webhook or an email address list (exactly one of the two)."""
+
+    name: Name
+    webhook: WebhookChannel | None = None
+    email: EmailChannel | None = None
+
+
+class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Alerts the appliance evaluates itself (services/gateway/alerting.py) and sends to its channels."""
+
+    interval_s: Positive = 15.0  # how often the rules are evaluated
+    repeat_s: Positive = 14400.0  # a firing alert is sent again this often
+    default_rules: bool = True  # the built-in rules (appliance/alerts.py), under those named here
+    rules: list[AlertRuleSpec] = []
+    channels: list[AlertChannelSpec] = []
+
+
 class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ServedName  # a profile model, a deployment, or a registry version NAME@VERSION that one serves
     weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1  # its share of the route's requests
@@ -213,6 +272,8 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     costs: CostConfig = msgspec.field(default_factory=CostConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     routes: list[RouteSpec] = []
 
 
@@ -360,6 +421,9 @@ def parse_profile(data: object, *, source: str, base_dir: Path, check_files: boo
                 raise ValueError(f"routes[{i}].name: duplicate route name {route.name!r}")
             routes.add(route.name)
             check_route(route, f"routes[{i}]")
+        from appliance.alerts import check_config  # here: appliance.alerts reads this module's Structs
+
+        check_config(profile.alerts)
     except ValueError as exc:
         raise ProfileError(f"{source}: {exc}") from None
     return profile

@@ -182,6 +182,14 @@ class EngineError(ApplianceError):
     code = "engine_failed"
 
 
+class DeliveryFailed(ApplianceError):
+    """An alert channel's server (a webhook, an SMTP server) did not take a message."""
+
+    status = 502
+    type = "delivery_error"
+    code = "delivery_failed"
+
+
 class EngineTimeout(ApplianceError):
     status = 504
     type = "timeout"

@@ -3,15 +3,13 @@ API (/admin/experiments, /admin/runs). A run is a fine-tuning job; its id is the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import click
 
-from appliance.admin_client import AdminApiError, api_error, make_client
-from appliance.cli_format import emit, table, when
+from appliance.admin_client import make_client
+from appliance.cli_format import emit, table, when, write_output
 from appliance.cli_options import client_options, json_option
 
 
@@ -192,24 +190,4 @@ def runs_export(run_ids, experiment, fmt, output, url, key, home):
     if bool(run_ids) == bool(experiment):
         raise click.UsageError("name runs, or give --experiment, not both")
     query = {"format": fmt, **({"experiment": experiment} if experiment else {"ids": ",".join(run_ids)})}
-    client = make_client(url, key, home)
-    import httpx  # as in appliance/admin_client.py
-
-    try:
-        response = client.http.get("/admin/runs/export", params=query)
-    except httpx.TransportError as exc:
-        raise AdminApiError(f"cannot reach the gateway at {client.url}{client.origin}: {exc}") from None
-    if not response.is_success:
-        raise api_error(response)
-    if output is None:
-        click.get_binary_stream("stdout").write(response.content)
-        return
-    partial = output.with_name(output.name + ".partial")
-    try:
-        partial.write_bytes(response.content)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-    os.replace(partial, output)
-    click.echo(f"exported to {output}", err=True)
+    write_output(make_client(url, key, home).download("/admin/runs/export", **query), output)

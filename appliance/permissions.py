@@ -52,6 +52,9 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "teams.write": at_least("admin"),  # teams, their members, limits and policies
     "usage.read": at_least("viewer"),  # tokens and cost; non-managers see their own
     "audit.read": at_least("operator"),  # the log and its verification
+    "alerts.read": at_least("viewer"),  # alerts raised, and the rules in force
+    "alerts.write": at_least("operator"),  # set and delete rules
+    "alerts.channels": at_least("admin"),  # webhook URLs and mail servers: read, set, delete, test
     "audit.export": at_least("admin"),  # every row, for a SIEM
 }
 
@@ -81,6 +84,14 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/admin/routes/{name}"): "routes.read",
     ("GET", "/admin/serving"): "routes.read",
     ("GET", "/admin/system"): "routes.read",
+    ("GET", "/admin/alerts"): "alerts.read",
+    ("GET", "/admin/alerts/rules"): "alerts.read",
+    ("PUT", "/admin/alerts/rules/{name}"): "alerts.write",
+    ("DELETE", "/admin/alerts/rules/{name}"): "alerts.write",
+    ("GET", "/admin/alerts/channels"): "alerts.channels",
+    ("PUT", "/admin/alerts/channels/{name}"): "alerts.channels",
+    ("DELETE", "/admin/alerts/channels/{name}"): "alerts.channels",
+    ("POST", "/admin/alerts/channels/{name}/test"): "alerts.channels",
     ("PUT", "/admin/routes/{name}"): "routes.write",
     ("DELETE", "/admin/routes/{name}"): "routes.write",
     ("GET", "/admin/datasets"): "datasets.read",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from appliance.analytics import ROLLUP_UPSERTS
 from appliance.db import open_db
 
 if TYPE_CHECKING:
@@ -55,17 +56,24 @@ class UsageRecord(msgspec.Struct, array_like=True, gc=False):
     saved_tokens: int | None = None
     # Added with prompt templates: the template version the gateway rendered ("name:version").
     template: str | None = None
+    # Added with analytics: the route the request named, when it named one (services/gateway/routing.py).
+    route: str | None = None
 
 
 _COLUMNS = UsageRecord.__struct_fields__
 # A batch goes in as one JSON array of rows, unpacked by SQLite itself: one statement instead of
 # one per row, so the writing thread takes Python's GIL twice per batch rather than per row
-# (which slowed the request path by several percent under load).
-_INSERT = (
-    f"INSERT INTO usage ({', '.join(_COLUMNS)}) "
-    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?) WHERE true "
-    "ON CONFLICT (request_id) DO NOTHING"
+# (which slowed the request path by several percent under load). The rows not yet in the
+# database (a replay may bring some twice) go through temp.usage_batch, from which the
+# rollups (appliance/analytics.py) are added to in the same transaction.
+_BATCH_TABLE = (f"CREATE TEMP TABLE IF NOT EXISTS usage_batch ({', '.join(_COLUMNS)}, "
+                "UNIQUE (request_id) ON CONFLICT IGNORE)")
+_INSERT_BATCH = (
+    f"INSERT INTO temp.usage_batch ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_COLUMNS)))} FROM json_each(?) "
+    "WHERE NOT EXISTS (SELECT 1 FROM main.usage WHERE request_id = value ->> 1)"
 )
+_INSERT = f"INSERT INTO usage ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM temp.usage_batch"
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(UsageRecord).decode
 _PROCESS_TOKEN = os.urandom(4).hex()  # a reused pid never names a dead process's segment
@@ -178,10 +186,16 @@ class UsageRecorder:
     def _write(self, batch: list[UsageRecord]) -> None:
         if self._db is None:
             self._db = open_db(self._db_path)
+            self._db.execute("PRAGMA temp_store = MEMORY")
+            self._db.execute(_BATCH_TABLE)
         conn = self._db.conn
         conn.execute("BEGIN")
         try:
-            conn.execute(_INSERT, [msgspec.json.encode(batch)])
+            conn.execute("DELETE FROM temp.usage_batch")
+            conn.execute(_INSERT_BATCH, [msgspec.json.encode(batch)])
+            conn.execute(_INSERT)
+            for upsert in ROLLUP_UPSERTS:
+                conn.execute(upsert)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -199,53 +213,3 @@ class UsageRecorder:
         if self._db is not None:
             self._db.conn.close()
             self._db = None
-
-
-# What each grouping adds to a summary's columns, and how it reads them.
-GROUPINGS = {
-    "team": ("u.team_id AS team_id", "t.name AS team_name"),
-    "user": ("u.user_id AS user_id", "us.name AS user_name"),
-    "key": ("u.key_id AS key_id", "k.name AS key_name"),
-    "model": ("u.model AS model",),
-    "template": ("u.template AS template",),  # the prompt template version ("name:version"): A/B results
-}
-
-
-def summarize(db: sqlite_utils.Database, *, since: float | None = None, by: tuple[str, ...] = ("key", "model"),
-              user_id: str | None = None, key_id: str | None = None) -> list[dict]:
-    """Usage totals (requests, tokens, cost, latency) grouped by any of team, user, key, model and template,
-    newest activity first; only a user's (`user_id`) or a key's (`key_id`) usage when given."""
-    unknown = [group for group in by if group not in GROUPINGS]
-    if unknown or not by:
-        raise ValueError(f"cannot group usage by {', '.join(unknown) or 'nothing'}: use any of {', '.join(GROUPINGS)}")
-    columns = [c for group in dict.fromkeys(by) for c in GROUPINGS[group]]
-    conditions, params = [], []
-    for condition, value in (("u.ts >= ?", since), ("u.user_id = ?", user_id), ("u.key_id = ?", key_id)):
-        if value is not None:
-            conditions.append(condition)
-            params.append(value)
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    sql = f"""
-        SELECT {', '.join(columns)},
-               count(*) AS requests,
-               sum(u.status >= 400) AS errors,
-               coalesce(sum(u.prompt_tokens), 0) AS prompt_tokens,
-               coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
-               coalesce(sum(u.total_tokens), 0) AS total_tokens,
-               coalesce(sum(u.cost), 0) AS cost,
-               sum(u.cached) AS cached,
-               coalesce(sum(u.saved_tokens), 0) AS saved_tokens,
-               round(avg(u.latency_ms), 1) AS avg_latency_ms,
-               round(avg(u.ttft_ms), 1) AS avg_ttft_ms,
-               max(u.ts) AS last_ts
-        FROM usage u
-        LEFT JOIN api_keys k ON k.id = u.key_id
-        LEFT JOIN users us ON us.id = u.user_id
-        LEFT JOIN teams t ON t.id = u.team_id
-        {where}
-        GROUP BY {', '.join(c.split(' AS ')[0] for c in columns)}
-        ORDER BY last_ts DESC
-    """
-    cursor = db.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -38,9 +38,11 @@ class GpuReading(msgspec.Struct, kw_only=True):
 
 
 def gpu_state(gpu: GpuInfo) -> dict:
-    return {"index": gpu.index, "name": gpu.name, "memory_used_bytes": gpu.memory_total_bytes - gpu.memory_free_bytes,
+    return {"index": gpu.index, "name": gpu.name, "uuid": gpu.uuid,
+            "memory_used_bytes": gpu.memory_total_bytes - gpu.memory_free_bytes,
             "memory_total_bytes": gpu.memory_total_bytes, "utilization_percent": gpu.utilization_percent,
-            "temperature_c": gpu.temperature_c}
+            "temperature_c": gpu.temperature_c, "power_watts": gpu.power_watts,
+            "processes": [{"pid": p.pid, "memory_bytes": p.memory_bytes} for p in gpu.processes]}
 
 
 def gpu_error(nvml: NvmlInfo) -> str | None:

@@ -14,6 +14,11 @@ import msgspec
 from appliance.errors import InstallError
 
 
+class GpuProcess(msgspec.Struct, kw_only=True):
+    pid: int
+    memory_bytes: int | None = None  # None where the driver does not say (some vGPU and MIG setups)
+
+
 class GpuInfo(msgspec.Struct, kw_only=True):
     index: int
     name: str
@@ -24,6 +29,8 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     mig_mode: bool | None = None  # None: the GPU does not support MIG
     utilization_percent: int | None = None
     temperature_c: int | None = None
+    power_watts: float | None = None
+    processes: list[GpuProcess] = []  # the compute processes on it (an engine, a training job)
 
 
 class NvmlInfo(msgspec.Struct, kw_only=True):

@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 import psutil
 import pynvml
 
-from appliance.planning.inventory import CpuInfo, DiskInfo, GpuInfo, Inventory, NvmlInfo
+from appliance.planning.inventory import CpuInfo, DiskInfo, GpuInfo, GpuProcess, Inventory, NvmlInfo
 
 # Instruction-set flags that decide which llama.cpp CPU kernels can run, as the kernel names them.
 ENGINE_FLAGS = (
@@ -90,7 +90,15 @@ def _read_gpu(index: int) -> GpuInfo:
         mig_mode=_optional(lambda: pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE),
         utilization_percent=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
         temperature_c=_optional(lambda: _temperature(handle)),
+        power_watts=_optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000),
+        processes=_optional(lambda: _processes(handle)) or [],
     )
+
+
+def _processes(handle) -> list[GpuProcess]:
+    # usedGpuMemory is None where NVML cannot say (NVML_VALUE_NOT_AVAILABLE)
+    return [GpuProcess(pid=p.pid, memory_bytes=p.usedGpuMemory)
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
 
 
 def _optional(read: Callable[[], T]) -> T | None:

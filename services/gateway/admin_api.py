@@ -11,6 +11,7 @@ from litestar import Router
 from litestar.di import Provide
 
 from services.gateway.admin import current_actor, requires_permission
+from services.gateway.admin_alerts import AlertController
 from services.gateway.admin_audit import AuditController
 from services.gateway.admin_datasets import DatasetController
 from services.gateway.admin_deployments import DeploymentController
@@ -32,7 +33,7 @@ from services.gateway.admin_users import UserController
 CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteController, ServingController, SystemController,
                UploadController, DatasetController, JobController, AuditController, UserController, TeamController,
                UsageController, ExperimentController, RunController, EvaluationController, PromptController,
-               ToolController]
+               ToolController, AlertController]
 
 
 def admin_router() -> Router:

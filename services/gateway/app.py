@@ -25,7 +25,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import __version__, audit, deployments, policies, routes
+from appliance import __version__, deployments, policies, retention, routes
 from appliance.audit import Actor, AuditQueue
 from appliance.auth import Authenticator
 from appliance.costs import Costs
@@ -65,7 +65,7 @@ from services.gateway.body_reads import drain, expire_reads, timed
 from services.gateway.door import Door, open_door
 from services.gateway.errors import EXCEPTION_HANDLERS, internal_error, respond_error
 from services.gateway.inflight import InFlight, Ticker
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import OPERATIONS, GatewayMetrics
 from services.gateway.openapi import complete
 from services.gateway.proxy import Call, Forwarder
 from services.gateway.breakers import LEVELS
@@ -78,13 +78,15 @@ from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, ServedMode
 from services.gateway.schemas import Usage
 from services.gateway.shadow import SKIPPED, answer_text, non_streamed, similarity
 from services.gateway.stream_masking import masked_stream
+from services.gateway.alerting import Alerter
+from services.gateway.state_metrics import StateCollector
 from services.gateway.system import SystemState
 from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
 
 REFRESH_S = 1.0
-AUDIT_PRUNE_EVERY = 3600  # housekeeping ticks (about an hour)
+PRUNE_EVERY = 3600  # housekeeping ticks (about an hour) between retention's deletes
 GC_YOUNG_THRESHOLD = 10_000  # CPython's default is 700
 BUCKETS_RETRY_S = 5.0
 # Idle engine connections are dropped before the engine drops them (llama.cpp's server and
@@ -129,6 +131,9 @@ class Gateway:
         self.job_queue: JobQueue | None = None  # where /admin/jobs enqueues; the worker runs the jobs
         self.door: Door | None = None  # opened last in start(), once the gateway can serve
         self.system = SystemState(runtime)  # GET /admin/system
+        self.state_metrics = StateCollector(self)  # GPUs, engines, jobs, backup and budgets, read at each scrape
+        self.metrics.registry.register(self.state_metrics)
+        self.alerter = Alerter(self)  # evaluates the alert rules, in the worker that holds its lock
         self.templates = PromptTemplates()  # rendered into chat requests that name one
         self.tool_loop = ToolLoop(Path(runtime.home), self.audit)  # runs the tools a chat request names
 
@@ -191,6 +196,7 @@ class Gateway:
         if self.store is not None:
             self._tasks.append(asyncio.create_task(self._ensure_buckets()))
         self._tasks.append(asyncio.create_task(expire_reads(self.config.body_timeout_s)))
+        self._tasks.append(asyncio.create_task(self.alerter.run()))
         self.door = await open_door(self.config, Path(self.runtime.home))
 
     async def stop(self) -> None:
@@ -201,6 +207,7 @@ class Gateway:
         for task in [*self._tasks, *self._shadows]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.alerter.close()
         await self.recorder.flush()
         self.recorder.close()
         await self.audit.flush(self.db_path)
@@ -235,8 +242,8 @@ class Gateway:
 
     async def _housekeeping(self) -> None:
         """Once a second, off the request path: give back expired limit leases, release the
-        reservations of dead gateway workers, write the queued audit rows, and prune audit rows
-        past their retention now and then."""
+        reservations of dead gateway workers, write the queued audit rows, and delete what is past
+        its retention (appliance/retention.py) now and then."""
         ticks = 0
         while True:
             await asyncio.sleep(REFRESH_S)
@@ -247,8 +254,8 @@ class Gateway:
                 if self.shadow_rows:
                     rows, self.shadow_rows = self.shadow_rows, []
                     await asyncio.to_thread(self._write_shadow, rows)
-                if ticks % AUDIT_PRUNE_EVERY == 0:
-                    await asyncio.to_thread(self._prune_audit)
+                if ticks % PRUNE_EVERY == 0:
+                    await asyncio.to_thread(self._prune)
             except Exception:
                 log.exception("housekeeping (limits ledger, audit log) failed; retrying in a second")
             ticks += 1
@@ -260,12 +267,14 @@ class Gateway:
         finally:
             db.conn.close()
 
-    def _prune_audit(self) -> None:
+    def _prune(self) -> None:
         db = open_db(self.db_path, migrate=False)
         try:
-            audit.prune_expired(db, self.runtime.audit.retention_days)
+            deleted = retention.prune(db, self.runtime.retention, self.runtime.audit)
         finally:
             db.conn.close()
+        if any(deleted.values()):
+            log.info("retention deleted %s", ", ".join(f"{n} {kind} rows" for kind, n in deleted.items() if n))
 
     async def _ensure_buckets(self) -> None:
         """Create the buckets once the object store answers (a MinIO started beside the gateway may be late)."""
@@ -713,12 +722,13 @@ class Gateway:
         elapsed = perf_counter() - call.started
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
+        operation = OPERATIONS.get(call.endpoint, call.endpoint)
         m.child(m.requests, model, call.endpoint, str(call.status)).inc()
-        m.child(m.latency, model, call.endpoint).observe(elapsed)
+        m.child(m.latency, model, operation).observe(elapsed)
         if call.error_type:
             m.child(m.errors, model, call.endpoint, call.error_type).inc()
         if call.ttft is not None:
-            m.child(m.ttft, model, call.endpoint).observe(call.ttft)
+            m.child(m.ttft, model, operation).observe(call.ttft)
         usage, saved = call.usage, None
         if call.cache == "hit":  # nothing processed: what the answer had cost is saved
             saved, usage = usage.total_tokens if usage else 0, NO_USAGE
@@ -726,6 +736,8 @@ class Gateway:
         if usage is not None:
             m.child(m.tokens, model, "prompt").inc(usage.prompt_tokens)
             m.child(m.tokens, model, "completion").inc(usage.completion_tokens)
+            if call.ttft is not None and usage.completion_tokens > 1 and call.status == 200:
+                m.child(m.tpot, model, operation).observe((elapsed - call.ttft) / (usage.completion_tokens - 1))
         principal = call.principal
         if principal is None:
             return  # unauthenticated: counted in metrics, not metered against anyone
@@ -754,6 +766,7 @@ class Gateway:
                 cached=saved is not None,
                 saved_tokens=saved,
                 template=call.template,
+                route=call.route,
             )
         )
 
@@ -863,7 +876,9 @@ async def readyz(request: Request) -> Response:
 
 @get("/metrics", guards=[monitoring_key])
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    gateway = gateway_of(request)
+    await gateway.state_metrics.refresh()
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # The OpenAI POST routes: the hot path, answered before Litestar's router.

@@ -16,6 +16,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+GEN_AI_LABELS = ["gen_ai_request_model", "gen_ai_operation_name"]
+# gen_ai.operation.name of each endpoint (the Responses API is a chat).
+OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings",
+              "responses": "chat"}
 
 
 class GatewayMetrics:
@@ -33,13 +39,18 @@ class GatewayMetrics:
             "appliance_errors", "Requests that ended in an error, by model and error type.",
             ["model", "endpoint", "type"], registry=r,
         )
+        # Named as OpenTelemetry's GenAI semantic conventions name them (gen_ai.server.*), with its attributes as labels.
         self.latency = Histogram(
-            "appliance_request_latency_seconds", "Time from request to the end of the answer.",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "gen_ai_server_request_duration_seconds", "Time from request to the end of the answer.",
+            GEN_AI_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            "appliance_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
-            ["model", "endpoint"], buckets=TTFT_BUCKETS, registry=r,
+            "gen_ai_server_time_to_first_token_seconds", "Time from request to the first token (streamed chunk).",
+            GEN_AI_LABELS, buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds", "Time per output token after the first, of answers "
+            "with two or more.", GEN_AI_LABELS, buckets=TPOT_BUCKETS, registry=r,
         )
         self.tokens = Counter(
             "appliance_tokens", "Tokens processed, by model and kind (prompt or completion).",

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.config import AuditConfig, AuthConfig, Balance, CacheConfig, CostConfig, GatewayConfig, RouteSpec
+from appliance.config import (
+    AlertsConfig,
+    AuditConfig,
+    AuthConfig,
+    Balance,
+    CacheConfig,
+    CostConfig,
+    GatewayConfig,
+    RetentionConfig,
+    RouteSpec,
+)
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
 
@@ -55,6 +65,8 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     costs: CostConfig = msgspec.field(default_factory=CostConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     routes: list[RouteSpec] = []  # the profile's; /admin/routes adds and overrides (appliance/routes.py)
     # The config of the litestream that replicates the state, as the gateway reads it (GET
     # /admin/system reports the replica's lag from it); None: the state is not replicated.

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit
+from appliance import audit, retention
 from appliance.audit import Actor, AuditQueue
+from appliance.config import AuditConfig, RetentionConfig
 from appliance.db import MIGRATIONS, open_db
 
 ALICE = Actor("key_a", "alice", "admin", "req-1", user_id="user_a", team_id="team_a")
@@ -159,12 +160,12 @@ def test_prune_keeps_the_chain_verifiable_and_later_edits_are_found(db):
     old = time.time() - 400 * 86400
     fill(db, 30, ts=old)
     fill(db, 20)
-    assert audit.prune_expired(db, 365) == 30
+    assert retention.prune(db, RetentionConfig(), AuditConfig())["audit"] == 30
     result = audit.verify(db)
     assert (result.ok, result.first_id, result.pruned_through, result.rows) == (True, 31, 30, 21)
     prune_row = audit.entries(db, limit=1)[0]
     assert (prune_row["action"], prune_row["detail"]["through_id"], prune_row["detail"]["rows"]) == ("audit.prune", 30, 30)
-    assert audit.prune_expired(db, 365) == 0  # nothing more to prune: nothing recorded either
+    assert retention.prune(db, RetentionConfig(), AuditConfig())["audit"] == 0  # nothing more to prune: nothing recorded either
     assert audit.entries(db, limit=1)[0]["id"] == prune_row["id"]
 
     raw(db, "UPDATE audit_log SET outcome = 'error' WHERE id = 35")

@@ -23,7 +23,8 @@ def test_help_everywhere():
     [
         (["keys", "create", "x", "--role", "wizard"], 2, "'wizard' is not one of"),
         (["keys", "list"], 1, "no API key: pass --key, set APPLIANCE_KEY"),
-        (["usage", "--since", "yesterday"], 2, "invalid duration 'yesterday'"),
+        (["usage", "--since", "yesterday"], 2, "invalid time 'yesterday'"),
+        (["usage", "--output", "x.csv"], 2, "--output goes with --csv"),
         (["models", "list", "--profile", "no-such-profile"], 1, "unknown profile 'no-such-profile'"),
         (["up", "--profile", "/nonexistent.yaml"], 1, "/nonexistent.yaml: profile file not found"),
         (["profiles", "check", "/nonexistent.yaml"], 1, "profile file not found"),

@@ -3,6 +3,7 @@ abandoned requests cancelled at the engine and metered with what was generated."
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import socket
@@ -191,3 +192,32 @@ def test_client_leaving_while_sending_its_body_is_a_499(stack):
     with (stack.home / "logs" / "gateway.log").open() as gateway_log:
         gateway_log.seek(log_size)
         assert "Traceback" not in gateway_log.read()
+
+
+def test_usage_by_hour_as_csv_from_the_api_and_the_cli(stack, tmp_path):
+    key_id, secret = new_key(stack, "analytics")
+    client = stack.client(key=secret)
+    for _ in range(2):
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    wait_for(lambda: len(usage_rows(stack, key_id=key_id)) == 3)
+    admin = httpx.Client(base_url=stack.root, headers={"Authorization": f"Bearer {stack.admin_key}"})
+    hour = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime())
+    answer = admin.get("/admin/usage", params={"since": "1h", "by": "key,model", "bucket": "hour"}).json()
+    mine = {r["model"]: r for r in answer["rows"] if r["key_id"] == key_id}
+    assert {m: (r["requests"], r["errors"]) for m, r in mine.items()} == {DEFAULT_MODEL: (2, 0), "nope": (1, 1)}
+    assert mine[DEFAULT_MODEL]["bucket"] in (hour, time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(time.time() - 60)))
+
+    out = tmp_path / "usage.csv"
+    appliance("usage", "--since", "1h", "--by", "key", "--bucket", "day", "--csv", "-o", str(out), home=stack.home)
+    rows = [r for r in csv.DictReader(out.open()) if r["key_id"] == key_id]
+    assert len(rows) == 1 and rows[0]["requests"] == "3" and rows[0]["key_name"] == "analytics"
+    assert rows[0]["bucket"] == time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime()) and rows[0]["currency"] == "USD"
+
+    for params, param in (({"bucket": "week"}, "bucket"), ({"since": "last tuesday"}, "since"),
+                          ({"since": "1h", "until": "2h"}, "until"), ({"by": "colour"}, "by"),
+                          ({"format": "xml"}, "format")):
+        refused = admin.get("/admin/usage", params=params)
+        assert refused.status_code == 400, (params, refused.text)
+        assert refused.json()["error"]["param"] == param, refused.text

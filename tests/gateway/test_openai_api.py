@@ -222,8 +222,10 @@ def test_metrics_exposes_per_model_series(stack):
     text = httpx.get(stack.root + "/metrics").text
     chat = {"model": DEFAULT_MODEL, "endpoint": "chat/completions"}
     assert metric_value(text, "appliance_requests_total", status="200", **chat) >= 2
-    assert metric_value(text, "appliance_request_latency_seconds_count", **chat) >= 2
-    assert metric_value(text, "appliance_time_to_first_token_seconds_count", **chat) >= 1
+    gen_ai = {"gen_ai_request_model": DEFAULT_MODEL, "gen_ai_operation_name": "chat"}
+    assert metric_value(text, "gen_ai_server_request_duration_seconds_count", **gen_ai) >= 2
+    assert metric_value(text, "gen_ai_server_time_to_first_token_seconds_count", **gen_ai) >= 1
+    assert metric_value(text, "gen_ai_server_time_per_output_token_seconds_count", **gen_ai) >= 1
     assert metric_value(text, "appliance_tokens_total", model=DEFAULT_MODEL, kind="completion") > 0
     assert metric_value(text, "appliance_tokens_total", model=DEFAULT_MODEL, kind="prompt") > 0
     assert metric_value(text, "appliance_requests_in_flight", model=DEFAULT_MODEL) == 0

@@ -72,9 +72,10 @@ def test_a_role_without_the_permission_is_refused(stack):
 def test_a_gpu_reading_from_a_recorded_probe():
     gpu = read_inventory(INVENTORIES / "server-8x-h100-80gb.json").gpus[3]
     assert gpu_state(gpu) == {
-        "index": 3, "name": gpu.name, "memory_used_bytes": gpu.memory_total_bytes - gpu.memory_free_bytes,
+        "index": 3, "name": gpu.name, "uuid": gpu.uuid,
+        "memory_used_bytes": gpu.memory_total_bytes - gpu.memory_free_bytes,
         "memory_total_bytes": gpu.memory_total_bytes, "utilization_percent": gpu.utilization_percent,
-        "temperature_c": gpu.temperature_c,
+        "temperature_c": gpu.temperature_c, "power_watts": None, "processes": [],
     }
     assert gpu.name == "NVIDIA H100 80GB HBM3" and 0 < gpu_state(gpu)["memory_used_bytes"] < gpu.memory_total_bytes
 

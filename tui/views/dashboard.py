@@ -14,7 +14,8 @@ from textual.widgets import Label, Sparkline, Static
 
 from appliance.admin_client import AdminApiError
 from tui import format as fmt
-from tui.metrics import HISTORY_S, Figures, Scrape, Window
+from appliance.scrapes import Scrape
+from tui.metrics import HISTORY_S, Figures, Window
 from tui.modals import DetailScreen, as_yaml
 from tui.view import TableView
 from tui.widgets import Column

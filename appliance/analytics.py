@@ -1,0 +1,194 @@
+"""Usage analytics: requests, tokens, cost, errors and latency grouped by team, user, key,
+model, route and template, in hour, day or month buckets (UTC), fast at millions of rows.
+
+The usage writer (appliance/usage.py) adds each batch of rows to three rollups in the same
+transaction: usage_hourly, usage_daily and usage_monthly (migration 17), one row per bucket
+and combination of team, user, key, model, route and template. A query covers its time
+range with the coarsest pieces that fit: raw rows for the part of an hour at either end,
+hourly rows up to a day boundary, daily rows up to a month boundary, monthly rows between.
+So what a query reads grows with the combinations in use, not with the requests, and the
+answer is exact to the request; only beyond the raw rows' retention (appliance/retention.py)
+are the ends of a range rounded to the hour.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+HOUR, DAY = 3600, 86400
+BUCKETS = ("hour", "day", "month")
+
+# Each grouping's rollup column, and the table that names its ids.
+GROUPINGS = {
+    "team": ("team_id", "teams"),
+    "user": ("user_id", "users"),
+    "key": ("key_id", "api_keys"),
+    "model": ("model", None),
+    "route": ("route", None),  # the route the request named, when it named one
+    "template": ("template", None),  # the prompt template version ("name:version"): A/B results
+}
+
+# The measures, summed: from a rollup's own columns, or (raw) from usage rows.
+MEASURES = {
+    "requests": "count(*)",
+    "errors": "sum(status >= 400)",
+    "server_errors": "sum(status >= 500)",
+    "prompt_tokens": "coalesce(sum(prompt_tokens), 0)",
+    "completion_tokens": "coalesce(sum(completion_tokens), 0)",
+    "total_tokens": "coalesce(sum(total_tokens), 0)",
+    "cost": "coalesce(sum(cost), 0)",
+    "cached": "sum(cached)",
+    "saved_tokens": "coalesce(sum(saved_tokens), 0)",
+    "latency_ms_sum": "coalesce(sum(latency_ms), 0)",
+    "ttft_ms_sum": "coalesce(sum(ttft_ms), 0)",
+    "ttft_count": "count(ttft_ms)",
+    "last_ts": "max(ts)",
+}
+_KEY = ("team_id", "user_id", "key_id", "model", "route", "template")
+_RAW_KEY = {column: f"coalesce({column}, '')" for column in _KEY}
+
+
+def _month_start(ts: float, months_later: int = 0) -> int:
+    moment = datetime.fromtimestamp(ts, timezone.utc)
+    year, month = divmod(moment.month - 1 + months_later, 12)
+    return int(datetime(moment.year + year, month + 1, 1, tzinfo=timezone.utc).timestamp())
+
+
+class Tier(NamedTuple):
+    """A table whose rows each sum one bucket of time (raw usage rows are the finest tier)."""
+
+    table: str
+    floor: Callable[[float], float]  # the start of the bucket a moment is in
+    following: Callable[[float], float]  # the start of the bucket after the one starting then
+    bucket_sql: str  # `floor` of a usage row's ts, in SQL
+
+    def ceil(self, ts: float) -> float:
+        start = self.floor(ts)
+        return start if start == ts else self.following(start)
+
+
+TIERS = (
+    Tier("usage", lambda ts: ts, lambda ts: ts, "ts"),
+    Tier("usage_hourly", lambda ts: ts // HOUR * HOUR, lambda ts: ts + HOUR, f"CAST(ts / {HOUR} AS INTEGER) * {HOUR}"),
+    Tier("usage_daily", lambda ts: ts // DAY * DAY, lambda ts: ts + DAY, f"CAST(ts / {DAY} AS INTEGER) * {DAY}"),
+    Tier("usage_monthly", _month_start, lambda ts: _month_start(ts, 1),
+         "CAST(strftime('%s', ts, 'unixepoch', 'start of month') AS INTEGER)"),
+)
+
+
+def _raw_select(bucket_sql: str, source: str) -> str:
+    """Rows of `source` (usage rows) summed into rollup rows whose bucket is `bucket_sql`."""
+    return (f"SELECT {bucket_sql} AS bucket, "
+            + ", ".join(f"{expr} AS {column}" for column, expr in _RAW_KEY.items()) + ", "
+            + ", ".join(f"{expr} AS {name}" for name, expr in MEASURES.items())
+            + f" FROM {source}")
+
+
+def _upsert(tier: Tier) -> str:
+    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name in MEASURES if name != "last_ts")
+    return (f"INSERT INTO {tier.table} (bucket, {', '.join(_KEY)}, {', '.join(MEASURES)}) "
+            f"{_raw_select(tier.bucket_sql, 'temp.usage_batch')} WHERE true GROUP BY 1, 2, 3, 4, 5, 6, 7 "
+            f"ON CONFLICT DO UPDATE SET {updates}, last_ts = max(last_ts, excluded.last_ts)")
+
+
+# Run by the usage writer after it has put a batch's new rows in temp.usage_batch.
+ROLLUP_UPSERTS = tuple(_upsert(tier) for tier in TIERS[1:])
+
+
+def _segments(lo: float | None, hi: float | None, level: int) -> list[tuple[str, float | None, float | None]]:
+    """[lo, hi) covered by (table, from, to) pieces: the coarsest tier up to `level` whose
+    whole buckets fit, finer ones for what is left at either end."""
+    tier = TIERS[level]
+    if level == 0:
+        return [(tier.table, lo, hi)] if lo is None or hi is None or lo < hi else []
+    start = None if lo is None else tier.ceil(lo)
+    end = None if hi is None else tier.floor(hi)
+    if start is not None and end is not None and start >= end:
+        return _segments(lo, hi, level - 1)
+    pieces = _segments(lo, start, level - 1) if lo is not None and lo < start else []
+    pieces.append((tier.table, start, end))
+    if hi is not None and end < hi:
+        pieces += _segments(end, hi, level - 1)
+    return pieces
+
+
+def _bucket_expression(bucket: str | None) -> str | None:
+    """A piece's bucket (the start of its hour, day or month) as the start of the asked-for one."""
+    if bucket is None:
+        return None
+    if bucket == "hour":
+        return "bucket"  # every piece is hourly or finer when the buckets are hours
+    if bucket == "day":
+        return f"bucket / {DAY} * {DAY}"
+    return "CAST(strftime('%s', bucket, 'unixepoch', 'start of month') AS INTEGER)"
+
+
+def summarize(db: sqlite_utils.Database, *, since: float | None = None, until: float | None = None,
+              by: tuple[str, ...] = ("key", "model"), bucket: str | None = None,
+              user_id: str | None = None, key_id: str | None = None) -> list[dict]:
+    """Usage totals in [since, until) grouped by any of GROUPINGS (and by `bucket`: hour, day or
+    month, UTC), newest activity first (oldest bucket first); only a user's (`user_id`) or a key's
+    (`key_id`) usage when given. Ids are None where a request had none (no team, no route)."""
+    unknown = [group for group in by if group not in GROUPINGS]
+    if unknown or not by:
+        raise ValueError(f"cannot group usage by {', '.join(unknown) or 'nothing'}: use any of {', '.join(GROUPINGS)}")
+    if bucket is not None and bucket not in BUCKETS:
+        raise ValueError(f"bucket must be one of {', '.join(BUCKETS)}, not {bucket!r}")
+    groups = list(dict.fromkeys(by))
+    keys = [GROUPINGS[g][0] for g in groups]
+    bucket_expr = _bucket_expression(bucket)
+    if bucket_expr:
+        keys.insert(0, f"{bucket_expr} AS bucket")
+    pieces, params = [], []
+    for table, lo, hi in _segments(since, until, {"hour": 1, "day": 2}.get(bucket, 3)):
+        conditions = []
+        column = "ts" if table == "usage" else "bucket"
+        for condition, value in ((f"{column} >= ?", lo), (f"{column} < ?", hi), ("user_id = ?", user_id),
+                                 ("key_id = ?", key_id)):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        if table == "usage":
+            pieces.append(f"{_raw_select(TIERS[1].bucket_sql, 'usage')}{where} GROUP BY 1, 2, 3, 4, 5, 6, 7")
+        else:
+            pieces.append(f"SELECT bucket, {', '.join(_KEY)}, {', '.join(MEASURES)} FROM {table}{where}")
+    summed = ", ".join(f"max({name}) AS {name}" if name == "last_ts" else f"sum({name}) AS {name}"
+                       for name in MEASURES)
+    group_by = ", ".join(str(i) for i in range(1, len(keys) + 1))  # by position: "bucket" is also a column
+    named = [(g, *GROUPINGS[g]) for g in groups if GROUPINGS[g][1]]
+    names = "".join(f", {g}s.name AS {g}_name" for g, _, _ in named)
+    joins = " ".join(f"LEFT JOIN {table} {g}s ON {g}s.id = g.{column}" for g, column, table in named)
+    sql = f"""
+        WITH g AS (
+            SELECT {', '.join(keys)}, {summed}
+            FROM ({' UNION ALL '.join(pieces)})
+            GROUP BY {group_by}
+        )
+        SELECT g.*{names}
+        FROM g {joins}
+        ORDER BY {'g.bucket, ' if bucket_expr else ''}g.last_ts DESC
+    """
+    cursor = db.execute(sql, params)
+    columns = [d[0] for d in cursor.description]
+    return [_shaped(dict(zip(columns, row)), groups) for row in cursor.fetchall()]
+
+
+def _shaped(row: dict, groups: list[str]) -> dict:
+    for group in groups:
+        column = GROUPINGS[group][0]
+        row[column] = row[column] or None  # the rollups' '' is "none"
+    requests = row["requests"]
+    row["avg_latency_ms"] = round(row.pop("latency_ms_sum") / requests, 1) if requests else None
+    ttft_count, ttft_sum = row.pop("ttft_count"), row.pop("ttft_ms_sum")
+    row["avg_ttft_ms"] = round(ttft_sum / ttft_count, 1) if ttft_count else None
+    row["cost"] = round(row["cost"], 9)
+    if "bucket" in row:
+        row["bucket"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["bucket"]))
+    return row

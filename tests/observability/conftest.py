@@ -1,0 +1,120 @@
+"""The observability stack: the default model on llama.cpp, with alerts going to a webhook
+receiver and a real SMTP server (aiosmtpd) on loopback, both started before it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from email import message_from_bytes, policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import Stack, free_port, start_stack, write_profile
+
+
+class Inbox:
+    """What a receiver got, in order; `wait` for one that `match` accepts."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def add(self, item) -> None:
+        with self.lock:
+            self.items.append(item)
+
+    def wait(self, match, timeout: float = 60.0, what: str = "a message"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = next((item for item in self.items if match(item)), None)
+            if found is not None:
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"{what} did not arrive within {timeout} s; got: {self.items}")
+
+
+class WebhookReceiver:
+    """An HTTP server on loopback that keeps every JSON body POSTed to it; POST /down answers 503."""
+
+    def __init__(self) -> None:
+        inbox = self.inbox = Inbox()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 503 if self.path == "/down" else 200
+                if status == 200:
+                    inbox.add({"path": self.path, "body": json.loads(body)})
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+class MailHandler:
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+
+    async def handle_DATA(self, server, session, envelope):
+        self.inbox.add({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                        "message": message_from_bytes(envelope.content, policy=policy.default)})
+        return "250 OK"
+
+
+@pytest.fixture(scope="session")
+def webhook():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smtp():
+    inbox = Inbox()
+    controller = Controller(MailHandler(inbox), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    controller.inbox = inbox
+    yield controller
+    controller.stop()
+
+
+ALERTS = """\
+alerts:
+  interval_s: 1
+  default_rules: false
+  channels:
+    - name: hook
+      webhook: {{url: "{hook}/hook"}}
+    - name: mail
+      email: {{host: 127.0.0.1, port: {smtp_port}, sender: appliance@example.com, to: [ops@example.com]}}
+    - name: broken
+      webhook: {{url: "{hook}/down", format: json}}
+  rules:
+    - name: crash-loop
+      kind: engine_crash_loop
+      threshold: 2
+      window_s: 20
+      severity: critical
+"""
+
+
+@pytest.fixture(scope="session")
+def observed(tmp_path_factory, webhook, smtp) -> Stack:
+    tmp = tmp_path_factory.mktemp("observed")
+    profile = write_profile(tmp / "profile.yaml", None)
+    profile.write_text(profile.read_text() + ALERTS.format(hook=webhook.url, smtp_port=smtp.port))
+    running = start_stack(tmp, profile)
+    yield running
+    if running.proc.poll() is None:
+        running.stop()

@@ -1,14 +1,15 @@
 """Usage analytics: requests, tokens, cost, errors and latency grouped by team, user, key,
 model, route and template, in hour, day or month buckets (UTC), fast at millions of rows.
 
-The usage writer (appliance/usage.py) adds each batch of rows to three rollups in the same
-transaction: usage_hourly, usage_daily and usage_monthly (migration 17), one row per bucket
-and combination of team, user, key, model, route and template. A query covers its time
-range with the coarsest pieces that fit: raw rows for the part of an hour at either end,
-hourly rows up to a day boundary, daily rows up to a month boundary, monthly rows between.
-So what a query reads grows with the combinations in use, not with the requests, and the
-answer is exact to the request; only beyond the raw rows' retention (appliance/retention.py)
-are the ends of a range rounded to the hour.
+The usage writer (appliance/usage.py) adds each batch of rows to the rollups in the same
+transaction (migration 17): usage_hourly, usage_daily and usage_monthly, one row per bucket
+and combination of team, user, key, model, route and template; and usage_hourly_teams and
+usage_daily_teams, without user and key, far fewer rows, for the queries that group by
+neither. A query covers its time range with the coarsest pieces that fit: raw rows for the
+part of an hour at either end, hourly rows up to a day boundary, daily rows up to a month
+boundary, monthly rows between. So what a query reads grows with the combinations in use,
+not with the requests, and the answer is exact to the request; only beyond the raw rows'
+retention (appliance/retention.py) are the ends of a range rounded to the hour.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ MEASURES = {
     "last_ts": "max(ts)",
 }
 _KEY = ("team_id", "user_id", "key_id", "model", "route", "template")
+TEAM_KEY = ("team_id", "model", "route", "template")  # the team rollups': no user or key
 _RAW_KEY = {column: f"coalesce({column}, '')" for column in _KEY}
 
 
@@ -60,61 +62,67 @@ def _month_start(ts: float, months_later: int = 0) -> int:
     return int(datetime(moment.year + year, month + 1, 1, tzinfo=timezone.utc).timestamp())
 
 
-class Tier(NamedTuple):
-    """A table whose rows each sum one bucket of time (raw usage rows are the finest tier)."""
+class Period(NamedTuple):
+    """A length of time the rollups sum by (a raw usage row is the finest)."""
 
-    table: str
     floor: Callable[[float], float]  # the start of the bucket a moment is in
     following: Callable[[float], float]  # the start of the bucket after the one starting then
     bucket_sql: str  # `floor` of a usage row's ts, in SQL
+    tables: tuple[str, str | None]  # the rollup by every grouping, and the one by team, model, route and template
 
     def ceil(self, ts: float) -> float:
         start = self.floor(ts)
         return start if start == ts else self.following(start)
 
 
-TIERS = (
-    Tier("usage", lambda ts: ts, lambda ts: ts, "ts"),
-    Tier("usage_hourly", lambda ts: ts // HOUR * HOUR, lambda ts: ts + HOUR, f"CAST(ts / {HOUR} AS INTEGER) * {HOUR}"),
-    Tier("usage_daily", lambda ts: ts // DAY * DAY, lambda ts: ts + DAY, f"CAST(ts / {DAY} AS INTEGER) * {DAY}"),
-    Tier("usage_monthly", _month_start, lambda ts: _month_start(ts, 1),
-         "CAST(strftime('%s', ts, 'unixepoch', 'start of month') AS INTEGER)"),
+PERIODS = (
+    Period(lambda ts: ts, lambda ts: ts, "ts", ("usage", None)),
+    Period(lambda ts: ts // HOUR * HOUR, lambda ts: ts + HOUR, f"CAST(ts / {HOUR} AS INTEGER) * {HOUR}",
+           ("usage_hourly", "usage_hourly_teams")),
+    Period(lambda ts: ts // DAY * DAY, lambda ts: ts + DAY, f"CAST(ts / {DAY} AS INTEGER) * {DAY}",
+           ("usage_daily", "usage_daily_teams")),
+    Period(_month_start, lambda ts: _month_start(ts, 1),
+           "CAST(strftime('%s', ts, 'unixepoch', 'start of month') AS INTEGER)", ("usage_monthly", None)),
 )
 
 
-def _raw_select(bucket_sql: str, source: str) -> str:
+def _raw_select(bucket_sql: str, source: str, key: tuple[str, ...] = _KEY) -> str:
     """Rows of `source` (usage rows) summed into rollup rows whose bucket is `bucket_sql`."""
     return (f"SELECT {bucket_sql} AS bucket, "
-            + ", ".join(f"{expr} AS {column}" for column, expr in _RAW_KEY.items()) + ", "
+            + ", ".join(f"{_RAW_KEY[column]} AS {column}" for column in key) + ", "
             + ", ".join(f"{expr} AS {name}" for name, expr in MEASURES.items())
             + f" FROM {source}")
 
 
-def _upsert(tier: Tier) -> str:
+def _upsert(table: str, bucket_sql: str, key: tuple[str, ...]) -> str:
     updates = ", ".join(f"{name} = {name} + excluded.{name}" for name in MEASURES if name != "last_ts")
-    return (f"INSERT INTO {tier.table} (bucket, {', '.join(_KEY)}, {', '.join(MEASURES)}) "
-            f"{_raw_select(tier.bucket_sql, 'temp.usage_batch')} WHERE true GROUP BY 1, 2, 3, 4, 5, 6, 7 "
+    positions = ", ".join(str(i) for i in range(1, len(key) + 2))
+    return (f"INSERT INTO {table} (bucket, {', '.join(key)}, {', '.join(MEASURES)}) "
+            f"{_raw_select(bucket_sql, 'temp.usage_batch', key)} WHERE true GROUP BY {positions} "
             f"ON CONFLICT DO UPDATE SET {updates}, last_ts = max(last_ts, excluded.last_ts)")
 
 
 # Run by the usage writer after it has put a batch's new rows in temp.usage_batch.
-ROLLUP_UPSERTS = tuple(_upsert(tier) for tier in TIERS[1:])
+ROLLUP_UPSERTS = tuple(_upsert(table, period.bucket_sql, key) for period in PERIODS[1:]
+                       for table, key in zip(period.tables, (_KEY, TEAM_KEY)) if table)
 
 
-def _segments(lo: float | None, hi: float | None, level: int) -> list[tuple[str, float | None, float | None]]:
-    """[lo, hi) covered by (table, from, to) pieces: the coarsest tier up to `level` whose
-    whole buckets fit, finer ones for what is left at either end."""
-    tier = TIERS[level]
+def _segments(lo: float | None, hi: float | None, level: int, by_team: bool) -> list[tuple[str, float | None, float | None]]:
+    """[lo, hi) covered by (table, from, to) pieces: the coarsest period up to `level` (0 raw,
+    1 hour, 2 day, 3 month) whose whole buckets fit, finer ones for what is left at either
+    end; the team rollup of a period where `by_team` and it has one."""
+    period = PERIODS[level]
+    table = period.tables[1] if by_team and period.tables[1] else period.tables[0]
     if level == 0:
-        return [(tier.table, lo, hi)] if lo is None or hi is None or lo < hi else []
-    start = None if lo is None else tier.ceil(lo)
-    end = None if hi is None else tier.floor(hi)
+        return [(table, lo, hi)] if lo is None or hi is None or lo < hi else []
+    start = None if lo is None else period.ceil(lo)
+    end = None if hi is None else period.floor(hi)
     if start is not None and end is not None and start >= end:
-        return _segments(lo, hi, level - 1)
-    pieces = _segments(lo, start, level - 1) if lo is not None and lo < start else []
-    pieces.append((tier.table, start, end))
+        return _segments(lo, hi, level - 1, by_team)
+    pieces = _segments(lo, start, level - 1, by_team) if lo is not None and lo < start else []
+    pieces.append((table, start, end))
     if hi is not None and end < hi:
-        pieces += _segments(end, hi, level - 1)
+        pieces += _segments(end, hi, level - 1, by_team)
     return pieces
 
 
@@ -145,8 +153,9 @@ def summarize(db: sqlite_utils.Database, *, since: float | None = None, until: f
     bucket_expr = _bucket_expression(bucket)
     if bucket_expr:
         keys.insert(0, f"{bucket_expr} AS bucket")
+    by_team = {GROUPINGS[g][0] for g in groups} <= set(TEAM_KEY) and user_id is None and key_id is None
     pieces, params = [], []
-    for table, lo, hi in _segments(since, until, {"hour": 1, "day": 2}.get(bucket, 3)):
+    for table, lo, hi in _segments(since, until, {"hour": 1, "day": 2}.get(bucket, 3), by_team):
         conditions = []
         column = "ts" if table == "usage" else "bucket"
         for condition, value in ((f"{column} >= ?", lo), (f"{column} < ?", hi), ("user_id = ?", user_id),
@@ -156,9 +165,10 @@ def summarize(db: sqlite_utils.Database, *, since: float | None = None, until: f
                 params.append(value)
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         if table == "usage":
-            pieces.append(f"{_raw_select(TIERS[1].bucket_sql, 'usage')}{where} GROUP BY 1, 2, 3, 4, 5, 6, 7")
+            pieces.append(f"{_raw_select(PERIODS[1].bucket_sql, 'usage')}{where} GROUP BY 1, 2, 3, 4, 5, 6, 7")
         else:
-            pieces.append(f"SELECT bucket, {', '.join(_KEY)}, {', '.join(MEASURES)} FROM {table}{where}")
+            columns = ", ".join(c if c in TEAM_KEY or not table.endswith("_teams") else f"'' AS {c}" for c in _KEY)
+            pieces.append(f"SELECT bucket, {columns}, {', '.join(MEASURES)} FROM {table}{where}")
     summed = ", ".join(f"max({name}) AS {name}" if name == "last_ts" else f"sum({name}) AS {name}"
                        for name in MEASURES)
     group_by = ", ".join(str(i) for i in range(1, len(keys) + 1))  # by position: "bucket" is also a column

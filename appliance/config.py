@@ -188,6 +188,14 @@ class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     job_logs_days: Annotated[int, msgspec.Meta(ge=1)] = 30  # the log lines of finished jobs
 
 
+class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """OpenTelemetry traces of requests and jobs, sent over OTLP/HTTP (services/gateway/tracing.py); off without an endpoint."""
+
+    otlp_endpoint: Annotated[str, msgspec.Meta(pattern=r"^https?://")] | None = None  # a collector: http://host:4318
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0  # of the traces that start here
+    service_name: Name = "appliance"
+
+
 AlertKind = Literal["error_rate", "latency", "token_surge", "gpu_memory", "gpu_temperature", "engine_crash_loop",
                     "budget"]
 
@@ -274,6 +282,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     routes: list[RouteSpec] = []
 
 

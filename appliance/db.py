@@ -378,9 +378,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
     ),
     (
-        # Observability. Usage analytics (appliance/analytics.py): the route a request named, and rollups per hour,
-        # day and month (UTC) that the usage writer keeps up to date in the transaction that adds the rows;
-        # the key's columns are '' rather than NULL so that an upsert finds its row.
+        # Observability. Usage analytics (appliance/analytics.py): the route a request named, and
+        # rollups per hour, day and month (UTC), and by team alone per hour and day, that the usage
+        # writer keeps up to date in the transaction that adds the rows; the key's columns are ''
+        # rather than NULL so that an upsert finds its row.
         "ALTER TABLE usage ADD COLUMN route TEXT",
         # Requests and answers of the teams that log them (services/gateway/request_logs.py),
         # masked by the caller's PII policy.
@@ -514,6 +515,60 @@ MIGRATIONS: list[tuple[str, ...]] = [
                   coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
                   coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
            FROM usage GROUP BY 1, 2, 3, 4, 5, 6, 7""",
+        """CREATE TABLE usage_hourly_teams (
+            bucket INTEGER NOT NULL,
+            team_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            route TEXT NOT NULL,
+            template TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            server_errors INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            cached INTEGER NOT NULL,
+            saved_tokens INTEGER NOT NULL,
+            latency_ms_sum REAL NOT NULL,
+            ttft_ms_sum REAL NOT NULL,
+            ttft_count INTEGER NOT NULL,
+            last_ts REAL NOT NULL,
+            PRIMARY KEY (bucket, team_id, model, route, template)
+        ) WITHOUT ROWID""",
+        """INSERT INTO usage_hourly_teams
+           SELECT CAST(ts / 3600 AS INTEGER) * 3600, coalesce(team_id, ''), model, '', coalesce(template, ''), count(*),
+                  sum(status >= 400), sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
+                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
+                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
+           FROM usage GROUP BY 1, 2, 3, 4, 5""",
+        """CREATE TABLE usage_daily_teams (
+            bucket INTEGER NOT NULL,
+            team_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            route TEXT NOT NULL,
+            template TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            server_errors INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            cached INTEGER NOT NULL,
+            saved_tokens INTEGER NOT NULL,
+            latency_ms_sum REAL NOT NULL,
+            ttft_ms_sum REAL NOT NULL,
+            ttft_count INTEGER NOT NULL,
+            last_ts REAL NOT NULL,
+            PRIMARY KEY (bucket, team_id, model, route, template)
+        ) WITHOUT ROWID""",
+        """INSERT INTO usage_daily_teams
+           SELECT CAST(ts / 86400 AS INTEGER) * 86400, coalesce(team_id, ''), model, '', coalesce(template, ''), count(*),
+                  sum(status >= 400), sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
+                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
+                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
+           FROM usage GROUP BY 1, 2, 3, 4, 5""",
     ),
 ]
 

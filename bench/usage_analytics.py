@@ -97,7 +97,8 @@ QUERIES = [  # (what, summarize's arguments)
     ("by route, last 30 days, daily", {"since": -30 * 86400, "by": ("route",), "bucket": "day"}),
     ("by model, last 7 days, hourly", {"since": -7 * 86400, "by": ("model",), "bucket": "hour"}),
     ("by team, everything, monthly", {"by": ("team",), "bucket": "month"}),
-    ("by user, last 90 days, daily", {"since": -90 * 86400, "by": ("user",), "bucket": "day"}),
+    ("by team, last 90 days, daily", {"since": -90 * 86400, "by": ("team",), "bucket": "day"}),
+    ("by key, last 24 hours, hourly", {"since": -86400, "by": ("key",), "bucket": "hour"}),
     ("one user's own, by key and model, 30 days", {"since": -30 * 86400, "by": ("key", "model"),
                                                    "user_id": "user-7"}),
     ("by template, a closed week two weeks ago", {"since": -21 * 86400 + 77.0, "until": -14 * 86400 + 3.0,
@@ -141,11 +142,12 @@ def main() -> int:
             print(f"writing {args.rows - have:,} usage rows over {args.days} days ...", file=sys.stderr)
             db.conn.close()
             rate = fill(db_path, args.rows - have, args.days, args.keys, args.teams)
-            print(f"written at {rate:,.0f} rows/s (journal, batch insert and both rollups)")
+            print(f"written at {rate:,.0f} rows/s (journal, batch insert and the five rollups)")
             db = open_db(db_path)
-        counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("usage", "usage_hourly", "usage_daily")}
-        print(f"rows: {counts['usage']:,} usage, {counts['usage_hourly']:,} hourly, {counts['usage_daily']:,} daily; "
-              f"database {db_path.stat().st_size / 2**30:.2f} GiB")
+        tables = ("usage", "usage_hourly", "usage_daily", "usage_monthly", "usage_hourly_teams", "usage_daily_teams")
+        counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+        print("rows: " + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+              + f"; database {db_path.stat().st_size / 2**30:.2f} GiB")
         now = time.time()
         worst = 0.0
         print(f"{'query':52} {'rows':>6} {'median ms':>10} {'max ms':>8} {'raw rows ms':>12}")

@@ -30,9 +30,9 @@ def served_model(model: ModelConfig, gateway: GatewayConfig, replicas: list[Repl
 
 def runtime_settings(profile: Profile) -> dict:
     """The profile's settings the gateway governs and routes with: GatewayRuntime's auth, costs,
-    audit, retention, alerts and routes."""
+    audit, retention, alerts, tracing and routes."""
     return {"auth": profile.auth, "costs": profile.costs, "audit": profile.audit, "retention": profile.retention,
-            "alerts": profile.alerts, "routes": profile.routes}
+            "alerts": profile.alerts, "tracing": profile.tracing, "routes": profile.routes}
 
 
 def remote_endpoint(model: ModelConfig) -> ReplicaEndpoint:

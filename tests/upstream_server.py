@@ -18,7 +18,8 @@ Its behaviour is chosen by the path prefix the profile's base_url names:
               makes it answer that status (0: answer again; -1: drop the connection unanswered);
               GET /stats counts its chat
               requests under "by_mode"
-GET /stats reports how many /slow and /endless requests ended because the client disconnected.
+GET /stats reports how many /slow and /endless requests ended because the client disconnected,
+and the W3C traceparent headers of the last chat requests that carried one.
 Usage: python upstream_server.py PORT EXPECTED_KEY
 """
 
@@ -31,7 +32,7 @@ import time
 
 from aiohttp import web
 
-STATS = {"disconnects": 0, "requests": 0, "by_mode": {}}
+STATS = {"disconnects": 0, "requests": 0, "by_mode": {}, "traceparents": []}
 FAIL_WITH: dict[str, int] = {}  # ctl- mode -> the status it answers with
 
 
@@ -73,6 +74,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if (denied := check_key(request)) is not None:
         return denied
     STATS["requests"] += 1
+    if "traceparent" in request.headers:
+        STATS["traceparents"] = [*STATS["traceparents"][-19:], request.headers["traceparent"]]
     mode = request.match_info["mode"]
     STATS["by_mode"][mode] = STATS["by_mode"].get(mode, 0) + 1
     body = await request.json()

@@ -81,6 +81,7 @@ from services.gateway.stream_masking import masked_stream
 from services.gateway.alerting import Alerter
 from services.gateway.state_metrics import StateCollector
 from services.gateway.system import SystemState
+from services.gateway.tracing import Tracing
 from services.worker.queue import JobQueue
 
 log = logging.getLogger("appliance.gateway")
@@ -134,6 +135,7 @@ class Gateway:
         self.state_metrics = StateCollector(self)  # GPUs, engines, jobs, backup and budgets, read at each scrape
         self.metrics.registry.register(self.state_metrics)
         self.alerter = Alerter(self)  # evaluates the alert rules, in the worker that holds its lock
+        self.tracing = Tracing(runtime.tracing) if runtime.tracing.otlp_endpoint else None  # spans of each request
         self.templates = PromptTemplates()  # rendered into chat requests that name one
         self.tool_loop = ToolLoop(Path(runtime.home), self.audit)  # runs the tools a chat request names
 
@@ -208,6 +210,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.alerter.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched are sent
         await self.recorder.flush()
         self.recorder.close()
         await self.audit.flush(self.db_path)
@@ -367,8 +371,12 @@ class Gateway:
             if scope.method != "POST":
                 raise MethodNotAllowed(f"Use POST for /v1/{endpoint}.")
             headers = scope.headers
+            if self.tracing is not None:
+                call.trace = self.tracing.begin(endpoint, headers.get("traceparent"))
             principal = call.principal = await self.authenticate(headers.get("authorization"))
             call.key_id = principal.key_id
+            if call.trace is not None:
+                call.trace.mark("authenticate")
             body = await read_body(proto, headers.get("content-length"), self.config.max_body_bytes)
             if endpoint == "chat/completions" and b'"template"' in body:  # maybe a prompt template's name
                 body, call.template = self.templates.apply(body)
@@ -387,6 +395,8 @@ class Gateway:
             call.stream = getattr(parsed, "stream", False)
             authorise(principal, parsed.model)
             plan = self._plan(call, principal, parsed.model, endpoint)
+            if call.trace is not None:
+                call.trace.mark("route")
             pool = plan[0]
             call.model = pool.served.name
             refuse_unmaskable(principal.policy, parsed)
@@ -398,6 +408,8 @@ class Gateway:
                     call.route is not None and any(option.served.balance == "prefix_affinity" for option in plan)):
                 call.affinity = affinity(headers, body)
             hit = self._look_up(call, pool, headers, endpoint, parsed, body) if pool.cache is not None else None
+            if call.trace is not None:
+                call.trace.mark("policy")
         except ApplianceError as error:
             self._fail(call, error)
             raise
@@ -425,6 +437,8 @@ class Gateway:
 
         try:
             pool, response = await self.forwarder.open(call, plan, prepare)
+            if call.trace is not None:
+                call.trace.answering()
             _, adapted, reader = prepared[pool]
             if call.route is not None:
                 call.model = pool.served.name
@@ -720,6 +734,8 @@ class Gateway:
             return
         call.finished = True
         elapsed = perf_counter() - call.started
+        if call.trace is not None:
+            call.trace.end(call)
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
         operation = OPERATIONS.get(call.endpoint, call.endpoint)

@@ -58,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity", "slot", "cache", "cache_key", "shadow", "template",
+        "affinity", "slot", "cache", "cache_key", "shadow", "template", "trace",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -87,6 +87,7 @@ class Call:
         self.cache_key: bytes | None = None  # where its answer is kept (services/gateway/cache.py)
         self.shadow = None  # its route's shadow (config.ShadowSpec), as the route was when the request came
         self.template: str | None = None  # the prompt template version rendered into it ("name:version")
+        self.trace = None  # its OpenTelemetry trace (services/gateway/tracing.py), when tracing is on
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:
@@ -271,9 +272,11 @@ class Forwarder:
         replica.in_flight += 1
         replica.breaker.sent()
         name = pool.served.name
+        url, headers = replica.url(path), replica.stream_headers if stream else replica.headers
+        if call.trace is not None:  # W3C trace context: the engine's spans join the request's trace
+            headers = {**headers, **call.trace.engine_headers(url)}
         try:
-            response = await self.session.post(replica.url(path), data=body,
-                                               headers=replica.stream_headers if stream else replica.headers)
+            response = await self.session.post(url, data=body, headers=headers)
             status = response.status
             if status < 500 and status not in RETRY_STATUSES:
                 replica.breaker.succeeded()  # a 4xx is the request's fault, not the engine's

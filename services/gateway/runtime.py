@@ -21,6 +21,7 @@ from appliance.config import (
     GatewayConfig,
     RetentionConfig,
     RouteSpec,
+    TracingConfig,
 )
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
@@ -67,6 +68,7 @@ class GatewayRuntime(msgspec.Struct, kw_only=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     routes: list[RouteSpec] = []  # the profile's; /admin/routes adds and overrides (appliance/routes.py)
     # The config of the litestream that replicates the state, as the gateway reads it (GET
     # /admin/system reports the replica's lag from it); None: the state is not replicated.

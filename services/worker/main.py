@@ -20,6 +20,7 @@ from appliance.db import open_db
 from appliance.errors import ApplianceError
 from appliance.home import state_db_path
 from services.gateway.runtime import GatewayRuntime
+from services.gateway.tracing import tracer_provider
 from services.worker.queue import JobQueue
 from services.worker.runner import JobRunner
 
@@ -38,7 +39,9 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
         db.conn.close()
     for job_id in failed:
         say(f"job {job_id} was running when the worker stopped: marked failed")
-    runner = JobRunner(home, runtime.storage, runtime.models)
+    traces = tracer_provider(runtime.tracing, "worker") if runtime.tracing.otlp_endpoint else None
+    runner = JobRunner(home, runtime.storage, runtime.models,
+                       traces.get_tracer("appliance.worker") if traces is not None else None)
     queue = JobQueue(home, runner)
     runner.later, runner.enqueue = queue.enqueue_later, queue.enqueue
     for job_id in again:
@@ -57,6 +60,8 @@ def run_worker(runtime: GatewayRuntime, *, threads: int = 1, health: tuple[str, 
     finally:
         if server is not None:
             server.shutdown()
+        if traces is not None:
+            traces.shutdown()  # the spans still batched are sent
         say("worker stopped.")
 
 

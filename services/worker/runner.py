@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry.trace import StatusCode
+
 from appliance import audit, dataset_registry, jobs, model_registry
 from appliance.db import open_db
 from appliance.errors import ApplianceError, StorageUnavailable
@@ -141,10 +143,12 @@ WAIT_RETRY_S = 30.0  # a waiting job is tried again after this long
 
 
 class JobRunner:
-    def __init__(self, home: Path, store: ObjectStoreSettings | None, served: Sequence[ServedModel] = ()):
+    def __init__(self, home: Path, store: ObjectStoreSettings | None, served: Sequence[ServedModel] = (),
+                 tracer=None):
         self.home = home
         self.store = store
         self.served = served
+        self.tracer = tracer  # an OpenTelemetry tracer: a span per job (services/gateway/tracing.py); None: off
         self.later: Callable[[str, float], None] | None = None  # queues a job again after a delay (the queue's)
         self.enqueue: Callable[[str], None] | None = None  # queues a job (the queue's)
 
@@ -155,7 +159,17 @@ class JobRunner:
             if job is None:
                 log.info("job %s is not queued any more (cancelled); skipped", job_id)
                 return
-            self._run(db, job)
+            span = None if self.tracer is None else self.tracer.start_span(
+                f"job {job['kind']}", attributes={"appliance.job.id": job_id, "appliance.job.kind": job["kind"]})
+            try:
+                self._run(db, job)
+            finally:
+                if span is not None:
+                    state = jobs.get(db, job_id)["state"]
+                    span.set_attribute("appliance.job.state", state)
+                    if state == "failed":
+                        span.set_status(StatusCode.ERROR)
+                    span.end()
         finally:
             db.conn.close()
 

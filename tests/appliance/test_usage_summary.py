@@ -153,12 +153,17 @@ def test_any_range_from_the_rollups_equals_the_rows(spread):
 def test_buckets_equal_the_rows_grouped_by_hour_day_and_month(spread, bucket, sql, shape):
     db, start = spread
     since = start + 5000.5  # in the middle of an hour: its rest comes from the rows
-    rows = summarize(db, since=since, by=("model",), bucket=bucket)
-    got = {(r["bucket"], r["model"]): (r["requests"], r["server_errors"], r["prompt_tokens"], r["cost"]) for r in rows}
     want = {(time.strftime(shape, time.gmtime(int(b))), m): v
             for (b, m), v in by_raw_rows(db, since, NOW + 86400, sql).items()}
-    assert got == want
-    assert [r["bucket"] for r in rows] == sorted(r["bucket"] for r in rows)
+    for by in (("model",), ("key", "model")):  # the team rollups, and the ones by every grouping
+        rows = summarize(db, since=since, by=by, bucket=bucket)
+        got: dict = {}
+        for r in rows:
+            was = got.get((r["bucket"], r["model"]), (0, 0, 0, 0))
+            got[(r["bucket"], r["model"])] = (was[0] + r["requests"], was[1] + r["server_errors"],
+                                              was[2] + r["prompt_tokens"], round(was[3] + r["cost"], 9))
+        assert got == want, by
+        assert [r["bucket"] for r in rows] == sorted(r["bucket"] for r in rows)
 
 
 def test_by_route_and_the_averages(spread):

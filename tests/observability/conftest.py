@@ -1,5 +1,6 @@
-"""The observability stack: the default model on llama.cpp, with alerts going to a webhook
-receiver and a real SMTP server (aiosmtpd) on loopback, both started before it."""
+"""The observability stack: the default model on llama.cpp and the remote upstreams, with
+alerts going to a webhook receiver and a real SMTP server (aiosmtpd) on loopback, and traces
+to an OTLP/HTTP receiver on loopback, all started before it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.conftest import Stack, free_port, start_stack, write_profile
+from tests.conftest import UPSTREAM_KEY_ENV, Stack, free_port, start_stack, write_profile
 
 
 class Inbox:
@@ -62,6 +64,50 @@ class WebhookReceiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback (protobuf, as the exporters send): every span,
+    as {service, name, trace_id, span_id, parent_id, kind, attributes, start, end}."""
+
+    def __init__(self) -> None:
+        inbox = self.inbox = Inbox()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    service = {a.key: a.value.string_value for a in resource.resource.attributes}
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            inbox.add({"service": service, "name": span.name, "trace_id": span.trace_id.hex(),
+                                       "span_id": span.span_id.hex(), "parent_id": span.parent_span_id.hex(),
+                                       "kind": span.kind, "start": span.start_time_unix_nano,
+                                       "end": span.end_time_unix_nano,
+                                       "attributes": {a.key: _value(a.value) for a in span.attributes}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def trace(self, trace_id: str, names: set[str], timeout: float = 30.0) -> dict[str, dict]:
+        """The spans of `trace_id` by name, once every one of `names` has arrived."""
+        self.inbox.wait(lambda _: names <= {s["name"] for s in self.inbox.items if s["trace_id"] == trace_id},
+                        timeout, f"the spans {sorted(names)} of trace {trace_id}")
+        return {s["name"]: s for s in self.inbox.items if s["trace_id"] == trace_id}
+
+
+def _value(value):
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
 class MailHandler:
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
@@ -80,6 +126,13 @@ def webhook():
 
 
 @pytest.fixture(scope="session")
+def otlp():
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="session")
 def smtp():
     inbox = Inbox()
     controller = Controller(MailHandler(inbox), hostname="127.0.0.1", port=free_port())
@@ -89,7 +142,10 @@ def smtp():
     controller.stop()
 
 
-ALERTS = """\
+OBSERVED = """\
+tracing:
+  otlp_endpoint: {otlp}
+  service_name: appliance-test
 alerts:
   interval_s: 1
   default_rules: false
@@ -110,11 +166,11 @@ alerts:
 
 
 @pytest.fixture(scope="session")
-def observed(tmp_path_factory, webhook, smtp) -> Stack:
+def observed(tmp_path_factory, webhook, smtp, otlp, upstream) -> Stack:
     tmp = tmp_path_factory.mktemp("observed")
-    profile = write_profile(tmp / "profile.yaml", None)
-    profile.write_text(profile.read_text() + ALERTS.format(hook=webhook.url, smtp_port=smtp.port))
-    running = start_stack(tmp, profile)
+    profile = write_profile(tmp / "profile.yaml", upstream)
+    profile.write_text(profile.read_text() + OBSERVED.format(hook=webhook.url, smtp_port=smtp.port, otlp=otlp.url))
+    running = start_stack(tmp, profile, env={UPSTREAM_KEY_ENV: upstream.key})
     yield running
     if running.proc.poll() is None:
         running.stop()

@@ -17,6 +17,7 @@ from appliance.home import resolve_home
 from appliance.keys_cli import keys
 from appliance.users_cli import teams, users
 from appliance.login_cli import login_command, logout_command
+from appliance.logs_cli import logs
 from appliance.backup_cli import backup, restore_command
 from appliance.dataset_cli import datasets
 from appliance.eval_cli import eval_group
@@ -219,6 +220,7 @@ for command in REGISTRY_COMMANDS:
 models.add_command(models_gate)
 cli.add_command(routes, "routes")
 cli.add_command(alerts, "alerts")
+cli.add_command(logs, "logs")
 cli.add_command(audit, "audit")
 cli.add_command(datasets, "datasets")
 cli.add_command(jobs, "jobs")

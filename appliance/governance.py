@@ -49,6 +49,7 @@ class Policy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_
     deny: list[Annotated[str, msgspec.Meta(min_length=1)]] = []  # content deny list
     deny_action: RuleAction = "block"
     injection: RuleAction = "off"  # prompt-injection heuristics
+    log_requests: bool = False  # keep its requests and answers, PII masked (services/gateway/request_logs.py)
 
     def pii_action(self, kind: str) -> PiiAction:
         return self.pii.get(kind, self.pii.get(ALL_DETECTORS, "allow"))
@@ -76,6 +77,7 @@ def merge_policies(*policies: Policy) -> Policy:
         deny=sorted({d for p in policies for d in p.deny}),
         deny_action=max((p.deny_action for p in policies if p.deny), key=_RULE_STRICTNESS.__getitem__, default="block"),
         injection=max((p.injection for p in policies), key=_RULE_STRICTNESS.__getitem__, default="off"),
+        log_requests=any(p.log_requests for p in policies),
     )
 
 

@@ -100,6 +100,8 @@ _SETTINGS_OPTIONS = [
     click.option("--injection", type=_RULE_ACTIONS, help="Prompt-injection heuristics: flag (audited) or block; default off."),
     click.option("--no-external/--external", default=None,
                  help="Keep requests off remote upstreams (data residency), or allow them again."),
+    click.option("--log-requests/--no-log-requests", default=None,
+                 help="Keep the requests and answers (PII masked) for `appliance logs`, or stop keeping them."),
 ]
 def settings_options(function):
     """The limit and policy options of `keys create|update` and `teams create|update`: the

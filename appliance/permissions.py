@@ -55,6 +55,7 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "alerts.read": at_least("viewer"),  # alerts raised, and the rules in force
     "alerts.write": at_least("operator"),  # set and delete rules
     "alerts.channels": at_least("admin"),  # webhook URLs and mail servers: read, set, delete, test
+    "request_logs.read": at_least("operator"),  # the requests and answers kept (masked); reading one is audited
     "audit.export": at_least("admin"),  # every row, for a SIEM
 }
 
@@ -92,6 +93,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("PUT", "/admin/alerts/channels/{name}"): "alerts.channels",
     ("DELETE", "/admin/alerts/channels/{name}"): "alerts.channels",
     ("POST", "/admin/alerts/channels/{name}/test"): "alerts.channels",
+    ("GET", "/admin/request-logs"): "request_logs.read",
+    ("GET", "/admin/request-logs/{request_id}"): "request_logs.read",
     ("PUT", "/admin/routes/{name}"): "routes.write",
     ("DELETE", "/admin/routes/{name}"): "routes.write",
     ("GET", "/admin/datasets"): "datasets.read",

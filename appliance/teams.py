@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     deny: list[str] | None | UnsetType = UNSET
     deny_action: RuleAction | None | UnsetType = UNSET
     injection: RuleAction | None | UnsetType = UNSET
+    log_requests: bool | None | UnsetType = UNSET
 
 
 def settings_given(settings: Settings) -> dict:

@@ -18,6 +18,7 @@ from services.gateway.admin_deployments import DeploymentController
 from services.gateway.admin_evaluations import EvaluationController
 from services.gateway.admin_experiments import ExperimentController, RunController
 from services.gateway.admin_prompts import PromptController
+from services.gateway.admin_request_logs import RequestLogController
 from services.gateway.admin_tools import ToolController
 from services.gateway.admin_jobs import JobController
 from services.gateway.admin_keys import KeyController
@@ -33,7 +34,7 @@ from services.gateway.admin_users import UserController
 CONTROLLERS = [KeyController, ModelController, DeploymentController, RouteController, ServingController, SystemController,
                UploadController, DatasetController, JobController, AuditController, UserController, TeamController,
                UsageController, ExperimentController, RunController, EvaluationController, PromptController,
-               ToolController, AlertController]
+               ToolController, AlertController, RequestLogController]
 
 
 def admin_router() -> Router:

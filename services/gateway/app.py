@@ -79,6 +79,7 @@ from services.gateway.schemas import Usage
 from services.gateway.shadow import SKIPPED, answer_text, non_streamed, similarity
 from services.gateway.stream_masking import masked_stream
 from services.gateway.alerting import Alerter
+from services.gateway.request_logs import Exchange, RequestLogWriter
 from services.gateway.state_metrics import StateCollector
 from services.gateway.system import SystemState
 from services.gateway.tracing import Tracing
@@ -136,6 +137,7 @@ class Gateway:
         self.metrics.registry.register(self.state_metrics)
         self.alerter = Alerter(self)  # evaluates the alert rules, in the worker that holds its lock
         self.tracing = Tracing(runtime.tracing) if runtime.tracing.otlp_endpoint else None  # spans of each request
+        self.request_logs = RequestLogWriter(self.db_path)  # the requests and answers of callers that log them
         self.templates = PromptTemplates()  # rendered into chat requests that name one
         self.tool_loop = ToolLoop(Path(runtime.home), self.audit)  # runs the tools a chat request names
 
@@ -215,6 +217,7 @@ class Gateway:
         await self.recorder.flush()
         self.recorder.close()
         await self.audit.flush(self.db_path)
+        await self.request_logs.flush()
         if self.governor is not None:
             self.governor.close()
         if self.forwarder:
@@ -255,6 +258,7 @@ class Gateway:
                 self.governor.return_leases()  # a few microseconds: idle room goes back to the other workers
                 await asyncio.to_thread(self.governor.sweep)
                 await self.audit.flush(self.db_path)
+                await self.request_logs.flush()
                 if self.shadow_rows:
                     rows, self.shadow_rows = self.shadow_rows, []
                     await asyncio.to_thread(self._write_shadow, rows)
@@ -403,6 +407,8 @@ class Gateway:
             call.ticket = await self._admit(call, principal, endpoint, parsed, len(body), plan)
             if principal.policy.inspects and not policies.untouched(principal.policy, endpoint, parsed):
                 body, parsed = self._apply_policy(call, principal, endpoint, body, parsed, schema)
+            if principal.policy.log_requests:
+                call.log = Exchange(body)
             prepared = {pool: self._adapt(endpoint, body, parsed, pool, principal)}
             if pool.served.balance == "prefix_affinity" or (
                     call.route is not None and any(option.served.balance == "prefix_affinity" for option in plan)):
@@ -447,7 +453,9 @@ class Gateway:
             keep = pool.cache if call.cache_key is not None and pool is plan[0] else None
             shadow = self._shadow_of(call, endpoint) if call.route is not None else None
             if call.stream:
-                kept = [] if keep is not None or shadow is not None else None  # the stream as sent
+                kept = [] if keep is not None or shadow is not None or call.log is not None else None  # as sent
+                if call.log is not None:
+                    call.log.pieces = kept
                 await self._answer_stream(call, pool, response, adapted, reader, proto, flight, kept)
                 answer = b"".join(kept) if kept is not None else None
             else:
@@ -461,6 +469,8 @@ class Gateway:
                     payload = masked_answer(call.principal.policy, payload)
                 flight.disarm()
                 call.answer_started = True
+                if call.log is not None:
+                    call.log.answer = payload
                 self.finish(call)  # journaled before the client has the answer
                 proto.response_bytes(200, self._headers(call, JSON), payload)
                 answer = payload
@@ -656,6 +666,8 @@ class Gateway:
     async def _replay(self, call: Call, proto: HTTPProtocol, hit: Cached) -> None:
         """Answer from the cache: the same bytes the first caller got, a stream as a stream."""
         call.usage, call.answer_started, call.answered = hit.usage, True, True
+        if call.log is not None:
+            call.log.answer = hit.body
         self.finish(call)
         with contextlib.suppress(ProtocolClosed):
             if call.stream:
@@ -736,6 +748,8 @@ class Gateway:
         elapsed = perf_counter() - call.started
         if call.trace is not None:
             call.trace.end(call)
+        if call.log is not None:
+            self.request_logs.record(call, elapsed * 1000)
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
         operation = OPERATIONS.get(call.endpoint, call.endpoint)

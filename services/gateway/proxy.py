@@ -58,7 +58,7 @@ class Call:
     __slots__ = (
         "request_id", "key_id", "model", "endpoint", "stream", "started", "ttft", "usage", "status", "error_type",
         "answer_started", "answered", "deadline", "timed_out", "finished", "principal", "ticket", "route", "replica",
-        "affinity", "slot", "cache", "cache_key", "shadow", "template", "trace",
+        "affinity", "slot", "cache", "cache_key", "shadow", "template", "trace", "log",
     )
 
     def __init__(self, request_id: str, key_id: str | None, endpoint: str, started: float):
@@ -88,6 +88,7 @@ class Call:
         self.shadow = None  # its route's shadow (config.ShadowSpec), as the route was when the request came
         self.template: str | None = None  # the prompt template version rendered into it ("name:version")
         self.trace = None  # its OpenTelemetry trace (services/gateway/tracing.py), when tracing is on
+        self.log = None  # what it sent and got, when its policy logs requests (services/gateway/request_logs.py)
 
 
 def engine_error(status: int, payload: bytes, model: str) -> ApplianceError:

@@ -88,3 +88,25 @@ def render_systemd_command(profile_name: str, out: str, inventories: tuple[str, 
         click.echo(f"  {path.relative_to(out_dir)}  {path.stat().st_mode & 0o777:04o}{note}")
     for path in rendered.removed:
         click.echo(f"  {path.relative_to(out_dir)}  removed (not in this render)")
+
+
+@render.command("monitoring")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the files into.")
+@click.option("--gateway", "target", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Where Prometheus reaches the gateway's /metrics.")
+@click.option("--metrics-key-file", type=click.Path(dir_okay=False),
+              help="A file holding a key of the metrics role, for a gateway whose profile sets "
+                   "gateway.metrics_require_key.")
+def render_monitoring_command(out: str, target: str, metrics_key_file: str | None) -> None:
+    """Write a Prometheus config that scrapes the gateway, the appliance's alert rules for
+    Prometheus, and a Grafana dashboard, into OUT.
+
+    OUT/prometheus.yml names OUT/appliance-rules.yml as its rule file (the same conditions as
+    the appliance's own built-in alert rules); import OUT/grafana-dashboard.json into Grafana
+    and choose the Prometheus data source that scrapes the gateway.
+    """
+    from installer.monitoring import write_monitoring
+
+    out_dir = Path(out)
+    for path in write_monitoring(out_dir, target, metrics_key_file):
+        click.echo(f"  {path}")

@@ -14,7 +14,6 @@ retention (appliance/retention.py) are the ends of a range rounded to the hour.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple
@@ -173,32 +172,27 @@ def summarize(db: sqlite_utils.Database, *, since: float | None = None, until: f
                        for name in MEASURES)
     group_by = ", ".join(str(i) for i in range(1, len(keys) + 1))  # by position: "bucket" is also a column
     named = [(g, *GROUPINGS[g]) for g in groups if GROUPINGS[g][1]]
-    names = "".join(f", {g}s.name AS {g}_name" for g, _, _ in named)
     joins = " ".join(f"LEFT JOIN {table} {g}s ON {g}s.id = g.{column}" for g, column, table in named)
+    # The answer's columns, shaped here rather than row by row in Python: '' (the rollups' "none")
+    # as null, averages from the sums, the bucket as an ISO time.
+    shown = ["strftime('%Y-%m-%dT%H:%M:%SZ', g.bucket, 'unixepoch') AS bucket"] if bucket_expr else []
+    for group, column, table in ((g, *GROUPINGS[g]) for g in groups):
+        shown.append(f"nullif(g.{column}, '') AS {column}")
+        if table:
+            shown.append(f"{group}s.name AS {group}_name")
+    shown += [f"g.{name}" for name in MEASURES if name not in ("cost", "latency_ms_sum", "ttft_ms_sum", "ttft_count")]
+    shown += ["round(g.cost, 9) AS cost", "round(g.latency_ms_sum / g.requests, 1) AS avg_latency_ms",
+              "round(g.ttft_ms_sum / nullif(g.ttft_count, 0), 1) AS avg_ttft_ms"]
     sql = f"""
         WITH g AS (
             SELECT {', '.join(keys)}, {summed}
             FROM ({' UNION ALL '.join(pieces)})
             GROUP BY {group_by}
         )
-        SELECT g.*{names}
+        SELECT {', '.join(shown)}
         FROM g {joins}
         ORDER BY {'g.bucket, ' if bucket_expr else ''}g.last_ts DESC
     """
     cursor = db.execute(sql, params)
     columns = [d[0] for d in cursor.description]
-    return [_shaped(dict(zip(columns, row)), groups) for row in cursor.fetchall()]
-
-
-def _shaped(row: dict, groups: list[str]) -> dict:
-    for group in groups:
-        column = GROUPINGS[group][0]
-        row[column] = row[column] or None  # the rollups' '' is "none"
-    requests = row["requests"]
-    row["avg_latency_ms"] = round(row.pop("latency_ms_sum") / requests, 1) if requests else None
-    ttft_count, ttft_sum = row.pop("ttft_count"), row.pop("ttft_ms_sum")
-    row["avg_ttft_ms"] = round(ttft_sum / ttft_count, 1) if ttft_count else None
-    row["cost"] = round(row["cost"], 9)
-    if "bucket" in row:
-        row["bucket"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["bucket"]))
-    return row
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]

@@ -21,7 +21,7 @@ def logs() -> None:
 @logs.command("list")
 @click.option("--since", callback=moment, help="From when: a duration before now (24h) or an ISO date or time.")
 @click.option("--team", help="Only this team's (its id).")
-@click.option("--key", "key_id", help="Only this key's (its id).")
+@click.option("--key-id", help="Only this key's (its id).")
 @click.option("--model", help="Only this model's.")
 @click.option("--status", type=click.IntRange(100, 599), help="Only requests that ended with this HTTP status.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)

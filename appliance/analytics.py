@@ -93,17 +93,30 @@ def _raw_select(bucket_sql: str, source: str, key: tuple[str, ...] = _KEY) -> st
             + f" FROM {source}")
 
 
-def _upsert(table: str, bucket_sql: str, key: tuple[str, ...]) -> str:
+# The batch's rows (those with ids above the one given) summed by hour and every grouping,
+# once: each rollup then sums those few rows.
+_BATCH_HOURS = (f"INSERT INTO temp.usage_batch_hours {_raw_select(PERIODS[1].bucket_sql, 'main.usage')} "
+                "WHERE id > ? GROUP BY 1, 2, 3, 4, 5, 6, 7")
+_FROM_HOURS = {  # a rollup's bucket, from an hour's
+    "usage_hourly": "bucket", "usage_hourly_teams": "bucket", "usage_daily": f"bucket / {DAY} * {DAY}",
+    "usage_daily_teams": f"bucket / {DAY} * {DAY}",
+    "usage_monthly": "CAST(strftime('%s', bucket, 'unixepoch', 'start of month') AS INTEGER)",
+}
+
+
+def _upsert(table: str, key: tuple[str, ...]) -> str:
+    sums = ", ".join(f"max({name})" if name == "last_ts" else f"sum({name})" for name in MEASURES)
     updates = ", ".join(f"{name} = {name} + excluded.{name}" for name in MEASURES if name != "last_ts")
     positions = ", ".join(str(i) for i in range(1, len(key) + 2))
     return (f"INSERT INTO {table} (bucket, {', '.join(key)}, {', '.join(MEASURES)}) "
-            f"{_raw_select(bucket_sql, 'temp.usage_batch', key)} WHERE true GROUP BY {positions} "
-            f"ON CONFLICT DO UPDATE SET {updates}, last_ts = max(last_ts, excluded.last_ts)")
+            f"SELECT {_FROM_HOURS[table]}, {', '.join(key)}, {sums} FROM temp.usage_batch_hours WHERE true "
+            f"GROUP BY {positions} ON CONFLICT DO UPDATE SET {updates}, last_ts = max(last_ts, excluded.last_ts)")
 
 
-# Run by the usage writer after it has put a batch's new rows in temp.usage_batch.
-ROLLUP_UPSERTS = tuple(_upsert(table, period.bucket_sql, key) for period in PERIODS[1:]
-                       for table, key in zip(period.tables, (_KEY, TEAM_KEY)) if table)
+# Run by the usage writer once it has added a batch's rows (the first given the largest id
+# before them) and emptied temp.usage_batch_hours, which has usage_hourly's columns.
+ROLLUP_STATEMENTS = (_BATCH_HOURS, *(_upsert(table, key) for period in PERIODS[1:]
+                                     for table, key in zip(period.tables, (_KEY, TEAM_KEY)) if table))
 
 
 def _segments(lo: float | None, hi: float | None, level: int, by_team: bool) -> list[tuple[str, float | None, float | None]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from appliance.errors import InvalidRequest, NotFound
 
 if TYPE_CHECKING:
@@ -26,10 +28,8 @@ LISTED = ("id", "ts", "request_id", "key_id", "user_id", "team_id", "model", "en
 
 def masked(value: Any) -> Any:
     """`value` (decoded JSON) with every string masked."""
-    from appliance.pii import mask_text  # here, not at import: it loads pyarrow
-
     if isinstance(value, str):
-        return mask_text(value)[0]
+        return _mask(value)
     if isinstance(value, list):
         return [masked(v) for v in value]
     if isinstance(value, dict):
@@ -37,17 +37,23 @@ def masked(value: Any) -> Any:
     return value
 
 
+def _mask(text: str) -> str:
+    from appliance.pii import mask_text, ordinary  # here, not at import: it loads pyarrow
+
+    return text if ordinary(text) else mask_text(text)[0]
+
+
 def logged_json(raw: bytes) -> str:
     """A JSON body as kept: masked, and cut at MAX_CHARS (a body that is not JSON is kept as masked text)."""
     try:
-        text = json.dumps(masked(json.loads(raw)), ensure_ascii=False)
-    except ValueError:
-        text = masked(raw.decode("utf-8", "replace"))
+        text = msgspec.json.encode(masked(msgspec.json.decode(raw))).decode()
+    except msgspec.DecodeError:
+        text = _mask(raw.decode("utf-8", "replace"))
     return text[:MAX_CHARS]
 
 
 def logged_text(text: str) -> str:
-    return masked(text)[:MAX_CHARS]
+    return _mask(text)[:MAX_CHARS]
 
 
 def insert(db: sqlite_utils.Database, rows: list[tuple]) -> None:

@@ -201,6 +201,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self._ensure_buckets()))
         self._tasks.append(asyncio.create_task(expire_reads(self.config.body_timeout_s)))
         self._tasks.append(asyncio.create_task(self.alerter.run()))
+        if self.tracing is not None:
+            self._tasks.append(asyncio.create_task(self.tracing.run(session)))
         self.door = await open_door(self.config, Path(self.runtime.home))
 
     async def stop(self) -> None:
@@ -212,8 +214,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.alerter.close()
-        if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched are sent
+        if self.tracing is not None and self.forwarder is not None:
+            await self.tracing.export(self.forwarder.session)  # the spans still waiting
         await self.recorder.flush()
         self.recorder.close()
         await self.audit.flush(self.db_path)
@@ -444,7 +446,7 @@ class Gateway:
         try:
             pool, response = await self.forwarder.open(call, plan, prepare)
             if call.trace is not None:
-                call.trace.answering()
+                call.trace.mark("engine")
             _, adapted, reader = prepared[pool]
             if call.route is not None:
                 call.model = pool.served.name

@@ -4,6 +4,7 @@ to an OTLP/HTTP receiver on loopback, all started before it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import UPSTREAM_KEY_ENV, Stack, free_port, start_stack, write_profile
@@ -64,9 +66,22 @@ class WebhookReceiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
+def from_otlp_json(body: bytes) -> ExportTraceServiceRequest:
+    """OTLP/HTTP JSON read into the official protobuf message (so a field that is not OTLP's
+    fails): ids are hex in OTLP's JSON, where protobuf's JSON mapping has base64."""
+    data = json.loads(body)
+    for resource in data["resourceSpans"]:
+        for scope in resource["scopeSpans"]:
+            for span in scope["spans"]:
+                for field in ("traceId", "spanId", "parentSpanId"):
+                    span[field] = base64.b64encode(bytes.fromhex(span.get(field, ""))).decode()
+    return json_format.Parse(json.dumps(data), ExportTraceServiceRequest())
+
+
 class OtlpReceiver:
-    """An OTLP/HTTP trace receiver on loopback (protobuf, as the exporters send): every span,
-    as {service, name, trace_id, span_id, parent_id, kind, attributes, start, end}."""
+    """An OTLP/HTTP trace receiver on loopback, protobuf (the SDK's exporter: the worker's job
+    spans) or JSON (the gateway's): every span, as {service, name, trace_id, span_id,
+    parent_id, kind, attributes, start, end}."""
 
     def __init__(self) -> None:
         inbox = self.inbox = Inbox()
@@ -74,7 +89,10 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
+                if self.headers["Content-Type"] == "application/json":
+                    request = from_otlp_json(body)
+                else:
+                    request = ExportTraceServiceRequest.FromString(body)
                 for resource in request.resource_spans:
                     service = {a.key: a.value.string_value for a in resource.resource.attributes}
                     for scope in resource.scope_spans:

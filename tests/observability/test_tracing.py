@@ -66,3 +66,18 @@ def test_a_job_is_a_span_of_the_worker(observed, otlp):
     span = otlp.inbox.wait(lambda s: s["attributes"].get("appliance.job.id") == job["id"], what="the job's span")
     assert span["name"] == "job model.import" and span["attributes"]["appliance.job.state"] == "succeeded"
     assert span["service"]["appliance.component"] == "worker"
+
+
+def test_sampling_follows_the_clients_flag_then_the_ratio():
+    from appliance.config import TracingConfig
+    from services.gateway.tracing import Tracing
+
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    never = Tracing(TracingConfig(otlp_endpoint="http://127.0.0.1:9", sample_ratio=0))
+    assert never.begin("chat/completions", None) is None
+    continued = never.begin("chat/completions", f"00-{trace_id}-{parent}-01")  # the client sampled it
+    assert (continued.trace_id, continued.parent_id) == (trace_id, parent)
+    assert never.begin("chat/completions", f"00-{trace_id}-{parent}-00") is None  # the client did not
+    always = Tracing(TracingConfig(otlp_endpoint="http://127.0.0.1:9"))
+    fresh = always.begin("embeddings", "not a traceparent")
+    assert fresh.parent_id == "" and len(fresh.trace_id) == 32 and fresh.trace_id != trace_id

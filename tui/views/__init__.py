@@ -37,7 +37,9 @@ COMMANDS = [
     Command("keys", ("k",), "API keys: create, revoke, limits and budgets with spend", "tui.views.keys:KeysView"),
     Command("users", ("u",), "users: create, role, password, delete", "tui.views.people:UsersView"),
     Command("teams", ("t",), "teams: members, limits and budgets", "tui.views.people:TeamsView"),
-    Command("usage", ("us", "cost"), "usage and cost by team, user, key and model", "tui.views.usage:UsageView"),
+    Command("usage", ("us", "cost"), "usage and cost by team, user, key, model and route", "tui.views.usage:UsageView"),
+    Command("alerts", ("al",), "alerts firing, pending and resolved, where they went; the rules", "tui.views.alerts:AlertsView"),
+    Command("logs", ("lg", "requests"), "request logs (masked): find a request by its id", "tui.views.request_logs:RequestLogsView"),
     Command("policies", ("pol",), "the PII, deny-list and injection policies of keys and teams", "tui.views.policies:PoliciesView"),
     Command("audit", ("au",), "the audit log: filter, verify the chain", "tui.views.audit:AuditView"),
 ]

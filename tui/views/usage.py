@@ -1,5 +1,5 @@
-"""Usage and cost (GET /admin/usage): totals over a period, grouped by team, user, key, model
-or a pair of them, costliest first, with a totals line and a bar chart of the top rows' cost
+"""Usage and cost (GET /admin/usage): totals over a period, grouped by team, user, key, model,
+route or a pair of them, costliest first, with a totals line and a bar chart of the top rows' cost
 or tokens. A caller below operator sees only its own usage, and the heading says so."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from tui.view import TableView
 from tui.widgets import BarChart, Column, ResourceTable
 
 PERIODS = ("15m", "1h", "24h", "7d", "30d", "all")
-GROUPINGS = (("team",), ("user",), ("key",), ("model",), ("team", "model"), ("user", "model"), ("key", "model"))
+GROUPINGS = (("team",), ("user",), ("key",), ("model",), ("route",), ("team", "model"), ("user", "model"),
+             ("key", "model"), ("route", "model"))
 GROUP_FIELDS = {"team": ("team_name", "team_id"), "user": ("user_name", "user_id"), "key": ("key_name", "key_id"),
-                "model": ("model", "model")}  # (shown, identity) of each grouping's row fields
+                "model": ("model", "model"), "route": ("route", "route")}  # (shown, identity) of each grouping's row fields
 CHART_ROWS = 10
 
 

@@ -18,6 +18,29 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 
+# Migration 17's usage rollups, one table per bucket and set of groupings, filled from the
+# usage rows already there. Part of that migration: never changed once released.
+ALL_GROUPINGS_17 = ("team_id", "user_id", "key_id", "model", "route", "template")
+TEAM_GROUPINGS_17 = ("team_id", "model", "route", "template")
+
+
+def _rollup_17(table: str, groupings: tuple[str, ...], bucket_sql: str) -> tuple[str, str]:
+    measures = ("requests INTEGER", "errors INTEGER", "server_errors INTEGER", "prompt_tokens INTEGER",
+                "completion_tokens INTEGER", "total_tokens INTEGER", "cost REAL", "cached INTEGER",
+                "saved_tokens INTEGER", "latency_ms_sum REAL", "ttft_ms_sum REAL", "ttft_count INTEGER",
+                "last_ts REAL")
+    columns = ", ".join([f"{g} TEXT NOT NULL" for g in groupings] + [f"{m} NOT NULL" for m in measures])
+    create = (f"CREATE TABLE {table} (bucket INTEGER NOT NULL, {columns}, "
+              f"PRIMARY KEY (bucket, {', '.join(groupings)})) WITHOUT ROWID")
+    keys = ", ".join("model" if g == "model" else "''" if g == "route" else f"coalesce({g}, '')" for g in groupings)
+    fill = (f"INSERT INTO {table} SELECT {bucket_sql}, {keys}, count(*), sum(status >= 400), sum(status >= 500), "
+            "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(total_tokens), 0), "
+            "coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0), coalesce(sum(latency_ms), 0), "
+            f"coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts) FROM usage GROUP BY "
+            f"{', '.join(str(i) for i in range(1, len(groupings) + 2))}")
+    return create, fill
+
+
 # Each entry is one schema version: SQL statements run together in one transaction.
 MIGRATIONS: list[tuple[str, ...]] = [
     (
@@ -425,150 +448,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE UNIQUE INDEX alerts_open ON alerts (rule, subject) WHERE state != 'resolved'",
         "CREATE INDEX alerts_started ON alerts (started_at)",
-        """CREATE TABLE usage_hourly (
-            bucket INTEGER NOT NULL,
-            team_id TEXT NOT NULL,
-            user_id TEXT NOT NULL,
-            key_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            template TEXT NOT NULL,
-            requests INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            server_errors INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            cached INTEGER NOT NULL,
-            saved_tokens INTEGER NOT NULL,
-            latency_ms_sum REAL NOT NULL,
-            ttft_ms_sum REAL NOT NULL,
-            ttft_count INTEGER NOT NULL,
-            last_ts REAL NOT NULL,
-            PRIMARY KEY (bucket, team_id, user_id, key_id, model, route, template)
-        ) WITHOUT ROWID""",
-        """INSERT INTO usage_hourly
-           SELECT CAST(ts / 3600 AS INTEGER) * 3600, coalesce(team_id, ''), coalesce(user_id, ''),
-                  coalesce(key_id, ''), model, '', coalesce(template, ''), count(*), sum(status >= 400),
-                  sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
-                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
-           FROM usage GROUP BY 1, 2, 3, 4, 5, 6, 7""",
-        """CREATE TABLE usage_daily (
-            bucket INTEGER NOT NULL,
-            team_id TEXT NOT NULL,
-            user_id TEXT NOT NULL,
-            key_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            template TEXT NOT NULL,
-            requests INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            server_errors INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            cached INTEGER NOT NULL,
-            saved_tokens INTEGER NOT NULL,
-            latency_ms_sum REAL NOT NULL,
-            ttft_ms_sum REAL NOT NULL,
-            ttft_count INTEGER NOT NULL,
-            last_ts REAL NOT NULL,
-            PRIMARY KEY (bucket, team_id, user_id, key_id, model, route, template)
-        ) WITHOUT ROWID""",
-        """INSERT INTO usage_daily
-           SELECT CAST(ts / 86400 AS INTEGER) * 86400, coalesce(team_id, ''), coalesce(user_id, ''),
-                  coalesce(key_id, ''), model, '', coalesce(template, ''), count(*), sum(status >= 400),
-                  sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
-                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
-           FROM usage GROUP BY 1, 2, 3, 4, 5, 6, 7""",
-        """CREATE TABLE usage_monthly (
-            bucket INTEGER NOT NULL,
-            team_id TEXT NOT NULL,
-            user_id TEXT NOT NULL,
-            key_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            template TEXT NOT NULL,
-            requests INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            server_errors INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            cached INTEGER NOT NULL,
-            saved_tokens INTEGER NOT NULL,
-            latency_ms_sum REAL NOT NULL,
-            ttft_ms_sum REAL NOT NULL,
-            ttft_count INTEGER NOT NULL,
-            last_ts REAL NOT NULL,
-            PRIMARY KEY (bucket, team_id, user_id, key_id, model, route, template)
-        ) WITHOUT ROWID""",
-        """INSERT INTO usage_monthly
-           SELECT CAST(strftime('%s', ts, 'unixepoch', 'start of month') AS INTEGER), coalesce(team_id, ''),
-                  coalesce(user_id, ''), coalesce(key_id, ''), model, '', coalesce(template, ''), count(*), sum(status >= 400),
-                  sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
-                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
-           FROM usage GROUP BY 1, 2, 3, 4, 5, 6, 7""",
-        """CREATE TABLE usage_hourly_teams (
-            bucket INTEGER NOT NULL,
-            team_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            template TEXT NOT NULL,
-            requests INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            server_errors INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            cached INTEGER NOT NULL,
-            saved_tokens INTEGER NOT NULL,
-            latency_ms_sum REAL NOT NULL,
-            ttft_ms_sum REAL NOT NULL,
-            ttft_count INTEGER NOT NULL,
-            last_ts REAL NOT NULL,
-            PRIMARY KEY (bucket, team_id, model, route, template)
-        ) WITHOUT ROWID""",
-        """INSERT INTO usage_hourly_teams
-           SELECT CAST(ts / 3600 AS INTEGER) * 3600, coalesce(team_id, ''), model, '', coalesce(template, ''), count(*),
-                  sum(status >= 400), sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
-                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
-           FROM usage GROUP BY 1, 2, 3, 4, 5""",
-        """CREATE TABLE usage_daily_teams (
-            bucket INTEGER NOT NULL,
-            team_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            route TEXT NOT NULL,
-            template TEXT NOT NULL,
-            requests INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            server_errors INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            cached INTEGER NOT NULL,
-            saved_tokens INTEGER NOT NULL,
-            latency_ms_sum REAL NOT NULL,
-            ttft_ms_sum REAL NOT NULL,
-            ttft_count INTEGER NOT NULL,
-            last_ts REAL NOT NULL,
-            PRIMARY KEY (bucket, team_id, model, route, template)
-        ) WITHOUT ROWID""",
-        """INSERT INTO usage_daily_teams
-           SELECT CAST(ts / 86400 AS INTEGER) * 86400, coalesce(team_id, ''), model, '', coalesce(template, ''), count(*),
-                  sum(status >= 400), sum(status >= 500), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-                  coalesce(sum(total_tokens), 0), coalesce(sum(cost), 0), sum(cached), coalesce(sum(saved_tokens), 0),
-                  coalesce(sum(latency_ms), 0), coalesce(sum(ttft_ms), 0), count(ttft_ms), max(ts)
-           FROM usage GROUP BY 1, 2, 3, 4, 5""",
+        *_rollup_17("usage_hourly", ALL_GROUPINGS_17, "CAST(ts / 3600 AS INTEGER) * 3600"),
+        *_rollup_17("usage_daily", ALL_GROUPINGS_17, "CAST(ts / 86400 AS INTEGER) * 86400"),
+        *_rollup_17("usage_monthly", ALL_GROUPINGS_17,
+                    "CAST(strftime('%s', ts, 'unixepoch', 'start of month') AS INTEGER)"),
+        *_rollup_17("usage_hourly_teams", TEAM_GROUPINGS_17, "CAST(ts / 3600 AS INTEGER) * 3600"),
+        *_rollup_17("usage_daily_teams", TEAM_GROUPINGS_17, "CAST(ts / 86400 AS INTEGER) * 86400"),
     ),
 ]
 

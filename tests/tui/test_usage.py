@@ -142,7 +142,7 @@ async def test_a_developer_sees_its_own_usage_only(console, stack, unique):
 
 async def test_a_bad_period_is_the_apis_refusal(console):
     async with console("usage 0m") as pilot:
-        message = await until(pilot, lambda: next((n for n in notes(pilot) if "invalid duration" in n), None),
+        message = await until(pilot, lambda: next((n for n in notes(pilot) if "invalid time '0m'" in n), None),
                               "the API's error")
         assert "parameter since" in message
         await pilot.press("1")  # a good period again: the view loads

@@ -19,14 +19,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from aiohttp import web
 
 from gateway_overhead import BIN, PY, free_port, spawn, stop, wait_until, wrk
 from governance_overhead import admin_post, cpu_seconds, gateway_workers, pin
@@ -37,17 +39,29 @@ TARGET = 0.90
 PARTS = ("scrape", "tracing", "logs")
 
 
-class Sink(BaseHTTPRequestHandler):
-    """An OTLP/HTTP collector that takes every export and keeps nothing."""
+def start_sink() -> int:
+    """An OTLP/HTTP collector that takes every export and keeps nothing (aiohttp, on a thread
+    of its own: the bench's other CPU, which wrk and the upstream share, must not be its
+    bottleneck). Returns its port."""
+    port, ready = free_port(), threading.Event()
 
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+    async def take(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response()
 
-    def log_message(self, *args) -> None:
-        pass
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/v1/traces", take)
+        runner = web.AppRunner(app, access_log=None)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    ready.wait(10)
+    return port
 
 
 def scrape_every_second(url: str, stopping: threading.Event) -> None:
@@ -95,14 +109,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="appliance-observability-bench-"))
     procs: list = []
     prefix = pin()
-    sink = ThreadingHTTPServer(("127.0.0.1", free_port()), Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink = start_sink()
     stopping = threading.Event()
     try:
         gateways = {}
         for name in ("off", "on"):
             root, key = start(work / name, procs, prefix, args.on if name == "on" else set(),
-                              f"http://127.0.0.1:{sink.server_address[1]}")
+                              f"http://127.0.0.1:{sink}")
             gateways[name] = (root, key, gateway_workers(work / name))
         if "scrape" in args.on:
             threading.Thread(target=scrape_every_second, args=(gateways["on"][0] + "/metrics", stopping),
@@ -123,7 +136,6 @@ def main() -> None:
         print("\n" + table(rows, args.concurrency))
     finally:
         stopping.set()
-        sink.shutdown()
         stop(procs, work)
 
 

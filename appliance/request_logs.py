@@ -10,6 +10,7 @@ and each is cut at MAX_CHARS characters.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -26,21 +27,31 @@ COLUMNS = ("ts", "request_id", "key_id", "user_id", "team_id", "model", "endpoin
 LISTED = ("id", "ts", "request_id", "key_id", "user_id", "team_id", "model", "endpoint", "status", "latency_ms")
 
 
+# Keys whose string values are the API's own words, never a person's: left unscanned.
+PLAIN_KEYS = frozenset({"id", "object", "model", "role", "finish_reason", "system_fingerprint", "type"})
+
+
 def masked(value: Any) -> Any:
-    """`value` (decoded JSON) with every string masked."""
+    """`value` (decoded JSON) with every string masked (but those of PLAIN_KEYS)."""
     if isinstance(value, str):
         return _mask(value)
     if isinstance(value, list):
         return [masked(v) for v in value]
     if isinstance(value, dict):
-        return {k: masked(v) for k, v in value.items()}
+        return {k: v if k in PLAIN_KEYS and isinstance(v, str) else masked(v) for k, v in value.items()}
     return value
 
 
 def _mask(text: str) -> str:
-    from appliance.pii import mask_text, ordinary  # here, not at import: it loads pyarrow
+    pii = _pii()
+    return text if pii.ordinary(text) else pii.mask_text(text)[0]
 
-    return text if ordinary(text) else mask_text(text)[0]
+
+@functools.cache
+def _pii():
+    from appliance import pii  # here, not at import: it loads pyarrow
+
+    return pii
 
 
 def logged_json(raw: bytes) -> str:

@@ -92,19 +92,21 @@ class RequestTrace:
         return {"traceparent": f"00-{self.trace_id}-{self.engine_id}-01"}
 
     def end(self, call) -> None:
-        """The request is answered (or failed): its spans, OTLP's JSON, wait for the next export."""
-        now, marks, root = time.time_ns(), self.marks, self.span_id
+        """The request is answered (or failed): its spans, OTLP's JSON, wait for the next export
+        (made as text from a template: a span's dict and its encoding cost twice as much)."""
+        now, marks, root, trace_id = time.time_ns(), self.marks, self.span_id, self.trace_id
         spans, start = [], self.start
         for stage in STAGES:
             if stage in marks:
-                spans.append(self._span(stage, _new_id(), root, start, marks[stage]))
+                spans.append(_SPAN(trace_id, _new_id(), root, _NAMES[stage], INTERNAL, start, marks[stage], "[]", "{}"))
                 start = marks[stage]
         if self.engine_id is not None:
             answered = marks.get("engine", now)
-            spans.append(self._span("engine", self.engine_id, root, marks["engine call"], answered, CLIENT,
-                                    [_attribute("url.full", self.url)]))
+            url = _text([_attribute("url.full", self.url)])
+            spans.append(_SPAN(trace_id, self.engine_id, root, _NAMES["engine"], CLIENT, marks["engine call"], answered,
+                               url, "{}"))
             if "engine" in marks:
-                spans.append(self._span("stream", _new_id(), root, answered, now))
+                spans.append(_SPAN(trace_id, _new_id(), root, _NAMES["stream"], INTERNAL, answered, now, "[]", "{}"))
         attributes = [_attribute("http.request.method", "POST"), _attribute("url.path", f"/v1/{self.endpoint}"),
                       _attribute("gen_ai.operation.name", OPERATIONS.get(self.endpoint, self.endpoint)),
                       _attribute("http.response.status_code", call.status),
@@ -116,20 +118,23 @@ class RequestTrace:
         if call.usage is not None:
             attributes.append(_attribute("gen_ai.usage.input_tokens", call.usage.prompt_tokens))
             attributes.append(_attribute("gen_ai.usage.output_tokens", call.usage.completion_tokens))
-        status = {}
+        status = "{}"
         if call.error_type:
             attributes.append(_attribute("error.type", call.error_type))
             if call.status >= 500:
-                status = {"code": STATUS_ERROR, "message": call.error_type}
-        spans.append(self._span(f"POST /v1/{self.endpoint}", root, self.parent_id, self.start, now, SERVER,
-                                attributes, status))
-        self.tracing.add(_encode(spans)[1:-1])  # JSON now: bytes wait cheaper than dicts (the GC skips them)
+                status = _text({"code": STATUS_ERROR, "message": call.error_type})
+        spans.append(_SPAN(trace_id, root, self.parent_id, _text(f"POST /v1/{self.endpoint}"), SERVER, self.start, now,
+                           _text(attributes), status))
+        self.tracing.add(",".join(spans).encode())  # bytes wait cheaper than objects (the GC skips them)
 
-    def _span(self, name: str, span_id: str, parent_id: str, start: int, end: int, kind: int = INTERNAL,
-              attributes: list | None = None, status: dict | None = None) -> dict:
-        return {"traceId": self.trace_id, "spanId": span_id, "parentSpanId": parent_id, "name": name, "kind": kind,
-                "startTimeUnixNano": start, "endTimeUnixNano": end, "attributes": attributes or [],
-                "status": status or {}}
+
+_SPAN = ('{{"traceId":"{}","spanId":"{}","parentSpanId":"{}","name":{},"kind":{},"startTimeUnixNano":{},'
+         '"endTimeUnixNano":{},"attributes":{},"status":{}}}').format
+_NAMES = {name: f'"{name}"' for name in (*STAGES, "engine", "stream")}
+
+
+def _text(value) -> str:
+    return _encode(value).decode()
 
 
 def _attribute(key: str, value) -> dict:

@@ -127,7 +127,7 @@ def alerts_channel_set(name, webhook_url, webhook_format, to, smtp_host, smtp_po
                        password_env, url, key, home, as_json):
     """Create or replace the channel NAME: a webhook (--webhook) or email (--email-to, --smtp-host, --sender)."""
     if bool(webhook_url) == bool(to):
-        raise click.UsageError("give --webhook URL or --email-to ADDRESS (with --smtp-host and --sender), not both")
+        raise click.UsageError("give one of --webhook URL and --email-to ADDRESS (with --smtp-host and --sender)")
     if to and not (smtp_host and sender):
         raise click.UsageError("--email-to needs --smtp-host and --sender")
     if webhook_url:

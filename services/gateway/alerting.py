@@ -98,13 +98,12 @@ class Measured(NamedTuple):
     complete: bool  # the data spans the rule's window: a subject not found has recovered
 
 
-def measure(rule: AlertRuleSpec, scrapes: Scrapes, tokens: Callable[[AlertRuleSpec], dict[str, Finding]]) -> Measured | None:
-    """The subjects of `rule` whose condition holds now; None when it cannot be measured yet."""
+def measure(rule: AlertRuleSpec, scrapes: Scrapes) -> Measured | None:
+    """The subjects of `rule` (any kind but token_surge, which reads the usage rollups) whose
+    condition holds now; None when it cannot be measured yet."""
     threshold, window = alerts.threshold_of(rule), alerts.window_of(rule)
     wanted = (lambda labels: rule.model in (labels.get("model"), labels.get("gen_ai_request_model"))) \
         if rule.model else (lambda _: True)
-    if rule.kind == "token_surge":
-        return Measured(tokens(rule), True)
     if window is None:
         latest = scrapes.latest
         if latest is None:
@@ -223,14 +222,14 @@ class Alerter:
     async def evaluate(self) -> None:
         now = time.time()
         rules, channels, active = await asyncio.to_thread(self._read)
-        windows = [alerts.window_of(r) or 0.0 for r in rules.values()]
+        windows = [alerts.window_of(r) or 0.0 for r in rules.values() if r.kind != "token_surge"]  # scrapes kept
         self.scrapes.add(await self.scrape(), max(windows, default=0.0) + 2 * self.config.interval_s)
         measurable = [r for r in rules.values() if r.enabled]
         surges = await asyncio.to_thread(self._token_surges, [r for r in measurable if r.kind == "token_surge"], now)
         sends = []
         seen: set[tuple[str, str]] = set()
         for rule in measurable:
-            measured = measure(rule, self.scrapes, lambda r: surges[r.name])
+            measured = Measured(surges[rule.name], True) if rule.kind == "token_surge" else measure(rule, self.scrapes)
             if measured is None:
                 seen |= {key for key in active if key[0] == rule.name}
                 continue

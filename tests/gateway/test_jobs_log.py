@@ -81,10 +81,14 @@ def test_bad_log_requests_name_the_parameter(stack, tmp_path):
 
 
 def follow(stack, job_id: str, *args: str) -> subprocess.Popen:
-    """`appliance jobs logs JOB --follow` in the background, its output unbuffered."""
+    """`appliance jobs logs JOB --follow` in the background, its output unbuffered, with Ctrl-C's
+    SIGINT as a terminal delivers it: a pytest started in the background of a non-interactive
+    shell ignores SIGINT, and its children would inherit that (Python then never installs its
+    KeyboardInterrupt handler)."""
     env = {**os.environ, "APPLIANCE_URL": stack.root, "APPLIANCE_KEY": stack.admin_key, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([str(BIN / "appliance"), "jobs", "logs", job_id, "--follow", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def first_line(proc: subprocess.Popen) -> str:

@@ -187,7 +187,9 @@ class UsageRecorder:
             self._db.execute("PRAGMA temp_store = MEMORY")
             self._db.execute(_HOURS_TABLE)
         conn = self._db.conn
-        conn.execute("BEGIN")
+        # IMMEDIATE: the write lock before the first read. A deferred transaction that reads
+        # first cannot wait for another worker's write; it fails at once ("database is locked").
+        conn.execute("BEGIN IMMEDIATE")
         try:
             before = conn.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
             conn.execute(_INSERT, [msgspec.json.encode(batch)])

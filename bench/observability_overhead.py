@@ -11,7 +11,9 @@ streaming, with wrk at --concurrency (64). The two take turns within each round,
 reverse order every other round; the table gives the median of each round's ratio of on
 to off, for throughput and for the gateway worker's CPU time per request. With two CPUs or
 more, both gateways run on the first (one is loaded at a time) and wrk, the upstreams, the
-scraper and the sink on the others. Target: `on` keeps at least 90% of `off`'s throughput.
+scraper, the sink and the `on` gateway's telemetry helper (services/telemetry, which makes
+and exports its spans and masks and writes its logs) on the others; the helper's CPU time
+per request is shown beside the worker's. Target: `on` keeps at least 90% of `off`'s throughput.
 Usage:
   .venv/bin/python bench/observability_overhead.py [--seconds 3] [--rounds 8]
 """
@@ -20,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -96,6 +102,25 @@ models:
     return root, key
 
 
+def start_helpers(root: str, key: str, workers: list[int]) -> list[int]:
+    """One request, so that the gateway's telemetry helpers start: their pids, moved to this
+    process's CPUs (off the gateway's)."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16}).encode()
+    urllib.request.urlopen(urllib.request.Request(
+        f"{root}/v1/chat/completions", body, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}),
+        timeout=30).read()
+    for _ in range(50):
+        table = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+        helpers = [int(pid) for pid, ppid, args in (line.split(None, 2) for line in table.splitlines()[1:])
+                   if int(ppid) in workers and "services.telemetry" in args]
+        if helpers:
+            for pid in helpers:
+                os.sched_setaffinity(pid, os.sched_getaffinity(0))
+            return helpers
+        time.sleep(0.1)
+    sys.exit("the gateway's telemetry helper did not start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=3)
@@ -116,7 +141,9 @@ def main() -> None:
         for name in ("off", "on"):
             root, key = start(work / name, procs, prefix, args.on if name == "on" else set(),
                               f"http://127.0.0.1:{sink}")
-            gateways[name] = (root, key, gateway_workers(work / name))
+            workers = gateway_workers(work / name)
+            helpers = start_helpers(root, key, workers) if name == "on" and args.on & {"tracing", "logs"} else []
+            gateways[name] = (root, key, workers, helpers)
         if "scrape" in args.on:
             threading.Thread(target=scrape_every_second, args=(gateways["on"][0] + "/metrics", stopping),
                              daemon=True).start()
@@ -125,13 +152,15 @@ def main() -> None:
             body = {"model": MODEL, "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16, "stream": stream}
             for round_ in range(args.rounds):
                 for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                    root, key, workers = gateways[name]
-                    before = cpu_seconds(workers)
+                    root, key, workers, helpers = gateways[name]
+                    before, helped = cpu_seconds(workers), cpu_seconds(helpers)
                     result = wrk(f"{root}/v1/chat/completions", body, key, args.concurrency, args.seconds, work)
                     result["cpu_us"] = (cpu_seconds(workers) - before) / max(result["requests"], 1) * 1e6
+                    result["helper_us"] = (cpu_seconds(helpers) - helped) / max(result["requests"], 1) * 1e6
                     rows.append({"stream": stream, "target": name, **result})
                     print(f"stream={stream!s:5} {name:3} {result['rps']:9.1f} req/s  p50 {result['p50_us'] / 1000:7.2f} ms  "
                           f"p99 {result['p99_us'] / 1000:7.2f} ms  cpu {result['cpu_us']:6.1f} us/req  "
+                          f"helper {result['helper_us']:6.1f} us/req  "
                           f"errors {result['socket_errors'] + result['non2xx']}", flush=True)
         print("\n" + table(rows, args.concurrency))
     finally:
@@ -141,7 +170,7 @@ def main() -> None:
 
 def table(rows: list[dict], concurrency: int) -> str:
     lines = ["| stream | conc. | req/s off | req/s on | on/off | p50 ms off | p50 ms on | worker CPU µs/req off | on |"
-             " off/on CPU | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " off/on CPU | helper CPU µs/req | errors |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for stream in (False, True):
         off = [r for r in rows if r["stream"] == stream and r["target"] == "off"]
         on = [r for r in rows if r["stream"] == stream and r["target"] == "on"]
@@ -152,7 +181,7 @@ def table(rows: list[dict], concurrency: int) -> str:
             f"| {statistics.median(r['rps'] for r in on):.0f} | {ratio:.1%} "
             f"| {statistics.median(r['p50_us'] for r in off) / 1000:.2f} | {statistics.median(r['p50_us'] for r in on) / 1000:.2f} "
             f"| {statistics.median(r['cpu_us'] for r in off):.0f} | {statistics.median(r['cpu_us'] for r in on):.0f} "
-            f"| {cpu:.1%} | {sum(r['socket_errors'] + r['non2xx'] for r in off + on)} |"
+            f"| {cpu:.1%} | {statistics.median(r['helper_us'] for r in on):.0f} | {sum(r['socket_errors'] + r['non2xx'] for r in off + on)} |"
             + ("" if ratio >= TARGET else f"  below the {TARGET:.0%} target"))
     return "\n".join(lines)
 

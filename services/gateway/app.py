@@ -79,9 +79,11 @@ from services.gateway.schemas import Usage
 from services.gateway.shadow import SKIPPED, answer_text, non_streamed, similarity
 from services.gateway.stream_masking import masked_stream
 from services.gateway.alerting import Alerter
-from services.gateway.request_logs import Exchange, RequestLogWriter
+from services.gateway import request_logs
+from services.gateway.request_logs import Exchange
 from services.gateway.state_metrics import StateCollector
 from services.gateway.system import SystemState
+from services.gateway.telemetry import Telemetry
 from services.gateway.tracing import Tracing
 from services.worker.queue import JobQueue
 
@@ -136,8 +138,9 @@ class Gateway:
         self.state_metrics = StateCollector(self)  # GPUs, engines, jobs, backup and budgets, read at each scrape
         self.metrics.registry.register(self.state_metrics)
         self.alerter = Alerter(self)  # evaluates the alert rules, in the worker that holds its lock
-        self.tracing = Tracing(runtime.tracing) if runtime.tracing.otlp_endpoint else None  # spans of each request
-        self.request_logs = RequestLogWriter(self.db_path)  # the requests and answers of callers that log them
+        tracing = runtime.tracing if runtime.tracing.otlp_endpoint else None
+        self.telemetry = Telemetry(self.db_path, tracing)  # exports spans and writes request logs, in a helper
+        self.tracing = Tracing(tracing, self.telemetry) if tracing else None  # the spans of each request
         self.templates = PromptTemplates()  # rendered into chat requests that name one
         self.tool_loop = ToolLoop(Path(runtime.home), self.audit)  # runs the tools a chat request names
 
@@ -201,8 +204,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self._ensure_buckets()))
         self._tasks.append(asyncio.create_task(expire_reads(self.config.body_timeout_s)))
         self._tasks.append(asyncio.create_task(self.alerter.run()))
-        if self.tracing is not None:
-            self._tasks.append(asyncio.create_task(self.tracing.run(session)))
+        self._tasks.append(asyncio.create_task(self.telemetry.run()))
         self.door = await open_door(self.config, Path(self.runtime.home))
 
     async def stop(self) -> None:
@@ -214,12 +216,10 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.alerter.close()
-        if self.tracing is not None and self.forwarder is not None:
-            await self.tracing.export(self.forwarder.session)  # the spans still waiting
         await self.recorder.flush()
         self.recorder.close()
         await self.audit.flush(self.db_path)
-        await self.request_logs.flush()
+        await self.telemetry.close()  # the spans and request logs still waiting
         if self.governor is not None:
             self.governor.close()
         if self.forwarder:
@@ -260,7 +260,6 @@ class Gateway:
                 self.governor.return_leases()  # a few microseconds: idle room goes back to the other workers
                 await asyncio.to_thread(self.governor.sweep)
                 await self.audit.flush(self.db_path)
-                await self.request_logs.flush()
                 if self.shadow_rows:
                     rows, self.shadow_rows = self.shadow_rows, []
                     await asyncio.to_thread(self._write_shadow, rows)
@@ -751,7 +750,7 @@ class Gateway:
         if call.trace is not None:
             call.trace.end(call)
         if call.log is not None:
-            self.request_logs.record(call, elapsed * 1000)
+            self.telemetry.add_log(request_logs.record(call, elapsed * 1000))
         m = self.metrics
         model = call.model if call.model in self.pools else UNKNOWN_MODEL
         operation = OPERATIONS.get(call.endpoint, call.endpoint)

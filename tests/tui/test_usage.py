@@ -127,6 +127,22 @@ async def test_keys_real_counts_grouping_period_and_chart(console, stack, unique
         await pilot.press("p")  # cycles back to the start
         await until(pilot, lambda: screen.period == "15m" and screen.answer["since"], "p cycles")
 
+        # u buckets the rows per hour, then day, then month (UTC), newest first; then not at all.
+        await pilot.press("u")
+        await until(pilot, lambda: screen.answer["bucket"] == "hour" and row_of(pilot, MODEL), "rows per hour")
+        assert [c.key for c in screen.table.spec][:2] == ["bucket", "model"] and "per hour (UTC)" in screen.heading()
+        rows = list(screen.table.rows_by_key.values())
+        assert all(r["bucket"].endswith(":00:00Z") for r in rows)
+        assert [r["bucket"] for r in rows] == sorted((r["bucket"] for r in rows), reverse=True)
+        shown = next(c for c in cells(pilot) if c[1] == MODEL)
+        assert shown[0] == row_of(pilot, MODEL)["bucket"][:16].replace("T", " ")  # 2026-12-03 15:00
+        await pilot.press("u", "u")
+        await until(pilot, lambda: screen.answer["bucket"] == "month" and row_of(pilot, MODEL), "rows per month")
+        assert next(c for c in cells(pilot) if c[1] == MODEL)[0] == time.strftime("%Y-%m", time.gmtime())
+        await pilot.press("u")
+        await until(pilot, lambda: screen.answer["bucket"] is None and [c.key for c in screen.table.spec][0] == "model",
+                    "no buckets")
+
 
 async def test_a_developer_sees_its_own_usage_only(console, stack, unique):
     name = unique("usage-own")

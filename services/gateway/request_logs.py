@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+from services.telemetry.frames import LogRecord
+
 
 class Exchange:
     """What a logged request sent and got: its body, and its answer (whole, or the streamed pieces)."""
@@ -18,9 +20,9 @@ class Exchange:
         self.pieces: list[bytes] | None = None
 
 
-def record(call, latency_ms: float) -> tuple:
-    """The call has ended (answered or not): its LogRecord's fields (services/telemetry/frames.py)."""
+def record(call, latency_ms: float) -> LogRecord:
+    """The call has ended (answered or not): what the telemetry helper keeps of it."""
     exchange, principal = call.log, call.principal
     answer = b"".join(exchange.pieces) if exchange.pieces is not None else exchange.answer
-    return (time.time(), call.request_id, principal.key_id, principal.user_id, principal.team_id, call.model or "",
-            call.endpoint, call.status, latency_ms, exchange.body, answer, call.stream)
+    return LogRecord(time.time(), call.request_id, principal.key_id, principal.user_id, principal.team_id,
+                     call.model or "", call.endpoint, call.status, latency_ms, exchange.body, answer, call.stream)

@@ -1,5 +1,5 @@
 """The gateway worker's side of its telemetry helper (services/telemetry): the traces and
-request logs of the requests that end are queued as plain tuples (a microsecond or two
+request logs of the requests that end are queued as records (a microsecond or two
 each), and sent every SEND_EVERY_S down a pipe to the helper, which does the rest on
 another CPU: making and exporting spans, masking and writing logs.
 
@@ -21,7 +21,6 @@ import msgspec
 
 from appliance.config import TracingConfig
 from services.telemetry import frames
-from services.telemetry.main import Settings
 
 log = logging.getLogger("appliance.gateway")
 
@@ -33,17 +32,17 @@ CLOSE_TIMEOUT_S = 30.0
 
 class Telemetry:
     def __init__(self, db_path: Path, tracing: TracingConfig | None):
-        self.settings = msgspec.json.encode(Settings(db_path=str(db_path), tracing=tracing)).decode()
-        self.spans: list[tuple] = []  # services/telemetry/frames.py: SpanRecord's fields
-        self.logs: list[tuple] = []  # LogRecord's
+        self.settings = msgspec.json.encode(frames.Settings(db_path=str(db_path), tracing=tracing)).decode()
+        self.spans: list[frames.SpanRecord] = []
+        self.logs: list[frames.LogRecord] = []
         self.helper: asyncio.subprocess.Process | None = None
         self.pipe: asyncio.WriteTransport | None = None  # to the helper's stdin
         self.dropped = 0
 
-    def add_span(self, record: tuple) -> None:
+    def add_span(self, record: frames.SpanRecord) -> None:
         self.spans.append(record)
 
-    def add_log(self, record: tuple) -> None:
+    def add_log(self, record: frames.LogRecord) -> None:
         self.logs.append(record)
 
     async def run(self) -> None:

@@ -34,6 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from appliance import __version__
 from appliance.config import TracingConfig
+from services.telemetry.frames import SpanRecord
 
 EXPORT_TIMEOUT_S = 10.0
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -60,7 +61,7 @@ class RequestTrace:
 
     def __init__(self, tracing: Tracing, endpoint: str, trace_id: str, parent_id: str):
         self.tracing, self.endpoint = tracing, endpoint
-        self.trace_id, self.span_id, self.parent_id = trace_id, _new_id(), parent_id
+        self.trace_id, self.span_id, self.parent_id = trace_id, new_id(), parent_id
         self.start = time.time_ns()
         self.marks: dict[str, int] = {}
         self.engine_id: str | None = None
@@ -73,23 +74,24 @@ class RequestTrace:
     def engine_headers(self, url: str) -> dict[str, str]:
         """The engine call starts (or is tried again): the traceparent header that carries its span's context."""
         if self.engine_id is None:
-            self.engine_id, self.url = _new_id(), str(url)
+            self.engine_id, self.url = new_id(), str(url)
             self.marks["engine call"] = time.time_ns()
         return {"traceparent": f"00-{self.trace_id}-{self.engine_id}-01"}
 
     def end(self, call) -> None:
-        """The request is answered (or failed): its trace, as a SpanRecord's fields, goes to the
-        telemetry helper, which makes the spans and exports them."""
+        """The request is answered (or failed): its trace's readings go to the telemetry helper,
+        which makes the spans and exports them."""
         marks, usage = self.marks, call.usage
-        self.tracing.telemetry.add_span((
+        self.tracing.telemetry.add_span(SpanRecord(
             self.trace_id, self.span_id, self.parent_id, self.endpoint, self.start, time.time_ns(),
-            marks.get("authenticate"), marks.get("route"), marks.get("policy"), marks.get("engine call"),
-            marks.get("engine"), self.engine_id, self.url, call.status, call.request_id, call.model, call.route,
-            usage.prompt_tokens if usage is not None else None,
-            usage.completion_tokens if usage is not None else None, call.error_type))
+            authenticate=marks.get("authenticate"), route=marks.get("route"), policy=marks.get("policy"),
+            engine_call=marks.get("engine call"), engine=marks.get("engine"), engine_id=self.engine_id, url=self.url,
+            status=call.status, request_id=call.request_id, model=call.model, route_name=call.route,
+            input_tokens=usage.prompt_tokens if usage is not None else None,
+            output_tokens=usage.completion_tokens if usage is not None else None, error_type=call.error_type))
 
 
-def _new_id() -> str:
+def new_id() -> str:
     return f"{random.getrandbits(64) or 1:016x}"
 
 

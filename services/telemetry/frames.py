@@ -8,10 +8,19 @@ from typing import BinaryIO, Iterator
 
 import msgspec
 
+from appliance.config import TracingConfig
+
 HEADER = struct.Struct(">I")
 
 
-class SpanRecord(msgspec.Struct, array_like=True):
+class Settings(msgspec.Struct, kw_only=True):
+    """The helper's one argument, as JSON: where request logs go, and where spans go (None: no tracing)."""
+
+    db_path: str
+    tracing: TracingConfig | None = None
+
+
+class SpanRecord(msgspec.Struct, array_like=True, gc=False):
     """A traced request's readings (services/gateway/tracing.py); times in ns since the epoch, None where a stage was not reached."""
 
     trace_id: str
@@ -36,7 +45,7 @@ class SpanRecord(msgspec.Struct, array_like=True):
     error_type: str | None
 
 
-class LogRecord(msgspec.Struct, array_like=True):
+class LogRecord(msgspec.Struct, array_like=True, gc=False):
     """A logged request (services/gateway/request_logs.py), raw: the helper masks it."""
 
     ts: float
@@ -62,8 +71,8 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Frame).decode
 
 
-def encode(spans: list[tuple], logs: list[tuple]) -> bytes:
-    """A frame of records given as tuples in their Struct's field order, header included."""
+def encode(spans: list[SpanRecord], logs: list[LogRecord]) -> bytes:
+    """A frame, header included."""
     payload = _encode((spans, logs))
     return HEADER.pack(len(payload)) + payload
 

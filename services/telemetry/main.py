@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.config import TracingConfig
 from services.telemetry import frames
 from services.telemetry.otlp import Exporter
 from services.telemetry.request_logs import write
@@ -25,13 +24,8 @@ FLUSH_EVERY_S = 1.0
 MAX_PENDING = 20_000  # of each kind; beyond, a collector or a database that keeps failing loses the oldest
 
 
-class Settings(msgspec.Struct, kw_only=True):
-    db_path: str
-    tracing: TracingConfig | None = None
-
-
 class Sink:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: frames.Settings):
         self.db_path = Path(settings.db_path)
         self.exporter = Exporter(settings.tracing) if settings.tracing is not None else None
         self.lock = threading.Lock()
@@ -78,7 +72,7 @@ class Sink:
 
 
 def main() -> None:
-    settings = msgspec.json.decode(sys.argv[1], type=Settings)
+    settings = msgspec.json.decode(sys.argv[1], type=frames.Settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sink, done = Sink(settings), threading.Event()
     flusher = threading.Thread(target=sink.run, args=(done,), name="flush", daemon=True)

@@ -7,7 +7,6 @@ and the helper makes thousands a second under load."""
 from __future__ import annotations
 
 import logging
-import random
 
 import httpx
 import msgspec
@@ -15,12 +14,11 @@ import msgspec
 from appliance import __version__
 from appliance.config import TracingConfig
 from services.gateway.metrics import OPERATIONS
-from services.gateway.tracing import resource_of
+from services.gateway.tracing import EXPORT_TIMEOUT_S, new_id, resource_of
 from services.telemetry.frames import SpanRecord
 
 log = logging.getLogger("appliance.telemetry")
 
-EXPORT_TIMEOUT_S = 10.0
 BATCH_REQUESTS = 1000  # requests' spans per export
 TAIL = b"]}]}]}"  # after the spans of an export's JSON
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -38,7 +36,7 @@ def spans(record: SpanRecord) -> str:
     made, start, root, trace_id = [], record.start, record.span_id, record.trace_id
     for stage in STAGES:
         if (ended := getattr(record, stage)) is not None:
-            made.append(_SPAN(trace_id, _new_id(), root, _NAMES[stage], INTERNAL, start, ended, "[]", "{}"))
+            made.append(_SPAN(trace_id, new_id(), root, _NAMES[stage], INTERNAL, start, ended, "[]", "{}"))
             start = ended
     if record.engine_id is not None:
         answered = record.engine if record.engine is not None else record.end
@@ -46,7 +44,7 @@ def spans(record: SpanRecord) -> str:
         made.append(_SPAN(trace_id, record.engine_id, root, _NAMES["engine"], CLIENT, record.engine_call, answered,
                           url, "{}"))
         if record.engine is not None:
-            made.append(_SPAN(trace_id, _new_id(), root, _NAMES["stream"], INTERNAL, answered, record.end, "[]", "{}"))
+            made.append(_SPAN(trace_id, new_id(), root, _NAMES["stream"], INTERNAL, answered, record.end, "[]", "{}"))
     attributes = [_attribute("http.request.method", "POST"), _attribute("url.path", f"/v1/{record.endpoint}"),
                   _attribute("gen_ai.operation.name", OPERATIONS.get(record.endpoint, record.endpoint)),
                   _attribute("http.response.status_code", record.status),
@@ -80,10 +78,6 @@ def _attribute(key: str, value) -> dict:
     if isinstance(value, int):
         return {"key": key, "value": {"intValue": value}}
     return {"key": key, "value": {"doubleValue": value}}
-
-
-def _new_id() -> str:
-    return f"{random.getrandbits(64) or 1:016x}"
 
 
 class Exporter:

@@ -19,21 +19,20 @@ import pytest
 from appliance.config import TracingConfig
 from appliance.db import open_db
 from services.telemetry import frames
-from services.telemetry.main import Settings
 from tests.observability.test_request_logs import EMAIL, RRN, admin, ask, kept
 
 
-def span_record(trace_id: str, request_id: str) -> tuple:
+def span_record(trace_id: str, request_id: str) -> frames.SpanRecord:
     start = time.time_ns()
-    return (trace_id, secrets.token_hex(8), "", "chat/completions", start, start + 9_000_000,
+    return frames.SpanRecord(trace_id, secrets.token_hex(8), "", "chat/completions", start, start + 9_000_000,
             start + 1_000_000, start + 2_000_000, start + 3_000_000, start + 3_000_000, start + 5_000_000,
             secrets.token_hex(8), "http://127.0.0.1:9/v1/chat/completions", 200, request_id, "m", None, 12, 4, None)
 
 
-def log_record(request_id: str) -> tuple:
+def log_record(request_id: str) -> frames.LogRecord:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": f"I am {EMAIL}, {RRN}"}]}).encode()
     answer = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": "hi"}}]}).encode()
-    return (time.time(), request_id, "key_1", None, "team_1", "m", "chat/completions", 200, 12.5, body, answer, False)
+    return frames.LogRecord(time.time(), request_id, "key_1", None, "team_1", "m", "chat/completions", 200, 12.5, body, answer, False)
 
 
 def ignores_sigterm(pid: int) -> bool:
@@ -44,7 +43,7 @@ def ignores_sigterm(pid: int) -> bool:
 def test_the_helper_writes_and_exports_what_it_holds_when_its_stdin_ends_not_at_sigterm(tmp_path, otlp):
     db_path = tmp_path / "state.db"
     open_db(db_path).conn.close()
-    settings = Settings(db_path=str(db_path), tracing=TracingConfig(otlp_endpoint=otlp.url, service_name="helper-test"))
+    settings = frames.Settings(db_path=str(db_path), tracing=TracingConfig(otlp_endpoint=otlp.url, service_name="helper-test"))
     helper = subprocess.Popen([sys.executable, "-m", "services.telemetry", msgspec.json.encode(settings).decode()],
                               stdin=subprocess.PIPE)
     trace_id = secrets.token_hex(16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from services.gateway.runtime import ReplicaEndpoint
 ENGINE_HOST = "127.0.0.1"
 # Named in exit meanings, e.g. SIGILL: "this llama.cpp build uses CPU instructions this machine cannot run".
 PROGRAMS = {"llamacpp": "this llama.cpp build", "vllm": "this vLLM build"}
+# What an engine gets when the supervisor dies without stopping it. llama-server can miss a
+# SIGTERM (its handler takes a lock the interrupted thread may hold, and one that lands just
+# before its task loop starts is forgotten) and holds nothing to save; vLLM stops its own
+# engine-core processes on SIGTERM, which SIGKILL would orphan.
+DEATH_SIGNALS = {"llamacpp": signal.SIGKILL, "vllm": signal.SIGTERM}
 
 
 def free_port(host: str = ENGINE_HOST) -> int:
@@ -54,6 +60,7 @@ def replica_process(model: ModelConfig, planned: ModelPlan, placement: Placement
         max_crashes=model.max_crashes,
         crash_window_s=model.crash_window_s,
         restart_at_once=True,
+        death_signal=DEATH_SIGNALS[model.engine],
         on_change=StatusReporter(home, model.name, index, cmd.base_url, placement.gpus, placement.gpu_bytes),
     )
     return child, ReplicaEndpoint(base_url=cmd.base_url, health_url=cmd.health_url, api_key=key,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -46,10 +47,10 @@ class WarmUpFailed(Exception):
     """The warm-up request got no good answer (the message says what came back)."""
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the supervisor dies, so nothing is orphaned."""
+def _die_with_parent(death_signal: int) -> None:
+    """In the child: get `death_signal` if the supervisor dies, so nothing is orphaned."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, death_signal)
     except OSError:
         pass
 
@@ -67,7 +68,9 @@ class ManagedProcess:
     people (or raises WarmUpFailed); `program` names the process in exit meanings (e.g.
     "this llama.cpp build"); with `max_crashes`, that many crashes within `crash_window_s`
     mark it failed instead of restarting it again (with `restart_at_once`, crashes at start
-    only: see the module docstring); `on_change` is called on every state change."""
+    only: see the module docstring); `on_change` is called on every state change;
+    `death_signal` is what it gets if the supervisor dies without stopping it (SIGKILL for a
+    program that may miss a SIGTERM and has nothing to save)."""
 
     def __init__(
         self,
@@ -86,6 +89,7 @@ class ManagedProcess:
         crash_window_s: float = 600.0,
         restart_at_once: bool = False,
         on_change: Callable[[ManagedProcess], None] | None = None,
+        death_signal: int = signal.SIGTERM,
     ):
         self.name = name
         self.argv = argv
@@ -101,6 +105,7 @@ class ManagedProcess:
         self.crash_window_s = crash_window_s
         self.restart_at_once = restart_at_once
         self.on_change = on_change
+        self.death_signal = death_signal
         self.proc: subprocess.Popen | None = None
         self.state = STOPPED
         self.started_at = 0.0
@@ -127,7 +132,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops us in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, self.death_signal),
             )
         self.started_at = time.monotonic()
         self._ready_by = self.started_at + self.startup_timeout_s

@@ -195,3 +195,52 @@ def test_a_clean_stop_removes_the_status(tmp_path):
     assert read_statuses(home)[("m", "http://127.0.0.1:1/v1")].state == READY
     process.stop()
     assert read_statuses(home) == {}
+
+
+# A supervisor in its own process: starts a child that ignores SIGTERM (as a llama-server
+# stuck in its signal handler does) with the death signal named on its command line,
+# prints the child's pid, then waits to be killed.
+SUPERVISOR = """
+import signal, sys, time
+from pathlib import Path
+from services.engines.process import ManagedProcess
+child = ManagedProcess("engine m#0", [sys.executable, "-c",
+                       "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ignoring', flush=True); "
+                       "time.sleep(60)"],
+                       log_path=Path(sys.argv[1]), health_url="http://127.0.0.1:1/",
+                       death_signal=signal.Signals[sys.argv[2]])
+child.start()
+while "ignoring" not in Path(sys.argv[1]).read_text():
+    time.sleep(0.01)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("death_signal, survives", [("SIGTERM", True), ("SIGKILL", False)])
+def test_the_death_signal_reaches_the_child_when_the_supervisor_is_killed(tmp_path, death_signal, survives):
+    import psutil
+
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path / "child.log"), death_signal],
+                                  stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    child_pid = int(supervisor.stdout.readline())
+    orphan = psutil.Process(child_pid)
+    supervisor.kill()
+    supervisor.wait(10)
+    try:
+        gone, alive = psutil.wait_procs([orphan], timeout=5)
+        assert bool(alive) == survives, f"{death_signal}: the child {'lives on' if alive else 'is gone'}"
+    finally:
+        if orphan.is_running():
+            orphan.kill()
+
+
+def test_llama_server_replicas_die_with_sigkill_and_vllm_ones_with_sigterm(tmp_path):
+    from appliance.planning.plan_model import ModelPlan, Placement
+    from services.engines.launch import replica_process
+
+    for engine, death_signal in (("llamacpp", signal.SIGKILL), ("vllm", signal.SIGTERM)):
+        model = ModelConfig(name="m", engine=engine, path=str(tmp_path / "m.gguf"))
+        process, _ = replica_process(model, ModelPlan(name="m", engine=engine), Placement(node="local", device="cpu"),
+                                     0, tmp_path)
+        assert process.death_signal == death_signal, engine

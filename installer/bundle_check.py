@@ -72,7 +72,7 @@ def _read_manifest(tar: tarfile.TarFile, first: tarfile.TarInfo | None) -> dict:
     if not isinstance(manifest.get("cpu_features"), list) or manifest.get("accelerator") not in ("none", "cuda"):
         raise BundleProblem(f"{MANIFEST}: not a valid bundle manifest: needs cpu_features (a list) and accelerator "
                             "('none' or 'cuda')")
-    for needed in (PROFILE, *binaries.values()):
+    for needed in (PROFILE, *binaries.values(), *manifest.get("images", {}).values()):
         if needed not in listed:
             raise BundleProblem(f"{MANIFEST}: does not list {needed}")
     return manifest

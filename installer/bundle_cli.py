@@ -10,6 +10,7 @@ import click
 from rich.filesize import decimal as _size
 
 from appliance.cli_options import profile_option
+from installer.image import DEFAULT_MIRROR
 
 if TYPE_CHECKING:  # installer.bundle is imported by the commands only: it adds ~60 ms to every CLI start
     from installer.bundle import BuildResult
@@ -37,6 +38,8 @@ def summary(result: BuildResult) -> str:
         f"minio:      {minio}",
         "training:   " + ("yes (torch, transformers, peft)" if "train" in extras else
                           "no (add --with-training to run fine-tuning jobs)"),
+        "image:      " + ("; ".join(f"{ref} ({member})" for ref, member in m.images.items()) or
+                          "no (add --image for k3s or podman)"),
     ])
 
 
@@ -57,8 +60,13 @@ def bundle() -> None:
 @click.option("--with-training", "training", is_flag=True,
               help="Include the fine-tuning stack (torch, transformers, peft; about 250 MB more), so "
                    "fine-tuning jobs run on the installed appliance.")
+@click.option("--image/--no-image", default=None,
+              help="Include the appliance image for k3s and podman (an OCI archive, built with podman). "
+                   "Default: when the profile has a k3s: section.")
+@click.option("--debian-mirror", metavar="URL", default=DEFAULT_MIRROR, show_default=True,
+              help="Where debootstrap gets the image's Debian base, the first time only.")
 def bundle_build(profile_name: str, output: Path, source: Path | None, minio: str | None, minio_sha256: str | None,
-                 training: bool) -> None:
+                 training: bool, image: bool | None, debian_mirror: str) -> None:
     """Build an air-gapped bundle: wheels, models, binaries and their checksums.
 
     Run it on a connected machine with the target's OS, Python version and CPU
@@ -68,7 +76,7 @@ def bundle_build(profile_name: str, output: Path, source: Path | None, minio: st
     from installer.bundle import build_bundle
 
     result = build_bundle(profile_name, output, source=source, minio=minio, minio_sha256=minio_sha256,
-                          training=training)
+                          training=training, image=image, debian_mirror=debian_mirror)
     click.echo(summary(result))
 
 

@@ -37,13 +37,15 @@ from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_run
 from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.storage import litestream
-from services.storage.minio import store_settings
+from services.storage.minio import filesystem_settings, store_settings
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
 ENGINE_PORT = 8000
 MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
+BACKUPS_DIR = "/var/lib/appliance-backups"  # filesystem store: Litestream's replicas, on their own volume
+IMAGE_UID = 10001  # the appliance image's user (k3s/Containerfile)
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
 LITESTREAM_CONFIG = f"{LITESTREAM_DIR}/litestream.yml"  # the gateway reads it too, for the replica's lag
@@ -102,6 +104,11 @@ def _http_probe(path: str, port: str, period: int, failures: int) -> dict:
             "failureThreshold": failures}
 
 
+def _run_as_image_user() -> dict:
+    """The appliance image's own non-root user; new volumes are made writable by its group."""
+    return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
+
+
 def _in_image(argv: list[str]) -> list[str]:
     """commands.py starts Python engines with this interpreter; in the image it is `python`."""
     return ["python", *argv[1:]] if argv[0] == sys.executable else argv
@@ -155,9 +162,7 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
 def _minio(k3s, credentials_digest: str) -> list[dict]:
     labels = _labels("minio", "object-store")
     selector = {"app.kubernetes.io/name": "minio", "app.kubernetes.io/component": "object-store"}
-    claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k3s.minio_volume_size}}}
-    if k3s.storage_class:
-        claim["storageClassName"] = k3s.storage_class
+    claim = _claim(k3s, k3s.minio_volume_size)
     container = {
         "name": "minio",
         "image": MINIO_IMAGE,
@@ -188,19 +193,28 @@ def _minio(k3s, credentials_digest: str) -> list[dict]:
 # --- control pod: gateway, worker and litestream ---------------------------------------
 
 
+def _claim(k3s, size: str) -> dict:
+    claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+    if k3s.storage_class:
+        claim["storageClassName"] = k3s.storage_class
+    return claim
+
+
 def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarget, litestream_yaml: str) -> list[dict]:
+    """The control pod. With MinIO, Litestream replicates into its bucket; with the filesystem
+    store (one node, no MinIO), into a folder on a volume of its own."""
     k3s, gateway = profile.k3s, profile.gateway
     ns = k3s.namespace
     labels = _labels("control", "control")
     selector = {"app.kubernetes.io/name": "control", "app.kubernetes.io/component": "control"}
-    state_claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k3s.state_volume_size}}}
-    if k3s.storage_class:
-        state_claim["storageClassName"] = k3s.storage_class
+    on_minio = backup.kind == "s3"
     s3_env = [_secret_env("LITESTREAM_ACCESS_KEY_ID", MINIO_CREDENTIALS, "root-user"),
-              _secret_env("LITESTREAM_SECRET_ACCESS_KEY", MINIO_CREDENTIALS, "root-password")]
+              _secret_env("LITESTREAM_SECRET_ACCESS_KEY", MINIO_CREDENTIALS, "root-password")] if on_minio else []
     state_mount = {"name": "state", "mountPath": HOME_DIR}
     litestream_mount = {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}
     litestream_mounts = [state_mount, litestream_mount]
+    if not on_minio:
+        litestream_mounts.append({"name": "backups", "mountPath": BACKUPS_DIR})
 
     granian = gateway_argv("python", "0.0.0.0", gateway.port, gateway.workers)
     env = [{"name": "APPLIANCE_HOME", "value": HOME_DIR},
@@ -214,6 +228,8 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
         {"name": "runtime", "secret": {"secretName": GATEWAY_RUNTIME}},
         {"name": "litestream", "configMap": {"name": "litestream"}},
     ]
+    if not on_minio:
+        volumes.append({"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}})
     if gateway.workers > 1:
         # Several workers add their Prometheus values up through files, fresh each start.
         env.append({"name": MULTIPROC_ENV, "value": "/run/metrics"})
@@ -279,7 +295,10 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta("litestream", ns, _labels("litestream", "control")),
          "data": {"litestream.yml": litestream_yaml}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("state", ns, labels), "spec": state_claim},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("state", ns, labels),
+         "spec": _claim(k3s, k3s.state_volume_size)},
+        *([] if on_minio else [{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("backups", ns, labels),
+                                "spec": _claim(k3s, k3s.state_volume_size)}]),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("control", ns, labels),
          "spec": {
              "replicas": 1,
@@ -288,8 +307,9 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
              "template": {
                  # A changed runtime or litestream config restarts the pod; Secrets alone would not.
                  "metadata": {"labels": labels, "annotations": {"appliance/config-digest": config_digest}},
-                 "spec": {"initContainers": [make_bucket, restore], "containers": [gateway_container, worker, litestream],
-                          "volumes": volumes},
+                 "spec": {"securityContext": _run_as_image_user(),
+                          "initContainers": [make_bucket, restore] if on_minio else [restore],
+                          "containers": [gateway_container, worker, litestream], "volumes": volumes},
              },
          }},
     ]
@@ -389,6 +409,7 @@ def _engine_deployments(profile: Profile, model: ModelConfig, mp: ModelPlan, key
         labels = _labels(model_name, "engine", **{"app.kubernetes.io/instance": name, "appliance/model": _name(model.name)})
         memory = max(p.ram_bytes for p in placements)
         pod = {
+            "securityContext": _run_as_image_user(),
             "nodeSelector": {"kubernetes.io/hostname": node},
             "containers": [_engine_container(profile, model, mp, device, gpus, memory, key)],
             "volumes": [{"name": "models", "hostPath": {"path": profile.k3s.models_host_path, "type": "Directory"}}],
@@ -465,9 +486,10 @@ def _services(profile: Profile, local: list[ModelConfig]) -> list[dict]:
                      "publishNotReadyAddresses": True,
                      "ports": [port],
                  }})
-    docs.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta("minio", ns, _labels("minio", "object-store")),
-                 "spec": {"selector": {"app.kubernetes.io/name": "minio", "app.kubernetes.io/component": "object-store"},
-                          "ports": [{"name": "s3", "port": MINIO_PORT, "targetPort": "s3"}]}})
+    if profile.storage.object_store != "filesystem":
+        docs.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta("minio", ns, _labels("minio", "object-store")),
+                     "spec": {"selector": {"app.kubernetes.io/name": "minio", "app.kubernetes.io/component": "object-store"},
+                              "ports": [{"name": "s3", "port": MINIO_PORT, "targetPort": "s3"}]}})
     return docs
 
 
@@ -538,10 +560,14 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
         runtime_prev = decode_runtime(old_runtime) if old_runtime else None
     except msgspec.DecodeError:
         runtime_prev = None  # only its `created` times are reused
-    # The registries and Litestream use the cluster's MinIO, as `appliance up` uses its own.
-    store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
+    if on_minio := profile.storage.object_store != "filesystem":
+        # The registries and Litestream use the cluster's MinIO, as `appliance up` uses its own.
+        store = store_settings(profile.storage, f"http://minio.{ns}.svc:{MINIO_PORT}", minio["root-user"], minio["root-password"])
+        backup = litestream.BackupTarget(kind="s3", store=store)
+    else:  # one node: the registries' files on the state volume, the backups on their own
+        store = filesystem_settings(profile.storage, Path(HOME_DIR))
+        backup = litestream.BackupTarget(kind="file", path=BACKUPS_DIR)
     runtime_json = msgspec.json.format(msgspec.json.encode(_runtime(profile, keys, runtime_prev, store))).decode()
-    backup = litestream.BackupTarget(kind="s3", store=store)
     litestream_yaml = litestream.render_config([Path(HOME_DIR) / db for db in DATABASES], backup,
                                                sync_interval_s=profile.backup.sync_interval_s)
 
@@ -553,10 +579,11 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
         files["05-nvidia-device-plugin.yaml"] = [_device_plugin(gpu_nodes)]
     files[SECRETS_FILE] = [
         _secret(ENGINE_KEYS, ns, {_name(name): key for name, key in keys.items()}),
-        _secret(MINIO_CREDENTIALS, ns, minio),
+        *([_secret(MINIO_CREDENTIALS, ns, minio)] if on_minio else []),
         _secret(GATEWAY_RUNTIME, ns, {"gateway.json": runtime_json}),
     ]
-    files["20-minio.yaml"] = _minio(profile.k3s, _digest(minio["root-user"] + ":" + minio["root-password"]))
+    if on_minio:
+        files["20-minio.yaml"] = _minio(profile.k3s, _digest(minio["root-user"] + ":" + minio["root-password"]))
     files["30-control.yaml"] = _control(profile, _digest(runtime_json + litestream_yaml), backup, litestream_yaml)
     for model, mp in local:
         files[f"40-engine-{_name(model.name)}.yaml"] = _engine_deployments(profile, model, mp, keys[model.name])
@@ -572,7 +599,7 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
     write_new(out_dir / "images.txt", ("\n".join(images) + "\n").encode(), 0o644)
     written.append(out_dir / "images.txt")
     # Files of an earlier render that this one no longer has (a removed model, no GPUs).
-    for stale in [*out_dir.glob("40-engine-*.yaml"), out_dir / "05-nvidia-device-plugin.yaml"]:
+    for stale in [*out_dir.glob("40-engine-*.yaml"), out_dir / "05-nvidia-device-plugin.yaml", out_dir / "20-minio.yaml"]:
         if stale.exists() and stale not in written:
             stale.unlink()
     return written

@@ -23,7 +23,7 @@ GiB = 1 << 30
 SCHEMA_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
 
-def small_cluster(tmp_path: Path, **k3s) -> object:
+def small_cluster(tmp_path: Path, storage: dict | None = None, **k3s) -> object:
     data = {
         "name": "small-cluster-test",
         "gateway": {"port": 8080, "workers": 2},
@@ -35,6 +35,7 @@ def small_cluster(tmp_path: Path, **k3s) -> object:
              "api_key_env": "UPSTREAM_API_KEY", "upstream_model": "big-model"},
         ],
         "k3s": {"namespace": "llm", **k3s},
+        **({"storage": storage} if storage else {}),
     }
     return parse_profile(data, source="test", base_dir=tmp_path, check_files=False)
 
@@ -219,6 +220,44 @@ def test_control_pod(rendered):
     assert "runtimeClassName" not in pod and all("limits" not in c["resources"] or "nvidia.com/gpu" not in
                                                  c["resources"]["limits"] for c in pod["containers"])
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"
+
+
+def test_every_appliance_pod_runs_as_the_images_user(rendered):
+    out, _ = rendered
+    for doc in all_docs(out):
+        pod = doc.get("spec", {}).get("template", {}).get("spec")
+        if pod and pod["containers"][0]["image"] == "appliance:0.1.0":
+            assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                              "fsGroup": 10001}, doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS[-1:])
+def test_the_filesystem_store_needs_no_minio_and_backs_up_to_a_volume(tmp_path, version):
+    out = tmp_path / "fs"
+    (tmp_path / "fs").mkdir()
+    (out / "20-minio.yaml").write_text("# from an earlier render with MinIO\n")
+    render_k3s(small_cluster(tmp_path, storage={"object_store": "filesystem"}), cluster_plan(), out)
+    files = load_dir(out)
+    assert "20-minio.yaml" not in files, "no MinIO, and an earlier render's file is gone"
+    assert not [d for d in all_docs(out) if d["metadata"]["name"].startswith("minio")]
+    assert "minio" not in (out / "images.txt").read_text()
+    docs = files["30-control.yaml"]
+    pod = find(docs, "Deployment", "control")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["restore-state"]
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in pod["volumes"]
+    assert find(docs, "PersistentVolumeClaim", "backups")["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    for container in (pod["initContainers"][0], pod["containers"][2]):  # restore and litestream
+        assert {"name": "backups", "mountPath": "/var/lib/appliance-backups"} in container["volumeMounts"]
+        assert not container.get("env"), "no S3 credentials"
+    config = yaml.safe_load(find(docs, "ConfigMap", "litestream")["data"]["litestream.yml"])
+    assert [db["replica"] for db in config["dbs"]] == [
+        {"type": "file", "path": f"/var/lib/appliance-backups/{db}", "sync-interval": "500ms"}
+        for db in ("state.db", "jobs.db")]
+    runtime = msgspec.json.decode(find(files["10-secrets.yaml"], "Secret", "gateway-runtime")["stringData"]["gateway.json"],
+                                  type=GatewayRuntime)
+    assert runtime.storage.path == "/var/lib/appliance/blobs"
+    for doc in all_docs(out):
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_minio_statefulset(tmp_path):

@@ -1,0 +1,1 @@
+"""The appliance image's recipe (Containerfile), shipped inside the distribution as `appliance.k3s`."""

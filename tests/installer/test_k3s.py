@@ -222,6 +222,18 @@ def test_control_pod(rendered):
     assert find(docs, "PersistentVolumeClaim", "state")["spec"]["resources"]["requests"]["storage"] == "10Gi"
 
 
+def test_a_bundles_image_is_never_pulled(tmp_path):
+    out = tmp_path / "m"
+    image = "localhost/appliance:0.1.0@sha256:" + "a" * 64
+    render_k3s(small_cluster(tmp_path, image=image), cluster_plan(), out)
+    containers = [c for d in all_docs(out) for c in (d.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", [])
+                                                      + d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []))]
+    ours = [c for c in containers if c["image"] == image]
+    assert len(ours) == 7  # restore, gateway, worker, litestream, and the three engine Deployments' engines
+    assert all(c["imagePullPolicy"] == "Never" for c in ours)
+    assert all("imagePullPolicy" not in c for c in containers if c["image"] != image)
+
+
 def test_every_appliance_pod_runs_as_the_images_user(rendered):
     out, _ = rendered
     for doc in all_docs(out):

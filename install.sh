@@ -1,6 +1,6 @@
 #!/bin/sh
 # The one install command:
-#   sudo ./install.sh [--bundle FILE] [--profile NAME|FILE] [--root DIR]
+#   sudo ./install.sh [--bundle FILE [--upgrade]] [--profile NAME|FILE] [--root DIR]
 #
 # With --bundle (an air-gapped bundle from `appliance bundle build`) nothing is fetched:
 # every checksum in the bundle is verified first, with this machine's python3 alone,
@@ -9,15 +9,19 @@
 # installed from this source tree and its dependencies come from the package index.
 # Then `appliance install` deploys the systemd units (installer/install.py). Running it
 # again with nothing changed changes nothing. --root DIR installs into a directory tree.
+# --upgrade moves an install to the bundle's version with `appliance upgrade`
+# (installer/upgrade.py): backups first, and a rollback if the new version fails its
+# health check.
 set -eu
 
 usage() { sed -n '2,3p' "$0" | sed 's/^# *//'; exit 2; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 
-BUNDLE="" PROFILE="" ROOT="/"
+BUNDLE="" PROFILE="" ROOT="/" UPGRADE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bundle) [ $# -ge 2 ] || usage; BUNDLE=$2; shift 2 ;;
+        --upgrade) UPGRADE=1; shift ;;
         --profile) [ $# -ge 2 ] || usage; PROFILE=$2; shift 2 ;;
         --root) [ $# -ge 2 ] || usage; ROOT=$2; shift 2 ;;
         -h|--help) usage ;;
@@ -33,6 +37,12 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
 mkdir -p "$ROOT"
 ROOT=$(cd "$ROOT" && pwd)
 PREFIX="${ROOT%/}/opt/appliance"
+if [ -n "$UPGRADE" ]; then
+    [ -n "$BUNDLE" ] || die "--upgrade needs --bundle FILE"
+    [ -x "$PREFIX/bin/appliance" ] || die "nothing to upgrade in $PREFIX: install first (without --upgrade)"
+    BUNDLE=$(cd "$(dirname "$BUNDLE")" && pwd)/$(basename "$BUNDLE")
+    exec "$PREFIX/bin/appliance" upgrade --bundle "$BUNDLE" --root "$ROOT"
+fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/appliance-install.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT

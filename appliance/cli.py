@@ -36,6 +36,7 @@ from installer.bundle_cli import bundle
 from installer.render_cli import render
 from appliance.planning_cli import plan_command, probe_command
 from installer.install import install_command, uninstall_command
+from installer.upgrade import upgrade_command
 from tui.command import console_command
 
 PORT_ENV = "APPLIANCE_PORT"
@@ -100,19 +101,28 @@ def _read_runtime(runtime_file: str):
 
 @cli.command("controller")
 @runtime_option
-def controller(runtime_file: str) -> None:
+@click.option("--kubernetes", "cluster_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Run on k3s: make engine Deployments through the Kubernetes API, for the cluster this "
+                   "file describes (the rendered `cluster` ConfigMap's cluster.json).")
+def controller(runtime_file: str, cluster_file: str | None) -> None:
     """Run the deployment controller on its own until SIGTERM.
 
     It starts the engines of model versions deployed through /admin and stops those
     undeployed. `appliance up` runs it in-process; a bare-metal install runs it as
-    appliance-controller.service.
+    appliance-controller.service; on k3s it runs in the control pod with --kubernetes.
     """
     from pathlib import Path
 
-    from services.engines.deployments import run_controller
-
     runtime = _read_runtime(runtime_file)
-    run_controller(Path(runtime.home), runtime.storage, say=lambda line: click.echo(line))
+    say = lambda line: click.echo(line)  # noqa: E731
+    if cluster_file:
+        from services.engines.kube_controller import run_kube_controller
+
+        run_kube_controller(Path(runtime.home), runtime.storage, Path(cluster_file), say)
+    else:
+        from services.engines.deployments import run_controller
+
+        run_controller(Path(runtime.home), runtime.storage, say)
 
 
 def _host_port(ctx, param, value: str | None) -> tuple[str, int] | None:
@@ -243,6 +253,7 @@ cli.add_command(render, "render")
 cli.add_command(bundle, "bundle")
 cli.add_command(install_command, "install")
 cli.add_command(uninstall_command, "uninstall")
+cli.add_command(upgrade_command, "upgrade")
 
 
 def main() -> None:

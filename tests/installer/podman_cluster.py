@@ -8,6 +8,7 @@ command, environment, volume and image is the rendered manifests' own:
   volume becomes a ConfigMap with the same data (podman 4.3 crashes on Secret volumes).
 - Init containers: run first, each as a pod of its own on the same volumes (podman 4.3
   fails to remove a finished init container here, and leaves the pod half started).
+- The deployment controller's container is left out: there is no Kubernetes API to call.
 Probes do not run: podman schedules them with systemd timers, and there is no systemd here.
 
 The sandbox's own limits (no crun, no default ulimits) are set in containers.conf beside
@@ -71,6 +72,7 @@ class PodmanCluster:
             if doc["kind"] != "Deployment":
                 continue
             spec = doc["spec"]["template"]["spec"]
+            spec["containers"] = [c for c in spec["containers"] if c["name"] != "controller"]
             configs = [d for d in docs if d["kind"] == "ConfigMap"]
             for volume in spec.get("volumes", []):
                 if "secret" in volume:

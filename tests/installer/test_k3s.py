@@ -16,6 +16,7 @@ import yaml
 from appliance.config import parse_profile
 from appliance.errors import InstallError
 from installer.k3s import render_k3s
+from appliance.planning.inventory import Inventory, read_inventory
 from appliance.planning.plan_model import DeviceUse, ModelPlan, Placement, Plan
 from services.gateway.runtime import GatewayRuntime
 
@@ -58,6 +59,14 @@ def cluster_plan() -> Plan:
     )
 
 
+def cluster_inventories() -> list[Inventory]:
+    """The plan's three nodes: ctl from this machine's kind of inventory, gpu-a and gpu-b with a T4 each."""
+    here = Path(__file__).parents[1] / "inventories"
+    cpu, gpu = read_inventory(here / "edge-cpu-here.json"), read_inventory(here / "node-1x-t4.json")
+    return [msgspec.structs.replace(cpu, hostname="ctl"), msgspec.structs.replace(gpu, hostname="gpu-a"),
+            msgspec.structs.replace(gpu, hostname="gpu-b")]
+
+
 def load_dir(out: Path) -> dict[str, list[dict]]:
     return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(out.glob("*.yaml"))}
 
@@ -78,7 +87,7 @@ def pod_annotations(out: Path) -> dict[str, dict]:
 @pytest.fixture
 def rendered(tmp_path):
     out = tmp_path / "manifests"
-    written = render_k3s(small_cluster(tmp_path), cluster_plan(), out)
+    written = render_k3s(small_cluster(tmp_path), cluster_plan(), out, cluster_inventories())
     return out, written
 
 
@@ -105,7 +114,7 @@ def test_the_validator_catches_a_bad_document(rendered):
 def test_files_one_per_concern(rendered):
     out, written = rendered
     assert sorted(p.name for p in written) == [
-        "00-namespace.yaml", "05-nvidia-device-plugin.yaml", "10-secrets.yaml", "20-minio.yaml", "30-control.yaml",
+        "00-namespace.yaml", "05-nvidia-device-plugin.yaml", "10-secrets.yaml", "15-rbac.yaml", "20-minio.yaml", "30-control.yaml",
         "40-engine-llama-3b.yaml", "40-engine-qwen2-5-7b.yaml", "50-services.yaml", "60-disruption-budgets.yaml",
         "images.txt",
     ]
@@ -186,7 +195,7 @@ def test_control_pod(rendered):
     deployment = find(docs, "Deployment", "control")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["containers"]] == ["gateway", "worker", "litestream"]
+    assert [c["name"] for c in pod["containers"]] == ["gateway", "worker", "litestream", "controller"]
     assert [c["name"] for c in pod["initContainers"]] == ["make-bucket", "restore-state"]
     gateway = pod["containers"][0]
     assert "-m services.gateway.launch" in " ".join(gateway["command"])
@@ -225,11 +234,11 @@ def test_control_pod(rendered):
 def test_a_bundles_image_is_never_pulled(tmp_path):
     out = tmp_path / "m"
     image = "localhost/appliance:0.1.0@sha256:" + "a" * 64
-    render_k3s(small_cluster(tmp_path, image=image), cluster_plan(), out)
+    render_k3s(small_cluster(tmp_path, image=image), cluster_plan(), out, cluster_inventories())
     containers = [c for d in all_docs(out) for c in (d.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", [])
                                                       + d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []))]
     ours = [c for c in containers if c["image"] == image]
-    assert len(ours) == 7  # restore, gateway, worker, litestream, and the three engine Deployments' engines
+    assert len(ours) == 8  # restore, gateway, worker, litestream, controller, and the three engine Deployments' engines
     assert all(c["imagePullPolicy"] == "Never" for c in ours)
     assert all("imagePullPolicy" not in c for c in containers if c["image"] != image)
 
@@ -248,7 +257,7 @@ def test_the_filesystem_store_needs_no_minio_and_backs_up_to_a_volume(tmp_path, 
     out = tmp_path / "fs"
     (tmp_path / "fs").mkdir()
     (out / "20-minio.yaml").write_text("# from an earlier render with MinIO\n")
-    render_k3s(small_cluster(tmp_path, storage={"object_store": "filesystem"}), cluster_plan(), out)
+    render_k3s(small_cluster(tmp_path, storage={"object_store": "filesystem"}), cluster_plan(), out, cluster_inventories())
     files = load_dir(out)
     assert "20-minio.yaml" not in files, "no MinIO, and an earlier render's file is gone"
     assert not [d for d in all_docs(out) if d["metadata"]["name"].startswith("minio")]
@@ -274,7 +283,7 @@ def test_the_filesystem_store_needs_no_minio_and_backs_up_to_a_volume(tmp_path, 
 
 def test_minio_statefulset(tmp_path):
     out = tmp_path / "m"
-    render_k3s(small_cluster(tmp_path, storage_class="fast", minio_volume_size="500Gi"), cluster_plan(), out)
+    render_k3s(small_cluster(tmp_path, storage_class="fast", minio_volume_size="500Gi"), cluster_plan(), out, cluster_inventories())
     statefulset = find(load_dir(out)["20-minio.yaml"], "StatefulSet", "minio")
     claim = statefulset["spec"]["volumeClaimTemplates"][0]["spec"]
     assert claim["storageClassName"] == "fast" and claim["resources"]["requests"]["storage"] == "500Gi"
@@ -295,11 +304,11 @@ def test_gateway_service_is_a_load_balancer_by_default(rendered):
 
 def test_gateway_node_port(tmp_path):
     out = tmp_path / "np"
-    render_k3s(small_cluster(tmp_path, gateway_service_type="NodePort", gateway_node_port=30080), cluster_plan(), out)
+    render_k3s(small_cluster(tmp_path, gateway_service_type="NodePort", gateway_node_port=30080), cluster_plan(), out, cluster_inventories())
     gateway = find(all_docs(out), "Service", "gateway")["spec"]
     assert gateway["type"] == "NodePort" and gateway["ports"][0]["nodePort"] == 30080
     with pytest.raises(InstallError, match="gateway_node_port"):
-        render_k3s(small_cluster(tmp_path, gateway_service_type="ClusterIP", gateway_node_port=30080), cluster_plan(), tmp_path / "x")
+        render_k3s(small_cluster(tmp_path, gateway_service_type="ClusterIP", gateway_node_port=30080), cluster_plan(), tmp_path / "x", cluster_inventories())
 
 
 def test_secrets_are_private_and_kept_on_re_render(tmp_path):
@@ -312,7 +321,7 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     snoop = os.open(leftover, os.O_RDONLY)  # another user opened it while it was readable
     umask = os.umask(0)
     try:
-        render_k3s(profile, cluster_plan(), out)
+        render_k3s(profile, cluster_plan(), out, cluster_inventories())
         # The secrets went into a file of their own, 0600 from its creation, not into the leftover.
         assert os.read(snoop, 1 << 16) == b""
     finally:
@@ -326,7 +335,7 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
     digests = pod_annotations(out)
     assert set(digests) == {"control", "minio", "engine-qwen2-5-7b-gpu-a", "engine-llama-3b-gpu-b", "engine-llama-3b-ctl"}
 
-    render_k3s(profile, cluster_plan(), out)
+    render_k3s(profile, cluster_plan(), out, cluster_inventories())
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     second = {d["metadata"]["name"]: d["stringData"] for d in load_dir(out)["10-secrets.yaml"]}
     assert second == first
@@ -348,7 +357,7 @@ def test_secrets_are_private_and_kept_on_re_render(tmp_path):
         "http://minio.llm.svc:9000", first["minio-credentials"]["root-user"], first["minio-credentials"]["root-password"])
     # A fresh folder makes new secrets, and every pod that uses them restarts.
     fresh = tmp_path / "fresh"
-    render_k3s(profile, cluster_plan(), fresh)
+    render_k3s(profile, cluster_plan(), fresh, cluster_inventories())
     assert all(pod_annotations(fresh)[name] != digests[name] for name in digests)
     # No secret value appears in any other manifest.
     others = "".join(p.read_text() for p in out.glob("*.yaml") if p.name != "10-secrets.yaml")
@@ -380,12 +389,12 @@ def test_disruption_budgets(rendered):
 
 def test_a_removed_model_leaves_no_stale_manifest(tmp_path):
     out = tmp_path / "stale"
-    render_k3s(small_cluster(tmp_path), cluster_plan(), out)
+    render_k3s(small_cluster(tmp_path), cluster_plan(), out, cluster_inventories())
     profile = small_cluster(tmp_path)
     profile.models = [m for m in profile.models if m.name != "qwen2.5-7b"]
     plan = cluster_plan()
     plan.models = [m for m in plan.models if m.name != "qwen2.5-7b"]
-    render_k3s(profile, plan, out)
+    render_k3s(profile, plan, out, cluster_inventories())
     assert not (out / "40-engine-qwen2-5-7b.yaml").exists()
     assert (out / "40-engine-llama-3b.yaml").exists()
 
@@ -394,7 +403,7 @@ def test_out_pointing_at_a_file_is_refused(tmp_path):
     target = tmp_path / "manifests.yaml"
     target.write_text("keep me")
     with pytest.raises(InstallError, match="is a file, not a folder"):
-        render_k3s(small_cluster(tmp_path), cluster_plan(), target)
+        render_k3s(small_cluster(tmp_path), cluster_plan(), target, cluster_inventories())
     assert target.read_text() == "keep me"
 
 
@@ -402,7 +411,7 @@ def test_a_model_the_plan_does_not_place_is_refused(tmp_path):
     plan = cluster_plan()
     plan.models = [m for m in plan.models if m.name != "Llama_3B"]
     with pytest.raises(InstallError, match="places no replica of model 'Llama_3B'"):
-        render_k3s(small_cluster(tmp_path), plan, tmp_path / "out")
+        render_k3s(small_cluster(tmp_path), plan, tmp_path / "out", cluster_inventories())
     assert not (tmp_path / "out").exists()
 
 
@@ -410,7 +419,7 @@ def test_replicas_sharing_a_gpu_are_refused(tmp_path):
     plan = cluster_plan()
     plan.model("Llama_3B").replicas[1] = Placement(node="gpu-a", device="gpu", gpus=[1], gpu_bytes=3 * GiB, ram_bytes=2 * GiB)
     with pytest.raises(InstallError, match="replicas \\(qwen2.5-7b, Llama_3B\\) on GPU 1 of node gpu-a"):
-        render_k3s(small_cluster(tmp_path), plan, tmp_path / "out")
+        render_k3s(small_cluster(tmp_path), plan, tmp_path / "out", cluster_inventories())
     assert not (tmp_path / "out").exists()
 
 
@@ -419,7 +428,7 @@ def test_unreadable_earlier_secrets_are_not_silently_rotated(tmp_path):
     out.mkdir()
     (out / "10-secrets.yaml").write_text("kind: [unclosed")
     with pytest.raises(InstallError, match="move the file away"):
-        render_k3s(small_cluster(tmp_path), cluster_plan(), out)
+        render_k3s(small_cluster(tmp_path), cluster_plan(), out, cluster_inventories())
     assert (out / "10-secrets.yaml").read_text() == "kind: [unclosed"
 
 

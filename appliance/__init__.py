@@ -1,3 +1,5 @@
 """The on-prem LLM appliance: core package (config, state, auth, metering, CLI)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("appliance")  # one source: pyproject.toml, as installed

@@ -33,7 +33,6 @@ import subprocess
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +45,7 @@ from appliance.home import DATABASES, gateway_url_path
 from installer.install import root_option
 from installer.layout import Layout
 from installer.systemd import SYSUSERS, TARGET, TMPFILES
+from services.engines.process import direct
 
 RECORD = "bundle.json"  # in /etc/appliance: the bundle the install came from
 
@@ -65,7 +65,8 @@ def _sha256(path: Path) -> str:
 
 
 def _installed_version(python: Path) -> str:
-    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('appliance'))"],
+    """-I: never the working directory's packages (a checkout's egg-info would answer instead)."""
+    done = subprocess.run([str(python), "-I", "-c", "import importlib.metadata as m; print(m.version('appliance'))"],
                           capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
@@ -134,8 +135,9 @@ class Upgrade:
 
     def _save(self) -> Saved:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        folder = self.data / "backups" / f"upgrade-{stamp}"
-        folder.mkdir(parents=True)
+        backups = self.data / "backups"
+        backups.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=backups, prefix=f"upgrade-{stamp}-"))  # unique, even within a second
         rows = {}
         for name in DATABASES:
             db = self.data / name
@@ -213,7 +215,7 @@ class Upgrade:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
                 raise InstallError(f"the new version exited with {up.returncode} before it was ready; its last lines:\n{tail}")
             try:
-                with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
+                with direct.open(url + "/readyz", timeout=5) as resp:
                     if resp.status == 200:
                         return
             except urllib.error.HTTPError as exc:

@@ -193,11 +193,16 @@ def run_controller(home: Path, store: ObjectStoreSettings | None, say: Callable[
         signal.signal(signum, lambda *_: stopping.set())
     controller = DeploymentController(home, store, say)
     say(f"deployment controller for {home}: object store {store.label if store else 'none'}")
+    tend_until(stopping, controller, say, tend_interval_s)
+
+
+def tend_until(stopping: threading.Event, controller, say: Callable[[str], None], interval_s: float) -> None:
+    """Call controller.tend() every interval_s, saying what it reports, until `stopping`; then stop it."""
     try:
         while not stopping.is_set():
             for line in controller.tend():
                 say(line)
-            stopping.wait(tend_interval_s)
+            stopping.wait(interval_s)
     finally:
         controller.stop()
         say("deployment controller stopped.")

@@ -38,7 +38,7 @@ from appliance.objectstore.s3 import S3Settings
 from appliance.planning.inventory import Inventory
 from appliance.planning.plan_model import Plan
 from services.engines import kube
-from services.engines.deployments import version_model, version_row
+from services.engines.deployments import tend_until, version_model, version_row
 
 REGISTRY_MOUNT = "/var/lib/appliance-registry"  # in engine pods: the node's cache of registry files
 LABEL = "appliance/deployment"  # on every object of a deployment: how undeploy finds them
@@ -267,11 +267,4 @@ def run_kube_controller(home: Path, store: ObjectStoreSettings | None, spec_file
         signal.signal(signum, lambda *_: stopping.set())
     controller = KubeDeploymentController(home, store, spec, KubeApi(spec.k3s.namespace), say)
     say(f"deployment controller on k3s, namespace {spec.k3s.namespace}, nodes {', '.join(i.hostname for i in spec.inventories)}")
-    try:
-        while not stopping.is_set():
-            for line in controller.tend():
-                say(line)
-            stopping.wait(tend_interval_s)
-    finally:
-        controller.stop()
-        say("deployment controller stopped.")
+    tend_until(stopping, controller, say, tend_interval_s)

@@ -55,9 +55,14 @@ def _die_with_parent(death_signal: int) -> None:
         pass
 
 
+# The supervised children listen on this machine: never reach them through a proxy that
+# HTTP_PROXY (set for the host's downloads) may name.
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
+        with direct.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

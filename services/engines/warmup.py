@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.config import ModelConfig
-from services.engines.process import WarmUpFailed, http_ok
+from services.engines.process import WarmUpFailed, direct, http_ok
 
 WARM_UP_TEXT = "Hello"
 # An HF-format model that generates names its language-model head in its architecture.
@@ -76,7 +76,7 @@ def warm_up_request(model: str, base_url: str, api_key: str, *, embeddings_only:
     def warm_up(timeout_s: float) -> str:
         started = time.monotonic()
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with direct.open(request, timeout=timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             answer = exc.read()[:300].decode(errors="replace")

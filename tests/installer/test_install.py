@@ -88,16 +88,21 @@ def test_installed_appliance_answers_a_chat(installed, tmp_path):
         stack.stop()
 
 
-def test_tampered_bundle_is_refused_before_anything_is_written(edge_bundle, tmp_path):
-    bad = tmp_path / "bad.tar"
-    shutil.copy(edge_bundle, bad)
-    with tarfile.open(bad) as tar:  # flip a byte inside the data of the largest member
+def tampered(bundle: Path, dest: Path) -> Path:
+    """A copy of `bundle` with a byte flipped inside the data of its largest member."""
+    shutil.copy(bundle, dest)
+    with tarfile.open(dest) as tar:
         member = max(tar.getmembers(), key=lambda m: m.size)
-    with open(bad, "r+b") as f:
+    with open(dest, "r+b") as f:
         f.seek(member.offset_data + member.size // 2)
         byte = f.read(1)
         f.seek(member.offset_data + member.size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
+    return dest
+
+
+def test_tampered_bundle_is_refused_before_anything_is_written(edge_bundle, tmp_path):
+    bad = tampered(edge_bundle, tmp_path / "bad.tar")
     root = tmp_path / "root"
     done = install("--bundle", str(bad), "--root", str(root))
     assert done.returncode != 0

@@ -244,3 +244,20 @@ def test_llama_server_replicas_die_with_sigkill_and_vllm_ones_with_sigterm(tmp_p
         process, _ = replica_process(model, ModelPlan(name="m", engine=engine), Placement(node="local", device="cpu"),
                                      0, tmp_path)
         assert process.death_signal == death_signal, engine
+
+
+def test_the_health_check_never_goes_through_the_hosts_proxy(tmp_path, monkeypatch):
+    """HTTP_PROXY set for the host's downloads must not take loopback health checks to a dead proxy."""
+    from services.engines.process import http_ok
+
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    process = web_server(tmp_path)
+    process.start()
+    try:
+        process.wait_ready()
+        assert http_ok(process.health_url)
+    finally:
+        process.stop()

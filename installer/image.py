@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.errors import InstallError
+from services.engines.kube import IMAGE_UID  # the image's user, whom the manifests run it as
 
 NAME = "localhost/appliance"  # localhost/: never pulled, only ever loaded from the archive
 BASE_NAME = "localhost/appliance-base"
@@ -33,7 +34,6 @@ SUITE = "bookworm"  # Debian 12, whose python3 is 3.11: the Python the bundle's 
 BASE_PACKAGES = ("python3", "python3-venv", "libgomp1", "ca-certificates")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ARCHIVE = "images/appliance.oci.tar"  # its member in the bundle
-UID = 10001  # the image's user (k3s/Containerfile); manifests run it as this user
 
 
 class Image(msgspec.Struct, frozen=True):
@@ -102,7 +102,7 @@ def build_image(wheels: Path, requirement: str, version: str, base: str) -> str:
         shutil.copytree(wheels, context / "wheels", copy_function=_link_or_copy)  # the context: wheels only
         _run([podman, "build", "--network", "none", "--pull=never", "--file", str(recipe),
               "--build-arg", f"BASE={base}", "--build-arg", f"REQUIREMENT={requirement}",
-              "--build-arg", f"UID={UID}", "--tag", name, str(context)], f"podman build of {name}")
+              "--build-arg", f"UID={IMAGE_UID}", "--tag", name, str(context)], f"podman build of {name}")
     return name
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import click
 import yaml
 
-from appliance.errors import InstallError
+from appliance.errors import ApplianceError, InstallError
 from appliance.home import DATABASES, gateway_url_path
 from installer.install import root_option
 from installer.layout import Layout
@@ -112,16 +112,22 @@ class Upgrade:
         with tempfile.TemporaryDirectory(prefix="appliance-upgrade.") as tmp:
             staging = unpack_bundle(bundle, Path(tmp) / "bundle")
             self._systemctl("stop", TARGET)
-            saved = self._save()
+            try:
+                saved = self._save()
+            except BaseException:
+                self._systemctl("start", TARGET, check=False)  # nothing was changed: back to serving
+                raise
             try:
                 self._install(staging, manifest.requirement)
                 seconds = self._health_check()
                 kept = self._check_rows(saved)
-            except InstallError as exc:
+            except BaseException as exc:  # an error, or Ctrl-C: never leave a half-upgraded install
                 self._roll_back(saved)
+                reason = exc.message if isinstance(exc, ApplianceError) else (
+                    "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
                 raise InstallError(f"the upgrade to {manifest.appliance_version} failed, so it was rolled back to "
                                    f"{old} (environment, configuration, units and databases as they were; the backup "
-                                   f"stays in {saved.folder}): {exc.message}") from None
+                                   f"stays in {saved.folder}): {reason}") from None
         shutil.rmtree(saved.previous)
         self._write_record({"sha256": digest, "appliance_version": manifest.appliance_version,
                             "profile": manifest.profile, "installed_at": datetime.now(timezone.utc).isoformat()})

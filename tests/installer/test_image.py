@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from installer.bundle import build_bundle, read_manifest, unpack_bundle
-from installer.image import UID
+from services.engines.kube import IMAGE_UID
 from installer.llama_build import binary_problems
 from tests.conftest import BIN, DEFAULT_MODEL, wait_ready
 from tests.installer.podman_cluster import CONTAINERS_CONF, PodmanCluster, podman
@@ -69,7 +69,7 @@ def test_the_image_runs_as_its_own_user_with_the_portable_llama_server(cluster_b
     out = podman("run", "--rm", "--network", "none", reference, "sh", "-c",
                  "id -u; appliance --version; python -c 'import appliance_llama_server as s; print(s.binary())'")
     uid, version, binary = out.split()[0], out.splitlines()[1], out.splitlines()[2]
-    assert uid == str(UID) and version == "appliance, version 0.1.0"
+    assert uid == str(IMAGE_UID) and version == "appliance, version 0.1.0"
     # What the image holds, scanned here: no AVX-512, no AMX, nothing -march=native added.
     container = podman("create", reference).strip()
     try:

@@ -1,11 +1,12 @@
 """`appliance backup status` and `appliance restore`: how far the replica of the state is, and
-rebuilding a home from it (on a new machine, or after losing the old one)."""
+rebuilding a home from it (on a new machine, or after losing the old one). `appliance backup
+snapshot|restore-snapshot|check-rows`: a copy of the databases at one moment, as upgrades take
+and put back."""
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ from appliance.cli_format import when
 from appliance.cli_options import home_option, json_option
 from appliance.errors import BackupError
 from appliance.home import DATABASES, JOBS_DB, litestream_config_path, resolve_home
+from appliance.snapshots import lost_rows, put_back, row_counts, take
 from services.storage.litestream import (
     LITESTREAM_ENV, DatabaseStatus, daemon_info, parse_target, restore, status,
 )
@@ -95,17 +97,6 @@ def backup_status(home: str | None, config_file: str | None, as_json: bool) -> N
     click.echo("\n".join(lines))
 
 
-def _row_counts(db_path: Path) -> dict[str, int]:
-    """Rows in each table of a restored database (litestream's own tables left out)."""
-    conn = sqlite3.connect(db_path)
-    try:
-        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-                  if not name.startswith(("sqlite_", "_litestream_"))]
-        return {name: conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for name in tables}
-    finally:
-        conn.close()
-
-
 def _next_steps(home: Path) -> list[str]:
     return [
         "next steps:",
@@ -139,7 +130,7 @@ def restore_command(source: str, home: str | None, force: bool, as_json: bool) -
         raise BackupError(f"restoring from S3 needs its credentials in {ACCESS_KEY_ENV} and {SECRET_KEY_ENV}")
     target = parse_target(source, access_key=access_key, secret_key=secret_key)
     restored = restore(target, home_path, DATABASES, optional=(JOBS_DB,), force=force)
-    rows = {r.path: _row_counts(Path(r.path)) for r in restored}
+    rows = {r.path: row_counts(Path(r.path)) for r in restored}
     if as_json:
         report = [{**msgspec.to_builtins(r), "rows": rows[r.path]} for r in restored]
         click.echo(json.dumps({"home": str(home_path), "restored": report}, indent=2))
@@ -149,3 +140,47 @@ def restore_command(source: str, home: str | None, force: bool, as_json: bool) -
         lines.append(f"restored {r.path} from {r.url} (position: TXID {r.txid}, as of {when(r.time)})")
         lines += [f"  {table}: {count} rows" for table, count in rows[r.path].items()]
     click.echo("\n".join([*lines, "", *_next_steps(home_path)]))
+
+
+@backup.command("snapshot")
+@click.argument("dest", type=click.Path(exists=False, file_okay=False, path_type=Path))
+@home_option()
+def backup_snapshot(dest: Path, home: str | None) -> None:
+    """Copy the home's databases into the new folder DEST, consistently while the appliance runs.
+
+    Uses SQLite's online backup; DEST/rows.json keeps each table's row count, which
+    check-rows compares with later. Upgrades take one before they change anything.
+    """
+    if dest.exists():
+        raise BackupError(f"{dest} exists already: a snapshot goes into a new folder")
+    rows = take(resolve_home(home), dest)
+    click.echo(f"snapshot of {sum(sum(t.values()) for t in rows.values())} rows in {dest}")
+
+
+@backup.command("restore-snapshot")
+@click.argument("snapshot", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@home_option()
+def backup_restore_snapshot(snapshot: Path, home: str | None) -> None:
+    """Replace the home's databases with SNAPSHOT's (from `appliance backup snapshot`).
+
+    Stop the appliance first: nothing may have the databases open. Upgrades that roll back
+    run this.
+    """
+    home_path = resolve_home(home)
+    put_back(snapshot, home_path)
+    click.echo(f"the databases in {home_path} are the snapshot's ({snapshot})")
+
+
+@backup.command("check-rows")
+@click.argument("snapshot", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@home_option()
+def backup_check_rows(snapshot: Path, home: str | None) -> None:
+    """Fail, naming them, if any table of the home holds fewer rows than in SNAPSHOT.
+
+    An upgrade runs this against the snapshot it took, once the new version has migrated
+    the databases.
+    """
+    total, lost = lost_rows(snapshot, resolve_home(home))
+    if lost:
+        raise BackupError("rows went missing since the snapshot: " + "; ".join(lost))
+    click.echo(f"all {total} rows of the snapshot kept")

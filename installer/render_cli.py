@@ -27,6 +27,7 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
     decides. Secrets are generated on the first render and kept on later ones. Apply
     with `kubectl apply -f OUT`; images.txt lists the images every node must have.
     """
+    from appliance.planning.engine_builds import check_gpu_offload
     from appliance.planning.inventory import read_inventory
     from installer.k3s import host_model_path, render_k3s
     from appliance.planning.planner import make_plan
@@ -34,6 +35,7 @@ def render_k3s_command(profile_name: str, inventories: tuple[str, ...], out: str
     profile = load_profile(profile_name)
     machines = [read_inventory(Path(p)) for p in inventories]
     plan = make_plan(profile, machines, whole_gpus=True)
+    check_gpu_offload(plan)  # the image carries this machine's llama.cpp build
     out_dir = Path(out)
     written = render_k3s(profile, plan, out_dir, machines)
     click.echo(f"wrote {len(written)} files to {out_dir} (secrets in {out_dir / '10-secrets.yaml'}, mode 0600)")

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -41,7 +40,8 @@ import click
 import yaml
 
 from appliance.errors import ApplianceError, InstallError
-from appliance.home import DATABASES, gateway_url_path
+from appliance import snapshots
+from appliance.home import gateway_url_path
 from installer.install import root_option
 from installer.layout import Layout
 from installer.systemd import SYSUSERS, TARGET, TMPFILES
@@ -56,7 +56,6 @@ class Saved:
 
     folder: Path  # <data>/backups/upgrade-...: the databases, etc/, and units/ (the unit files at their paths)
     previous: Path  # <prefix>.previous
-    rows: dict[str, dict[str, int]]  # database -> table -> rows
 
 
 def _sha256(path: Path) -> str:
@@ -69,18 +68,6 @@ def _installed_version(python: Path) -> str:
     done = subprocess.run([str(python), "-I", "-c", "import importlib.metadata as m; print(m.version('appliance'))"],
                           capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def _rows(db: Path) -> dict[str, int]:
-    if not db.exists():
-        return {}
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                             "AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '%_fts%'")]
-        return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
-    finally:
-        conn.close()
 
 
 class Upgrade:
@@ -144,16 +131,7 @@ class Upgrade:
         backups = self.data / "backups"
         backups.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=backups, prefix=f"upgrade-{stamp}-"))  # unique, even within a second
-        rows = {}
-        for name in DATABASES:
-            db = self.data / name
-            rows[name] = _rows(db)
-            if db.exists():
-                src, dest = sqlite3.connect(db), sqlite3.connect(folder / name)
-                with dest:
-                    src.backup(dest)
-                src.close()
-                dest.close()
+        snapshots.take(self.data, folder)
         shutil.copytree(self.etc, folder / "etc", symlinks=True)
         for unit in self._unit_files():  # kept at their paths under the root
             kept = folder / "units" / unit.relative_to(self.layout.root)
@@ -163,7 +141,7 @@ class Upgrade:
         shutil.rmtree(previous, ignore_errors=True)
         shutil.copytree(self.prefix, previous, symlinks=True, copy_function=os.link)
         self.say(f"backed up the databases, {self.layout.etc} and the units into {folder}")
-        return Saved(folder=folder, previous=previous, rows=rows)
+        return Saved(folder=folder, previous=previous)
 
     def _install(self, staging: Path, requirement: str) -> None:
         self.say("installing the bundle's wheels (no index) ...")
@@ -233,13 +211,7 @@ class Upgrade:
                            f"last: {last}")
 
     def _check_rows(self, saved: Saved) -> str:
-        lost = []
-        total = 0
-        for name, before in saved.rows.items():
-            after = _rows(self.data / name)
-            total += sum(before.values())
-            lost += [f"{name} {table}: {n} rows before, {after.get(table, 0)} after"
-                     for table, n in before.items() if after.get(table, 0) < n]
+        total, lost = snapshots.lost_rows(saved.folder, self.data)
         if lost:
             raise InstallError("rows went missing in the migration: " + "; ".join(lost))
         return f"all {total} rows kept"
@@ -256,14 +228,7 @@ class Upgrade:
         kept = saved.folder / "units"
         for unit in (p for p in kept.rglob("*") if p.is_file()):
             shutil.copy2(unit, self.layout.root / unit.relative_to(kept))
-        for name in DATABASES:
-            db = self.data / name
-            for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-                extra.unlink(missing_ok=True)
-            if (saved.folder / name).exists():
-                shutil.copy2(saved.folder / name, db)
-            else:
-                db.unlink(missing_ok=True)
+        snapshots.put_back(saved.folder, self.data)
         if self.systemd:
             self._systemctl("daemon-reload")
             self._systemctl("start", TARGET, check=False)
@@ -310,15 +275,39 @@ def _free_port() -> int:
 @root_option
 @click.option("--bundle", "bundle", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The new version's bundle (appliance bundle build).")
+@click.option("--manifests", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Upgrade a k3s cluster instead: the folder `appliance render k3s` wrote and kubectl applied.")
+@click.option("--kubectl", "kubectl", default="kubectl", show_default=True,
+              help="With --manifests: the kubectl command (on a k3s server, 'k3s kubectl').")
 @click.option("--health-timeout", "health_timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds the new version has to become ready before the upgrade is rolled back.")
-def upgrade_command(root: str, bundle: Path, health_timeout_s: float) -> None:
-    """Upgrade this install to a bundle's version, rolling back if it fails its health check.
+def upgrade_command(root: str, bundle: Path, manifests: Path | None, kubectl: str, health_timeout_s: float) -> None:
+    """Upgrade this install, or a k3s cluster, to a bundle's version, rolling back if it
+    fails its health check.
 
     Verifies the bundle, backs up the state databases, configuration and units, installs
     the bundle's wheels and lays out its profile (migrating the databases), then checks
     the new version serves. Any failure restores the previous version and data. A bundle
     already installed changes nothing. install.sh --bundle FILE --upgrade runs this.
+
+    With --manifests DIR, the cluster those manifests run: the bundle's profile is rendered
+    into DIR.next (keeping DIR's Secrets), the control pod snapshots its databases, DIR.next
+    is applied and must become ready with every row kept; otherwise the snapshot is put
+    back and DIR applied again. Import the bundle's image on every node first.
     """
-    upgrade = Upgrade(Layout(root=Path(root).absolute()), lambda line: click.echo(line, err=True), health_timeout_s)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    if manifests is not None:
+        from installer.upgrade_cluster import CONTROL, ClusterUpgrade, Kubectl, load_folder
+
+        if root != "/":
+            raise click.UsageError("--root is for a bare-metal install; --manifests upgrades a cluster")
+        namespace = next((d["metadata"].get("namespace") for d in load_folder(manifests)
+                          if d["kind"] == "Deployment" and d["metadata"]["name"] == "control"), None)
+        if namespace is None:
+            raise click.BadParameter(f"no control Deployment in {manifests}/{CONTROL}: is this a folder "
+                                     "`appliance render k3s` wrote?", param_hint="--manifests")
+        upgrade = ClusterUpgrade(Kubectl(kubectl, namespace), say, health_timeout_s)
+        click.echo(upgrade.run(bundle, manifests))
+        return
+    upgrade = Upgrade(Layout(root=Path(root).absolute()), say, health_timeout_s)
     click.echo(upgrade.run(bundle))

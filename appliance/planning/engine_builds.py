@@ -70,7 +70,12 @@ def check_engine_builds(plan: Plan, machine: Inventory) -> None:
             f"this llama.cpp build needs {', '.join(missing)}, which this machine does not have: its engines could not "
             f"start. Install {' '.join(packages)} (Debian: apt-get install {' '.join(packages)})."
         )
-    offloaded = [m.name for m in llamacpp if m.gpu_layers]
+    check_gpu_offload(plan)
+
+
+def check_gpu_offload(plan: Plan) -> None:
+    """Refuse llama.cpp layers on a GPU when the build (this machine's, the image's on k3s) is CPU-only."""
+    offloaded = [m.name for m in plan.models if m.engine == "llamacpp" and m.gpu_layers]
     if offloaded and not llamacpp_gpu_offload():
         raise PlanError(
             f"{', '.join(offloaded)}: the plan puts llama.cpp layers on the GPU, but this llama.cpp build has no "

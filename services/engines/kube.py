@@ -83,6 +83,23 @@ def run_as_image_user() -> dict:
     return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
 
 
+STUCK = ("CrashLoopBackOff", "ErrImageNeverPull", "ImagePullBackOff", "CreateContainerConfigError")
+
+
+def pod_problem(pod: dict) -> str | None:
+    """Why a pod (as the API serves it) will not become ready without help, or None."""
+    name, status = pod["metadata"]["name"], pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if (condition.get("type"), condition.get("status"), condition.get("reason")) == (
+                "PodScheduled", "False", "Unschedulable"):
+            return f"pod {name} cannot be scheduled: {condition.get('message')}"
+    for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK:
+            return f"pod {name}, container {container['name']}: {waiting['reason']}: {waiting.get('message')}"
+    return None
+
+
 def in_image(argv: list[str]) -> list[str]:
     """commands.py starts Python engines with this interpreter; in the image it is `python`."""
     return ["python", *argv[1:]] if argv[0] == sys.executable else argv

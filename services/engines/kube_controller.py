@@ -135,6 +135,7 @@ class KubeApi:
             raise ApplianceError(f"--kubernetes runs in a pod of the cluster, with its service account ({exc})") from None
         self.namespace = namespace
         self.apps, self.core = client.AppsV1Api(), client.CoreV1Api()
+        self.serialize = client.ApiClient().sanitize_for_serialization  # a model object as the API's JSON
         self.ApiException = client.ApiException
 
     def _calls(self, kind: str):
@@ -158,14 +159,8 @@ class KubeApi:
         items = self.apps.list_namespaced_deployment(self.namespace, label_selector=selector).items
         ready = bool(items) and all((d.status.ready_replicas or 0) >= (d.spec.replicas or 0) for d in items)
         for pod in self.core.list_namespaced_pod(self.namespace, label_selector=selector).items:
-            for condition in pod.status.conditions or []:
-                if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
-                    return ready, f"pod {pod.metadata.name} cannot be scheduled: {condition.message}"
-            for status in (pod.status.init_container_statuses or []) + (pod.status.container_statuses or []):
-                waiting = status.state.waiting if status.state else None
-                if waiting and waiting.reason in ("CrashLoopBackOff", "ErrImageNeverPull", "ImagePullBackOff",
-                                                  "CreateContainerConfigError"):
-                    return ready, f"pod {pod.metadata.name}, container {status.name}: {waiting.reason}: {waiting.message}"
+            if problem := kube.pod_problem(self.serialize(pod)):
+                return ready, problem
         return ready, None
 
     def delete(self, name: str) -> None:

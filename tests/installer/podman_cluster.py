@@ -9,7 +9,11 @@ command, environment, volume and image is the rendered manifests' own:
 - Init containers: run first, each as a pod of its own on the same volumes (podman 4.3
   fails to remove a finished init container here, and leaves the pod half started).
 - The deployment controller's container is left out: there is no Kubernetes API to call.
+- Containers are not restarted (restartPolicy Never): podman restarts a failed one at once,
+  with no back-off, and its output is lost with each restart; a test wants the first failure.
 Probes do not run: podman schedules them with systemd timers, and there is no systemd here.
+
+It is also the `Cluster` an upgrade drives (installer/upgrade_cluster.py), in kubectl's place.
 
 The sandbox's own limits (no crun, no default ulimits) are set in containers.conf beside
 this file, through CONTAINERS_CONF.
@@ -24,7 +28,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import yaml
+
+from appliance.errors import InstallError
+from services.engines import kube
 
 CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
 
@@ -73,6 +81,7 @@ class PodmanCluster:
                 continue
             spec = doc["spec"]["template"]["spec"]
             spec["containers"] = [c for c in spec["containers"] if c["name"] != "controller"]
+            spec["restartPolicy"] = "Never"
             configs = [d for d in docs if d["kind"] == "ConfigMap"]
             for volume in spec.get("volumes", []):
                 if "secret" in volume:
@@ -92,7 +101,7 @@ class PodmanCluster:
     def remove(self, deployment: str) -> None:
         """Delete a Deployment's pods (as `kubectl delete deployment` would), not its volumes."""
         for pod in self.deployments.pop(deployment):
-            podman("pod", "rm", "--force", pod)
+            podman("pod", "rm", "--force", pod, check=False)
 
     def _run_once(self, deployment: dict, container: dict, configs: list[dict], timeout: float) -> str:
         """An init container: its own pod, on the Deployment's volumes, run until it exits 0; returns the pod."""
@@ -101,15 +110,24 @@ class PodmanCluster:
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
                "spec": {**{k: v for k, v in spec.items() if k != "containers"},
                         "restartPolicy": "Never", "containers": [container]}}
+        self._complete(pod, configs, timeout)
+        return name
+
+    def _complete(self, pod: dict, configs: list[dict], timeout: float) -> str:
+        """Play a Pod of one container and wait until it exits 0; its output."""
+        name, container = pod["metadata"]["name"], pod["spec"]["containers"][0]["name"]
         self._play([*configs, pod])
-        ctr = f"{name}-{container['name']}"
+        ctr = f"{name}-{container}"
         deadline = time.monotonic() + timeout
         while podman("inspect", ctr, "--format", "{{.State.Status}}").strip() != "exited":
-            assert time.monotonic() < deadline, f"{ctr} still running after {timeout:g} s"
+            if time.monotonic() > deadline:
+                raise InstallError(f"{ctr} still running after {timeout:g} s")
             time.sleep(0.5)
         code = podman("inspect", ctr, "--format", "{{.State.ExitCode}}").strip()
-        assert code == "0", f"{ctr} exited with {code}:\n{podman('logs', ctr, check=False)}"
-        return name
+        logs = podman("logs", ctr, check=False)
+        if code != "0":
+            raise InstallError(f"{ctr} exited with {code}:\n{logs}")
+        return logs
 
     def _play(self, docs: list[dict]) -> str:
         path = self.work / f"play-{len(self.pods)}.yaml"
@@ -138,3 +156,58 @@ class PodmanCluster:
             podman("volume", "rm", "--force", volume, check=False)
         for name in self.secrets:
             podman("secret", "rm", name, check=False)
+
+    # --- the Cluster an upgrade drives (installer/upgrade_cluster.py) -------------------
+
+    def apply(self, folder: Path) -> None:
+        """As `kubectl apply -f folder`: the engines first (their Services then name their pods), then the control pod."""
+        self.folder = folder
+        for path in sorted(folder.glob("40-engine-*.yaml")):
+            for doc, pod in zip([d for d in load(path) if d["kind"] == "Deployment"], self.play(path.name)):
+                service = kube.name("engine", doc["metadata"]["labels"]["appliance/model"])
+                self.serve(f"{service}.{doc['metadata']['namespace']}.svc", pod)
+        self.play("30-control.yaml")
+
+    def wait_ready(self, folder: Path, timeout_s: float) -> None:
+        """The control pod's /readyz (its readiness probe) answers 200, and no container of `folder`'s pods has exited."""
+        port = next(c for d in load(folder / "30-control.yaml") if d["kind"] == "Deployment"
+                    for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")["ports"][0]
+        url = f"http://{self.address('control-pod-0')}:{port['containerPort']}/readyz"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for pods in self.deployments.values():
+                self._check_running(pods[-1])
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise InstallError(f"the control pod was not ready within {timeout_s:g} s")
+            time.sleep(0.5)
+
+    def _check_running(self, pod: str) -> None:
+        for ctr in json.loads(podman("pod", "inspect", pod))["Containers"]:
+            state = json.loads(podman("inspect", ctr["Id"]))[0]
+            if ctr["Name"].endswith("-infra") or state["State"]["Status"] == "running":
+                continue
+            # podman 4.3's `podman logs` prints nothing for a played container that exited: read its k8s-file log.
+            log = Path(state["HostConfig"]["LogConfig"]["Path"])
+            lines = [line.split(" ", 3)[-1] for line in log.read_text(errors="replace").splitlines()] if log.exists() else []
+            raise InstallError(f"container {ctr['Name']} {state['State']['Status']} with exit code "
+                               f"{state['State']['ExitCode']}; its last lines:\n" + "\n".join(lines[-12:]))
+
+    def gateway(self, argv: list[str]) -> str:
+        try:
+            return podman("exec", self.container("control-pod-0", "gateway"), *argv)
+        except RuntimeError as exc:
+            raise InstallError(str(exc)) from None
+
+    def stop_control(self) -> None:
+        self.remove("control")
+
+    def run_pod(self, pod: dict) -> str:
+        try:
+            return self._complete(pod, [], 300)
+        finally:
+            podman("pod", "rm", "--force", pod["metadata"]["name"], check=False)

@@ -2,25 +2,32 @@
 portable llama.cpp build; and the k3s manifests rendered from that bundle's profile, run
 under `podman kube play` (tests/installer/podman_cluster.py): the gateway answers a chat
 through the engine pod, and the restore init container brings a lost state volume back
-from the backups."""
+from the backups. An upgrade of those manifests to the next version's bundle rolls back a
+version that fails its health check, and keeps every row when it passes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import yaml
 
+from appliance.errors import InstallError
+from appliance.snapshots import ROWS_FILE
 from installer.bundle import build_bundle, read_manifest, unpack_bundle
-from services.engines.kube import IMAGE_UID
+from installer.image import ARCHIVE
 from installer.llama_build import binary_problems
-from tests.conftest import BIN, DEFAULT_MODEL, wait_ready
+from installer.upgrade_cluster import ClusterUpgrade
+from services.engines.kube import IMAGE_UID
+from tests.conftest import BIN, DEFAULT_MODEL
 from tests.installer.podman_cluster import CONTAINERS_CONF, PodmanCluster, podman
+from tests.installer.test_upgrade import with_broken_engine
 
 pytestmark = pytest.mark.bundle
 
@@ -35,7 +42,6 @@ PROFILE = {
     "backup": {"sync_interval_s": 0.2},
     "k3s": {"gateway_service_type": "NodePort"},
 }
-ENGINE_SERVICE = f"engine-{DEFAULT_MODEL}.appliance.svc"
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +85,17 @@ def test_the_image_runs_as_its_own_user_with_the_portable_llama_server(cluster_b
     assert binary_problems(tmp_path / "llama-server") == []
 
 
+def models_folder(bundle: Path) -> Path:
+    """The node's models folder (k3s.models_host_path): where the unpacked bundle has them."""
+    return (bundle / yaml.safe_load((bundle / "profile.yaml").read_text())["models"][0]["path"]).parent
+
+
 def render(bundle: Path, out: Path) -> None:
     """`appliance render k3s` from the bundle's profile, with the models where the bundle put them."""
     profile = yaml.safe_load((bundle / "profile.yaml").read_text())
     model_path = bundle / profile["models"][0]["path"]
     profile["models"][0]["path"] = str(model_path)
-    profile["k3s"]["models_host_path"] = str(model_path.parent)
+    profile["k3s"]["models_host_path"] = str(models_folder(bundle))
     path = out.parent / "render-profile.yaml"
     path.write_text(yaml.safe_dump(profile))
     inventory = Path(__file__).parents[1] / "inventories" / "edge-cpu-here.json"
@@ -92,24 +103,21 @@ def render(bundle: Path, out: Path) -> None:
                     "--out", str(out)], check=True, capture_output=True)
 
 
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not answer 200 within {timeout:g} s"
-        time.sleep(0.5)
+def bootstrap(cluster: PodmanCluster) -> str:
+    printed = podman("exec", cluster.container("control-pod-0", "gateway"), "appliance", "keys", "bootstrap")
+    return printed.split("admin key: ")[1].split()[0]
 
 
-def start_control(cluster: PodmanCluster) -> str:
-    """The control pod (after its restore init container); returns the gateway's Service URL."""
-    (control,) = cluster.play("30-control.yaml")
-    root = f"http://{cluster.address(control)}:{PROFILE['gateway']['port']}"
-    wait_ready(root, 180)
-    return root
+def client(cluster: PodmanCluster, key: str) -> openai.OpenAI:
+    """The gateway through its Service port (podman: the control pod's address)."""
+    root = f"http://{cluster.address('control-pod-0')}:{PROFILE['gateway']['port']}"
+    return openai.OpenAI(base_url=root + "/v1", api_key=key, timeout=120)
+
+
+def chat(client: openai.OpenAI) -> str:
+    answer = client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=16, temperature=0,
+                                            messages=[SYSTEM, {"role": "user", "content": "What is 2+2?"}])
+    return answer.choices[0].message.content.strip()
 
 
 def test_the_rendered_manifests_run_under_podman_answer_a_chat_and_restore_lost_state(cluster_bundle, tmp_path):
@@ -118,25 +126,90 @@ def test_the_rendered_manifests_run_under_podman_answer_a_chat_and_restore_lost_
     cluster = PodmanCluster(out, tmp_path)
     try:
         cluster.create_secrets()
-        (engine,) = cluster.play(f"40-engine-{DEFAULT_MODEL}.yaml")
-        wait_http(f"http://{cluster.address(engine)}:8000/health")
-        cluster.serve(ENGINE_SERVICE, engine)
-        root = start_control(cluster)
-        gateway = cluster.container("control-pod-0", "gateway")
-        printed = podman("exec", gateway, "appliance", "keys", "bootstrap")
-        key = printed.split("admin key: ")[1].split()[0]
-        client = openai.OpenAI(base_url=root + "/v1", api_key=key, timeout=120)
-        answer = client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=16, temperature=0,
-                                                messages=[SYSTEM, {"role": "user", "content": "What is 2+2?"}])
-        assert answer.choices[0].message.content.strip()
-        assert client.models.list().data[0].id == DEFAULT_MODEL
+        cluster.apply(out)
+        cluster.wait_ready(out, 180)
+        key = bootstrap(cluster)
+        assert chat(client(cluster, key))
+        assert client(cluster, key).models.list().data[0].id == DEFAULT_MODEL
 
         # The state volume is lost; the backups volume is not. Litestream has had its sync
         # interval many times over; the restore init container brings the key's row back.
         time.sleep(3)
         cluster.remove("control")
         podman("volume", "rm", "state")
-        root = start_control(cluster)
-        assert openai.OpenAI(base_url=root + "/v1", api_key=key).models.list().data[0].id == DEFAULT_MODEL
+        cluster.play("30-control.yaml")
+        cluster.wait_ready(out, 180)
+        assert client(cluster, key).models.list().data[0].id == DEFAULT_MODEL
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="module")
+def next_cluster_bundles(cluster_bundle, next_source, tmp_path_factory) -> tuple[Path, Path]:
+    """Version 0.1.1 of the cluster bundle, its own image loaded; and a copy whose engine refuses its arguments."""
+    tmp = tmp_path_factory.mktemp("next-cluster")
+    profile = yaml.safe_load(yaml.safe_dump(PROFILE))
+    profile["k3s"]["models_host_path"] = str(models_folder(cluster_bundle))  # where the 0.1.0 render put the node's
+    (tmp / "podman-cluster.yaml").write_text(yaml.safe_dump(profile))
+    os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+    try:
+        good = build_bundle(str(tmp / "podman-cluster.yaml"), tmp / "cluster-0.1.1.tar", source=next_source).path
+    finally:
+        del os.environ["CONTAINERS_CONF"]
+    with tarfile.open(good) as tar:
+        tar.extract(ARCHIVE, tmp)
+    assert "Loaded image" in podman("load", "--input", str(tmp / ARCHIVE))
+    return good, with_broken_engine(good, tmp / "broken.tar")
+
+
+def rows(cluster: PodmanCluster, name: str) -> dict:
+    """Every table's rows now, from a snapshot the gateway takes."""
+    cluster.gateway(["appliance", "backup", "snapshot", f"/var/lib/appliance/{name}"])
+    return json.loads(cluster.gateway(["cat", f"/var/lib/appliance/{name}/{ROWS_FILE}"]))
+
+
+def test_a_cluster_upgrade_rolls_back_a_failing_version_then_upgrades_keeping_every_row(
+        cluster_bundle, next_cluster_bundles, tmp_path):
+    good, broken = next_cluster_bundles
+    out = tmp_path / "manifests"
+    render(cluster_bundle, out)
+    cluster = PodmanCluster(out, tmp_path)
+    lines = []
+    upgrade = ClusterUpgrade(cluster, lines.append, health_timeout_s=180)
+    try:
+        cluster.create_secrets()
+        cluster.apply(out)
+        cluster.wait_ready(out, 180)
+        key = bootstrap(cluster)
+        assert chat(client(cluster, key))  # a usage row
+        before = rows(cluster, "before")
+        assert before["state.db"]["api_keys"]
+
+        with pytest.raises(InstallError) as failed:
+            upgrade.run(broken, out)
+        message = failed.value.message
+        assert "failed, so the cluster was rolled back to 0.1.0" in message, message
+        assert "--no-such-llama-flag" in message, "the engine's own complaint is quoted"
+        assert cluster.gateway(["appliance", "--version"]).strip() == "appliance, version 0.1.0"
+        snapshot = message.split("the databases from ")[1].split(";")[0]
+        taken = json.loads(cluster.gateway(["cat", f"{snapshot}/{ROWS_FILE}"]))
+        assert rows(cluster, "after-rollback") == taken, "the snapshot was put back"
+        assert chat(client(cluster, key))
+        assert not (out / "bundle.txt").exists()
+
+        done = upgrade.run(good, out)
+        assert done.startswith("upgraded the cluster's appliance 0.1.0 to 0.1.1"), done
+        assert cluster.gateway(["appliance", "--version"]).strip() == "appliance, version 0.1.1"
+        assert chat(client(cluster, key)), "the key made under 0.1.0 works"
+        after = rows(cluster, "after")
+        for db, tables in before.items():
+            for table, n in tables.items():
+                assert after[db][table] >= n, f"{db} {table}: a row went missing"
+        image = yaml.safe_load((cluster_bundle / "profile.yaml").read_text())["k3s"]["image"]
+        assert image in (out.with_name("manifests.previous") / "30-control.yaml").read_text()
+        assert image not in (out / "30-control.yaml").read_text()
+        assert yaml.safe_load((out / "bundle.txt").read_text())["appliance_version"] == "0.1.1"
+
+        assert upgrade.run(good, out).startswith("nothing to do: the cluster runs appliance 0.1.1")
     finally:
         cluster.down()

@@ -445,3 +445,17 @@ def test_render_k3s_command(tmp_path):
     assert "kubectl apply -f" in result.output and "appliance:0.1.0" in result.output
     engine = find(all_docs(out), "Deployment", "engine-smollm2-135m-instruct-vm")
     assert engine["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "vm"}
+
+
+def test_render_k3s_refuses_llamacpp_layers_on_a_gpu_with_the_cpu_only_build(tmp_path):
+    """The image carries the portable, CPU-only llama.cpp: a GPU given to it would sit idle."""
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    inventory = Path(__file__).parents[1] / "inventories" / "node-1x-t4.json"
+    out = tmp_path / "manifests"
+    result = CliRunner().invoke(cli, ["render", "k3s", "--profile", "edge-cpu", "--inventory", str(inventory),
+                                      "--out", str(out)])
+    assert result.exit_code != 0 and "this llama.cpp build has no GPU offload" in str(result.exception), result.output
+    assert "gpu_layers: 0" in str(result.exception) and not out.exists()

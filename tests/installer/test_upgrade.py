@@ -25,33 +25,28 @@ pytestmark = pytest.mark.bundle
 
 
 @pytest.fixture(scope="module")
-def next_bundle(tmp_path_factory) -> Path:
-    """The edge-cpu bundle of version 0.1.1: this source's tracked files, the version bumped."""
-    tmp = tmp_path_factory.mktemp("next")
-    source = tmp / "source"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT_DIR, capture_output=True, text=True, check=True).stdout
-    for name in tracked.split("\n"):
-        if name and (ROOT_DIR / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT_DIR / name, source / name)
-    pyproject = source / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('version = "0.1.0"', 'version = "0.1.1"', 1))
-    return build_bundle("edge-cpu", tmp / "edge-cpu-0.1.1.tar", source=source).path
+def next_bundle(next_source, tmp_path_factory) -> Path:
+    """The edge-cpu bundle of version 0.1.1."""
+    return build_bundle("edge-cpu", tmp_path_factory.mktemp("next") / "edge-cpu-0.1.1.tar", source=next_source).path
 
 
-@pytest.fixture(scope="module")
-def broken_bundle(next_bundle, tmp_path_factory) -> Path:
-    """The next bundle, checksums and all, with a profile whose engine refuses its arguments."""
-    tmp = tmp_path_factory.mktemp("broken")
-    unpacked = unpack_bundle(next_bundle, tmp / "unpacked")
+def with_broken_engine(bundle: Path, dest: Path) -> Path:
+    """A copy of `bundle`, checksums, image and all, whose profile's engine refuses its arguments."""
+    unpacked = unpack_bundle(bundle, dest.with_suffix(".unpacked"))
     profile = yaml.safe_load((unpacked / "profile.yaml").read_text())
     profile["models"][0]["extra_args"] = ["--no-such-llama-flag"]
     (unpacked / "profile.yaml").write_text(yaml.safe_dump(profile))
     manifest = read_manifest(unpacked)
     members = {f.path: unpacked / f.path for f in manifest.files}
-    write_bundle(tmp / "broken.tar", members, profile=manifest.profile, appliance_version=manifest.appliance_version,
-                 requirement=manifest.requirement, binaries=manifest.binaries)
-    return tmp / "broken.tar"
+    write_bundle(dest, members, profile=manifest.profile, appliance_version=manifest.appliance_version,
+                 requirement=manifest.requirement, binaries=manifest.binaries, images=manifest.images)
+    shutil.rmtree(unpacked)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def broken_bundle(next_bundle, tmp_path_factory) -> Path:
+    return with_broken_engine(next_bundle, tmp_path_factory.mktemp("broken") / "broken.tar")
 
 
 def version(root: Path) -> str:
@@ -129,3 +124,25 @@ def test_upgrade_needs_an_install(next_bundle, tmp_path):
     done = subprocess.run([str(ROOT_DIR / "install.sh"), "--bundle", str(next_bundle), "--upgrade", "--root",
                            str(tmp_path / "x")], capture_output=True, text=True)
     assert done.returncode != 0 and "nothing to upgrade" in done.stderr
+
+
+def test_a_cluster_upgrade_is_refused_before_it_reaches_the_cluster(edge_bundle, tmp_path):
+    """Wrong folders, options and bundles are refused before kubectl is run (here: a kubectl that fails)."""
+    inventory = Path(__file__).parents[1] / "inventories" / "edge-cpu-here.json"
+    out = tmp_path / "manifests"
+    subprocess.run([str(BIN / "appliance"), "render", "k3s", "--profile", "edge-cpu", "--inventory", str(inventory),
+                    "--out", str(out)], check=True, capture_output=True)
+
+    def cluster_upgrade(bundle: Path, manifests: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "appliance"), "upgrade", "--bundle", str(bundle), "--manifests", str(manifests),
+                               "--kubectl", "false", *extra], capture_output=True, text=True)
+
+    no_image = cluster_upgrade(edge_bundle, out)
+    assert no_image.returncode != 0 and "carries no appliance image" in no_image.stderr, no_image.stderr
+    bad = cluster_upgrade(tampered(edge_bundle, tmp_path / "tampered.tar"), out)
+    assert bad.returncode != 0 and "SHA-256" in bad.stderr, bad.stderr
+    empty = cluster_upgrade(edge_bundle, tmp_path)
+    assert empty.returncode == 2 and "no control Deployment" in empty.stderr and "--manifests" in empty.stderr
+    both = cluster_upgrade(edge_bundle, out, "--root", str(tmp_path))
+    assert both.returncode == 2 and "--root is for a bare-metal install" in both.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("manifests")) == ["manifests"]

@@ -25,6 +25,7 @@ from appliance.model_registry import register
 from appliance.objectstore import FilesystemSettings
 from appliance.planning.inventory import read_inventory
 from appliance.planning.plan_model import DeviceUse, ModelPlan, Placement, Plan
+from services.engines import kube
 from services.engines.deployments import version_model, version_row
 from services.engines.kube_controller import (
     LABEL, REGISTRY_MOUNT, ClusterSpec, KubeDeploymentController, deployment_objects, endpoint, leftover,
@@ -164,3 +165,26 @@ def test_a_deployment_on_the_filesystem_store_fails_saying_why(deployed):
     (failed,) = deployments.wanted(db)
     assert failed["state"] == "failed" and "needs MinIO (storage.object_store: minio)" in failed["message"]
     controller.stop()
+
+
+def test_a_stuck_pod_is_named_with_kubernetes_reason_as_the_client_serves_it():
+    """pod_problem reads the API's JSON; the controller's client objects go through the client's own serializer."""
+    from kubernetes import client
+
+    serialize = client.ApiClient().sanitize_for_serialization
+
+    def pod(**status) -> dict:
+        return serialize(client.V1Pod(metadata=client.V1ObjectMeta(name="engine-x-0"), status=client.V1PodStatus(**status)))
+
+    waiting = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(
+        reason="ErrImageNeverPull", message='image "localhost/appliance:0.1.1" not present'))
+    stuck = pod(container_statuses=[client.V1ContainerStatus(name="engine", image="i", image_id="", ready=False,
+                                                             restart_count=0, state=waiting)])
+    assert kube.pod_problem(stuck) == ('pod engine-x-0, container engine: ErrImageNeverPull: '
+                                       'image "localhost/appliance:0.1.1" not present')
+    unschedulable = pod(conditions=[client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable",
+                                                          message="0/3 nodes: Insufficient nvidia.com/gpu")])
+    assert kube.pod_problem(unschedulable) == "pod engine-x-0 cannot be scheduled: 0/3 nodes: Insufficient nvidia.com/gpu"
+    starting = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="ContainerCreating"))
+    assert kube.pod_problem(pod(init_container_statuses=[client.V1ContainerStatus(
+        name="fetch-model", image="i", image_id="", ready=False, restart_count=0, state=starting)])) is None

@@ -8,10 +8,15 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from appliance import retention
 from appliance.errors import BackupError
-from appliance.home import DATABASES
+from appliance.home import DATABASES, JOBS_DB, STATE_DB
 
 ROWS_FILE = "rows.json"  # in a snapshot: database -> table -> rows when it was taken
+# Tables the appliance empties itself as it runs, so fewer rows there say nothing about a
+# migration: retention's (a new gateway prunes at once), the audit log's own retention,
+# alerts that clear, and the whole job queue (Huey's tasks are consumed).
+SHRINKING = {STATE_DB: {*(table for table, _ in retention.KINDS.values()), "audit_log", "alerts"}}
 
 
 def row_counts(db: Path) -> dict[str, int]:
@@ -71,11 +76,13 @@ def put_back(snapshot: Path, home: Path) -> None:
 
 
 def lost_rows(snapshot: Path, home: Path) -> tuple[int, list[str]]:
-    """The rows the snapshot held, and each table of `home` that now holds fewer."""
-    before = _rows_at(snapshot)
+    """The rows the snapshot held in the tables that only grow, and each of those tables
+    of `home` that now holds fewer."""
+    checked = {name: {table: n for table, n in tables.items() if table not in SHRINKING.get(name, ())}
+               for name, tables in _rows_at(snapshot).items() if name != JOBS_DB}
     lost = []
-    for name, tables in before.items():
+    for name, tables in checked.items():
         after = row_counts(home / name)
         lost += [f"{name} {table}: {n} rows before, {after.get(table, 0)} after"
                  for table, n in tables.items() if after.get(table, 0) < n]
-    return sum(sum(tables.values()) for tables in before.values()), lost
+    return sum(sum(tables.values()) for tables in checked.values()), lost

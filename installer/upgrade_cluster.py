@@ -6,17 +6,20 @@ the Secrets (so every key) and, in the `cluster` ConfigMap, the nodes' inventori
 
 1. The bundle is verified and must carry the appliance image (import its archive on every
    node first). A bundle whose SHA-256 is in DIR/bundle.txt changes nothing.
-2. The bundle's profile is planned on the same nodes and rendered into a copy of DIR
-   (DIR.next), so the Secrets carry over and every pod template names the new image.
+2. The bundle's profile, with the cluster's k3s settings and the bundle's image, is planned
+   on the same nodes and rendered into a copy of DIR (DIR.next), so the Secrets carry over
+   and every pod template names the new image. The render is this appliance's code: run
+   the upgrade with the new version's `appliance`.
 3. The control pod copies its databases into a snapshot on the state volume
    (`appliance backup snapshot`, SQLite's online backup).
 4. DIR.next is applied: the control pod is replaced (Recreate), and its new gateway
    migrates the databases when it opens them; engine Deployments roll. The health check
    passes once every Deployment is ready (the gateway's readiness is /readyz: every
-   model served) and no table holds fewer rows than the snapshot.
+   model served) and no table that only grows holds fewer rows than the snapshot.
 5. A failure after step 3 rolls back: the control Deployment is scaled to nothing, a pod
-   of the old image puts the snapshot back on the state volume, and DIR is applied again.
-   On success DIR becomes DIR.previous and DIR.next becomes DIR.
+   of the old image puts the snapshot back on the state volume, what only DIR.next has is
+   deleted and DIR is applied again. On success what only DIR had is deleted, DIR becomes
+   DIR.previous and DIR.next becomes DIR.
 
 The cluster is reached through `Cluster`: kubectl in the product (`Kubectl`).
 """
@@ -37,6 +40,7 @@ from typing import Protocol
 import msgspec
 import yaml
 
+from appliance import __version__
 from appliance.errors import ApplianceError, InstallError
 from services.engines import kube
 
@@ -63,6 +67,9 @@ class Cluster(Protocol):
     def run_pod(self, pod: dict) -> str:
         """Run a Pod to completion and remove it; its output. Raise InstallError if it fails."""
 
+    def delete(self, kind: str, name: str) -> None:
+        """Delete an object of the appliance's namespace (nothing if it does not exist)."""
+
 
 def load_folder(folder: Path) -> list[dict]:
     """Every object of the manifests in `folder`, in file order."""
@@ -74,6 +81,12 @@ def _find(docs: list[dict], kind: str, name: str) -> dict:
         if doc["kind"] == kind and doc["metadata"]["name"] == name:
             return doc
     raise InstallError(f"no {kind} {name!r} in the manifests: is this a folder `appliance render k3s` wrote?")
+
+
+def namespaced(docs: list[dict]) -> set[tuple[str, str]]:
+    """(kind, name) of the objects in the appliance's namespace (the device plugin's are in kube-system)."""
+    return {(d["kind"], d["metadata"]["name"]) for d in docs
+            if d["kind"] != "Namespace" and d["metadata"].get("namespace") != "kube-system"}
 
 
 def rollout_order(docs: list[dict]) -> list[dict]:
@@ -134,10 +147,13 @@ class ClusterUpgrade:
         (image, member), = manifest.images.items()
         self.say(f"upgrading the cluster's appliance {old} to {manifest.appliance_version}; its image {image} "
                  f"must be on every node ({member} of the bundle: k3s ctr images import)")
+        if __version__ != manifest.appliance_version:
+            self.say(f"note: this is appliance {__version__}, so its code renders the manifests of "
+                     f"{manifest.appliance_version}; run the new version's appliance to get that version's manifests")
         following = manifests.with_name(manifests.name + ".next")
         with tempfile.TemporaryDirectory(prefix="appliance-upgrade.") as tmp:
             staging = unpack_bundle(bundle, Path(tmp) / "bundle")
-            self._render(staging, _find(docs, "ConfigMap", "cluster"), manifests, following)
+            self._render(staging, image, _find(docs, "ConfigMap", "cluster"), manifests, following)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         snapshot = f"{HOME}/backups/upgrade-{stamp}"
         self.cluster.gateway(["appliance", "backup", "snapshot", snapshot])
@@ -151,28 +167,31 @@ class ClusterUpgrade:
         except BaseException as exc:  # an error, or Ctrl-C: never leave a half-upgraded cluster
             reason = exc.message if isinstance(exc, ApplianceError) else (
                 "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
-            self._roll_back(manifests, control, snapshot)
+            self._roll_back(manifests, following, control, snapshot, reason)
             raise InstallError(f"the upgrade to {manifest.appliance_version} failed, so the cluster was rolled back "
                                f"to {old} (the manifests in {manifests}, the databases from {snapshot}; "
                                f"the new render stays in {following}): {reason}") from None
         seconds = time.monotonic() - start
+        for kind, name in sorted(namespaced(docs) - namespaced(load_folder(following))):
+            self.cluster.delete(kind, name)  # what the new render no longer has (a model the profile dropped)
+        (following / RECORD).write_text(yaml.safe_dump({
+            "sha256": digest, "appliance_version": manifest.appliance_version, "image": image,
+            "upgraded_at": datetime.now(timezone.utc).isoformat()}, sort_keys=False))
         previous = manifests.with_name(manifests.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         manifests.rename(previous)
         following.rename(manifests)
-        (manifests / RECORD).write_text(yaml.safe_dump({
-            "sha256": digest, "appliance_version": manifest.appliance_version, "image": image,
-            "upgraded_at": datetime.now(timezone.utc).isoformat()}, sort_keys=False))
         return "\n".join([
             f"upgraded the cluster's appliance {old} to {manifest.appliance_version}",
-            f"  health check:  passed in {seconds:.0f} s (every Deployment ready)",
+            f"  health check:  passed in {seconds:.0f} s (every Deployment of the render ready)",
             f"  databases:     migrated; {kept.removeprefix('all ').removesuffix(' of the snapshot kept')} kept",
             f"  backup:        {snapshot} on the state volume",
             f"  manifests:     {manifests} (the previous render: {previous})",
         ])
 
-    def _render(self, staging: Path, cluster_map: dict, manifests: Path, following: Path) -> None:
-        """The bundle's profile planned on the render's nodes, into a copy of the manifests."""
+    def _render(self, staging: Path, image: str, cluster_map: dict, manifests: Path, following: Path) -> None:
+        """The bundle's profile, with the cluster's k3s settings and the bundle's image, planned
+        on the render's nodes, into a copy of the manifests."""
         from appliance.config import load_profile
         from appliance.planning.engine_builds import check_gpu_offload
         from appliance.planning.planner import make_plan
@@ -181,6 +200,8 @@ class ClusterUpgrade:
 
         spec = msgspec.json.decode(cluster_map["data"]["cluster.json"], type=ClusterSpec)
         profile = yaml.safe_load((staging / "profile.yaml").read_text(encoding="utf-8"))
+        # The cluster's own k3s settings (namespace, storage, volume sizes: a claim cannot change), the new image.
+        profile["k3s"] = {**msgspec.to_builtins(spec.k3s), "image": image}
         for model in profile.get("models", []):  # the bundle's models, where it was unpacked: read to size them
             if model.get("path") and not Path(model["path"]).is_absolute() and "://" not in model["path"]:
                 model["path"] = str(staging / model["path"])
@@ -195,11 +216,24 @@ class ClusterUpgrade:
         render_k3s(loaded, plan, following, spec.inventories)
         self.say(f"rendered {profile.get('name')} for {len(spec.inventories)} node(s) into {following}")
 
-    def _roll_back(self, manifests: Path, control: dict, snapshot: str) -> None:
+    def _roll_back(self, manifests: Path, following: Path, control: dict, snapshot: str, reason: str) -> None:
         self.say("rolling back ...")
-        self.cluster.stop_control()
-        self.cluster.run_pod(restore_pod(control, snapshot))
-        self.cluster.apply(manifests)
+        steps = [
+            ("stopping the control pod", self.cluster.stop_control),
+            (f"putting the snapshot {snapshot} back", lambda: self.cluster.run_pod(restore_pod(control, snapshot))),
+            *((f"deleting {kind} {name} (only in the new render)", lambda k=kind, n=name: self.cluster.delete(k, n))
+              for kind, name in sorted(namespaced(load_folder(following)) - namespaced(load_folder(manifests)))),
+            (f"applying {manifests}", lambda: self.cluster.apply(manifests)),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except BaseException as exc:
+                detail = exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+                raise InstallError(
+                    f"the upgrade failed ({reason}), and so did its roll-back, at {what}: {detail}. Finish it by "
+                    f"hand: scale deployment/control to 0, run `appliance backup restore-snapshot {snapshot}` in a pod "
+                    f"of the old image on the state volume, then kubectl apply -f {manifests}") from None
         try:
             self.cluster.wait_ready(manifests, self.health_timeout_s)
         except InstallError as exc:
@@ -234,17 +268,20 @@ class Kubectl:
         for workload in rollout_order(load_folder(folder)):
             kind, name = workload["kind"], workload["metadata"]["name"]
             selector = ",".join(f"{k}={v}" for k, v in workload["spec"]["selector"]["matchLabels"].items())
+            waiting = None
             while True:
                 done = subprocess.run([*self.command, "-n", self.namespace, "rollout", "status",
                                        f"{kind.lower()}/{name}", "--timeout=5s"], capture_output=True, text=True)
                 if done.returncode == 0:
                     break
                 pods = json.loads(self._run("-n", self.namespace, "get", "pods", "-l", selector, "-o", "json"))["items"]
-                if problem := next(filter(None, map(kube.pod_problem, pods)), None):
-                    raise InstallError(f"{kind} {name} is not ready: {problem}")
+                for problem in filter(None, map(kube.pod_problem, pods)):
+                    if problem.fatal:
+                        raise InstallError(f"{kind} {name} is not ready: {problem.message}")
+                    waiting = problem.message  # unschedulable: an old pod may still hold the GPU
                 if time.monotonic() > deadline:
-                    raise InstallError(f"{kind} {name} was not ready within {timeout_s:g} s (--health-timeout): "
-                                       f"{(done.stdout + done.stderr).strip()[-500:]}")
+                    last = waiting or (done.stdout + done.stderr).strip()[-500:]
+                    raise InstallError(f"{kind} {name} was not ready within {timeout_s:g} s (--health-timeout): {last}")
 
     def gateway(self, argv: list[str]) -> str:
         return self._run("-n", self.namespace, "exec", "deployment/control", "-c", "gateway", "--", *argv)
@@ -261,12 +298,19 @@ class Kubectl:
         self._run("-n", self.namespace, "delete", "pod", name, "--ignore-not-found")
         self._run("apply", "-f", "-", stdin=json.dumps(pod))
         try:
-            done = subprocess.run([*self.command, "-n", self.namespace, "wait", "--timeout=300s",
-                                   "--for=jsonpath={.status.phase}=Succeeded", f"pod/{name}"],
-                                  capture_output=True, text=True)
+            deadline = time.monotonic() + 300
+            phase = ""
+            while phase not in ("Succeeded", "Failed"):
+                if time.monotonic() > deadline:
+                    raise InstallError(f"pod {name} did not finish within 300 s (phase {phase or 'unknown'})")
+                time.sleep(2)
+                phase = self._run("-n", self.namespace, "get", "pod", name, "-o", "jsonpath={.status.phase}").strip()
             logs = self._run("-n", self.namespace, "logs", name, check=False)
-            if done.returncode:
-                raise InstallError(f"pod {name} did not succeed: {(done.stderr or done.stdout).strip()}\n{logs}")
+            if phase == "Failed":
+                raise InstallError(f"pod {name} failed:\n{logs}")
             return logs
         finally:
             self._run("-n", self.namespace, "delete", "pod", name, "--wait=false", check=False)
+
+    def delete(self, kind: str, name: str) -> None:
+        self._run("-n", self.namespace, "delete", kind.lower(), name, "--ignore-not-found")

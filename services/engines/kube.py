@@ -15,6 +15,7 @@ import math
 import re
 import sys
 from collections import Counter
+from typing import NamedTuple
 
 import msgspec
 
@@ -86,17 +87,25 @@ def run_as_image_user() -> dict:
 STUCK = ("CrashLoopBackOff", "ErrImageNeverPull", "ImagePullBackOff", "CreateContainerConfigError")
 
 
-def pod_problem(pod: dict) -> str | None:
-    """Why a pod (as the API serves it) will not become ready without help, or None."""
+class PodProblem(NamedTuple):
+    message: str
+    fatal: bool  # a crash loop, a missing image, a bad config: it will not start by itself; unschedulable: room may come
+
+
+def pod_problem(pod: dict) -> PodProblem | None:
+    """Why a pod (as the API serves it) is not starting, or None; a pod on its way out is not asked."""
     name, status = pod["metadata"]["name"], pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp"):
+        return None
     for condition in status.get("conditions") or []:
         if (condition.get("type"), condition.get("status"), condition.get("reason")) == (
                 "PodScheduled", "False", "Unschedulable"):
-            return f"pod {name} cannot be scheduled: {condition.get('message')}"
+            return PodProblem(f"pod {name} cannot be scheduled: {condition.get('message')}", fatal=False)
     for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in STUCK:
-            return f"pod {name}, container {container['name']}: {waiting['reason']}: {waiting.get('message')}"
+            return PodProblem(f"pod {name}, container {container['name']}: {waiting['reason']}: "
+                              f"{waiting.get('message')}", fatal=True)
     return None
 
 

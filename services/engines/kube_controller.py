@@ -153,8 +153,8 @@ class KubeApi:
                 raise
             patch(doc["metadata"]["name"], self.namespace, doc)
 
-    def progress(self, name: str) -> tuple[bool, str | None]:
-        """(every engine Deployment of deployment `name` has all its replicas ready, why a pod is stuck)."""
+    def progress(self, name: str) -> tuple[bool, kube.PodProblem | None]:
+        """(every engine Deployment of deployment `name` has all its replicas ready, why a pod is not starting)."""
         selector = f"{LABEL}={kube.name(name)}"
         items = self.apps.list_namespaced_deployment(self.namespace, label_selector=selector).items
         ready = bool(items) and all((d.status.ready_replicas or 0) >= (d.spec.replicas or 0) for d in items)
@@ -237,15 +237,15 @@ class KubeDeploymentController:
         """Running once every replica is ready; a pod that cannot run is reported (and a
         crashing or unpullable one fails the deployment; an unscheduled one may yet fit)."""
         name = row["name"]
-        ready, stuck = self.api.progress(name)
+        ready, problem = self.api.progress(name)
         if ready:
             deployments.set_state(self.db, name, "running", endpoints=row["endpoints"])
             return [f"deployment {name} is running"]
-        if stuck is None or stuck == row["message"]:
+        if problem is None or problem.message == row["message"]:
             return []
-        state = "starting" if "cannot be scheduled" in stuck else "failed"
-        deployments.set_state(self.db, name, state, endpoints=row["endpoints"], message=stuck)
-        return [f"deployment {name}: {stuck}"]
+        state = "failed" if problem.fatal else "starting"
+        deployments.set_state(self.db, name, state, endpoints=row["endpoints"], message=problem.message)
+        return [f"deployment {name}: {problem.message}"]
 
     def stop(self) -> None:
         self.db.conn.close()

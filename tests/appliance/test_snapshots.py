@@ -74,3 +74,15 @@ def test_restore_snapshot_refuses_a_folder_that_is_not_one(tmp_path):
     (tmp_path / "other").mkdir()
     refused = backup("restore-snapshot", str(tmp_path / "other"), "--home", str(tmp_path / "home"))
     assert refused.returncode != 0 and f"{tmp_path / 'other'} is not a snapshot (no readable rows.json)" in refused.stderr
+
+
+def test_tables_the_appliance_empties_itself_are_not_checked(tmp_path):
+    """Retention prunes usage at a new gateway's first tick, and workers consume the job queue."""
+    home, snapshot = tmp_path / "home", tmp_path / "snap"
+    home.mkdir()
+    open_db(home / "state.db").conn.close()
+    snapshot.mkdir()
+    (snapshot / ROWS_FILE).write_text(json.dumps({"state.db": {"usage": 5, "audit_log": 3, "teams": 0},
+                                                  "jobs.db": {"task": 2}}))
+    kept = backup("check-rows", str(snapshot), "--home", str(home))
+    assert kept.returncode == 0 and kept.stdout.strip() == "all 0 rows of the snapshot kept", kept.stdout + kept.stderr

@@ -206,6 +206,10 @@ class PodmanCluster:
     def stop_control(self) -> None:
         self.remove("control")
 
+    def delete(self, kind: str, name: str) -> None:
+        if kind == "Deployment" and name in self.deployments:
+            self.remove(name)  # the rest (Services, ConfigMaps, claims) podman never made as objects
+
     def run_pod(self, pod: dict) -> str:
         try:
             return self._complete(pod, [], 300)

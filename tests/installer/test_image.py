@@ -148,9 +148,7 @@ def test_the_rendered_manifests_run_under_podman_answer_a_chat_and_restore_lost_
 def next_cluster_bundles(cluster_bundle, next_source, tmp_path_factory) -> tuple[Path, Path]:
     """Version 0.1.1 of the cluster bundle, its own image loaded; and a copy whose engine refuses its arguments."""
     tmp = tmp_path_factory.mktemp("next-cluster")
-    profile = yaml.safe_load(yaml.safe_dump(PROFILE))
-    profile["k3s"]["models_host_path"] = str(models_folder(cluster_bundle))  # where the 0.1.0 render put the node's
-    (tmp / "podman-cluster.yaml").write_text(yaml.safe_dump(profile))
+    (tmp / "podman-cluster.yaml").write_text(yaml.safe_dump(PROFILE))  # the render keeps the cluster's k3s settings
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
     try:
         good = build_bundle(str(tmp / "podman-cluster.yaml"), tmp / "cluster-0.1.1.tar", source=next_source).path

@@ -11,6 +11,7 @@ import hashlib
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import kubernetes_validate
@@ -180,11 +181,15 @@ def test_a_stuck_pod_is_named_with_kubernetes_reason_as_the_client_serves_it():
         reason="ErrImageNeverPull", message='image "localhost/appliance:0.1.1" not present'))
     stuck = pod(container_statuses=[client.V1ContainerStatus(name="engine", image="i", image_id="", ready=False,
                                                              restart_count=0, state=waiting)])
-    assert kube.pod_problem(stuck) == ('pod engine-x-0, container engine: ErrImageNeverPull: '
-                                       'image "localhost/appliance:0.1.1" not present')
+    assert kube.pod_problem(stuck) == kube.PodProblem('pod engine-x-0, container engine: ErrImageNeverPull: '
+                                                      'image "localhost/appliance:0.1.1" not present', fatal=True)
     unschedulable = pod(conditions=[client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable",
                                                           message="0/3 nodes: Insufficient nvidia.com/gpu")])
-    assert kube.pod_problem(unschedulable) == "pod engine-x-0 cannot be scheduled: 0/3 nodes: Insufficient nvidia.com/gpu"
+    assert kube.pod_problem(unschedulable) == kube.PodProblem(
+        "pod engine-x-0 cannot be scheduled: 0/3 nodes: Insufficient nvidia.com/gpu", fatal=False)  # room may come
+    leaving = serialize(client.V1Pod(metadata=client.V1ObjectMeta(name="engine-x-0", deletion_timestamp=datetime.now(timezone.utc)),
+                                     status=client.V1PodStatus(container_statuses=stuck["status"]["containerStatuses"])))
+    assert leaving["metadata"]["deletionTimestamp"] and kube.pod_problem(leaving) is None
     starting = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="ContainerCreating"))
     assert kube.pod_problem(pod(init_container_statuses=[client.V1ContainerStatus(
         name="fetch-model", image="i", image_id="", ready=False, restart_count=0, state=starting)])) is None

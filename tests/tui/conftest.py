@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyte
 import pytest
+from rich.cells import cell_len
 
 from tests.gateway.conftest import unique  # noqa: F401 (a fixture, shared)
 from tui.app import ConsoleApp
@@ -55,6 +56,14 @@ def cells(pilot) -> list[list[str]]:
     """The rows the current view's table shows, as text."""
     table = pilot.app.screen.table
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def laid_out(pilot) -> bool:
+    """The current view's table has measured its columns for the rows it holds: DataTable
+    does that when the app is next idle, which under load can come after the rows."""
+    table = pilot.app.screen.table
+    return all(column.content_width >= max((cell_len(str(table.get_cell(row, key))) for row in table.rows), default=0)
+               for key, column in table.columns.items())
 
 
 def column(pilot, name: str) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import DEFAULT_MODEL, default_gguf, start_stack, write_profile
 from tests.gateway.registry_stores import path_without_minio
-from tests.tui.conftest import cells, make_key, until
+from tests.tui.conftest import cells, laid_out, make_key, until
 from tui import format as fmt
 from tui.app import ConsoleApp
 from tui.client import Api
@@ -127,6 +127,7 @@ def console(stack, view: str = "dashboard") -> ConsoleApp:
 def test_dashboard(snap_compare, snapshot_stack):
     async def settled(pilot):
         await until(pilot, lambda: any(r[0] == "smollm2-135m-instruct" for r in cells(pilot)), "the models")
+        await until(pilot, lambda: laid_out(pilot), "the columns measured")
         await until(pilot, lambda: "version" in str(pilot.app.screen.query_one("#system-panel").render()),
                     "the system panel")
         await pilot.pause(1.5)  # a second scrape: rates (nothing sent, so 0.0) and flat sparklines
@@ -136,6 +137,7 @@ def test_dashboard(snap_compare, snapshot_stack):
 
 async def _keys_listed(pilot):
     await until(pilot, lambda: len(cells(pilot)) >= 4, "the keys")
+    await until(pilot, lambda: laid_out(pilot), "the columns measured")
 
 
 def test_keys(snap_compare, snapshot_stack):
@@ -160,6 +162,7 @@ def test_command_prompt(snap_compare, snapshot_stack):
 def test_models(snap_compare, snapshot_stack):
     async def listed(pilot):
         await until(pilot, lambda: any(r[0] == "smollm2-support" for r in cells(pilot)), "the registry")
+        await until(pilot, lambda: laid_out(pilot), "the columns measured")
 
     assert snap_compare(console(snapshot_stack, "models"), terminal_size=SIZE, run_before=listed)
 
@@ -167,6 +170,7 @@ def test_models(snap_compare, snapshot_stack):
 def test_usage_by_key_and_model(snap_compare, snapshot_stack):
     async def listed(pilot):
         await until(pilot, lambda: len(cells(pilot)) == 2, "the two keys' usage")
+        await until(pilot, lambda: laid_out(pilot), "the columns measured")
 
     assert snap_compare(console(snapshot_stack, "usage"), terminal_size=SIZE, run_before=listed)
 
@@ -174,5 +178,6 @@ def test_usage_by_key_and_model(snap_compare, snapshot_stack):
 def test_audit(snap_compare, snapshot_stack):
     async def listed(pilot):
         await until(pilot, lambda: any("key.create" in r for r in cells(pilot)), "the audit log")
+        await until(pilot, lambda: laid_out(pilot), "the columns measured")
 
     assert snap_compare(console(snapshot_stack, "audit"), terminal_size=SIZE, run_before=listed)

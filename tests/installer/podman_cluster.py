@@ -143,8 +143,10 @@ class PodmanCluster:
         return podman("inspect", infra, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").strip()
 
     def serve(self, service: str, pod: str) -> None:
-        """Cluster DNS for `service` (NAME.NAMESPACE.svc) in the pods played from now on."""
-        self.hosts[service] = self.address(pod)
+        """Cluster DNS for `service` (NAME.NAMESPACE.svc) in the pods played from now on. A pod
+        whose containers all exited has no address left (podman refuses an empty host entry):
+        an unroutable one stands in, as a Service with no ready pod answers nothing."""
+        self.hosts[service] = self.address(pod) or "192.0.2.1"  # TEST-NET-1: routes nowhere
 
     def container(self, pod: str, name: str) -> str:
         return f"{pod}-{name}"
